@@ -1,0 +1,66 @@
+// Package hypervisor defines the narrow seam between the checkpoint engine
+// and a virtual-machine backend (sim, qemu, later xen).
+//
+// The engine owns the epoch loop; a backend only pauses and resumes the
+// guest, reports which pages were dirtied, exposes guest RAM, and saves or
+// restores CPU/device state. Backends live in sub-packages.
+package hypervisor
+
+import (
+	"context"
+
+	"github.com/remusd/remusd/dirtymap"
+)
+
+// PageSize is the guest page size every backend uses.
+const PageSize = 4096
+
+// Guest is a running VM on the primary.
+type Guest interface {
+	// Name is the VM's name as the operator knows it.
+	Name() string
+	// Backend names the backend ("sim", "qemu").
+	Backend() string
+	// BackendVersion must be equal on primary and backup (e.g. QEMU version).
+	BackendVersion() string
+	// Config is the backend-specific description a backup needs to build a
+	// matching replica (opaque to the engine, carried in the handshake).
+	Config() []byte
+	// NumPages is the number of guest pages (memory size / PageSize).
+	NumPages() int
+
+	// Pause stops the guest's vCPUs (and, for sim, its workload). It
+	// returns only once no guest memory write can be in progress.
+	Pause(ctx context.Context) error
+	// Resume restarts a paused guest.
+	Resume(ctx context.Context) error
+	// HarvestDirty ORs every page written since the previous harvest into
+	// dst and restarts tracking. Only valid while paused. Tracking must be
+	// exact or conservative: a written page missing from dst loses data.
+	HarvestDirty(ctx context.Context, dst *dirtymap.Bitmap) error
+	// Memory is guest RAM, NumPages()*PageSize bytes. Reading it is only
+	// consistent while the guest is paused.
+	Memory() []byte
+	// SaveDeviceState appends the CPU/device state to dst and returns it.
+	// Only valid while paused.
+	SaveDeviceState(ctx context.Context, dst []byte) ([]byte, error)
+	// Close stops the guest and releases its resources.
+	Close() error
+}
+
+// Replica is the backup's copy of a protected VM. The engine writes whole,
+// verified epochs into Memory and hands it the matching device state; a
+// partial epoch is never written.
+type Replica interface {
+	NumPages() int
+	// Memory is the replica RAM, written only by the engine's apply step.
+	Memory() []byte
+	// CommitDeviceState records the device state that belongs to the RAM
+	// just applied for epoch.
+	CommitDeviceState(epoch uint64, state []byte) error
+	// Activate starts the VM from the committed replica (failover) and
+	// returns the now-running guest.
+	Activate(ctx context.Context) (Guest, error)
+	// Close releases the replica (and a standby VM, if any).
+	Close() error
+}
