@@ -1,0 +1,378 @@
+package checkpoint
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/remusd/remusd/hypervisor"
+	remuspb "github.com/remusd/remusd/proto"
+	"github.com/remusd/remusd/transport"
+)
+
+// ErrActivated is returned when a replica that already took over is asked
+// to accept replication again.
+var ErrActivated = errors.New("replica already activated")
+
+// BackupOptions configures a Backup.
+type BackupOptions struct {
+	VMName  string
+	Replica hypervisor.Replica
+	// Backend and BackendVersion the primary must match.
+	Backend, BackendVersion string
+	Limits                  transport.Limits
+
+	HeartbeatInterval time.Duration
+	HeartbeatTimeout  time.Duration
+
+	Log *zap.Logger
+	Now func() time.Time
+	// OnCommit, if set, is called after an epoch is applied and before it
+	// is acknowledged.
+	OnCommit func(epoch uint64, deviceState []byte)
+	// BeforeActivate, if set, is called during Activate with the committed
+	// replica (memory and device state of epoch) just before the VM starts
+	// from it, e.g. to keep an audit copy.
+	BeforeActivate func(epoch uint64, memory, deviceState []byte)
+}
+
+// BackupStats are a Backup's counters.
+type BackupStats struct {
+	Committed           uint64
+	EpochsCommitted     uint64
+	Connected           bool
+	LastHeard           time.Time
+	PagesReceived       uint64
+	BytesReceived       uint64
+	TornEpochsDiscarded uint64
+	Rejected            uint64 // links closed for a protocol or integrity error
+	LastError           string
+	Activated           bool
+	ActivationTime      time.Duration
+	// Goodbye: the primary ended protection on purpose (not a failure).
+	Goodbye bool
+}
+
+// Backup holds the replica of one protected VM and applies the epochs a
+// primary sends it. It outlives individual connections.
+type Backup struct {
+	o   BackupOptions
+	log *zap.Logger
+
+	serveMu sync.Mutex // one Serve at a time
+
+	mu           sync.Mutex // replica memory, core, conn, stats
+	core         *BackupCore
+	protectionID string
+	conn         net.Conn
+	activated    bool
+	stats        BackupStats
+
+	dec     *transport.Decoder
+	pages   []byte
+	pfns    []uint64
+	hashes  []uint64
+	dev     []byte
+	lastPfn int64
+	// committedDev is the device state of the committed epoch.
+	committedDev []byte
+
+	committedA atomic.Uint64
+}
+
+// NewBackup returns a Backup over an empty replica.
+func NewBackup(o BackupOptions) *Backup {
+	if o.Log == nil {
+		o.Log = zap.NewNop()
+	}
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	if o.Limits.MaxFrame == 0 {
+		o.Limits = transport.DefaultLimits()
+	}
+	if o.HeartbeatInterval <= 0 {
+		o.HeartbeatInterval = 100 * time.Millisecond
+	}
+	if o.HeartbeatTimeout <= 0 {
+		o.HeartbeatTimeout = 10 * o.HeartbeatInterval
+	}
+	return &Backup{
+		o:    o,
+		log:  o.Log.With(zap.String("vm", o.VMName), zap.String("role", "backup")),
+		core: NewBackupCore(0),
+		dec:  transport.NewDecoder(hypervisor.PageSize, o.Replica.NumPages()),
+	}
+}
+
+// Stats returns a snapshot of the counters.
+func (b *Backup) Stats() BackupStats {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	s := b.stats
+	s.Committed = b.core.Committed()
+	s.Connected = b.conn != nil
+	return s
+}
+
+// Committed is the last applied epoch.
+func (b *Backup) Committed() uint64 { return b.committedA.Load() }
+
+// check validates a Hello against this replica; "" means compatible.
+func (b *Backup) check(h *remuspb.Hello) string {
+	switch {
+	case h.ProtocolVersion != ProtocolVersion:
+		return fmt.Sprintf("protocol version %d, backup speaks %d", h.ProtocolVersion, ProtocolVersion)
+	case h.VmName != b.o.VMName:
+		return fmt.Sprintf("hello for VM %q reached replica of %q", h.VmName, b.o.VMName)
+	case h.PageSize != hypervisor.PageSize:
+		return fmt.Sprintf("page size %d, backup supports %d", h.PageSize, hypervisor.PageSize)
+	case h.MemoryBytes != uint64(b.o.Replica.NumPages())*hypervisor.PageSize:
+		return fmt.Sprintf("memory %d bytes, replica has %d", h.MemoryBytes, uint64(b.o.Replica.NumPages())*hypervisor.PageSize)
+	case h.Backend != b.o.Backend:
+		return fmt.Sprintf("backend %q, replica is %q", h.Backend, b.o.Backend)
+	case h.BackendVersion != b.o.BackendVersion:
+		return fmt.Sprintf("backend version %q differs from backup's %q", h.BackendVersion, b.o.BackendVersion)
+	}
+	return ""
+}
+
+// Serve runs one link from a primary whose Hello has been read. It
+// answers with Welcome, then stages, verifies, applies and acknowledges
+// epochs until the link fails or ctx is done. A partial epoch is
+// discarded; the replica stays at its last committed epoch. A newer link
+// for the same VM closes the older one.
+func (b *Backup) Serve(ctx context.Context, conn net.Conn, r *transport.Reader, w *transport.Writer, hello *remuspb.Hello) error {
+	b.mu.Lock()
+	if old := b.conn; old != nil {
+		old.Close() // the primary reconnected: the old link is dead
+	}
+	b.mu.Unlock()
+	b.serveMu.Lock()
+	defer b.serveMu.Unlock()
+
+	b.mu.Lock()
+	if b.activated {
+		b.mu.Unlock()
+		_ = w.WriteFrame(transport.KindWelcome, &remuspb.Welcome{ProtocolVersion: ProtocolVersion, Error: "replica already activated (failed over)"}, nil)
+		return ErrActivated
+	}
+	if msg := b.check(hello); msg != "" {
+		b.mu.Unlock()
+		_ = w.WriteFrame(transport.KindWelcome, &remuspb.Welcome{ProtocolVersion: ProtocolVersion, Error: msg}, nil)
+		return fmt.Errorf("%w: refused primary: %s", ErrProtocol, msg)
+	}
+	if hello.ProtectionId != b.protectionID {
+		// A new protection: the replica must be rebuilt by a full epoch.
+		b.protectionID = hello.ProtectionId
+		b.core = NewBackupCore(0)
+		b.committedA.Store(0)
+	}
+	b.conn = conn
+	b.stats.LastHeard = b.o.Now()
+	b.stats.Goodbye = false
+	committed := b.core.Committed()
+	b.mu.Unlock()
+	defer func() {
+		b.mu.Lock()
+		if b.conn == conn {
+			b.conn = nil
+		}
+		if b.core.Discard() {
+			b.stats.TornEpochsDiscarded++
+			b.log.Warn("discarded torn epoch", zap.Uint64("committed", b.core.Committed()))
+		}
+		b.mu.Unlock()
+		conn.Close()
+	}()
+
+	wel := &remuspb.Welcome{ProtocolVersion: ProtocolVersion, CommittedEpoch: committed, ProtectionId: hello.ProtectionId}
+	if err := w.WriteFrame(transport.KindWelcome, wel, nil); err != nil {
+		return fmt.Errorf("send welcome: %w", err)
+	}
+	b.log.Info("primary connected", zap.String("remote", conn.RemoteAddr().String()), zap.Uint64("committed", committed))
+
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	done := make(chan struct{})
+	hbErr := make(chan error, 1)
+	go func() { hbErr <- heartbeatLoop(ctx, done, w, b.o.HeartbeatInterval, "backup", b.committedA.Load) }()
+	defer func() { close(done); conn.Close(); <-hbErr }()
+	go func() {
+		<-ctx.Done()
+		conn.Close()
+	}()
+
+	err := b.receive(conn, r, w)
+	if err != nil {
+		b.mu.Lock()
+		b.stats.LastError = err.Error()
+		if errors.Is(err, ErrProtocol) || errors.Is(err, transport.ErrMalformed) {
+			b.stats.Rejected++
+		}
+		b.mu.Unlock()
+	}
+	return err
+}
+
+func (b *Backup) receive(conn net.Conn, r *transport.Reader, w *transport.Writer) error {
+	mem := b.o.Replica.Memory()
+	n := b.o.Replica.NumPages()
+	base := func(pfn uint64) []byte {
+		o := int(pfn) * hypervisor.PageSize
+		return mem[o : o+hypervisor.PageSize]
+	}
+	dst := func(i uint32) []byte {
+		o := int(i) * hypervisor.PageSize
+		return b.pages[o : o+hypervisor.PageSize]
+	}
+	for {
+		_ = conn.SetReadDeadline(time.Now().Add(b.o.HeartbeatTimeout))
+		f, err := r.ReadFrame()
+		if err != nil {
+			return fmt.Errorf("receive from primary: %w", err)
+		}
+		now := b.o.Now()
+		b.mu.Lock()
+		b.stats.LastHeard = now
+		b.stats.BytesReceived += uint64(len(f.Payload))
+		b.mu.Unlock()
+		switch h := f.Header.(type) {
+		case *remuspb.Heartbeat:
+		case *remuspb.EpochBegin:
+			if err := b.core.Begin(h.Epoch, h.BaseEpoch, h.PageCount, h.Full, n); err != nil {
+				return err
+			}
+			need := int(h.PageCount) * hypervisor.PageSize
+			if cap(b.pages) < need {
+				b.pages = make([]byte, need)
+			}
+			b.pages = b.pages[:need]
+			b.pfns, b.hashes, b.lastPfn = b.pfns[:0], b.hashes[:0], -1
+		case *remuspb.PageBatch:
+			if err := b.core.Batch(h.Epoch, h.FirstIndex, len(h.Pfns)); err != nil {
+				return err
+			}
+			if len(h.Pfns) > 0 && int64(h.Pfns[0]) <= b.lastPfn {
+				return fmt.Errorf("%w: epoch %d batch at page %d: pfn %d not above previous batch's %d", ErrProtocol, h.Epoch, h.FirstIndex, h.Pfns[0], b.lastPfn)
+			}
+			hashes, err := b.dec.DecodeBatch(h, f.Payload, h.FirstIndex, base, dst)
+			if err != nil {
+				return fmt.Errorf("epoch %d: %w", h.Epoch, err)
+			}
+			b.pfns = append(b.pfns, h.Pfns...)
+			b.hashes = append(b.hashes, hashes...)
+			if len(h.Pfns) > 0 {
+				b.lastPfn = int64(h.Pfns[len(h.Pfns)-1])
+			}
+		case *remuspb.DeviceState:
+			if err := b.core.DeviceState(h.Epoch); err != nil {
+				return err
+			}
+			if len(f.Payload) > b.o.Limits.MaxDeviceState {
+				return fmt.Errorf("%w: epoch %d device state of %d bytes exceeds limit %d", ErrProtocol, h.Epoch, len(f.Payload), b.o.Limits.MaxDeviceState)
+			}
+			if crc32.Checksum(f.Payload, crcTable) != h.PayloadCrc32C {
+				return fmt.Errorf("%w: epoch %d device state checksum mismatch", ErrProtocol, h.Epoch)
+			}
+			b.dev = append(b.dev[:0], f.Payload...)
+		case *remuspb.EpochEnd:
+			var d transport.Digest
+			for i, pfn := range b.pfns {
+				d.AddPage(pfn, b.hashes[i])
+			}
+			ok := d.Sum(b.dev) == h.Digest
+			if err := b.core.End(h.Epoch, h.PageCount, ok); err != nil {
+				return err
+			}
+			if err := b.apply(h.Epoch, mem); err != nil {
+				return err
+			}
+			if b.o.OnCommit != nil {
+				b.o.OnCommit(h.Epoch, b.dev)
+			}
+			if err := w.WriteFrame(transport.KindAck, &remuspb.Ack{Epoch: h.Epoch}, nil); err != nil {
+				return fmt.Errorf("send ack %d: %w", h.Epoch, err)
+			}
+		case *remuspb.Goodbye:
+			b.log.Info("primary said goodbye", zap.String("reason", h.Reason))
+			b.mu.Lock()
+			b.stats.Goodbye = true
+			b.mu.Unlock()
+			return nil
+		default:
+			return fmt.Errorf("%w: unexpected %v from primary", ErrProtocol, f.Kind)
+		}
+	}
+}
+
+// apply writes the staged, verified epoch into the replica. Activation
+// cannot observe a half-applied epoch: both hold b.mu.
+func (b *Backup) apply(epoch uint64, mem []byte) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.activated {
+		return ErrActivated
+	}
+	for i, pfn := range b.pfns {
+		o := int(pfn) * hypervisor.PageSize
+		copy(mem[o:o+hypervisor.PageSize], b.pages[i*hypervisor.PageSize:(i+1)*hypervisor.PageSize])
+	}
+	if err := b.o.Replica.CommitDeviceState(epoch, b.dev); err != nil {
+		// The RAM is already written: this replica can no longer be trusted
+		// to match any epoch. Force a full resync.
+		b.core = NewBackupCore(0)
+		b.committedA.Store(0)
+		return fmt.Errorf("epoch %d: commit device state: %w", epoch, err)
+	}
+	c := b.core.Applied()
+	b.committedA.Store(c)
+	b.committedDev = append(b.committedDev[:0], b.dev...)
+	b.stats.EpochsCommitted++
+	b.stats.PagesReceived += uint64(len(b.pfns))
+	return nil
+}
+
+// Activate makes the replica take over: replication stops (a link in
+// progress is cut, its partial epoch discarded) and the VM starts from the
+// last committed epoch.
+func (b *Backup) Activate(ctx context.Context) (hypervisor.Guest, error) {
+	start := time.Now()
+	b.mu.Lock()
+	if b.activated {
+		b.mu.Unlock()
+		return nil, ErrActivated
+	}
+	if b.core.Committed() == 0 {
+		b.mu.Unlock()
+		return nil, fmt.Errorf("replica of %s holds no committed epoch: nothing to activate", b.o.VMName)
+	}
+	b.activated = true
+	if b.conn != nil {
+		b.conn.Close()
+	}
+	b.mu.Unlock()
+	// Wait for a link in progress to finish: it discards its torn epoch.
+	b.serveMu.Lock()
+	defer b.serveMu.Unlock()
+	if b.o.BeforeActivate != nil {
+		b.o.BeforeActivate(b.Committed(), b.o.Replica.Memory(), b.committedDev)
+	}
+	g, err := b.o.Replica.Activate(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("activate replica of %s at epoch %d: %w", b.o.VMName, b.Committed(), err)
+	}
+	b.mu.Lock()
+	b.stats.Activated = true
+	b.stats.ActivationTime = time.Since(start)
+	b.mu.Unlock()
+	b.log.Info("replica activated", zap.Uint64("epoch", b.Committed()), zap.Duration("took", time.Since(start)))
+	return g, nil
+}

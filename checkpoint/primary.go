@@ -1,0 +1,756 @@
+package checkpoint
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/remusd/remusd/dirtymap"
+	"github.com/remusd/remusd/hypervisor"
+	"github.com/remusd/remusd/outbuf"
+	remuspb "github.com/remusd/remusd/proto"
+	"github.com/remusd/remusd/transport"
+)
+
+// ProtocolVersion is the replication protocol spoken by this build.
+const ProtocolVersion = 1
+
+var crcTable = crc32.MakeTable(crc32.Castagnoli)
+
+// PrimaryOptions configures a Primary runner.
+type PrimaryOptions struct {
+	Guest hypervisor.Guest
+	Out   outbuf.Buffer
+	// Dial opens a new connection to the backup's daemon.
+	Dial func(ctx context.Context) (net.Conn, error)
+	// ProtectionID identifies this protection (see proto Hello).
+	ProtectionID string
+	Core         PrimaryConfig
+	Encoder      transport.EncoderConfig
+	Limits       transport.Limits
+
+	HeartbeatInterval time.Duration
+	HeartbeatTimeout  time.Duration
+	ReconnectBackoff  time.Duration
+
+	Log *zap.Logger
+	// Now is the clock (time.Now if nil).
+	Now func() time.Time
+	// OnCapture, if set, is called (on the engine goroutine, guest running)
+	// after each epoch is captured.
+	OnCapture func(CaptureInfo)
+	// OnAck, if set, is called after an ack is received and before the
+	// epoch's output is released.
+	OnAck func(epoch uint64)
+}
+
+// CaptureInfo describes a captured epoch.
+type CaptureInfo struct {
+	Epoch, Base uint64
+	Full        bool
+	Pages       int
+	Pause       time.Duration
+	DeviceState []byte // valid during the callback only
+}
+
+// PrimaryStats are a Primary's counters.
+type PrimaryStats struct {
+	Epoch, Acked    uint64
+	Link            string
+	Unprotected     bool
+	PauseLast       time.Duration
+	PauseP50        time.Duration
+	PauseP99        time.Duration
+	AckLast         time.Duration
+	AckP50, AckP99  time.Duration
+	DirtyPagesLast  uint64
+	PagesSent       uint64
+	BytesSent       uint64
+	RawBytes        uint64
+	Reconnects      uint64
+	HeartbeatAge    time.Duration
+	LastError       string
+	EpochsCommitted uint64
+}
+
+// staged is one captured epoch waiting to be sent.
+type staged struct {
+	epoch, base uint64
+	full        bool
+	pfns        []uint64
+	pages       []byte
+	dev         []byte
+}
+
+// reserve makes room for n pages, touching new memory so that its page
+// faults are taken now rather than inside a later pause.
+func (st *staged) reserve(n int) {
+	need := n * hypervisor.PageSize
+	if cap(st.pages) >= need {
+		return
+	}
+	b := make([]byte, need)
+	for i := 0; i < len(b); i += hypervisor.PageSize {
+		b[i] = 0
+	}
+	st.pages = b[:0]
+}
+
+// Primary runs the epoch loop of one protected guest.
+type Primary struct {
+	o    PrimaryOptions
+	log  *zap.Logger
+	core *PrimaryCore
+	enc  *transport.Encoder
+
+	// engine-goroutine state
+	harvest    *dirtymap.Bitmap
+	scratch    *dirtymap.Bitmap
+	epochDirty map[uint64]*dirtymap.Bitmap // own dirty set of each unacked epoch
+	freeMaps   []*dirtymap.Bitmap
+	pool       chan *staged
+	captured   map[uint64]time.Time
+	// expect is how many pages a staging buffer should hold before the
+	// next pause: grown (and first-touched) while the guest runs, so the
+	// pause never pays for page faults on fresh memory.
+	expect int
+
+	events chan event
+
+	pause, ack *Samples
+
+	mu    sync.Mutex
+	stats PrimaryStats
+	// heard is the unix-nano time of the last frame from the backup.
+	heard atomic.Int64
+	// acked mirrors core.Acked() for the heartbeat goroutine.
+	acked atomic.Uint64
+	// goodbye: on stop, tell the backup protection ended on purpose.
+	goodbye atomic.Bool
+}
+
+// StopWithGoodbye makes the next stop of Run (its ctx being cancelled)
+// tell the backup that protection ended on purpose, so that it does not
+// treat the silence as a lost primary.
+func (p *Primary) StopWithGoodbye() { p.goodbye.Store(true) }
+
+type eventKind int
+
+const (
+	evAck eventKind = iota + 1
+	evLinkUp
+	evLinkDown
+)
+
+type event struct {
+	kind      eventKind
+	epoch     uint64
+	committed uint64
+	err       error
+	link      *primaryLink
+}
+
+// NewPrimary validates options and prepares the runner.
+func NewPrimary(o PrimaryOptions) (*Primary, error) {
+	if o.Guest == nil || o.Out == nil || o.Dial == nil {
+		return nil, errors.New("checkpoint: primary needs Guest, Out and Dial")
+	}
+	if o.Log == nil {
+		o.Log = zap.NewNop()
+	}
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	if o.Core.Interval <= 0 {
+		o.Core.Interval = 25 * time.Millisecond
+	}
+	if o.Core.MaxInflight < 1 {
+		o.Core.MaxInflight = 1
+	}
+	if o.HeartbeatInterval <= 0 {
+		o.HeartbeatInterval = 100 * time.Millisecond
+	}
+	if o.HeartbeatTimeout <= 0 {
+		o.HeartbeatTimeout = 10 * o.HeartbeatInterval
+	}
+	if o.ReconnectBackoff <= 0 {
+		o.ReconnectBackoff = 200 * time.Millisecond
+	}
+	if o.Limits.MaxFrame == 0 {
+		o.Limits = transport.DefaultLimits()
+	}
+	if o.Encoder.PageSize == 0 {
+		o.Encoder.PageSize = hypervisor.PageSize
+	}
+	enc, err := transport.NewEncoder(o.Encoder)
+	if err != nil {
+		return nil, fmt.Errorf("checkpoint: %w", err)
+	}
+	n := o.Guest.NumPages()
+	p := &Primary{
+		o:          o,
+		log:        o.Log.With(zap.String("vm", o.Guest.Name()), zap.String("role", "primary")),
+		core:       NewPrimaryCore(o.Core, o.Now()),
+		enc:        enc,
+		harvest:    dirtymap.New(n),
+		scratch:    dirtymap.New(n),
+		epochDirty: map[uint64]*dirtymap.Bitmap{},
+		pool:       make(chan *staged, o.Core.MaxInflight+1),
+		captured:   map[uint64]time.Time{},
+		events:     make(chan event, 16),
+		pause:      NewSamples(1024),
+		ack:        NewSamples(1024),
+	}
+	for i := 0; i < o.Core.MaxInflight+1; i++ {
+		p.pool <- &staged{}
+	}
+	p.stats.Link = "connecting"
+	return p, nil
+}
+
+// Stats returns a snapshot of the runner's counters.
+func (p *Primary) Stats() PrimaryStats {
+	p.mu.Lock()
+	s := p.stats
+	p.mu.Unlock()
+	q := p.pause.Quantiles(0.5, 0.99)
+	s.PauseLast, s.PauseP50, s.PauseP99 = p.pause.Last(), q[0], q[1]
+	q = p.ack.Quantiles(0.5, 0.99)
+	s.AckLast, s.AckP50, s.AckP99 = p.ack.Last(), q[0], q[1]
+	if h := p.heard.Load(); h != 0 {
+		s.HeartbeatAge = p.o.Now().Sub(time.Unix(0, h))
+	}
+	return s
+}
+
+func (p *Primary) update(f func(s *PrimaryStats)) {
+	p.mu.Lock()
+	f(&p.stats)
+	p.mu.Unlock()
+}
+
+// Run drives the epoch loop until ctx is done. On return the output buffer
+// still holds whatever was not acknowledged (the caller decides whether to
+// release it, e.g. on a clean unprotect, or to drop it by closing it).
+func (p *Primary) Run(ctx context.Context) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	defer cancel()
+
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		p.linkLoop(ctx)
+	}()
+
+	tick := time.NewTicker(p.tickPeriod())
+	defer tick.Stop()
+	var link *primaryLink
+	for {
+		var acts []Action
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-tick.C:
+			acts = p.core.Tick(p.o.Now())
+		case ev := <-p.events:
+			var err error
+			acts, link, err = p.handle(ev, link)
+			if err != nil {
+				p.log.Warn("dropping link", zap.Error(err))
+				p.setErr(err)
+				if link != nil {
+					link.close()
+				}
+			}
+		}
+		if err := p.perform(ctx, acts, link); err != nil {
+			return err
+		}
+	}
+}
+
+func (p *Primary) tickPeriod() time.Duration {
+	t := p.o.Core.Interval / 5
+	return max(t, 500*time.Microsecond)
+}
+
+func (p *Primary) setErr(err error) {
+	p.update(func(s *PrimaryStats) { s.LastError = err.Error() })
+}
+
+func (p *Primary) handle(ev event, link *primaryLink) ([]Action, *primaryLink, error) {
+	now := p.o.Now()
+	switch ev.kind {
+	case evLinkUp:
+		p.enc.InvalidateAll()
+		acts, err := p.core.LinkUp(ev.committed, now)
+		if err != nil {
+			return nil, ev.link, err
+		}
+		p.dropDirtyThrough(p.core.Acked())
+		p.acked.Store(p.core.Acked())
+		p.update(func(s *PrimaryStats) { s.Link = "up" })
+		p.log.Info("link up", zap.Uint64("backup_committed", ev.committed), zap.Uint64("acked", p.core.Acked()))
+		return acts, ev.link, nil
+	case evLinkDown:
+		if ev.link != link {
+			return nil, link, nil // an old link's late report
+		}
+		p.core.LinkDown(now)
+		p.update(func(s *PrimaryStats) { s.Link = "connecting" })
+		if ev.err != nil {
+			p.setErr(ev.err)
+		}
+		return nil, nil, nil
+	case evAck:
+		if ev.link != link {
+			return nil, link, nil
+		}
+		acts, err := p.core.Ack(ev.epoch, now)
+		if err != nil {
+			return nil, link, err
+		}
+		if t, ok := p.captured[ev.epoch]; ok {
+			p.ack.Add(now.Sub(t))
+		}
+		if p.o.OnAck != nil {
+			p.o.OnAck(ev.epoch)
+		}
+		p.dropDirtyThrough(ev.epoch)
+		p.acked.Store(ev.epoch)
+		p.update(func(s *PrimaryStats) { s.Acked = ev.epoch; s.EpochsCommitted++ })
+		return acts, link, nil
+	}
+	return nil, link, nil
+}
+
+func (p *Primary) dropDirtyThrough(epoch uint64) {
+	for e, m := range p.epochDirty {
+		if e <= epoch {
+			p.freeMaps = append(p.freeMaps, m)
+			delete(p.epochDirty, e)
+			delete(p.captured, e)
+		}
+	}
+}
+
+func (p *Primary) perform(ctx context.Context, acts []Action, link *primaryLink) error {
+	for len(acts) > 0 {
+		a := acts[0]
+		acts = acts[1:]
+		switch a.Kind {
+		case ActCheckpoint:
+			st, err := p.capture(ctx, a)
+			if err != nil {
+				p.core.CheckpointFailed()
+				if ctx.Err() != nil {
+					return nil
+				}
+				return fmt.Errorf("checkpoint: epoch %d: %w", a.Epoch, err)
+			}
+			more, err := p.core.CheckpointDone(a.Epoch, p.o.Now())
+			if err != nil {
+				return err
+			}
+			for _, m := range more {
+				if m.Kind == ActSend && link != nil {
+					if !link.enqueue(st) {
+						p.pool <- st
+					}
+					st = nil
+					continue
+				}
+				acts = append(acts, m)
+			}
+			if st != nil {
+				p.pool <- st // not sent on its own (link down or superseded)
+			}
+		case ActRelease:
+			if err := p.o.Out.Release(a.Epoch); err != nil {
+				return fmt.Errorf("checkpoint: release epoch %d: %w", a.Epoch, err)
+			}
+		case ActReleaseAll:
+			p.log.Error("backup unreachable beyond ack timeout: releasing held output and running UNPROTECTED", zap.String("reason", a.Reason))
+			if err := p.o.Out.ReleaseAll(); err != nil {
+				return fmt.Errorf("checkpoint: release all: %w", err)
+			}
+			p.update(func(s *PrimaryStats) { s.Unprotected = true })
+		case ActDropLink:
+			p.log.Warn("dropping link", zap.String("reason", a.Reason))
+			if link != nil {
+				link.close()
+			}
+		}
+	}
+	return nil
+}
+
+// capture performs one checkpoint: the guest is paused only for the
+// harvest, the copy into staging and the device-state save.
+func (p *Primary) capture(ctx context.Context, a Action) (*staged, error) {
+	var st *staged
+	select {
+	case st = <-p.pool:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	mine := p.newMap()
+	g := p.o.Guest
+	want := p.expect
+	switch {
+	case a.Full:
+		want = g.NumPages()
+	case a.ResyncTo != 0:
+		want = min(g.NumPages(), p.expect*int(a.ResyncTo-a.ResyncFrom+2))
+	}
+	st.reserve(want)
+	start := time.Now()
+	if err := g.Pause(ctx); err != nil {
+		p.pool <- st
+		return nil, fmt.Errorf("pause: %w", err)
+	}
+	resumed := false
+	defer func() {
+		if !resumed {
+			_ = g.Resume(context.WithoutCancel(ctx))
+		}
+	}()
+	if err := g.HarvestDirty(ctx, mine); err != nil {
+		p.pool <- st
+		return nil, fmt.Errorf("harvest: %w", err)
+	}
+	send := mine
+	switch {
+	case a.Full:
+		p.scratch.Reset()
+		p.scratch.SetRange(0, p.scratch.Len())
+		send = p.scratch
+	case a.ResyncTo != 0:
+		p.scratch.CopyFrom(mine)
+		for e := a.ResyncFrom; e <= a.ResyncTo; e++ {
+			if m, ok := p.epochDirty[e]; ok {
+				p.scratch.Union(m)
+			}
+		}
+		send = p.scratch
+	}
+	st.epoch, st.base, st.full = a.Epoch, a.Base, a.Full
+	st.pfns = send.AppendSet(st.pfns[:0])
+	st.reserve(len(st.pfns)) // only allocates if the dirty set outgrew the estimate
+	st.pages = st.pages[:len(st.pfns)*hypervisor.PageSize]
+	mem := g.Memory()
+	off := 0
+	send.Runs(func(first, n int) bool {
+		b := first * hypervisor.PageSize
+		off += copy(st.pages[off:], mem[b:b+n*hypervisor.PageSize])
+		return true
+	})
+	dev, err := g.SaveDeviceState(ctx, st.dev[:0])
+	if err != nil {
+		p.pool <- st
+		return nil, fmt.Errorf("save device state: %w", err)
+	}
+	st.dev = dev
+	if err := p.o.Out.Checkpoint(a.Epoch); err != nil {
+		p.pool <- st
+		return nil, fmt.Errorf("output checkpoint: %w", err)
+	}
+	if err := g.Resume(ctx); err != nil {
+		resumed = true
+		p.pool <- st
+		return nil, fmt.Errorf("resume: %w", err)
+	}
+	resumed = true
+	pause := time.Since(start)
+	p.pause.Add(pause)
+	p.expect = min(g.NumPages(), max(p.expect, 2*len(st.pfns)))
+	p.epochDirty[a.Epoch] = mine
+	now := p.o.Now()
+	p.captured[a.Epoch] = now
+	p.update(func(s *PrimaryStats) { s.Epoch = a.Epoch; s.DirtyPagesLast = uint64(mine.Count()) })
+	if p.o.OnCapture != nil {
+		p.o.OnCapture(CaptureInfo{Epoch: a.Epoch, Base: a.Base, Full: a.Full, Pages: len(st.pfns), Pause: pause, DeviceState: st.dev})
+	}
+	return st, nil
+}
+
+func (p *Primary) newMap() *dirtymap.Bitmap {
+	if n := len(p.freeMaps); n > 0 {
+		m := p.freeMaps[n-1]
+		p.freeMaps = p.freeMaps[:n-1]
+		m.Reset()
+		return m
+	}
+	return dirtymap.New(p.o.Guest.NumPages())
+}
+
+// linkLoop keeps a link to the backup: dial, handshake, serve, and on
+// failure wait and redial. Only one link exists at a time.
+func (p *Primary) linkLoop(ctx context.Context) {
+	for attempt := 0; ctx.Err() == nil; attempt++ {
+		if attempt > 0 {
+			p.update(func(s *PrimaryStats) { s.Reconnects++ })
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(p.o.ReconnectBackoff):
+			}
+		}
+		l, committed, err := p.connect(ctx)
+		if err != nil {
+			if ctx.Err() == nil {
+				p.log.Debug("connect to backup failed", zap.Error(err))
+				p.setErr(err)
+			}
+			continue
+		}
+		select {
+		case p.events <- event{kind: evLinkUp, committed: committed, link: l}:
+		case <-ctx.Done():
+			l.close()
+			return
+		}
+		err = l.serve(ctx)
+		select {
+		case p.events <- event{kind: evLinkDown, link: l, err: err}:
+		case <-ctx.Done():
+			return
+		}
+		if err != nil && ctx.Err() == nil {
+			p.log.Warn("link to backup lost", zap.Error(err))
+		}
+	}
+}
+
+func (p *Primary) connect(ctx context.Context) (*primaryLink, uint64, error) {
+	conn, err := p.o.Dial(ctx)
+	if err != nil {
+		return nil, 0, fmt.Errorf("dial backup: %w", err)
+	}
+	g := p.o.Guest
+	w := transport.NewWriter(conn)
+	r := transport.NewReader(conn, p.o.Limits)
+	hello := &remuspb.Hello{
+		ProtocolVersion:   ProtocolVersion,
+		VmName:            g.Name(),
+		ProtectionId:      p.o.ProtectionID,
+		MemoryBytes:       uint64(g.NumPages()) * hypervisor.PageSize,
+		PageSize:          hypervisor.PageSize,
+		Backend:           g.Backend(),
+		BackendVersion:    g.BackendVersion(),
+		BackendConfig:     g.Config(),
+		PrimaryAckedEpoch: p.core.Acked(),
+	}
+	_ = conn.SetDeadline(time.Now().Add(p.o.HeartbeatTimeout))
+	if err := w.WriteFrame(transport.KindHello, hello, nil); err != nil {
+		conn.Close()
+		return nil, 0, fmt.Errorf("send hello: %w", err)
+	}
+	f, err := r.ReadFrame()
+	if err != nil {
+		conn.Close()
+		return nil, 0, fmt.Errorf("read welcome: %w", err)
+	}
+	wel, ok := f.Header.(*remuspb.Welcome)
+	if !ok {
+		conn.Close()
+		return nil, 0, fmt.Errorf("%w: expected Welcome, got %v", ErrProtocol, f.Kind)
+	}
+	if wel.Error != "" {
+		conn.Close()
+		return nil, 0, fmt.Errorf("backup refused protection: %s", wel.Error)
+	}
+	if wel.ProtocolVersion != ProtocolVersion {
+		conn.Close()
+		return nil, 0, fmt.Errorf("%w: backup speaks protocol %d, we speak %d", ErrProtocol, wel.ProtocolVersion, ProtocolVersion)
+	}
+	committed := wel.CommittedEpoch
+	if wel.ProtectionId != p.o.ProtectionID {
+		committed = 0
+	}
+	_ = conn.SetDeadline(time.Time{})
+	p.heard.Store(p.o.Now().UnixNano())
+	return &primaryLink{p: p, conn: conn, w: w, r: r, sendq: make(chan *staged, p.o.Core.MaxInflight+1), done: make(chan struct{})}, committed, nil
+}
+
+// primaryLink is one connection to the backup.
+type primaryLink struct {
+	p     *Primary
+	conn  net.Conn
+	w     *transport.Writer
+	r     *transport.Reader
+	sendq chan *staged
+	once  sync.Once
+	done  chan struct{}
+
+	qmu     sync.Mutex
+	qclosed bool
+}
+
+func (l *primaryLink) close() {
+	l.once.Do(func() {
+		close(l.done)
+		l.conn.Close()
+	})
+}
+
+// enqueue hands a captured epoch to the link's sender.
+// The queue holds as many entries as there are staging buffers, so the
+// send never blocks.
+func (l *primaryLink) enqueue(st *staged) bool {
+	l.qmu.Lock()
+	defer l.qmu.Unlock()
+	if l.qclosed {
+		return false
+	}
+	l.sendq <- st
+	return true
+}
+
+// serve runs the link's sender, receiver and heartbeat until one fails.
+func (l *primaryLink) serve(ctx context.Context) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	errc := make(chan error, 3)
+	var wg sync.WaitGroup
+	wg.Add(3)
+	go func() { defer wg.Done(); errc <- l.recvLoop() }()
+	go func() { defer wg.Done(); errc <- l.sendLoop(ctx) }()
+	go func() {
+		defer wg.Done()
+		errc <- heartbeatLoop(ctx, l.done, l.w, l.p.o.HeartbeatInterval, "primary", l.p.acked.Load)
+	}()
+	var err error
+	select {
+	case err = <-errc:
+	case <-ctx.Done():
+		if l.p.goodbye.Load() {
+			_ = l.conn.SetWriteDeadline(time.Now().Add(time.Second))
+			_ = l.w.WriteFrame(transport.KindGoodbye, &remuspb.Goodbye{Reason: "protection ended"}, nil)
+		}
+	case <-l.done:
+	}
+	l.close()
+	wg.Wait()
+	// Staged epochs left in the queue go back to the pool.
+	l.qmu.Lock()
+	defer l.qmu.Unlock()
+	l.qclosed = true
+	for {
+		select {
+		case st := <-l.sendq:
+			l.p.pool <- st
+		default:
+			return err
+		}
+	}
+}
+
+func (l *primaryLink) recvLoop() error {
+	p := l.p
+	for {
+		_ = l.conn.SetReadDeadline(time.Now().Add(p.o.HeartbeatTimeout))
+		f, err := l.r.ReadFrame()
+		if err != nil {
+			return fmt.Errorf("receive from backup: %w", err)
+		}
+		p.heard.Store(p.o.Now().UnixNano())
+		switch h := f.Header.(type) {
+		case *remuspb.Ack:
+			select {
+			case p.events <- event{kind: evAck, epoch: h.Epoch, link: l}:
+			case <-l.done:
+				return nil
+			}
+		case *remuspb.Heartbeat:
+		case *remuspb.Goodbye:
+			return fmt.Errorf("backup closed the link: %s", h.Reason)
+		default:
+			return fmt.Errorf("%w: unexpected %v from backup", ErrProtocol, f.Kind)
+		}
+	}
+}
+
+func (l *primaryLink) sendLoop(ctx context.Context) error {
+	p := l.p
+	for {
+		var st *staged
+		select {
+		case st = <-l.sendq:
+		case <-l.done:
+			return nil
+		}
+		err := l.sendEpoch(ctx, st)
+		// Once on the wire the staging copy is not needed again: a resync
+		// after a lost link re-reads guest memory.
+		p.pool <- st
+		if err != nil {
+			return err
+		}
+	}
+}
+
+func (l *primaryLink) sendEpoch(ctx context.Context, st *staged) error {
+	p := l.p
+	begin := &remuspb.EpochBegin{Epoch: st.epoch, BaseEpoch: st.base, PageCount: uint32(len(st.pfns)), Full: st.full}
+	if err := l.w.WriteFrame(transport.KindEpochBegin, begin, nil); err != nil {
+		return fmt.Errorf("send epoch %d begin: %w", st.epoch, err)
+	}
+	var wire int64
+	sum, err := p.enc.EncodeEpoch(ctx, st.epoch, st.pfns, st.pages, func(hdr *remuspb.PageBatch, payload []byte) error {
+		wire += int64(len(payload))
+		return l.w.WriteFrame(transport.KindPageBatch, hdr, payload)
+	})
+	if err != nil {
+		return fmt.Errorf("send epoch %d pages: %w", st.epoch, err)
+	}
+	ds := &remuspb.DeviceState{Epoch: st.epoch, PayloadCrc32C: crc32.Checksum(st.dev, crcTable)}
+	if err := l.w.WriteFrame(transport.KindDeviceState, ds, st.dev); err != nil {
+		return fmt.Errorf("send epoch %d device state: %w", st.epoch, err)
+	}
+	var d transport.Digest
+	for i, pfn := range st.pfns {
+		d.AddPage(pfn, sum.PageHashes[i])
+	}
+	end := &remuspb.EpochEnd{Epoch: st.epoch, PageCount: uint32(len(st.pfns)), Digest: d.Sum(st.dev)}
+	if err := l.w.WriteFrame(transport.KindEpochEnd, end, nil); err != nil {
+		return fmt.Errorf("send epoch %d end: %w", st.epoch, err)
+	}
+	p.update(func(s *PrimaryStats) {
+		s.PagesSent += uint64(len(st.pfns))
+		s.RawBytes += uint64(len(st.pages))
+		s.BytesSent += uint64(wire + int64(len(st.dev)))
+	})
+	return nil
+}
+
+// heartbeatLoop sends a heartbeat every interval until done or an error.
+func heartbeatLoop(ctx context.Context, done <-chan struct{}, w *transport.Writer, every time.Duration, role string, epoch func() uint64) error {
+	t := time.NewTicker(every)
+	defer t.Stop()
+	var seq uint64
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-done:
+			return nil
+		case now := <-t.C:
+			seq++
+			hb := &remuspb.Heartbeat{Seq: seq, SentUnixNanos: now.UnixNano(), Role: role, CommittedEpoch: epoch()}
+			if err := w.WriteFrame(transport.KindHeartbeat, hb, nil); err != nil {
+				return fmt.Errorf("send heartbeat: %w", err)
+			}
+		}
+	}
+}

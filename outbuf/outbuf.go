@@ -1,0 +1,41 @@
+// Package outbuf holds a protected guest's outbound output per epoch and
+// releases it only when the backup has acknowledged the epoch that produced
+// it (invariant 1, output commit).
+//
+// Epoch numbering: output emitted after the checkpoint of epoch N-1 and
+// before the checkpoint of epoch N belongs to epoch N; Checkpoint(N) is
+// called while the guest is paused for epoch N and closes that epoch.
+package outbuf
+
+import "errors"
+
+// Buffer is one guest's output buffer.
+type Buffer interface {
+	// Kind names the mechanism ("memory", "plug", "nfqueue", "none").
+	Kind() string
+	// Checkpoint closes epoch: output emitted so far belongs to it.
+	Checkpoint(epoch uint64) error
+	// Release lets out all output of epochs <= epoch. Epochs not yet
+	// checkpointed are not touched.
+	Release(epoch uint64) error
+	// ReleaseAll lets out everything held, including the open epoch, and
+	// stops buffering (failover or unprotected mode).
+	ReleaseAll() error
+	// Close drops whatever is still held: the buffer fails closed.
+	Close() error
+	// Stats reports counters.
+	Stats() Stats
+}
+
+// Stats are an output buffer's counters.
+type Stats struct {
+	HeldPackets     uint64 // currently held
+	HeldBytes       uint64
+	ReleasedPackets uint64
+	ReleasedBytes   uint64
+	DroppedPackets  uint64 // dropped (limit reached or closed with output held)
+	LastReleased    uint64 // last released epoch
+}
+
+// ErrClosed is returned by a Buffer used after Close.
+var ErrClosed = errors.New("outbuf: closed")
