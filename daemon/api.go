@@ -1,0 +1,91 @@
+package daemon
+
+import (
+	"context"
+	"time"
+)
+
+// Service is what a running daemon offers its operators; the control
+// socket serves it and the CLI calls it.
+type Service interface {
+	// Protect puts a running VM under protection, replicating to req.Peer.
+	Protect(ctx context.Context, req ProtectRequest) error
+	// Unprotect stops protecting a VM: its held output is released and
+	// the link to the backup is closed cleanly.
+	Unprotect(ctx context.Context, vm string) error
+	// Failover makes this daemon's replica of vm take over (backup side).
+	Failover(ctx context.Context, vm string) error
+	// Status reports every VM this daemon knows of.
+	Status(ctx context.Context) ([]VMStatus, error)
+}
+
+// ProtectRequest asks the daemon to protect VM. Zero fields take the
+// daemon's configured defaults.
+type ProtectRequest struct {
+	VM            string        `json:"vm"`
+	Peer          string        `json:"peer"`
+	EpochInterval time.Duration `json:"epoch_interval,omitempty"`
+	MaxInflight   int           `json:"max_inflight,omitempty"`
+}
+
+// Roles of a VM on this daemon.
+const (
+	RolePrimary = "primary" // protected, replicating to a backup
+	RoleBackup  = "backup"  // holding a replica
+	RoleActive  = "active"  // a replica that took over (running, unprotected)
+	RoleLocal   = "local"   // running here, not protected
+)
+
+// Link states.
+const (
+	LinkUp         = "up"
+	LinkConnecting = "connecting"
+	LinkLost       = "lost" // heartbeats stopped beyond the timeout
+	LinkClosed     = "closed"
+	LinkNone       = "none"
+)
+
+// VMStatus is one VM's figures, shown by `remusd status` and exported as
+// Prometheus metrics.
+type VMStatus struct {
+	VM      string `json:"vm"`
+	Role    string `json:"role"`
+	Backend string `json:"backend"`
+	Peer    string `json:"peer,omitempty"`
+	Link    string `json:"link"`
+	OutBuf  string `json:"outbuf,omitempty"`
+
+	// Epoch is the last captured epoch (primary) or committed epoch (backup).
+	Epoch      uint64 `json:"epoch"`
+	AckedEpoch uint64 `json:"acked_epoch"`
+
+	EpochsCommitted uint64  `json:"epochs_committed"`
+	PauseMsLast     float64 `json:"pause_ms_last"`
+	PauseMsP50      float64 `json:"pause_ms_p50"`
+	PauseMsP99      float64 `json:"pause_ms_p99"`
+	DirtyPagesLast  uint64  `json:"dirty_pages_last"`
+	PagesSent       uint64  `json:"pages_sent"`
+	BytesSent       uint64  `json:"bytes_sent"`
+	RawBytes        uint64  `json:"raw_bytes"`
+	// CompressionRatio is raw page bytes ÷ wire bytes (higher is better).
+	CompressionRatio float64 `json:"compression_ratio"`
+	AckMsLast        float64 `json:"ack_ms_last"`
+	AckMsP50         float64 `json:"ack_ms_p50"`
+	AckMsP99         float64 `json:"ack_ms_p99"`
+
+	OutputHeld     uint64 `json:"output_held"`
+	OutputReleased uint64 `json:"output_released"`
+	OutputDropped  uint64 `json:"output_dropped"`
+
+	TornEpochsDiscarded uint64  `json:"torn_epochs_discarded"`
+	Reconnects          uint64  `json:"reconnects"`
+	HeartbeatAgeMs      float64 `json:"heartbeat_age_ms"`
+	LastError           string  `json:"last_error,omitempty"`
+
+	// Backup/active only.
+	ActivatedAtUnixMs int64   `json:"activated_at_unix_ms,omitempty"`
+	ActivationMs      float64 `json:"activation_ms,omitempty"`
+	// Guest-reported detail (sim: ops executed, output sequence).
+	GuestOps       uint64 `json:"guest_ops,omitempty"`
+	GuestOutputSeq uint64 `json:"guest_output_seq,omitempty"`
+}

@@ -1,0 +1,558 @@
+// Package daemon is remusd's per-host daemon: it runs guests (sim), protects
+// them towards a peer daemon (primary role), keeps replicas for peers
+// (backup role), detects a lost primary and activates replicas.
+package daemon
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/remusd/remusd/checkpoint"
+	"github.com/remusd/remusd/hypervisor"
+	"github.com/remusd/remusd/hypervisor/sim"
+	"github.com/remusd/remusd/outbuf"
+	remuspb "github.com/remusd/remusd/proto"
+	"github.com/remusd/remusd/transport"
+)
+
+// ErrUnknownVM is returned for a VM this daemon does not know.
+var ErrUnknownVM = errors.New("unknown VM")
+
+// Daemon is one host's remusd.
+type Daemon struct {
+	cfg Config
+	log *zap.Logger
+
+	mu  sync.Mutex
+	vms map[string]*vm
+	wg  sync.WaitGroup
+	ctx context.Context // set by Run; protections live under it
+}
+
+// vm is one guest known to this daemon, in any role.
+type vm struct {
+	name    string
+	backend string
+	role    string
+	spec    simSpec
+
+	guest hypervisor.Guest
+	// out is where the guest's output goes (a buffer while protected, a
+	// pass-through otherwise).
+	out  atomic.Pointer[outbuf.Memory]
+	sink *outputSink
+
+	// primary role
+	peer    string
+	primary *checkpoint.Primary
+	stop    context.CancelFunc
+	done    chan struct{}
+	runErr  atomic.Value // string
+
+	// backup role
+	backup      *checkpoint.Backup
+	lostLogged  bool
+	activatedAt time.Time
+	activation  time.Duration
+
+	audit *auditLog
+}
+
+// simSpec is what a sim VM's backend config carries between hosts: the
+// guest's configuration and where its network output goes (which, like a
+// real VM's MAC and IP, moves with the VM on failover).
+type simSpec struct {
+	Sim    sim.Config `json:"sim"`
+	Output string     `json:"output,omitempty"`
+}
+
+// New builds a daemon and starts the sim guests its configuration names.
+func New(cfg Config, log *zap.Logger) (*Daemon, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if log == nil {
+		log = zap.NewNop()
+	}
+	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
+		return nil, fmt.Errorf("state dir: %w", err)
+	}
+	d := &Daemon{cfg: cfg, log: log.With(zap.String("host", cfg.Name)), vms: map[string]*vm{}}
+	for _, s := range cfg.SimVMs {
+		spec := simSpec{Sim: sim.Config{MemoryBytes: s.MemoryBytes, Workload: s.Workload, Rate: s.Rate, Seed: s.Seed, OutputEvery: s.OutputEvery}.WithDefaults(), Output: s.Output}
+		if err := spec.Sim.Validate(); err != nil {
+			d.closeAll()
+			return nil, fmt.Errorf("config field sim_vms[%s]: %w", s.Name, err)
+		}
+		g, err := sim.New(s.Name, spec.Sim, d.log)
+		if err != nil {
+			d.closeAll()
+			return nil, fmt.Errorf("start sim VM %s: %w", s.Name, err)
+		}
+		v := &vm{name: s.Name, backend: sim.BackendName, role: RoleLocal, spec: spec, guest: &simGuest{Guest: g, spec: spec}}
+		v.sink = newOutputSink(s.Output, cfg.Name, s.Name, d.log)
+		v.setPassThrough()
+		g.SetOutput(v.emit)
+		d.vms[s.Name] = v
+	}
+	return d, nil
+}
+
+// simGuest carries the simSpec (not just the sim config) in the handshake.
+type simGuest struct {
+	*sim.Guest
+	spec simSpec
+}
+
+func (g *simGuest) Config() []byte { return mustJSON(g.spec) }
+
+func (v *vm) emit(_ uint64, msg []byte) {
+	if o := v.out.Load(); o != nil {
+		o.Emit(msg)
+	}
+}
+
+func (v *vm) setPassThrough() {
+	o := outbuf.NewMemory(0, v.sink.send)
+	_ = o.ReleaseAll()
+	v.out.Store(o)
+}
+
+func (d *Daemon) closeAll() {
+	for _, v := range d.vms {
+		if v.guest != nil {
+			v.guest.Close()
+		}
+		if v.sink != nil {
+			v.sink.close()
+		}
+		if v.audit != nil {
+			v.audit.close()
+		}
+	}
+}
+
+// Run serves peers until ctx is done, then stops every protection and
+// guest. A primary's guest dies with its daemon (sim guests live in it).
+func (d *Daemon) Run(ctx context.Context) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	d.mu.Lock()
+	d.ctx = ctx
+	d.mu.Unlock()
+	errc := make(chan error, 1)
+	if d.cfg.Listen != "" {
+		ln, err := (&net.ListenConfig{}).Listen(ctx, "tcp", d.cfg.Listen)
+		if err != nil {
+			return fmt.Errorf("listen for peers on %s: %w", d.cfg.Listen, err)
+		}
+		d.log.Info("listening for primaries", zap.String("addr", ln.Addr().String()))
+		d.wg.Add(1)
+		go func() {
+			defer d.wg.Done()
+			errc <- d.acceptLoop(ctx, ln)
+		}()
+	}
+	d.wg.Add(1)
+	go func() {
+		defer d.wg.Done()
+		d.watchBackups(ctx)
+	}()
+	var err error
+	select {
+	case <-ctx.Done():
+	case err = <-errc:
+	}
+	cancel()
+	d.wg.Wait()
+	d.mu.Lock()
+	d.closeAll()
+	d.mu.Unlock()
+	return err
+}
+
+func (d *Daemon) acceptLoop(ctx context.Context, ln net.Listener) error {
+	go func() {
+		<-ctx.Done()
+		ln.Close()
+	}()
+	for {
+		conn, err := ln.Accept()
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			return fmt.Errorf("accept: %w", err)
+		}
+		d.wg.Add(1)
+		go func() {
+			defer d.wg.Done()
+			d.servePeer(ctx, conn)
+		}()
+	}
+}
+
+// servePeer reads a primary's Hello and hands the link to the replica.
+func (d *Daemon) servePeer(ctx context.Context, conn net.Conn) {
+	log := d.log.With(zap.String("remote", conn.RemoteAddr().String()))
+	r := transport.NewReader(conn, transport.DefaultLimits())
+	w := transport.NewWriter(conn)
+	_ = conn.SetDeadline(time.Now().Add(d.cfg.HeartbeatTimeout.D()))
+	f, err := r.ReadFrame()
+	if err != nil {
+		log.Warn("bad hello from peer", zap.Error(err))
+		conn.Close()
+		return
+	}
+	hello, ok := f.Header.(*remuspb.Hello)
+	if !ok {
+		log.Warn("peer did not start with Hello", zap.Stringer("kind", f.Kind))
+		conn.Close()
+		return
+	}
+	_ = conn.SetDeadline(time.Time{})
+	b, err := d.backupFor(hello)
+	if err != nil {
+		log.Warn("refusing primary", zap.String("vm", hello.VmName), zap.Error(err))
+		_ = w.WriteFrame(transport.KindWelcome, &remuspb.Welcome{ProtocolVersion: checkpoint.ProtocolVersion, Error: err.Error()}, nil)
+		conn.Close()
+		return
+	}
+	if err := b.Serve(ctx, conn, r, w, hello); err != nil && ctx.Err() == nil {
+		log.Warn("replication link ended", zap.String("vm", hello.VmName), zap.Error(err))
+	}
+}
+
+// backupFor finds or creates the replica a Hello asks for.
+func (d *Daemon) backupFor(h *remuspb.Hello) (*checkpoint.Backup, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if v, ok := d.vms[h.VmName]; ok {
+		switch {
+		case v.role == RoleBackup && v.backup != nil:
+			return v.backup, nil
+		case v.role == RoleActive:
+			return nil, fmt.Errorf("VM %s already took over on %s: refusing to replicate over it", h.VmName, d.cfg.Name)
+		default:
+			return nil, fmt.Errorf("VM %s runs on %s (role %s): a host cannot back up a VM it runs", h.VmName, d.cfg.Name, v.role)
+		}
+	}
+	if h.Backend != sim.BackendName {
+		return nil, fmt.Errorf("backend %q is not supported by this daemon (have: sim)", h.Backend)
+	}
+	var spec simSpec
+	if err := unmarshalStrict(h.BackendConfig, &spec); err != nil {
+		return nil, fmt.Errorf("VM %s: bad sim backend config: %w", h.VmName, err)
+	}
+	spec.Sim = spec.Sim.WithDefaults()
+	if uint64(spec.Sim.MemoryBytes) != h.MemoryBytes {
+		return nil, fmt.Errorf("VM %s: hello says %d bytes of memory, backend config %d", h.VmName, h.MemoryBytes, spec.Sim.MemoryBytes)
+	}
+	rep, err := sim.NewReplica(h.VmName, spec.Sim, d.log)
+	if err != nil {
+		return nil, fmt.Errorf("VM %s: replica: %w", h.VmName, err)
+	}
+	v := &vm{name: h.VmName, backend: sim.BackendName, role: RoleBackup, spec: spec}
+	v.audit = openAudit(d.cfg.StateDir, h.VmName, "backup", d.log)
+	v.backup = checkpoint.NewBackup(checkpoint.BackupOptions{
+		VMName:            h.VmName,
+		Replica:           rep,
+		Backend:           sim.BackendName,
+		BackendVersion:    sim.BackendVersion,
+		HeartbeatInterval: d.cfg.HeartbeatInterval.D(),
+		HeartbeatTimeout:  d.cfg.HeartbeatTimeout.D(),
+		Log:               d.log,
+		OnCommit: func(epoch uint64, dev []byte) {
+			v.audit.record(auditRecord{Event: "commit", Epoch: epoch, Sim: simInfo(dev)})
+		},
+		BeforeActivate: func(epoch uint64, mem, dev []byte) {
+			// Record what is about to run, so that it can be audited
+			// against the primary's log (the demo does).
+			v.audit.record(auditRecord{Event: "activate", Epoch: epoch, Sim: simInfo(dev),
+				MemoryXXH: transport.PageHash(mem), DeviceXXH: transport.PageHash(dev)})
+		},
+	})
+	d.vms[h.VmName] = v
+	d.log.Info("new replica", zap.String("vm", h.VmName), zap.Int64("memory_bytes", spec.Sim.MemoryBytes))
+	return v.backup, nil
+}
+
+// watchBackups reports primaries that fell silent and, when the operator
+// opted in to unsafe automatic takeover, activates their replicas.
+func (d *Daemon) watchBackups(ctx context.Context) {
+	t := time.NewTicker(d.cfg.HeartbeatInterval.D())
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		var lost []string
+		d.mu.Lock()
+		for _, v := range d.vms {
+			if v.role != RoleBackup || v.backup == nil {
+				continue
+			}
+			st := v.backup.Stats()
+			if st.Connected || st.Committed == 0 || st.Goodbye {
+				v.lostLogged = false
+				continue
+			}
+			if time.Since(st.LastHeard) < d.cfg.HeartbeatTimeout.D() {
+				continue
+			}
+			if !v.lostLogged {
+				v.lostLogged = true
+				d.log.Warn("primary lost: no heartbeat beyond timeout", zap.String("vm", v.name),
+					zap.Duration("silent", time.Since(st.LastHeard)), zap.Uint64("committed", st.Committed),
+					zap.String("takeover", d.cfg.Takeover))
+				if d.cfg.Takeover == TakeoverAutoUnsafe {
+					lost = append(lost, v.name)
+				}
+			}
+		}
+		d.mu.Unlock()
+		for _, name := range lost {
+			d.log.Warn("automatic takeover (unsafe mode: no witness)", zap.String("vm", name))
+			if err := d.Failover(ctx, name); err != nil {
+				d.log.Error("automatic takeover failed", zap.String("vm", name), zap.Error(err))
+			}
+		}
+	}
+}
+
+// Protect implements Service.
+func (d *Daemon) Protect(ctx context.Context, req ProtectRequest) error {
+	if req.Peer == "" {
+		return errors.New("protect: a peer HOST:PORT is required")
+	}
+	if _, _, err := net.SplitHostPort(req.Peer); err != nil {
+		return fmt.Errorf("protect: peer %q: %w", req.Peer, err)
+	}
+	interval := d.cfg.EpochInterval.D()
+	if req.EpochInterval != 0 {
+		interval = req.EpochInterval
+	}
+	if interval < time.Millisecond || interval > 10*time.Second {
+		return fmt.Errorf("protect: epoch interval %v out of range [1ms, 10s]", interval)
+	}
+	inflight := d.cfg.MaxInflight
+	if req.MaxInflight != 0 {
+		inflight = req.MaxInflight
+	}
+	if inflight < 1 || inflight > 64 {
+		return fmt.Errorf("protect: max inflight %d out of range [1, 64]", inflight)
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.ctx == nil {
+		return errors.New("protect: daemon is not running")
+	}
+	v, ok := d.vms[req.VM]
+	if !ok {
+		return fmt.Errorf("protect %s: %w on %s", req.VM, ErrUnknownVM, d.cfg.Name)
+	}
+	if v.role != RoleLocal && v.role != RoleActive {
+		return fmt.Errorf("protect %s: VM is already in role %s", req.VM, v.role)
+	}
+	id := newProtectionID()
+	v.audit = openAudit(d.cfg.StateDir, v.name, "primary", d.log)
+	buf := outbuf.NewMemory(0, v.sink.send)
+	dialer := &net.Dialer{Timeout: d.cfg.DialTimeout.D()}
+	p, err := checkpoint.NewPrimary(checkpoint.PrimaryOptions{
+		Guest: v.guest,
+		Out:   buf,
+		Dial: func(ctx context.Context) (net.Conn, error) {
+			return dialer.DialContext(ctx, "tcp", req.Peer)
+		},
+		ProtectionID: id,
+		Core: checkpoint.PrimaryConfig{
+			Interval:              interval,
+			MaxInflight:           inflight,
+			AckTimeout:            d.cfg.AckTimeout.D(),
+			UnprotectOnAckTimeout: d.cfg.AckTimeoutPolicy == AckTimeoutUnprotect,
+		},
+		Encoder:           transport.EncoderConfig{PageSize: hypervisor.PageSize, CachePages: d.cfg.DeltaCachePages},
+		HeartbeatInterval: d.cfg.HeartbeatInterval.D(),
+		HeartbeatTimeout:  d.cfg.HeartbeatTimeout.D(),
+		ReconnectBackoff:  d.cfg.ReconnectBackoff.D(),
+		Log:               d.log,
+		OnCapture: func(ci checkpoint.CaptureInfo) {
+			v.audit.record(auditRecord{Event: "capture", Epoch: ci.Epoch, Pages: ci.Pages, PauseMs: checkpoint.Ms(ci.Pause), Sim: simInfo(ci.DeviceState)})
+		},
+		OnAck: func(epoch uint64) {
+			v.audit.record(auditRecord{Event: "ack", Epoch: epoch})
+		},
+	})
+	if err != nil {
+		return fmt.Errorf("protect %s: %w", req.VM, err)
+	}
+	// From here on the guest's output is held per epoch.
+	v.out.Store(buf)
+	pctx, cancel := context.WithCancel(d.ctx)
+	v.role, v.peer, v.primary, v.stop, v.done = RolePrimary, req.Peer, p, cancel, make(chan struct{})
+	v.runErr.Store("")
+	d.wg.Add(1)
+	go func() {
+		defer d.wg.Done()
+		defer close(v.done)
+		if err := p.Run(pctx); err != nil {
+			v.runErr.Store(err.Error())
+			d.log.Error("protection failed: holding output", zap.String("vm", v.name), zap.Error(err))
+		}
+	}()
+	d.log.Info("protecting", zap.String("vm", v.name), zap.String("peer", req.Peer), zap.String("protection_id", id),
+		zap.Duration("epoch_interval", interval), zap.Int("max_inflight", inflight))
+	return nil
+}
+
+// Unprotect implements Service.
+func (d *Daemon) Unprotect(ctx context.Context, name string) error {
+	d.mu.Lock()
+	v, ok := d.vms[name]
+	if !ok {
+		d.mu.Unlock()
+		return fmt.Errorf("unprotect %s: %w on %s", name, ErrUnknownVM, d.cfg.Name)
+	}
+	if v.role != RolePrimary {
+		d.mu.Unlock()
+		return fmt.Errorf("unprotect %s: VM is not protected here (role %s)", name, v.role)
+	}
+	p, stop, done := v.primary, v.stop, v.done
+	d.mu.Unlock()
+	p.StopWithGoodbye()
+	stop()
+	select {
+	case <-done:
+	case <-ctx.Done():
+		return fmt.Errorf("unprotect %s: %w", name, ctx.Err())
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	// The primary keeps running, so its held output is legitimate: let it go.
+	if err := v.out.Load().ReleaseAll(); err != nil {
+		return fmt.Errorf("unprotect %s: release output: %w", name, err)
+	}
+	v.role, v.primary, v.stop, v.done = RoleLocal, nil, nil, nil
+	d.log.Info("unprotected", zap.String("vm", name))
+	return nil
+}
+
+// Failover implements Service: the replica of name takes over here.
+func (d *Daemon) Failover(ctx context.Context, name string) error {
+	d.mu.Lock()
+	v, ok := d.vms[name]
+	if !ok {
+		d.mu.Unlock()
+		return fmt.Errorf("failover %s: %w on %s", name, ErrUnknownVM, d.cfg.Name)
+	}
+	if v.role != RoleBackup || v.backup == nil {
+		d.mu.Unlock()
+		return fmt.Errorf("failover %s: this host holds no replica of it (role %s); run failover on the backup host", name, v.role)
+	}
+	b := v.backup
+	d.mu.Unlock()
+	start := time.Now()
+	g, err := b.Activate(ctx)
+	if err != nil {
+		return fmt.Errorf("failover %s: %w", name, err)
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	v.guest = g
+	v.role = RoleActive
+	v.activatedAt = time.Now()
+	v.activation = time.Since(start)
+	v.sink = newOutputSink(v.spec.Output, d.cfg.Name, name, d.log)
+	v.setPassThrough()
+	if sg, ok := g.(*sim.Guest); ok {
+		sg.SetOutput(v.emit)
+		v.guest = &simGuest{Guest: sg, spec: v.spec}
+	}
+	d.log.Warn("VM took over on this host", zap.String("vm", name), zap.Uint64("epoch", b.Committed()), zap.Duration("activation", v.activation))
+	return nil
+}
+
+// Status implements Service.
+func (d *Daemon) Status(ctx context.Context) ([]VMStatus, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	out := make([]VMStatus, 0, len(d.vms))
+	for _, v := range d.vms {
+		out = append(out, d.statusOf(v))
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].VM < out[j].VM })
+	return out, nil
+}
+
+func (d *Daemon) statusOf(v *vm) VMStatus {
+	s := VMStatus{VM: v.name, Role: v.role, Backend: v.backend, Link: LinkNone, Peer: v.peer}
+	if o := v.out.Load(); o != nil && v.role != RoleBackup {
+		st := o.Stats()
+		s.OutBuf = o.Kind()
+		s.OutputHeld, s.OutputReleased, s.OutputDropped = st.HeldPackets, st.ReleasedPackets, st.DroppedPackets
+	}
+	if sg, ok := v.guest.(*simGuest); ok {
+		s.GuestOps, s.GuestOutputSeq = sg.Ops(), sg.OutputSeq()
+	}
+	switch {
+	case v.primary != nil:
+		p := v.primary.Stats()
+		s.Link = p.Link
+		s.Epoch, s.AckedEpoch, s.EpochsCommitted = p.Epoch, p.Acked, p.EpochsCommitted
+		s.PauseMsLast, s.PauseMsP50, s.PauseMsP99 = checkpoint.Ms(p.PauseLast), checkpoint.Ms(p.PauseP50), checkpoint.Ms(p.PauseP99)
+		s.AckMsLast, s.AckMsP50, s.AckMsP99 = checkpoint.Ms(p.AckLast), checkpoint.Ms(p.AckP50), checkpoint.Ms(p.AckP99)
+		s.DirtyPagesLast, s.PagesSent, s.BytesSent, s.RawBytes = p.DirtyPagesLast, p.PagesSent, p.BytesSent, p.RawBytes
+		if p.BytesSent > 0 {
+			s.CompressionRatio = float64(p.RawBytes) / float64(p.BytesSent)
+		}
+		s.Reconnects, s.HeartbeatAgeMs, s.LastError = p.Reconnects, checkpoint.Ms(p.HeartbeatAge), p.LastError
+		if p.Unprotected {
+			s.OutBuf += " (released: unprotected)"
+		}
+		if e, _ := v.runErr.Load().(string); e != "" {
+			s.LastError = e
+		}
+	case v.backup != nil:
+		b := v.backup.Stats()
+		s.Epoch, s.AckedEpoch, s.EpochsCommitted = b.Committed, b.Committed, b.EpochsCommitted
+		s.PagesSent, s.BytesSent = b.PagesReceived, b.BytesReceived
+		s.TornEpochsDiscarded, s.LastError = b.TornEpochsDiscarded, b.LastError
+		if !b.LastHeard.IsZero() {
+			s.HeartbeatAgeMs = checkpoint.Ms(time.Since(b.LastHeard))
+		}
+		switch {
+		case v.role == RoleActive:
+			s.Link = LinkClosed
+			s.ActivatedAtUnixMs = v.activatedAt.UnixMilli()
+			s.ActivationMs = checkpoint.Ms(v.activation)
+		case b.Connected:
+			s.Link = LinkUp
+		case b.Goodbye:
+			s.Link = LinkClosed
+		case time.Since(b.LastHeard) >= d.cfg.HeartbeatTimeout.D():
+			s.Link = LinkLost
+		default:
+			s.Link = LinkConnecting
+		}
+	}
+	return s
+}
+
+func newProtectionID() string {
+	var b [8]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}

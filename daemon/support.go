@@ -1,0 +1,183 @@
+package daemon
+
+import (
+	"bytes"
+	"encoding/binary"
+	"encoding/json"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/remusd/remusd/hypervisor/sim"
+)
+
+func mustJSON(v any) []byte {
+	b, err := json.Marshal(v)
+	if err != nil {
+		panic(fmt.Sprintf("daemon: marshal %T: %v", v, err))
+	}
+	return b
+}
+
+func unmarshalStrict(b []byte, v any) error {
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.DisallowUnknownFields()
+	return dec.Decode(v)
+}
+
+// SimState is what the audit log records of a sim guest's device state.
+type SimState struct {
+	Ops       uint64 `json:"ops"`
+	OutputSeq uint64 `json:"output_seq"`
+}
+
+func simInfo(dev []byte) *SimState {
+	info, err := sim.DecodeDeviceState(dev)
+	if err != nil {
+		return nil
+	}
+	return &SimState{Ops: info.Ops, OutputSeq: info.OutputSeq}
+}
+
+// auditRecord is one line of a VM's audit log (StateDir/VM.ROLE.log).
+type auditRecord struct {
+	Event   string    `json:"event"` // capture, ack (primary); commit, activate (backup)
+	Epoch   uint64    `json:"epoch"`
+	Pages   int       `json:"pages,omitempty"`
+	PauseMs float64   `json:"pause_ms,omitempty"`
+	Sim     *SimState `json:"sim,omitempty"`
+	// MemoryXXH and DeviceXXH are xxhash64 of the whole replica memory and
+	// device state at activation.
+	MemoryXXH uint64 `json:"memory_xxh,omitempty"`
+	DeviceXXH uint64 `json:"device_xxh,omitempty"`
+	UnixNs    int64  `json:"unix_ns"`
+}
+
+// auditLog appends JSON lines, one write(2) each, so that a line is on
+// disk (in the page cache) even if the process is killed right after.
+type auditLog struct {
+	mu  sync.Mutex
+	f   *os.File
+	log *zap.Logger
+}
+
+// AuditPath is where a VM's audit log for a role lives.
+func AuditPath(stateDir, vm, role string) string {
+	return filepath.Join(stateDir, vm+"."+role+".log")
+}
+
+func openAudit(stateDir, vm, role string, log *zap.Logger) *auditLog {
+	f, err := os.OpenFile(AuditPath(stateDir, vm, role), os.O_CREATE|os.O_WRONLY|os.O_TRUNC|os.O_APPEND, 0o600)
+	if err != nil {
+		log.Error("audit log unavailable", zap.Error(err))
+		return &auditLog{log: log}
+	}
+	return &auditLog{f: f, log: log}
+}
+
+func (a *auditLog) record(r auditRecord) {
+	if a == nil || a.f == nil {
+		return
+	}
+	r.UnixNs = time.Now().UnixNano()
+	b := append(mustJSON(r), '\n')
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if _, err := a.f.Write(b); err != nil {
+		a.log.Warn("audit log write failed", zap.Error(err))
+	}
+}
+
+func (a *auditLog) close() {
+	if a != nil && a.f != nil {
+		a.f.Close()
+	}
+}
+
+// OutputMagic starts every output stream a daemon sends to a sim VM's
+// output address: "REMUSD-OUTPUT <host> <vm>\n", then records of
+// [epoch u64 BE][length u32 BE][message].
+const OutputMagic = "REMUSD-OUTPUT"
+
+// outputSink carries a sim guest's released output to its output address,
+// standing in for the network. It never blocks the guest: beyond its
+// queue, messages are dropped (as a congested network would).
+type outputSink struct {
+	addr, host, vm string
+	log            *zap.Logger
+	ch             chan []byte
+	done           chan struct{}
+	once           sync.Once
+	dropped        atomic.Uint64
+}
+
+func newOutputSink(addr, host, vm string, log *zap.Logger) *outputSink {
+	s := &outputSink{addr: addr, host: host, vm: vm, log: log, ch: make(chan []byte, 1<<14), done: make(chan struct{})}
+	if addr != "" {
+		go s.run()
+	}
+	return s
+}
+
+func (s *outputSink) send(epoch uint64, msg []byte) {
+	if s.addr == "" {
+		return
+	}
+	rec := make([]byte, 12+len(msg))
+	binary.BigEndian.PutUint64(rec, epoch)
+	binary.BigEndian.PutUint32(rec[8:], uint32(len(msg)))
+	copy(rec[12:], msg)
+	select {
+	case s.ch <- rec:
+	default:
+		s.dropped.Add(1)
+	}
+}
+
+func (s *outputSink) run() {
+	var conn net.Conn
+	defer func() {
+		if conn != nil {
+			conn.Close()
+		}
+	}()
+	for {
+		var rec []byte
+		select {
+		case <-s.done:
+			return
+		case rec = <-s.ch:
+		}
+		for conn == nil {
+			c, err := net.DialTimeout("tcp", s.addr, time.Second)
+			if err == nil {
+				_ = c.SetWriteDeadline(time.Now().Add(2 * time.Second))
+				if _, err = fmt.Fprintf(c, "%s %s %s\n", OutputMagic, s.host, s.vm); err == nil {
+					conn = c
+					break
+				}
+				c.Close()
+			}
+			s.log.Debug("output sink unreachable", zap.String("addr", s.addr), zap.Error(err))
+			select {
+			case <-s.done:
+				return
+			case <-time.After(100 * time.Millisecond):
+			}
+		}
+		_ = conn.SetWriteDeadline(time.Now().Add(2 * time.Second))
+		if _, err := conn.Write(rec); err != nil {
+			s.dropped.Add(1)
+			conn.Close()
+			conn = nil
+		}
+	}
+}
+
+func (s *outputSink) close() { s.once.Do(func() { close(s.done) }) }
