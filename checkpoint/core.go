@@ -266,6 +266,7 @@ func (c *PrimaryCore) LinkDown(now time.Time) {
 // a plain continuation, a resync of unacked epochs, and a full sync.
 func (c *PrimaryCore) LinkUp(committed uint64, now time.Time) ([]Action, error) {
 	last := c.next - 1
+	prevAcked := c.acked
 	if c.unprotected {
 		// Output ran free and unacked epochs were forgotten: rebuild the
 		// replica from scratch.
@@ -289,7 +290,7 @@ func (c *PrimaryCore) LinkUp(committed uint64, now time.Time) ([]Action, error) 
 		}
 	}
 	var acts []Action
-	if committed > 0 && committed == c.acked && !c.needFull {
+	if committed > prevAcked && !c.needFull {
 		acts = append(acts, Action{Kind: ActRelease, Epoch: committed})
 	}
 	if !c.needFull {

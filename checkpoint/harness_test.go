@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"runtime/pprof"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -173,7 +174,9 @@ func (p *pair) waitAcked(n uint64, within time.Duration) {
 		}
 		time.Sleep(2 * time.Millisecond)
 	}
-	p.t.Fatalf("no ack of epoch %d within %v (acked %d, backup committed %d, stats %+v)", n, within, p.acked, p.backup.Committed(), p.primary.Stats())
+	var buf bytes.Buffer
+	_ = pprof.Lookup("goroutine").WriteTo(&buf, 1)
+	p.t.Fatalf("no ack of epoch %d within %v (acked %d, backup committed %d, stats %+v)\n%s", n, within, p.acked, p.backup.Committed(), p.primary.Stats(), buf.String())
 }
 
 // checkReplica verifies invariants 2 and 4 after the primary stopped: the

@@ -19,6 +19,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/remusd/remusd/checkpoint"
+	"github.com/remusd/remusd/failover"
 	"github.com/remusd/remusd/hypervisor"
 	"github.com/remusd/remusd/hypervisor/sim"
 	"github.com/remusd/remusd/outbuf"
@@ -62,7 +63,7 @@ type vm struct {
 
 	// backup role
 	backup      *checkpoint.Backup
-	lostLogged  bool
+	detector    *failover.Detector
 	activatedAt time.Time
 	activation  time.Duration
 
@@ -263,7 +264,12 @@ func (d *Daemon) backupFor(h *remuspb.Hello) (*checkpoint.Backup, error) {
 	if err != nil {
 		return nil, fmt.Errorf("VM %s: replica: %w", h.VmName, err)
 	}
-	v := &vm{name: h.VmName, backend: sim.BackendName, role: RoleBackup, spec: spec}
+	policy := failover.Manual
+	if d.cfg.Takeover == TakeoverAutoUnsafe {
+		policy = failover.AutoUnsafe
+	}
+	v := &vm{name: h.VmName, backend: sim.BackendName, role: RoleBackup, spec: spec,
+		detector: &failover.Detector{Timeout: d.cfg.HeartbeatTimeout.D(), Policy: policy}}
 	v.audit = openAudit(d.cfg.StateDir, h.VmName, "backup", d.log)
 	v.backup = checkpoint.NewBackup(checkpoint.BackupOptions{
 		VMName:            h.VmName,
@@ -301,26 +307,21 @@ func (d *Daemon) watchBackups(ctx context.Context) {
 		}
 		var lost []string
 		d.mu.Lock()
+		now := time.Now()
 		for _, v := range d.vms {
 			if v.role != RoleBackup || v.backup == nil {
 				continue
 			}
 			st := v.backup.Stats()
-			if st.Connected || st.Committed == 0 || st.Goodbye {
-				v.lostLogged = false
+			dec := v.detector.Evaluate(observe(st), now)
+			if !dec.NewlyLost {
 				continue
 			}
-			if time.Since(st.LastHeard) < d.cfg.HeartbeatTimeout.D() {
-				continue
-			}
-			if !v.lostLogged {
-				v.lostLogged = true
-				d.log.Warn("primary lost: no heartbeat beyond timeout", zap.String("vm", v.name),
-					zap.Duration("silent", time.Since(st.LastHeard)), zap.Uint64("committed", st.Committed),
-					zap.String("takeover", d.cfg.Takeover))
-				if d.cfg.Takeover == TakeoverAutoUnsafe {
-					lost = append(lost, v.name)
-				}
+			d.log.Warn("primary lost: no heartbeat beyond timeout", zap.String("vm", v.name),
+				zap.Duration("silent", now.Sub(st.LastHeard)), zap.Uint64("committed", st.Committed),
+				zap.String("takeover", d.cfg.Takeover))
+			if dec.TakeOver {
+				lost = append(lost, v.name)
 			}
 		}
 		d.mu.Unlock()
@@ -533,22 +534,22 @@ func (d *Daemon) statusOf(v *vm) VMStatus {
 		if !b.LastHeard.IsZero() {
 			s.HeartbeatAgeMs = checkpoint.Ms(time.Since(b.LastHeard))
 		}
-		switch {
-		case v.role == RoleActive:
+		if v.role == RoleActive {
 			s.Link = LinkClosed
 			s.ActivatedAtUnixMs = v.activatedAt.UnixMilli()
 			s.ActivationMs = checkpoint.Ms(v.activation)
-		case b.Connected:
-			s.Link = LinkUp
-		case b.Goodbye:
-			s.Link = LinkClosed
-		case time.Since(b.LastHeard) >= d.cfg.HeartbeatTimeout.D():
-			s.Link = LinkLost
-		default:
-			s.Link = LinkConnecting
+		} else {
+			// A fresh detector: status must not consume the watcher's
+			// one-time loss report.
+			det := failover.Detector{Timeout: d.cfg.HeartbeatTimeout.D()}
+			s.Link = det.Evaluate(observe(b), time.Now()).State.String()
 		}
 	}
 	return s
+}
+
+func observe(st checkpoint.BackupStats) failover.Observation {
+	return failover.Observation{Connected: st.Connected, LastHeard: st.LastHeard, Committed: st.Committed, Goodbye: st.Goodbye}
 }
 
 func newProtectionID() string {

@@ -1,0 +1,56 @@
+package failover
+
+import (
+	"testing"
+	"time"
+)
+
+func TestDetector(t *testing.T) {
+	t0 := time.Unix(100, 0)
+	ms := func(n int) time.Time { return t0.Add(time.Duration(n) * time.Millisecond) }
+	steps := []struct {
+		o        Observation
+		now      time.Time
+		want     State
+		newly    bool
+		takeOver bool
+	}{
+		{Observation{}, ms(0), Never, false, false},
+		{Observation{Connected: true, LastHeard: ms(0), Committed: 1}, ms(10), Up, false, false},
+		{Observation{LastHeard: ms(10), Committed: 5}, ms(500), Waiting, false, false},
+		{Observation{LastHeard: ms(10), Committed: 5}, ms(1010), Lost, true, true},
+		{Observation{LastHeard: ms(10), Committed: 5}, ms(2000), Lost, false, false}, // reported once
+		{Observation{Connected: true, LastHeard: ms(2100), Committed: 6}, ms(2100), Up, false, false},
+		{Observation{LastHeard: ms(2100), Committed: 6}, ms(3200), Lost, true, true}, // lost again
+		{Observation{LastHeard: ms(2100), Committed: 6, Goodbye: true}, ms(9000), Ended, false, false},
+	}
+	d := &Detector{Timeout: time.Second, Policy: AutoUnsafe}
+	for i, s := range steps {
+		got := d.Evaluate(s.o, s.now)
+		if got.State != s.want || got.NewlyLost != s.newly || got.TakeOver != s.takeOver {
+			t.Fatalf("step %d: got %+v (%v), want state %v newly %v takeover %v", i, got, got.State, s.want, s.newly, s.takeOver)
+		}
+	}
+}
+
+func TestDetectorManualNeverTakesOver(t *testing.T) {
+	d := &Detector{Timeout: time.Second, Policy: Manual}
+	o := Observation{LastHeard: time.Unix(0, 0), Committed: 9}
+	for i := 0; i < 5; i++ {
+		got := d.Evaluate(o, time.Unix(int64(10+i), 0))
+		if got.State != Lost || got.TakeOver {
+			t.Fatalf("manual policy: %+v", got)
+		}
+		if got.NewlyLost != (i == 0) {
+			t.Fatalf("loss reported %v at evaluation %d", got.NewlyLost, i)
+		}
+	}
+}
+
+func TestDetectorSilenceBeforeTimeoutIsNotLoss(t *testing.T) {
+	d := &Detector{Timeout: time.Second, Policy: AutoUnsafe}
+	o := Observation{LastHeard: time.Unix(0, 0), Committed: 1}
+	if got := d.Evaluate(o, time.Unix(0, int64(999*time.Millisecond))); got.State != Waiting || got.TakeOver {
+		t.Fatalf("%+v", got)
+	}
+}
