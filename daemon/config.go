@@ -60,7 +60,8 @@ type Config struct {
 	Control string `json:"control"`
 	// Metrics is the address of the Prometheus /metrics endpoint ("" = off).
 	Metrics string `json:"metrics"`
-	// StateDir holds per-VM logs (acknowledged epochs, activation dumps).
+	// StateDir holds per-VM audit logs (captured, acknowledged, committed
+	// and activated epochs).
 	StateDir string `json:"state_dir"`
 
 	EpochInterval Duration `json:"epoch_interval"`

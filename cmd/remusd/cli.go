@@ -556,7 +556,7 @@ func runServe(ctx context.Context, c *command, args []string, stdout, stderr io.
 	listen := fs.String("listen", def.Listen, "replication `ADDR` peers connect to (empty = accept no replicas)")
 	control := fs.String("control", def.Control, "`PATH` of the control socket (env "+envControl+")")
 	metrics := fs.String("metrics", def.Metrics, "serve Prometheus /metrics on `ADDR` (empty = off)")
-	stateDir := fs.String("state-dir", def.StateDir, "`DIR` for per-VM state (acknowledged epochs, activation dumps)")
+	stateDir := fs.String("state-dir", def.StateDir, "`DIR` for per-VM audit logs (captured, acknowledged, committed, activated epochs)")
 	name := fs.String("name", def.Name, "`NAME` of this host in logs and status")
 	epochInterval := fs.Duration("epoch-interval", def.EpochInterval.D(), "checkpoint every `D`")
 	maxInflight := fs.Int("max-inflight", def.MaxInflight, "`N` epochs may await acknowledgement at once")
