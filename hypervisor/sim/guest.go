@@ -78,13 +78,13 @@ type Guest struct {
 
 // New creates a guest with deterministic initial memory and starts its
 // workload running. cfg is defaulted and validated. log may be nil.
-func New(name string, cfg Config, log *zap.Logger) (*Guest, error) {
+func New(name string, cfg Config, log *zap.Logger, opts ...Option) (*Guest, error) {
 	cfg = cfg.WithDefaults()
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
 	m := newMachine(cfg)
-	g := start(name, cfg, m, log, false)
+	g := start(name, cfg, m, log, false, opts)
 	g.log.Info("sim guest started", zap.Int64("memory_bytes", cfg.MemoryBytes),
 		zap.String("workload", cfg.Workload), zap.Int("rate", cfg.Rate), zap.Uint64("seed", cfg.Seed))
 	return g, nil
@@ -95,13 +95,22 @@ func New(name string, cfg Config, log *zap.Logger) (*Guest, error) {
 // PRNG, output sequence and sequential cursor exactly where the state was
 // saved. Restore takes ownership of mem (no copy: failover must be fast);
 // the caller must not use it afterwards except through the guest.
-func Restore(name string, cfg Config, mem []byte, devState []byte, log *zap.Logger) (*Guest, error) {
-	return restore(name, cfg, mem, devState, log, false)
+func Restore(name string, cfg Config, mem []byte, devState []byte, log *zap.Logger, opts ...Option) (*Guest, error) {
+	return restore(name, cfg, mem, devState, log, false, opts...)
+}
+
+// Option configures a guest before its first op.
+type Option func(*Guest)
+
+// WithOutput installs the output callback before the workload starts, so
+// that no message is emitted before it is in place (see SetOutput).
+func WithOutput(fn func(seq uint64, msg []byte)) Option {
+	return func(g *Guest) { g.SetOutput(fn) }
 }
 
 // restore is Restore, optionally starting paused (so that tests can install
 // an output callback before the first op).
-func restore(name string, cfg Config, mem []byte, devState []byte, log *zap.Logger, paused bool) (*Guest, error) {
+func restore(name string, cfg Config, mem []byte, devState []byte, log *zap.Logger, paused bool, opts ...Option) (*Guest, error) {
 	cfg = cfg.WithDefaults()
 	if err := cfg.Validate(); err != nil {
 		return nil, err
@@ -118,14 +127,14 @@ func restore(name string, cfg Config, mem []byte, devState []byte, log *zap.Logg
 	}
 	m := newMachineWith(cfg, mem)
 	m.ops, m.rng, m.outSeq, m.cursor = info.Ops, info.RNG, info.OutputSeq, info.Cursor
-	g := start(name, cfg, m, log, paused)
+	g := start(name, cfg, m, log, paused, opts)
 	g.log.Info("sim guest restored", zap.Uint64("ops", info.Ops), zap.Uint64("output_seq", info.OutputSeq))
 	return g, nil
 }
 
 // start wraps m in a Guest and starts its workload goroutine, paused if
 // asked.
-func start(name string, cfg Config, m *machine, log *zap.Logger, paused bool) *Guest {
+func start(name string, cfg Config, m *machine, log *zap.Logger, paused bool, opts []Option) *Guest {
 	if log == nil {
 		log = zap.NewNop()
 	}
@@ -143,6 +152,9 @@ func start(name string, cfg Config, m *machine, log *zap.Logger, paused bool) *G
 	if paused {
 		g.run <- struct{}{}
 		g.paused = true
+	}
+	for _, o := range opts {
+		o(g)
 	}
 	if cfg.rate() > 0 && m.workload != wlIdle {
 		g.wg.Add(1)

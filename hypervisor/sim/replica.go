@@ -24,6 +24,15 @@ type Replica struct {
 	state     []byte // nil until the first commit
 	activated bool
 	closed    bool
+	output    func(seq uint64, msg []byte)
+}
+
+// SetOutput sets the output callback the activated guest starts with, so
+// that its first message is not lost.
+func (r *Replica) SetOutput(fn func(seq uint64, msg []byte)) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.output = fn
 }
 
 // NewReplica allocates (and pre-faults) zeroed memory for cfg. log may be nil.
@@ -101,7 +110,7 @@ func (r *Replica) Activate(ctx context.Context) (hypervisor.Guest, error) {
 	if r.state == nil {
 		return nil, fmt.Errorf("sim: replica %q: activate: no device state committed", r.name)
 	}
-	g, err := Restore(r.name, r.cfg, r.mem, r.state, r.log)
+	g, err := Restore(r.name, r.cfg, r.mem, r.state, r.log, WithOutput(r.output))
 	if err != nil {
 		return nil, fmt.Errorf("sim: replica %q: activate epoch %d: %w", r.name, r.epoch, err)
 	}

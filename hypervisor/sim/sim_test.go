@@ -20,9 +20,9 @@ func testConfig(wl string) Config {
 	return Config{MemoryBytes: 1 << 20, Workload: wl, Rate: 200000, Seed: 42, OutputEvery: 16}
 }
 
-func newGuest(t *testing.T, cfg Config) *Guest {
+func newGuest(t *testing.T, cfg Config, opts ...Option) *Guest {
 	t.Helper()
-	g, err := New("vm-"+cfg.Workload, cfg, nil)
+	g, err := New("vm-"+cfg.Workload, cfg, nil, opts...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -301,12 +301,11 @@ func TestRestoreErrors(t *testing.T) {
 
 func TestOutput(t *testing.T) {
 	cfg := testConfig("uniform")
-	g := newGuest(t, cfg)
 	var mu sync.Mutex
 	var last uint64
 	var count int
 	var bad error
-	g.SetOutput(func(seq uint64, msg []byte) {
+	g := newGuest(t, cfg, WithOutput(func(seq uint64, msg []byte) {
 		mu.Lock()
 		defer mu.Unlock()
 		if seq <= last || len(msg) != 16 || binary.LittleEndian.Uint64(msg) != seq {
@@ -314,7 +313,7 @@ func TestOutput(t *testing.T) {
 		}
 		last = seq
 		count++
-	})
+	}))
 	waitOps(t, g, uint64(cfg.OutputEvery)*20)
 	pause(t, g)
 	mu.Lock()
