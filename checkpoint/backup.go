@@ -169,23 +169,25 @@ func (b *Backup) Serve(ctx context.Context, conn net.Conn, r *transport.Reader, 
 		_ = w.WriteFrame(transport.KindWelcome, &remuspb.Welcome{ProtocolVersion: ProtocolVersion, Error: msg}, nil)
 		return fmt.Errorf("%w: refused primary: %s", ErrProtocol, msg)
 	}
+	// A link of another protection (the VM was protected anew) starts
+	// from nothing: a full epoch must come first. Until it is applied, the
+	// replica keeps its last committed epoch, so a stray or lying peer
+	// cannot make it unusable for failover.
+	sess := b.core
 	if hello.ProtectionId != b.protectionID {
-		// A new protection: the replica must be rebuilt by a full epoch.
-		b.protectionID = hello.ProtectionId
-		b.core = NewBackupCore(0)
-		b.committedA.Store(0)
+		sess = NewBackupCore(0)
 	}
 	b.conn = conn
 	b.stats.LastHeard = b.o.Now()
 	b.stats.Goodbye = false
-	committed := b.core.Committed()
+	committed := sess.Committed()
 	b.mu.Unlock()
 	defer func() {
 		b.mu.Lock()
 		if b.conn == conn {
 			b.conn = nil
 		}
-		if b.core.Discard() {
+		if sess.Discard() {
 			b.stats.TornEpochsDiscarded++
 			b.log.Warn("discarded torn epoch", zap.Uint64("committed", b.core.Committed()))
 		}
@@ -210,7 +212,7 @@ func (b *Backup) Serve(ctx context.Context, conn net.Conn, r *transport.Reader, 
 		conn.Close()
 	}()
 
-	err := b.receive(conn, r, w)
+	err := b.receive(conn, r, w, sess, hello.ProtectionId)
 	if err != nil {
 		b.mu.Lock()
 		b.stats.LastError = err.Error()
@@ -222,7 +224,7 @@ func (b *Backup) Serve(ctx context.Context, conn net.Conn, r *transport.Reader, 
 	return err
 }
 
-func (b *Backup) receive(conn net.Conn, r *transport.Reader, w *transport.Writer) error {
+func (b *Backup) receive(conn net.Conn, r *transport.Reader, w *transport.Writer, sess *BackupCore, protectionID string) error {
 	mem := b.o.Replica.Memory()
 	n := b.o.Replica.NumPages()
 	base := func(pfn uint64) []byte {
@@ -247,7 +249,7 @@ func (b *Backup) receive(conn net.Conn, r *transport.Reader, w *transport.Writer
 		switch h := f.Header.(type) {
 		case *remuspb.Heartbeat:
 		case *remuspb.EpochBegin:
-			if err := b.core.Begin(h.Epoch, h.BaseEpoch, h.PageCount, h.Full, n); err != nil {
+			if err := sess.Begin(h.Epoch, h.BaseEpoch, h.PageCount, h.Full, n); err != nil {
 				return err
 			}
 			need := int(h.PageCount) * hypervisor.PageSize
@@ -257,7 +259,7 @@ func (b *Backup) receive(conn net.Conn, r *transport.Reader, w *transport.Writer
 			b.pages = b.pages[:need]
 			b.pfns, b.hashes, b.lastPfn = b.pfns[:0], b.hashes[:0], -1
 		case *remuspb.PageBatch:
-			if err := b.core.Batch(h.Epoch, h.FirstIndex, len(h.Pfns)); err != nil {
+			if err := sess.Batch(h.Epoch, h.FirstIndex, len(h.Pfns)); err != nil {
 				return err
 			}
 			if len(h.Pfns) > 0 && int64(h.Pfns[0]) <= b.lastPfn {
@@ -273,7 +275,7 @@ func (b *Backup) receive(conn net.Conn, r *transport.Reader, w *transport.Writer
 				b.lastPfn = int64(h.Pfns[len(h.Pfns)-1])
 			}
 		case *remuspb.DeviceState:
-			if err := b.core.DeviceState(h.Epoch); err != nil {
+			if err := sess.DeviceState(h.Epoch); err != nil {
 				return err
 			}
 			if len(f.Payload) > b.o.Limits.MaxDeviceState {
@@ -289,10 +291,10 @@ func (b *Backup) receive(conn net.Conn, r *transport.Reader, w *transport.Writer
 				d.AddPage(pfn, b.hashes[i])
 			}
 			ok := d.Sum(b.dev) == h.Digest
-			if err := b.core.End(h.Epoch, h.PageCount, ok); err != nil {
+			if err := sess.End(h.Epoch, h.PageCount, ok); err != nil {
 				return err
 			}
-			if err := b.apply(h.Epoch, mem); err != nil {
+			if err := b.apply(h.Epoch, mem, sess, protectionID); err != nil {
 				return err
 			}
 			if b.o.OnCommit != nil {
@@ -314,25 +316,25 @@ func (b *Backup) receive(conn net.Conn, r *transport.Reader, w *transport.Writer
 }
 
 // apply writes the staged, verified epoch into the replica. Activation
-// cannot observe a half-applied epoch: both hold b.mu.
-func (b *Backup) apply(epoch uint64, mem []byte) error {
+// cannot observe a half-applied epoch: both hold b.mu. The device state is
+// committed first: a state the replica refuses leaves it untouched at its
+// last committed epoch.
+func (b *Backup) apply(epoch uint64, mem []byte, sess *BackupCore, protectionID string) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.activated {
 		return ErrActivated
 	}
+	if err := b.o.Replica.CommitDeviceState(epoch, b.dev); err != nil {
+		return fmt.Errorf("%w: epoch %d: replica refused its device state: %w", ErrProtocol, epoch, err)
+	}
 	for i, pfn := range b.pfns {
 		o := int(pfn) * hypervisor.PageSize
 		copy(mem[o:o+hypervisor.PageSize], b.pages[i*hypervisor.PageSize:(i+1)*hypervisor.PageSize])
 	}
-	if err := b.o.Replica.CommitDeviceState(epoch, b.dev); err != nil {
-		// The RAM is already written: this replica can no longer be trusted
-		// to match any epoch. Force a full resync.
-		b.core = NewBackupCore(0)
-		b.committedA.Store(0)
-		return fmt.Errorf("epoch %d: commit device state: %w", epoch, err)
-	}
-	c := b.core.Applied()
+	c := sess.Applied()
+	// The first epoch applied for a new protection makes it the replica's.
+	b.core, b.protectionID = sess, protectionID
 	b.committedA.Store(c)
 	b.committedDev = append(b.committedDev[:0], b.dev...)
 	b.stats.EpochsCommitted++

@@ -125,6 +125,8 @@ type PrimaryCore struct {
 	unacked []epochState
 
 	linkUp      bool
+	linkUpAt    time.Time
+	progressAt  time.Time // last time the link made progress (a frame written)
 	linkDownAt  time.Time
 	needFull    bool   // next checkpoint must carry every page
 	needResync  bool   // next checkpoint must include unacked epochs' pages
@@ -250,6 +252,15 @@ func (c *PrimaryCore) Ack(epoch uint64, now time.Time) ([]Action, error) {
 	return append(acts, c.Tick(now)...), nil
 }
 
+// Progress reports that the link moved data at time t (e.g. a frame was
+// written). A big epoch that is still streaming is not a stalled backup:
+// the ack timeout counts from the last progress.
+func (c *PrimaryCore) Progress(t time.Time) {
+	if t.After(c.progressAt) {
+		c.progressAt = t
+	}
+}
+
 // LinkDown reports that the link to the backup broke.
 func (c *PrimaryCore) LinkDown(now time.Time) {
 	if c.linkUp {
@@ -301,6 +312,7 @@ func (c *PrimaryCore) LinkUp(committed uint64, now time.Time) ([]Action, error) 
 	// they stay in unacked (their output is released when the resync
 	// epoch, which includes their pages, is acked).
 	c.linkUp = true
+	c.linkUpAt = now
 	if !c.capturing {
 		acts = append(acts, c.startCheckpoint(now))
 	}
@@ -319,7 +331,15 @@ func (c *PrimaryCore) checkAckTimeout(now time.Time) ([]Action, bool) {
 			return nil, false // never protected yet: nothing is held for long
 		}
 	case len(c.unacked) > 0:
+		// A new link gets a whole timeout to deliver, even for epochs
+		// captured before it: otherwise an old epoch would drop every new
+		// link at once.
 		since = c.unacked[0].capturedAt
+		for _, t := range []time.Time{c.linkUpAt, c.progressAt} {
+			if t.After(since) {
+				since = t
+			}
+		}
 	default:
 		return nil, false
 	}

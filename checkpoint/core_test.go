@@ -187,6 +187,27 @@ func TestPrimaryCoreAckTimeoutHold(t *testing.T) {
 	}
 }
 
+// A link that comes back after a long outage gets a whole ack timeout,
+// even though its unacked epochs are older than that.
+func TestPrimaryCoreAckTimeoutFreshLink(t *testing.T) {
+	c := NewPrimaryCore(PrimaryConfig{Interval: 10 * time.Millisecond, MaxInflight: 1, AckTimeout: 100 * time.Millisecond}, at(0))
+	_, _ = c.LinkUp(0, at(0))
+	_, _ = c.CheckpointDone(1, at(1))
+	_, _ = c.Ack(1, at(2))
+	_ = c.Tick(at(10))
+	_, _ = c.CheckpointDone(2, at(11))
+	c.LinkDown(at(12))
+	acts, err := c.LinkUp(1, at(500))
+	mustActs(t, acts, err, "checkpoint(3 base=1 resync=2..2)")
+	_, _ = c.CheckpointDone(3, at(501))
+	if acts := c.Tick(at(550)); len(acts) != 0 {
+		t.Fatalf("fresh link dropped at once: %v", kinds(acts))
+	}
+	if acts := c.Tick(at(601)); kinds(acts) != "drop-link(0 ack timeout: holding output)" {
+		t.Fatalf("got %q", kinds(acts))
+	}
+}
+
 func TestPrimaryCoreAckTimeoutUnprotect(t *testing.T) {
 	c := NewPrimaryCore(PrimaryConfig{Interval: 10 * time.Millisecond, MaxInflight: 1, AckTimeout: 100 * time.Millisecond, UnprotectOnAckTimeout: true}, at(0))
 	_, _ = c.LinkUp(0, at(0))

@@ -134,6 +134,8 @@ type Primary struct {
 	acked atomic.Uint64
 	// goodbye: on stop, tell the backup protection ended on purpose.
 	goodbye atomic.Bool
+	// progress is the unix-nano time the sender last wrote a frame.
+	progress atomic.Int64
 }
 
 // StopWithGoodbye makes the next stop of Run (its ctx being cancelled)
@@ -261,6 +263,9 @@ func (p *Primary) Run(ctx context.Context) error {
 		case <-ctx.Done():
 			return nil
 		case <-tick.C:
+			if t := p.progress.Load(); t != 0 {
+				p.core.Progress(time.Unix(0, t))
+			}
 			acts = p.core.Tick(p.o.Now())
 		case ev := <-p.events:
 			var err error
@@ -709,7 +714,11 @@ func (l *primaryLink) sendEpoch(ctx context.Context, st *staged) error {
 	var wire int64
 	sum, err := p.enc.EncodeEpoch(ctx, st.epoch, st.pfns, st.pages, func(hdr *remuspb.PageBatch, payload []byte) error {
 		wire += int64(len(payload))
-		return l.w.WriteFrame(transport.KindPageBatch, hdr, payload)
+		if err := l.w.WriteFrame(transport.KindPageBatch, hdr, payload); err != nil {
+			return err
+		}
+		p.progress.Store(p.o.Now().UnixNano())
+		return nil
 	})
 	if err != nil {
 		return fmt.Errorf("send epoch %d pages: %w", st.epoch, err)
