@@ -96,15 +96,16 @@ func New(cfg Config, log *zap.Logger) (*Daemon, error) {
 			d.closeAll()
 			return nil, fmt.Errorf("config field sim_vms[%s]: %w", s.Name, err)
 		}
-		g, err := sim.New(s.Name, spec.Sim, d.log)
+		v := &vm{name: s.Name, backend: sim.BackendName, role: RoleLocal, spec: spec}
+		v.sink = newOutputSink(s.Output, cfg.Name, s.Name, d.log)
+		v.setPassThrough()
+		g, err := sim.New(s.Name, spec.Sim, d.log, sim.WithOutput(v.emit))
 		if err != nil {
+			v.sink.close()
 			d.closeAll()
 			return nil, fmt.Errorf("start sim VM %s: %w", s.Name, err)
 		}
-		v := &vm{name: s.Name, backend: sim.BackendName, role: RoleLocal, spec: spec, guest: &simGuest{Guest: g, spec: spec}}
-		v.sink = newOutputSink(s.Output, cfg.Name, s.Name, d.log)
-		v.setPassThrough()
-		g.SetOutput(v.emit)
+		v.guest = &simGuest{Guest: g, spec: spec}
 		d.vms[s.Name] = v
 	}
 	return d, nil
@@ -149,6 +150,11 @@ func (d *Daemon) closeAll() {
 func (d *Daemon) Run(ctx context.Context) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	defer func() {
+		d.mu.Lock()
+		d.closeAll()
+		d.mu.Unlock()
+	}()
 	d.mu.Lock()
 	d.ctx = ctx
 	d.mu.Unlock()
@@ -177,9 +183,6 @@ func (d *Daemon) Run(ctx context.Context) error {
 	}
 	cancel()
 	d.wg.Wait()
-	d.mu.Lock()
-	d.closeAll()
-	d.mu.Unlock()
 	return err
 }
 
@@ -289,6 +292,8 @@ func (d *Daemon) backupFor(h *remuspb.Hello) (*checkpoint.Backup, error) {
 				MemoryXXH: transport.PageHash(mem), DeviceXXH: transport.PageHash(dev)})
 		},
 	})
+	// The activated guest's first output must find its way out.
+	rep.SetOutput(v.emit)
 	d.vms[h.VmName] = v
 	d.log.Info("new replica", zap.String("vm", h.VmName), zap.Int64("memory_bytes", spec.Sim.MemoryBytes))
 	return v.backup, nil
@@ -464,6 +469,12 @@ func (d *Daemon) Failover(ctx context.Context, name string) error {
 		return fmt.Errorf("failover %s: this host holds no replica of it (role %s); run failover on the backup host", name, v.role)
 	}
 	b := v.backup
+	// Output goes straight out once the replica runs: it is unprotected
+	// until re-protected.
+	if v.sink == nil {
+		v.sink = newOutputSink(v.spec.Output, d.cfg.Name, name, d.log)
+	}
+	v.setPassThrough()
 	d.mu.Unlock()
 	start := time.Now()
 	g, err := b.Activate(ctx)
@@ -476,10 +487,7 @@ func (d *Daemon) Failover(ctx context.Context, name string) error {
 	v.role = RoleActive
 	v.activatedAt = time.Now()
 	v.activation = time.Since(start)
-	v.sink = newOutputSink(v.spec.Output, d.cfg.Name, name, d.log)
-	v.setPassThrough()
 	if sg, ok := g.(*sim.Guest); ok {
-		sg.SetOutput(v.emit)
 		v.guest = &simGuest{Guest: sg, spec: v.spec}
 	}
 	d.log.Warn("VM took over on this host", zap.String("vm", name), zap.Uint64("epoch", b.Committed()), zap.Duration("activation", v.activation))
