@@ -310,12 +310,17 @@ func (e *Encoder) plan(pfns []uint64) {
 		return
 	}
 	e.gen++
+	full := false // every slot is taken by this epoch: stop looking
 	for i, pfn := range pfns {
 		s, ok := e.index[pfn]
 		if ok {
 			e.pageBase[i] = e.valid[s]
 		} else {
-			s = e.victim()
+			s = -1
+			if !full {
+				s = e.victim()
+				full = s < 0
+			}
 			e.pageBase[i] = false
 			if s >= 0 {
 				e.index[pfn] = s
