@@ -2,6 +2,7 @@ package checkpoint
 
 import (
 	"math/rand/v2"
+	"sync"
 	"testing"
 	"time"
 
@@ -144,5 +145,83 @@ func TestBackupActivation(t *testing.T) {
 	}
 	if _, err := p.backup.Activate(t.Context()); err == nil {
 		t.Fatal("second activation succeeded")
+	}
+}
+
+// TestReconnectResyncsWithoutFullSync cuts the link once and checks that
+// the primary resumes from the backup's committed epoch with one resync
+// epoch (base > 0, not full) instead of resending all memory.
+func TestReconnectResyncsWithoutFullSync(t *testing.T) {
+	p := newPair(t, smallGuest("uniform", 11), PrimaryConfig{Interval: 3 * time.Millisecond, MaxInflight: 2, AckTimeout: 5 * time.Second})
+	var caps []CaptureInfo
+	var mu sync.Mutex
+	p.primary.o.OnCapture = chain(p.primary.o.OnCapture, func(ci CaptureInfo) {
+		mu.Lock()
+		caps = append(caps, CaptureInfo{Epoch: ci.Epoch, Base: ci.Base, Full: ci.Full, Pages: ci.Pages})
+		mu.Unlock()
+	})
+	cut := func(link, i int, b []byte) transport.Fault {
+		if link == 1 && i == 60 {
+			return transport.Fault{Action: transport.Truncate, N: len(b) / 3}
+		}
+		return transport.Fault{}
+	}
+	p.hook.Store(&cut)
+	stop := p.run()
+	p.waitAcked(40, 20*time.Second)
+	stop()
+	p.checkReplica()
+	if p.links < 2 {
+		t.Fatalf("link was never cut (links %d)", p.links)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	full, resync := 0, 0
+	for i, c := range caps {
+		if c.Full {
+			full++
+		}
+		if i > 0 && !c.Full && c.Base != caps[i-1].Epoch {
+			resync++
+		}
+	}
+	if full != 1 {
+		t.Fatalf("%d full epochs, want only the initial one", full)
+	}
+	if resync == 0 {
+		t.Fatalf("no resync epoch after the cut: %+v", caps)
+	}
+}
+
+// TestAckStallHoldsOutput drops the backup's acks for a while: the primary
+// must keep the output held (ack-timeout policy hold), drop the link, and
+// converge after the stall without releasing anything unacknowledged.
+func TestAckStallHoldsOutput(t *testing.T) {
+	p := newPair(t, smallGuest("sparse", 12), PrimaryConfig{Interval: 3 * time.Millisecond, MaxInflight: 1, AckTimeout: 150 * time.Millisecond})
+	stall := func(link, i int, b []byte) transport.Fault {
+		if k, ok := transport.FrameKind(b); ok && k == transport.KindAck && link <= 2 && i > 5 {
+			return transport.Fault{Action: transport.Drop}
+		}
+		return transport.Fault{}
+	}
+	p.backHook.Store(&stall)
+	stop := p.run()
+	p.waitAcked(30, 30*time.Second)
+	stop()
+	p.checkReplica()
+	if p.links < 3 {
+		t.Fatalf("ack stall did not make the primary drop the link (links %d)", p.links)
+	}
+	if s := p.out.Stats(); s.HeldPackets == 0 && s.ReleasedPackets == 0 {
+		t.Fatalf("no output at all: %+v", s)
+	}
+}
+
+func chain(a, b func(CaptureInfo)) func(CaptureInfo) {
+	return func(ci CaptureInfo) {
+		if a != nil {
+			a(ci)
+		}
+		b(ci)
 	}
 }

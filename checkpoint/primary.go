@@ -417,6 +417,10 @@ func (p *Primary) capture(ctx context.Context, a Action) (*staged, error) {
 		want = g.NumPages()
 	case a.ResyncTo != 0:
 		want = min(g.NumPages(), p.expect*int(a.ResyncTo-a.ResyncFrom+2))
+	case cap(st.pages) > 4*want*hypervisor.PageSize:
+		// A guest-sized buffer left over from a full sync: give it back
+		// rather than keep max_inflight+1 copies of guest memory.
+		st.pages = nil
 	}
 	st.reserve(want)
 	start := time.Now()
@@ -478,7 +482,9 @@ func (p *Primary) capture(ctx context.Context, a Action) (*staged, error) {
 	resumed = true
 	pause := time.Since(start)
 	p.pause.Add(pause)
-	p.expect = min(g.NumPages(), max(p.expect, 2*len(st.pfns)))
+	if !a.Full && a.ResyncTo == 0 {
+		p.expect = min(g.NumPages(), max(p.expect, 2*len(st.pfns)))
+	}
 	p.epochDirty[a.Epoch] = mine
 	now := p.o.Now()
 	p.captured[a.Epoch] = now
