@@ -1,0 +1,217 @@
+package bench
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"os"
+	"runtime"
+	"strconv"
+	"testing"
+	"time"
+)
+
+// Sanity tests: small guests, few samples. They check that the figures are
+// well formed and the replica matched, never how fast anything ran.
+
+func finitePositive(t *testing.T, name string, v float64) {
+	t.Helper()
+	if !(v > 0) || math.IsInf(v, 0) || math.IsNaN(v) {
+		t.Errorf("%s = %v, want positive and finite", name, v)
+	}
+}
+
+func TestMeasurePauseSanity(t *testing.T) {
+	for _, layout := range []string{"scattered", "runs"} {
+		t.Run(layout, func(t *testing.T) {
+			res, err := MeasurePause(context.Background(), PauseConfig{
+				MemoryBytes: 8 << 20, Fractions: []float64{0.01, 0.25}, Layout: layout,
+				Samples: 4, Skip: 2, Interval: 5 * time.Millisecond,
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(res.Sets) != 2 {
+				t.Fatalf("sets %+v", res.Sets)
+			}
+			for _, s := range res.Sets {
+				if s.Samples != 4 || s.ChosenPages == 0 || s.CapturePagesP50 < s.ChosenPages {
+					t.Errorf("set %+v", s)
+				}
+				finitePositive(t, "ratio", s.Ratio)
+				finitePositive(t, "memcpy GB/s", s.MemcpyGBps)
+			}
+		})
+	}
+}
+
+func TestMeasureEncodeSanity(t *testing.T) {
+	res, err := MeasureEncode(context.Background(), EncodeConfig{Pages: 256, Rounds: 3, Workers: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(res) != 2 {
+		t.Fatalf("results %+v", res)
+	}
+	for _, r := range res {
+		for name, v := range map[string]float64{
+			"encode": r.EncodePagesPerSec, "lz4": r.LZ4PagesPerSec, "lz4 delta": r.LZ4DeltaPagesPerSec,
+			"xor+rle": r.XORRLEPagesPerSec, "ratio": r.Ratio, "wire": r.WireRatio, "lz4 wire": r.LZ4WireRatio,
+			"rle wire": r.XORRLEWireRatio, "wire vs rle": r.WireVsXORRLE,
+		} {
+			finitePositive(t, r.Kind+" "+name, v)
+		}
+		if r.Stats.Pages != 256 {
+			t.Errorf("%s: stats %+v", r.Kind, r.Stats)
+		}
+	}
+	// Sparse pages must be delta-encoded, random ones sent raw.
+	if s := res[0].Stats; s.XORLZ4 != 256 || res[0].WireRatio >= 0.5 {
+		t.Errorf("sparse: stats %+v wire ratio %v", s, res[0].WireRatio)
+	}
+	if s := res[1].Stats; s.Raw != 256 {
+		t.Errorf("random: stats %+v", s)
+	}
+}
+
+func TestXORRLERoundTrip(t *testing.T) {
+	rng := rand.New(rand.NewPCG(3, 4))
+	prev := make([]byte, pageSize)
+	for i := range prev {
+		prev[i] = byte(rng.Uint32())
+	}
+	for _, changed := range []int{0, 1, 4, 100, 512} {
+		cur := bytes.Clone(prev)
+		for range changed {
+			cur[8*rng.IntN(pageSize/8)+rng.IntN(8)] ^= byte(1 + rng.IntN(255))
+		}
+		for _, base := range [][]byte{prev, nil} {
+			enc := xorRLEEncode(nil, cur, base)
+			out := make([]byte, pageSize)
+			n, err := xorRLEDecode(enc, out, base)
+			if err != nil || n != len(enc) || !bytes.Equal(out, cur) {
+				t.Fatalf("changed %d base %v: n %d/%d err %v equal %v", changed, base != nil, n, len(enc), err, bytes.Equal(out, cur))
+			}
+		}
+	}
+	if _, err := xorRLEDecode([]byte{0, 0}, make([]byte, pageSize), nil); err == nil {
+		t.Fatal("empty run accepted")
+	}
+}
+
+func TestMeasurePipelineSanity(t *testing.T) {
+	for _, wl := range []string{"uniform", "sparse"} {
+		t.Run(wl, func(t *testing.T) {
+			res, err := MeasurePipeline(context.Background(), PipelineConfig{
+				MemoryBytes: 8 << 20, Workload: wl, Rate: 50_000, Interval: 5 * time.Millisecond,
+				Warmup: 50 * time.Millisecond, Duration: 400 * time.Millisecond, Verify: true,
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if res.PagesAcked <= 0 || res.EpochsAcked <= 0 || !res.Verified {
+				t.Fatalf("result %+v", res)
+			}
+			finitePositive(t, "pages/s", res.PagesPerSec)
+			finitePositive(t, "ratio", res.Ratio)
+			finitePositive(t, "lz4 bound", res.LZ4PagesPerSec)
+		})
+	}
+}
+
+func TestRunQuick(t *testing.T) {
+	if testing.Short() {
+		t.Skip("short")
+	}
+	r, err := Run(context.Background(), true, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var buf bytes.Buffer
+	if err := r.Write(&buf); err != nil {
+		t.Fatal(err)
+	}
+	if !r.Pipeline.Verified || len(r.Pause.Sets) != 3 || len(r.Encode) != 2 {
+		t.Fatalf("report:\n%s", buf.String())
+	}
+	t.Logf("\n%s", buf.String())
+}
+
+// Benchmarks: each runs one measurement at realistic sizes and reports
+// ratios against the bound measured in the same run. Use -benchtime 1x
+// (the measurement sets its own sample counts); REMUSD_BENCH_MIB sets the
+// guest size (default 256).
+
+func benchMiB() int64 {
+	if v, err := strconv.Atoi(os.Getenv("REMUSD_BENCH_MIB")); err == nil && v > 0 {
+		return int64(v)
+	}
+	return 256
+}
+
+func BenchmarkPause(b *testing.B) {
+	for _, layout := range []string{"scattered", "runs"} {
+		b.Run(layout, func(b *testing.B) {
+			for range b.N {
+				res, err := MeasurePause(context.Background(), PauseConfig{MemoryBytes: benchMiB() << 20, Layout: layout})
+				if err != nil {
+					b.Fatal(err)
+				}
+				for _, s := range res.Sets {
+					pct := fmt.Sprintf("%g%%", 100*s.Fraction)
+					b.ReportMetric(s.Ratio, "pause/memcpy@"+pct)
+					b.ReportMetric(float64(s.PauseP50.Microseconds()), "pause-p50-us@"+pct)
+					b.ReportMetric(float64(s.MemcpyP50.Microseconds()), "memcpy-p50-us@"+pct)
+				}
+			}
+		})
+	}
+}
+
+func benchEncode(b *testing.B, kind string, workers int) {
+	for range b.N {
+		res, err := measureEncodeKind(context.Background(), EncodeConfig{Workers: workers}.withDefaults(), kind)
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.ReportMetric(res.EncodePagesPerSec, "pages/s")
+		b.ReportMetric(res.LZ4PagesPerSec, "lz4-pages/s")
+		b.ReportMetric(res.Ratio, "encode/lz4")
+		b.ReportMetric(res.WireRatio, "wire/raw")
+		b.ReportMetric(res.XORRLEWireRatio, "xorrle/raw")
+		b.ReportMetric(res.WireVsXORRLE, "wire/xorrle")
+	}
+}
+
+func BenchmarkEncodeSparse(b *testing.B)         { benchEncode(b, "sparse", 1) }
+func BenchmarkEncodeRandom(b *testing.B)         { benchEncode(b, "random", 1) }
+func BenchmarkEncodeSparseParallel(b *testing.B) { benchEncode(b, "sparse", runtime.GOMAXPROCS(0)) }
+func BenchmarkEncodeRandomParallel(b *testing.B) { benchEncode(b, "random", runtime.GOMAXPROCS(0)) }
+
+func BenchmarkPipelineLoopback(b *testing.B) {
+	for _, c := range []struct {
+		name  string
+		wl    string
+		cache int
+	}{
+		{"uniform", "uniform", 0},
+		{"sparse", "sparse", 0},
+		// The delta cache covering the whole guest.
+		{"uniform-fullcache", "uniform", int(benchMiB() << 20 / pageSize)},
+	} {
+		b.Run(c.name, func(b *testing.B) {
+			for range b.N {
+				res, err := MeasurePipeline(context.Background(), PipelineConfig{MemoryBytes: benchMiB() << 20, Workload: c.wl, CachePages: c.cache})
+				if err != nil {
+					b.Fatal(err)
+				}
+				b.ReportMetric(res.PagesPerSec, "pages/s")
+				b.ReportMetric(res.MBPerSec, "MB/s")
+				b.ReportMetric(res.LZ4PagesPerSec, "lz4-pages/s")
+				b.ReportMetric(res.Ratio, "pipeline/lz4")
+			}
+		})
+	}
+}
