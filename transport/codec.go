@@ -503,6 +503,14 @@ func (e *Encoder) encodeBatch(w *encWorker, b *batchBuf, abort *atomic.Bool, epo
 					payload = payload[:start+c]
 					break
 				}
+				// The delta did not compress: the page was rewritten. Try
+				// the page alone only if its first bytes compress, so an
+				// incompressible page pays for one failed attempt, not two.
+				if !compressible(w, p[:probeBytes], out) {
+					enc = encRaw
+					payload = append(payload[:start], p...)
+					break
+				}
 			}
 			if c, err := w.comp.CompressBlock(p, out); err == nil && c > 0 && c < limit {
 				enc = encLZ4
@@ -531,6 +539,16 @@ func (e *Encoder) encodeBatch(w *encWorker, b *batchBuf, abort *atomic.Bool, epo
 	b.stats.RawBytes = int64(len(pfns) * ps)
 	b.stats.WireBytes = int64(len(payload))
 	return nil
+}
+
+// probeBytes is how much of a page compressible looks at.
+const probeBytes = 512
+
+// compressible reports whether lz4 shrinks b by at least 1/16 (out is
+// scratch space of at least CompressBlockBound(len(b)) bytes).
+func compressible(w *encWorker, b, out []byte) bool {
+	c, err := w.comp.CompressBlock(b, out)
+	return err == nil && c > 0 && c < len(b)-len(b)/16
 }
 
 // growTo extends b's capacity to at least n bytes, keeping its contents.
