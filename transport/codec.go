@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/subtle"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"hash/crc32"
@@ -32,7 +33,12 @@ const (
 	encDup    = byte(remuspb.PageEncoding_PAGE_DUP)
 	encLZ4    = byte(remuspb.PageEncoding_PAGE_LZ4)
 	encXORLZ4 = byte(remuspb.PageEncoding_PAGE_XOR_LZ4)
+	encXORRLE = byte(remuspb.PageEncoding_PAGE_XOR_RLE)
 )
+
+// rleTake is the run-length coding size below which a delta goes as
+// XOR_RLE without trying lz4: a few changed words cost ~10 bytes each.
+const rleTake = 1024
 
 // EncoderConfig configures an Encoder. Use DefaultEncoderConfig and adjust.
 type EncoderConfig struct {
@@ -57,7 +63,7 @@ func DefaultEncoderConfig() EncoderConfig {
 
 // EncodeStats counts the pages of an epoch by encoding.
 type EncodeStats struct {
-	Pages, Raw, Zero, Same, Dup, LZ4, XORLZ4 int
+	Pages, Raw, Zero, Same, Dup, LZ4, XORLZ4, XORRLE int
 	// RawBytes is Pages*PageSize; WireBytes the payload bytes sent.
 	RawBytes, WireBytes int64
 }
@@ -70,6 +76,7 @@ func (s *EncodeStats) add(o *EncodeStats) {
 	s.Dup += o.Dup
 	s.LZ4 += o.LZ4
 	s.XORLZ4 += o.XORLZ4
+	s.XORRLE += o.XORRLE
 	s.RawBytes += o.RawBytes
 	s.WireBytes += o.WireBytes
 }
@@ -89,6 +96,8 @@ func (s *EncodeStats) count(enc byte) {
 		s.LZ4++
 	case encXORLZ4:
 		s.XORLZ4++
+	case encXORRLE:
+		s.XORRLE++
 	}
 }
 
@@ -498,6 +507,13 @@ func (e *Encoder) encodeBatch(w *encWorker, b *batchBuf, abort *atomic.Bool, epo
 			out := payload[start : start+bound]
 			if e.pageBase[i] {
 				subtle.XORBytes(w.xbuf, p, base)
+				// A few changed words: run-length coding is smaller and
+				// cheaper than lz4.
+				if r, ok := rleEncode(payload[:start], w.xbuf, rleTake); ok {
+					enc = encXORRLE
+					payload = r
+					break
+				}
 				if c, err := w.comp.CompressBlock(w.xbuf, out); err == nil && c > 0 && c < limit {
 					enc = encXORLZ4
 					payload = payload[:start+c]
@@ -673,6 +689,10 @@ func (d *Decoder) DecodeBatch(hdr *remuspb.PageBatch, payload []byte, expectInde
 			if l != 0 {
 				return nil, malformed("batch at index %d: page %d (pfn %d): %v length %d, want 0", first, i, pfn, remuspb.PageEncoding(enc), l)
 			}
+		case encXORRLE:
+			if l == 0 || int(l) > ps+2*binary.MaxVarintLen64 {
+				return nil, malformed("batch at index %d: page %d (pfn %d): %v length %d out of range", first, i, pfn, remuspb.PageEncoding(enc), l)
+			}
 		case encLZ4, encXORLZ4:
 			if l == 0 || int(l) > lz4.CompressBlockBound(ps) {
 				return nil, malformed("batch at index %d: page %d (pfn %d): %v length %d out of range", first, i, pfn, remuspb.PageEncoding(enc), l)
@@ -716,13 +736,20 @@ func (d *Decoder) DecodeBatch(hdr *remuspb.PageBatch, payload []byte, expectInde
 			copy(out, src)
 		case encZero:
 			clear(out)
-		case encSame, encXORLZ4:
+		case encSame, encXORLZ4, encXORRLE:
 			b := base(pfn)
 			if len(b) < ps {
 				return nil, malformed("batch at index %d: page %d (pfn %d): %v but no committed copy", first, i, pfn, remuspb.PageEncoding(enc))
 			}
 			if enc == encSame {
 				copy(out, b[:ps])
+				break
+			}
+			if enc == encXORRLE {
+				copy(out, b[:ps])
+				if err := rleApply(src, out); err != nil {
+					return nil, malformed("batch at index %d: page %d (pfn %d): XOR_RLE: %v", first, i, pfn, err)
+				}
 				break
 			}
 			if err := uncompressPage(src, out); err != nil {

@@ -96,6 +96,17 @@ func textPage(r *rand.Rand) []byte {
 	return b[:ps]
 }
 
+// patterned returns a copy of p whose first n bytes are XORed with a
+// repeating nonzero word: a delta too long for XOR_RLE that lz4 shrinks.
+func patterned(p []byte, n int) []byte {
+	q := bytes.Clone(p)
+	pat := []byte{1, 2, 3, 4, 5, 6, 7, 8}
+	for i := range n {
+		q[i] ^= pat[i%8]
+	}
+	return q
+}
+
 // sparse returns a copy of p with k 8-byte words changed.
 func sparse(r *rand.Rand, p []byte, k int) []byte {
 	q := bytes.Clone(p)
@@ -127,6 +138,7 @@ const (
 	DUP  = remuspb.PageEncoding_PAGE_DUP
 	LZ4  = remuspb.PageEncoding_PAGE_LZ4
 	XOR  = remuspb.PageEncoding_PAGE_XOR_LZ4
+	RLE  = remuspb.PageEncoding_PAGE_XOR_RLE
 )
 
 func TestEncodingsRoundTrip(t *testing.T) {
@@ -176,7 +188,7 @@ func TestEncodingsRoundTrip(t *testing.T) {
 				set(p, pages[i*ps:(i+1)*ps])
 			}
 			b, sum = encodeAll(t, e, 2, pfns, pages)
-			want = []remuspb.PageEncoding{ZERO, SAME, XOR, RAW, LZ4}
+			want = []remuspb.PageEncoding{ZERO, SAME, RLE, RAW, LZ4}
 			if cache == 0 {
 				want = []remuspb.PageEncoding{ZERO, RAW, RAW, RAW, LZ4}
 			}
@@ -459,7 +471,7 @@ func TestEncodeCancel(t *testing.T) {
 	// The failed epoch's pages must not be SAME next time.
 	b, _ := encodeAll(t, e, 2, pfns, pages)
 	for i, enc := range encodings(b) {
-		if enc == SAME || enc == XOR {
+		if enc == SAME || enc == XOR || enc == RLE {
 			t.Fatalf("page %d encoded %v after a failed epoch", i, enc)
 		}
 	}
@@ -521,12 +533,12 @@ func validBatch(t testing.TB) (batch, *backup, [][]byte) {
 		pages = append(pages, mem[i*ps:(i+1)*ps]...)
 	}
 	add := func(pfn uint64, p []byte) { pfns = append(pfns, pfn); pages = append(pages, p...) }
-	add(12, make([]byte, ps))               // ZERO
-	add(13, mem[13*ps:14*ps])               // SAME
-	add(14, txt)                            // LZ4
-	add(15, txt)                            // DUP
-	add(16, sparse(r, mem[16*ps:17*ps], 3)) // XOR
-	add(17, randPage(r))                    // RAW
+	add(12, make([]byte, ps))                  // ZERO
+	add(13, mem[13*ps:14*ps])                  // SAME
+	add(14, txt)                               // LZ4
+	add(15, txt)                               // DUP
+	add(16, patterned(mem[16*ps:17*ps], 2048)) // XOR
+	add(17, randPage(r))                       // RAW
 	b2, _ := encodeAll(t, e, 2, pfns, pages)
 	if len(b2) != 2 {
 		t.Fatalf("%d batches", len(b2))
