@@ -320,23 +320,16 @@ func runProtect(ctx context.Context, c *command, args []string, stdout, stderr i
 }
 
 func runUnprotect(ctx context.Context, c *command, args []string, stdout, stderr io.Writer) int {
-	fs := newFlagSet(c.name)
-	ctl := controlFlag(fs)
-	pos, code, done := parse(c, fs, args, stdout, stderr)
-	if done {
-		return code
-	}
-	if code, ok := wantArgs(c, pos, []string{"VM"}, stderr); !ok {
-		return code
-	}
-	if err := (daemon.ControlClient{Path: *ctl}).Unprotect(ctx, pos[0]); err != nil {
-		return clientCommand(c, err, stderr)
-	}
-	fmt.Fprintf(stdout, "%s: unprotected\n", pos[0])
-	return exitOK
+	return runVMCommand(ctx, c, args, stdout, stderr, daemon.ControlClient.Unprotect, "unprotected")
 }
 
 func runFailover(ctx context.Context, c *command, args []string, stdout, stderr io.Writer) int {
+	return runVMCommand(ctx, c, args, stdout, stderr, daemon.ControlClient.Failover, "failed over; the replica here is now active")
+}
+
+// runVMCommand runs a control operation that takes one VM argument.
+func runVMCommand(ctx context.Context, c *command, args []string, stdout, stderr io.Writer,
+	op func(daemon.ControlClient, context.Context, string) error, doneMsg string) int {
 	fs := newFlagSet(c.name)
 	ctl := controlFlag(fs)
 	pos, code, done := parse(c, fs, args, stdout, stderr)
@@ -346,10 +339,10 @@ func runFailover(ctx context.Context, c *command, args []string, stdout, stderr 
 	if code, ok := wantArgs(c, pos, []string{"VM"}, stderr); !ok {
 		return code
 	}
-	if err := (daemon.ControlClient{Path: *ctl}).Failover(ctx, pos[0]); err != nil {
+	if err := op(daemon.ControlClient{Path: *ctl}, ctx, pos[0]); err != nil {
 		return clientCommand(c, err, stderr)
 	}
-	fmt.Fprintf(stdout, "%s: failed over; the replica here is now active\n", pos[0])
+	fmt.Fprintf(stdout, "%s: %s\n", pos[0], doneMsg)
 	return exitOK
 }
 
