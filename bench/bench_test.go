@@ -68,7 +68,7 @@ func TestMeasureEncodeSanity(t *testing.T) {
 		}
 	}
 	// Sparse pages must be delta-encoded, random ones sent raw.
-	if s := res[0].Stats; s.XORLZ4 != 256 || res[0].WireRatio >= 0.5 {
+	if s := res[0].Stats; s.XORLZ4+s.XORRLE != 256 || res[0].WireRatio >= 0.5 {
 		t.Errorf("sparse: stats %+v wire ratio %v", s, res[0].WireRatio)
 	}
 	if s := res[1].Stats; s.Raw != 256 {
