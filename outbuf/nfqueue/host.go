@@ -1,0 +1,185 @@
+package nfqueue
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"runtime"
+	"strconv"
+	"strings"
+
+	"golang.org/x/sys/unix"
+)
+
+// inNetns runs fn on an OS thread switched into the network namespace at
+// path ("" = the current one). Child processes started by fn inherit it.
+func inNetns(path string, fn func() error) error {
+	if path == "" {
+		return fn()
+	}
+	target, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("nfqueue: open netns %s: %w", path, err)
+	}
+	defer unix.Close(target)
+	runtime.LockOSThread()
+	orig, err := unix.Open("/proc/thread-self/ns/net", unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		runtime.UnlockOSThread()
+		return fmt.Errorf("nfqueue: open current netns: %w", err)
+	}
+	defer unix.Close(orig)
+	if err := unix.Setns(target, unix.CLONE_NEWNET); err != nil {
+		runtime.UnlockOSThread()
+		return fmt.Errorf("nfqueue: enter netns %s: %w", path, err)
+	}
+	ferr := fn()
+	if err := unix.Setns(orig, unix.CLONE_NEWNET); err != nil {
+		// Leave the thread locked: it is discarded when this goroutine ends.
+		return errors.Join(ferr, fmt.Errorf("nfqueue: restore netns: %w", err))
+	}
+	runtime.UnlockOSThread()
+	return ferr
+}
+
+// checkBridgeNF refuses a bridged port whose bridged IP traffic would not
+// traverse iptables.
+func checkBridgeNF(netnsPath string) error {
+	return inNetns(netnsPath, func() error {
+		for _, f := range []string{"bridge-nf-call-iptables", "bridge-nf-call-ip6tables"} {
+			p := "/proc/sys/net/bridge/" + f
+			v, err := os.ReadFile(p)
+			if err != nil {
+				return fmt.Errorf("nfqueue: bridged port needs br_netfilter: %w", err)
+			}
+			if strings.TrimSpace(string(v)) != "1" {
+				return fmt.Errorf("nfqueue: bridged port needs net.bridge.%s=1 (is %s): bridged packets would bypass the buffer", f, strings.TrimSpace(string(v)))
+			}
+		}
+		return nil
+	})
+}
+
+// ruleSet is the pair of rules steering the port's packets to the queue.
+type ruleSet struct {
+	cfg       Config
+	installed []string // binaries whose rule is in place
+}
+
+func newRuleSet(cfg Config) *ruleSet { return &ruleSet{cfg: cfg} }
+
+func (r *ruleSet) spec() []string {
+	var s []string
+	if r.cfg.Bridged {
+		s = []string{"-m", "physdev", "--physdev-in", r.cfg.Interface}
+	} else {
+		s = []string{"-i", r.cfg.Interface}
+	}
+	return append(s,
+		"-m", "comment", "--comment", fmt.Sprintf("remusd outbuf q%d", r.cfg.QueueNum),
+		"-j", "NFQUEUE", "--queue-num", strconv.Itoa(int(r.cfg.QueueNum)))
+}
+
+func (r *ruleSet) run(ctx context.Context, bin string, args ...string) error {
+	ctx, cancel := context.WithTimeout(ctx, r.cfg.CallTimeout)
+	defer cancel()
+	return inNetns(r.cfg.NetnsPath, func() error {
+		cmd := exec.CommandContext(ctx, bin, args...)
+		var out bytes.Buffer
+		cmd.Stdout, cmd.Stderr = &out, &out
+		if err := cmd.Run(); err != nil {
+			return fmt.Errorf("nfqueue: %s %s: %w: %s", bin, strings.Join(args, " "), err, strings.TrimSpace(out.String()))
+		}
+		return nil
+	})
+}
+
+func (r *ruleSet) install(ctx context.Context) error {
+	for _, bin := range []string{r.cfg.IPTables, r.cfg.IP6Tables} {
+		args := append([]string{"-w", "5", "-I", "FORWARD", "1"}, r.spec()...)
+		if err := r.run(ctx, bin, args...); err != nil {
+			return errors.Join(err, r.remove(context.WithoutCancel(ctx)))
+		}
+		r.installed = append(r.installed, bin)
+	}
+	return nil
+}
+
+func (r *ruleSet) remove(ctx context.Context) error {
+	var errs []error
+	for i := len(r.installed) - 1; i >= 0; i-- {
+		args := append([]string{"-w", "5", "-D", "FORWARD"}, r.spec()...)
+		if err := r.run(ctx, r.installed[i], args...); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		r.installed = r.installed[:i]
+	}
+	return errors.Join(errs...)
+}
+
+// openProcStats opens the queue statistics of the host namespace; the file
+// stays bound to that namespace.
+func openProcStats(netnsPath string) (*os.File, error) {
+	var f *os.File
+	err := inNetns(netnsPath, func() error {
+		var err error
+		f, err = os.Open("/proc/thread-self/net/netfilter/nfnetlink_queue")
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("nfqueue: nfnetlink_queue statistics: %w", err)
+	}
+	return f, nil
+}
+
+type queueStats struct {
+	present     bool
+	portID      uint32
+	total       uint32 // packets queued now
+	dropped     uint64 // queue full
+	userDropped uint64 // could not deliver to user space (socket buffer full)
+	idSeq       uint32 // last id assigned
+}
+
+// readProc parses this queue's line of /proc/net/netfilter/nfnetlink_queue:
+// queue portid total copy_mode copy_range dropped user_dropped id_sequence 1.
+func (b *Buffer) readProc() (queueStats, error) {
+	var st queueStats
+	if b.proc == nil {
+		return st, os.ErrClosed
+	}
+	buf := make([]byte, 64<<10)
+	n, err := b.proc.ReadAt(buf, 0)
+	if n == 0 && err != nil {
+		return st, err
+	}
+	return parseProc(buf[:n], b.cfg.QueueNum)
+}
+
+func parseProc(data []byte, queue uint16) (queueStats, error) {
+	var st queueStats
+	sc := bufio.NewScanner(bytes.NewReader(data))
+	for sc.Scan() {
+		f := strings.Fields(sc.Text())
+		if len(f) < 8 {
+			continue
+		}
+		q, err := strconv.ParseUint(f[0], 10, 16)
+		if err != nil || uint16(q) != queue {
+			continue
+		}
+		var v [8]uint64
+		for i := 1; i < 8; i++ {
+			if v[i], err = strconv.ParseUint(f[i], 10, 32); err != nil {
+				return st, fmt.Errorf("nfqueue: parse %q: %w", sc.Text(), err)
+			}
+		}
+		return queueStats{present: true, portID: uint32(v[1]), total: uint32(v[2]), dropped: v[5], userDropped: v[6], idSeq: uint32(v[7])}, nil
+	}
+	return st, nil
+}
