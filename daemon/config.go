@@ -75,6 +75,11 @@ type Config struct {
 	DialTimeout       Duration `json:"dial_timeout"`
 	ReconnectBackoff  Duration `json:"reconnect_backoff"`
 
+	// OutputBuffer selects how a VM's network output is held: auto (plug
+	// where the kernel has it, else NFQUEUE), plug, nfqueue, or
+	// none-unsafe (no output commit; an explicit, logged choice).
+	OutputBuffer string `json:"output_buffer"`
+
 	// DeltaCachePages bounds the primary's cache of last-sent page copies
 	// used for XOR deltas (pages of 4 KiB).
 	DeltaCachePages int `json:"delta_cache_pages"`
@@ -112,6 +117,7 @@ func DefaultConfig() Config {
 		DialTimeout:       Duration(2 * time.Second),
 		ReconnectBackoff:  Duration(200 * time.Millisecond),
 		DeltaCachePages:   16384,
+		OutputBuffer:      OutputAuto,
 	}
 }
 
@@ -172,6 +178,11 @@ func (c Config) Validate() error {
 	}
 	if c.ReconnectBackoff.D() <= 0 {
 		bad("reconnect_backoff", "must be positive")
+	}
+	switch c.OutputBuffer {
+	case OutputAuto, OutputPlug, OutputNFQueue, OutputNoneUnsafe:
+	default:
+		bad("output_buffer", "%q unknown (want %s|%s|%s|%s)", c.OutputBuffer, OutputAuto, OutputPlug, OutputNFQueue, OutputNoneUnsafe)
 	}
 	if c.DeltaCachePages < 0 {
 		bad("delta_cache_pages", "must not be negative")

@@ -158,6 +158,11 @@ func (d *Daemon) Run(ctx context.Context) error {
 	d.mu.Lock()
 	d.ctx = ctx
 	d.mu.Unlock()
+	pctx, pcancel := context.WithTimeout(ctx, 5*time.Second)
+	probe := outbuf.Probe(pctx)
+	pcancel()
+	d.log.Info("output buffering available on this host for VM network interfaces",
+		zap.String("mechanism", probe.Kind), zap.String("why", probe.Reason), zap.String("output_buffer", d.cfg.OutputBuffer))
 	errc := make(chan error, 1)
 	if d.cfg.Listen != "" {
 		ln, err := (&net.ListenConfig{}).Listen(ctx, "tcp", d.cfg.Listen)
