@@ -1,0 +1,309 @@
+package qemu
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/remusd/remusd/dirtymap"
+	"github.com/remusd/remusd/hypervisor"
+)
+
+const (
+	// BackendName is what Guest.Backend returns.
+	BackendName = "qemu"
+	pageSize    = hypervisor.PageSize
+)
+
+var (
+	_ hypervisor.Guest   = (*Guest)(nil)
+	_ hypervisor.Replica = (*Replica)(nil)
+)
+
+// ErrNotPaused is returned by HarvestDirty and SaveDeviceState on a
+// running guest.
+var ErrNotPaused = errors.New("qemu: guest not paused")
+
+// Guest is a QEMU VM driven over QMP whose RAM remusd maps.
+//
+// Control calls (Pause, Resume, HarvestDirty, SaveDeviceState, Close) are
+// serialised by mu.
+type Guest struct {
+	spec    Spec
+	log     *zap.Logger
+	q       *QMP
+	ram     *ramFile
+	proc    *process // nil when attached
+	version string
+
+	mu        sync.Mutex
+	paused    bool
+	closed    bool
+	tracking  Tracking
+	tracker   *tracker // created on first harvest
+	stateDir  string   // private dir for xen-save-devices-state
+	removeRAM bool     // Close removes spec.RAMPath
+}
+
+func newGuest(ctx context.Context, spec Spec, q *QMP, ram *ramFile, p *process, log *zap.Logger) (*Guest, error) {
+	if log == nil {
+		log = zap.NewNop()
+	}
+	v, err := q.Version(ctx)
+	if err != nil {
+		return nil, err
+	}
+	st, err := q.Status(ctx)
+	if err != nil {
+		return nil, err
+	}
+	dir, err := os.MkdirTemp(filepath.Dir(spec.RAMPath), "."+spec.Name+"-state-")
+	if err != nil {
+		dir, err = os.MkdirTemp("", "remusd-qemu-state-")
+		if err != nil {
+			return nil, fmt.Errorf("qemu: state dir: %w", err)
+		}
+	}
+	return &Guest{
+		spec:     spec,
+		log:      log.With(zap.String("vm", spec.Name), zap.String("backend", BackendName)),
+		q:        q,
+		ram:      ram,
+		proc:     p,
+		version:  v.String(),
+		paused:   !st.Running,
+		stateDir: dir,
+	}, nil
+}
+
+// Name returns the VM name.
+func (g *Guest) Name() string { return g.spec.Name }
+
+// Backend returns "qemu".
+func (g *Guest) Backend() string { return BackendName }
+
+// BackendVersion returns the QEMU version, e.g. "qemu-7.2.22". Primary and
+// backup must run the same one.
+func (g *Guest) BackendVersion() string { return g.version }
+
+// Config returns the machine part of the spec as JSON (see ParseConfig).
+func (g *Guest) Config() []byte { return g.spec.Config() }
+
+// Spec returns the spec the guest was launched (or attached) with.
+func (g *Guest) Spec() Spec { return g.spec }
+
+// SetSpec replaces the machine description Config reports (for an attached
+// QEMU whose command line remusd did not build). Host-local fields are kept.
+func (g *Guest) SetSpec(s Spec) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	s.RAMPath, s.QMPPath, s.Tap, s.SerialPath, s.Binary = g.spec.RAMPath, g.spec.QMPPath, g.spec.Tap, g.spec.SerialPath, g.spec.Binary
+	g.spec = s
+}
+
+// NumPages returns the number of guest pages.
+func (g *Guest) NumPages() int { return len(g.ram.mem) / pageSize }
+
+// Memory returns guest RAM (the shared mapping of the RAM file). Its
+// content is only stable while paused.
+func (g *Guest) Memory() []byte { return g.ram.mem }
+
+// QMP returns the monitor connection (for commands the backend does not
+// wrap).
+func (g *Guest) QMP() *QMP { return g.q }
+
+// Pid returns the QEMU process id, or 0 for an attached QEMU.
+func (g *Guest) Pid() int {
+	if g.proc == nil {
+		return 0
+	}
+	return g.proc.cmd.Process.Pid
+}
+
+// Exited is closed when the QMP connection ends (QEMU exited).
+func (g *Guest) Exited() <-chan struct{} { return g.q.Done() }
+
+func (g *Guest) qmpErr(op string, err error) error {
+	if errors.Is(err, ErrQEMUExited) && g.proc != nil {
+		select {
+		case <-g.proc.done:
+			err = g.proc.exitErr()
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+	return fmt.Errorf("qemu: %s %q: %w", op, g.spec.Name, err)
+}
+
+// SetTracking selects how HarvestDirty finds changed pages (default
+// TrackShadow). Changing it restarts tracking: the next harvest reports
+// every page.
+func (g *Guest) SetTracking(t Tracking) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if t != g.tracking {
+		g.tracking, g.tracker = t, nil
+	}
+}
+
+// Pause stops the vCPUs (QMP stop) and returns once QEMU reports the VM
+// paused: no guest RAM write can be in progress then.
+func (g *Guest) Pause(ctx context.Context) error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.closed {
+		return errClosed
+	}
+	if err := g.q.Execute(ctx, "stop", nil, nil); err != nil {
+		return g.qmpErr("pause", err)
+	}
+	// stop returns after vm_stop paused every vCPU; confirm it.
+	st, err := g.q.Status(ctx)
+	if err != nil {
+		return g.qmpErr("pause", err)
+	}
+	if st.Running {
+		return fmt.Errorf("qemu: pause %q: still running after stop (status %q)", g.spec.Name, st.Status)
+	}
+	g.paused = true
+	return nil
+}
+
+// Resume restarts the vCPUs (QMP cont).
+func (g *Guest) Resume(ctx context.Context) error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.closed {
+		return errClosed
+	}
+	if err := g.q.Execute(ctx, "cont", nil, nil); err != nil {
+		return g.qmpErr("resume", err)
+	}
+	g.paused = false
+	return nil
+}
+
+// HarvestDirty ORs into dst every page whose content changed since the
+// previous harvest, by comparing each page with a shadow copy (exact, see
+// tracker). The first harvest reports every page (initial sync). Only valid
+// while paused.
+func (g *Guest) HarvestDirty(ctx context.Context, dst *dirtymap.Bitmap) error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.closed {
+		return errClosed
+	}
+	if !g.paused {
+		return ErrNotPaused
+	}
+	if dst.Len() != g.NumPages() {
+		return fmt.Errorf("qemu: harvest %q: bitmap has %d pages, guest %d", g.spec.Name, dst.Len(), g.NumPages())
+	}
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	if g.tracker == nil {
+		g.tracker = newTracker(len(g.ram.mem), g.tracking)
+	}
+	g.tracker.scan(g.ram.mem, dst)
+	return nil
+}
+
+// SaveDeviceState saves the CPU and device state (xen-save-devices-state,
+// live=false: no RAM) into a private file and appends its content to dst.
+// Only valid while paused.
+func (g *Guest) SaveDeviceState(ctx context.Context, dst []byte) ([]byte, error) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.closed {
+		return dst, errClosed
+	}
+	if !g.paused {
+		return dst, ErrNotPaused
+	}
+	path := filepath.Join(g.stateDir, "devstate")
+	args := map[string]any{"filename": path, "live": false}
+	if err := g.q.Execute(ctx, "xen-save-devices-state", args, nil); err != nil {
+		return dst, g.qmpErr("save device state", err)
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		return dst, fmt.Errorf("qemu: save device state %q: %w", g.spec.Name, err)
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return dst, fmt.Errorf("qemu: save device state %q: %w", g.spec.Name, err)
+	}
+	n := int(st.Size())
+	if n > maxDeviceState {
+		return dst, fmt.Errorf("qemu: save device state %q: %d bytes exceeds the %d limit", g.spec.Name, n, maxDeviceState)
+	}
+	off := len(dst)
+	dst = append(dst, make([]byte, n)...)
+	if _, err := readFull(f, dst[off:]); err != nil {
+		return dst[:off], fmt.Errorf("qemu: save device state %q: %w", g.spec.Name, err)
+	}
+	if err := checkDeviceState(dst[off:]); err != nil {
+		return dst[:off], fmt.Errorf("qemu: save device state %q: %w", g.spec.Name, err)
+	}
+	return dst, nil
+}
+
+// Close quits QEMU (QMP quit, killed if it has not exited within a few
+// seconds), unmaps RAM and removes the files the backend created.
+func (g *Guest) Close() error {
+	return g.close(true)
+}
+
+// Detach releases remusd's hold on the guest (QMP connection, RAM mapping)
+// and leaves QEMU running.
+func (g *Guest) Detach() error {
+	return g.close(false)
+}
+
+func (g *Guest) close(stop bool) error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.closed {
+		return nil
+	}
+	g.closed = true
+	switch {
+	case stop && g.proc != nil:
+		g.proc.stop(g.q, quitGrace)
+	case stop:
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		_ = g.q.Execute(ctx, "quit", nil, nil)
+		cancel()
+	}
+	g.q.Close()
+	err := g.ram.unmap()
+	g.tracker = nil
+	os.RemoveAll(g.stateDir)
+	if stop && g.proc != nil {
+		os.Remove(g.spec.QMPPath)
+		if g.removeRAM {
+			os.Remove(g.spec.RAMPath)
+		}
+	}
+	g.log.Info("qemu guest closed", zap.Bool("stopped", stop))
+	return err
+}
+
+func readFull(f *os.File, b []byte) (int, error) {
+	n := 0
+	for n < len(b) {
+		m, err := f.Read(b[n:])
+		n += m
+		if err != nil {
+			return n, err
+		}
+	}
+	return n, nil
+}
