@@ -86,6 +86,14 @@ type Config struct {
 
 	// SimVMs are simulated guests this daemon runs (sim backend).
 	SimVMs []SimVM `json:"sim_vms"`
+
+	// QemuVMs are QEMU guests this daemon launches or attaches to at start
+	// (qemu backend, role local until protected).
+	QemuVMs []QemuVM `json:"qemu_vms"`
+
+	// Standby says how this daemon, as a backup, builds the hot standby
+	// QEMU of a protected qemu VM (the machine comes from the primary).
+	Standby StandbyConfig `json:"standby"`
 }
 
 // SimVM describes one simulated guest.
@@ -188,6 +196,15 @@ func (c Config) Validate() error {
 		bad("delta_cache_pages", "must not be negative")
 	}
 	seen := map[string]bool{}
+	for i, q := range c.QemuVMs {
+		f := fmt.Sprintf("qemu_vms[%d]", i)
+		if q.Name != "" && seen[q.Name] {
+			bad(f+".name", "%q defined twice", q.Name)
+		}
+		seen[q.Name] = true
+		errs = append(errs, q.validate(f)...)
+	}
+	errs = append(errs, c.Standby.validate("standby")...)
 	for i, vm := range c.SimVMs {
 		f := fmt.Sprintf("sim_vms[%d]", i)
 		if vm.Name == "" {

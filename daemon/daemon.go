@@ -21,6 +21,7 @@ import (
 	"github.com/remusd/remusd/checkpoint"
 	"github.com/remusd/remusd/failover"
 	"github.com/remusd/remusd/hypervisor"
+	"github.com/remusd/remusd/hypervisor/qemu"
 	"github.com/remusd/remusd/hypervisor/sim"
 	"github.com/remusd/remusd/outbuf"
 	remuspb "github.com/remusd/remusd/proto"
@@ -39,6 +40,12 @@ type Daemon struct {
 	vms map[string]*vm
 	wg  sync.WaitGroup
 	ctx context.Context // set by Run; protections live under it
+
+	// probeOnce finds what output buffering this host offers (once).
+	probeOnce sync.Once
+	probe     outbuf.ProbeResult
+	// nextQueue is the next NFQUEUE queue number for a protected VM.
+	nextQueue uint16
 }
 
 // vm is one guest known to this daemon, in any role.
@@ -68,6 +75,12 @@ type vm struct {
 	activation  time.Duration
 
 	audit *auditLog
+
+	// qemu backend
+	qnet     qemuNet
+	attached bool          // attached to a QEMU launched by someone else: left running on exit
+	netOut   outbuf.Buffer // the NIC's output buffer while protected
+	qreplica *qemu.Replica // backup role: the replica and hot standby
 }
 
 // simSpec is what a sim VM's backend config carries between hosts: the
@@ -89,7 +102,7 @@ func New(cfg Config, log *zap.Logger) (*Daemon, error) {
 	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 		return nil, fmt.Errorf("state dir: %w", err)
 	}
-	d := &Daemon{cfg: cfg, log: log.With(zap.String("host", cfg.Name)), vms: map[string]*vm{}}
+	d := &Daemon{cfg: cfg, log: log.With(zap.String("host", cfg.Name)), vms: map[string]*vm{}, nextQueue: firstQueueNum}
 	for _, s := range cfg.SimVMs {
 		spec := simSpec{Sim: sim.Config{MemoryBytes: s.MemoryBytes, Workload: s.Workload, Rate: s.Rate, Seed: s.Seed, OutputEvery: s.OutputEvery}.WithDefaults(), Output: s.Output}
 		if err := spec.Sim.Validate(); err != nil {
@@ -108,8 +121,40 @@ func New(cfg Config, log *zap.Logger) (*Daemon, error) {
 		v.guest = &simGuest{Guest: g, spec: spec}
 		d.vms[s.Name] = v
 	}
+	for i, q := range cfg.QemuVMs {
+		ctx, cancel := context.WithTimeout(context.Background(), qemuStartTimeout)
+		g, attached, err := d.startQemu(ctx, q)
+		cancel()
+		if err != nil {
+			d.closeAll()
+			return nil, fmt.Errorf("config field qemu_vms[%d] (%s): start: %w", i, q.Name, err)
+		}
+		v := &vm{name: q.Name, backend: qemu.BackendName, role: RoleLocal, guest: g, attached: attached,
+			qnet: qemuNet{tap: q.Tap, bridge: q.Bridge, bridged: q.Bridge != "" || q.Bridged}}
+		d.vms[q.Name] = v
+		d.log.Info("qemu VM running", zap.String("vm", q.Name), zap.Bool("attached", attached), zap.Int("pid", g.Pid()),
+			zap.String("tap", q.Tap), zap.String("serial", g.Spec().SerialPath))
+	}
 	return d, nil
 }
+
+// outbufProbe returns what output buffering this host offers, probing the
+// kernel on first use (bounded).
+func (d *Daemon) outbufProbe() outbuf.ProbeResult {
+	d.probeOnce.Do(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		d.probe = outbuf.Probe(ctx)
+	})
+	return d.probe
+}
+
+// qemuStartTimeout bounds starting one configured QEMU VM (building the
+// guest image included).
+const qemuStartTimeout = 5 * time.Minute
+
+// firstQueueNum is the NFQUEUE queue number of the first protected VM.
+const firstQueueNum = 7100
 
 // simGuest carries the simSpec (not just the sim config) in the handshake.
 type simGuest struct {
@@ -133,7 +178,16 @@ func (v *vm) setPassThrough() {
 
 func (d *Daemon) closeAll() {
 	for _, v := range d.vms {
-		if v.guest != nil {
+		if v.netOut != nil {
+			// Fails closed: output of unacknowledged epochs is dropped.
+			v.netOut.Close()
+		}
+		if v.qreplica != nil {
+			v.qreplica.Close()
+		}
+		if qg, ok := v.guest.(*qemu.Guest); ok && v.attached {
+			qg.Detach()
+		} else if v.guest != nil {
 			v.guest.Close()
 		}
 		if v.sink != nil {
@@ -158,9 +212,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 	d.mu.Lock()
 	d.ctx = ctx
 	d.mu.Unlock()
-	pctx, pcancel := context.WithTimeout(ctx, 5*time.Second)
-	probe := outbuf.Probe(pctx)
-	pcancel()
+	probe := d.outbufProbe()
 	d.log.Info("output buffering available on this host for VM network interfaces",
 		zap.String("mechanism", probe.Kind), zap.String("why", probe.Reason), zap.String("output_buffer", d.cfg.OutputBuffer))
 	errc := make(chan error, 1)
@@ -257,8 +309,11 @@ func (d *Daemon) backupFor(h *remuspb.Hello) (*checkpoint.Backup, error) {
 			return nil, fmt.Errorf("VM %s runs on %s (role %s): a host cannot back up a VM it runs", h.VmName, d.cfg.Name, v.role)
 		}
 	}
+	if h.Backend == qemu.BackendName {
+		return d.qemuBackupFor(h)
+	}
 	if h.Backend != sim.BackendName {
-		return nil, fmt.Errorf("backend %q is not supported by this daemon (have: sim)", h.Backend)
+		return nil, fmt.Errorf("backend %q is not supported by this daemon (have: sim, qemu)", h.Backend)
 	}
 	var spec simSpec
 	if err := unmarshalStrict(h.BackendConfig, &spec); err != nil {
@@ -379,8 +434,25 @@ func (d *Daemon) Protect(ctx context.Context, req ProtectRequest) error {
 		return fmt.Errorf("protect %s: VM is already in role %s", req.VM, v.role)
 	}
 	id := newProtectionID()
+	var (
+		buf    outbuf.Buffer
+		memBuf *outbuf.Memory
+	)
+	if v.backend == qemu.BackendName {
+		nb, forceOne, err := d.openQemuBuffer(v, interval)
+		if err != nil {
+			return fmt.Errorf("protect %s: %w", req.VM, err)
+		}
+		if forceOne && inflight != 1 {
+			d.log.Info("plug output buffer tracks one closed epoch: max_inflight forced to 1", zap.String("vm", v.name), zap.Int("requested", inflight))
+			inflight = 1
+		}
+		buf = nb
+	} else {
+		memBuf = outbuf.NewMemory(0, v.sink.send)
+		buf = memBuf
+	}
 	v.audit = openAudit(d.cfg.StateDir, v.name, "primary", d.log)
-	buf := outbuf.NewMemory(0, v.sink.send)
 	dialer := &net.Dialer{Timeout: d.cfg.DialTimeout.D()}
 	p, err := checkpoint.NewPrimary(checkpoint.PrimaryOptions{
 		Guest: v.guest,
@@ -408,10 +480,17 @@ func (d *Daemon) Protect(ctx context.Context, req ProtectRequest) error {
 		},
 	})
 	if err != nil {
+		if memBuf == nil {
+			buf.Close()
+		}
 		return fmt.Errorf("protect %s: %w", req.VM, err)
 	}
 	// From here on the guest's output is held per epoch.
-	v.out.Store(buf)
+	if memBuf != nil {
+		v.out.Store(memBuf)
+	} else {
+		v.netOut = buf
+	}
 	pctx, cancel := context.WithCancel(d.ctx)
 	v.role, v.peer, v.primary, v.stop, v.done = RolePrimary, req.Peer, p, cancel, make(chan struct{})
 	v.runErr.Store("")
@@ -453,7 +532,16 @@ func (d *Daemon) Unprotect(ctx context.Context, name string) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	// The primary keeps running, so its held output is legitimate: let it go.
-	if err := v.out.Load().ReleaseAll(); err != nil {
+	if v.netOut != nil {
+		err := v.netOut.ReleaseAll()
+		if cerr := v.netOut.Close(); err == nil {
+			err = cerr
+		}
+		v.netOut = nil
+		if err != nil {
+			return fmt.Errorf("unprotect %s: release output: %w", name, err)
+		}
+	} else if err := v.out.Load().ReleaseAll(); err != nil {
 		return fmt.Errorf("unprotect %s: release output: %w", name, err)
 	}
 	v.role, v.primary, v.stop, v.done = RoleLocal, nil, nil, nil
@@ -476,10 +564,12 @@ func (d *Daemon) Failover(ctx context.Context, name string) error {
 	b := v.backup
 	// Output goes straight out once the replica runs: it is unprotected
 	// until re-protected.
-	if v.sink == nil {
-		v.sink = newOutputSink(v.spec.Output, d.cfg.Name, name, d.log)
+	if v.backend == sim.BackendName {
+		if v.sink == nil {
+			v.sink = newOutputSink(v.spec.Output, d.cfg.Name, name, d.log)
+		}
+		v.setPassThrough()
 	}
-	v.setPassThrough()
 	d.mu.Unlock()
 	start := time.Now()
 	g, err := b.Activate(ctx)
@@ -494,6 +584,27 @@ func (d *Daemon) Failover(ctx context.Context, name string) error {
 	v.activation = time.Since(start)
 	if sg, ok := g.(*sim.Guest); ok {
 		v.guest = &simGuest{Guest: sg, spec: v.spec}
+	}
+	if v.qreplica != nil {
+		a := v.qreplica.LastActivation()
+		if a.Cold && v.qnet.tap != "" {
+			// A cold-started QEMU created a fresh tap: attach it, then
+			// announce the guest again (the first announcement went nowhere).
+			sctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+			err := setupTap(sctx, v.qnet.tap, v.qnet.bridge)
+			if err == nil {
+				if qg, ok := g.(*qemu.Guest); ok {
+					err = qg.QMP().Execute(sctx, "announce-self", map[string]any{"initial": 50, "max": 550, "rounds": 5, "step": 100}, nil)
+				}
+			}
+			cancel()
+			if err != nil {
+				d.log.Error("cold-started VM's network setup failed", zap.String("vm", name), zap.Error(err))
+			}
+		}
+		d.log.Warn("qemu VM activated", zap.String("vm", name), zap.Uint64("epoch", a.Epoch), zap.Bool("cold", a.Cold),
+			zap.Duration("probe", a.Probe), zap.Duration("start", a.Start), zap.Duration("incoming", a.Incoming),
+			zap.Duration("announce", a.Announce), zap.Duration("total", a.Total))
 	}
 	d.log.Warn("VM took over on this host", zap.String("vm", name), zap.Uint64("epoch", b.Committed()), zap.Duration("activation", v.activation))
 	return nil
@@ -513,7 +624,11 @@ func (d *Daemon) Status(ctx context.Context) ([]VMStatus, error) {
 
 func (d *Daemon) statusOf(v *vm) VMStatus {
 	s := VMStatus{VM: v.name, Role: v.role, Backend: v.backend, Link: LinkNone, Peer: v.peer}
-	if o := v.out.Load(); o != nil && v.role != RoleBackup {
+	if v.netOut != nil {
+		st := v.netOut.Stats()
+		s.OutBuf = v.netOut.Kind()
+		s.OutputHeld, s.OutputReleased, s.OutputDropped = st.HeldPackets, st.ReleasedPackets, st.DroppedPackets
+	} else if o := v.out.Load(); o != nil && v.role != RoleBackup {
 		st := o.Stats()
 		s.OutBuf = o.Kind()
 		s.OutputHeld, s.OutputReleased, s.OutputDropped = st.HeldPackets, st.ReleasedPackets, st.DroppedPackets

@@ -1,0 +1,483 @@
+package daemon
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
+
+	"github.com/remusd/remusd/checkpoint"
+	"github.com/remusd/remusd/failover"
+	"github.com/remusd/remusd/guestimage"
+	"github.com/remusd/remusd/hypervisor/qemu"
+	"github.com/remusd/remusd/outbuf"
+	remuspb "github.com/remusd/remusd/proto"
+	"github.com/remusd/remusd/transport"
+)
+
+// QemuVM describes one QEMU guest the daemon launches (or attaches to).
+type QemuVM struct {
+	Name      string `json:"name"`
+	MemoryMiB int    `json:"memory_mib"`
+	CPUs      int    `json:"cpus"`
+	// Kernel, Initrd and Append boot a kernel directly.
+	Kernel string `json:"kernel"`
+	Initrd string `json:"initrd"`
+	Append string `json:"append"`
+	// UseGuestImage boots the guest built by package guestimage (kernel,
+	// initramfs running remus-guestsvc) instead of Kernel/Initrd/Append,
+	// with eth0 at GuestIP (CIDR), default route GuestGateway and the
+	// service on GuestPort (default 7000).
+	UseGuestImage bool   `json:"use_guestimage"`
+	GuestIP       string `json:"guest_ip"`
+	GuestGateway  string `json:"guest_gateway"`
+	GuestPort     int    `json:"guest_port"`
+	// Tap is the host tap device of the guest's virtio-net NIC, MAC its
+	// address (must be the same on the backup's standby).
+	Tap string `json:"tap"`
+	MAC string `json:"mac"`
+	// Bridge is the bridge the daemon attaches the tap to (the tap is then
+	// a bridge port: NFQUEUE matches it with physdev). Bridged says the tap
+	// is a bridge port attached by someone else.
+	Bridge  string `json:"bridge"`
+	Bridged bool   `json:"bridged"`
+	// RunDir holds the RAM file, QMP socket and serial console (default
+	// /dev/shm/remusd-<name of this host>; keep it on tmpfs).
+	RunDir string `json:"run_dir"`
+	// QMP and RAM attach to a QEMU launched by someone else (its QMP
+	// socket and memory-backend-file path) instead of launching one.
+	QMP string `json:"qmp"`
+	RAM string `json:"ram"`
+	// ExtraArgs are extra machine arguments (passed to the standby too).
+	ExtraArgs []string `json:"extra_args"`
+	// Binary is the QEMU binary (default qemu-system-x86_64).
+	Binary string `json:"binary"`
+}
+
+// StandbyConfig is how this daemon builds a protected qemu VM's hot
+// standby when it is the backup.
+type StandbyConfig struct {
+	// Tap names the standby's tap; "%s" is replaced by the VM name
+	// (default "rs-%s"). At most 15 characters after substitution.
+	Tap string `json:"tap"`
+	// Bridge is the bridge the daemon attaches the standby's tap to ("" =
+	// none).
+	Bridge string `json:"bridge"`
+	// RunDir holds replica RAM files, QMP sockets and consoles (default
+	// /dev/shm/remusd-<name of this host>-standby).
+	RunDir string `json:"run_dir"`
+	// Cold starts no hot standby: failover cold-starts QEMU on the replica.
+	Cold bool `json:"cold"`
+	// Binary is the QEMU binary (default qemu-system-x86_64).
+	Binary string `json:"binary"`
+}
+
+var ifNameRE = regexp.MustCompile(`^[A-Za-z0-9_.:-]{1,15}$`)
+
+func validIfName(s string) bool { return ifNameRE.MatchString(s) }
+
+// validate returns one error per bad field, named with prefix f.
+func (q QemuVM) validate(f string) []error {
+	var errs []error
+	bad := func(field, format string, a ...any) {
+		errs = append(errs, fmt.Errorf("config field %s.%s: %s", f, field, fmt.Sprintf(format, a...)))
+	}
+	if q.Name == "" {
+		bad("name", "must be set")
+	} else if strings.ContainsAny(q.Name, ",/ \t\n\x00") {
+		bad("name", "%q must not contain ',', '/' or spaces", q.Name)
+	}
+	attach := q.QMP != "" || q.RAM != ""
+	if attach {
+		if q.QMP == "" {
+			bad("qmp", "must be set with ram (attach to a running QEMU)")
+		}
+		if q.RAM == "" {
+			bad("ram", "must be set with qmp (attach to a running QEMU)")
+		} else if !filepath.IsAbs(q.RAM) {
+			bad("ram", "%q must be absolute", q.RAM)
+		}
+		if q.MemoryMiB != 0 {
+			bad("memory_mib", "must not be set when attaching (the RAM file's size is used)")
+		}
+	} else if q.MemoryMiB <= 0 || q.MemoryMiB > 1<<20 {
+		bad("memory_mib", "%d out of range [1, 1048576]", q.MemoryMiB)
+	}
+	if q.CPUs < 0 || q.CPUs > 255 {
+		bad("cpus", "%d out of range [0, 255] (0 means 1)", q.CPUs)
+	}
+	if q.UseGuestImage {
+		if !attach && q.MemoryMiB > 0 && q.MemoryMiB < guestimage.MinMemoryMiB {
+			bad("memory_mib", "%d: the guest image needs at least %d", q.MemoryMiB, guestimage.MinMemoryMiB)
+		}
+		for field, v := range map[string]string{"kernel": q.Kernel, "initrd": q.Initrd, "append": q.Append} {
+			if v != "" {
+				bad(field, "must not be set with use_guestimage (the image provides it)")
+			}
+		}
+		if q.GuestIP != "" {
+			if _, _, err := net.ParseCIDR(q.GuestIP); err != nil {
+				bad("guest_ip", "%q is not an address with prefix length (e.g. 10.77.0.10/24)", q.GuestIP)
+			}
+		}
+		if q.GuestGateway != "" && net.ParseIP(q.GuestGateway) == nil {
+			bad("guest_gateway", "%q is not an IP address", q.GuestGateway)
+		}
+		if q.GuestPort < 0 || q.GuestPort > 65535 {
+			bad("guest_port", "%d out of range [0, 65535]", q.GuestPort)
+		}
+	} else {
+		for field, v := range map[string]string{"guest_ip": q.GuestIP, "guest_gateway": q.GuestGateway} {
+			if v != "" {
+				bad(field, "only valid with use_guestimage")
+			}
+		}
+		if q.GuestPort != 0 {
+			bad("guest_port", "only valid with use_guestimage")
+		}
+		if q.Kernel == "" && (q.Initrd != "" || q.Append != "") {
+			bad("kernel", "must be set with initrd or append")
+		}
+		for field, v := range map[string]string{"kernel": q.Kernel, "initrd": q.Initrd} {
+			if v != "" && !filepath.IsAbs(v) {
+				bad(field, "%q must be absolute", v)
+			}
+		}
+	}
+	if q.Tap != "" && !validIfName(q.Tap) {
+		bad("tap", "%q is not a valid interface name (1-15 characters)", q.Tap)
+	}
+	if q.Tap != "" && q.MAC == "" {
+		bad("mac", "must be set with tap (the standby needs the same MAC)")
+	}
+	if q.MAC != "" {
+		if hw, err := net.ParseMAC(q.MAC); err != nil || len(hw) != 6 || hw[0]&1 != 0 {
+			bad("mac", "%q is not a unicast 48-bit MAC address", q.MAC)
+		}
+		if q.Tap == "" {
+			bad("tap", "must be set with mac")
+		}
+	}
+	if q.Bridge != "" {
+		if !validIfName(q.Bridge) {
+			bad("bridge", "%q is not a valid interface name", q.Bridge)
+		}
+		if q.Tap == "" {
+			bad("bridge", "needs tap")
+		}
+	}
+	if q.Bridged && q.Tap == "" {
+		bad("bridged", "needs tap")
+	}
+	if q.UseGuestImage && q.GuestIP != "" && q.Tap == "" {
+		bad("guest_ip", "needs tap (the guest has no NIC without it)")
+	}
+	if q.RunDir != "" && !filepath.IsAbs(q.RunDir) {
+		bad("run_dir", "%q must be absolute", q.RunDir)
+	}
+	if q.Binary != "" && strings.ContainsAny(q.Binary, "\n\x00") {
+		bad("binary", "%q is not a path", q.Binary)
+	}
+	return errs
+}
+
+func (s StandbyConfig) validate(f string) []error {
+	var errs []error
+	bad := func(field, format string, a ...any) {
+		errs = append(errs, fmt.Errorf("config field %s.%s: %s", f, field, fmt.Sprintf(format, a...)))
+	}
+	if s.Tap != "" {
+		if strings.Count(s.Tap, "%s") > 1 || strings.Count(s.Tap, "%") != strings.Count(s.Tap, "%s") {
+			bad("tap", "%q: only one %%s (the VM name) is allowed", s.Tap)
+		} else if !validIfName(strings.ReplaceAll(s.Tap, "%s", "x")) {
+			bad("tap", "%q does not make a valid interface name", s.Tap)
+		}
+	}
+	if s.Bridge != "" && !validIfName(s.Bridge) {
+		bad("bridge", "%q is not a valid interface name", s.Bridge)
+	}
+	if s.RunDir != "" && !filepath.IsAbs(s.RunDir) {
+		bad("run_dir", "%q must be absolute", s.RunDir)
+	}
+	return errs
+}
+
+// qemuNet is where a qemu VM's NIC meets the host network.
+type qemuNet struct {
+	tap     string
+	bridge  string // attach the tap to this bridge ("" = none)
+	bridged bool   // the tap is a bridge port
+}
+
+func (q QemuVM) runDir(host string) string {
+	if q.RunDir != "" {
+		return q.RunDir
+	}
+	return filepath.Join("/dev/shm", "remusd-"+host)
+}
+
+func (s StandbyConfig) runDir(host string) string {
+	if s.RunDir != "" {
+		return s.RunDir
+	}
+	return filepath.Join("/dev/shm", "remusd-"+host+"-standby")
+}
+
+// TapFor returns the standby tap name for a VM.
+func (s StandbyConfig) TapFor(vm string) string {
+	p := s.Tap
+	if p == "" {
+		p = "rs-%s"
+	}
+	return strings.ReplaceAll(p, "%s", vm)
+}
+
+// qemuSpec translates a configured VM into a launch spec (img fills in the
+// kernel when use_guestimage is set).
+func (q QemuVM) qemuSpec(host string, img *guestimage.Image) qemu.Spec {
+	dir := q.runDir(host)
+	s := qemu.Spec{
+		Name: q.Name, MemoryMiB: q.MemoryMiB, CPUs: q.CPUs,
+		Kernel: q.Kernel, Initrd: q.Initrd, Append: q.Append,
+		MAC: strings.ToLower(q.MAC), ExtraArgs: q.ExtraArgs,
+		Tap:        q.Tap,
+		RAMPath:    filepath.Join(dir, q.Name+".ram"),
+		QMPPath:    filepath.Join(dir, q.Name+".qmp"),
+		SerialPath: filepath.Join(dir, q.Name+".serial"),
+		Binary:     q.Binary,
+	}
+	if img != nil {
+		s.Kernel, s.Initrd = img.Kernel, img.Initrd
+		s.Append = guestimage.Append(q.GuestIP, q.GuestGateway, q.GuestPort)
+	}
+	if q.QMP != "" {
+		s.QMPPath, s.RAMPath = q.QMP, q.RAM
+	}
+	return s
+}
+
+// standbySpec is the backup's spec for a primary's machine: the machine
+// fields from the handshake, the host-local ones from this daemon.
+func (s StandbyConfig) standbySpec(host string, machine qemu.Spec) qemu.Spec {
+	dir := s.runDir(host)
+	machine.RAMPath = filepath.Join(dir, machine.Name+".replica.ram")
+	machine.QMPPath = filepath.Join(dir, machine.Name+".qmp")
+	machine.SerialPath = filepath.Join(dir, machine.Name+".serial")
+	machine.Binary = s.Binary
+	machine.Tap = ""
+	if machine.MAC != "" {
+		machine.Tap = s.TapFor(machine.Name)
+	}
+	return machine
+}
+
+// startQemu launches (or attaches to) a configured VM.
+func (d *Daemon) startQemu(ctx context.Context, q QemuVM) (*qemu.Guest, bool, error) {
+	var img *guestimage.Image
+	if q.UseGuestImage {
+		var err error
+		if img, err = guestimage.Build(ctx, guestimage.Config{}); err != nil {
+			return nil, false, fmt.Errorf("guest image: %w", err)
+		}
+	}
+	spec := q.qemuSpec(d.cfg.Name, img)
+	log := d.log
+	if q.QMP != "" {
+		g, err := qemu.Attach(ctx, q.QMP, q.RAM, log)
+		if err != nil {
+			return nil, false, err
+		}
+		spec.MemoryMiB = g.Spec().MemoryMiB
+		g.SetSpec(spec)
+		return g, true, nil
+	}
+	if err := os.MkdirAll(filepath.Dir(spec.RAMPath), 0o700); err != nil {
+		return nil, false, fmt.Errorf("run dir: %w", err)
+	}
+	_ = os.Remove(spec.SerialPath)
+	g, err := qemu.Launch(ctx, spec, log)
+	if err != nil {
+		return nil, false, err
+	}
+	if q.Tap != "" {
+		if err := setupTap(ctx, q.Tap, q.Bridge); err != nil {
+			g.Close()
+			return nil, false, err
+		}
+	}
+	return g, false, nil
+}
+
+// netlinkTimeout bounds each netlink request.
+const netlinkTimeout = 5 * time.Second
+
+// setupTap brings tap up and, if bridge is set, makes it a port of bridge.
+func setupTap(ctx context.Context, tap, bridge string) error {
+	if dl, ok := ctx.Deadline(); ok && time.Until(dl) <= 0 {
+		return fmt.Errorf("tap %s: %w", tap, context.DeadlineExceeded)
+	}
+	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
+	if err != nil {
+		return fmt.Errorf("tap %s: netlink: %w", tap, err)
+	}
+	defer h.Close()
+	if err := h.SetSocketTimeout(netlinkTimeout); err != nil {
+		return fmt.Errorf("tap %s: netlink timeout: %w", tap, err)
+	}
+	link, err := h.LinkByName(tap)
+	if err != nil {
+		return fmt.Errorf("tap %s: %w", tap, err)
+	}
+	if bridge != "" {
+		br, err := h.LinkByName(bridge)
+		if err != nil {
+			return fmt.Errorf("bridge %s for tap %s: %w", bridge, tap, err)
+		}
+		if err := h.LinkSetMaster(link, br); err != nil {
+			return fmt.Errorf("attach tap %s to bridge %s: %w", tap, bridge, err)
+		}
+	}
+	if err := h.LinkSetUp(link); err != nil {
+		return fmt.Errorf("tap %s up: %w", tap, err)
+	}
+	return nil
+}
+
+// localQEMUVersion asks the QEMU binary its version, in the form QMP
+// reports it ("qemu-7.2.22"), to refuse a mismatched primary before any
+// standby is started.
+func localQEMUVersion(ctx context.Context, binary string) (string, error) {
+	if binary == "" {
+		binary = qemu.DefaultBinary
+	}
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, binary, "--version").Output()
+	if err != nil {
+		return "", fmt.Errorf("%s --version: %w", binary, err)
+	}
+	m := regexp.MustCompile(`version (\d+)\.(\d+)\.(\d+)`).FindStringSubmatch(string(out))
+	if m == nil {
+		return "", fmt.Errorf("%s --version: no version in %q", binary, strings.TrimSpace(string(out)))
+	}
+	return fmt.Sprintf("qemu-%s.%s.%s", m[1], m[2], m[3]), nil
+}
+
+// openQemuBuffer opens the output buffer on a qemu VM's tap (d.mu held).
+// forceOne says the mechanism tracks a single closed epoch (plug).
+func (d *Daemon) openQemuBuffer(v *vm, interval time.Duration) (outbuf.Buffer, bool, error) {
+	if v.qnet.tap == "" {
+		d.log.Info("qemu VM has no NIC: no network output to hold", zap.String("vm", v.name))
+		m := outbuf.NewMemory(0, nil)
+		_ = m.ReleaseAll()
+		return m, false, nil
+	}
+	kind, unsafe, err := chooseOutputBuffer(d.cfg.OutputBuffer, d.outbufProbe())
+	if err != nil {
+		return nil, false, err
+	}
+	if unsafe {
+		d.log.Warn("output buffering disabled by configuration (none-unsafe)", zap.String("vm", v.name))
+	}
+	q := d.nextQueue
+	d.nextQueue++
+	ctx, cancel := context.WithTimeout(d.ctx, 30*time.Second)
+	defer cancel()
+	b, err := openNetBuffer(ctx, kind, netBufferSpec{Interface: v.qnet.tap, Bridged: v.qnet.bridged, QueueNum: q,
+		Epoch: interval, Ack: d.cfg.AckTimeout.D()}, d.log.With(zap.String("vm", v.name)))
+	if err != nil {
+		return nil, false, err
+	}
+	d.log.Info("output buffer on the VM's tap", zap.String("vm", v.name), zap.String("kind", kind), zap.String("tap", v.qnet.tap),
+		zap.Bool("bridged", v.qnet.bridged), zap.Uint16("queue", q))
+	return b, kind == "plug", nil
+}
+
+// qemuBackupFor creates the replica and hot standby of a primary's qemu VM
+// (d.mu held).
+func (d *Daemon) qemuBackupFor(h *remuspb.Hello) (*checkpoint.Backup, error) {
+	machine, err := qemu.ParseConfig(h.BackendConfig)
+	if err != nil {
+		return nil, fmt.Errorf("VM %s: bad qemu backend config: %w", h.VmName, err)
+	}
+	if machine.Name != h.VmName {
+		return nil, fmt.Errorf("VM %s: backend config names VM %q", h.VmName, machine.Name)
+	}
+	if uint64(machine.MemoryBytes()) != h.MemoryBytes {
+		return nil, fmt.Errorf("VM %s: hello says %d bytes of memory, backend config %d", h.VmName, h.MemoryBytes, machine.MemoryBytes())
+	}
+	ctx, cancel := context.WithTimeout(d.ctx, qemu.DefaultStartTimeout)
+	defer cancel()
+	ver, err := localQEMUVersion(ctx, d.cfg.Standby.Binary)
+	if err != nil {
+		return nil, fmt.Errorf("VM %s: local QEMU: %w", h.VmName, err)
+	}
+	if ver != h.BackendVersion {
+		return nil, fmt.Errorf("VM %s: QEMU version mismatch: the primary runs %s, this backup (%s) has %s; a standby cannot load device state saved by another QEMU version: install the same QEMU on both hosts",
+			h.VmName, h.BackendVersion, d.cfg.Name, ver)
+	}
+	for field, p := range map[string]string{"kernel": machine.Kernel, "initrd": machine.Initrd} {
+		if p == "" {
+			continue
+		}
+		if _, err := os.Stat(p); err != nil {
+			return nil, fmt.Errorf("VM %s: the standby needs the primary's %s on this host too (same path): %w", h.VmName, field, err)
+		}
+	}
+	spec := d.cfg.Standby.standbySpec(d.cfg.Name, machine)
+	if err := os.MkdirAll(filepath.Dir(spec.RAMPath), 0o700); err != nil {
+		return nil, fmt.Errorf("VM %s: standby run dir: %w", h.VmName, err)
+	}
+	_ = os.Remove(spec.SerialPath)
+	var opts []qemu.ReplicaOption
+	if d.cfg.Standby.Cold {
+		opts = append(opts, qemu.WithoutStandby())
+	}
+	rep, err := qemu.NewReplica(ctx, spec, d.log, opts...)
+	if err != nil {
+		return nil, fmt.Errorf("VM %s: replica: %w", h.VmName, err)
+	}
+	if spec.Tap != "" && !d.cfg.Standby.Cold {
+		if err := setupTap(ctx, spec.Tap, d.cfg.Standby.Bridge); err != nil {
+			rep.Close()
+			return nil, fmt.Errorf("VM %s: standby: %w", h.VmName, err)
+		}
+	}
+	policy := failover.Manual
+	if d.cfg.Takeover == TakeoverAutoUnsafe {
+		policy = failover.AutoUnsafe
+	}
+	v := &vm{name: h.VmName, backend: qemu.BackendName, role: RoleBackup, qreplica: rep,
+		qnet:     qemuNet{tap: spec.Tap, bridge: d.cfg.Standby.Bridge, bridged: d.cfg.Standby.Bridge != ""},
+		detector: &failover.Detector{Timeout: d.cfg.HeartbeatTimeout.D(), Policy: policy}}
+	v.audit = openAudit(d.cfg.StateDir, h.VmName, "backup", d.log)
+	v.backup = checkpoint.NewBackup(checkpoint.BackupOptions{
+		VMName:            h.VmName,
+		Replica:           rep,
+		Backend:           qemu.BackendName,
+		BackendVersion:    ver,
+		HeartbeatInterval: d.cfg.HeartbeatInterval.D(),
+		HeartbeatTimeout:  d.cfg.HeartbeatTimeout.D(),
+		Log:               d.log,
+		OnCommit: func(epoch uint64, dev []byte) {
+			v.audit.record(auditRecord{Event: "commit", Epoch: epoch})
+		},
+		BeforeActivate: func(epoch uint64, _, dev []byte) {
+			// No memory hash here: it would delay the takeover.
+			v.audit.record(auditRecord{Event: "activate", Epoch: epoch, DeviceXXH: transport.PageHash(dev)})
+		},
+	})
+	d.vms[h.VmName] = v
+	d.log.Info("new qemu replica", zap.String("vm", h.VmName), zap.Int("memory_mib", spec.MemoryMiB), zap.String("qemu", ver),
+		zap.Bool("hot_standby", !d.cfg.Standby.Cold), zap.String("tap", spec.Tap), zap.String("bridge", d.cfg.Standby.Bridge))
+	return v.backup, nil
+}
