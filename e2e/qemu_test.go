@@ -1,0 +1,385 @@
+package e2e
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/remusd/remusd/daemon"
+	"github.com/remusd/remusd/guestimage"
+	"github.com/remusd/remusd/guestsvc"
+	"github.com/remusd/remusd/vmtest"
+)
+
+// qnet is the test topology: a client, a primary host (A) and a backup
+// host (B), each in its own network namespace, joined by a switch bridge
+// (namespace S). Each host has a bridge holding its uplink and, once the
+// daemon attaches it, the guest's tap; both taps carry the same guest MAC.
+//
+//	client 10.77.0.2 — sw0 — brA 10.77.0.101 (tapA: guest 10.77.0.10)
+//	                      \— brB 10.77.0.102 (tapB: standby)
+type qnet struct {
+	client, a, b, s string
+}
+
+const (
+	guestIP   = "10.77.0.10"
+	guestMAC  = "52:54:00:77:00:10"
+	hostAIP   = "10.77.0.101"
+	hostBIP   = "10.77.0.102"
+	replPort  = "7800"
+	guestPort = "7000"
+)
+
+func ipRun(ctx context.Context, args ...string) error {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, args[0], args[1:]...).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("%s: %w: %s", strings.Join(args, " "), err, strings.TrimSpace(string(out)))
+	}
+	return nil
+}
+
+// killNetnsProcs SIGKILLs every process left in namespace ns (QEMUs of a
+// killed daemon), by pid.
+func killNetnsProcs(ns string) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, "ip", "netns", "pids", ns).Output()
+	if err != nil {
+		return
+	}
+	for _, f := range strings.Fields(string(out)) {
+		if pid, err := strconv.Atoi(f); err == nil && pid > 1 && pid != os.Getpid() {
+			_ = syscall.Kill(pid, syscall.SIGKILL)
+		}
+	}
+}
+
+func newQNet(t *testing.T) *qnet {
+	t.Helper()
+	id := fmt.Sprintf("%d%03d", os.Getpid()%10000, rand.IntN(1000))
+	n := &qnet{client: "rqc" + id, a: "rqa" + id, b: "rqb" + id, s: "rqs" + id}
+	ctx := context.Background()
+	all := []string{n.client, n.a, n.b, n.s}
+	t.Cleanup(func() {
+		for _, ns := range all {
+			killNetnsProcs(ns)
+		}
+		for _, ns := range all {
+			_ = ipRun(ctx, "ip", "netns", "del", ns)
+		}
+	})
+	in := func(ns string, a ...string) []string { return append([]string{"ip", "-n", ns}, a...) }
+	cmds := [][]string{}
+	for _, ns := range all {
+		cmds = append(cmds, []string{"ip", "netns", "add", ns}, in(ns, "link", "set", "lo", "up"))
+	}
+	cmds = append(cmds,
+		in(n.s, "link", "add", "sw0", "type", "bridge", "forward_delay", "0"),
+		in(n.s, "link", "set", "sw0", "up"),
+		in(n.s, "link", "add", "sc", "type", "veth", "peer", "name", "eth0", "netns", n.client),
+		in(n.s, "link", "add", "sa", "type", "veth", "peer", "name", "up0", "netns", n.a),
+		in(n.s, "link", "add", "sb", "type", "veth", "peer", "name", "up0", "netns", n.b),
+		in(n.client, "addr", "add", "10.77.0.2/24", "dev", "eth0"),
+		in(n.client, "link", "set", "eth0", "up"),
+	)
+	for _, p := range []string{"sc", "sa", "sb"} {
+		cmds = append(cmds, in(n.s, "link", "set", p, "master", "sw0", "up"))
+	}
+	for _, h := range []struct{ ns, br, ip string }{{n.a, "brA", hostAIP}, {n.b, "brB", hostBIP}} {
+		cmds = append(cmds,
+			in(h.ns, "link", "add", h.br, "type", "bridge", "forward_delay", "0"),
+			in(h.ns, "link", "set", "up0", "master", h.br, "up"),
+			in(h.ns, "addr", "add", h.ip+"/24", "dev", h.br),
+			in(h.ns, "link", "set", h.br, "up"),
+			[]string{"ip", "netns", "exec", h.ns, "sh", "-c", "echo 1 >/proc/sys/net/bridge/bridge-nf-call-iptables && echo 1 >/proc/sys/net/bridge/bridge-nf-call-ip6tables"},
+		)
+	}
+	for _, c := range cmds {
+		if err := ipRun(ctx, c...); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return n
+}
+
+// startDaemonIn runs `remusd serve` inside network namespace ns (its QEMUs
+// inherit the namespace).
+func startDaemonIn(t *testing.T, dir, name, ns string, cfg daemon.Config) *daemonProc {
+	t.Helper()
+	cfgPath := writeConfig(t, dir, name, cfg)
+	logPath := filepath.Join(dir, name+".log")
+	logf, err := os.Create(logPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	root, err := moduleRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command("ip", "netns", "exec", ns, binPath, "serve", "--config", cfgPath, "--log-level", "debug")
+	cmd.Dir = root // guestimage builds remus-guestsvc from this checkout
+	cmd.Env = append(os.Environ(), "REMUSD_CONTROL=")
+	cmd.Stdout, cmd.Stderr = logf, logf
+	if err := cmd.Start(); err != nil {
+		logf.Close()
+		t.Fatalf("start %s: %v", name, err)
+	}
+	d := &daemonProc{t: t, name: name, cmd: cmd, logPath: logPath, control: cfg.Control, done: make(chan struct{})}
+	go func() {
+		err := cmd.Wait()
+		logf.Close()
+		d.mu.Lock()
+		d.waitErr = err
+		d.mu.Unlock()
+		close(d.done)
+	}()
+	t.Cleanup(func() {
+		d.stop()
+		if t.Failed() {
+			d.dumpLog()
+		}
+	})
+	waitFor(t, 3*time.Minute, name+" control socket answers", func() (bool, string) {
+		if d.exited() {
+			t.Fatalf("%s exited during start-up: %v\n%s", name, d.exitErr(), d.logTail(40))
+		}
+		_, err := (daemon.ControlClient{Path: cfg.Control, Timeout: 2 * time.Second}).Status(t.Context())
+		if err != nil {
+			return false, err.Error()
+		}
+		return true, ""
+	})
+	return d
+}
+
+// childPids lists the direct children of pid.
+func childPids(pid int) []int {
+	var out []int
+	tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/children", pid))
+	for _, f := range tasks {
+		b, _ := os.ReadFile(f)
+		for _, s := range strings.Fields(string(b)) {
+			if p, err := strconv.Atoi(s); err == nil {
+				out = append(out, p)
+			}
+		}
+	}
+	return out
+}
+
+// client keeps one TCP connection to the guest service and issues ADDs
+// back to back, checking every reply against the model.
+type client struct {
+	conn net.Conn
+	m    *guestsvc.Model
+
+	mu       sync.Mutex
+	ok       int
+	lastAt   time.Time
+	err      error
+	maxGap   time.Duration
+	gapAfter int // replies before the longest gap
+}
+
+func (c *client) run(ctx context.Context) {
+	r := bufio.NewReader(c.conn)
+	for id := uint64(1); ctx.Err() == nil; id++ {
+		req, want := c.m.Add(id, "k"+strconv.FormatUint(id%4, 10), int64(id))
+		// A generous per-request bound: failover plus TCP retransmission.
+		_ = c.conn.SetDeadline(time.Now().Add(60 * time.Second))
+		var err error
+		if _, err = fmt.Fprintf(c.conn, "%s\n", req); err == nil {
+			var got string
+			if got, err = r.ReadString('\n'); err == nil {
+				err = guestsvc.Check(strings.TrimRight(got, "\n"), want)
+			}
+		}
+		c.mu.Lock()
+		if err != nil {
+			c.err = fmt.Errorf("request %d: %w", id, err)
+			c.mu.Unlock()
+			return
+		}
+		now := time.Now()
+		if !c.lastAt.IsZero() && now.Sub(c.lastAt) > c.maxGap {
+			c.maxGap, c.gapAfter = now.Sub(c.lastAt), c.ok
+		}
+		c.ok++
+		c.lastAt = now
+		c.mu.Unlock()
+	}
+}
+
+func (c *client) state() (ok int, last time.Time, err error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.ok, c.lastAt, c.err
+}
+
+// TestQEMUTCPSessionSurvivesFailover is the proof: a Linux guest under
+// QEMU serves one TCP connection; the primary's QEMU and remusd are
+// SIGKILLed mid-stream; `remusd failover` on the backup; the same
+// connection carries on with every reply consistent (nothing lost or
+// replayed).
+func TestQEMUTCPSessionSurvivesFailover(t *testing.T) {
+	if testing.Short() {
+		t.Skip("boots QEMU guests")
+	}
+	if os.Geteuid() != 0 {
+		t.Skip("needs root (network namespaces, NFQUEUE)")
+	}
+	if _, err := vmtest.FindQEMU(); err != nil {
+		t.Skip(err)
+	}
+	for _, tool := range []string{"ip", "iptables"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("%s not installed", tool)
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	if _, err := guestimage.Build(ctx, guestimage.Config{}); errors.Is(err, guestimage.ErrUnavailable) {
+		t.Skip(err)
+	} else if err != nil {
+		t.Fatal(err)
+	}
+	// The kill lands at different points of the request stream and of
+	// the epoch cycle.
+	for _, killAfter := range []int{25, 100, 173} {
+		t.Run(fmt.Sprintf("kill-after-%d", killAfter), func(t *testing.T) { qemuFailoverRun(t, killAfter) })
+	}
+}
+
+func qemuFailoverRun(t *testing.T, killAfter int) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	if _, err := os.Stat("/proc/sys/net/bridge/bridge-nf-call-iptables"); err != nil {
+		_ = ipRun(ctx, "modprobe", "br_netfilter")
+		if _, err := os.Stat("/proc/sys/net/bridge/bridge-nf-call-iptables"); err != nil {
+			t.Fatalf("bridged output buffering needs br_netfilter (modprobe br_netfilter): %v", err)
+		}
+	}
+	n := newQNet(t)
+	dir := shortTempDir(t)
+	shm, err := os.MkdirTemp("/dev/shm", "rq-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(shm) })
+
+	bcfg := baseConfig(dir, "hostB")
+	bcfg.Listen = hostBIP + ":" + replPort
+	bcfg.Standby = daemon.StandbyConfig{Tap: "tapB", Bridge: "brB", RunDir: filepath.Join(shm, "b")}
+	backup := startDaemonIn(t, dir, "hostB", n.b, bcfg)
+
+	acfg := baseConfig(dir, "hostA")
+	acfg.EpochInterval = daemon.Duration(50 * time.Millisecond)
+	acfg.QemuVMs = []daemon.QemuVM{{Name: "g", MemoryMiB: 128, UseGuestImage: true, GuestIP: guestIP + "/24",
+		Tap: "tapA", MAC: guestMAC, Bridge: "brA", RunDir: filepath.Join(shm, "a")}}
+	primary := startDaemonIn(t, dir, "hostA", n.a, acfg)
+
+	serial := filepath.Join(shm, "a", "g.serial")
+	line, err := guestimage.WaitReady(ctx, serial)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("guest: %s", line)
+
+	if r := runCLI(t, "protect", "g", "--peer", bcfg.Listen, "--control", acfg.Control); r.code != 0 {
+		t.Fatalf("protect: %s", r)
+	}
+	waitFor(t, 2*time.Minute, "epochs acknowledged", func() (bool, string) {
+		s, ok := vmStatus(t, acfg.Control, "g")
+		return ok && s.AckedEpoch >= 10, fmt.Sprintf("%+v", s)
+	})
+	if s, _ := vmStatus(t, acfg.Control, "g"); s.OutBuf != "nfqueue" && s.OutBuf != "plug" {
+		t.Fatalf("primary output buffer %q, want nfqueue or plug", s.OutBuf)
+	}
+
+	conn, err := guestimage.DialInNetns(ctx, n.client, guestIP+":"+guestPort)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	cl := &client{conn: conn, m: guestsvc.NewModel()}
+	cctx, ccancel := context.WithCancel(ctx)
+	defer ccancel()
+	cdone := make(chan struct{})
+	go func() { defer close(cdone); cl.run(cctx) }()
+	defer func() { ccancel(); conn.Close(); <-cdone }()
+
+	// Let the client run through a number of protected requests.
+	waitFor(t, 2*time.Minute, "client requests under protection", func() (bool, string) {
+		ok, _, err := cl.state()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return ok >= killAfter, fmt.Sprintf("%d replies", ok)
+	})
+	ps, _ := vmStatus(t, acfg.Control, "g")
+	t.Logf("primary before the kill: acked epoch %d, pause last %.1f ms p50 %.1f ms p99 %.1f ms, ack p50 %.1f ms, dirty pages last %d, outbuf %s held %d released %d dropped %d",
+		ps.AckedEpoch, ps.PauseMsLast, ps.PauseMsP50, ps.PauseMsP99, ps.AckMsP50, ps.DirtyPagesLast, ps.OutBuf, ps.OutputHeld, ps.OutputReleased, ps.OutputDropped)
+
+	// The primary host dies: its QEMU and its remusd, SIGKILL.
+	before, _, _ := cl.state()
+	kids := childPids(primary.cmd.Process.Pid)
+	if len(kids) == 0 {
+		t.Fatal("primary remusd has no QEMU child")
+	}
+	killAt := time.Now()
+	for _, p := range kids {
+		_ = syscall.Kill(p, syscall.SIGKILL)
+	}
+	primary.kill(t)
+	t.Logf("killed primary QEMU %v and remusd after %d replies", kids, before)
+
+	fstart := time.Now()
+	if r := runCLI(t, "failover", "g", "--control", bcfg.Control); r.code != 0 {
+		t.Fatalf("failover: %s", r)
+	}
+	t.Logf("remusd failover returned after %v", time.Since(fstart))
+	waitFor(t, 2*time.Minute, "the client's next reply on the same connection", func() (bool, string) {
+		ok, last, err := cl.state()
+		if err != nil {
+			t.Fatalf("client after failover: %v", err)
+		}
+		return ok > before && last.After(killAt), fmt.Sprintf("%d replies", ok)
+	})
+	_, last, _ := cl.state()
+	t.Logf("first reply after the kill: %v after SIGKILL (failover command issued %v after)", last.Sub(killAt), fstart.Sub(killAt))
+	waitFor(t, 2*time.Minute, "the client carries on", func() (bool, string) {
+		ok, _, err := cl.state()
+		if err != nil {
+			t.Fatalf("client after failover: %v", err)
+		}
+		return ok >= before+100, fmt.Sprintf("%d replies", ok)
+	})
+	if s, ok := vmStatus(t, bcfg.Control, "g"); !ok || s.Role != daemon.RoleActive {
+		t.Fatalf("backup status after failover: %+v", s)
+	}
+	ccancel()
+	<-cdone
+	ok, _, cerr := cl.state()
+	if cerr != nil && !errors.Is(cerr, context.Canceled) && !strings.Contains(cerr.Error(), "closed") {
+		t.Fatalf("client: %v", cerr)
+	}
+	t.Logf("client: %d replies, all consistent with the model, on one TCP connection; longest gap %v after reply %d", ok, cl.maxGap, cl.gapAfter)
+	if b := backup.logTail(400); !strings.Contains(b, "qemu replica activated") {
+		t.Errorf("backup log has no activation record")
+	}
+}
