@@ -7,6 +7,8 @@ import (
 	"os"
 	"strings"
 	"time"
+
+	"github.com/remusd/remusd/transport"
 )
 
 // Duration is a time.Duration that reads and writes as "25ms" in JSON.
@@ -74,6 +76,11 @@ type Config struct {
 	Takeover          string   `json:"takeover"`
 	DialTimeout       Duration `json:"dial_timeout"`
 	ReconnectBackoff  Duration `json:"reconnect_backoff"`
+
+	// TLS, when set, makes the replication link mutually authenticated
+	// TLS 1.3: this daemon presents Cert/Key and accepts only peers whose
+	// certificates the CA signed. Both daemons of a pair must enable it.
+	TLS transport.TLSFiles `json:"tls"`
 
 	// OutputBuffer selects how a VM's network output is held: auto (plug
 	// where the kernel has it, else NFQUEUE), plug, nfqueue, or
@@ -186,6 +193,11 @@ func (c Config) Validate() error {
 	}
 	if c.ReconnectBackoff.D() <= 0 {
 		bad("reconnect_backoff", "must be positive")
+	}
+	if c.TLS.Enabled() {
+		if err := c.TLS.Validate(); err != nil {
+			errs = append(errs, fmt.Errorf("config field %w", err))
+		}
 	}
 	switch c.OutputBuffer {
 	case OutputAuto, OutputPlug, OutputNFQueue, OutputNoneUnsafe:

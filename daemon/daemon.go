@@ -6,6 +6,7 @@ package daemon
 import (
 	"context"
 	"crypto/rand"
+	"crypto/tls"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -46,6 +47,8 @@ type Daemon struct {
 	probe     outbuf.ProbeResult
 	// nextQueue is the next NFQUEUE queue number for a protected VM.
 	nextQueue uint16
+	// tlsServer is the replication listener's TLS config (nil: plain TCP).
+	tlsServer *tls.Config
 }
 
 // vm is one guest known to this daemon, in any role.
@@ -103,6 +106,13 @@ func New(cfg Config, log *zap.Logger) (*Daemon, error) {
 		return nil, fmt.Errorf("state dir: %w", err)
 	}
 	d := &Daemon{cfg: cfg, log: log.With(zap.String("host", cfg.Name)), vms: map[string]*vm{}, nextQueue: firstQueueNum}
+	if cfg.TLS.Enabled() {
+		srv, err := cfg.TLS.ServerConfig()
+		if err != nil {
+			return nil, fmt.Errorf("config field tls: %w", err)
+		}
+		d.tlsServer = srv
+	}
 	for _, s := range cfg.SimVMs {
 		spec := simSpec{Sim: sim.Config{MemoryBytes: s.MemoryBytes, Workload: s.Workload, Rate: s.Rate, Seed: s.Seed, OutputEvery: s.OutputEvery}.WithDefaults(), Output: s.Output}
 		if err := spec.Sim.Validate(); err != nil {
@@ -220,6 +230,12 @@ func (d *Daemon) Run(ctx context.Context) error {
 		ln, err := (&net.ListenConfig{}).Listen(ctx, "tcp", d.cfg.Listen)
 		if err != nil {
 			return fmt.Errorf("listen for peers on %s: %w", d.cfg.Listen, err)
+		}
+		if d.tlsServer != nil {
+			// The handshake runs on the first read, under servePeer's
+			// Hello deadline; a peer without a valid certificate never
+			// gets to send a frame.
+			ln = tls.NewListener(ln, d.tlsServer)
 		}
 		d.log.Info("listening for primaries", zap.String("addr", ln.Addr().String()))
 		d.wg.Add(1)
@@ -458,7 +474,7 @@ func (d *Daemon) Protect(ctx context.Context, req ProtectRequest) error {
 		Guest: v.guest,
 		Out:   buf,
 		Dial: func(ctx context.Context) (net.Conn, error) {
-			return dialer.DialContext(ctx, "tcp", req.Peer)
+			return d.dialPeer(ctx, dialer, req.Peer)
 		},
 		ProtectionID: id,
 		Core: checkpoint.PrimaryConfig{
@@ -674,6 +690,29 @@ func (d *Daemon) statusOf(v *vm) VMStatus {
 		}
 	}
 	return s
+}
+
+// dialPeer connects to a peer daemon's replication address, over mutual
+// TLS when configured.
+func (d *Daemon) dialPeer(ctx context.Context, dialer *net.Dialer, peer string) (net.Conn, error) {
+	conn, err := dialer.DialContext(ctx, "tcp", peer)
+	if err != nil || !d.cfg.TLS.Enabled() {
+		return conn, err
+	}
+	host, _, _ := net.SplitHostPort(peer)
+	cfg, err := d.cfg.TLS.ClientConfig(host)
+	if err != nil {
+		conn.Close()
+		return nil, err
+	}
+	tc := tls.Client(conn, cfg)
+	hctx, cancel := context.WithTimeout(ctx, d.cfg.DialTimeout.D())
+	defer cancel()
+	if err := tc.HandshakeContext(hctx); err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("TLS handshake with %s: %w", peer, err)
+	}
+	return tc, nil
 }
 
 func observe(st checkpoint.BackupStats) failover.Observation {

@@ -1,80 +1,20 @@
 package transport
 
 import (
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
-	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
-	"math/big"
 	"net"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/remusd/remusd/internal/tlstest"
 )
 
-type testCA struct {
-	cert *x509.Certificate
-	key  *ecdsa.PrivateKey
-	pem  []byte
-}
-
-func newTestCA(t *testing.T, name string) *testCA {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: name},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
-		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, _ := x509.ParseCertificate(der)
-	return &testCA{cert: cert, key: key, pem: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})}
-}
-
-// issue writes a leaf certificate for name, signed by ca, plus the CA, and
-// returns the files.
-func (ca *testCA) issue(t *testing.T, dir, name string) TLSFiles {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(time.Now().UnixNano()), Subject: pkix.Name{CommonName: name},
-		DNSNames: []string{name}, IPAddresses: []net.IP{net.ParseIP("127.0.0.1")},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
-		KeyUsage:    x509.KeyUsageDigitalSignature,
-		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, &key.PublicKey, ca.key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	kb, err := x509.MarshalECPrivateKey(key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	f := TLSFiles{Cert: filepath.Join(dir, name+".crt"), Key: filepath.Join(dir, name+".key"), CA: filepath.Join(dir, name+"-ca.crt")}
-	write := func(p string, b []byte) {
-		if err := os.WriteFile(p, b, 0o600); err != nil {
-			t.Fatal(err)
-		}
-	}
-	write(f.Cert, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}))
-	write(f.Key, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kb}))
-	write(f.CA, ca.pem)
-	return f
+func issue(t *testing.T, ca *tlstest.CA, dir, name string) TLSFiles {
+	f := ca.Issue(t, dir, name)
+	return TLSFiles{Cert: f.Cert, Key: f.Key, CA: f.CA}
 }
 
 // handshake runs one TLS handshake between a server and a client config and
@@ -113,9 +53,9 @@ func handshake(t *testing.T, srv, cli *tls.Config) (error, error) {
 
 func TestMutualTLS(t *testing.T) {
 	dir := t.TempDir()
-	ca := newTestCA(t, "remusd-ca")
-	backup := ca.issue(t, dir, "backup")
-	primary := ca.issue(t, dir, "primary")
+	ca := tlstest.NewCA(t, "remusd-ca")
+	backup := issue(t, ca, dir, "backup")
+	primary := issue(t, ca, dir, "primary")
 	srv, err := backup.ServerConfig()
 	if err != nil {
 		t.Fatal(err)
@@ -129,7 +69,7 @@ func TestMutualTLS(t *testing.T) {
 	}
 
 	// A primary with a certificate from another CA is refused by the backup.
-	rogue := newTestCA(t, "rogue-ca").issue(t, dir, "rogue")
+	rogue := issue(t, tlstest.NewCA(t, "rogue-ca"), dir, "rogue")
 	rogue.CA = backup.CA // it trusts the real CA, but its own cert is foreign
 	rcli, err := rogue.ClientConfig("backup")
 	if err != nil {
@@ -168,7 +108,7 @@ func TestTLSFilesValidate(t *testing.T) {
 	if err := os.WriteFile(bad, []byte("not pem"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	f := newTestCA(t, "ca").issue(t, dir, "x")
+	f := issue(t, tlstest.NewCA(t, "ca"), dir, "x")
 	f.CA = bad
 	if _, err := f.ServerConfig(); err == nil || !strings.Contains(err.Error(), "holds no PEM certificate") {
 		t.Fatalf("got %v", err)
