@@ -9,6 +9,7 @@ import (
 	"os"
 	"runtime"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 )
@@ -125,7 +126,10 @@ func TestRunQuick(t *testing.T) {
 	if testing.Short() {
 		t.Skip("short")
 	}
-	r, err := Run(context.Background(), true, nil)
+	// Pause and codec only: every other section has its own sanity test
+	// (the quick pipeline's 64 MiB sparse run is slow under -race).
+	var progress bytes.Buffer
+	r, err := RunWith(context.Background(), Options{Quick: true, Progress: &progress, Skip: []string{"pipeline", "latency", "failover", "sweep", "scale", "multivm"}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -133,9 +137,11 @@ func TestRunQuick(t *testing.T) {
 	if err := r.Write(&buf); err != nil {
 		t.Fatal(err)
 	}
-	if !r.Pipeline.Verified || len(r.Pause.Sets) != 3 || len(r.Encode) != 2 {
-		t.Fatalf("report:\n%s", buf.String())
+	if len(r.Pause.Sets) != 3 || len(r.Encode) != 2 || len(r.Errors) != 0 || r.Latency != nil || !strings.Contains(progress.String(), "encode sparse") {
+		t.Fatalf("report:\n%s\nprogress:\n%s", buf.String(), progress.String())
 	}
+	finitePositive(t, "pause_over_memcpy", r.PauseOverMemcpy)
+	finitePositive(t, "wire_over_xor_rle", r.WireOverXORRLE)
 	t.Logf("\n%s", buf.String())
 }
 

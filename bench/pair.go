@@ -1,16 +1,23 @@
-// Package bench holds remusd's engine benchmarks: checkpoint pause time
-// against a memcpy of the same dirty set, delta-codec throughput against
-// raw lz4 and an XOR+RLE codec like Xen Remus's, and end-to-end
+// Package bench is remusd's benchmark harness: what protection costs,
+// measured against the physical limits of the machine it runs on.
+//
+// Engine bounds: checkpoint pause time against a memcpy of the same dirty
+// set (MeasurePause), delta-codec throughput against raw lz4 and an
+// XOR+RLE codec like Xen Remus's (MeasureEncode), end-to-end
 // primary→backup throughput over loopback TCP against the single-core lz4
-// bound.
+// bound (MeasurePipeline). Operator figures: client-observed latency of a
+// request/response service whose replies go through the output buffer,
+// beside the output-commit floor (MeasureLatency); failover time with two
+// real daemon processes (MeasureFailover); sweeps of epoch interval ×
+// workload × dirty rate × guest size on a pluggable Backend (Sweep); and
+// scale with the dirty set and with many VMs (MeasureDirtyScale,
+// MeasureMultiVM). RunWith runs them all and returns a Report (Markdown,
+// JSON, CSV and PNG plots).
 //
-// Every figure is reported as a ratio against a bound measured in the same
-// run, on the same machine, under the same conditions: the machines we run
-// on are shared and noisy, so absolute numbers are only meaningful beside
-// their bound. Nothing here asserts a speed.
-//
-// Run (from the `remusd bench` command, or the Benchmark functions with
-// `go test -run ^$ -bench . -benchtime 1x ./bench/`) runs all three.
+// Every figure is reported beside its bound, measured in the same run, on
+// the same machine, under the same conditions: the machines we run on are
+// shared and noisy, so absolute numbers are only meaningful beside their
+// bound. Nothing here asserts a speed.
 package bench
 
 import (
@@ -44,6 +51,29 @@ const pageSize = hypervisor.PageSize
 type dirtyGuest struct {
 	*sim.Guest
 	extra atomic.Pointer[dirtymap.Bitmap]
+	// svc is held for reading by the request/response service while it
+	// handles a request, and for writing while the guest is paused: the
+	// service runs only while the guest runs, like code inside a guest.
+	svc    sync.RWMutex
+	svcOut atomic.Bool // svc is write-locked by Pause
+}
+
+func (d *dirtyGuest) Pause(ctx context.Context) error {
+	d.svc.Lock()
+	if err := d.Guest.Pause(ctx); err != nil {
+		d.svc.Unlock()
+		return err
+	}
+	d.svcOut.Store(true)
+	return nil
+}
+
+func (d *dirtyGuest) Resume(ctx context.Context) error {
+	err := d.Guest.Resume(ctx)
+	if d.svcOut.CompareAndSwap(true, false) {
+		d.svc.Unlock()
+	}
+	return err
 }
 
 func (d *dirtyGuest) HarvestDirty(ctx context.Context, dst *dirtymap.Bitmap) error {
@@ -69,6 +99,14 @@ type pairConfig struct {
 	// onCapture, if set, is called on the engine goroutine after each
 	// capture (after the pair's own bookkeeping).
 	onCapture func(checkpoint.CaptureInfo)
+	// sink receives the output released by the output buffer (called
+	// with the buffer's lock held: it must not block or call back).
+	sink func(epoch uint64, msg []byte)
+	// noGuestOutput: the sim guest's own periodic output is not routed
+	// into the buffer (the latency service emits its replies itself).
+	noGuestOutput bool
+	// name of the VM (default "bench").
+	name string
 }
 
 // pair is a primary and a backup joined by a link, with the bookkeeping
@@ -79,6 +117,7 @@ type pair struct {
 	replica *sim.Replica
 	backup  *checkpoint.Backup
 	primary *checkpoint.Primary
+	out     *outbuf.Memory
 	ln      net.Listener
 
 	mu         sync.Mutex
@@ -87,6 +126,11 @@ type pair struct {
 	acked      uint64
 	ackedPages int64
 	ackedEps   int64
+	// rec: while set, every non-full capture is recorded in caps.
+	rec   bool
+	caps  []captureSample
+	capAt map[uint64]time.Time // recorded captures awaiting their ack
+	acks  []time.Duration      // capture → ack of recorded epochs
 
 	ctx     context.Context
 	cancel  context.CancelFunc
@@ -94,6 +138,13 @@ type pair struct {
 	runErr  error         // Run's result, valid after runDone
 	started bool
 	wg      sync.WaitGroup
+}
+
+// captureSample is one recorded capture.
+type captureSample struct {
+	at    time.Time
+	pause time.Duration
+	pages int
 }
 
 type captured struct {
@@ -107,12 +158,15 @@ func newPair(cfg pairConfig) (*pair, error) {
 	if cfg.log == nil {
 		cfg.log = zap.NewNop()
 	}
+	if cfg.name == "" {
+		cfg.name = "bench"
+	}
 	cfg.sim = cfg.sim.WithDefaults()
-	g, err := sim.New("bench", cfg.sim, cfg.log)
+	g, err := sim.New(cfg.name, cfg.sim, cfg.log)
 	if err != nil {
 		return nil, err
 	}
-	rep, err := sim.NewReplica("bench", cfg.sim, cfg.log)
+	rep, err := sim.NewReplica(cfg.name, cfg.sim, cfg.log)
 	if err != nil {
 		g.Close()
 		return nil, err
@@ -127,11 +181,14 @@ func newPair(cfg pairConfig) (*pair, error) {
 	}
 	p.ctx, p.cancel = context.WithCancel(context.Background())
 	p.backup = checkpoint.NewBackup(checkpoint.BackupOptions{
-		VMName: "bench", Replica: rep, Backend: sim.BackendName, BackendVersion: sim.BackendVersion,
+		VMName: cfg.name, Replica: rep, Backend: sim.BackendName, BackendVersion: sim.BackendVersion,
 		HeartbeatInterval: 100 * time.Millisecond, HeartbeatTimeout: 10 * time.Second, Log: cfg.log,
 	})
-	out := outbuf.NewMemory(0, nil)
-	g.SetOutput(func(_ uint64, msg []byte) { out.Emit(msg) })
+	out := outbuf.NewMemory(0, cfg.sink)
+	p.out = out
+	if !cfg.noGuestOutput {
+		g.SetOutput(func(_ uint64, msg []byte) { out.Emit(msg) })
+	}
 	dial := p.dialPipe
 	if cfg.tcp {
 		ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -145,7 +202,7 @@ func newPair(cfg pairConfig) (*pair, error) {
 		dial = p.dialTCP
 	}
 	pr, err := checkpoint.NewPrimary(checkpoint.PrimaryOptions{
-		Guest: p.guest, Out: out, Dial: dial, ProtectionID: "bench",
+		Guest: p.guest, Out: out, Dial: dial, ProtectionID: cfg.name,
 		Core: cfg.core, Encoder: cfg.enc,
 		HeartbeatInterval: 100 * time.Millisecond, HeartbeatTimeout: 10 * time.Second,
 		ReconnectBackoff: 50 * time.Millisecond,
@@ -165,6 +222,14 @@ func (p *pair) onCapture(ci checkpoint.CaptureInfo) {
 	info, err := sim.DecodeDeviceState(ci.DeviceState)
 	p.mu.Lock()
 	p.epochs[ci.Epoch] = captured{pages: ci.Pages, full: ci.Full}
+	if p.rec && !ci.Full {
+		now := time.Now()
+		p.caps = append(p.caps, captureSample{at: now, pause: ci.Pause, pages: ci.Pages})
+		if p.capAt == nil {
+			p.capAt = map[uint64]time.Time{}
+		}
+		p.capAt[ci.Epoch] = now
+	}
 	if err == nil {
 		p.opsAt[ci.Epoch] = info.Ops
 	}
@@ -189,6 +254,15 @@ func (p *pair) onAck(epoch uint64) {
 		}
 	}
 	p.acked = max(p.acked, epoch)
+	if len(p.capAt) > 0 {
+		now := time.Now()
+		for e, t := range p.capAt {
+			if e <= epoch {
+				p.acks = append(p.acks, now.Sub(t))
+				delete(p.capAt, e)
+			}
+		}
+	}
 }
 
 // counts returns the acknowledged epoch, steady-state pages and epochs.
@@ -196,6 +270,19 @@ func (p *pair) counts() (acked uint64, pages, epochs int64) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	return p.acked, p.ackedPages, p.ackedEps
+}
+
+// record starts (on) or stops recording captures and returns (and
+// clears) what was recorded so far: the captures, and the capture → ack
+// time of those acknowledged (measured here rather than taken from the
+// Primary's stats, whose ring also holds the initial full sync).
+func (p *pair) record(on bool) ([]captureSample, []time.Duration) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	c, a := p.caps, p.acks
+	p.caps, p.acks, p.capAt = nil, nil, nil
+	p.rec = on
+	return c, a
 }
 
 func (p *pair) dialPipe(ctx context.Context) (net.Conn, error) {

@@ -114,14 +114,23 @@ level in $REMUSD_LOG_LEVEL (default warn).`,
 			run: runDemo,
 		},
 		{
-			name: "bench", args: "[--quick] [--json]",
-			summary: "measure the engine against the machine's bounds",
+			name: "bench", args: "[--quick] [--json] [--out DIR] [--no-failover] [--skip LIST]",
+			summary: "measure what protection costs, against the machine's bounds",
 			desc: `Measures, on the embedded sim backend: pause time per epoch against a
 memcpy of the same dirty pages; the page-delta codec against raw lz4 and
-an XOR+RLE codec on the same pages; and pages/s replicated primary to
-backup over loopback TCP against the single-core lz4 bound. Every figure
-is printed beside its bound, measured in the same run. --quick uses small
-guests (seconds); the default uses 256 MiB guests.`,
+an XOR+RLE codec on the same pages; pages/s replicated primary to backup
+over loopback TCP; client-observed latency of a request/response service
+whose replies go through the output buffer, unprotected vs protected, beside
+the output-commit floor (epoch/2 + ack); failover time with two real daemon
+processes (SIGKILL of the primary → the client's next reply); a sweep of
+epoch interval × workload × dirty rate × guest size; and how pause and
+throughput scale with the dirty set and with many VMs. Every figure is
+printed beside its bound, measured in the same run. Markdown tables go to
+stdout (or one JSON object with --json), one progress line per point to
+stderr. --quick finishes in under a minute on 2 cores; the default is the
+full run (several minutes). --out DIR also writes report.json, CSV files
+and PNG plots. Exit status 1 if any section failed (the others are still
+reported).`,
 			run: runBench,
 		},
 		{
@@ -430,8 +439,11 @@ func runDemo(ctx context.Context, c *command, args []string, stdout, stderr io.W
 
 func runBench(ctx context.Context, c *command, args []string, stdout, stderr io.Writer) int {
 	fs := newFlagSet(c.name)
-	quick := fs.Bool("quick", false, "small sizes: finishes in seconds")
-	asJSON := fs.Bool("json", false, "print the figures as JSON")
+	quick := fs.Bool("quick", false, "tiny grid and small guests: finishes in under a minute on 2 cores")
+	asJSON := fs.Bool("json", false, "print the figures as one JSON object")
+	outDir := fs.String("out", "", "also write report.json, CSV files and PNG plots into this directory")
+	noFailover := fs.Bool("no-failover", false, "skip the failover trials (they start remusd daemons as child processes)")
+	skipList := fs.String("skip", "", "comma-separated sections to skip: pause,encode,pipeline,latency,failover,sweep,scale,multivm")
 	pos, code, done := parse(c, fs, args, stdout, stderr)
 	if done {
 		return code
@@ -439,26 +451,54 @@ func runBench(ctx context.Context, c *command, args []string, stdout, stderr io.
 	if code, ok := wantArgs(c, pos, nil, stderr); !ok {
 		return code
 	}
-	log, err := newLogger(stderr, "warn", "console")
+	log, err := newLogger(stderr, "error", "console")
 	if err != nil {
 		fmt.Fprintf(stderr, "remusd bench: %v\n", err)
 		return exitFailure
 	}
 	defer log.Sync()
-	r, err := bench.Run(ctx, *quick, log)
-	if err != nil {
-		fmt.Fprintf(stderr, "remusd bench: %v\n", err)
+	o := bench.Options{Quick: *quick, Log: log, Progress: stderr}
+	for _, sec := range strings.Split(*skipList, ",") {
+		if sec = strings.TrimSpace(sec); sec != "" {
+			if !bench.IsSection(sec) {
+				fmt.Fprintf(stderr, "remusd bench: --skip: unknown section %q (want %s)\n", sec, strings.Join(bench.Sections, ","))
+				return exitUsage
+			}
+			o.Skip = append(o.Skip, sec)
+		}
+	}
+	if *noFailover || strings.Contains(","+*skipList+",", ",failover,") {
+		o.Skip = append(o.Skip, "failover")
+	} else if o.Exe, err = os.Executable(); err != nil {
+		fmt.Fprintf(stderr, "remusd bench: find own binary: %v\n", err)
+		return exitFailure
+	}
+	r, runErr := bench.RunWith(ctx, o)
+	if ctx.Err() != nil {
+		fmt.Fprintf(stderr, "remusd bench: %v\n", runErr)
 		return exitFailure
 	}
 	if *asJSON {
 		enc := json.NewEncoder(stdout)
+		enc.SetEscapeHTML(false)
 		enc.SetIndent("", "  ")
 		err = enc.Encode(r)
 	} else {
 		err = r.Write(stdout)
 	}
+	if err == nil && *outDir != "" {
+		var files []string
+		files, err = r.WriteOut(*outDir)
+		for _, f := range files {
+			fmt.Fprintf(stderr, "remusd bench: wrote %s\n", f)
+		}
+	}
 	if err != nil {
 		fmt.Fprintf(stderr, "remusd bench: %v\n", err)
+		return exitFailure
+	}
+	if runErr != nil {
+		fmt.Fprintf(stderr, "remusd bench: %v\n", runErr)
 		return exitFailure
 	}
 	return exitOK
