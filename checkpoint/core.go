@@ -158,6 +158,22 @@ func (c *PrimaryCore) Unprotected() bool { return c.unprotected }
 // Connected reports the core's view of the link.
 func (c *PrimaryCore) Connected() bool { return c.linkUp }
 
+// NextCheckpoint is when the next checkpoint is due; ok is false while
+// none can start (link down, a capture running, backpressure, unprotected):
+// then an event, not the clock, unblocks it.
+func (c *PrimaryCore) NextCheckpoint() (due time.Time, ok bool) {
+	if !c.linkUp || c.capturing || c.unprotected {
+		return time.Time{}, false
+	}
+	if c.needFull || c.needResync {
+		return c.lastStart, true
+	}
+	if len(c.unacked) >= c.cfg.MaxInflight {
+		return time.Time{}, false
+	}
+	return c.lastStart.Add(c.cfg.Interval), true
+}
+
 // Tick advances time: it may start a checkpoint or fire the ack timeout.
 func (c *PrimaryCore) Tick(now time.Time) []Action {
 	var acts []Action

@@ -53,8 +53,19 @@ func TestPrimaryCoreSteadyState(t *testing.T) {
 	if acts := c.Tick(at(120)); len(acts) != 0 {
 		t.Fatalf("checkpoint before the interval: %v", kinds(acts))
 	}
+	if next, ok := c.NextCheckpoint(); !ok || !next.Equal(at(126)) {
+		t.Fatalf("next checkpoint %v %v, want %v", next, ok, at(126))
+	}
 	if acts := c.Tick(at(126)); kinds(acts) != "checkpoint(3 base=2)" {
 		t.Fatalf("got %q", kinds(acts))
+	}
+	// While it captures, and while backpressure holds, nothing is due.
+	if _, ok := c.NextCheckpoint(); ok {
+		t.Fatal("checkpoint due while capturing")
+	}
+	_, _ = c.CheckpointDone(3, at(127))
+	if _, ok := c.NextCheckpoint(); ok {
+		t.Fatal("checkpoint due beyond max inflight")
 	}
 }
 

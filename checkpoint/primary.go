@@ -254,8 +254,12 @@ func (p *Primary) Run(ctx context.Context) error {
 		p.linkLoop(ctx)
 	}()
 
+	// The ticker drives timeouts; the timer fires exactly when the next
+	// checkpoint is due, so that epochs are not stretched to the next tick.
 	tick := time.NewTicker(p.tickPeriod())
 	defer tick.Stop()
+	due := time.NewTimer(p.o.Core.Interval)
+	defer due.Stop()
 	var link *primaryLink
 	for {
 		var acts []Action
@@ -266,6 +270,8 @@ func (p *Primary) Run(ctx context.Context) error {
 			if t := p.progress.Load(); t != 0 {
 				p.core.Progress(time.Unix(0, t))
 			}
+			acts = p.core.Tick(p.o.Now())
+		case <-due.C:
 			acts = p.core.Tick(p.o.Now())
 		case ev := <-p.events:
 			var err error
@@ -280,6 +286,11 @@ func (p *Primary) Run(ctx context.Context) error {
 		}
 		if err := p.perform(ctx, acts, link); err != nil {
 			return err
+		}
+		if next, ok := p.core.NextCheckpoint(); ok {
+			due.Reset(max(next.Sub(p.o.Now()), 0))
+		} else {
+			due.Stop()
 		}
 	}
 }
