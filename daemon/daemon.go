@@ -49,6 +49,9 @@ type Daemon struct {
 	nextQueue uint16
 	// tlsServer is the replication listener's TLS config (nil: plain TCP).
 	tlsServer *tls.Config
+	// running is closed once Run has started.
+	running chan struct{}
+	runOnce sync.Once
 }
 
 // vm is one guest known to this daemon, in any role.
@@ -105,7 +108,7 @@ func New(cfg Config, log *zap.Logger) (*Daemon, error) {
 	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 		return nil, fmt.Errorf("state dir: %w", err)
 	}
-	d := &Daemon{cfg: cfg, log: log.With(zap.String("host", cfg.Name)), vms: map[string]*vm{}, nextQueue: firstQueueNum}
+	d := &Daemon{cfg: cfg, log: log.With(zap.String("host", cfg.Name)), vms: map[string]*vm{}, nextQueue: firstQueueNum, running: make(chan struct{})}
 	if cfg.TLS.Enabled() {
 		srv, err := cfg.TLS.ServerConfig()
 		if err != nil {
@@ -222,6 +225,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 	d.mu.Lock()
 	d.ctx = ctx
 	d.mu.Unlock()
+	d.runOnce.Do(func() { close(d.running) })
 	probe := d.outbufProbe()
 	d.log.Info("output buffering available on this host for VM network interfaces",
 		zap.String("mechanism", probe.Kind), zap.String("why", probe.Reason), zap.String("output_buffer", d.cfg.OutputBuffer))
@@ -436,6 +440,12 @@ func (d *Daemon) Protect(ctx context.Context, req ProtectRequest) error {
 	}
 	if inflight < 1 || inflight > 64 {
 		return fmt.Errorf("protect: max inflight %d out of range [1, 64]", inflight)
+	}
+	// The control socket may answer before Run has started: wait for it.
+	select {
+	case <-d.running:
+	case <-ctx.Done():
+		return fmt.Errorf("protect: daemon is not running yet: %w", ctx.Err())
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
