@@ -8,6 +8,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/remusd/remusd/hypervisor/libvirt"
 	"github.com/remusd/remusd/transport"
 )
 
@@ -97,6 +98,9 @@ type Config struct {
 	// QemuVMs are QEMU guests this daemon launches or attaches to at start
 	// (qemu backend, role local until protected).
 	QemuVMs []QemuVM `json:"qemu_vms"`
+
+	// Libvirt is where libvirtd listens, for qemu_vms with libvirt set.
+	Libvirt libvirt.Config `json:"libvirt"`
 
 	// Standby says how this daemon, as a backup, builds the hot standby
 	// QEMU of a protected qemu VM (the machine comes from the primary).
@@ -217,6 +221,7 @@ func (c Config) Validate() error {
 		errs = append(errs, q.validate(f)...)
 	}
 	errs = append(errs, c.Standby.validate("standby")...)
+	errs = append(errs, validateLibvirtConfig(c.Libvirt, "libvirt")...)
 	for i, vm := range c.SimVMs {
 		f := fmt.Sprintf("sim_vms[%d]", i)
 		if vm.Name == "" {

@@ -61,6 +61,10 @@ type QemuVM struct {
 	ExtraArgs []string `json:"extra_args"`
 	// Binary is the QEMU binary (default qemu-system-x86_64).
 	Binary string `json:"binary"`
+	// Libvirt says Name is a libvirt domain (running, with shared file
+	// memory backing) that the daemon drives through libvirtd (config
+	// field libvirt) instead of launching QEMU; see daemon/libvirt.go.
+	Libvirt bool `json:"libvirt"`
 }
 
 // StandbyConfig is how this daemon builds a protected qemu VM's hot
@@ -95,6 +99,9 @@ func (q QemuVM) validate(f string) []error {
 		bad("name", "must be set")
 	} else if strings.ContainsAny(q.Name, ",/ \t\n\x00") {
 		bad("name", "%q must not contain ',', '/' or spaces", q.Name)
+	}
+	if q.Libvirt {
+		return append(errs, q.validateLibvirt(f)...)
 	}
 	attach := q.QMP != "" || q.RAM != ""
 	if attach {
@@ -288,6 +295,9 @@ func (d *Daemon) startQemu(ctx context.Context, q QemuVM) (*qemu.Guest, bool, er
 		if img, err = guestimage.Build(ctx, guestimage.Config{}); err != nil {
 			return nil, false, fmt.Errorf("guest image: %w", err)
 		}
+	}
+	if q.Libvirt {
+		return d.startLibvirt(ctx, q)
 	}
 	spec := q.qemuSpec(d.cfg.Name, img)
 	log := d.log

@@ -26,7 +26,7 @@ apt_install() { # apt_install PKG... : install missing Debian packages
   [ ${#missing[@]} -eq 0 ] && return 0
   echo "remusd: installing ${missing[*]}" >&2
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
 build_remusd() {

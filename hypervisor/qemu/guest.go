@@ -37,48 +37,58 @@ var ErrNotPaused = errors.New("qemu: guest not paused")
 type Guest struct {
 	spec    Spec
 	log     *zap.Logger
-	q       *QMP
+	mon     Monitor // q, or another transport (NewMonitorGuest)
+	q       *QMP    // nil when driven through another Monitor
 	ram     *ramFile
 	proc    *process // nil when attached
 	version string
 
-	mu        sync.Mutex
-	paused    bool
-	closed    bool
-	tracking  Tracking
-	tracker   *tracker // created on first harvest
-	stateDir  string   // private dir for xen-save-devices-state
-	removeRAM bool     // Close removes spec.RAMPath
+	mu          sync.Mutex
+	paused      bool
+	closed      bool
+	tracking    Tracking
+	tracker     *tracker // created on first harvest
+	stateDir    string   // private dir for xen-save-devices-state
+	ownStateDir bool     // Close removes stateDir
+	removeRAM   bool     // Close removes spec.RAMPath
 }
 
 func newGuest(ctx context.Context, spec Spec, q *QMP, ram *ramFile, p *process, log *zap.Logger) (*Guest, error) {
+	return newGuestMonitor(ctx, spec, q, q, ram, p, "", log)
+}
+
+// newGuestMonitor builds a Guest driven through mon (q is the same monitor
+// when it is a QMP socket, else nil). stateDir "" = a private directory
+// the guest creates and removes.
+func newGuestMonitor(ctx context.Context, spec Spec, mon Monitor, q *QMP, ram *ramFile, p *process, stateDir string, log *zap.Logger) (*Guest, error) {
 	if log == nil {
 		log = zap.NewNop()
 	}
-	v, err := q.Version(ctx)
+	v, err := monitorVersion(ctx, mon)
 	if err != nil {
 		return nil, err
 	}
-	st, err := q.Status(ctx)
+	st, err := monitorStatus(ctx, mon)
 	if err != nil {
 		return nil, err
 	}
-	dir, err := os.MkdirTemp(filepath.Dir(spec.RAMPath), "."+spec.Name+"-state-")
-	if err != nil {
-		dir, err = os.MkdirTemp("", "remusd-qemu-state-")
-		if err != nil {
-			return nil, fmt.Errorf("qemu: state dir: %w", err)
+	ownState := false
+	if stateDir == "" {
+		if stateDir, ownState, err = stateDirFor(spec); err != nil {
+			return nil, err
 		}
 	}
 	return &Guest{
-		spec:     spec,
-		log:      log.With(zap.String("vm", spec.Name), zap.String("backend", BackendName)),
-		q:        q,
-		ram:      ram,
-		proc:     p,
-		version:  v.String(),
-		paused:   !st.Running,
-		stateDir: dir,
+		spec:        spec,
+		log:         log.With(zap.String("vm", spec.Name), zap.String("backend", BackendName)),
+		mon:         mon,
+		q:           q,
+		ram:         ram,
+		proc:        p,
+		version:     v.String(),
+		paused:      !st.Running,
+		stateDir:    stateDir,
+		ownStateDir: ownState,
 	}, nil
 }
 
@@ -115,8 +125,11 @@ func (g *Guest) NumPages() int { return len(g.ram.mem) / pageSize }
 func (g *Guest) Memory() []byte { return g.ram.mem }
 
 // QMP returns the monitor connection (for commands the backend does not
-// wrap).
+// wrap), or nil for a guest driven through another Monitor (see Monitor).
 func (g *Guest) QMP() *QMP { return g.q }
+
+// Monitor returns the monitor the guest is driven through.
+func (g *Guest) Monitor() Monitor { return g.mon }
 
 // Pid returns the QEMU process id, or 0 for an attached QEMU.
 func (g *Guest) Pid() int {
@@ -127,7 +140,7 @@ func (g *Guest) Pid() int {
 }
 
 // Exited is closed when the QMP connection ends (QEMU exited).
-func (g *Guest) Exited() <-chan struct{} { return g.q.Done() }
+func (g *Guest) Exited() <-chan struct{} { return g.mon.Done() }
 
 func (g *Guest) qmpErr(op string, err error) error {
 	if errors.Is(err, ErrQEMUExited) && g.proc != nil {
@@ -159,11 +172,11 @@ func (g *Guest) Pause(ctx context.Context) error {
 	if g.closed {
 		return errClosed
 	}
-	if err := g.q.Execute(ctx, "stop", nil, nil); err != nil {
+	if err := g.mon.Execute(ctx, "stop", nil, nil); err != nil {
 		return g.qmpErr("pause", err)
 	}
 	// stop returns after vm_stop paused every vCPU; confirm it.
-	st, err := g.q.Status(ctx)
+	st, err := monitorStatus(ctx, g.mon)
 	if err != nil {
 		return g.qmpErr("pause", err)
 	}
@@ -181,7 +194,7 @@ func (g *Guest) Resume(ctx context.Context) error {
 	if g.closed {
 		return errClosed
 	}
-	if err := g.q.Execute(ctx, "cont", nil, nil); err != nil {
+	if err := g.mon.Execute(ctx, "cont", nil, nil); err != nil {
 		return g.qmpErr("resume", err)
 	}
 	g.paused = false
@@ -228,7 +241,7 @@ func (g *Guest) SaveDeviceState(ctx context.Context, dst []byte) ([]byte, error)
 	}
 	path := filepath.Join(g.stateDir, "devstate")
 	args := map[string]any{"filename": path, "live": false}
-	if err := g.q.Execute(ctx, "xen-save-devices-state", args, nil); err != nil {
+	if err := g.mon.Execute(ctx, "xen-save-devices-state", args, nil); err != nil {
 		return dst, g.qmpErr("save device state", err)
 	}
 	f, err := os.Open(path)
@@ -279,13 +292,15 @@ func (g *Guest) close(stop bool) error {
 		g.proc.stop(g.q, quitGrace)
 	case stop:
 		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-		_ = g.q.Execute(ctx, "quit", nil, nil)
+		_ = g.mon.Execute(ctx, "quit", nil, nil)
 		cancel()
 	}
-	g.q.Close()
+	g.mon.Close()
 	err := g.ram.unmap()
 	g.tracker = nil
-	os.RemoveAll(g.stateDir)
+	if g.ownStateDir {
+		os.RemoveAll(g.stateDir)
+	}
 	if stop && g.proc != nil {
 		os.Remove(g.spec.QMPPath)
 		if g.removeRAM {
