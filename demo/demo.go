@@ -84,6 +84,13 @@ func RunDemo(ctx context.Context, args []string, stdout io.Writer, log *zap.Logg
 	if log == nil {
 		log = zap.NewNop()
 	}
+	backend, args, err := splitBackend(args)
+	if err != nil {
+		return err
+	}
+	if backend == "qemu" {
+		return RunQEMUDemo(ctx, args, stdout, log)
+	}
 	var o options
 	fs := flag.NewFlagSet("remusd demo", flag.ContinueOnError)
 	fs.SetOutput(stdout)
@@ -96,8 +103,9 @@ func RunDemo(ctx context.Context, args []string, stdout io.Writer, log *zap.Logg
 	fs.Uint64Var(&o.seed, "seed", 1, "guest seed")
 	fs.BoolVar(&o.keep, "keep", false, "keep the working directory (logs, audit logs, replica dump)")
 	fs.StringVar(&o.dir, "dir", "", "working directory (default: a new temporary directory)")
+	fs.String("backend", "sim", "sim (this demo) or qemu (a Linux guest under QEMU and a real TCP client; see remusd demo --backend qemu --help)")
 	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), `usage: remusd demo [flags]
+		fmt.Fprintf(fs.Output(), `usage: remusd demo [--backend sim|qemu] [flags]
 
 Starts a primary and a backup remusd as two processes on loopback, protects
 a simulated guest, kills the primary with SIGKILL, lets the backup take

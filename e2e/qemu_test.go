@@ -5,7 +5,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"math/rand/v2"
 	"net"
 	"os"
 	"os/exec"
@@ -20,100 +19,32 @@ import (
 	"github.com/remusd/remusd/daemon"
 	"github.com/remusd/remusd/guestimage"
 	"github.com/remusd/remusd/guestsvc"
+	"github.com/remusd/remusd/netlab"
 	"github.com/remusd/remusd/vmtest"
 )
 
-// qnet is the test topology: a client, a primary host (A) and a backup
-// host (B), each in its own network namespace, joined by a switch bridge
-// (namespace S). Each host has a bridge holding its uplink and, once the
-// daemon attaches it, the guest's tap; both taps carry the same guest MAC.
-//
-//	client 10.77.0.2 — sw0 — brA 10.77.0.101 (tapA: guest 10.77.0.10)
-//	                      \— brB 10.77.0.102 (tapB: standby)
-type qnet struct {
-	client, a, b, s string
-}
-
+// The test topology is netlab.Remus: client, primary host A, backup host
+// B and a switch, each in its own network namespace.
 const (
-	guestIP   = "10.77.0.10"
-	guestMAC  = "52:54:00:77:00:10"
-	hostAIP   = "10.77.0.101"
-	hostBIP   = "10.77.0.102"
+	guestIP   = netlab.GuestIP
+	guestMAC  = netlab.GuestMAC
+	hostAIP   = netlab.HostAIP
+	hostBIP   = netlab.HostBIP
 	replPort  = "7800"
 	guestPort = "7000"
 )
 
-func ipRun(ctx context.Context, args ...string) error {
-	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
-	out, err := exec.CommandContext(ctx, args[0], args[1:]...).CombinedOutput()
-	if err != nil {
-		return fmt.Errorf("%s: %w: %s", strings.Join(args, " "), err, strings.TrimSpace(string(out)))
-	}
-	return nil
-}
-
-// killNetnsProcs SIGKILLs every process left in namespace ns (QEMUs of a
-// killed daemon), by pid.
-func killNetnsProcs(ns string) {
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	out, err := exec.CommandContext(ctx, "ip", "netns", "pids", ns).Output()
-	if err != nil {
-		return
-	}
-	for _, f := range strings.Fields(string(out)) {
-		if pid, err := strconv.Atoi(f); err == nil && pid > 1 && pid != os.Getpid() {
-			_ = syscall.Kill(pid, syscall.SIGKILL)
-		}
-	}
-}
-
-func newQNet(t *testing.T) *qnet {
+func newQNet(t *testing.T) *netlab.Remus {
 	t.Helper()
-	id := fmt.Sprintf("%d%03d", os.Getpid()%10000, rand.IntN(1000))
-	n := &qnet{client: "rqc" + id, a: "rqa" + id, b: "rqb" + id, s: "rqs" + id}
-	ctx := context.Background()
-	all := []string{n.client, n.a, n.b, n.s}
+	n, err := netlab.NewRemus(context.Background(), "rq")
+	if err != nil {
+		t.Fatal(err)
+	}
 	t.Cleanup(func() {
-		for _, ns := range all {
-			killNetnsProcs(ns)
-		}
-		for _, ns := range all {
-			_ = ipRun(ctx, "ip", "netns", "del", ns)
+		if err := n.Close(); err != nil {
+			t.Errorf("netlab cleanup: %v", err)
 		}
 	})
-	in := func(ns string, a ...string) []string { return append([]string{"ip", "-n", ns}, a...) }
-	cmds := [][]string{}
-	for _, ns := range all {
-		cmds = append(cmds, []string{"ip", "netns", "add", ns}, in(ns, "link", "set", "lo", "up"))
-	}
-	cmds = append(cmds,
-		in(n.s, "link", "add", "sw0", "type", "bridge", "forward_delay", "0"),
-		in(n.s, "link", "set", "sw0", "up"),
-		in(n.s, "link", "add", "sc", "type", "veth", "peer", "name", "eth0", "netns", n.client),
-		in(n.s, "link", "add", "sa", "type", "veth", "peer", "name", "up0", "netns", n.a),
-		in(n.s, "link", "add", "sb", "type", "veth", "peer", "name", "up0", "netns", n.b),
-		in(n.client, "addr", "add", "10.77.0.2/24", "dev", "eth0"),
-		in(n.client, "link", "set", "eth0", "up"),
-	)
-	for _, p := range []string{"sc", "sa", "sb"} {
-		cmds = append(cmds, in(n.s, "link", "set", p, "master", "sw0", "up"))
-	}
-	for _, h := range []struct{ ns, br, ip string }{{n.a, "brA", hostAIP}, {n.b, "brB", hostBIP}} {
-		cmds = append(cmds,
-			in(h.ns, "link", "add", h.br, "type", "bridge", "forward_delay", "0"),
-			in(h.ns, "link", "set", "up0", "master", h.br, "up"),
-			in(h.ns, "addr", "add", h.ip+"/24", "dev", h.br),
-			in(h.ns, "link", "set", h.br, "up"),
-			[]string{"ip", "netns", "exec", h.ns, "sh", "-c", "echo 1 >/proc/sys/net/bridge/bridge-nf-call-iptables && echo 1 >/proc/sys/net/bridge/bridge-nf-call-ip6tables"},
-		)
-	}
-	for _, c := range cmds {
-		if err := ipRun(ctx, c...); err != nil {
-			t.Fatal(err)
-		}
-	}
 	return n
 }
 
@@ -131,7 +62,7 @@ func startDaemonIn(t *testing.T, dir, name, ns string, cfg daemon.Config) *daemo
 	if err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command("ip", "netns", "exec", ns, binPath, "serve", "--config", cfgPath, "--log-level", "debug")
+	cmd := netlab.Command(ns, binPath, "serve", "--config", cfgPath, "--log-level", "debug")
 	cmd.Dir = root // guestimage builds remus-guestsvc from this checkout
 	cmd.Env = append(os.Environ(), "REMUSD_CONTROL=")
 	cmd.Stdout, cmd.Stderr = logf, logf
@@ -268,13 +199,7 @@ func TestQEMUTCPSessionSurvivesFailover(t *testing.T) {
 func qemuFailoverRun(t *testing.T, killAfter int) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	if _, err := os.Stat("/proc/sys/net/bridge/bridge-nf-call-iptables"); err != nil {
-		_ = ipRun(ctx, "modprobe", "br_netfilter")
-		if _, err := os.Stat("/proc/sys/net/bridge/bridge-nf-call-iptables"); err != nil {
-			t.Fatalf("bridged output buffering needs br_netfilter (modprobe br_netfilter): %v", err)
-		}
-	}
-	n := newQNet(t)
+	n := newQNet(t) // enables br_netfilter on the hosts (NFQUEUE output buffering)
 	dir := shortTempDir(t)
 	shm, err := os.MkdirTemp("/dev/shm", "rq-")
 	if err != nil {
@@ -285,13 +210,13 @@ func qemuFailoverRun(t *testing.T, killAfter int) {
 	bcfg := baseConfig(dir, "hostB")
 	bcfg.Listen = hostBIP + ":" + replPort
 	bcfg.Standby = daemon.StandbyConfig{Tap: "tapB", Bridge: "brB", RunDir: filepath.Join(shm, "b")}
-	backup := startDaemonIn(t, dir, "hostB", n.b, bcfg)
+	backup := startDaemonIn(t, dir, "hostB", n.B, bcfg)
 
 	acfg := baseConfig(dir, "hostA")
 	acfg.EpochInterval = daemon.Duration(50 * time.Millisecond)
 	acfg.QemuVMs = []daemon.QemuVM{{Name: "g", MemoryMiB: 128, UseGuestImage: true, GuestIP: guestIP + "/24",
 		Tap: "tapA", MAC: guestMAC, Bridge: "brA", RunDir: filepath.Join(shm, "a")}}
-	primary := startDaemonIn(t, dir, "hostA", n.a, acfg)
+	primary := startDaemonIn(t, dir, "hostA", n.A, acfg)
 
 	serial := filepath.Join(shm, "a", "g.serial")
 	line, err := guestimage.WaitReady(ctx, serial)
@@ -311,7 +236,7 @@ func qemuFailoverRun(t *testing.T, killAfter int) {
 		t.Fatalf("primary output buffer %q, want nfqueue or plug", s.OutBuf)
 	}
 
-	conn, err := guestimage.DialInNetns(ctx, n.client, guestIP+":"+guestPort)
+	conn, err := netlab.Dial(ctx, n.Client, guestIP+":"+guestPort)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,0 +1,755 @@
+package demo
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/remusd/remusd/daemon"
+	"github.com/remusd/remusd/guestimage"
+	"github.com/remusd/remusd/guestsvc"
+	"github.com/remusd/remusd/netlab"
+	"github.com/remusd/remusd/vmtest"
+)
+
+// QEMUResult is the summary of `remusd demo --backend qemu`: the sim
+// demo's fields where they mean something for a real guest, plus the
+// client's view of its TCP session.
+//
+// For this backend FailoverMs is the time from the SIGKILL to the client's
+// next reply on its connection; VMActiveMs is SIGKILL → VM running on the
+// backup. OutputSeenFromPrimary/Backup count the client's replies before
+// and after the kill, Last/FirstSeq are request ids, and OutputLost counts
+// replies inconsistent with the service's model (a reply the client saw
+// whose state the replica lost, or a replayed request).
+type QEMUResult struct {
+	Result
+	Backend  string `json:"backend"`
+	Takeover string `json:"takeover"`
+	QEMU     string `json:"qemu"`
+	Kernel   string `json:"guest_kernel"`
+	OutBuf   string `json:"output_buffer"`
+
+	TCPSessionSurvived   bool    `json:"tcp_session_survived"`
+	ClientRequestsOK     int     `json:"client_requests_ok"`
+	ClientRequestsFailed int     `json:"client_requests_failed"`
+	ClientRequestsPerSec float64 `json:"client_requests_per_sec"`
+	ClientError          string  `json:"client_error,omitempty"`
+	Divergences          int     `json:"divergences"`
+	VMActiveMs           float64 `json:"vm_active_ms"`
+	LongestGapMs         float64 `json:"client_longest_gap_ms"`
+	DirtyPagesP99        float64 `json:"dirty_pages_per_epoch_p99"`
+	DirtyPagesMax        float64 `json:"dirty_pages_per_epoch_max"`
+}
+
+type qemuOptions struct {
+	json     bool
+	duration time.Duration
+	after    time.Duration
+	interval time.Duration
+	memMiB   int
+	takeover string
+	hbTO     time.Duration
+	keep     bool
+	dir      string
+}
+
+// splitBackend removes --backend/-backend (with "=" or a separate value)
+// from args and returns its value ("sim" if absent).
+func splitBackend(args []string) (string, []string, error) {
+	backend := "sim"
+	var rest []string
+	for i := 0; i < len(args); i++ {
+		a := args[i]
+		if a == "--" {
+			rest = append(rest, args[i:]...)
+			break
+		}
+		name, val, hasVal := strings.Cut(strings.TrimLeft(a, "-"), "=")
+		if !strings.HasPrefix(a, "-") || name != "backend" {
+			rest = append(rest, a)
+			continue
+		}
+		if !hasVal {
+			if i+1 >= len(args) {
+				return "", nil, errors.New("demo: --backend needs a value (qemu|sim)")
+			}
+			i++
+			val = args[i]
+		}
+		backend = val
+	}
+	switch backend {
+	case "sim", "qemu":
+		return backend, rest, nil
+	}
+	return "", nil, fmt.Errorf("demo: unknown backend %q (want qemu|sim)", backend)
+}
+
+// RunQEMUDemo runs the QEMU failover demo (`remusd demo --backend qemu`).
+func RunQEMUDemo(ctx context.Context, args []string, stdout io.Writer, log *zap.Logger) error {
+	if log == nil {
+		log = zap.NewNop()
+	}
+	var o qemuOptions
+	fs := flag.NewFlagSet("remusd demo --backend qemu", flag.ContinueOnError)
+	fs.SetOutput(stdout)
+	fs.BoolVar(&o.json, "json", false, "print one JSON object instead of the running commentary and summary")
+	fs.DurationVar(&o.duration, "duration", 10*time.Second, "how long the client runs under protection before the primary is killed")
+	fs.DurationVar(&o.after, "after", 5*time.Second, "how long the client keeps going after its first reply from the backup")
+	fs.DurationVar(&o.interval, "epoch-interval", 50*time.Millisecond, "checkpoint epoch interval")
+	fs.IntVar(&o.memMiB, "memory-mib", 128, "guest memory in MiB")
+	fs.StringVar(&o.takeover, "takeover", daemon.TakeoverAutoUnsafe, "backup takeover: auto-unsafe (activates when heartbeats stop; unsafe under partition) or manual (the demo runs `remusd failover`)")
+	fs.DurationVar(&o.hbTO, "heartbeat-timeout", time.Second, "backup's heartbeat timeout (auto-unsafe takeover fires after it)")
+	fs.BoolVar(&o.keep, "keep", false, "keep the working directory (daemon logs, audit logs, console)")
+	fs.StringVar(&o.dir, "dir", "", "working directory (default: a new temporary directory)")
+	fs.Usage = func() {
+		fmt.Fprintf(fs.Output(), `usage: remusd demo --backend qemu [flags]
+
+Boots a small Linux guest under QEMU (TCG) on a primary host, protects it
+to a backup host (network namespaces client/hostA/hostB/switch, two remusd
+processes), keeps one TCP session from a client to the guest's service
+issuing requests continuously, SIGKILLs the primary's QEMU and remusd,
+lets the backup take over, and checks that the same TCP session carries on
+with every reply consistent with the service's state (nothing lost or
+replayed). Needs root, QEMU and the guest image's inputs (vmtest/setup.sh).
+Exit status 0 only if the session survived with no divergence.
+
+flags:
+`)
+		fs.PrintDefaults()
+	}
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("demo: unexpected argument %q", fs.Arg(0))
+	}
+	switch o.takeover {
+	case daemon.TakeoverAutoUnsafe, daemon.TakeoverManual:
+	default:
+		return fmt.Errorf("demo: --takeover %q unknown (want auto-unsafe|manual)", o.takeover)
+	}
+	if os.Geteuid() != 0 {
+		return errors.New("demo: --backend qemu needs root (network namespaces, tap devices, NFQUEUE output buffering); run it as root, or use --backend sim")
+	}
+	if err := netlab.Check(); err != nil {
+		return fmt.Errorf("demo: %w", err)
+	}
+	q := &qrun{o: o, log: log, out: stdout}
+	res, err := q.run(ctx)
+	if err != nil && ctx.Err() != nil {
+		err = fmt.Errorf("demo: interrupted (%v); daemons, QEMUs, namespaces and files removed", ctx.Err())
+	}
+	if res != nil {
+		if o.json {
+			enc := json.NewEncoder(stdout)
+			enc.SetIndent("", "  ")
+			_ = enc.Encode(res)
+		} else {
+			printQEMUSummary(stdout, res)
+		}
+	}
+	if err != nil {
+		return err
+	}
+	if !res.Passed {
+		return errors.New("demo: the TCP session did not survive intact (see summary)")
+	}
+	return nil
+}
+
+type qrun struct {
+	o   qemuOptions
+	log *zap.Logger
+	out io.Writer
+	dir string
+	t0  time.Time
+}
+
+func (q *qrun) say(format string, a ...any) {
+	if !q.o.json {
+		fmt.Fprintf(q.out, "[%5.1fs] "+format+"\n", append([]any{time.Since(q.t0).Seconds()}, a...)...)
+	}
+}
+
+const (
+	qemuVM    = "g"
+	qemuPort  = "7000"
+	replPort  = "7800"
+	qemuTapA  = "tapA"
+	qemuTapB  = "tapB"
+	qemuShmPf = "remusd-demo-"
+)
+
+func (q *qrun) run(ctx context.Context) (*QEMUResult, error) {
+	q.t0 = time.Now()
+	qemuBin, err := vmtest.FindQEMU()
+	if err != nil {
+		return nil, fmt.Errorf("demo: %w", err)
+	}
+	for _, tool := range []string{"iptables"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			return nil, fmt.Errorf("demo: %s not installed (output buffering uses NFQUEUE)", tool)
+		}
+	}
+	exe, err := os.Executable()
+	if err != nil {
+		return nil, fmt.Errorf("demo: find own binary: %w", err)
+	}
+	qver := qemuVersion(ctx, qemuBin)
+
+	dir := q.o.dir
+	if dir == "" {
+		if dir, err = os.MkdirTemp("", "remusd-demo-"); err != nil {
+			return nil, fmt.Errorf("demo: %w", err)
+		}
+		if !q.o.keep {
+			defer os.RemoveAll(dir)
+		}
+	} else if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("demo: %w", err)
+	}
+	q.dir = dir
+	// RAM files and QMP sockets on tmpfs; always removed (they hold guest
+	// RAM), unlike the logs in dir with --keep.
+	shm, err := os.MkdirTemp("/dev/shm", qemuShmPf)
+	if err != nil {
+		return nil, fmt.Errorf("demo: %w", err)
+	}
+	defer os.RemoveAll(shm)
+
+	q.say("remusd demo, qemu backend: %s, Linux guest of %d MiB under TCG, epochs of %v", qver, q.o.memMiB, q.o.interval)
+	q.say("working directory %s", dir)
+	q.say("building the guest image (Debian kernel + initramfs with busybox and remus-guestsvc; cached)")
+	bctx, bcancel := context.WithTimeout(ctx, 10*time.Minute)
+	img, err := guestimage.Build(bctx, guestimage.Config{})
+	bcancel()
+	if err != nil {
+		return nil, fmt.Errorf("demo: guest image: %w (sh vmtest/setup.sh installs its inputs)", err)
+	}
+	q.say("guest image: kernel %s, initramfs %s", img.KernelVersion, filepath.Base(img.Initrd))
+
+	n, err := netlab.NewRemus(ctx, "rd")
+	if err != nil {
+		return nil, fmt.Errorf("demo: topology: %w", err)
+	}
+	defer func() {
+		if err := n.Close(); err != nil {
+			q.log.Warn("netlab cleanup", zap.Error(err))
+		}
+	}()
+	q.say("network namespaces: client %s (%s), primary host %s (%s), backup host %s (%s), switch %s",
+		n.Client, netlab.ClientIP, n.A, netlab.HostAIP, n.B, netlab.HostBIP, n.S)
+
+	common := func(name string) daemon.Config {
+		c := daemon.DefaultConfig()
+		c.Name = name
+		c.Control = filepath.Join(dir, name+".sock")
+		c.StateDir = filepath.Join(dir, name+"-state")
+		c.EpochInterval = daemon.Duration(q.o.interval)
+		c.HeartbeatInterval = daemon.Duration(q.o.hbTO / 10)
+		c.HeartbeatTimeout = daemon.Duration(q.o.hbTO)
+		return c
+	}
+	bcfg := common("hostB")
+	bcfg.Listen = netlab.HostBIP + ":" + replPort
+	bcfg.Takeover = q.o.takeover
+	bcfg.Standby = daemon.StandbyConfig{Tap: qemuTapB, Bridge: netlab.BridgeB, RunDir: filepath.Join(shm, "b")}
+	acfg := common("hostA")
+	acfg.QemuVMs = []daemon.QemuVM{{Name: qemuVM, MemoryMiB: q.o.memMiB, UseGuestImage: true, GuestIP: netlab.GuestIP + netlab.Prefix,
+		Tap: qemuTapA, MAC: netlab.GuestMAC, Bridge: netlab.BridgeA, RunDir: filepath.Join(shm, "a")}}
+
+	backup, err := q.startIn(ctx, exe, n.B, bcfg)
+	if err != nil {
+		return nil, err
+	}
+	defer q.stopProc(backup)
+	if q.o.takeover == daemon.TakeoverAutoUnsafe {
+		q.say("backup remusd up in %s (pid %d), replication on %s, takeover=auto-unsafe: it activates the guest when the primary's heartbeats stop for %v (no witness: UNSAFE under a network partition, fine for this demo)",
+			n.B, backup.cmd.Process.Pid, bcfg.Listen, q.o.hbTO)
+	} else {
+		q.say("backup remusd up in %s (pid %d), replication on %s, takeover=manual: the demo runs `remusd failover` after the kill", n.B, backup.cmd.Process.Pid, bcfg.Listen)
+	}
+	primary, err := q.startIn(ctx, exe, n.A, acfg)
+	if err != nil {
+		return nil, err
+	}
+	defer q.stopProc(primary)
+	q.say("primary remusd up in %s (pid %d), launched QEMU for VM %q (tap %s on %s, MAC %s)", n.A, primary.cmd.Process.Pid, qemuVM, qemuTapA, netlab.BridgeA, netlab.GuestMAC)
+
+	serial := filepath.Join(shm, "a", qemuVM+".serial")
+	q.say("booting the guest (TCG; console %s)", serial)
+	wctx, wcancel := context.WithTimeout(ctx, 3*time.Minute)
+	line, err := guestimage.WaitReady(wctx, serial)
+	wcancel()
+	if err != nil {
+		return nil, fmt.Errorf("demo: %w", err)
+	}
+	q.say("guest up: %s", strings.TrimSpace(line))
+
+	pc := daemon.ControlClient{Path: acfg.Control, Timeout: 5 * time.Second}
+	bc := daemon.ControlClient{Path: bcfg.Control, Timeout: 5 * time.Second}
+	if err := pc.Protect(ctx, daemon.ProtectRequest{VM: qemuVM, Peer: bcfg.Listen}); err != nil {
+		return nil, fmt.Errorf("demo: protect: %w", err)
+	}
+	q.say("remusd protect %s --peer %s: the backup starts a hot standby QEMU (-incoming defer) and receives epochs", qemuVM, bcfg.Listen)
+	var ps daemon.VMStatus
+	if err := waitUntil(ctx, 2*time.Minute, func() (bool, error) {
+		st, err := statusOf(ctx, pc, qemuVM)
+		ps = st
+		return err == nil && st.AckedEpoch >= 5, nil
+	}); err != nil {
+		return nil, fmt.Errorf("demo: no epochs acknowledged (primary status %+v): %w", ps, err)
+	}
+	q.say("protected: epoch %d acknowledged, output buffer %s (guest output leaves only after its epoch is on the backup)", ps.AckedEpoch, ps.OutBuf)
+
+	cctx, ccancel := context.WithTimeout(ctx, 5*time.Minute)
+	defer ccancel()
+	conn, err := netlab.Dial(cctx, n.Client, netlab.GuestIP+":"+qemuPort)
+	if err != nil {
+		return nil, fmt.Errorf("demo: client: %w", err)
+	}
+	cl := &qclient{conn: conn, m: guestsvc.NewModel()}
+	cdone := make(chan struct{})
+	go func() { defer close(cdone); cl.run(cctx) }()
+	stopClient := func() {
+		ccancel()
+		conn.Close()
+		<-cdone
+	}
+	defer stopClient()
+	q.say("client in %s: one TCP connection %s → %s:%s, ADD requests back to back, each reply checked against the model of the service",
+		n.Client, conn.LocalAddr(), netlab.GuestIP, qemuPort)
+
+	// Under protection.
+	start := time.Now()
+	prevOK, prevAt := 0, time.Now()
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
+	for time.Since(start) < q.o.duration {
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-tick.C:
+		}
+		st, err := statusOf(ctx, pc, qemuVM)
+		if err != nil {
+			return nil, fmt.Errorf("demo: primary status: %w", err)
+		}
+		ps = st
+		ok, _, _, cerr := cl.state()
+		if cerr != nil {
+			return nil, fmt.Errorf("demo: client failed under protection: %w", cerr)
+		}
+		now := time.Now()
+		q.say("epoch %5d acked %5d  pause last %5.1f ms p50 %5.1f p99 %5.1f  dirty %5d pages  ack p50 %5.1f ms  held %d  client %4d req/s (%d ok)",
+			st.Epoch, st.AckedEpoch, st.PauseMsLast, st.PauseMsP50, st.PauseMsP99, st.DirtyPagesLast, st.AckMsP50, st.OutputHeld,
+			int(float64(ok-prevOK)/now.Sub(prevAt).Seconds()), ok)
+		prevOK, prevAt = ok, now
+	}
+	before, _, lastIDBefore, _ := cl.state()
+	rate := float64(before) / time.Since(start).Seconds()
+
+	// The primary host dies: everything in its namespace (remusd and its
+	// QEMU), SIGKILL.
+	pids := netlab.Pids(n.A)
+	killAt := time.Now()
+	for _, p := range pids {
+		_ = syscall.Kill(p, syscall.SIGKILL)
+	}
+	netlab.KillAll(n.A)
+	<-primary.done
+	q.say("SIGKILL primary host: remusd and QEMU (pids %v) after %d replies; last acked epoch %d", pids, before, ps.AckedEpoch)
+
+	if q.o.takeover == daemon.TakeoverManual {
+		fctx, fcancel := context.WithTimeout(ctx, time.Minute)
+		err := bc.Failover(fctx, qemuVM)
+		fcancel()
+		if err != nil {
+			return nil, fmt.Errorf("demo: remusd failover: %w", err)
+		}
+		q.say("remusd failover %s (on the backup) returned %v after the kill", qemuVM, time.Since(killAt).Round(time.Millisecond))
+	} else {
+		q.say("waiting for the backup's auto-unsafe takeover (heartbeat timeout %v)", q.o.hbTO)
+	}
+	var active daemon.VMStatus
+	if err := waitUntil(ctx, time.Minute, func() (bool, error) {
+		st, err := statusOf(ctx, bc, qemuVM)
+		active = st
+		return err == nil && st.Role == daemon.RoleActive, nil
+	}); err != nil {
+		return nil, fmt.Errorf("demo: the backup did not take over (status %+v): %w", active, err)
+	}
+	vmActive := time.UnixMilli(active.ActivatedAtUnixMs).Sub(killAt)
+	q.say("backup took over: guest running on %s %v after the kill (activation %.1f ms: standby loads epoch %d, announce-self moves the MAC to %s)",
+		n.B, vmActive.Round(time.Millisecond), active.ActivationMs, active.Epoch, qemuTapB)
+
+	// The client's next reply on the same connection.
+	var firstAfter time.Time
+	if err := waitUntil(ctx, 2*time.Minute, func() (bool, error) {
+		ok, last, _, cerr := cl.state()
+		if cerr != nil {
+			return false, cerr
+		}
+		firstAfter = last
+		return ok > before && last.After(killAt), nil
+	}); err != nil {
+		return q.finish(cl, active, ps, qver, img, rate, killAt, time.Time{}, vmActive, before, lastIDBefore, stopClient,
+			fmt.Errorf("demo: no reply after the failover on the same connection: %w", err))
+	}
+	q.say("client's next reply on the same TCP connection %v after the kill", firstAfter.Sub(killAt).Round(time.Millisecond))
+	after := time.Now()
+	prevOK, prevAt = before, firstAfter
+	for time.Since(after) < q.o.after {
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-tick.C:
+		}
+		ok, _, _, cerr := cl.state()
+		if cerr != nil {
+			break
+		}
+		now := time.Now()
+		q.say("client carries on: %4d req/s (%d ok), served by the guest on the backup (now unprotected: no backup left, so no output buffering)", int(float64(ok-prevOK)/now.Sub(prevAt).Seconds()), ok)
+		prevOK, prevAt = ok, now
+	}
+	if st, err := statusOf(ctx, bc, qemuVM); err == nil {
+		active = st
+	}
+	return q.finish(cl, active, ps, qver, img, rate, killAt, firstAfter, vmActive, before, lastIDBefore, stopClient, nil)
+}
+
+// finish stops the client and assembles the result.
+func (q *qrun) finish(cl *qclient, active, ps daemon.VMStatus, qver string,
+	img *guestimage.Image, rate float64, killAt, firstAfter time.Time, vmActive time.Duration, before int, lastIDBefore uint64,
+	stopClient func(), ferr error) (*QEMUResult, error) {
+	stopClient()
+	ok, _, _, cerr := cl.state()
+	cl.mu.Lock()
+	failed, diverged, firstID, gap := cl.failed, cl.diverged, cl.firstIDAfter(killAt), cl.maxGap
+	if firstID > 0 {
+		// Replies are numbered from 1 in order: split them at the kill
+		// (one may land between the last status poll and the kill).
+		before, lastIDBefore = int(firstID-1), firstID-1
+	}
+	cl.mu.Unlock()
+	if cerr != nil && (errors.Is(cerr, context.Canceled) || errors.Is(cerr, net.ErrClosed)) {
+		cerr = nil
+	}
+	res := &QEMUResult{
+		Result: Result{
+			Workload: "guestsvc (ADD requests on one TCP connection)", MemoryBytes: int64(q.o.memMiB) << 20,
+			EpochIntervalMs: msOf(q.o.interval), RunSeconds: q.o.duration.Seconds(),
+			PauseMsP50: ps.PauseMsP50, PauseMsP99: ps.PauseMsP99, AckMsP50: ps.AckMsP50,
+			BytesSent: ps.BytesSent, RawBytes: ps.RawBytes, CompressionRatio: ps.CompressionRatio,
+			ActivationMs: active.ActivationMs, TornEpochsDiscarded: active.TornEpochsDiscarded,
+			OutputSeenFromPrimary: before, OutputSeenFromBackup: ok - before,
+			LastSeqBeforeFailover: lastIDBefore, FirstSeqAfterFailover: firstID, OutputLost: diverged,
+		},
+		Backend: "qemu", Takeover: q.o.takeover, QEMU: qver, Kernel: img.KernelVersion, OutBuf: ps.OutBuf,
+		ClientRequestsOK: ok, ClientRequestsFailed: failed, ClientRequestsPerSec: rate, Divergences: diverged,
+		VMActiveMs: msOf(vmActive), LongestGapMs: msOf(gap),
+	}
+	if !firstAfter.IsZero() {
+		res.FailoverMs = msOf(firstAfter.Sub(killAt))
+	}
+	if cerr != nil {
+		res.ClientError = cerr.Error()
+	}
+	q.fromAudit(res)
+	res.TCPSessionSurvived = ferr == nil && cerr == nil && failed == 0 && ok > before && !firstAfter.IsZero()
+	res.ReplicaMatchesLastAck = res.ReplicaEpoch >= res.LastAckedEpoch && res.ReplicaEpoch > 0 && diverged == 0
+	switch {
+	case res.ReplicaEpoch == 0:
+		res.ReplicaDetail = "no activation record on the backup"
+	case res.ReplicaEpoch < res.LastAckedEpoch:
+		res.ReplicaDetail = fmt.Sprintf("replica epoch %d is older than the last acknowledged epoch %d", res.ReplicaEpoch, res.LastAckedEpoch)
+	case diverged > 0:
+		res.ReplicaDetail = fmt.Sprintf("replica at epoch %d, but %d replies diverged from the service model", res.ReplicaEpoch, diverged)
+	default:
+		rel := "the last acknowledged epoch"
+		if res.ReplicaEpoch > res.LastAckedEpoch {
+			rel = "past the last ack the primary saw (an ack was in flight at the kill)"
+		}
+		res.ReplicaDetail = fmt.Sprintf("replica activated at epoch %d (%s); every one of the %d replies, before and after the kill, matches the service model",
+			res.ReplicaEpoch, rel, ok)
+	}
+	res.Passed = res.TCPSessionSurvived && res.ReplicaMatchesLastAck && diverged == 0
+	return res, ferr
+}
+
+// fromAudit fills epochs and dirty-page figures from the audit logs.
+func (q *qrun) fromAudit(res *QEMUResult) {
+	plog, _ := readAudit(daemon.AuditPath(filepath.Join(q.dir, "hostA-state"), qemuVM, "primary"))
+	blog, _ := readAudit(daemon.AuditPath(filepath.Join(q.dir, "hostB-state"), qemuVM, "backup"))
+	var dirty []float64
+	first := true
+	for _, l := range plog {
+		switch l.Event {
+		case "capture":
+			if first { // the initial full sync
+				first = false
+				continue
+			}
+			dirty = append(dirty, float64(l.Pages))
+		case "ack":
+			res.LastAckedEpoch = max(res.LastAckedEpoch, l.Epoch)
+		}
+	}
+	for _, l := range blog {
+		switch l.Event {
+		case "commit":
+			res.EpochsCommitted++
+		case "activate":
+			res.ReplicaEpoch = l.Epoch
+		}
+	}
+	if len(dirty) > 0 {
+		s := slices.Clone(dirty)
+		slices.Sort(s)
+		res.DirtyPagesP50 = s[len(s)/2]
+		res.DirtyPagesP99 = s[min(len(s)-1, len(s)*99/100)]
+		res.DirtyPagesMax = s[len(s)-1]
+	}
+}
+
+func printQEMUSummary(w io.Writer, r *QEMUResult) {
+	verdict := "PASS"
+	if !r.Passed {
+		verdict = "FAIL"
+	}
+	survived := "yes, the same connection carried on"
+	if !r.TCPSessionSurvived {
+		survived = "NO"
+		if r.ClientError != "" {
+			survived += " (" + r.ClientError + ")"
+		}
+	}
+	fmt.Fprintf(w, `
+summary (%s) — qemu backend, %s, guest %s, %d MiB, takeover %s
+  tcp session survived      %s
+  client requests           %d ok, %d failed, %d diverged (%.0f req/s under protection)
+                            %d before the kill (last id %d), %d after (first id %d)
+  failover                  %.0f ms from SIGKILL to the client's next reply (guest running on the backup after %.0f ms; activation %.1f ms; longest client gap %.0f ms)
+  epochs committed          %d (last acked by primary %d, replica activated at %d)
+  pause per epoch           p50 %.1f ms, p99 %.1f ms
+  dirty pages per epoch     p50 %.0f, p99 %.0f, max %.0f (4 KiB pages)
+  ack latency               p50 %.1f ms
+  bytes on the wire         %d (raw %d, compression %.1fx)
+  output buffer             %s
+  replica check             %s
+`, verdict, r.QEMU, r.Kernel, r.MemoryBytes>>20, r.Takeover, survived,
+		r.ClientRequestsOK, r.ClientRequestsFailed, r.Divergences, r.ClientRequestsPerSec,
+		r.OutputSeenFromPrimary, r.LastSeqBeforeFailover, r.OutputSeenFromBackup, r.FirstSeqAfterFailover,
+		r.FailoverMs, r.VMActiveMs, r.ActivationMs, r.LongestGapMs,
+		r.EpochsCommitted, r.LastAckedEpoch, r.ReplicaEpoch, r.PauseMsP50, r.PauseMsP99,
+		r.DirtyPagesP50, r.DirtyPagesP99, r.DirtyPagesMax, r.AckMsP50,
+		r.BytesSent, r.RawBytes, r.CompressionRatio, r.OutBuf, r.ReplicaDetail)
+}
+
+func qemuVersion(ctx context.Context, bin string) string {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, bin, "--version").Output()
+	if err != nil {
+		return "qemu (version unknown)"
+	}
+	f := strings.Fields(strings.SplitN(string(out), "\n", 2)[0])
+	for i, s := range f {
+		if s == "version" && i+1 < len(f) {
+			return "QEMU " + f[i+1]
+		}
+	}
+	return strings.TrimSpace(strings.SplitN(string(out), "\n", 2)[0])
+}
+
+func waitUntil(ctx context.Context, limit time.Duration, cond func() (bool, error)) error {
+	deadline := time.Now().Add(limit)
+	for {
+		ok, err := cond()
+		if err != nil {
+			return err
+		}
+		if ok {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("not within %v", limit)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+}
+
+// startIn starts `remusd serve` inside namespace ns (its QEMUs inherit
+// the namespace) and waits for its control socket.
+func (q *qrun) startIn(ctx context.Context, exe, ns string, cfg daemon.Config) (*proc, error) {
+	path := filepath.Join(q.dir, cfg.Name+".json")
+	b, err := json.MarshalIndent(cfg, "", "  ")
+	if err != nil {
+		return nil, fmt.Errorf("demo: %w", err)
+	}
+	if err := os.WriteFile(path, b, 0o600); err != nil {
+		return nil, fmt.Errorf("demo: %w", err)
+	}
+	logPath := filepath.Join(q.dir, cfg.Name+".log")
+	logf, err := os.Create(logPath)
+	if err != nil {
+		return nil, fmt.Errorf("demo: %w", err)
+	}
+	cmd := netlab.Command(ns, exe, "serve", "--config", path, "--log-level", "info")
+	cmd.Env = append(os.Environ(), "REMUSD_CONTROL=")
+	cmd.Stdout, cmd.Stderr = logf, logf
+	// Its own process group: a Ctrl-C in the terminal reaches the demo,
+	// which then stops the daemons in order. Whatever a daemon leaves
+	// behind dies with the namespaces (netlab.Close kills every process
+	// inside first).
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		logf.Close()
+		return nil, fmt.Errorf("demo: start %s: %w", cfg.Name, err)
+	}
+	p := &proc{name: cfg.Name, cmd: cmd, control: cfg.Control, state: cfg.StateDir, done: make(chan struct{})}
+	go func() {
+		_ = cmd.Wait()
+		logf.Close()
+		close(p.done)
+	}()
+	c := daemon.ControlClient{Path: cfg.Control, Timeout: 2 * time.Second}
+	deadline := time.Now().Add(3 * time.Minute)
+	for {
+		if _, err := c.Status(ctx); err == nil {
+			return p, nil
+		}
+		select {
+		case <-p.done:
+			return nil, fmt.Errorf("demo: %s remusd exited at start (%v): %s", cfg.Name, cmd.ProcessState, logTail(logPath, 15))
+		case <-ctx.Done():
+			q.stopProc(p)
+			return nil, ctx.Err()
+		case <-time.After(50 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			q.stopProc(p)
+			return nil, fmt.Errorf("demo: %s remusd did not come up within 3 min: %s", cfg.Name, logTail(logPath, 15))
+		}
+	}
+}
+
+func (q *qrun) stopProc(p *proc) {
+	select {
+	case <-p.done:
+		return
+	default:
+	}
+	_ = p.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-p.done:
+	case <-time.After(10 * time.Second):
+		_ = p.cmd.Process.Kill()
+		<-p.done
+	}
+}
+
+func logTail(path string, n int) string {
+	b, _ := os.ReadFile(path)
+	ls := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
+	if len(ls) > n {
+		ls = ls[len(ls)-n:]
+	}
+	return strings.Join(ls, "\n")
+}
+
+// qclient keeps one TCP connection to the guest service and issues ADDs
+// back to back, checking every reply against the model.
+type qclient struct {
+	conn net.Conn
+	m    *guestsvc.Model
+
+	mu       sync.Mutex
+	ok       int
+	failed   int
+	diverged int
+	lastID   uint64
+	lastAt   time.Time
+	err      error
+	maxGap   time.Duration
+	times    []time.Time // reply times, index = id-1
+}
+
+func (c *qclient) run(ctx context.Context) {
+	r := bufio.NewReader(c.conn)
+	for id := uint64(1); ctx.Err() == nil; id++ {
+		req, want := c.m.Add(id, "k"+strconv.FormatUint(id%4, 10), int64(id))
+		// A generous per-request bound: failover plus TCP retransmission.
+		_ = c.conn.SetDeadline(time.Now().Add(60 * time.Second))
+		var err, cerr error
+		if _, err = fmt.Fprintf(c.conn, "%s\n", req); err == nil {
+			var got string
+			if got, err = r.ReadString('\n'); err == nil {
+				cerr = guestsvc.Check(strings.TrimRight(got, "\n"), want)
+			}
+		}
+		now := time.Now()
+		c.mu.Lock()
+		switch {
+		case ctx.Err() != nil:
+			c.mu.Unlock()
+			return
+		case err != nil:
+			c.failed++
+			c.err = fmt.Errorf("request %d: %w", id, err)
+			c.mu.Unlock()
+			return
+		case cerr != nil:
+			c.diverged++
+			c.err = fmt.Errorf("request %d: %w", id, cerr)
+			c.mu.Unlock()
+			return
+		}
+		if !c.lastAt.IsZero() && now.Sub(c.lastAt) > c.maxGap {
+			c.maxGap = now.Sub(c.lastAt)
+		}
+		c.ok++
+		c.lastID, c.lastAt = id, now
+		c.times = append(c.times, now)
+		c.mu.Unlock()
+	}
+}
+
+func (c *qclient) state() (ok int, last time.Time, lastID uint64, err error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.ok, c.lastAt, c.lastID, c.err
+}
+
+// firstIDAfter is the id of the first reply received after t (0 = none);
+// c.mu held.
+func (c *qclient) firstIDAfter(t time.Time) uint64 {
+	i, _ := slices.BinarySearchFunc(c.times, t, func(a, b time.Time) int { return a.Compare(b) })
+	if i < len(c.times) {
+		return uint64(i + 1)
+	}
+	return 0
+}
