@@ -189,6 +189,16 @@ func (c *Conn) call(ctx context.Context, what string, fn func() error) error {
 		}
 		return nil
 	case <-ctx.Done():
+		if errors.Is(ctx.Err(), context.Canceled) {
+			// A cancelled caller (unprotect, shutdown) must not cost the
+			// connection: a go-libvirt call cannot be abandoned without
+			// closing it. Let the call finish, within its time budget.
+			select {
+			case <-done:
+				return fmt.Errorf("libvirt: %s: %w", what, ctx.Err())
+			case <-t.C:
+			}
+		}
 		c.fail(fmt.Errorf("%w: %s abandoned: %w", ErrDisconnected, what, ctx.Err()))
 		return fmt.Errorf("libvirt: %s: %w (connection to %s closed)", what, ctx.Err(), c.socket)
 	case <-t.C:
