@@ -1,13 +1,11 @@
 package bench
 
 import (
-	"bufio"
 	"context"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -374,31 +372,9 @@ func newOutputClient() (*outputClient, error) {
 func (c *outputClient) addr() string { return c.ln.Addr().String() }
 
 func (c *outputClient) read(conn net.Conn) {
-	r := bufio.NewReader(conn)
-	line, err := r.ReadString('\n')
-	if err != nil {
-		return
-	}
-	f := strings.Fields(line)
-	if len(f) != 3 || f[0] != daemon.OutputMagic {
-		return
-	}
-	host := f[1]
-	var hdr [12]byte
-	for {
-		if _, err := io.ReadFull(r, hdr[:]); err != nil {
-			return
-		}
-		n := binary.BigEndian.Uint32(hdr[8:])
-		if n > 1<<20 {
-			return
-		}
-		msg := make([]byte, n)
-		if _, err := io.ReadFull(r, msg); err != nil {
-			return
-		}
+	_ = daemon.ReadOutputStream(conn, func(host string, _ uint64, msg []byte) {
 		if len(msg) < 8 {
-			continue
+			return
 		}
 		m := outputMsg{at: time.Now(), seq: binary.LittleEndian.Uint64(msg)}
 		c.mu.Lock()
@@ -409,7 +385,7 @@ func (c *outputClient) read(conn net.Conn) {
 			close(c.gotBack)
 		}
 		c.mu.Unlock()
-	}
+	})
 }
 
 func (c *outputClient) waitBackup(d time.Duration) (outputMsg, error) {

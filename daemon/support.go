@@ -1,13 +1,17 @@
 package daemon
 
 import (
+	"bufio"
 	"bytes"
 	"encoding/binary"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -181,3 +185,38 @@ func (s *outputSink) run() {
 }
 
 func (s *outputSink) close() { s.once.Do(func() { close(s.done) }) }
+
+// ReadOutputStream reads one sim VM output stream (see OutputMagic) and
+// calls fn for every message, with the sending host's name and the epoch
+// the message was released for (0 when unbuffered). It returns when the
+// stream ends or is malformed (a message over 1 MiB).
+func ReadOutputStream(rd io.Reader, fn func(host string, epoch uint64, msg []byte)) error {
+	r := bufio.NewReader(rd)
+	line, err := r.ReadString('\n')
+	if err != nil {
+		return fmt.Errorf("output stream: header: %w", err)
+	}
+	f := strings.Fields(line)
+	if len(f) != 3 || f[0] != OutputMagic {
+		return fmt.Errorf("output stream: bad header %q", strings.TrimSpace(line))
+	}
+	host := f[1]
+	var hdr [12]byte
+	for {
+		if _, err := io.ReadFull(r, hdr[:]); err != nil {
+			if errors.Is(err, io.EOF) {
+				return nil
+			}
+			return fmt.Errorf("output stream from %s: %w", host, err)
+		}
+		n := binary.BigEndian.Uint32(hdr[8:])
+		if n > 1<<20 {
+			return fmt.Errorf("output stream from %s: message of %d bytes", host, n)
+		}
+		msg := make([]byte, n)
+		if _, err := io.ReadFull(r, msg); err != nil {
+			return fmt.Errorf("output stream from %s: %w", host, err)
+		}
+		fn(host, binary.BigEndian.Uint64(hdr[:8]), msg)
+	}
+}

@@ -17,7 +17,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
-	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -595,40 +594,18 @@ func (s *sink) accept() {
 }
 
 func (s *sink) read(c net.Conn) {
-	r := bufio.NewReader(c)
-	line, err := r.ReadString('\n')
-	if err != nil {
-		return
-	}
-	f := strings.Fields(line)
-	if len(f) != 3 || f[0] != daemon.OutputMagic {
-		return
-	}
-	host := f[1]
-	var hdr [12]byte
-	for {
-		if _, err := io.ReadFull(r, hdr[:]); err != nil {
-			return
-		}
-		n := binary.BigEndian.Uint32(hdr[8:])
-		if n > 1<<20 {
-			return
-		}
-		msg := make([]byte, n)
-		if _, err := io.ReadFull(r, msg); err != nil {
-			return
-		}
+	_ = daemon.ReadOutputStream(c, func(host string, epoch uint64, msg []byte) {
 		if len(msg) < 8 {
-			continue
+			return
 		}
-		rec := record{host: host, epoch: binary.BigEndian.Uint64(hdr[:8]), seq: binary.LittleEndian.Uint64(msg)}
+		rec := record{host: host, epoch: epoch, seq: binary.LittleEndian.Uint64(msg)}
 		s.mu.Lock()
 		s.recs = append(s.recs, rec)
 		s.mu.Unlock()
 		if host != "primary" {
 			s.once.Do(func() { close(s.backupCh) })
 		}
-	}
+	})
 }
 
 func (s *sink) markFailover() {
