@@ -188,10 +188,11 @@ func writeInitrd(dst, base string, svc []byte) error {
 		return err
 	}
 	bw := bufio.NewWriter(f)
-	w := &cpioWriter{w: bw, ino: 1 << 20, dirs: map[string]bool{}}
-	w.file("init", 0o755, []byte(initScript))
-	w.file("bin/remus-guestsvc", 0o755, svc)
-	if err := w.close(); err != nil {
+	// Inodes above the base archive's, so the kernel does not link them.
+	w := vmtest.NewArchive(bw, 1<<20)
+	w.File("init", 0o755, []byte(initScript))
+	w.File("bin/remus-guestsvc", 0o755, svc)
+	if err := w.Close(); err != nil {
 		f.Close()
 		return err
 	}

@@ -79,19 +79,6 @@ func TestBuildCached(t *testing.T) {
 	}
 }
 
-func TestCPIOTrailerAndPadding(t *testing.T) {
-	var sb strings.Builder
-	w := &cpioWriter{w: &sb, ino: 1, dirs: map[string]bool{}}
-	w.file("a/b", 0o644, []byte("xyz"))
-	if err := w.close(); err != nil {
-		t.Fatal(err)
-	}
-	s := sb.String()
-	if len(s)%4 != 0 || !strings.Contains(s, "TRAILER!!!") || strings.Count(s, "070701") != 3 {
-		t.Fatalf("bad archive %q", s)
-	}
-}
-
 // TestBootServesTCP boots the guest on a tap in a network namespace
 // bridged to a client namespace and talks to remus-guestsvc over TCP.
 func TestBootServesTCP(t *testing.T) {

@@ -113,3 +113,21 @@ type fileEntry struct {
 	mode uint32
 	data []byte
 }
+
+// Archive writes a "newc" archive of directories and regular files, for
+// an initramfs appended to a base one (as guestimage does). firstInode
+// should not collide with the archives it is appended to.
+type Archive struct{ c *cpioWriter }
+
+// NewArchive starts an archive on w.
+func NewArchive(w io.Writer, firstInode uint32) *Archive {
+	c := newCPIOWriter(w)
+	c.ino = firstInode
+	return &Archive{c: c}
+}
+
+// File adds a regular file (and its missing parent directories).
+func (a *Archive) File(name string, perm uint32, b []byte) { a.c.file(name, perm, b) }
+
+// Close writes the trailer and reports the first write error.
+func (a *Archive) Close() error { return a.c.close() }

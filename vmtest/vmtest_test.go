@@ -125,3 +125,17 @@ func TestBootSmoke(t *testing.T) {
 		t.Fatalf("false gave verdict %q", res.Verdict)
 	}
 }
+
+func TestArchive(t *testing.T) {
+	var b strings.Builder
+	a := NewArchive(&b, 1<<20)
+	a.File("a/b", 0o644, []byte("xyz"))
+	if err := a.Close(); err != nil {
+		t.Fatal(err)
+	}
+	s := b.String()
+	// the directory a, the file a/b, the trailer; padded to 4 bytes
+	if len(s)%4 != 0 || !strings.Contains(s, "TRAILER!!!") || strings.Count(s, "070701") != 3 || !strings.Contains(s, "00100000") {
+		t.Fatalf("bad archive %q", s)
+	}
+}
