@@ -571,7 +571,7 @@ func (p *Primary) connect(ctx context.Context) (*primaryLink, uint64, error) {
 		Backend:           g.Backend(),
 		BackendVersion:    g.BackendVersion(),
 		BackendConfig:     g.Config(),
-		PrimaryAckedEpoch: p.core.Acked(),
+		PrimaryAckedEpoch: p.acked.Load(),
 	}
 	_ = conn.SetDeadline(time.Now().Add(p.o.HeartbeatTimeout))
 	if err := w.WriteFrame(transport.KindHello, hello, nil); err != nil {
