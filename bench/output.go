@@ -120,6 +120,7 @@ func (r *Report) tables() []table {
 		t.rows = append(t.rows, []string{fi(int64(m.VMs)), fi(m.MemoryBytesEach), ff(m.IntervalMs), ff(m.Seconds), ff(m.AggPagesPerSec), ff(m.AggWireMBPerSec), ff(m.PauseMsP50), ff(m.PauseMsP99), ff(m.EpochMsP50), ff(m.AckMsP50), ff(m.CPUPct), fi(int64(m.VerifiedReplicas))})
 	}
 	ts = append(ts, t)
+	ts = append(ts, r.qemuTables()...)
 	return ts
 }
 

@@ -30,6 +30,10 @@ type Report struct {
 	// FailoverMsP50: SIGKILL of the primary → the client's next reply
 	// (from the backup), median over trials.
 	FailoverMsP50 float64 `json:"failover_ms_p50"`
+	// The same headline figures on QEMU (--backend qemu|all).
+	QEMUAddedLatencyP50MsAt25 float64 `json:"qemu_added_latency_p50_ms_at_25ms,omitempty"`
+	QEMUAddedLatencyP99MsAt25 float64 `json:"qemu_added_latency_p99_ms_at_25ms,omitempty"`
+	QEMUFailoverMsP50         float64 `json:"qemu_failover_ms_p50,omitempty"`
 	// Goals lists every goal with the measured figure.
 	Goals []Goal `json:"goals"`
 
@@ -48,6 +52,8 @@ type Report struct {
 	Sweep          []SweepResult     `json:"sweep"`
 	DirtyScale     []DirtyScalePoint `json:"dirty_scale"`
 	MultiVM        []MultiVMPoint    `json:"multi_vm"`
+	// QEMU is the QEMU backend's section (--backend qemu|all).
+	QEMU *QEMUResult `json:"qemu,omitempty"`
 	// Errors lists the sections that failed (the others are reported).
 	Errors []string      `json:"errors"`
 	Took   time.Duration `json:"took_ns"`
@@ -66,7 +72,10 @@ type Goal struct {
 const CPUNote = "CPU is process CPU (getrusage user+sys) ÷ wall time in % of one core. The sim guest, the primary and the backup run in one process, so per-side CPU is not separable: the pair figure is reported beside the same guest running alone, and their difference is the cost of protection on both sides together."
 
 // Sections are the names of RunWith's sections, in run order.
-var Sections = []string{"pause", "encode", "pipeline", "latency", "failover", "sweep", "scale", "multivm"}
+var Sections = []string{"pause", "encode", "pipeline", "latency", "failover", "sweep", "scale", "multivm", "qemu"}
+
+// Backends of RunWith: sim (the default), qemu, all.
+var Backends = []string{"sim", "qemu", "all"}
 
 // IsSection reports whether name is one of Sections.
 func IsSection(name string) bool { return slices.Contains(Sections, name) }
@@ -85,6 +94,12 @@ type Options struct {
 	Skip []string
 	// Backends for the sweep (default: sim only).
 	Backends map[string]Backend
+	// Backend selects the sections: "sim" (default: every sim section),
+	// "qemu" (only the QEMU section) or "all".
+	Backend string
+	// QEMU overrides the QEMU section's configuration (Exe, Log and
+	// Progress are filled from the Options when empty).
+	QEMU *QEMUConfig
 }
 
 // Run runs every section but the failover trials, which need the remusd
@@ -113,6 +128,19 @@ func RunWith(ctx context.Context, o Options) (Report, error) {
 	skip := map[string]bool{}
 	for _, s := range o.Skip {
 		skip[s] = true
+	}
+	switch o.Backend {
+	case "", "sim":
+		skip["qemu"] = true
+	case "qemu":
+		for _, s := range Sections {
+			if s != "qemu" {
+				skip[s] = true
+			}
+		}
+	case "all":
+	default:
+		return r, fmt.Errorf("bench: unknown backend %q (want sim|qemu|all)", o.Backend)
 	}
 	var errs []error
 	section := func(name string, f func() error) {
@@ -202,6 +230,27 @@ func RunWith(ctx context.Context, o Options) (Report, error) {
 		r.MultiVM, err = MeasureMultiVM(ctx, mvc)
 		return err
 	})
+	section("qemu", func() error {
+		qc := QEMUConfig{}
+		if o.QEMU != nil {
+			qc = *o.QEMU
+		}
+		if qc.Exe == "" {
+			qc.Exe = o.Exe
+		}
+		if qc.Log == nil {
+			qc.Log = log
+		}
+		if qc.Progress == nil {
+			qc.Progress = progress
+		}
+		q, err := MeasureQEMU(ctx, qc)
+		r.QEMU = &q
+		if q.Skipped != "" {
+			progress("qemu skipped: %s", q.Skipped)
+		}
+		return err
+	})
 	r.headline()
 	r.Took = time.Since(start)
 	if err := ctx.Err(); err != nil {
@@ -248,12 +297,25 @@ func (r *Report) headline() {
 		r.FailoverMsP50 = r.Failover.NextReplyMsP50
 	}
 	goal("failover: SIGKILL → next reply p50 (ms)", r.FailoverMsP50, fok, "< 1000 ms", r.FailoverMsP50 < 1000)
+	if q := r.QEMU; q != nil && q.Skipped == "" {
+		qp, qok := q.At(25 * time.Millisecond)
+		if qok {
+			r.QEMUAddedLatencyP50MsAt25, r.QEMUAddedLatencyP99MsAt25 = qp.AddedP50Ms, qp.AddedP99Ms
+		}
+		goal("qemu: added latency p50 at 25 ms (ms)", r.QEMUAddedLatencyP50MsAt25, qok, "≤ 0.6·25 + 1 = 16 ms", r.QEMUAddedLatencyP50MsAt25 <= 16)
+		goal("qemu: added latency p99 at 25 ms (ms)", r.QEMUAddedLatencyP99MsAt25, qok, "≤ 1.1·25 + 3 = 30.5 ms", r.QEMUAddedLatencyP99MsAt25 <= 30.5)
+		qfok := len(q.Trials) > 0
+		if qfok {
+			r.QEMUFailoverMsP50 = q.NextReplyMsP50
+		}
+		goal("qemu: failover SIGKILL → next reply p50 (ms)", r.QEMUFailoverMsP50, qfok, "< 1000 ms", r.QEMUFailoverMsP50 < 1000)
+	}
 }
 
 // Write prints the report as Markdown.
 func (r Report) Write(w io.Writer) error {
 	ew := &errWriter{w: w}
-	ew.printf("# remusd bench (sim backend; GOMAXPROCS %d, %d CPUs, %s, quick %v, took %v)\n\n", r.GOMAXPROCS, r.NumCPU, r.GoVersion, r.Quick, r.Took.Round(time.Millisecond))
+	ew.printf("# remusd bench (%s; GOMAXPROCS %d, %d CPUs, %s, quick %v, took %v)\n\n", r.backends(), r.GOMAXPROCS, r.NumCPU, r.GoVersion, r.Quick, r.Took.Round(time.Millisecond))
 	ew.printf("## Goals (issue 5)\n\n| goal | measured | target | met |\n|---|---:|---|---|\n")
 	for _, g := range r.Goals {
 		m := "—"
@@ -348,6 +410,7 @@ func (r Report) Write(w io.Writer) error {
 				m.PauseMsP50, m.PauseMsP99, m.EpochMsP50, m.AckMsP50, m.CPUPct, m.VerifiedReplicas)
 		}
 	}
+	r.writeQEMU(ew)
 	return ew.err
 }
 

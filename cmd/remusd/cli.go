@@ -9,6 +9,7 @@ import (
 	"io"
 	"os"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -443,7 +444,8 @@ func runBench(ctx context.Context, c *command, args []string, stdout, stderr io.
 	asJSON := fs.Bool("json", false, "print the figures as one JSON object")
 	outDir := fs.String("out", "", "also write report.json, CSV files and PNG plots into this directory")
 	noFailover := fs.Bool("no-failover", false, "skip the failover trials (they start remusd daemons as child processes)")
-	skipList := fs.String("skip", "", "comma-separated sections to skip: pause,encode,pipeline,latency,failover,sweep,scale,multivm")
+	skipList := fs.String("skip", "", "comma-separated sections to skip: pause,encode,pipeline,latency,failover,sweep,scale,multivm,qemu")
+	backend := fs.String("backend", "sim", "sim (every sim section), qemu (client latency and failover on real QEMU VMs: needs root, QEMU and the guest image) or all")
 	pos, code, done := parse(c, fs, args, stdout, stderr)
 	if done {
 		return code
@@ -457,7 +459,11 @@ func runBench(ctx context.Context, c *command, args []string, stdout, stderr io.
 		return exitFailure
 	}
 	defer log.Sync()
-	o := bench.Options{Quick: *quick, Log: log, Progress: stderr}
+	if !slices.Contains(bench.Backends, *backend) {
+		fmt.Fprintf(stderr, "remusd bench: --backend: unknown backend %q (want %s)\n", *backend, strings.Join(bench.Backends, "|"))
+		return exitUsage
+	}
+	o := bench.Options{Quick: *quick, Log: log, Progress: stderr, Backend: *backend}
 	for _, sec := range strings.Split(*skipList, ",") {
 		if sec = strings.TrimSpace(sec); sec != "" {
 			if !bench.IsSection(sec) {
@@ -467,11 +473,17 @@ func runBench(ctx context.Context, c *command, args []string, stdout, stderr io.
 			o.Skip = append(o.Skip, sec)
 		}
 	}
+	needExe := *backend != "sim" && !strings.Contains(","+*skipList+",", ",qemu,")
 	if *noFailover || strings.Contains(","+*skipList+",", ",failover,") {
 		o.Skip = append(o.Skip, "failover")
-	} else if o.Exe, err = os.Executable(); err != nil {
-		fmt.Fprintf(stderr, "remusd bench: find own binary: %v\n", err)
-		return exitFailure
+	} else {
+		needExe = true
+	}
+	if needExe {
+		if o.Exe, err = os.Executable(); err != nil {
+			fmt.Fprintf(stderr, "remusd bench: find own binary: %v\n", err)
+			return exitFailure
+		}
 	}
 	r, runErr := bench.RunWith(ctx, o)
 	if ctx.Err() != nil {

@@ -1,0 +1,270 @@
+package demo
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/remusd/remusd/daemon"
+	"github.com/remusd/remusd/guestimage"
+	"github.com/remusd/remusd/netlab"
+	"github.com/remusd/remusd/vmtest"
+)
+
+// This file exports the pieces of the QEMU demo that other packages (the
+// benchmark harness) reuse: the same topology, daemons and guest as
+// `remusd demo --backend qemu`, without the demo's script.
+
+// QEMUPrereqs reports why the QEMU lab cannot run here (nil: it can,
+// modulo the guest image, which QEMULab builds or takes from its cache).
+func QEMUPrereqs() error {
+	if os.Geteuid() != 0 {
+		return errors.New("needs root (network namespaces, tap devices, NFQUEUE output buffering)")
+	}
+	if err := netlab.Check(); err != nil {
+		return err
+	}
+	if _, err := vmtest.FindQEMU(); err != nil {
+		return err
+	}
+	if _, err := exec.LookPath("iptables"); err != nil {
+		return errors.New("iptables not installed (output buffering uses NFQUEUE)")
+	}
+	return nil
+}
+
+// QEMULabConfig configures StartQEMULab.
+type QEMULabConfig struct {
+	// Exe is the remusd binary started as `remusd serve` on both hosts.
+	Exe string
+	// Prefix of the network namespaces (default "rb").
+	Prefix string
+	// MemoryMiB of the guest (default 128).
+	MemoryMiB int
+	// EpochInterval is the daemons' default (default 50 ms).
+	EpochInterval time.Duration
+	// HeartbeatTimeout of the backup (default 1 s; heartbeats every
+	// tenth of it) and Takeover (default auto-unsafe).
+	HeartbeatTimeout time.Duration
+	Takeover         string
+	Log              *zap.Logger
+}
+
+// QEMULab is the demo's topology with the guest booted on hostA and a
+// backup daemon on hostB; the guest is not protected yet.
+type QEMULab struct {
+	Cfg        QEMULabConfig
+	QEMU       string // version
+	Kernel     string // guest kernel version
+	ClientNS   string
+	ServiceAdr string // guest service HOST:PORT
+	VM         string
+	PeerAddr   string // the backup's replication address
+	Primary    daemon.ControlClient
+	Backup     daemon.ControlClient
+	BootTime   time.Duration
+
+	q         *qrun
+	n         *netlab.Remus
+	shm       string
+	primary   *proc
+	backup    *proc
+	primaryNS string
+}
+
+// StartQEMULab builds the guest image (cached), the namespaces, starts the
+// two daemons (the primary launches QEMU) and waits for the guest's
+// service. Close releases everything.
+func StartQEMULab(ctx context.Context, cfg QEMULabConfig) (l *QEMULab, err error) {
+	if cfg.Prefix == "" {
+		cfg.Prefix = "rb"
+	}
+	if cfg.MemoryMiB == 0 {
+		cfg.MemoryMiB = 128
+	}
+	if cfg.EpochInterval == 0 {
+		cfg.EpochInterval = 50 * time.Millisecond
+	}
+	if cfg.HeartbeatTimeout == 0 {
+		cfg.HeartbeatTimeout = time.Second
+	}
+	if cfg.Takeover == "" {
+		cfg.Takeover = daemon.TakeoverAutoUnsafe
+	}
+	if cfg.Log == nil {
+		cfg.Log = zap.NewNop()
+	}
+	if cfg.Exe == "" {
+		return nil, errors.New("demo: QEMULabConfig.Exe (the remusd binary) is required")
+	}
+	if err := QEMUPrereqs(); err != nil {
+		return nil, err
+	}
+	qemuBin, err := vmtest.FindQEMU()
+	if err != nil {
+		return nil, err
+	}
+	t0 := time.Now()
+	l = &QEMULab{Cfg: cfg, QEMU: qemuVersion(ctx, qemuBin), VM: qemuVM, ServiceAdr: netlab.GuestIP + ":" + qemuPort}
+	defer func() {
+		if err != nil {
+			l.Close()
+			l = nil
+		}
+	}()
+	dir, err := os.MkdirTemp("", "remusd-bench-")
+	if err != nil {
+		return l, err
+	}
+	l.q = &qrun{o: qemuOptions{json: true, interval: cfg.EpochInterval, memMiB: cfg.MemoryMiB, takeover: cfg.Takeover, hbTO: cfg.HeartbeatTimeout, dir: dir},
+		log: cfg.Log, dir: dir, t0: t0}
+	if l.shm, err = os.MkdirTemp("/dev/shm", qemuShmPf); err != nil {
+		return l, err
+	}
+	bctx, bcancel := context.WithTimeout(ctx, 10*time.Minute)
+	img, err := guestimage.Build(bctx, guestimage.Config{})
+	bcancel()
+	if err != nil {
+		return l, fmt.Errorf("guest image: %w (sh vmtest/setup.sh installs its inputs)", err)
+	}
+	l.Kernel = img.KernelVersion
+	if l.n, err = netlab.NewRemus(ctx, cfg.Prefix); err != nil {
+		return l, fmt.Errorf("topology: %w", err)
+	}
+	l.ClientNS, l.primaryNS = l.n.Client, l.n.A
+	common := func(name string) daemon.Config {
+		c := daemon.DefaultConfig()
+		c.Name = name
+		c.Control = filepath.Join(dir, name+".sock")
+		c.StateDir = filepath.Join(dir, name+"-state")
+		c.EpochInterval = daemon.Duration(cfg.EpochInterval)
+		c.HeartbeatInterval = daemon.Duration(cfg.HeartbeatTimeout / 10)
+		c.HeartbeatTimeout = daemon.Duration(cfg.HeartbeatTimeout)
+		return c
+	}
+	bcfg := common("hostB")
+	bcfg.Listen = netlab.HostBIP + ":" + replPort
+	bcfg.Takeover = cfg.Takeover
+	bcfg.Standby = daemon.StandbyConfig{Tap: qemuTapB, Bridge: netlab.BridgeB, RunDir: filepath.Join(l.shm, "b")}
+	acfg := common("hostA")
+	acfg.QemuVMs = []daemon.QemuVM{{Name: qemuVM, MemoryMiB: cfg.MemoryMiB, UseGuestImage: true, GuestIP: netlab.GuestIP + netlab.Prefix,
+		Tap: qemuTapA, MAC: netlab.GuestMAC, Bridge: netlab.BridgeA, RunDir: filepath.Join(l.shm, "a")}}
+	l.PeerAddr = bcfg.Listen
+	l.Primary = daemon.ControlClient{Path: acfg.Control, Timeout: 5 * time.Second}
+	l.Backup = daemon.ControlClient{Path: bcfg.Control, Timeout: 5 * time.Second}
+	if l.backup, err = l.q.startIn(ctx, cfg.Exe, l.n.B, bcfg); err != nil {
+		return l, err
+	}
+	if l.primary, err = l.q.startIn(ctx, cfg.Exe, l.n.A, acfg); err != nil {
+		return l, err
+	}
+	wctx, wcancel := context.WithTimeout(ctx, 3*time.Minute)
+	_, err = guestimage.WaitReady(wctx, filepath.Join(l.shm, "a", qemuVM+".serial"))
+	wcancel()
+	if err != nil {
+		return l, err
+	}
+	l.BootTime = time.Since(t0)
+	return l, nil
+}
+
+// Dial opens a TCP connection from the client namespace to the guest's
+// service.
+func (l *QEMULab) Dial(ctx context.Context) (net.Conn, error) {
+	return netlab.Dial(ctx, l.ClientNS, l.ServiceAdr)
+}
+
+// Protect protects the guest to the backup at the given epoch interval
+// (0: the daemon's default) and waits until minAcked epochs are
+// acknowledged.
+func (l *QEMULab) Protect(ctx context.Context, interval time.Duration, minAcked uint64) error {
+	if err := l.Primary.Protect(ctx, daemon.ProtectRequest{VM: qemuVM, Peer: l.PeerAddr, EpochInterval: interval}); err != nil {
+		return fmt.Errorf("protect: %w", err)
+	}
+	var ps daemon.VMStatus
+	if err := waitUntil(ctx, 2*time.Minute, func() (bool, error) {
+		st, err := statusOf(ctx, l.Primary, qemuVM)
+		ps = st
+		return err == nil && st.AckedEpoch >= minAcked, nil
+	}); err != nil {
+		return fmt.Errorf("no epochs acknowledged (primary status %+v): %w", ps, err)
+	}
+	return nil
+}
+
+// Unprotect stops protecting the guest (its held output is released).
+func (l *QEMULab) Unprotect(ctx context.Context) error {
+	return l.Primary.Unprotect(ctx, qemuVM)
+}
+
+// PrimaryStatus and BackupStatus are the guest's status on each host.
+func (l *QEMULab) PrimaryStatus(ctx context.Context) (daemon.VMStatus, error) {
+	return statusOf(ctx, l.Primary, qemuVM)
+}
+
+// BackupStatus is the guest's status on the backup host.
+func (l *QEMULab) BackupStatus(ctx context.Context) (daemon.VMStatus, error) {
+	return statusOf(ctx, l.Backup, qemuVM)
+}
+
+// KillPrimary SIGKILLs everything in the primary host's namespace (remusd
+// and its QEMU), as the demo does, and returns the time of the kill.
+func (l *QEMULab) KillPrimary() time.Time {
+	pids := netlab.Pids(l.primaryNS)
+	at := time.Now()
+	for _, p := range pids {
+		_ = syscall.Kill(p, syscall.SIGKILL)
+	}
+	netlab.KillAll(l.primaryNS)
+	if l.primary != nil {
+		<-l.primary.done
+	}
+	return at
+}
+
+// WaitActive waits until the backup has taken over and returns its status
+// (ActivatedAtUnixMs, ActivationMs).
+func (l *QEMULab) WaitActive(ctx context.Context, limit time.Duration) (daemon.VMStatus, error) {
+	var active daemon.VMStatus
+	err := waitUntil(ctx, limit, func() (bool, error) {
+		st, err := statusOf(ctx, l.Backup, qemuVM)
+		active = st
+		return err == nil && st.Role == daemon.RoleActive, nil
+	})
+	return active, err
+}
+
+// Close stops the daemons and removes the namespaces and files.
+func (l *QEMULab) Close() {
+	if l.q != nil {
+		if l.primary != nil {
+			l.q.stopProc(l.primary)
+		}
+		if l.backup != nil {
+			l.q.stopProc(l.backup)
+		}
+	}
+	l.primary, l.backup = nil, nil
+	if l.n != nil {
+		if err := l.n.Close(); err != nil {
+			l.Cfg.Log.Warn("netlab cleanup", zap.Error(err))
+		}
+		l.n = nil
+	}
+	if l.shm != "" {
+		os.RemoveAll(l.shm)
+		l.shm = ""
+	}
+	if l.q != nil && l.q.dir != "" {
+		os.RemoveAll(l.q.dir)
+		l.q.dir = ""
+	}
+}
