@@ -3,12 +3,10 @@ package bench
 import (
 	"context"
 	"encoding/binary"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -16,6 +14,7 @@ import (
 	"time"
 
 	"github.com/remusd/remusd/daemon"
+	"github.com/remusd/remusd/demo"
 )
 
 // FailoverConfig configures MeasureFailover.
@@ -147,71 +146,6 @@ func MeasureFailover(ctx context.Context, cfg FailoverConfig) (FailoverResult, e
 	return res, nil
 }
 
-type daemonProc struct {
-	cmd     *exec.Cmd
-	control string
-	done    chan struct{}
-}
-
-func (d *daemonProc) stop() {
-	select {
-	case <-d.done:
-		return
-	default:
-	}
-	_ = d.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-d.done:
-	case <-time.After(5 * time.Second):
-		_ = d.cmd.Process.Kill()
-		<-d.done
-	}
-}
-
-func startDaemon(ctx context.Context, exe, dir string, cfg daemon.Config) (*daemonProc, error) {
-	path := filepath.Join(dir, cfg.Name+".json")
-	b, err := json.MarshalIndent(cfg, "", "  ")
-	if err != nil {
-		return nil, err
-	}
-	if err := os.WriteFile(path, b, 0o600); err != nil {
-		return nil, err
-	}
-	logf, err := os.Create(filepath.Join(dir, cfg.Name+".log"))
-	if err != nil {
-		return nil, err
-	}
-	cmd := exec.Command(exe, "serve", "--config", path)
-	cmd.Stdout, cmd.Stderr = logf, logf
-	if err := cmd.Start(); err != nil {
-		logf.Close()
-		return nil, fmt.Errorf("start %s daemon: %w", cfg.Name, err)
-	}
-	p := &daemonProc{cmd: cmd, control: cfg.Control, done: make(chan struct{})}
-	go func() {
-		_ = cmd.Wait()
-		logf.Close()
-		close(p.done)
-	}()
-	c := daemon.ControlClient{Path: cfg.Control, Timeout: time.Second}
-	deadline := time.Now().Add(15 * time.Second)
-	for {
-		if _, err := c.Status(ctx); err == nil {
-			return p, nil
-		}
-		select {
-		case <-p.done:
-			log, _ := os.ReadFile(logf.Name())
-			return nil, fmt.Errorf("%s daemon exited at start (%v): %s", cfg.Name, cmd.ProcessState, strings.TrimSpace(string(log)))
-		case <-time.After(20 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			p.stop()
-			return nil, fmt.Errorf("%s daemon did not come up within 15 s", cfg.Name)
-		}
-	}
-}
-
 func vmStatus(ctx context.Context, c daemon.ControlClient, vm string) (daemon.VMStatus, error) {
 	all, err := c.Status(ctx)
 	if err != nil {
@@ -258,18 +192,18 @@ func failoverTrial(ctx context.Context, cfg FailoverConfig) (FailoverTrial, erro
 	bcfg.Takeover = daemon.TakeoverAutoUnsafe
 	pcfg := common("primary")
 	pcfg.SimVMs = []daemon.SimVM{{Name: "bench", MemoryBytes: cfg.MemoryBytes, Workload: "hotset", Rate: cfg.Rate, Seed: 1, OutputEvery: cfg.OutputEvery, Output: cl.addr()}}
-	backup, err := startDaemon(ctx, cfg.Exe, dir, bcfg)
+	backup, err := demo.StartDaemon(ctx, demo.StartOptions{Exe: cfg.Exe, Dir: dir}, bcfg)
 	if err != nil {
 		return tr, err
 	}
-	defer backup.stop()
-	primary, err := startDaemon(ctx, cfg.Exe, dir, pcfg)
+	defer backup.Stop()
+	primary, err := demo.StartDaemon(ctx, demo.StartOptions{Exe: cfg.Exe, Dir: dir}, pcfg)
 	if err != nil {
 		return tr, err
 	}
-	defer primary.stop()
-	pc := daemon.ControlClient{Path: primary.control, Timeout: 5 * time.Second}
-	bc := daemon.ControlClient{Path: backup.control, Timeout: 5 * time.Second}
+	defer primary.Stop()
+	pc := daemon.ControlClient{Path: primary.Control, Timeout: 5 * time.Second}
+	bc := daemon.ControlClient{Path: backup.Control, Timeout: 5 * time.Second}
 	// `remusd serve` starts its control socket and the daemon's Run
 	// concurrently: a Protect right after the socket answers can find the
 	// daemon "not running" yet. Retry that case briefly.
@@ -297,10 +231,10 @@ func failoverTrial(ctx context.Context, cfg FailoverConfig) (FailoverTrial, erro
 	}
 	tr.AckedEpoch = st.AckedEpoch
 	killAt := time.Now()
-	if err := primary.cmd.Process.Signal(syscall.SIGKILL); err != nil {
+	if err := primary.Cmd.Process.Signal(syscall.SIGKILL); err != nil {
 		return tr, fmt.Errorf("kill primary: %w", err)
 	}
-	<-primary.done
+	<-primary.Done()
 	first, err := cl.waitBackup(10 * time.Second)
 	if err != nil {
 		return tr, err

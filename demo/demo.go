@@ -14,7 +14,6 @@ import (
 	"io"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"sync"
@@ -162,14 +161,6 @@ func (d *run) say(format string, a ...any) {
 	}
 }
 
-type proc struct {
-	name    string
-	cmd     *exec.Cmd
-	control string
-	state   string
-	done    chan struct{} // closed when the process has exited
-}
-
 func (d *run) run(ctx context.Context) (*Result, error) {
 	dir := d.o.dir
 	if dir == "" {
@@ -220,21 +211,21 @@ func (d *run) run(ctx context.Context) (*Result, error) {
 
 	d.say("remusd demo: %s guest of %d MiB, %s workload at %d writes/s, epochs of %v", "sim", d.cfg.MemoryBytes>>20, d.cfg.Workload, d.cfg.Rate, d.o.interval)
 	d.say("  working directory %s", dir)
-	backup, err := d.start(ctx, exe, bcfg)
+	backup, err := StartDaemon(ctx, StartOptions{Exe: exe, Dir: dir}, bcfg)
 	if err != nil {
 		return nil, err
 	}
-	defer d.stop(backup)
-	primary, err := d.start(ctx, exe, pcfg)
+	defer backup.Stop()
+	primary, err := StartDaemon(ctx, StartOptions{Exe: exe, Dir: dir}, pcfg)
 	if err != nil {
 		return nil, err
 	}
-	defer d.stop(primary)
-	d.say("  started backup (pid %d, replication on %s, takeover=auto-unsafe: no witness in this demo)", backup.cmd.Process.Pid, backupAddr)
-	d.say("  started primary (pid %d) running sim VM \"demo\"", primary.cmd.Process.Pid)
+	defer primary.Stop()
+	d.say("  started backup (pid %d, replication on %s, takeover=auto-unsafe: no witness in this demo)", backup.Cmd.Process.Pid, backupAddr)
+	d.say("  started primary (pid %d) running sim VM \"demo\"", primary.Cmd.Process.Pid)
 
-	pc := daemon.ControlClient{Path: primary.control, Timeout: 5 * time.Second}
-	bc := daemon.ControlClient{Path: backup.control, Timeout: 5 * time.Second}
+	pc := daemon.ControlClient{Path: primary.Control, Timeout: 5 * time.Second}
+	bc := daemon.ControlClient{Path: backup.Control, Timeout: 5 * time.Second}
 	if err := pc.Protect(ctx, daemon.ProtectRequest{VM: "demo", Peer: backupAddr}); err != nil {
 		return nil, fmt.Errorf("demo: protect: %w", err)
 	}
@@ -262,12 +253,12 @@ func (d *run) run(ctx context.Context) (*Result, error) {
 	}
 
 	// The crash.
-	d.say("  SIGKILL primary (pid %d)", primary.cmd.Process.Pid)
+	d.say("  SIGKILL primary (pid %d)", primary.Cmd.Process.Pid)
 	killAt := time.Now()
-	if err := primary.cmd.Process.Signal(syscall.SIGKILL); err != nil {
+	if err := primary.Cmd.Process.Signal(syscall.SIGKILL); err != nil {
 		return nil, fmt.Errorf("demo: kill primary: %w", err)
 	}
-	<-primary.done
+	<-primary.Done()
 	sk.markFailover()
 
 	var active daemon.VMStatus
@@ -317,64 +308,6 @@ func statusOf(ctx context.Context, c daemon.ControlClient, vm string) (daemon.VM
 	return daemon.VMStatus{}, fmt.Errorf("VM %s not known", vm)
 }
 
-func (d *run) start(ctx context.Context, exe string, cfg daemon.Config) (*proc, error) {
-	path := filepath.Join(d.dir, cfg.Name+".json")
-	b, err := json.MarshalIndent(cfg, "", "  ")
-	if err != nil {
-		return nil, fmt.Errorf("demo: %w", err)
-	}
-	if err := os.WriteFile(path, b, 0o600); err != nil {
-		return nil, fmt.Errorf("demo: %w", err)
-	}
-	logf, err := os.Create(filepath.Join(d.dir, cfg.Name+".log"))
-	if err != nil {
-		return nil, fmt.Errorf("demo: %w", err)
-	}
-	cmd := exec.Command(exe, "serve", "--config", path)
-	cmd.Stdout, cmd.Stderr = logf, logf
-	if err := cmd.Start(); err != nil {
-		logf.Close()
-		return nil, fmt.Errorf("demo: start %s daemon: %w", cfg.Name, err)
-	}
-	p := &proc{name: cfg.Name, cmd: cmd, control: cfg.Control, state: cfg.StateDir, done: make(chan struct{})}
-	go func() {
-		_ = cmd.Wait()
-		logf.Close()
-		close(p.done)
-	}()
-	c := daemon.ControlClient{Path: cfg.Control, Timeout: time.Second}
-	deadline := time.Now().Add(15 * time.Second)
-	for {
-		if _, err := c.Status(ctx); err == nil {
-			return p, nil
-		}
-		select {
-		case <-p.done:
-			return nil, fmt.Errorf("demo: %s daemon exited at start (%v); see %s", cfg.Name, cmd.ProcessState, logf.Name())
-		case <-time.After(20 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			d.stop(p)
-			return nil, fmt.Errorf("demo: %s daemon did not come up within 15 s; see %s", cfg.Name, logf.Name())
-		}
-	}
-}
-
-func (d *run) stop(p *proc) {
-	select {
-	case <-p.done:
-		return
-	default:
-	}
-	_ = p.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-p.done:
-	case <-time.After(5 * time.Second):
-		_ = p.cmd.Process.Kill()
-		<-p.done
-	}
-}
-
 func freeAddr() (string, error) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -417,12 +350,12 @@ func readAudit(path string) ([]auditLine, error) {
 
 // verify checks the invariants from the audit logs, the replica dump and
 // the output the sink received.
-func (d *run) verify(res *Result, primary, backup *proc) error {
-	plog, err := readAudit(daemon.AuditPath(primary.state, "demo", "primary"))
+func (d *run) verify(res *Result, primary, backup *DaemonProc) error {
+	plog, err := readAudit(daemon.AuditPath(primary.StateDir, "demo", "primary"))
 	if err != nil {
 		return err
 	}
-	blog, err := readAudit(daemon.AuditPath(backup.state, "demo", "backup"))
+	blog, err := readAudit(daemon.AuditPath(backup.StateDir, "demo", "backup"))
 	if err != nil {
 		return err
 	}

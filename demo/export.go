@@ -75,8 +75,8 @@ type QEMULab struct {
 	q         *qrun
 	n         *netlab.Remus
 	shm       string
-	primary   *proc
-	backup    *proc
+	primary   *DaemonProc
+	backup    *DaemonProc
 	primaryNS string
 }
 
@@ -160,10 +160,10 @@ func StartQEMULab(ctx context.Context, cfg QEMULabConfig) (l *QEMULab, err error
 	l.PeerAddr = bcfg.Listen
 	l.Primary = daemon.ControlClient{Path: acfg.Control, Timeout: 5 * time.Second}
 	l.Backup = daemon.ControlClient{Path: bcfg.Control, Timeout: 5 * time.Second}
-	if l.backup, err = l.q.startIn(ctx, cfg.Exe, l.n.B, bcfg); err != nil {
+	if l.backup, err = StartDaemon(ctx, StartOptions{Exe: cfg.Exe, Dir: l.q.dir, Netns: l.n.B, Wait: 3 * time.Minute}, bcfg); err != nil {
 		return l, err
 	}
-	if l.primary, err = l.q.startIn(ctx, cfg.Exe, l.n.A, acfg); err != nil {
+	if l.primary, err = StartDaemon(ctx, StartOptions{Exe: cfg.Exe, Dir: l.q.dir, Netns: l.n.A, Wait: 3 * time.Minute}, acfg); err != nil {
 		return l, err
 	}
 	wctx, wcancel := context.WithTimeout(ctx, 3*time.Minute)
@@ -225,7 +225,7 @@ func (l *QEMULab) KillPrimary() time.Time {
 	}
 	netlab.KillAll(l.primaryNS)
 	if l.primary != nil {
-		<-l.primary.done
+		<-l.primary.Done()
 	}
 	return at
 }
@@ -246,10 +246,10 @@ func (l *QEMULab) WaitActive(ctx context.Context, limit time.Duration) (daemon.V
 func (l *QEMULab) Close() {
 	if l.q != nil {
 		if l.primary != nil {
-			l.q.stopProc(l.primary)
+			l.primary.Stop()
 		}
 		if l.backup != nil {
-			l.q.stopProc(l.backup)
+			l.backup.Stop()
 		}
 	}
 	l.primary, l.backup = nil, nil

@@ -276,23 +276,23 @@ func (q *qrun) run(ctx context.Context) (*QEMUResult, error) {
 	acfg.QemuVMs = []daemon.QemuVM{{Name: qemuVM, MemoryMiB: q.o.memMiB, UseGuestImage: true, GuestIP: netlab.GuestIP + netlab.Prefix,
 		Tap: qemuTapA, MAC: netlab.GuestMAC, Bridge: netlab.BridgeA, RunDir: filepath.Join(shm, "a")}}
 
-	backup, err := q.startIn(ctx, exe, n.B, bcfg)
+	backup, err := StartDaemon(ctx, StartOptions{Exe: exe, Dir: q.dir, Netns: n.B, Wait: 3 * time.Minute}, bcfg)
 	if err != nil {
 		return nil, err
 	}
-	defer q.stopProc(backup)
+	defer backup.Stop()
 	if q.o.takeover == daemon.TakeoverAutoUnsafe {
 		q.say("backup remusd up in %s (pid %d), replication on %s, takeover=auto-unsafe: it activates the guest when the primary's heartbeats stop for %v (no witness: UNSAFE under a network partition, fine for this demo)",
-			n.B, backup.cmd.Process.Pid, bcfg.Listen, q.o.hbTO)
+			n.B, backup.Cmd.Process.Pid, bcfg.Listen, q.o.hbTO)
 	} else {
-		q.say("backup remusd up in %s (pid %d), replication on %s, takeover=manual: the demo runs `remusd failover` after the kill", n.B, backup.cmd.Process.Pid, bcfg.Listen)
+		q.say("backup remusd up in %s (pid %d), replication on %s, takeover=manual: the demo runs `remusd failover` after the kill", n.B, backup.Cmd.Process.Pid, bcfg.Listen)
 	}
-	primary, err := q.startIn(ctx, exe, n.A, acfg)
+	primary, err := StartDaemon(ctx, StartOptions{Exe: exe, Dir: q.dir, Netns: n.A, Wait: 3 * time.Minute}, acfg)
 	if err != nil {
 		return nil, err
 	}
-	defer q.stopProc(primary)
-	q.say("primary remusd up in %s (pid %d), launched QEMU for VM %q (tap %s on %s, MAC %s)", n.A, primary.cmd.Process.Pid, qemuVM, qemuTapA, netlab.BridgeA, netlab.GuestMAC)
+	defer primary.Stop()
+	q.say("primary remusd up in %s (pid %d), launched QEMU for VM %q (tap %s on %s, MAC %s)", n.A, primary.Cmd.Process.Pid, qemuVM, qemuTapA, netlab.BridgeA, netlab.GuestMAC)
 
 	serial := filepath.Join(shm, "a", qemuVM+".serial")
 	q.say("booting the guest (TCG; console %s)", serial)
@@ -375,7 +375,7 @@ func (q *qrun) run(ctx context.Context) (*QEMUResult, error) {
 		_ = syscall.Kill(p, syscall.SIGKILL)
 	}
 	netlab.KillAll(n.A)
-	<-primary.done
+	<-primary.Done()
 	q.say("SIGKILL primary host: remusd and QEMU (pids %v) after %d replies; last acked epoch %d", pids, before, ps.AckedEpoch)
 
 	if q.o.takeover == daemon.TakeoverManual {
@@ -600,85 +600,6 @@ func waitUntil(ctx context.Context, limit time.Duration, cond func() (bool, erro
 		case <-time.After(10 * time.Millisecond):
 		}
 	}
-}
-
-// startIn starts `remusd serve` inside namespace ns (its QEMUs inherit
-// the namespace) and waits for its control socket.
-func (q *qrun) startIn(ctx context.Context, exe, ns string, cfg daemon.Config) (*proc, error) {
-	path := filepath.Join(q.dir, cfg.Name+".json")
-	b, err := json.MarshalIndent(cfg, "", "  ")
-	if err != nil {
-		return nil, fmt.Errorf("demo: %w", err)
-	}
-	if err := os.WriteFile(path, b, 0o600); err != nil {
-		return nil, fmt.Errorf("demo: %w", err)
-	}
-	logPath := filepath.Join(q.dir, cfg.Name+".log")
-	logf, err := os.Create(logPath)
-	if err != nil {
-		return nil, fmt.Errorf("demo: %w", err)
-	}
-	cmd := netlab.Command(ns, exe, "serve", "--config", path, "--log-level", "info")
-	cmd.Env = append(os.Environ(), "REMUSD_CONTROL=")
-	cmd.Stdout, cmd.Stderr = logf, logf
-	// Its own process group: a Ctrl-C in the terminal reaches the demo,
-	// which then stops the daemons in order. Whatever a daemon leaves
-	// behind dies with the namespaces (netlab.Close kills every process
-	// inside first).
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	if err := cmd.Start(); err != nil {
-		logf.Close()
-		return nil, fmt.Errorf("demo: start %s: %w", cfg.Name, err)
-	}
-	p := &proc{name: cfg.Name, cmd: cmd, control: cfg.Control, state: cfg.StateDir, done: make(chan struct{})}
-	go func() {
-		_ = cmd.Wait()
-		logf.Close()
-		close(p.done)
-	}()
-	c := daemon.ControlClient{Path: cfg.Control, Timeout: 2 * time.Second}
-	deadline := time.Now().Add(3 * time.Minute)
-	for {
-		if _, err := c.Status(ctx); err == nil {
-			return p, nil
-		}
-		select {
-		case <-p.done:
-			return nil, fmt.Errorf("demo: %s remusd exited at start (%v): %s", cfg.Name, cmd.ProcessState, logTail(logPath, 15))
-		case <-ctx.Done():
-			q.stopProc(p)
-			return nil, ctx.Err()
-		case <-time.After(50 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			q.stopProc(p)
-			return nil, fmt.Errorf("demo: %s remusd did not come up within 3 min: %s", cfg.Name, logTail(logPath, 15))
-		}
-	}
-}
-
-func (q *qrun) stopProc(p *proc) {
-	select {
-	case <-p.done:
-		return
-	default:
-	}
-	_ = p.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-p.done:
-	case <-time.After(10 * time.Second):
-		_ = p.cmd.Process.Kill()
-		<-p.done
-	}
-}
-
-func logTail(path string, n int) string {
-	b, _ := os.ReadFile(path)
-	ls := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
-	if len(ls) > n {
-		ls = ls[len(ls)-n:]
-	}
-	return strings.Join(ls, "\n")
 }
 
 // qclient keeps one TCP connection to the guest service and issues ADDs
