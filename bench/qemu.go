@@ -38,7 +38,11 @@ type QEMUConfig struct {
 	// The first reuses the latency run's guest, each further one boots a
 	// new one.
 	FailoverTrials   int
-	HeartbeatTimeout time.Duration // default 400 ms (heartbeats every 40 ms), as the sim failover bench
+	// HeartbeatTimeout defaults to 1 s (heartbeats every 100 ms): under TCG
+	// on a busy 2-core machine a shorter one (400 ms was tried) can lapse
+	// during the latency run, and with auto-unsafe takeover the backup
+	// would then start a second copy.
+	HeartbeatTimeout time.Duration
 	Log              *zap.Logger
 	Progress         func(format string, args ...any)
 }
@@ -57,7 +61,7 @@ func (c QEMUConfig) withDefaults() QEMUConfig {
 		c.FailoverTrials = 3
 	}
 	if c.HeartbeatTimeout == 0 {
-		c.HeartbeatTimeout = 400 * time.Millisecond
+		c.HeartbeatTimeout = time.Second
 	}
 	if c.Log == nil {
 		c.Log = zap.NewNop()
