@@ -37,7 +37,7 @@ type QEMUConfig struct {
 	// FailoverTrials: kill → next reply trials (default 3; < 0 skips).
 	// The first reuses the latency run's guest, each further one boots a
 	// new one.
-	FailoverTrials   int
+	FailoverTrials int
 	// HeartbeatTimeout defaults to 1 s (heartbeats every 100 ms): under TCG
 	// on a busy 2-core machine a shorter one (400 ms was tried) can lapse
 	// during the latency run, and with auto-unsafe takeover the backup
