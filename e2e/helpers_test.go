@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/remusd/remusd/daemon"
+	"github.com/remusd/remusd/netlab"
 )
 
 // binPath is the remusd binary TestMain builds.
@@ -155,6 +156,13 @@ func writeConfig(t *testing.T, dir, name string, cfg any) string {
 // registers cleanup (SIGTERM, then SIGKILL).
 func startDaemon(t *testing.T, dir, name string, cfg daemon.Config) *daemonProc {
 	t.Helper()
+	return startDaemonIn(t, dir, name, "", cfg)
+}
+
+// startDaemonIn is startDaemon inside network namespace ns ("" = here);
+// the daemon's QEMUs inherit the namespace.
+func startDaemonIn(t *testing.T, dir, name, ns string, cfg daemon.Config) *daemonProc {
+	t.Helper()
 	cfgPath := writeConfig(t, dir, name, cfg)
 	logPath := filepath.Join(dir, name+".log")
 	logf, err := os.Create(logPath)
@@ -162,6 +170,16 @@ func startDaemon(t *testing.T, dir, name string, cfg daemon.Config) *daemonProc 
 		t.Fatal(err)
 	}
 	cmd := exec.Command(binPath, "serve", "--config", cfgPath, "--log-level", "debug")
+	wait := 20 * time.Second
+	if ns != "" {
+		root, err := moduleRoot()
+		if err != nil {
+			t.Fatal(err)
+		}
+		cmd = netlab.Command(ns, binPath, "serve", "--config", cfgPath, "--log-level", "debug")
+		cmd.Dir = root         // guestimage builds remus-guestsvc from this checkout
+		wait = 3 * time.Minute // it may build and boot a guest first
+	}
 	cmd.Env = append(os.Environ(), "REMUSD_CONTROL=")
 	cmd.Stdout, cmd.Stderr = logf, logf
 	if err := cmd.Start(); err != nil {
@@ -183,7 +201,7 @@ func startDaemon(t *testing.T, dir, name string, cfg daemon.Config) *daemonProc 
 			d.dumpLog()
 		}
 	})
-	waitFor(t, 20*time.Second, name+" control socket answers", func() (bool, string) {
+	waitFor(t, wait, name+" control socket answers", func() (bool, string) {
 		if d.exited() {
 			t.Fatalf("%s exited during start-up: %v\n%s", name, d.exitErr(), d.logTail(40))
 		}

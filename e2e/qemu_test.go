@@ -48,56 +48,6 @@ func newQNet(t *testing.T) *netlab.Remus {
 	return n
 }
 
-// startDaemonIn runs `remusd serve` inside network namespace ns (its QEMUs
-// inherit the namespace).
-func startDaemonIn(t *testing.T, dir, name, ns string, cfg daemon.Config) *daemonProc {
-	t.Helper()
-	cfgPath := writeConfig(t, dir, name, cfg)
-	logPath := filepath.Join(dir, name+".log")
-	logf, err := os.Create(logPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	root, err := moduleRoot()
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd := netlab.Command(ns, binPath, "serve", "--config", cfgPath, "--log-level", "debug")
-	cmd.Dir = root // guestimage builds remus-guestsvc from this checkout
-	cmd.Env = append(os.Environ(), "REMUSD_CONTROL=")
-	cmd.Stdout, cmd.Stderr = logf, logf
-	if err := cmd.Start(); err != nil {
-		logf.Close()
-		t.Fatalf("start %s: %v", name, err)
-	}
-	d := &daemonProc{t: t, name: name, cmd: cmd, logPath: logPath, control: cfg.Control, done: make(chan struct{})}
-	go func() {
-		err := cmd.Wait()
-		logf.Close()
-		d.mu.Lock()
-		d.waitErr = err
-		d.mu.Unlock()
-		close(d.done)
-	}()
-	t.Cleanup(func() {
-		d.stop()
-		if t.Failed() {
-			d.dumpLog()
-		}
-	})
-	waitFor(t, 3*time.Minute, name+" control socket answers", func() (bool, string) {
-		if d.exited() {
-			t.Fatalf("%s exited during start-up: %v\n%s", name, d.exitErr(), d.logTail(40))
-		}
-		_, err := (daemon.ControlClient{Path: cfg.Control, Timeout: 2 * time.Second}).Status(t.Context())
-		if err != nil {
-			return false, err.Error()
-		}
-		return true, ""
-	})
-	return d
-}
-
 // childPids lists the direct children of pid.
 func childPids(pid int) []int {
 	var out []int
