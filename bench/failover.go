@@ -146,19 +146,6 @@ func MeasureFailover(ctx context.Context, cfg FailoverConfig) (FailoverResult, e
 	return res, nil
 }
 
-func vmStatus(ctx context.Context, c daemon.ControlClient, vm string) (daemon.VMStatus, error) {
-	all, err := c.Status(ctx)
-	if err != nil {
-		return daemon.VMStatus{}, err
-	}
-	for _, s := range all {
-		if s.VM == vm {
-			return s, nil
-		}
-	}
-	return daemon.VMStatus{}, fmt.Errorf("VM %s not known", vm)
-}
-
 func failoverTrial(ctx context.Context, cfg FailoverConfig) (FailoverTrial, error) {
 	var tr FailoverTrial
 	dir, err := os.MkdirTemp("", "remusd-bench-failover-")
@@ -222,7 +209,7 @@ func failoverTrial(ctx context.Context, cfg FailoverConfig) (FailoverTrial, erro
 	if err := sleep(ctx, cfg.Run); err != nil {
 		return tr, err
 	}
-	st, err := vmStatus(ctx, pc, "bench")
+	st, err := pc.VMStatus(ctx, "bench")
 	if err != nil {
 		return tr, err
 	}
@@ -247,7 +234,7 @@ func failoverTrial(ctx context.Context, cfg FailoverConfig) (FailoverTrial, erro
 	}
 	deadline := time.Now().Add(10 * time.Second)
 	for {
-		st, err := vmStatus(ctx, bc, "bench")
+		st, err := bc.VMStatus(ctx, "bench")
 		if err == nil && st.Role == daemon.RoleActive && st.ActivatedAtUnixMs != 0 {
 			tr.ActivationMs = st.ActivationMs
 			tr.ActiveMs = float64(st.ActivatedAtUnixMs - killAt.UnixMilli())

@@ -399,6 +399,21 @@ func (c ControlClient) Status(ctx context.Context) ([]VMStatus, error) {
 	return resp.Status, nil
 }
 
+// VMStatus returns the status of one VM, or an error naming it when the
+// daemon does not know it.
+func (c ControlClient) VMStatus(ctx context.Context, vm string) (VMStatus, error) {
+	all, err := c.Status(ctx)
+	if err != nil {
+		return VMStatus{}, err
+	}
+	for _, s := range all {
+		if s.VM == vm {
+			return s, nil
+		}
+	}
+	return VMStatus{}, fmt.Errorf("VM %s: %w on this daemon", vm, ErrUnknownVM)
+}
+
 func (c ControlClient) path() string {
 	if c.Path != "" {
 		return c.Path

@@ -239,7 +239,7 @@ func (d *run) run(ctx context.Context) (*Result, error) {
 			return nil, ctx.Err()
 		case <-time.After(500 * time.Millisecond):
 		}
-		st, err := statusOf(ctx, pc, "demo")
+		st, err := pc.VMStatus(ctx, "demo")
 		if err != nil {
 			return nil, fmt.Errorf("demo: primary status: %w", err)
 		}
@@ -264,7 +264,7 @@ func (d *run) run(ctx context.Context) (*Result, error) {
 	var active daemon.VMStatus
 	deadline := time.Now().Add(20 * time.Second)
 	for {
-		st, err := statusOf(ctx, bc, "demo")
+		st, err := bc.VMStatus(ctx, "demo")
 		if err == nil && st.Role == daemon.RoleActive {
 			active = st
 			break
@@ -294,19 +294,6 @@ func (d *run) run(ctx context.Context) (*Result, error) {
 }
 
 func msOf(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
-
-func statusOf(ctx context.Context, c daemon.ControlClient, vm string) (daemon.VMStatus, error) {
-	all, err := c.Status(ctx)
-	if err != nil {
-		return daemon.VMStatus{}, err
-	}
-	for _, s := range all {
-		if s.VM == vm {
-			return s, nil
-		}
-	}
-	return daemon.VMStatus{}, fmt.Errorf("VM %s not known", vm)
-}
 
 func freeAddr() (string, error) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")

@@ -191,7 +191,7 @@ func (l *QEMULab) Protect(ctx context.Context, interval time.Duration, minAcked 
 	}
 	var ps daemon.VMStatus
 	if err := waitUntil(ctx, 2*time.Minute, func() (bool, error) {
-		st, err := statusOf(ctx, l.Primary, qemuVM)
+		st, err := l.Primary.VMStatus(ctx, qemuVM)
 		ps = st
 		return err == nil && st.AckedEpoch >= minAcked, nil
 	}); err != nil {
@@ -207,12 +207,12 @@ func (l *QEMULab) Unprotect(ctx context.Context) error {
 
 // PrimaryStatus and BackupStatus are the guest's status on each host.
 func (l *QEMULab) PrimaryStatus(ctx context.Context) (daemon.VMStatus, error) {
-	return statusOf(ctx, l.Primary, qemuVM)
+	return l.Primary.VMStatus(ctx, qemuVM)
 }
 
 // BackupStatus is the guest's status on the backup host.
 func (l *QEMULab) BackupStatus(ctx context.Context) (daemon.VMStatus, error) {
-	return statusOf(ctx, l.Backup, qemuVM)
+	return l.Backup.VMStatus(ctx, qemuVM)
 }
 
 // KillPrimary SIGKILLs everything in the primary host's namespace (remusd
@@ -235,7 +235,7 @@ func (l *QEMULab) KillPrimary() time.Time {
 func (l *QEMULab) WaitActive(ctx context.Context, limit time.Duration) (daemon.VMStatus, error) {
 	var active daemon.VMStatus
 	err := waitUntil(ctx, limit, func() (bool, error) {
-		st, err := statusOf(ctx, l.Backup, qemuVM)
+		st, err := l.Backup.VMStatus(ctx, qemuVM)
 		active = st
 		return err == nil && st.Role == daemon.RoleActive, nil
 	})

@@ -312,7 +312,7 @@ func (q *qrun) run(ctx context.Context) (*QEMUResult, error) {
 	q.say("remusd protect %s --peer %s: the backup starts a hot standby QEMU (-incoming defer) and receives epochs", qemuVM, bcfg.Listen)
 	var ps daemon.VMStatus
 	if err := waitUntil(ctx, 2*time.Minute, func() (bool, error) {
-		st, err := statusOf(ctx, pc, qemuVM)
+		st, err := pc.VMStatus(ctx, qemuVM)
 		ps = st
 		return err == nil && st.AckedEpoch >= 5, nil
 	}); err != nil {
@@ -349,7 +349,7 @@ func (q *qrun) run(ctx context.Context) (*QEMUResult, error) {
 			return nil, ctx.Err()
 		case <-tick.C:
 		}
-		st, err := statusOf(ctx, pc, qemuVM)
+		st, err := pc.VMStatus(ctx, qemuVM)
 		if err != nil {
 			return nil, fmt.Errorf("demo: primary status: %w", err)
 		}
@@ -391,7 +391,7 @@ func (q *qrun) run(ctx context.Context) (*QEMUResult, error) {
 	}
 	var active daemon.VMStatus
 	if err := waitUntil(ctx, time.Minute, func() (bool, error) {
-		st, err := statusOf(ctx, bc, qemuVM)
+		st, err := bc.VMStatus(ctx, qemuVM)
 		active = st
 		return err == nil && st.Role == daemon.RoleActive, nil
 	}); err != nil {
@@ -431,7 +431,7 @@ func (q *qrun) run(ctx context.Context) (*QEMUResult, error) {
 		q.say("client carries on: %4d req/s (%d ok), served by the guest on the backup (now unprotected: no backup left, so no output buffering)", int(float64(ok-prevOK)/now.Sub(prevAt).Seconds()), ok)
 		prevOK, prevAt = ok, now
 	}
-	if st, err := statusOf(ctx, bc, qemuVM); err == nil {
+	if st, err := bc.VMStatus(ctx, qemuVM); err == nil {
 		active = st
 	}
 	return q.finish(cl, active, ps, qver, img, rate, killAt, firstAfter, vmActive, before, lastIDBefore, stopClient, nil)
