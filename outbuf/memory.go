@@ -128,6 +128,29 @@ func (m *Memory) ReleaseAll() error {
 	return nil
 }
 
+// Hold implements Buffer: output is held again after ReleaseAll.
+func (m *Memory) Hold() error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.isClosed {
+		return ErrClosed
+	}
+	m.passThru = false
+	return nil
+}
+
+// Detach implements Buffer: the buffer lives in this process, so detaching
+// is closing it (held output is dropped).
+func (m *Memory) Detach() error { return m.Close() }
+
+// PassThrough reports whether the buffer lets output out unheld (after
+// ReleaseAll, before Hold).
+func (m *Memory) PassThrough() bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.passThru
+}
+
 // Close implements Buffer: held output is dropped, never released.
 func (m *Memory) Close() error {
 	m.mu.Lock()

@@ -21,8 +21,21 @@ type Buffer interface {
 	// ReleaseAll lets out everything held, including the open epoch, and
 	// stops buffering (failover or unprotected mode).
 	ReleaseAll() error
-	// Close drops whatever is still held: the buffer fails closed.
+	// Hold ends the pass-through that ReleaseAll started: output from now
+	// on is held again and belongs to the next checkpointed epoch. It is a
+	// no-op while the buffer holds. Protection that resumes after running
+	// unprotected calls it before the first epoch the backup will commit.
+	Hold() error
+	// Close drops whatever is still held: the buffer fails closed. What
+	// the guest sends afterwards is no longer buffered, so a guest that
+	// keeps running must be paused or stopped first, or use Detach.
 	Close() error
+	// Detach lets go of the buffer but leaves the host holding (or
+	// dropping) the guest's output, so that a guest that keeps running
+	// while its daemon restarts sends nothing unacknowledged. Held output
+	// may be dropped. The next daemon re-opens the buffer on the same
+	// interface.
+	Detach() error
 	// Stats reports counters.
 	Stats() Stats
 }

@@ -511,6 +511,48 @@ func (b *Buffer) ReleaseAll() error {
 	return nil
 }
 
+// Hold implements outbuf.Buffer: after ReleaseAll, packets are held again
+// from now on (they belong to the next checkpointed epoch).
+func (b *Buffer) Hold() error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.closed {
+		return outbuf.ErrClosed
+	}
+	if b.passThru {
+		b.passThru = false
+		b.log.Warn("output buffering resumed: holding output again")
+	}
+	return nil
+}
+
+// Detach implements outbuf.Buffer: the queue is unbound but the rules stay,
+// so the kernel drops what was held and everything the guest sends until a
+// new Buffer binds the queue again (no fail-open, no bypass).
+func (b *Buffer) Detach() error {
+	b.mu.Lock()
+	if b.closed {
+		b.mu.Unlock()
+		return nil
+	}
+	b.closed = true
+	held := b.openPkts
+	for _, r := range b.barriers {
+		held += r.pkts
+	}
+	b.closeDrop = held
+	b.barriers, b.openPkts, b.openBytes = nil, 0, 0
+	b.mu.Unlock()
+	b.stop()
+	cerr := b.nfq.Close()
+	if cerr != nil && (errors.Is(cerr, os.ErrClosed) || strings.Contains(cerr.Error(), "closed")) {
+		cerr = nil
+	}
+	perr := b.proc.Close()
+	b.log.Info("detached: rules left in place, the kernel drops the guest's output until the queue is bound again", zap.Uint64("dropped_held", held))
+	return errors.Join(cerr, perr)
+}
+
 // Close implements outbuf.Buffer: the rules are removed and the queue is
 // closed; the kernel drops what is still held.
 func (b *Buffer) Close() error {

@@ -16,8 +16,13 @@
 // epoch), Release(N) = TCQ_PLUG_RELEASE_ONE, ReleaseAll =
 // TCQ_PLUG_RELEASE_INDEFINITE. sch_plug remembers only one closed epoch
 // (BUFFER, BUFFER, RELEASE_ONE would release the first epoch and part of the
-// second), so this Buffer allows at most one checkpointed, unreleased epoch:
-// Checkpoint while one is pending returns an error matching ErrUnreleased.
+// second), so this Buffer never issues a second BUFFER while an epoch is
+// pending: a Checkpoint then merges its epoch into the open part of the
+// queue (no boundary is placed). Its output stays held until a later
+// epoch's boundary is placed and released, which is later than necessary
+// but never early: Release(N) lets out only output of epochs <= N. This is
+// what keeps a reconnect's resync epoch (captured while the previous epoch
+// still awaits its ack) from failing protection.
 //
 // Fail closed: the plug starts plugged; if this process dies the qdiscs stay
 // and held packets stay held (they are never released by the kernel on its
@@ -63,8 +68,6 @@ const DefaultTimeout = 2 * time.Second
 var (
 	// ErrNotSupported: the kernel has no sch_plug (or no ifb).
 	ErrNotSupported = errors.New("plug: sch_plug qdisc not supported by this kernel")
-	// ErrUnreleased: Checkpoint while a checkpointed epoch is not released.
-	ErrUnreleased = errors.New("plug: previous epoch not released (sch_plug holds only one closed epoch)")
 	// ErrBusy: the interface already has an ingress qdisc, or the IFB name is taken.
 	ErrBusy = errors.New("plug: interface already in use")
 	// ErrBroken: an earlier netlink failure left the plug in an unknown state.
@@ -97,19 +100,6 @@ func IFBName(iface string) string {
 	return fmt.Sprintf("ifb-%s-%05x", iface[:5], h.Sum32()&0xfffff)
 }
 
-// PendingError is returned by Checkpoint while an epoch is unreleased.
-type PendingError struct {
-	Epoch   uint64 // the epoch the caller tried to checkpoint
-	Pending uint64 // the checkpointed epoch awaiting Release
-}
-
-func (e *PendingError) Error() string {
-	return fmt.Sprintf("plug: checkpoint of epoch %d while epoch %d is not released (sch_plug holds only one closed epoch)", e.Epoch, e.Pending)
-}
-
-// Is makes errors.Is(err, ErrUnreleased) true.
-func (e *PendingError) Is(target error) bool { return target == ErrUnreleased }
-
 // control is what the Buffer needs from the kernel; netlinkControl
 // implements it, tests substitute a fake.
 type control interface {
@@ -127,6 +117,7 @@ type Buffer struct {
 
 	pending   bool   // an epoch is checkpointed and not released
 	pendingN  uint64 // that epoch
+	merged    uint64 // last epoch checkpointed without a boundary (merged into the open part)
 	lastCkpt  uint64 // last checkpointed epoch
 	lastRel   uint64 // last released epoch
 	passThru  bool   // after ReleaseAll
@@ -182,8 +173,10 @@ func (b *Buffer) opCtx() (context.Context, context.CancelFunc) {
 func (b *Buffer) Kind() string { return "plug" }
 
 // Checkpoint implements outbuf.Buffer: it closes epoch (TCQ_PLUG_BUFFER).
-// It fails with an error matching ErrUnreleased while an earlier epoch is
-// not released, and with *outbuf.EpochError if epoch does not grow.
+// While an earlier epoch is not released it places no boundary: epoch's
+// output joins the open part of the queue and goes out with the release
+// of a later boundary (see the package comment). It fails with
+// *outbuf.EpochError if epoch does not grow.
 func (b *Buffer) Checkpoint(epoch uint64) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -194,10 +187,12 @@ func (b *Buffer) Checkpoint(epoch uint64) error {
 		return nil
 	case b.broken != nil:
 		return fmt.Errorf("%w: %v", ErrBroken, b.broken)
-	case b.pending:
-		return &PendingError{Epoch: epoch, Pending: b.pendingN}
 	case b.lastCkpt > 0 && epoch <= b.lastCkpt:
 		return &outbuf.EpochError{Op: "checkpoint", Epoch: epoch, Last: b.lastCkpt}
+	case b.pending:
+		b.merged, b.lastCkpt = epoch, epoch
+		b.log.Debug("plug: epoch merged into the open queue (one closed epoch pending)", zap.Uint64("epoch", epoch), zap.Uint64("pending", b.pendingN))
+		return nil
 	}
 	ctx, cancel := b.opCtx()
 	defer cancel()
@@ -208,7 +203,7 @@ func (b *Buffer) Checkpoint(epoch uint64) error {
 		b.log.Error("plug: checkpoint failed; refusing further epochs", zap.Uint64("epoch", epoch), zap.Error(err))
 		return fmt.Errorf("plug: checkpoint epoch %d: %w", epoch, err)
 	}
-	b.pending, b.pendingN, b.lastCkpt = true, epoch, epoch
+	b.pending, b.pendingN, b.lastCkpt, b.merged = true, epoch, epoch, 0
 	return nil
 }
 
@@ -236,10 +231,52 @@ func (b *Buffer) Release(epoch uint64) error {
 		}
 		b.pending = false
 	}
-	// Every checkpointed epoch <= epoch is now out (at most one was pending).
-	if r := min(epoch, b.lastCkpt); r > b.lastRel {
+	// Every epoch <= epoch that had a boundary is now out; a merged epoch
+	// waits for the next boundary.
+	r := min(epoch, b.lastCkpt)
+	if b.merged > b.pendingN && !b.pending {
+		r = min(r, b.pendingN)
+	}
+	if r > b.lastRel {
 		b.lastRel = r
 	}
+	return nil
+}
+
+// Hold implements outbuf.Buffer: after ReleaseAll, TCQ_PLUG_BUFFER makes
+// the plug hold again (the kernel starts a new, empty epoch).
+func (b *Buffer) Hold() error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	switch {
+	case b.closed:
+		return outbuf.ErrClosed
+	case !b.passThru:
+		return nil
+	}
+	ctx, cancel := b.opCtx()
+	defer cancel()
+	if err := b.ctl.plug(ctx, actionBuffer); err != nil {
+		// Unknown kernel state: the plug may still pass everything.
+		b.broken = err
+		return fmt.Errorf("plug: hold: %w", err)
+	}
+	b.passThru, b.pending, b.merged = false, false, 0
+	b.log.Warn("plug: holding output again")
+	return nil
+}
+
+// Detach implements outbuf.Buffer: the qdiscs stay as they are, holding
+// the guest's output in the kernel (up to the byte limit, then dropping)
+// until a new Buffer on the interface replaces them.
+func (b *Buffer) Detach() error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.closed {
+		return nil
+	}
+	b.closed = true
+	b.log.Info("plug output buffer detached: the kernel keeps holding the guest's output")
 	return nil
 }
 
@@ -260,7 +297,7 @@ func (b *Buffer) ReleaseAll() error {
 		return fmt.Errorf("plug: release all: %w", err)
 	}
 	b.log.Warn("plug: released all output; guest output is no longer buffered")
-	b.passThru, b.pending, b.broken = true, false, nil
+	b.passThru, b.pending, b.broken, b.merged = true, false, nil, 0
 	if b.lastCkpt > b.lastRel {
 		b.lastRel = b.lastCkpt
 	}

@@ -67,7 +67,7 @@ func TestIFBName(t *testing.T) {
 	}
 }
 
-func TestOneUnreleasedEpoch(t *testing.T) {
+func TestOneUnreleasedEpochMerges(t *testing.T) {
 	buf, f := newFake()
 	if buf.Kind() != "plug" {
 		t.Fatal(buf.Kind())
@@ -75,27 +75,30 @@ func TestOneUnreleasedEpoch(t *testing.T) {
 	if err := buf.Checkpoint(1); err != nil {
 		t.Fatal(err)
 	}
-	err := buf.Checkpoint(2)
-	var pe *PendingError
-	if !errors.Is(err, ErrUnreleased) || !errors.As(err, &pe) || pe.Pending != 1 || pe.Epoch != 2 {
+	// A second checkpoint while epoch 1 is pending places no boundary: a
+	// second BUFFER would make RELEASE_ONE let out part of epoch 2.
+	if err := buf.Checkpoint(2); err != nil {
 		t.Fatalf("second checkpoint: %v", err)
 	}
 	if err := buf.Release(0); err != nil {
 		t.Fatal(err)
 	}
-	if err := buf.Release(1); err != nil {
+	if err := buf.Release(2); err != nil { // lets out epoch 1; epoch 2 waits for a boundary
 		t.Fatal(err)
 	}
-	if err := buf.Release(1); err != nil { // nothing pending: no second RELEASE_ONE
+	if st := buf.Stats(); st.LastReleased != 1 {
+		t.Fatalf("after Release(2) with epoch 2 merged: last released %d, want 1", st.LastReleased)
+	}
+	if err := buf.Release(2); err != nil { // nothing pending: no second RELEASE_ONE
 		t.Fatal(err)
 	}
-	if err := buf.Checkpoint(1); err == nil {
+	if err := buf.Checkpoint(2); err == nil {
 		t.Fatal("checkpoint of an old epoch accepted")
 	}
-	if err := buf.Checkpoint(2); err != nil {
+	if err := buf.Checkpoint(3); err != nil { // boundary after epochs 2 and 3
 		t.Fatal(err)
 	}
-	if err := buf.Release(5); err != nil { // releases <= 5: epoch 2
+	if err := buf.Release(5); err != nil { // releases <= 5: epochs 2 and 3
 		t.Fatal(err)
 	}
 	want := []uint32{actionBuffer, actionReleaseOne, actionBuffer, actionReleaseOne}
@@ -107,8 +110,45 @@ func TestOneUnreleasedEpoch(t *testing.T) {
 			t.Fatalf("actions %v, want %v", f.actions, want)
 		}
 	}
-	if st := buf.Stats(); st.LastReleased != 2 || st.HeldPackets != 3 {
+	if st := buf.Stats(); st.LastReleased != 3 || st.HeldPackets != 3 {
 		t.Fatalf("stats %+v", st)
+	}
+}
+
+func TestHoldAfterReleaseAllAndDetach(t *testing.T) {
+	buf, f := newFake()
+	if err := buf.Hold(); err != nil || len(f.actions) != 0 {
+		t.Fatalf("hold while holding: %v, actions %v", err, f.actions)
+	}
+	if err := buf.ReleaseAll(); err != nil {
+		t.Fatal(err)
+	}
+	if err := buf.Hold(); err != nil {
+		t.Fatal(err)
+	}
+	if err := buf.Checkpoint(4); err != nil {
+		t.Fatal(err)
+	}
+	want := []uint32{actionReleaseIndefinite, actionBuffer, actionBuffer}
+	if len(f.actions) != len(want) {
+		t.Fatalf("actions %v, want %v", f.actions, want)
+	}
+	for i := range want {
+		if f.actions[i] != want[i] {
+			t.Fatalf("actions %v, want %v", f.actions, want)
+		}
+	}
+	if err := buf.Detach(); err != nil {
+		t.Fatal(err)
+	}
+	if f.torn {
+		t.Fatal("Detach tore the plug down: a running guest's output would flow unheld")
+	}
+	if err := buf.Release(4); !errors.Is(err, outbuf.ErrClosed) {
+		t.Fatalf("release after detach: %v", err)
+	}
+	if len(f.actions) != len(want) {
+		t.Fatalf("actions after detach: %v", f.actions)
 	}
 }
 

@@ -357,9 +357,15 @@ func TestVMPlugEpochs(t *testing.T) {
 	if st := buf.Stats(); st.HeldPackets < 70 {
 		t.Errorf("stats while holding: %+v (want >= 70 held)", st)
 	}
-	// A second checkpoint before the release is refused.
-	if err := buf.Checkpoint(2); !errors.Is(err, ErrUnreleased) {
-		t.Fatalf("Checkpoint(2) with epoch 1 pending: err = %v, want ErrUnreleased", err)
+	// A second checkpoint before the release places no boundary: epoch 2
+	// joins the open part of the queue (a second BUFFER would let part of
+	// it out with epoch 1).
+	if err := buf.Checkpoint(2); err != nil {
+		t.Fatalf("Checkpoint(2) with epoch 1 pending: %v", err)
+	}
+	var e2b [2][2]uint32 // output after the merged checkpoint 2: epoch 3
+	for i, f := range flows {
+		e2b[i][0], e2b[i][1] = f.sendN(t, 5)
 	}
 	// Release(0) touches nothing.
 	if err := buf.Release(0); err != nil {
@@ -375,30 +381,38 @@ func TestVMPlugEpochs(t *testing.T) {
 	for i, f := range flows {
 		f.expect(t, "after Release(1)", e1[i][0], e1[i][1], 3*time.Second, quiet)
 	}
-	if err := buf.Checkpoint(1); err == nil {
-		t.Fatal("re-checkpointing epoch 1 succeeded")
-	}
-	if err := buf.Checkpoint(2); err != nil {
-		t.Fatal(err)
-	}
-	var e3 [2][2]uint32
-	for i, f := range flows {
-		e3[i][0], e3[i][1] = f.sendN(t, 10)
-	}
+	// Release(2): epoch 2 has no boundary of its own, so it stays held
+	// (late, never early) until a later boundary is released.
 	if err := buf.Release(2); err != nil {
 		t.Fatal(err)
 	}
-	for i, f := range flows {
-		f.expect(t, "after Release(2)", e2[i][0], e2[i][1], 3*time.Second, quiet)
+	for _, f := range flows {
+		f.expectNothing(t, "merged epoch 2 after Release(2)", quiet)
 	}
-	// Epoch 3 is open (not checkpointed): Release(3) must not touch it.
+	if err := buf.Checkpoint(2); err == nil {
+		t.Fatal("re-checkpointing epoch 2 succeeded")
+	}
+	if err := buf.Checkpoint(3); err != nil {
+		t.Fatal(err)
+	}
+	var e4 [2][2]uint32
+	for i, f := range flows {
+		e4[i][0], e4[i][1] = f.sendN(t, 10)
+	}
 	if err := buf.Release(3); err != nil {
 		t.Fatal(err)
 	}
-	for _, f := range flows {
-		f.expectNothing(t, "open epoch 3 after Release(3)", quiet)
+	for i, f := range flows {
+		f.expect(t, "after Release(3)", e2[i][0], e2b[i][1], 3*time.Second, quiet)
 	}
-	if st := buf.Stats(); st.LastReleased != 2 || st.ReleasedPackets < 70 {
+	// Epoch 4 is open (not checkpointed): Release(4) must not touch it.
+	if err := buf.Release(4); err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range flows {
+		f.expectNothing(t, "open epoch 4 after Release(4)", quiet)
+	}
+	if st := buf.Stats(); st.LastReleased != 3 || st.ReleasedPackets < 70 {
 		t.Errorf("stats after two releases: %+v", st)
 	}
 	// ReleaseAll: the open epoch goes out, and later output passes.
@@ -406,11 +420,34 @@ func TestVMPlugEpochs(t *testing.T) {
 		t.Fatal(err)
 	}
 	for i, f := range flows {
-		f.expect(t, "after ReleaseAll", e3[i][0], e3[i][1], 3*time.Second, 0)
+		f.expect(t, "after ReleaseAll", e4[i][0], e4[i][1], 3*time.Second, 0)
 	}
 	for _, f := range flows {
 		a, b := f.sendN(t, 5)
 		f.expect(t, "pass-through after ReleaseAll", a, b, 3*time.Second, 0)
+	}
+	// Hold: output is held again until an epoch after it is released.
+	if err := buf.Hold(); err != nil {
+		t.Fatal(err)
+	}
+	var e5 [2][2]uint32
+	for i, f := range flows {
+		e5[i][0], e5[i][1] = f.sendN(t, 7)
+	}
+	for _, f := range flows {
+		f.expectNothing(t, "after Hold", quiet)
+	}
+	if err := buf.Checkpoint(5); err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range flows {
+		f.expectNothing(t, "after Hold, epoch 5 checkpointed", quiet)
+	}
+	if err := buf.Release(5); err != nil {
+		t.Fatal(err)
+	}
+	for i, f := range flows {
+		f.expect(t, "after Hold and Release(5)", e5[i][0], e5[i][1], 3*time.Second, quiet)
 	}
 	if err := buf.Close(); err != nil {
 		t.Fatal(err)
