@@ -154,6 +154,10 @@ type captured struct {
 
 // newPair allocates guest, replica and engines (first-touching guest and
 // replica memory here, not later inside a measurement).
+// benchOwner is the primary's identity in the in-process pairs (the links
+// are in-process or loopback and unauthenticated).
+const benchOwner = "bench-primary"
+
 func newPair(cfg pairConfig) (*pair, error) {
 	if cfg.log == nil {
 		cfg.log = zap.NewNop()
@@ -181,7 +185,7 @@ func newPair(cfg pairConfig) (*pair, error) {
 	}
 	p.ctx, p.cancel = context.WithCancel(context.Background())
 	p.backup = checkpoint.NewBackup(checkpoint.BackupOptions{
-		VMName: cfg.name, Replica: rep, Backend: sim.BackendName, BackendVersion: sim.BackendVersion,
+		VMName: cfg.name, Replica: rep, Backend: sim.BackendName, BackendVersion: sim.BackendVersion, Owner: benchOwner,
 		HeartbeatInterval: 100 * time.Millisecond, HeartbeatTimeout: 10 * time.Second, Log: cfg.log,
 	})
 	out := outbuf.NewMemory(0, cfg.sink)
@@ -329,7 +333,7 @@ func (p *pair) serve(c net.Conn) {
 		c.Close()
 		return
 	}
-	_ = p.backup.Serve(p.ctx, c, r, w, h)
+	_ = p.backup.Serve(p.ctx, c, r, w, h, benchOwner)
 }
 
 // start runs the primary.

@@ -21,10 +21,17 @@ import (
 // to accept replication again.
 var ErrActivated = errors.New("replica already activated")
 
+// errGoodbye ends receive when the current protection said Goodbye.
+var errGoodbye = errors.New("goodbye")
+
 // BackupOptions configures a Backup.
 type BackupOptions struct {
 	VMName  string
 	Replica hypervisor.Replica
+	// Owner is the authenticated identity of the peer that protects this
+	// VM (its certificate's name, see transport.PeerIdentity). Links from
+	// any other identity are refused before they can change anything.
+	Owner string
 	// Backend and BackendVersion the primary must match.
 	Backend, BackendVersion string
 	Limits                  transport.Limits
@@ -41,6 +48,10 @@ type BackupOptions struct {
 	// replica (memory and device state of epoch) just before the VM starts
 	// from it, e.g. to keep an audit copy.
 	BeforeActivate func(epoch uint64, memory, deviceState []byte)
+	// OnGoodbye, if set, is called (on the link's goroutine, after the link
+	// ended) when the owner's current protection said Goodbye: restart
+	// false means protection ended on purpose and the replica may be freed.
+	OnGoodbye func(restart bool)
 }
 
 // BackupStats are a Backup's counters.
@@ -58,6 +69,15 @@ type BackupStats struct {
 	ActivationTime      time.Duration
 	// Goodbye: the primary ended protection on purpose (not a failure).
 	Goodbye bool
+	// Restarting: the primary's daemon said it restarts and will resume
+	// (since RestartingSince); cleared by its next link.
+	Restarting      bool
+	RestartingSince time.Time
+	// Refused counts links refused before they could change anything
+	// (another identity than the owner, an incompatible Hello).
+	Refused uint64
+	// ProtectionID is the protection the replica belongs to.
+	ProtectionID string
 }
 
 // Backup holds the replica of one protected VM and applies the epochs a
@@ -119,8 +139,15 @@ func (b *Backup) Stats() BackupStats {
 	s := b.stats
 	s.Committed = b.core.Committed()
 	s.Connected = b.conn != nil
+	s.ProtectionID = b.protectionID
 	return s
 }
+
+// Owner is the identity of the peer allowed to change this replica.
+func (b *Backup) Owner() string { return b.o.Owner }
+
+// NumPages is the replica's size in pages.
+func (b *Backup) NumPages() int { return b.o.Replica.NumPages() }
 
 // Committed is the last applied epoch.
 func (b *Backup) Committed() uint64 { return b.committedA.Load() }
@@ -144,30 +171,56 @@ func (b *Backup) check(h *remuspb.Hello) string {
 	return ""
 }
 
-// Serve runs one link from a primary whose Hello has been read. It
-// answers with Welcome, then stages, verifies, applies and acknowledges
-// epochs until the link fails or ctx is done. A partial epoch is
-// discarded; the replica stays at its last committed epoch. A newer link
-// for the same VM closes the older one.
-func (b *Backup) Serve(ctx context.Context, conn net.Conn, r *transport.Reader, w *transport.Writer, hello *remuspb.Hello) error {
+// ErrNotOwner is returned when a peer other than the replica's owner tries
+// to open a link to it.
+var ErrNotOwner = errors.New("peer does not own this replica")
+
+// refusal checks, before anything is touched, whether a link from peer
+// with hello may serve this replica; "" means yes. b.mu held.
+func (b *Backup) refusal(hello *remuspb.Hello, peer string) (string, error) {
+	if b.activated {
+		return "replica already activated (failed over)", ErrActivated
+	}
+	if peer != b.o.Owner {
+		return fmt.Sprintf("the replica of %s on this backup belongs to %q; %q may not change it (on the backup, 'remusd forget %s' releases it)",
+			b.o.VMName, b.o.Owner, peer, b.o.VMName), ErrNotOwner
+	}
+	if msg := b.check(hello); msg != "" {
+		return msg, ErrProtocol
+	}
+	return "", nil
+}
+
+// Serve runs one link from a primary whose Hello has been read; peer is
+// the link's authenticated identity. A peer other than the owner, or an
+// incompatible Hello, is refused before anything changes (the owner's
+// link, if any, carries on). Otherwise it answers with Welcome (followed
+// by the replica's page hashes if the primary asked for them), then
+// stages, verifies, applies and acknowledges epochs until the link fails
+// or ctx is done. A partial epoch is discarded; the replica stays at its
+// last committed epoch. A newer link of the owner closes the older one.
+func (b *Backup) Serve(ctx context.Context, conn net.Conn, r *transport.Reader, w *transport.Writer, hello *remuspb.Hello, peer string) error {
 	b.mu.Lock()
+	if msg, err := b.refusal(hello, peer); msg != "" {
+		b.stats.Refused++
+		b.mu.Unlock()
+		_ = w.WriteFrame(transport.KindWelcome, &remuspb.Welcome{ProtocolVersion: ProtocolVersion, Error: msg}, nil)
+		return fmt.Errorf("%w: refused primary: %s", err, msg)
+	}
 	if old := b.conn; old != nil {
-		old.Close() // the primary reconnected: the old link is dead
+		old.Close() // the owner reconnected: the old link is dead
 	}
 	b.mu.Unlock()
 	b.serveMu.Lock()
 	defer b.serveMu.Unlock()
 
 	b.mu.Lock()
-	if b.activated {
-		b.mu.Unlock()
-		_ = w.WriteFrame(transport.KindWelcome, &remuspb.Welcome{ProtocolVersion: ProtocolVersion, Error: "replica already activated (failed over)"}, nil)
-		return ErrActivated
-	}
-	if msg := b.check(hello); msg != "" {
+	if msg, err := b.refusal(hello, peer); msg != "" {
+		// Activated while we waited for the old link to end.
+		b.stats.Refused++
 		b.mu.Unlock()
 		_ = w.WriteFrame(transport.KindWelcome, &remuspb.Welcome{ProtocolVersion: ProtocolVersion, Error: msg}, nil)
-		return fmt.Errorf("%w: refused primary: %s", ErrProtocol, msg)
+		return fmt.Errorf("%w: refused primary: %s", err, msg)
 	}
 	// A link of another protection (the VM was protected anew) starts
 	// from nothing: a full epoch must come first. Until it is applied, the
@@ -180,7 +233,9 @@ func (b *Backup) Serve(ctx context.Context, conn net.Conn, r *transport.Reader, 
 	b.conn = conn
 	b.stats.LastHeard = b.o.Now()
 	b.stats.Goodbye = false
+	b.stats.Restarting = false
 	committed := sess.Committed()
+	sendHashes := hello.NeedReplicaHashes && committed > 0 && hello.ProtectionId == b.protectionID
 	b.mu.Unlock()
 	defer func() {
 		b.mu.Lock()
@@ -195,9 +250,18 @@ func (b *Backup) Serve(ctx context.Context, conn net.Conn, r *transport.Reader, 
 		conn.Close()
 	}()
 
-	wel := &remuspb.Welcome{ProtocolVersion: ProtocolVersion, CommittedEpoch: committed, ProtectionId: hello.ProtectionId}
+	wel := &remuspb.Welcome{ProtocolVersion: ProtocolVersion, CommittedEpoch: committed, ProtectionId: hello.ProtectionId, ReplicaHashes: sendHashes}
 	if err := w.WriteFrame(transport.KindWelcome, wel, nil); err != nil {
 		return fmt.Errorf("send welcome: %w", err)
+	}
+	if sendHashes {
+		// The replica changes only in apply, which this Serve runs: it
+		// stays at committed while hashed.
+		start := time.Now()
+		if err := transport.WriteReplicaHashes(w, b.o.Replica.Memory(), hypervisor.PageSize); err != nil {
+			return err
+		}
+		b.log.Info("sent the replica's page hashes to a resuming primary", zap.Uint64("committed", committed), zap.Duration("took", time.Since(start)))
 	}
 	b.log.Info("primary connected", zap.String("remote", conn.RemoteAddr().String()), zap.Uint64("committed", committed))
 
@@ -213,6 +277,16 @@ func (b *Backup) Serve(ctx context.Context, conn net.Conn, r *transport.Reader, 
 	}()
 
 	err := b.receive(conn, r, w, sess, hello.ProtectionId)
+	if errors.Is(err, errGoodbye) {
+		b.mu.Lock()
+		current := hello.ProtectionId == b.protectionID
+		restart := b.stats.Restarting
+		b.mu.Unlock()
+		if current && b.o.OnGoodbye != nil {
+			b.o.OnGoodbye(restart)
+		}
+		return nil
+	}
 	if err != nil {
 		b.mu.Lock()
 		b.stats.LastError = err.Error()
@@ -304,11 +378,23 @@ func (b *Backup) receive(conn net.Conn, r *transport.Reader, w *transport.Writer
 				return fmt.Errorf("send ack %d: %w", h.Epoch, err)
 			}
 		case *remuspb.Goodbye:
-			b.log.Info("primary said goodbye", zap.String("reason", h.Reason))
 			b.mu.Lock()
-			b.stats.Goodbye = true
+			if protectionID != b.protectionID {
+				// A protection that never committed here ends: the replica
+				// still belongs to the one before it.
+				b.mu.Unlock()
+				b.log.Info("a new protection said goodbye before its first commit", zap.String("reason", h.Reason))
+				return nil
+			}
+			if h.Restart {
+				b.stats.Restarting, b.stats.RestartingSince = true, b.o.Now()
+				b.log.Warn("primary daemon restarting: keeping the replica for it to resume", zap.String("reason", h.Reason))
+			} else {
+				b.stats.Goodbye = true
+				b.log.Info("primary said goodbye: protection ended", zap.String("reason", h.Reason))
+			}
 			b.mu.Unlock()
-			return nil
+			return errGoodbye
 		default:
 			return fmt.Errorf("%w: unexpected %v from primary", ErrProtocol, f.Kind)
 		}

@@ -32,6 +32,12 @@ type PrimaryConfig struct {
 	// (the default, fail closed); true = release everything and run
 	// unprotected until the backup is back.
 	UnprotectOnAckTimeout bool
+	// Resume continues a protection whose earlier epochs another process
+	// captured (the daemon restarted while the guest ran on): the first
+	// link may report any committed epoch of this protection, which becomes
+	// the base of a rebuild epoch (Action.Rebuild) instead of a protocol
+	// error, so that only pages differing from the backup's replica travel.
+	Resume bool
 }
 
 // ActionKind enumerates what the primary core asks its runner to do.
@@ -82,7 +88,16 @@ type Action struct {
 	// ResyncFrom..ResyncTo (inclusive) are captured, unacknowledged epochs
 	// whose pages must be included again (after a reconnect).
 	ResyncFrom, ResyncTo uint64
-	Reason               string
+	// Rebuild: the runner has no record of what changed since Base (a
+	// resumed protection): it must include every page whose content differs
+	// from the backup's replica at Base (compared by page hash).
+	Rebuild bool
+	// Hold: the output buffer runs in pass-through (the ack-timeout policy
+	// released it); the runner must make it hold again while the guest is
+	// paused, before Checkpoint(Epoch), so that nothing after this epoch's
+	// boundary leaves before its ack.
+	Hold   bool
+	Reason string
 }
 
 func (a Action) String() string {
@@ -95,6 +110,12 @@ func (a Action) String() string {
 	}
 	if a.ResyncTo != 0 {
 		s += fmt.Sprintf(" resync=%d..%d", a.ResyncFrom, a.ResyncTo)
+	}
+	if a.Rebuild {
+		s += " rebuild"
+	}
+	if a.Hold {
+		s += " hold"
 	}
 	if a.Reason != "" {
 		s += " " + a.Reason
@@ -132,6 +153,15 @@ type PrimaryCore struct {
 	needResync  bool   // next checkpoint must include unacked epochs' pages
 	resyncBase  uint64 // backup's committed epoch at reconnect
 	unprotected bool
+	// rearm: the output buffer was released (unprotected) and must hold
+	// again at the next checkpoint.
+	rearm bool
+	// resume: no epoch was captured by this core yet and the first link
+	// may adopt the backup's committed epoch (PrimaryConfig.Resume).
+	resume bool
+	// rebuild: the next resync must compare pages with the backup's
+	// replica (a resumed protection has no dirty history).
+	rebuild bool
 }
 
 // NewPrimaryCore returns a core that starts with the link down; the first
@@ -140,8 +170,17 @@ func NewPrimaryCore(cfg PrimaryConfig, now time.Time) *PrimaryCore {
 	if cfg.MaxInflight < 1 {
 		cfg.MaxInflight = 1
 	}
-	return &PrimaryCore{cfg: cfg, next: 1, needFull: true, linkDownAt: now}
+	return &PrimaryCore{cfg: cfg, next: 1, needFull: true, linkDownAt: now, resume: cfg.Resume}
 }
+
+// Held reports how many captured epochs the core keeps state for (awaiting
+// an ack). Resync and full epochs fold the epochs they supersede, so it
+// never exceeds MaxInflight + 1, whatever the backup does.
+func (c *PrimaryCore) Held() int { return len(c.unacked) }
+
+// NeedsRebuild reports whether the next resync must compare pages with the
+// backup's replica (Action.Rebuild).
+func (c *PrimaryCore) NeedsRebuild() bool { return c.rebuild }
 
 // Acked is the last acknowledged epoch.
 func (c *PrimaryCore) Acked() uint64 { return c.acked }
@@ -202,6 +241,7 @@ func (c *PrimaryCore) startCheckpoint(now time.Time) Action {
 		a.Base = 0
 	case c.needResync:
 		a.Base = c.resyncBase
+		a.Rebuild = c.rebuild
 		if len(c.unacked) > 0 {
 			a.ResyncFrom = c.unacked[0].epoch
 			a.ResyncTo = c.unacked[len(c.unacked)-1].epoch
@@ -209,6 +249,7 @@ func (c *PrimaryCore) startCheckpoint(now time.Time) Action {
 	default:
 		a.Base = c.next - 1
 	}
+	a.Hold = c.rearm
 	c.capturing = true
 	c.curFull, c.curResync, c.curBase = c.needFull, !c.needFull && c.needResync, a.Base
 	c.lastStart = now
@@ -223,11 +264,20 @@ func (c *PrimaryCore) CheckpointDone(epoch uint64, now time.Time) ([]Action, err
 	}
 	c.capturing = false
 	c.next++
-	if c.curFull {
-		// A full epoch supersedes every unacked one: they ride on it.
-		c.needFull, c.needResync = false, false
-	} else if c.curResync {
-		c.needResync = false
+	c.rearm = false // the buffer holds again (Action.Hold was performed)
+	if c.curFull || c.curResync {
+		// A full or resync epoch carries the pages of every unacked epoch
+		// and applies on the backup's committed epoch: it supersedes them.
+		// Fold them into it, so that the state kept for unacked epochs is
+		// bounded whatever the backup does (a backup that accepts links but
+		// never commits would otherwise add one epoch per reconnect). Their
+		// output is released when this epoch is acked.
+		c.unacked = c.unacked[:0]
+		if c.curFull {
+			c.needFull, c.needResync, c.rebuild = false, false, false
+		} else {
+			c.needResync, c.rebuild = false, false
+		}
 	}
 	c.unacked = append(c.unacked, epochState{epoch: epoch, base: c.curBase, capturedAt: now})
 	if !c.linkUp {
@@ -292,13 +342,25 @@ func (c *PrimaryCore) LinkDown(now time.Time) {
 // epoch for this protection (0 if it holds no replica). It decides between
 // a plain continuation, a resync of unacked epochs, and a full sync.
 func (c *PrimaryCore) LinkUp(committed uint64, now time.Time) ([]Action, error) {
+	if c.resume && c.next == 1 && !c.capturing {
+		// A resumed protection: its earlier epochs were captured by a
+		// process that is gone. The backup's committed epoch becomes the
+		// base; what changed since is found by comparing pages.
+		c.resume = false
+		if committed > 0 {
+			c.next, c.acked = committed+1, committed
+			c.rebuild, c.needFull = true, false
+		}
+	}
 	last := c.next - 1
 	prevAcked := c.acked
 	if c.unprotected {
 		// Output ran free and unacked epochs were forgotten: rebuild the
-		// replica from scratch.
+		// replica from scratch, and hold output again from the boundary of
+		// that full epoch on (before its ack, nothing after it may leave).
 		c.unprotected = false
 		c.needFull = true
+		c.rearm = true
 	}
 	switch {
 	case committed > last:

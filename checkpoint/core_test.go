@@ -232,24 +232,184 @@ func TestPrimaryCoreAckTimeoutUnprotect(t *testing.T) {
 	}
 	c.LinkDown(at(103))
 	acts, err := c.LinkUp(1, at(200))
-	mustActs(t, acts, err, "checkpoint(2 base=0 full)")
+	// The full epoch re-arms the output buffer: holding again starts at
+	// its boundary, before anything the backup will commit.
+	mustActs(t, acts, err, "checkpoint(2 base=0 full hold)")
+	acts, err = c.CheckpointDone(2, at(201))
+	mustActs(t, acts, err, "send(2 base=0 full)")
+	acts, err = c.Ack(2, at(210))
+	mustActs(t, acts, err, "release(2) checkpoint(3 base=2)")
+	if c.Unprotected() {
+		t.Fatal("still unprotected after the backup acked again")
+	}
+}
+
+// TestPrimaryCoreResyncFolds is issue 8's hole 7: a backup that accepts
+// links but never commits made the primary keep one epoch per reconnect.
+func TestPrimaryCoreResyncFolds(t *testing.T) {
+	for _, inflight := range []int{1, 3} {
+		c := NewPrimaryCore(PrimaryConfig{Interval: 10 * time.Millisecond, MaxInflight: inflight, AckTimeout: 50 * time.Millisecond}, at(0))
+		now := 0
+		acts, _ := c.LinkUp(0, at(now))
+		var capturing uint64
+		for _, a := range acts {
+			if a.Kind == ActCheckpoint {
+				capturing = a.Epoch
+			}
+		}
+		// One full epoch acked, then the backup stalls at committed 1.
+		_, _ = c.CheckpointDone(capturing, at(now))
+		_, _ = c.Ack(1, at(now))
+		capturing = 0
+		for round := 0; round < 200; round++ {
+			now += 7
+			var acts []Action
+			if capturing != 0 {
+				a, err := c.CheckpointDone(capturing, at(now))
+				if err != nil {
+					t.Fatal(err)
+				}
+				acts, capturing = a, 0
+			} else if round%5 == 4 {
+				c.LinkDown(at(now))
+				a, err := c.LinkUp(1, at(now))
+				if err != nil {
+					t.Fatal(err)
+				}
+				acts = a
+			} else {
+				acts = c.Tick(at(now))
+			}
+			for _, a := range acts {
+				if a.Kind == ActCheckpoint {
+					capturing = a.Epoch
+				}
+				if a.Kind == ActDropLink {
+					c.LinkDown(at(now))
+				}
+			}
+			if n := c.Unacked(); n > inflight+1 {
+				t.Fatalf("max_inflight %d: %d epochs held after %d rounds (%d reconnects)", inflight, n, round, round/5)
+			}
+		}
+		if c.LastCaptured() < 20 {
+			t.Fatalf("only %d epochs captured: the test did not exercise reconnects", c.LastCaptured())
+		}
+	}
+}
+
+// TestPrimaryCoreResume: a protection resumed by a restarted daemon adopts
+// the backup's committed epoch as the base of a rebuild epoch.
+func TestPrimaryCoreResume(t *testing.T) {
+	c := NewPrimaryCore(PrimaryConfig{Interval: 10 * time.Millisecond, MaxInflight: 1, Resume: true}, at(0))
+	acts, err := c.LinkUp(41, at(0))
+	mustActs(t, acts, err, "checkpoint(42 base=41 rebuild)")
+	acts, err = c.CheckpointDone(42, at(1))
+	mustActs(t, acts, err, "send(42 base=41)")
+	// The link breaks before the ack: a plain resync of 42 follows.
+	c.LinkDown(at(2))
+	acts, err = c.LinkUp(41, at(3))
+	mustActs(t, acts, err, "checkpoint(43 base=41 resync=42..42)")
+
+	// A backup that lost its replica: a full sync.
+	c = NewPrimaryCore(PrimaryConfig{Interval: 10 * time.Millisecond, MaxInflight: 1, Resume: true}, at(0))
+	acts, err = c.LinkUp(0, at(0))
+	mustActs(t, acts, err, "checkpoint(1 base=0 full)")
+	// Without Resume, a committed epoch never captured is a lie.
+	c = NewPrimaryCore(PrimaryConfig{Interval: 10 * time.Millisecond, MaxInflight: 1}, at(0))
+	if _, err := c.LinkUp(41, at(0)); !errors.Is(err, ErrProtocol) {
+		t.Fatalf("committed 41 without resume: %v", err)
+	}
+}
+
+// modelBuffer is an output buffer model for the randomized core test:
+// packets carry the epoch they were emitted in; plug mode follows
+// sch_plug's rule (one closed epoch: a checkpoint while one is pending
+// places no boundary, as outbuf/plug does).
+type modelBuffer struct {
+	plug     bool
+	passThru bool
+	open     []uint64 // tags of packets not yet behind a boundary
+	closed   []modelEpoch
+	released []uint64 // tags released, in order
+	passed   int      // packets released in pass-through
+}
+
+type modelEpoch struct {
+	epoch uint64
+	pkts  []uint64
+}
+
+func (m *modelBuffer) emit(tag uint64) {
+	if m.passThru {
+		m.passed++
+		return
+	}
+	m.open = append(m.open, tag)
+}
+
+func (m *modelBuffer) checkpoint(epoch uint64) {
+	if m.passThru {
+		return
+	}
+	if m.plug && len(m.closed) > 0 {
+		return // merged into the open part
+	}
+	m.closed = append(m.closed, modelEpoch{epoch, m.open})
+	m.open = nil
+}
+
+func (m *modelBuffer) release(epoch uint64) {
+	i := 0
+	for i < len(m.closed) && m.closed[i].epoch <= epoch {
+		m.released = append(m.released, m.closed[i].pkts...)
+		i++
+	}
+	m.closed = m.closed[i:]
+}
+
+func (m *modelBuffer) releaseAll() {
+	for _, e := range m.closed {
+		m.released = append(m.released, e.pkts...)
+	}
+	m.released = append(m.released, m.open...)
+	m.closed, m.open, m.passThru = nil, nil, true
 }
 
 // TestPrimaryCoreRandomized drives the core with random events against a
-// model backup and checks invariant 1 (no release before the backup
-// committed the epoch) and that the backup's sequence is always valid.
+// model backup and a model output buffer (memory or plug) and checks
+// invariant 1 (no packet leaves before the backup committed its epoch),
+// that the buffer never stays in pass-through once acks flow again, that
+// the state kept for unacked epochs stays within max_inflight + 1, and
+// that the backup's sequence is always valid.
 func TestPrimaryCoreRandomized(t *testing.T) {
-	for seed := uint64(1); seed <= 300; seed++ {
+	for seed := uint64(1); seed <= 600; seed++ {
 		rng := rand.New(rand.NewPCG(seed, 7))
-		cfg := PrimaryConfig{Interval: 10 * time.Millisecond, MaxInflight: 1 + rng.IntN(4), AckTimeout: 200 * time.Millisecond}
+		cfg := PrimaryConfig{Interval: 10 * time.Millisecond, MaxInflight: 1 + rng.IntN(4), AckTimeout: 200 * time.Millisecond,
+			UnprotectOnAckTimeout: rng.IntN(3) == 0}
+		buf := &modelBuffer{plug: rng.IntN(2) == 0}
+		if buf.plug {
+			cfg.MaxInflight = 1 // as the daemon forces for plug
+		}
 		c := NewPrimaryCore(cfg, at(0))
 		b := NewBackupCore(0)
 		var wire []Action // sends on the link, in order
 		var acks []uint64 // acks on the link, in order
 		var capturing *Action
-		released := uint64(0)
 		now := 0
 		linkUp := false
+		checked := 0
+		check := func() {
+			for ; checked < len(buf.released); checked++ {
+				if tag := buf.released[checked]; tag > b.Committed() {
+					t.Fatalf("seed %d (plug %v, unprotect %v): packet of epoch %d released while the backup committed %d",
+						seed, buf.plug, cfg.UnprotectOnAckTimeout, tag, b.Committed())
+				}
+			}
+			if n := c.Unacked(); n > cfg.MaxInflight+1 {
+				t.Fatalf("seed %d: %d unacked epochs kept, max_inflight %d", seed, n, cfg.MaxInflight)
+			}
+		}
 		apply := func(acts []Action) {
 			for _, a := range acts {
 				switch a.Kind {
@@ -259,6 +419,11 @@ func TestPrimaryCoreRandomized(t *testing.T) {
 					}
 					cp := a
 					capturing = &cp
+					// The runner does this while the guest is paused.
+					if a.Hold {
+						buf.passThru = false
+					}
+					buf.checkpoint(a.Epoch)
 				case ActSend:
 					if !linkUp {
 						t.Fatalf("seed %d: send while link down", seed)
@@ -268,9 +433,14 @@ func TestPrimaryCoreRandomized(t *testing.T) {
 					if a.Epoch > b.Committed() {
 						t.Fatalf("seed %d: release of %d while backup committed %d", seed, a.Epoch, b.Committed())
 					}
-					released = max(released, a.Epoch)
+					buf.release(a.Epoch)
 				case ActReleaseAll:
-					t.Fatalf("seed %d: release-all under hold policy", seed)
+					if !cfg.UnprotectOnAckTimeout {
+						t.Fatalf("seed %d: release-all under hold policy", seed)
+					}
+					// Legitimate: the operator chose to run unprotected.
+					buf.releaseAll()
+					checked = len(buf.released)
 				case ActDropLink:
 					linkUp = false
 					wire, acks = nil, nil
@@ -278,9 +448,13 @@ func TestPrimaryCoreRandomized(t *testing.T) {
 					c.LinkDown(at(now))
 				}
 			}
+			check()
 		}
-		for step := 0; step < 400; step++ {
+		for step := 0; step < 500; step++ {
 			now += rng.IntN(8)
+			if capturing == nil && rng.IntN(2) == 0 {
+				buf.emit(c.LastCaptured() + 1) // the guest sends a packet
+			}
 			switch r := rng.IntN(10); {
 			case r < 3:
 				apply(c.Tick(at(now)))
@@ -311,6 +485,9 @@ func TestPrimaryCoreRandomized(t *testing.T) {
 				if err != nil {
 					t.Fatalf("seed %d: ack %d: %v", seed, e, err)
 				}
+				if buf.passThru {
+					t.Fatalf("seed %d: epoch %d acknowledged while the output buffer still passes output unheld (%d packets so far)", seed, e, buf.passed)
+				}
 				apply(acts)
 			case r == 9:
 				if linkUp && rng.IntN(3) == 0 {
@@ -329,9 +506,7 @@ func TestPrimaryCoreRandomized(t *testing.T) {
 				}
 			}
 		}
-		if released > b.Committed() {
-			t.Fatalf("seed %d: released %d > committed %d", seed, released, b.Committed())
-		}
+		check()
 	}
 }
 

@@ -61,7 +61,7 @@ func newPair(t *testing.T, cfg sim.Config, pc PrimaryConfig) *pair {
 	}
 	p := &pair{t: t, cfg: cfg, guest: g, replica: rep, captured: map[uint64]uint64{}}
 	p.backup = NewBackup(BackupOptions{
-		VMName: "vm", Replica: rep, Backend: sim.BackendName, BackendVersion: sim.BackendVersion,
+		VMName: "vm", Replica: rep, Backend: sim.BackendName, BackendVersion: sim.BackendVersion, Owner: "host-a",
 		HeartbeatInterval: 20 * time.Millisecond, HeartbeatTimeout: 2 * time.Second,
 	})
 	p.out = outbuf.NewMemory(0, func(epoch uint64, msg []byte) {
@@ -142,7 +142,7 @@ func (p *pair) dial(ctx context.Context) (net.Conn, error) {
 			bc.Close()
 			return
 		}
-		_ = p.backup.Serve(ctx, bc, r, w, h)
+		_ = p.backup.Serve(ctx, bc, r, w, h, "host-a")
 	}()
 	return pc, nil
 }

@@ -32,6 +32,9 @@ type PrimaryOptions struct {
 	Dial func(ctx context.Context) (net.Conn, error)
 	// ProtectionID identifies this protection (see proto Hello).
 	ProtectionID string
+	// Host is this daemon's name, sent in Hello (over mutual TLS the backup
+	// checks it against the certificate's identity).
+	Host string
 	Core         PrimaryConfig
 	Encoder      transport.EncoderConfig
 	Limits       transport.Limits
@@ -125,6 +128,8 @@ type Primary struct {
 	events chan event
 
 	pause, ack *Samples
+	// replicaHashes are the backup's page hashes for a rebuild epoch.
+	replicaHashes []uint64
 
 	mu    sync.Mutex
 	stats PrimaryStats
@@ -132,8 +137,13 @@ type Primary struct {
 	heard atomic.Int64
 	// acked mirrors core.Acked() for the heartbeat goroutine.
 	acked atomic.Uint64
-	// goodbye: on stop, tell the backup protection ended on purpose.
-	goodbye atomic.Bool
+	// goodbye: on stop, tell the backup protection ended on purpose;
+	// restarting: ... that the daemon restarts and will resume it.
+	goodbye    atomic.Bool
+	restarting atomic.Bool
+	// needHashes: a resumed protection has not captured its rebuild epoch
+	// yet; each link asks the backup for its replica's page hashes.
+	needHashes atomic.Bool
 	// progress is the unix-nano time the sender last wrote a frame.
 	progress atomic.Int64
 }
@@ -142,6 +152,17 @@ type Primary struct {
 // tell the backup that protection ended on purpose, so that it does not
 // treat the silence as a lost primary.
 func (p *Primary) StopWithGoodbye() { p.goodbye.Store(true) }
+
+// StopForRestart makes the next stop of Run tell the backup that this
+// daemon restarts and will resume the protection: the backup keeps the
+// replica and does not mistake the silence for a lost primary.
+func (p *Primary) StopForRestart() { p.restarting.Store(true) }
+
+// Held is how many captured epochs the primary keeps state for (dirty
+// sets, capture times): at most MaxInflight + 1 whatever the backup does.
+// Only for tests and status, read on the caller's goroutine after Run
+// returned.
+func (p *Primary) Held() (epochs, dirtyMaps int) { return p.core.Held(), len(p.epochDirty) }
 
 type eventKind int
 
@@ -157,6 +178,9 @@ type event struct {
 	committed uint64
 	err       error
 	link      *primaryLink
+	// hashes are the backup's replica page hashes at committed (a resumed
+	// protection's first link), nil otherwise.
+	hashes []uint64
 }
 
 // NewPrimary validates options and prepares the runner.
@@ -195,6 +219,9 @@ func NewPrimary(o PrimaryOptions) (*Primary, error) {
 	if err != nil {
 		return nil, fmt.Errorf("checkpoint: %w", err)
 	}
+	if _, ok := o.Guest.(hypervisor.Rebaseliner); o.Core.Resume && !ok {
+		return nil, fmt.Errorf("checkpoint: cannot resume protection of %s: backend %s cannot compare its pages with the replica (start a new protection)", o.Guest.Name(), o.Guest.Backend())
+	}
 	n := o.Guest.NumPages()
 	p := &Primary{
 		o:          o,
@@ -214,6 +241,7 @@ func NewPrimary(o PrimaryOptions) (*Primary, error) {
 		p.pool <- &staged{}
 	}
 	p.stats.Link = "connecting"
+	p.needHashes.Store(o.Core.Resume)
 	return p, nil
 }
 
@@ -309,7 +337,16 @@ func (p *Primary) handle(ev event, link *primaryLink) ([]Action, *primaryLink, e
 	switch ev.kind {
 	case evLinkUp:
 		p.enc.InvalidateAll()
-		acts, err := p.core.LinkUp(ev.committed, now)
+		committed := ev.committed
+		if p.needHashes.Load() {
+			if ev.hashes == nil && committed != 0 {
+				// Nothing to compare with: the backup must be rebuilt.
+				p.log.Warn("resumed protection without the replica's page hashes: full resync", zap.Uint64("backup_committed", committed))
+				committed = 0
+			}
+			p.replicaHashes = ev.hashes
+		}
+		acts, err := p.core.LinkUp(committed, now)
 		if err != nil {
 			return nil, ev.link, err
 		}
@@ -426,6 +463,16 @@ func (p *Primary) capture(ctx context.Context, a Action) (*staged, error) {
 	switch {
 	case a.Full:
 		want = g.NumPages()
+	case a.Rebuild:
+		// Candidates: pages whose content differs from the replica's, taken
+		// while the guest runs; the harvest at the pause adds what changed
+		// since (Rebaseliner's contract makes the union exact).
+		if err := p.rebuildCandidates(ctx); err != nil {
+			p.pool <- st
+			p.freeMaps = append(p.freeMaps, mine)
+			return nil, fmt.Errorf("rebuild from the replica's page hashes: %w", err)
+		}
+		want = min(g.NumPages(), p.scratch.Count()+2*p.expect)
 	case a.ResyncTo != 0:
 		want = min(g.NumPages(), p.expect*int(a.ResyncTo-a.ResyncFrom+2))
 	case cap(st.pages) > 4*want*hypervisor.PageSize:
@@ -447,6 +494,7 @@ func (p *Primary) capture(ctx context.Context, a Action) (*staged, error) {
 	}()
 	if err := g.HarvestDirty(ctx, mine); err != nil {
 		p.pool <- st
+		p.freeMaps = append(p.freeMaps, mine)
 		return nil, fmt.Errorf("harvest: %w", err)
 	}
 	send := mine
@@ -455,9 +503,12 @@ func (p *Primary) capture(ctx context.Context, a Action) (*staged, error) {
 		p.scratch.Reset()
 		p.scratch.SetRange(0, p.scratch.Len())
 		send = p.scratch
-	case a.ResyncTo != 0:
-		p.scratch.CopyFrom(mine)
-		for e := a.ResyncFrom; e <= a.ResyncTo; e++ {
+	case a.Rebuild || a.ResyncTo != 0:
+		if !a.Rebuild {
+			p.scratch.Reset()
+		}
+		p.scratch.Union(mine)
+		for e := a.ResyncFrom; a.ResyncTo != 0 && e <= a.ResyncTo; e++ {
 			if m, ok := p.epochDirty[e]; ok {
 				p.scratch.Union(m)
 			}
@@ -481,6 +532,19 @@ func (p *Primary) capture(ctx context.Context, a Action) (*staged, error) {
 		return nil, fmt.Errorf("save device state: %w", err)
 	}
 	st.dev = dev
+	if a.Hold {
+		// The buffer ran in pass-through (unprotected): hold again before
+		// this epoch's boundary. If that fails the buffer may still let
+		// output out unacknowledged: leave the guest paused (fail closed).
+		if err := p.o.Out.Hold(); err != nil {
+			resumed = true
+			p.pool <- st
+			p.freeMaps = append(p.freeMaps, mine)
+			p.log.Error("cannot hold output again: guest left PAUSED so that nothing leaves unacknowledged", zap.Error(err))
+			return nil, fmt.Errorf("hold output again (guest left paused): %w", err)
+		}
+		p.log.Warn("backup is back: holding output again from this epoch on", zap.Uint64("epoch", a.Epoch))
+	}
 	if err := p.o.Out.Checkpoint(a.Epoch); err != nil {
 		p.pool <- st
 		return nil, fmt.Errorf("output checkpoint: %w", err)
@@ -493,17 +557,63 @@ func (p *Primary) capture(ctx context.Context, a Action) (*staged, error) {
 	resumed = true
 	pause := time.Since(start)
 	p.pause.Add(pause)
-	if !a.Full && a.ResyncTo == 0 {
+	if !a.Full && a.ResyncTo == 0 && !a.Rebuild {
 		p.expect = min(g.NumPages(), max(p.expect, 2*len(st.pfns)))
+	}
+	dirtyN := uint64(mine.Count())
+	if a.Full || a.Rebuild || a.Base != a.Epoch-1 {
+		// A full, rebuild or resync epoch supersedes every unacked epoch
+		// (the core folds them): keep one dirty set, the union it carries,
+		// so that a later resync still includes all of it.
+		for e, m := range p.epochDirty {
+			p.freeMaps = append(p.freeMaps, m)
+			delete(p.epochDirty, e)
+			delete(p.captured, e)
+		}
+		mine.CopyFrom(send)
+	}
+	if a.Rebuild || a.Full {
+		p.needHashes.Store(false)
+		p.replicaHashes = nil
 	}
 	p.epochDirty[a.Epoch] = mine
 	now := p.o.Now()
 	p.captured[a.Epoch] = now
-	p.update(func(s *PrimaryStats) { s.Epoch = a.Epoch; s.DirtyPagesLast = uint64(mine.Count()) })
+	p.update(func(s *PrimaryStats) { s.Epoch = a.Epoch; s.DirtyPagesLast = dirtyN })
 	if p.o.OnCapture != nil {
 		p.o.OnCapture(CaptureInfo{Epoch: a.Epoch, Base: a.Base, Full: a.Full, Pages: len(st.pfns), Pause: pause, DeviceState: st.dev})
 	}
 	return st, nil
+}
+
+// rebuildCandidates restarts the guest's dirty tracking from its current
+// contents and marks in p.scratch every page whose content then differed
+// from the backup's replica.
+func (p *Primary) rebuildCandidates(ctx context.Context) error {
+	rb, ok := p.o.Guest.(hypervisor.Rebaseliner)
+	if !ok {
+		return fmt.Errorf("backend %s cannot rebaseline", p.o.Guest.Backend())
+	}
+	if len(p.replicaHashes) != p.o.Guest.NumPages() {
+		return fmt.Errorf("have %d replica page hashes for %d pages", len(p.replicaHashes), p.o.Guest.NumPages())
+	}
+	start := time.Now()
+	hashes, err := rb.Rebaseline(ctx)
+	if err != nil {
+		return err
+	}
+	if len(hashes) != len(p.replicaHashes) {
+		return fmt.Errorf("rebaseline returned %d hashes for %d pages", len(hashes), len(p.replicaHashes))
+	}
+	p.scratch.Reset()
+	for pfn, h := range hashes {
+		if h != p.replicaHashes[pfn] {
+			p.scratch.Set(pfn)
+		}
+	}
+	p.log.Info("resumed protection: pages differing from the replica", zap.Int("pages", p.scratch.Count()),
+		zap.Int("of", len(hashes)), zap.Duration("took", time.Since(start)))
+	return nil
 }
 
 func (p *Primary) newMap() *dirtymap.Bitmap {
@@ -528,7 +638,7 @@ func (p *Primary) linkLoop(ctx context.Context) {
 			case <-time.After(p.o.ReconnectBackoff):
 			}
 		}
-		l, committed, err := p.connect(ctx)
+		l, committed, hashes, err := p.connect(ctx)
 		if err != nil {
 			if ctx.Err() == nil {
 				p.log.Debug("connect to backup failed", zap.Error(err))
@@ -537,7 +647,7 @@ func (p *Primary) linkLoop(ctx context.Context) {
 			continue
 		}
 		select {
-		case p.events <- event{kind: evLinkUp, committed: committed, link: l}:
+		case p.events <- event{kind: evLinkUp, committed: committed, link: l, hashes: hashes}:
 		case <-ctx.Done():
 			l.close()
 			return
@@ -554,11 +664,12 @@ func (p *Primary) linkLoop(ctx context.Context) {
 	}
 }
 
-func (p *Primary) connect(ctx context.Context) (*primaryLink, uint64, error) {
+func (p *Primary) connect(ctx context.Context) (*primaryLink, uint64, []uint64, error) {
 	conn, err := p.o.Dial(ctx)
 	if err != nil {
-		return nil, 0, fmt.Errorf("dial backup: %w", err)
+		return nil, 0, nil, fmt.Errorf("dial backup: %w", err)
 	}
+	needHashes := p.needHashes.Load()
 	g := p.o.Guest
 	w := transport.NewWriter(conn)
 	r := transport.NewReader(conn, p.o.Limits)
@@ -572,37 +683,53 @@ func (p *Primary) connect(ctx context.Context) (*primaryLink, uint64, error) {
 		BackendVersion:    g.BackendVersion(),
 		BackendConfig:     g.Config(),
 		PrimaryAckedEpoch: p.acked.Load(),
+		Host:              p.o.Host,
+		NeedReplicaHashes: needHashes,
 	}
 	_ = conn.SetDeadline(time.Now().Add(p.o.HeartbeatTimeout))
 	if err := w.WriteFrame(transport.KindHello, hello, nil); err != nil {
 		conn.Close()
-		return nil, 0, fmt.Errorf("send hello: %w", err)
+		return nil, 0, nil, fmt.Errorf("send hello: %w", err)
 	}
 	f, err := r.ReadFrame()
 	if err != nil {
 		conn.Close()
-		return nil, 0, fmt.Errorf("read welcome: %w", err)
+		return nil, 0, nil, fmt.Errorf("read welcome: %w", err)
 	}
 	wel, ok := f.Header.(*remuspb.Welcome)
 	if !ok {
 		conn.Close()
-		return nil, 0, fmt.Errorf("%w: expected Welcome, got %v", ErrProtocol, f.Kind)
+		return nil, 0, nil, fmt.Errorf("%w: expected Welcome, got %v", ErrProtocol, f.Kind)
 	}
 	if wel.Error != "" {
 		conn.Close()
-		return nil, 0, fmt.Errorf("backup refused protection: %s", wel.Error)
+		return nil, 0, nil, fmt.Errorf("backup refused protection: %s", wel.Error)
 	}
 	if wel.ProtocolVersion != ProtocolVersion {
 		conn.Close()
-		return nil, 0, fmt.Errorf("%w: backup speaks protocol %d, we speak %d", ErrProtocol, wel.ProtocolVersion, ProtocolVersion)
+		return nil, 0, nil, fmt.Errorf("%w: backup speaks protocol %d, we speak %d", ErrProtocol, wel.ProtocolVersion, ProtocolVersion)
 	}
 	committed := wel.CommittedEpoch
 	if wel.ProtectionId != p.o.ProtectionID {
 		committed = 0
 	}
+	var hashes []uint64
+	if wel.ReplicaHashes {
+		if !needHashes || committed == 0 {
+			conn.Close()
+			return nil, 0, nil, fmt.Errorf("%w: backup sent replica hashes nobody asked for", ErrProtocol)
+		}
+		// The backup hashes its whole replica first: allow for it.
+		_ = conn.SetDeadline(time.Now().Add(p.o.HeartbeatTimeout + time.Duration(g.NumPages())*time.Microsecond))
+		hashes = make([]uint64, g.NumPages())
+		if err := transport.ReadReplicaHashes(r, hashes); err != nil {
+			conn.Close()
+			return nil, 0, nil, fmt.Errorf("read the replica's page hashes: %w", err)
+		}
+	}
 	_ = conn.SetDeadline(time.Time{})
 	p.heard.Store(p.o.Now().UnixNano())
-	return &primaryLink{p: p, conn: conn, w: w, r: r, sendq: make(chan *staged, p.o.Core.MaxInflight+1), done: make(chan struct{})}, committed, nil
+	return &primaryLink{p: p, conn: conn, w: w, r: r, sendq: make(chan *staged, p.o.Core.MaxInflight+1), done: make(chan struct{})}, committed, hashes, nil
 }
 
 // primaryLink is one connection to the backup.
@@ -656,7 +783,11 @@ func (l *primaryLink) serve(ctx context.Context) error {
 	select {
 	case err = <-errc:
 	case <-ctx.Done():
-		if l.p.goodbye.Load() {
+		switch {
+		case l.p.restarting.Load():
+			_ = l.conn.SetWriteDeadline(time.Now().Add(time.Second))
+			_ = l.w.WriteFrame(transport.KindGoodbye, &remuspb.Goodbye{Reason: "primary daemon restarting", Restart: true}, nil)
+		case l.p.goodbye.Load():
 			_ = l.conn.SetWriteDeadline(time.Now().Add(time.Second))
 			_ = l.w.WriteFrame(transport.KindGoodbye, &remuspb.Goodbye{Reason: "protection ended"}, nil)
 		}

@@ -310,7 +310,7 @@ func (d *Daemon) servePeer(ctx context.Context, conn net.Conn) {
 		conn.Close()
 		return
 	}
-	if err := b.Serve(ctx, conn, r, w, hello); err != nil && ctx.Err() == nil {
+	if err := b.Serve(ctx, conn, r, w, hello, hello.Host); err != nil && ctx.Err() == nil {
 		log.Warn("replication link ended", zap.String("vm", hello.VmName), zap.Error(err))
 	}
 }

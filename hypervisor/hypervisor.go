@@ -64,3 +64,17 @@ type Replica interface {
 	// Close releases the replica (and a standby VM, if any).
 	Close() error
 }
+
+// Rebaseliner is implemented by guests whose dirty tracking can restart
+// from their current contents while they run. A resumed protection (its
+// daemon restarted; the record of what the guest dirtied since the
+// backup's committed epoch is gone) uses it to send only the pages that
+// differ from the backup's replica.
+type Rebaseliner interface {
+	// Rebaseline restarts dirty tracking from the guest's current contents
+	// while it runs and returns the transport.PageHash of every page of
+	// that baseline. Contract: for every page p, the next HarvestDirty
+	// (taken while paused) reports p unless the page's content at that
+	// pause hashes to the returned hash of p.
+	Rebaseline(ctx context.Context) ([]uint64, error)
+}

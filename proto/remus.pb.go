@@ -115,6 +115,17 @@ type Hello struct {
 	BackendConfig []byte `protobuf:"bytes,8,opt,name=backend_config,json=backendConfig,proto3" json:"backend_config,omitempty"`
 	// Release after ack of this epoch is the primary's last acknowledged epoch.
 	PrimaryAckedEpoch uint64 `protobuf:"varint,9,opt,name=primary_acked_epoch,json=primaryAckedEpoch,proto3" json:"primary_acked_epoch,omitempty"`
+	// host is the sending daemon's configured name. Over mutual TLS it must
+	// equal the identity of the certificate the link was opened with; on an
+	// explicitly insecure (plaintext) link it is the only, unauthenticated,
+	// identity of the peer.
+	Host string `protobuf:"bytes,10,opt,name=host,proto3" json:"host,omitempty"`
+	// need_replica_hashes: the primary lost the record of which pages it
+	// dirtied since the backup's committed epoch (its daemon restarted while
+	// the guest ran on). A backup holding a committed replica of this
+	// protection answers Welcome with the replica's page hashes
+	// (ReplicaHashes records), so that only differing pages travel.
+	NeedReplicaHashes bool `protobuf:"varint,11,opt,name=need_replica_hashes,json=needReplicaHashes,proto3" json:"need_replica_hashes,omitempty"`
 	unknownFields     protoimpl.UnknownFields
 	sizeCache         protoimpl.SizeCache
 }
@@ -212,6 +223,20 @@ func (x *Hello) GetPrimaryAckedEpoch() uint64 {
 	return 0
 }
 
+func (x *Hello) GetHost() string {
+	if x != nil {
+		return x.Host
+	}
+	return ""
+}
+
+func (x *Hello) GetNeedReplicaHashes() bool {
+	if x != nil {
+		return x.NeedReplicaHashes
+	}
+	return false
+}
+
 // Welcome answers Hello (backup -> primary).
 type Welcome struct {
 	state           protoimpl.MessageState `protogen:"open.v1"`
@@ -221,7 +246,11 @@ type Welcome struct {
 	CommittedEpoch uint64 `protobuf:"varint,2,opt,name=committed_epoch,json=committedEpoch,proto3" json:"committed_epoch,omitempty"`
 	ProtectionId   string `protobuf:"bytes,3,opt,name=protection_id,json=protectionId,proto3" json:"protection_id,omitempty"`
 	// error, if non-empty, refuses the link and names why.
-	Error         string `protobuf:"bytes,4,opt,name=error,proto3" json:"error,omitempty"`
+	Error string `protobuf:"bytes,4,opt,name=error,proto3" json:"error,omitempty"`
+	// replica_hashes: ReplicaHashes records covering every page of the
+	// replica at committed_epoch follow this Welcome (answering
+	// Hello.need_replica_hashes).
+	ReplicaHashes bool `protobuf:"varint,5,opt,name=replica_hashes,json=replicaHashes,proto3" json:"replica_hashes,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -284,6 +313,69 @@ func (x *Welcome) GetError() string {
 	return ""
 }
 
+func (x *Welcome) GetReplicaHashes() bool {
+	if x != nil {
+		return x.ReplicaHashes
+	}
+	return false
+}
+
+// ReplicaHashes carries the xxhash64 of `count` consecutive pages of the
+// backup's committed replica starting at `first_pfn`, as the payload
+// (count little-endian u64). The records follow Welcome in pfn order and
+// cover every page exactly once.
+type ReplicaHashes struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	FirstPfn      uint64                 `protobuf:"varint,1,opt,name=first_pfn,json=firstPfn,proto3" json:"first_pfn,omitempty"`
+	Count         uint32                 `protobuf:"varint,2,opt,name=count,proto3" json:"count,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReplicaHashes) Reset() {
+	*x = ReplicaHashes{}
+	mi := &file_remus_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReplicaHashes) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReplicaHashes) ProtoMessage() {}
+
+func (x *ReplicaHashes) ProtoReflect() protoreflect.Message {
+	mi := &file_remus_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReplicaHashes.ProtoReflect.Descriptor instead.
+func (*ReplicaHashes) Descriptor() ([]byte, []int) {
+	return file_remus_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *ReplicaHashes) GetFirstPfn() uint64 {
+	if x != nil {
+		return x.FirstPfn
+	}
+	return 0
+}
+
+func (x *ReplicaHashes) GetCount() uint32 {
+	if x != nil {
+		return x.Count
+	}
+	return 0
+}
+
 // EpochBegin starts epoch `epoch`, which applies on top of `base_epoch`.
 // Normal epochs have base_epoch = epoch - 1; a resynchronising epoch after a
 // reconnect has base_epoch = the backup's committed epoch; a full epoch
@@ -300,7 +392,7 @@ type EpochBegin struct {
 
 func (x *EpochBegin) Reset() {
 	*x = EpochBegin{}
-	mi := &file_remus_proto_msgTypes[2]
+	mi := &file_remus_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -312,7 +404,7 @@ func (x *EpochBegin) String() string {
 func (*EpochBegin) ProtoMessage() {}
 
 func (x *EpochBegin) ProtoReflect() protoreflect.Message {
-	mi := &file_remus_proto_msgTypes[2]
+	mi := &file_remus_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -325,7 +417,7 @@ func (x *EpochBegin) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EpochBegin.ProtoReflect.Descriptor instead.
 func (*EpochBegin) Descriptor() ([]byte, []int) {
-	return file_remus_proto_rawDescGZIP(), []int{2}
+	return file_remus_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *EpochBegin) GetEpoch() uint64 {
@@ -377,7 +469,7 @@ type PageBatch struct {
 
 func (x *PageBatch) Reset() {
 	*x = PageBatch{}
-	mi := &file_remus_proto_msgTypes[3]
+	mi := &file_remus_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -389,7 +481,7 @@ func (x *PageBatch) String() string {
 func (*PageBatch) ProtoMessage() {}
 
 func (x *PageBatch) ProtoReflect() protoreflect.Message {
-	mi := &file_remus_proto_msgTypes[3]
+	mi := &file_remus_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -402,7 +494,7 @@ func (x *PageBatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PageBatch.ProtoReflect.Descriptor instead.
 func (*PageBatch) Descriptor() ([]byte, []int) {
-	return file_remus_proto_rawDescGZIP(), []int{3}
+	return file_remus_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *PageBatch) GetEpoch() uint64 {
@@ -465,7 +557,7 @@ type DeviceState struct {
 
 func (x *DeviceState) Reset() {
 	*x = DeviceState{}
-	mi := &file_remus_proto_msgTypes[4]
+	mi := &file_remus_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -477,7 +569,7 @@ func (x *DeviceState) String() string {
 func (*DeviceState) ProtoMessage() {}
 
 func (x *DeviceState) ProtoReflect() protoreflect.Message {
-	mi := &file_remus_proto_msgTypes[4]
+	mi := &file_remus_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -490,7 +582,7 @@ func (x *DeviceState) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeviceState.ProtoReflect.Descriptor instead.
 func (*DeviceState) Descriptor() ([]byte, []int) {
-	return file_remus_proto_rawDescGZIP(), []int{4}
+	return file_remus_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *DeviceState) GetEpoch() uint64 {
@@ -521,7 +613,7 @@ type EpochEnd struct {
 
 func (x *EpochEnd) Reset() {
 	*x = EpochEnd{}
-	mi := &file_remus_proto_msgTypes[5]
+	mi := &file_remus_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -533,7 +625,7 @@ func (x *EpochEnd) String() string {
 func (*EpochEnd) ProtoMessage() {}
 
 func (x *EpochEnd) ProtoReflect() protoreflect.Message {
-	mi := &file_remus_proto_msgTypes[5]
+	mi := &file_remus_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -546,7 +638,7 @@ func (x *EpochEnd) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EpochEnd.ProtoReflect.Descriptor instead.
 func (*EpochEnd) Descriptor() ([]byte, []int) {
-	return file_remus_proto_rawDescGZIP(), []int{5}
+	return file_remus_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *EpochEnd) GetEpoch() uint64 {
@@ -580,7 +672,7 @@ type Ack struct {
 
 func (x *Ack) Reset() {
 	*x = Ack{}
-	mi := &file_remus_proto_msgTypes[6]
+	mi := &file_remus_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -592,7 +684,7 @@ func (x *Ack) String() string {
 func (*Ack) ProtoMessage() {}
 
 func (x *Ack) ProtoReflect() protoreflect.Message {
-	mi := &file_remus_proto_msgTypes[6]
+	mi := &file_remus_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -605,7 +697,7 @@ func (x *Ack) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Ack.ProtoReflect.Descriptor instead.
 func (*Ack) Descriptor() ([]byte, []int) {
-	return file_remus_proto_rawDescGZIP(), []int{6}
+	return file_remus_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *Ack) GetEpoch() uint64 {
@@ -629,7 +721,7 @@ type Heartbeat struct {
 
 func (x *Heartbeat) Reset() {
 	*x = Heartbeat{}
-	mi := &file_remus_proto_msgTypes[7]
+	mi := &file_remus_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -641,7 +733,7 @@ func (x *Heartbeat) String() string {
 func (*Heartbeat) ProtoMessage() {}
 
 func (x *Heartbeat) ProtoReflect() protoreflect.Message {
-	mi := &file_remus_proto_msgTypes[7]
+	mi := &file_remus_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -654,7 +746,7 @@ func (x *Heartbeat) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Heartbeat.ProtoReflect.Descriptor instead.
 func (*Heartbeat) Descriptor() ([]byte, []int) {
-	return file_remus_proto_rawDescGZIP(), []int{7}
+	return file_remus_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *Heartbeat) GetSeq() uint64 {
@@ -696,7 +788,7 @@ type Activate struct {
 
 func (x *Activate) Reset() {
 	*x = Activate{}
-	mi := &file_remus_proto_msgTypes[8]
+	mi := &file_remus_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -708,7 +800,7 @@ func (x *Activate) String() string {
 func (*Activate) ProtoMessage() {}
 
 func (x *Activate) ProtoReflect() protoreflect.Message {
-	mi := &file_remus_proto_msgTypes[8]
+	mi := &file_remus_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -721,7 +813,7 @@ func (x *Activate) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Activate.ProtoReflect.Descriptor instead.
 func (*Activate) Descriptor() ([]byte, []int) {
-	return file_remus_proto_rawDescGZIP(), []int{8}
+	return file_remus_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *Activate) GetReason() string {
@@ -733,15 +825,20 @@ func (x *Activate) GetReason() string {
 
 // Goodbye closes a link cleanly, e.g. on unprotect.
 type Goodbye struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Reason        string                 `protobuf:"bytes,1,opt,name=reason,proto3" json:"reason,omitempty"`
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Reason string                 `protobuf:"bytes,1,opt,name=reason,proto3" json:"reason,omitempty"`
+	// restart: the primary's daemon is restarting and will resume this
+	// protection (the guest keeps running with its output held). The backup
+	// keeps the replica; without restart, protection ended on purpose and the
+	// backup frees the replica.
+	Restart       bool `protobuf:"varint,2,opt,name=restart,proto3" json:"restart,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Goodbye) Reset() {
 	*x = Goodbye{}
-	mi := &file_remus_proto_msgTypes[9]
+	mi := &file_remus_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -753,7 +850,7 @@ func (x *Goodbye) String() string {
 func (*Goodbye) ProtoMessage() {}
 
 func (x *Goodbye) ProtoReflect() protoreflect.Message {
-	mi := &file_remus_proto_msgTypes[9]
+	mi := &file_remus_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -766,7 +863,7 @@ func (x *Goodbye) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Goodbye.ProtoReflect.Descriptor instead.
 func (*Goodbye) Descriptor() ([]byte, []int) {
-	return file_remus_proto_rawDescGZIP(), []int{9}
+	return file_remus_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *Goodbye) GetReason() string {
@@ -776,11 +873,18 @@ func (x *Goodbye) GetReason() string {
 	return ""
 }
 
+func (x *Goodbye) GetRestart() bool {
+	if x != nil {
+		return x.Restart
+	}
+	return false
+}
+
 var File_remus_proto protoreflect.FileDescriptor
 
 const file_remus_proto_rawDesc = "" +
 	"\n" +
-	"\vremus.proto\x12\bremus.v1\"\xca\x02\n" +
+	"\vremus.proto\x12\bremus.v1\"\x8e\x03\n" +
 	"\x05Hello\x12)\n" +
 	"\x10protocol_version\x18\x01 \x01(\rR\x0fprotocolVersion\x12\x17\n" +
 	"\avm_name\x18\x02 \x01(\tR\x06vmName\x12#\n" +
@@ -790,12 +894,19 @@ const file_remus_proto_rawDesc = "" +
 	"\abackend\x18\x06 \x01(\tR\abackend\x12'\n" +
 	"\x0fbackend_version\x18\a \x01(\tR\x0ebackendVersion\x12%\n" +
 	"\x0ebackend_config\x18\b \x01(\fR\rbackendConfig\x12.\n" +
-	"\x13primary_acked_epoch\x18\t \x01(\x04R\x11primaryAckedEpoch\"\x98\x01\n" +
+	"\x13primary_acked_epoch\x18\t \x01(\x04R\x11primaryAckedEpoch\x12\x12\n" +
+	"\x04host\x18\n" +
+	" \x01(\tR\x04host\x12.\n" +
+	"\x13need_replica_hashes\x18\v \x01(\bR\x11needReplicaHashes\"\xbf\x01\n" +
 	"\aWelcome\x12)\n" +
 	"\x10protocol_version\x18\x01 \x01(\rR\x0fprotocolVersion\x12'\n" +
 	"\x0fcommitted_epoch\x18\x02 \x01(\x04R\x0ecommittedEpoch\x12#\n" +
 	"\rprotection_id\x18\x03 \x01(\tR\fprotectionId\x12\x14\n" +
-	"\x05error\x18\x04 \x01(\tR\x05error\"t\n" +
+	"\x05error\x18\x04 \x01(\tR\x05error\x12%\n" +
+	"\x0ereplica_hashes\x18\x05 \x01(\bR\rreplicaHashes\"B\n" +
+	"\rReplicaHashes\x12\x1b\n" +
+	"\tfirst_pfn\x18\x01 \x01(\x04R\bfirstPfn\x12\x14\n" +
+	"\x05count\x18\x02 \x01(\rR\x05count\"t\n" +
 	"\n" +
 	"EpochBegin\x12\x14\n" +
 	"\x05epoch\x18\x01 \x01(\x04R\x05epoch\x12\x1d\n" +
@@ -829,9 +940,10 @@ const file_remus_proto_rawDesc = "" +
 	"\x04role\x18\x03 \x01(\tR\x04role\x12'\n" +
 	"\x0fcommitted_epoch\x18\x04 \x01(\x04R\x0ecommittedEpoch\"\"\n" +
 	"\bActivate\x12\x16\n" +
-	"\x06reason\x18\x01 \x01(\tR\x06reason\"!\n" +
+	"\x06reason\x18\x01 \x01(\tR\x06reason\";\n" +
 	"\aGoodbye\x12\x16\n" +
-	"\x06reason\x18\x01 \x01(\tR\x06reason*\x99\x01\n" +
+	"\x06reason\x18\x01 \x01(\tR\x06reason\x12\x18\n" +
+	"\arestart\x18\x02 \x01(\bR\arestart*\x99\x01\n" +
 	"\fPageEncoding\x12\x1d\n" +
 	"\x19PAGE_ENCODING_UNSPECIFIED\x10\x00\x12\f\n" +
 	"\bPAGE_RAW\x10\x01\x12\r\n" +
@@ -855,19 +967,20 @@ func file_remus_proto_rawDescGZIP() []byte {
 }
 
 var file_remus_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_remus_proto_msgTypes = make([]protoimpl.MessageInfo, 10)
+var file_remus_proto_msgTypes = make([]protoimpl.MessageInfo, 11)
 var file_remus_proto_goTypes = []any{
-	(PageEncoding)(0),   // 0: remus.v1.PageEncoding
-	(*Hello)(nil),       // 1: remus.v1.Hello
-	(*Welcome)(nil),     // 2: remus.v1.Welcome
-	(*EpochBegin)(nil),  // 3: remus.v1.EpochBegin
-	(*PageBatch)(nil),   // 4: remus.v1.PageBatch
-	(*DeviceState)(nil), // 5: remus.v1.DeviceState
-	(*EpochEnd)(nil),    // 6: remus.v1.EpochEnd
-	(*Ack)(nil),         // 7: remus.v1.Ack
-	(*Heartbeat)(nil),   // 8: remus.v1.Heartbeat
-	(*Activate)(nil),    // 9: remus.v1.Activate
-	(*Goodbye)(nil),     // 10: remus.v1.Goodbye
+	(PageEncoding)(0),     // 0: remus.v1.PageEncoding
+	(*Hello)(nil),         // 1: remus.v1.Hello
+	(*Welcome)(nil),       // 2: remus.v1.Welcome
+	(*ReplicaHashes)(nil), // 3: remus.v1.ReplicaHashes
+	(*EpochBegin)(nil),    // 4: remus.v1.EpochBegin
+	(*PageBatch)(nil),     // 5: remus.v1.PageBatch
+	(*DeviceState)(nil),   // 6: remus.v1.DeviceState
+	(*EpochEnd)(nil),      // 7: remus.v1.EpochEnd
+	(*Ack)(nil),           // 8: remus.v1.Ack
+	(*Heartbeat)(nil),     // 9: remus.v1.Heartbeat
+	(*Activate)(nil),      // 10: remus.v1.Activate
+	(*Goodbye)(nil),       // 11: remus.v1.Goodbye
 }
 var file_remus_proto_depIdxs = []int32{
 	0, // [0:0] is the sub-list for method output_type
@@ -888,7 +1001,7 @@ func file_remus_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_remus_proto_rawDesc), len(file_remus_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   10,
+			NumMessages:   11,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

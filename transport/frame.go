@@ -31,7 +31,8 @@ var ErrMalformed = errors.New("transport: malformed input")
 type Kind uint8
 
 // Frame kinds. The header of each kind is the remuspb message of the same
-// name. Only KindPageBatch and KindDeviceState frames carry a payload.
+// name. Only KindPageBatch, KindDeviceState and KindReplicaHashes frames
+// carry a payload.
 const (
 	KindHello Kind = 1 + iota
 	KindWelcome
@@ -43,6 +44,7 @@ const (
 	KindHeartbeat
 	KindActivate
 	KindGoodbye
+	KindReplicaHashes
 )
 
 var kindNames = [...]string{
@@ -56,10 +58,12 @@ var kindNames = [...]string{
 	KindHeartbeat:   "Heartbeat",
 	KindActivate:    "Activate",
 	KindGoodbye:     "Goodbye",
+
+	KindReplicaHashes: "ReplicaHashes",
 }
 
 // Valid reports whether k is a known frame kind.
-func (k Kind) Valid() bool { return k >= KindHello && k <= KindGoodbye }
+func (k Kind) Valid() bool { return k >= KindHello && k <= KindReplicaHashes }
 
 // String returns the name of the kind ("PageBatch"), or "Kind(77)" for an
 // unknown kind.
@@ -71,7 +75,9 @@ func (k Kind) String() string {
 }
 
 // HasPayload reports whether frames of kind k may carry a payload.
-func (k Kind) HasPayload() bool { return k == KindPageBatch || k == KindDeviceState }
+func (k Kind) HasPayload() bool {
+	return k == KindPageBatch || k == KindDeviceState || k == KindReplicaHashes
+}
 
 // NewHeader returns a new, empty header message of the type kind k carries,
 // or nil if k is unknown.
@@ -97,6 +103,8 @@ func (k Kind) NewHeader() proto.Message {
 		return new(remuspb.Activate)
 	case KindGoodbye:
 		return new(remuspb.Goodbye)
+	case KindReplicaHashes:
+		return new(remuspb.ReplicaHashes)
 	}
 	return nil
 }
@@ -124,6 +132,8 @@ func headerMatches(k Kind, hdr proto.Message) bool {
 		return k == KindActivate
 	case *remuspb.Goodbye:
 		return k == KindGoodbye
+	case *remuspb.ReplicaHashes:
+		return k == KindReplicaHashes
 	}
 	return false
 }
