@@ -34,10 +34,10 @@ type PrimaryOptions struct {
 	ProtectionID string
 	// Host is this daemon's name, sent in Hello (over mutual TLS the backup
 	// checks it against the certificate's identity).
-	Host string
-	Core         PrimaryConfig
-	Encoder      transport.EncoderConfig
-	Limits       transport.Limits
+	Host    string
+	Core    PrimaryConfig
+	Encoder transport.EncoderConfig
+	Limits  transport.Limits
 
 	HeartbeatInterval time.Duration
 	HeartbeatTimeout  time.Duration
