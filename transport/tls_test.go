@@ -11,18 +11,30 @@ import (
 	"testing"
 	"time"
 
-	"github.com/remusd/remusd/internal/tlstest"
+	"github.com/remusd/remusd/internal/pki"
 	"github.com/remusd/remusd/transport"
 )
 
 type TLSFiles = transport.TLSFiles
 
-func issue(t *testing.T, ca *tlstest.CA, dir, name string) TLSFiles {
-	f := ca.Issue(t, dir, name)
-	return TLSFiles{Cert: f.Cert, Key: f.Key, CA: f.CA}
+// issue writes a bundle for host name, signed by ca, into dir/name.
+func issue(t *testing.T, ca *pki.CA, dir, name string) TLSFiles {
+	t.Helper()
+	f, err := ca.IssueFiles(filepath.Join(dir, name), name, pki.HostOptions{Force: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return f
 }
 
-func newCA(t *testing.T, name string) *tlstest.CA { return tlstest.NewCA(t, name) }
+func newCA(t *testing.T, name string) *pki.CA {
+	t.Helper()
+	ca, err := pki.NewCA(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ca
+}
 
 // result is one side's outcome of a handshake.
 type result struct {
