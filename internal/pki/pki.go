@@ -76,7 +76,7 @@ func NewCA(name string) (*CA, error) {
 }
 
 func newCA(name string, validity time.Duration, now time.Time) (*CA, error) {
-	if err := validateCAName(name); err != nil {
+	if err := ValidateCAName(name); err != nil {
 		return nil, err
 	}
 	if validity < 0 {
@@ -136,8 +136,8 @@ func (ca *CA) issue(name string, opts HostOptions, now time.Time) (certPEM, keyP
 	}
 	dns := []string{name}
 	for _, d := range opts.DNS {
-		if !dnsNameRE.MatchString(d) {
-			return nil, nil, fmt.Errorf("DNS name %q is not valid: it must match %s", d, dnsNameRE)
+		if err := ValidateDNSName(d); err != nil {
+			return nil, nil, err
 		}
 		if !slices.Contains(dns, d) {
 			dns = append(dns, d)
@@ -338,8 +338,19 @@ func readKey(path string) (crypto.Signer, error) {
 // ASCII, no spaces, at most 253 characters.
 var dnsNameRE = regexp.MustCompile(`^(\*\.)?[A-Za-z0-9_]([A-Za-z0-9._-]{0,251})$`)
 
-// validateCAName checks a CA's CommonName: 1–64 printable characters.
-func validateCAName(name string) error {
+// ValidateDNSName checks an extra DNS name of a host certificate (loosely:
+// ASCII letters, digits, '.', '_', '-', an optional leading "*.", at most
+// 253 characters).
+func ValidateDNSName(name string) error {
+	if !dnsNameRE.MatchString(name) {
+		return fmt.Errorf("DNS name %q is not valid: it must match %s", name, dnsNameRE)
+	}
+	return nil
+}
+
+// ValidateCAName checks a CA's name (its CommonName): 1–64 bytes of
+// printable characters.
+func ValidateCAName(name string) error {
 	if name == "" {
 		return errors.New("CA name is empty")
 	}
