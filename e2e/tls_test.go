@@ -1,17 +1,33 @@
 package e2e
 
 import (
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/remusd/remusd/daemon"
-	"github.com/remusd/remusd/internal/tlstest"
+	"github.com/remusd/remusd/internal/pki"
 	"github.com/remusd/remusd/transport"
 )
 
-func tlsFiles(f tlstest.Files) transport.TLSFiles {
-	return transport.TLSFiles{Cert: f.Cert, Key: f.Key, CA: f.CA}
+func newCA(t *testing.T, name string) *pki.CA {
+	t.Helper()
+	ca, err := pki.NewCA(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ca
+}
+
+// issue writes a bundle for host name, signed by ca, into dir/name-tls.
+func issue(t *testing.T, ca *pki.CA, dir, name string) transport.TLSFiles {
+	t.Helper()
+	f, err := ca.IssueFiles(filepath.Join(dir, name+"-tls"), name, pki.HostOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return f
 }
 
 // TestMutualTLSBetweenDaemons: daemons with certificates from the same CA
@@ -20,16 +36,16 @@ func tlsFiles(f tlstest.Files) transport.TLSFiles {
 func TestMutualTLSBetweenDaemons(t *testing.T) {
 	t.Parallel()
 	dir := shortTempDir(t)
-	ca := tlstest.NewCA(t, "remusd-ca")
+	ca := newCA(t, "remusd-ca")
 
 	bcfg := baseConfig(dir, "backup")
 	bcfg.Listen = "127.0.0.1:0"
-	bcfg.TLS = tlsFiles(ca.Issue(t, dir, "backup"))
+	bcfg.TLS = issue(t, ca, dir, "backup")
 	backup := startDaemon(t, dir, "backup", bcfg)
 	addr := backup.listenAddr(t)
 
 	good := baseConfig(dir, "primary")
-	good.TLS = tlsFiles(ca.Issue(t, dir, "primary"))
+	good.TLS = issue(t, ca, dir, "primary")
 	good.SimVMs = []daemon.SimVM{{Name: "vm", MemoryBytes: 4 << 20, Rate: 20000}}
 	startDaemon(t, dir, "primary", good)
 	if r := runCLI(t, "protect", "vm", "--peer", addr, "--control", good.Control); r.code != 0 {
@@ -40,9 +56,9 @@ func TestMutualTLSBetweenDaemons(t *testing.T) {
 		return s.AckedEpoch > 3, s.Link + " " + s.LastError
 	})
 
-	rogueCA := tlstest.NewCA(t, "rogue-ca")
+	rogueCA := newCA(t, "rogue-ca")
 	rogue := baseConfig(dir, "rogue")
-	rf := tlsFiles(rogueCA.Issue(t, dir, "rogue"))
+	rf := issue(t, rogueCA, dir, "rogue")
 	rf.CA = bcfg.TLS.CA // it trusts the backup, but its own certificate is foreign
 	rogue.TLS = rf
 	rogue.SimVMs = []daemon.SimVM{{Name: "intruder", MemoryBytes: 4 << 20, Rate: 20000}}

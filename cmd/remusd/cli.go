@@ -134,6 +134,7 @@ and PNG plots. Exit status 1 if any section failed (the others are still
 reported).`,
 			run: runBench,
 		},
+		certsCommand,
 		{
 			name: "version", args: "",
 			summary: "print the version",
