@@ -14,6 +14,7 @@ import (
 
 	golibvirt "github.com/digitalocean/go-libvirt"
 
+	"github.com/remusd/remusd/hypervisor"
 	"github.com/remusd/remusd/hypervisor/qemu"
 )
 
@@ -31,6 +32,9 @@ type Domain struct {
 	name string
 	xml  string
 	def  domainXML
+	// xmlFlags: 0 reads the live XML of a running domain,
+	// DomainXMLInactive its persistent definition.
+	xmlFlags golibvirt.DomainXMLFlags
 }
 
 // domainXML is the part of the domain XML remusd reads.
@@ -105,9 +109,17 @@ type pciAddress struct {
 	Function string `xml:"function,attr"`
 }
 
-// LookupDomain finds a domain by name and reads its (live) XML.
+// LookupDomain finds a domain by name (hypervisor.ValidateVMName) and
+// reads its XML (the live one if it runs).
 func (c *Conn) LookupDomain(ctx context.Context, name string) (*Domain, error) {
-	d := &Domain{c: c, name: name}
+	return c.lookupDomain(ctx, name, 0)
+}
+
+func (c *Conn) lookupDomain(ctx context.Context, name string, flags golibvirt.DomainXMLFlags) (*Domain, error) {
+	if err := hypervisor.ValidateVMName(name); err != nil {
+		return nil, fmt.Errorf("libvirt: %w", err)
+	}
+	d := &Domain{c: c, name: name, xmlFlags: flags}
 	err := c.call(ctx, fmt.Sprintf("domain %q: DomainLookupByName", name), func() (err error) {
 		d.dom, err = c.l.DomainLookupByName(name)
 		return err
@@ -125,7 +137,7 @@ func (c *Conn) LookupDomain(ctx context.Context, name string) (*Domain, error) {
 func (d *Domain) Refresh(ctx context.Context) error {
 	var x string
 	err := d.c.call(ctx, fmt.Sprintf("domain %q: DomainGetXMLDesc", d.name), func() (err error) {
-		x, err = d.c.l.DomainGetXMLDesc(d.dom, 0)
+		x, err = d.c.l.DomainGetXMLDesc(d.dom, d.xmlFlags)
 		return err
 	})
 	if err != nil {
@@ -267,9 +279,12 @@ func (d *Domain) RAMPath(ctx context.Context) (string, error) {
 	return path, nil
 }
 
-// Spec is the machine description a backup builds its standby from (the
-// directly launched standby of hypervisor/qemu): name, memory, vCPUs,
-// direct kernel boot and the first NIC's MAC and tap.
+// Spec is the domain as a hypervisor/qemu machine description (what the
+// directly launched standby of hypervisor/qemu runs): name, memory,
+// vCPUs, machine type (libvirt's versioned one, e.g. pc-q35-7.2),
+// accelerator (kvm for type='kvm'), direct kernel boot and the first
+// NIC's MAC and tap. Check StandbyProblems first: Spec does not say what
+// it leaves out.
 func (d *Domain) Spec() qemu.Spec {
 	s := qemu.Spec{
 		Name:      d.name,
@@ -278,6 +293,10 @@ func (d *Domain) Spec() qemu.Spec {
 		Kernel:    d.def.OS.Kernel,
 		Initrd:    d.def.OS.Initrd,
 		Append:    d.def.OS.Cmdline,
+		Machine:   d.def.OS.Type.Machine,
+	}
+	if d.def.Type == "kvm" {
+		s.Accel = "kvm"
 	}
 	for _, nic := range d.def.Devices.Interfaces {
 		s.MAC, s.Tap = strings.ToLower(nic.MAC.Address), nic.Target.Dev
@@ -520,6 +539,50 @@ func (e *timeoutError) Is(target error) bool {
 	return target == qemu.ErrTimeout || target == context.DeadlineExceeded
 }
 
+// ErrStandbyIncompatible reports a domain whose device state the
+// directly launched standby could not load (see StandbyProblems).
+var ErrStandbyIncompatible = errors.New("a backup's standby QEMU could not load this domain's device state")
+
+// CheckStandby returns nil if StandbyProblems finds none, else an error
+// (matching ErrStandbyIncompatible) that lists them.
+func (d *Domain) CheckStandby() error {
+	p := d.StandbyProblems()
+	if len(p) == 0 {
+		return nil
+	}
+	return fmt.Errorf("libvirt: domain %q: %w; change the domain XML (virsh edit %s): %s", d.name, ErrStandbyIncompatible, d.name, strings.Join(p, "; "))
+}
+
+// DefinedSpec is the backup's side of a libvirt VM: the machine of the
+// domain name as defined in this libvirtd (its persistent definition,
+// running or not: on a backup it is normally defined but inactive, since
+// it runs on the primary), as the Spec its directly launched standby
+// runs. The domain must pass the checks a primary's does
+// (CheckSharedMemory: ErrNotSharedMemory; CheckStandby:
+// ErrStandbyIncompatible) and give a valid machine description
+// (qemu.Spec.ValidateMachine). Kernel, Initrd and Append are this
+// domain's; the host-local fields (Tap, RAMPath, QMPPath, SerialPath,
+// Binary) are empty for the caller to fill in. Compare the primary's
+// description with it (qemu.CheckCompatible) before starting a standby.
+func (c *Conn) DefinedSpec(ctx context.Context, name string) (qemu.Spec, error) {
+	d, err := c.lookupDomain(ctx, name, golibvirt.DomainXMLInactive)
+	if err != nil {
+		return qemu.Spec{}, err
+	}
+	if err := d.CheckSharedMemory(); err != nil {
+		return qemu.Spec{}, err
+	}
+	if err := d.CheckStandby(); err != nil {
+		return qemu.Spec{}, err
+	}
+	s := d.Spec()
+	s.Tap = ""
+	if err := s.ValidateMachine(); err != nil {
+		return qemu.Spec{}, fmt.Errorf("libvirt: domain %q: %w", name, err)
+	}
+	return s, nil
+}
+
 // StandbyNICAddress is where the domain's NIC must sit for the direct
 // standby (which puts its virtio-net-pci in the first free slot of
 // pcie.0).
@@ -534,6 +597,9 @@ const StandbyNICAddress = "<address type='pci' domain='0x0000' bus='0x00' slot='
 func (d *Domain) StandbyProblems() []string {
 	var p []string
 	x := d.def
+	if b := d.MemoryBytes(); b%(1<<20) != 0 {
+		p = append(p, fmt.Sprintf("memory %d bytes: the standby's memory is a whole number of MiB", b))
+	}
 	if m := x.OS.Type.Machine; m != "q35" && !strings.HasPrefix(m, "pc-q35-") {
 		p = append(p, fmt.Sprintf("machine %q: the standby is q35 (use <type arch='x86_64' machine='q35'>hvm</type>)", m))
 	}

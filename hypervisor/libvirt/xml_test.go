@@ -48,8 +48,17 @@ func TestDomainXML(t *testing.T) {
 	}
 	s := d.Spec()
 	if s.Name != "web" || s.MemoryMiB != 128 || s.CPUs != 2 || s.Kernel != "/k" || s.Initrd != "/i" || s.Append != "console=ttyS0" ||
-		s.MAC != "52:54:00:aa:00:01" || s.Tap != "vnet-web" {
+		s.MAC != "52:54:00:aa:00:01" || s.Tap != "vnet-web" || s.Machine != "pc-q35-7.2" || s.Accel != "" {
 		t.Fatalf("spec %+v", s)
+	}
+	if err := s.ValidateMachine(); err != nil {
+		t.Fatal(err)
+	}
+	if s := parse(t, strings.Replace(goodXML, "type='qemu'", "type='kvm'", 1)).Spec(); s.Accel != "kvm" {
+		t.Fatalf("kvm domain: accel %q", s.Accel)
+	}
+	if err := d.CheckStandby(); err != nil {
+		t.Fatal(err)
 	}
 
 	for _, c := range []struct{ from, to, want string }{
@@ -74,10 +83,14 @@ func TestDomainXML(t *testing.T) {
 		{"<audio id='1' type='none'/>", "<disk type='file'/>", "<disk"},
 		{"<audio id='1' type='none'/>", "<controller type='pci' model='pcie-root-port'/>", "pcie-root-port"},
 		{"qemu64", "Skylake-Client", "qemu64"},
+		{"<memory unit='KiB'>131072</memory>", "<memory unit='KiB'>131073</memory>", "whole number of MiB"},
 	} {
 		p := parse(t, strings.Replace(goodXML, c.from, c.to, 1)).StandbyProblems()
 		if len(p) == 0 || !strings.Contains(strings.Join(p, "\n"), c.want) {
 			t.Errorf("%s -> %s: problems %q, want %q", c.from, c.to, p, c.want)
+		}
+		if err := parse(t, strings.Replace(goodXML, c.from, c.to, 1)).CheckStandby(); !errors.Is(err, ErrStandbyIncompatible) || !strings.Contains(err.Error(), c.want) || !strings.Contains(err.Error(), "virsh edit web") {
+			t.Errorf("%s -> %s: CheckStandby %v", c.from, c.to, err)
 		}
 	}
 }

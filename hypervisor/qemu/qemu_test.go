@@ -294,12 +294,16 @@ func TestReplicaActivate(t *testing.T) {
 			g := launchTest(t, "primary", 64)
 			ctx := testCtx(t)
 			// The standby starts before any RAM is written.
-			rspec := testSpec(t, "primary", 64)
-			spec, err := ParseConfig(g.Config())
+			// The backup's own spec of the VM; the primary's description
+			// is only checked against it.
+			spec := testSpec(t, "primary", 64)
+			machine, err := ParseConfig(g.Config())
 			if err != nil {
 				t.Fatal(err)
 			}
-			spec.RAMPath, spec.QMPPath, spec.SerialPath = rspec.RAMPath, rspec.QMPPath, rspec.SerialPath
+			if err := CheckCompatible(machine, spec); err != nil {
+				t.Fatal(err)
+			}
 			r := newTestReplica(t, spec, tc.opts...)
 			if sb := r.Standby(); sb != nil {
 				if st, err := sb.QMP().Status(ctx); err != nil || st.Status != "inmigrate" {
@@ -481,16 +485,18 @@ func TestReplicaWithTap(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { g.Close() })
-	rs, err := ParseConfig(g.Config())
+	machine, err := ParseConfig(g.Config())
 	if err != nil {
 		t.Fatal(err)
 	}
-	if rs.MAC != mac {
-		t.Fatalf("config MAC %q", rs.MAC)
+	if machine.MAC != mac {
+		t.Fatalf("config MAC %q", machine.MAC)
 	}
-	local := testSpec(t, "tapped", 64)
-	rs.RAMPath, rs.QMPPath = local.RAMPath, local.QMPPath
-	rs.Tap = fmt.Sprintf("rmqb%d", os.Getpid()%100000)
+	rs := testSpec(t, "tapped", 64)
+	rs.Tap, rs.MAC = fmt.Sprintf("rmqb%d", os.Getpid()%100000), strings.ToUpper(mac)
+	if err := CheckCompatible(machine, rs); err != nil {
+		t.Fatal(err)
+	}
 	r := newTestReplica(t, rs)
 	time.Sleep(200 * time.Millisecond)
 	checkpoint(t, g, r, 1)

@@ -52,13 +52,19 @@ func (l *Libvirtd) Virsh(ctx context.Context, args ...string) (string, error) {
 	return out.String(), nil
 }
 
-// Define defines and starts a domain from xml.
-func (l *Libvirtd) DefineAndStart(ctx context.Context, name, xml string) error {
+// Define defines a domain from xml without starting it.
+func (l *Libvirtd) Define(ctx context.Context, name, xml string) error {
 	f := filepath.Join(l.Dir, name+".xml")
 	if err := os.WriteFile(f, []byte(xml), 0o600); err != nil {
 		return err
 	}
-	if _, err := l.Virsh(ctx, "define", f); err != nil {
+	_, err := l.Virsh(ctx, "define", f)
+	return err
+}
+
+// DefineAndStart defines and starts a domain from xml.
+func (l *Libvirtd) DefineAndStart(ctx context.Context, name, xml string) error {
+	if err := l.Define(ctx, name, xml); err != nil {
 		return err
 	}
 	_, err := l.Virsh(ctx, "start", name)
