@@ -179,6 +179,9 @@ func failoverTrial(ctx context.Context, cfg FailoverConfig) (FailoverTrial, erro
 	bcfg.Takeover = daemon.TakeoverAutoUnsafe
 	pcfg := common("primary")
 	pcfg.SimVMs = []daemon.SimVM{{Name: "bench", MemoryBytes: cfg.MemoryBytes, Workload: "hotset", Rate: cfg.Rate, Seed: 1, OutputEvery: cfg.OutputEvery, Output: cl.addr()}}
+	if err := daemon.MeshConfigs(filepath.Join(dir, "tls"), &pcfg, &bcfg); err != nil {
+		return tr, err
+	}
 	backup, err := demo.StartDaemon(ctx, demo.StartOptions{Exe: cfg.Exe, Dir: dir}, bcfg)
 	if err != nil {
 		return tr, err

@@ -13,16 +13,35 @@ type Service interface {
 	// Unprotect stops protecting a VM: its held output is released and
 	// the link to the backup is closed cleanly.
 	Unprotect(ctx context.Context, vm string) error
-	// Failover makes this daemon's replica of vm take over (backup side).
-	Failover(ctx context.Context, vm string) error
+	// Failover makes this daemon's replica of a VM take over (backup
+	// side). It is refused while the primary is connected, unless Force.
+	Failover(ctx context.Context, req FailoverRequest) error
+	// Forget drops this daemon's replica of vm (backup side), so that
+	// another peer may protect the VM to this host.
+	Forget(ctx context.Context, vm string) error
+	// Start launches a configured VM that does not run here.
+	Start(ctx context.Context, vm string) error
+	// Stop stops a VM that runs here unprotected (the only way remusd
+	// stops a guest; a daemon restart never does).
+	Stop(ctx context.Context, vm string) error
 	// Status reports every VM this daemon knows of.
 	Status(ctx context.Context) ([]VMStatus, error)
+}
+
+// FailoverRequest asks the backup to activate its replica of VM.
+type FailoverRequest struct {
+	VM string `json:"vm"`
+	// Force activates even though the primary is connected and healthy:
+	// both copies then run. Logged loudly.
+	Force bool `json:"force,omitempty"`
 }
 
 // ProtectRequest asks the daemon to protect VM. Zero fields take the
 // daemon's configured defaults.
 type ProtectRequest struct {
-	VM            string        `json:"vm"`
+	VM string `json:"vm"`
+	// Peer is the backup: a configured peer's name, or HOST:PORT (whose
+	// certificate must then name a configured peer).
 	Peer          string        `json:"peer"`
 	EpochInterval time.Duration `json:"epoch_interval,omitempty"`
 	MaxInflight   int           `json:"max_inflight,omitempty"`
@@ -30,10 +49,12 @@ type ProtectRequest struct {
 
 // Roles of a VM on this daemon.
 const (
-	RolePrimary = "primary" // protected, replicating to a backup
-	RoleBackup  = "backup"  // holding a replica
-	RoleActive  = "active"  // a replica that took over (running, unprotected)
-	RoleLocal   = "local"   // running here, not protected
+	RolePrimary  = "primary"  // protected, replicating to a backup
+	RoleBackup   = "backup"   // holding a replica
+	RoleActive   = "active"   // a replica that took over (running, unprotected)
+	RoleLocal    = "local"    // running here, not protected
+	RoleStopped  = "stopped"  // configured here, not running here
+	RoleStarting = "starting" // a replica being built
 )
 
 // Link states.
@@ -52,8 +73,18 @@ type VMStatus struct {
 	Role    string `json:"role"`
 	Backend string `json:"backend"`
 	Peer    string `json:"peer,omitempty"`
-	Link    string `json:"link"`
-	OutBuf  string `json:"outbuf,omitempty"`
+	// PeerName is the peer's authenticated identity: the backup (primary
+	// role) or the replica's owner (backup role).
+	PeerName string `json:"peer_name,omitempty"`
+	// Insecure: the replication link is plaintext and unauthenticated
+	// (config insecure).
+	Insecure bool   `json:"insecure,omitempty"`
+	Link     string `json:"link"`
+	OutBuf   string `json:"outbuf,omitempty"`
+	// Busy names a long operation in progress on the VM.
+	Busy string `json:"busy,omitempty"`
+	// StoppedWhy says why a stopped VM does not run here.
+	StoppedWhy string `json:"stopped_why,omitempty"`
 
 	// Epoch is the last captured epoch (primary) or committed epoch (backup).
 	Epoch      uint64 `json:"epoch"`
@@ -77,10 +108,13 @@ type VMStatus struct {
 	OutputReleased uint64 `json:"output_released"`
 	OutputDropped  uint64 `json:"output_dropped"`
 
-	TornEpochsDiscarded uint64  `json:"torn_epochs_discarded"`
-	Reconnects          uint64  `json:"reconnects"`
-	HeartbeatAgeMs      float64 `json:"heartbeat_age_ms"`
-	LastError           string  `json:"last_error,omitempty"`
+	TornEpochsDiscarded uint64 `json:"torn_epochs_discarded"`
+	// LinksRefused counts links refused before they could change the
+	// replica (another identity than its owner, an incompatible Hello).
+	LinksRefused   uint64  `json:"links_refused,omitempty"`
+	Reconnects     uint64  `json:"reconnects"`
+	HeartbeatAgeMs float64 `json:"heartbeat_age_ms"`
+	LastError      string  `json:"last_error,omitempty"`
 
 	// Backup/active only.
 	ActivatedAtUnixMs int64   `json:"activated_at_unix_ms,omitempty"`

@@ -4,10 +4,12 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"strings"
 	"time"
 
+	"github.com/remusd/remusd/hypervisor"
 	"github.com/remusd/remusd/hypervisor/libvirt"
 	"github.com/remusd/remusd/transport"
 )
@@ -78,10 +80,28 @@ type Config struct {
 	DialTimeout       Duration `json:"dial_timeout"`
 	ReconnectBackoff  Duration `json:"reconnect_backoff"`
 
-	// TLS, when set, makes the replication link mutually authenticated
-	// TLS 1.3: this daemon presents Cert/Key and accepts only peers whose
-	// certificates the CA signed. Both daemons of a pair must enable it.
+	// TLS is the replication link's mutual TLS 1.3 (the default): this
+	// daemon presents Cert/Key and accepts only peers whose certificates
+	// the CA signed and whose identity (the certificate's name) is one of
+	// Peers. `remusd certs init` and `remusd certs host NAME` create them.
 	TLS transport.TLSFiles `json:"tls"`
+	// Insecure runs the replication link in plaintext, without
+	// authentication: a peer is then who its Hello says it is. Only on a
+	// loopback listener, unless InsecureNonLoopback is set as well.
+	Insecure bool `json:"insecure"`
+	// InsecureNonLoopback allows Insecure on a non-loopback listener and
+	// towards non-loopback peers (the operator says so twice).
+	InsecureNonLoopback bool `json:"insecure_non_loopback"`
+	// Peers are the daemons this one talks to, by certificate identity:
+	// the backups it may protect VMs to and the primaries it accepts
+	// replicas from (only of the VMs listed).
+	Peers []Peer `json:"peers"`
+	// ReplicaBudgetMiB bounds the memory of all replicas this daemon keeps
+	// as a backup (0 = half of the host's memory).
+	ReplicaBudgetMiB int `json:"replica_budget_mib"`
+	// RestartGrace is how long a backup keeps waiting for a primary whose
+	// daemon said it restarts before its silence counts as a lost primary.
+	RestartGrace Duration `json:"restart_grace"`
 
 	// OutputBuffer selects how a VM's network output is held: auto (plug
 	// where the kernel has it, else NFQUEUE), plug, nfqueue, or
@@ -120,6 +140,38 @@ type SimVM struct {
 	Output string `json:"output"`
 }
 
+// Peer is another remusd this daemon talks to.
+type Peer struct {
+	// Name is the peer's identity: the name in its certificate (and its
+	// daemon's configured name).
+	Name string `json:"name"`
+	// Address is the peer's replication HOST:PORT ("" = it is never
+	// dialled by name; `remusd protect VM --peer NAME` needs it).
+	Address string `json:"address"`
+	// VMs lists the VMs this daemon accepts replicas of from the peer
+	// ("*" = any VM name).
+	VMs []string `json:"vms"`
+}
+
+// accepts reports whether the peer may protect vm to this daemon.
+func (p Peer) accepts(vm string) bool {
+	for _, v := range p.VMs {
+		if v == "*" || v == vm {
+			return true
+		}
+	}
+	return false
+}
+
+// Default locations of the replication link's certificates, as
+// `remusd certs host NAME` writes them (its --out).
+const (
+	DefaultTLSDir  = "/etc/remusd/tls"
+	DefaultTLSCert = DefaultTLSDir + "/host.crt"
+	DefaultTLSKey  = DefaultTLSDir + "/host.key"
+	DefaultTLSCA   = DefaultTLSDir + "/ca.crt"
+)
+
 // DefaultConfig returns a configuration with every default filled in.
 func DefaultConfig() Config {
 	return Config{
@@ -137,7 +189,23 @@ func DefaultConfig() Config {
 		ReconnectBackoff:  Duration(200 * time.Millisecond),
 		DeltaCachePages:   16384,
 		OutputBuffer:      OutputAuto,
+		TLS:               transport.TLSFiles{Cert: DefaultTLSCert, Key: DefaultTLSKey, CA: DefaultTLSCA},
+		RestartGrace:      Duration(time.Minute),
 	}
+}
+
+// isLoopbackAddr reports whether HOST:PORT names a loopback address (or
+// localhost).
+func isLoopbackAddr(addr string) bool {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return false
+	}
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
 }
 
 // LoadConfigFile reads a JSON config file over the defaults. Unknown
@@ -198,10 +266,60 @@ func (c Config) Validate() error {
 	if c.ReconnectBackoff.D() <= 0 {
 		bad("reconnect_backoff", "must be positive")
 	}
-	if c.TLS.Enabled() {
-		if err := c.TLS.Validate(); err != nil {
-			errs = append(errs, fmt.Errorf("config field %w", err))
+	if err := transport.ValidateHostName(c.Name); err != nil {
+		bad("name", "%v", err)
+	}
+	switch {
+	case c.Insecure:
+		if c.Listen != "" && !isLoopbackAddr(c.Listen) && !c.InsecureNonLoopback {
+			bad("insecure", "plaintext replication on the non-loopback listener %s: anyone who reaches it is trusted; set insecure_non_loopback too if you mean it, or use tls (remusd certs)", c.Listen)
 		}
+	case !c.TLS.Enabled():
+		bad("tls", "must name cert, key and ca (mutual TLS is required; `remusd certs init` and `remusd certs host %s` create them), or set insecure for plaintext on loopback", c.Name)
+	default:
+		for _, f := range []struct{ field, path string }{{"cert", c.TLS.Cert}, {"key", c.TLS.Key}, {"ca", c.TLS.CA}} {
+			if f.path == "" {
+				bad("tls."+f.field, "must be set when tls is configured")
+			} else if _, err := os.Stat(f.path); err != nil {
+				bad("tls."+f.field, "%v (create the files with `remusd certs init` and `remusd certs host %s`, or set insecure for plaintext on loopback)", err, c.Name)
+			}
+		}
+	}
+	if c.InsecureNonLoopback && !c.Insecure {
+		bad("insecure_non_loopback", "only meaningful with insecure")
+	}
+	peerNames := map[string]bool{}
+	for i, p := range c.Peers {
+		f := fmt.Sprintf("peers[%d]", i)
+		if err := transport.ValidateHostName(p.Name); err != nil {
+			bad(f+".name", "%v", err)
+		} else if peerNames[p.Name] {
+			bad(f+".name", "%q listed twice", p.Name)
+		} else if p.Name == c.Name {
+			bad(f+".name", "%q is this daemon's own name", p.Name)
+		}
+		peerNames[p.Name] = true
+		if p.Address != "" {
+			if _, _, err := net.SplitHostPort(p.Address); err != nil {
+				bad(f+".address", "%q is not HOST:PORT: %v", p.Address, err)
+			} else if c.Insecure && !c.InsecureNonLoopback && !isLoopbackAddr(p.Address) {
+				bad(f+".address", "%q is not a loopback address: plaintext (insecure) replication to it needs insecure_non_loopback too", p.Address)
+			}
+		}
+		for j, v := range p.VMs {
+			if v == "*" {
+				continue
+			}
+			if err := hypervisor.ValidateVMName(v); err != nil {
+				bad(fmt.Sprintf("%s.vms[%d]", f, j), "%v", err)
+			}
+		}
+	}
+	if c.ReplicaBudgetMiB < 0 {
+		bad("replica_budget_mib", "must not be negative (0 = half of the host's memory)")
+	}
+	if c.RestartGrace.D() < 0 {
+		bad("restart_grace", "must not be negative")
 	}
 	switch c.OutputBuffer {
 	case OutputAuto, OutputPlug, OutputNFQueue, OutputNoneUnsafe:
@@ -224,8 +342,8 @@ func (c Config) Validate() error {
 	errs = append(errs, validateLibvirtConfig(c.Libvirt, "libvirt")...)
 	for i, vm := range c.SimVMs {
 		f := fmt.Sprintf("sim_vms[%d]", i)
-		if vm.Name == "" {
-			bad(f+".name", "must be set")
+		if err := hypervisor.ValidateVMName(vm.Name); err != nil {
+			bad(f+".name", "%v", err)
 		} else if seen[vm.Name] {
 			bad(f+".name", "%q defined twice", vm.Name)
 		}

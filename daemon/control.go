@@ -26,7 +26,10 @@ import (
 //
 //	{"op":"protect","protect":{"vm":"web","peer":"10.0.0.2:7788"}}
 //	{"op":"unprotect","vm":"web"}
-//	{"op":"failover","vm":"web"}
+//	{"op":"failover","vm":"web"}            ("force":true activates beside a connected primary)
+//	{"op":"forget","vm":"web"}
+//	{"op":"start","vm":"web"}
+//	{"op":"stop","vm":"web"}
 //	{"op":"status"}
 //
 //	{"ok":true,"status":[...]}
@@ -37,8 +40,13 @@ const (
 	OpProtect   = "protect"
 	OpUnprotect = "unprotect"
 	OpFailover  = "failover"
+	OpForget    = "forget"
+	OpStart     = "start"
+	OpStop      = "stop"
 	OpStatus    = "status"
 )
+
+const opList = "protect|unprotect|failover|forget|start|stop|status"
 
 const (
 	// ControlRequestTimeout bounds one control request on the server
@@ -64,6 +72,8 @@ type ControlRequest struct {
 	Op      string          `json:"op"`
 	Protect *ProtectRequest `json:"protect,omitempty"`
 	VM      string          `json:"vm,omitempty"`
+	// Force is failover's --force.
+	Force bool `json:"force,omitempty"`
 }
 
 // ControlResponse is one response line on the control socket.
@@ -310,14 +320,24 @@ func (s *ControlServer) handle(ctx context.Context, line []byte) (resp ControlRe
 		if req.VM == "" {
 			err = errors.New(`failover: missing "vm"`)
 		} else {
-			err = s.svc.Failover(ctx, req.VM)
+			err = s.svc.Failover(ctx, FailoverRequest{VM: req.VM, Force: req.Force})
+		}
+	case OpForget, OpStart, OpStop:
+		op := map[string]func(context.Context, string) error{OpForget: s.svc.Forget, OpStart: s.svc.Start, OpStop: s.svc.Stop}[req.Op]
+		if req.VM == "" {
+			err = fmt.Errorf(`%s: missing "vm"`, req.Op)
+		} else {
+			err = op(ctx, req.VM)
 		}
 	case OpStatus:
 		st, err = s.svc.Status(ctx)
 	case "":
-		err = errors.New(`control request has no "op" (want protect|unprotect|failover|status)`)
+		err = errors.New(`control request has no "op" (want ` + opList + `)`)
 	default:
-		err = fmt.Errorf("unknown control op %q (want protect|unprotect|failover|status)", req.Op)
+		err = fmt.Errorf("unknown control op %q (want %s)", req.Op, opList)
+	}
+	if req.Force && req.Op != OpFailover && err == nil {
+		err = fmt.Errorf(`"force" applies only to failover`)
 	}
 	if req.Op != OpStatus {
 		vm := req.VM
@@ -382,8 +402,26 @@ func (c ControlClient) Unprotect(ctx context.Context, vm string) error {
 }
 
 // Failover implements Service.
-func (c ControlClient) Failover(ctx context.Context, vm string) error {
-	_, err := c.call(ctx, ControlRequest{Op: OpFailover, VM: vm})
+func (c ControlClient) Failover(ctx context.Context, req FailoverRequest) error {
+	_, err := c.call(ctx, ControlRequest{Op: OpFailover, VM: req.VM, Force: req.Force})
+	return err
+}
+
+// Forget implements Service.
+func (c ControlClient) Forget(ctx context.Context, vm string) error {
+	_, err := c.call(ctx, ControlRequest{Op: OpForget, VM: vm})
+	return err
+}
+
+// Start implements Service.
+func (c ControlClient) Start(ctx context.Context, vm string) error {
+	_, err := c.call(ctx, ControlRequest{Op: OpStart, VM: vm})
+	return err
+}
+
+// Stop implements Service.
+func (c ControlClient) Stop(ctx context.Context, vm string) error {
+	_, err := c.call(ctx, ControlRequest{Op: OpStop, VM: vm})
 	return err
 }
 

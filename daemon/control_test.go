@@ -22,6 +22,7 @@ type fakeService struct {
 	protected []ProtectRequest
 	unprot    []string
 	failed    []string
+	ops       []string
 	status    []VMStatus
 	err       error
 	block     chan struct{} // if set, Status waits for it or ctx
@@ -41,13 +42,28 @@ func (f *fakeService) Unprotect(ctx context.Context, vm string) error {
 	return f.err
 }
 
-func (f *fakeService) Failover(ctx context.Context, vm string) error {
+func (f *fakeService) Failover(ctx context.Context, req FailoverRequest) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if vm == "panic" {
+	if req.VM == "panic" {
 		panic("boom")
 	}
+	vm := req.VM
+	if req.Force {
+		vm += " (forced)"
+	}
 	f.failed = append(f.failed, vm)
+	return f.err
+}
+
+func (f *fakeService) Forget(ctx context.Context, vm string) error { return f.vmOp("forget", vm) }
+func (f *fakeService) Start(ctx context.Context, vm string) error  { return f.vmOp("start", vm) }
+func (f *fakeService) Stop(ctx context.Context, vm string) error   { return f.vmOp("stop", vm) }
+
+func (f *fakeService) vmOp(op, vm string) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.ops = append(f.ops, op+" "+vm)
 	return f.err
 }
 
@@ -118,7 +134,7 @@ func TestControlRoundTrip(t *testing.T) {
 	if err := c.Unprotect(ctx, "db"); err != nil {
 		t.Fatalf("Unprotect: %v", err)
 	}
-	if err := c.Failover(ctx, "cache"); err != nil {
+	if err := c.Failover(ctx, FailoverRequest{VM: "cache"}); err != nil {
 		t.Fatalf("Failover: %v", err)
 	}
 	got, err := c.Status(ctx)
@@ -157,7 +173,7 @@ func TestControlErrorsPropagate(t *testing.T) {
 	for name, call := range map[string]func() error{
 		"protect":   func() error { return c.Protect(ctx, ProtectRequest{VM: "web", Peer: "x:1"}) },
 		"unprotect": func() error { return c.Unprotect(ctx, "web") },
-		"failover":  func() error { return c.Failover(ctx, "web") },
+		"failover":  func() error { return c.Failover(ctx, FailoverRequest{VM: "web"}) },
 		"status":    func() error { _, err := c.Status(ctx); return err },
 	} {
 		err := call()
@@ -170,7 +186,7 @@ func TestControlErrorsPropagate(t *testing.T) {
 		}
 	}
 	// A panicking Service answers with an error and the server survives.
-	if err := c.Failover(ctx, "panic"); !errors.Is(err, ErrRemote) || !strings.Contains(err.Error(), "boom") {
+	if err := c.Failover(ctx, FailoverRequest{VM: "panic"}); !errors.Is(err, ErrRemote) || !strings.Contains(err.Error(), "boom") {
 		t.Errorf("panic: err = %v", err)
 	}
 	if _, err := c.Status(ctx); !errors.Is(err, ErrRemote) {

@@ -1,6 +1,7 @@
-// Package daemon is remusd's per-host daemon: it runs guests (sim), protects
-// them towards a peer daemon (primary role), keeps replicas for peers
-// (backup role), detects a lost primary and activates replicas.
+// Package daemon is remusd's per-host daemon: it runs guests (sim, QEMU),
+// protects them towards a peer daemon (primary role), keeps replicas for
+// authenticated peers (backup role), detects a lost primary and activates
+// replicas.
 package daemon
 
 import (
@@ -25,30 +26,49 @@ import (
 	"github.com/remusd/remusd/hypervisor/qemu"
 	"github.com/remusd/remusd/hypervisor/sim"
 	"github.com/remusd/remusd/outbuf"
-	remuspb "github.com/remusd/remusd/proto"
-	"github.com/remusd/remusd/transport"
 )
 
 // ErrUnknownVM is returned for a VM this daemon does not know.
 var ErrUnknownVM = errors.New("unknown VM")
+
+// ErrBusy is returned while another operation on the same VM runs.
+var ErrBusy = errors.New("another operation on this VM is in progress")
 
 // Daemon is one host's remusd.
 type Daemon struct {
 	cfg Config
 	log *zap.Logger
 
+	// mu guards vms and every vm's fields. It is never held across a
+	// backend operation that can take long (starting a standby QEMU,
+	// setting up an output buffer, activating): those mark the VM busy,
+	// release mu, and re-take it to install the result.
 	mu  sync.Mutex
 	vms map[string]*vm
 	wg  sync.WaitGroup
-	ctx context.Context // set by Run; protections live under it
+	// ctx is what protections and replica links live under. Run cancels it
+	// only at the end of its shutdown sequence, after every primary was
+	// paused and told the backup it restarts.
+	ctx    context.Context
+	cancel context.CancelFunc
 
 	// probeOnce finds what output buffering this host offers (once).
 	probeOnce sync.Once
 	probe     outbuf.ProbeResult
 	// nextQueue is the next NFQUEUE queue number for a protected VM.
 	nextQueue uint16
-	// tlsServer is the replication listener's TLS config (nil: plain TCP).
+	// tlsServer is the replication listener's TLS config (nil: insecure).
 	tlsServer *tls.Config
+	// handshakes bounds the connections that have not yet sent a valid
+	// Hello (each holds a goroutine and a small buffer until its deadline).
+	handshakes chan struct{}
+	// budget is the memory (bytes) all replicas together may use.
+	budget int64
+	// records keeps per-VM state across daemon restarts.
+	records *recordStore
+	// newStandby builds a qemu replica and its hot standby (a seam for
+	// tests; qemu.NewReplica by default).
+	newStandby func(ctx context.Context, spec qemu.Spec, log *zap.Logger, opts ...qemu.ReplicaOption) (*qemu.Replica, error)
 	// running is closed once Run has started.
 	running chan struct{}
 	runOnce sync.Once
@@ -60,31 +80,45 @@ type vm struct {
 	backend string
 	role    string
 	spec    simSpec
+	// busy names a long operation in progress ("" = none).
+	busy string
+	// stoppedWhy says why a stopped VM is not running here.
+	stoppedWhy string
 
 	guest hypervisor.Guest
-	// out is where the guest's output goes (a buffer while protected, a
+	// out is where a sim guest's output goes (a buffer while protected, a
 	// pass-through otherwise).
 	out  atomic.Pointer[outbuf.Memory]
 	sink *outputSink
 
 	// primary role
-	peer    string
-	primary *checkpoint.Primary
-	stop    context.CancelFunc
-	done    chan struct{}
-	runErr  atomic.Value // string
+	peer         string // the address dialled
+	peerName     string // the backup's identity
+	protectionID string
+	primary      *checkpoint.Primary
+	stop         context.CancelFunc
+	done         chan struct{}
+	runErr       atomic.Value // string
+	interval     time.Duration
+	inflight     int
+	queue        uint16 // NFQUEUE queue number on its tap
+	// resume is the protection a previous daemon ran; Run resumes it.
+	resume *protectionRecord
+	pid    int // the guest's QEMU process (0: unknown)
 
 	// backup role
 	backup      *checkpoint.Backup
 	detector    *failover.Detector
 	activatedAt time.Time
 	activation  time.Duration
+	replicaSize int64 // bytes charged to the replica budget
 
 	audit *auditLog
 
 	// qemu backend
+	qcfg     *QemuVM // this host's configuration of the VM (nil: none)
 	qnet     qemuNet
-	attached bool          // attached to a QEMU launched by someone else: left running on exit
+	attached bool          // attached to a QEMU launched by someone else
 	netOut   outbuf.Buffer // the NIC's output buffer while protected
 	qreplica *qemu.Replica // backup role: the replica and hot standby
 }
@@ -97,7 +131,10 @@ type simSpec struct {
 	Output string     `json:"output,omitempty"`
 }
 
-// New builds a daemon and starts the sim guests its configuration names.
+// New builds a daemon: it starts the sim guests its configuration names,
+// and for each configured QEMU VM re-attaches to the guest a previous
+// daemon left running (its state directory says where), launches it, or
+// leaves it stopped (see QemuVM.Autostart).
 func New(cfg Config, log *zap.Logger) (*Daemon, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
@@ -108,9 +145,18 @@ func New(cfg Config, log *zap.Logger) (*Daemon, error) {
 	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 		return nil, fmt.Errorf("state dir: %w", err)
 	}
-	d := &Daemon{cfg: cfg, log: log.With(zap.String("host", cfg.Name)), vms: map[string]*vm{}, nextQueue: firstQueueNum, running: make(chan struct{})}
-	if cfg.TLS.Enabled() {
-		srv, err := cfg.TLS.ServerConfig()
+	records, err := newRecordStore(cfg.StateDir)
+	if err != nil {
+		return nil, err
+	}
+	d := &Daemon{cfg: cfg, log: log.With(zap.String("host", cfg.Name)), vms: map[string]*vm{}, nextQueue: firstQueueNum,
+		running: make(chan struct{}), handshakes: make(chan struct{}, maxHandshakes), records: records, newStandby: qemu.NewReplica}
+	d.budget = replicaBudget(cfg.ReplicaBudgetMiB)
+	if cfg.Insecure {
+		d.log.Warn("INSECURE: the replication link is plaintext and unauthenticated (config insecure); any host that reaches the listener is trusted by the name it claims",
+			zap.String("listen", cfg.Listen), zap.Bool("non_loopback_allowed", cfg.InsecureNonLoopback))
+	} else {
+		srv, err := cfg.TLS.ServerConfigAccept(d.acceptIdentity)
 		if err != nil {
 			return nil, fmt.Errorf("config field tls: %w", err)
 		}
@@ -134,21 +180,30 @@ func New(cfg Config, log *zap.Logger) (*Daemon, error) {
 		v.guest = &simGuest{Guest: g, spec: spec}
 		d.vms[s.Name] = v
 	}
-	for i, q := range cfg.QemuVMs {
-		ctx, cancel := context.WithTimeout(context.Background(), qemuStartTimeout)
-		g, attached, err := d.startQemu(ctx, q)
-		cancel()
-		if err != nil {
+	for i := range cfg.QemuVMs {
+		q := cfg.QemuVMs[i]
+		if err := d.bringUpQemu(q); err != nil {
 			d.closeAll()
 			return nil, fmt.Errorf("config field qemu_vms[%d] (%s): start: %w", i, q.Name, err)
 		}
-		v := &vm{name: q.Name, backend: qemu.BackendName, role: RoleLocal, guest: g, attached: attached,
-			qnet: qemuNet{tap: q.Tap, bridge: q.Bridge, bridged: q.Bridge != "" || q.Bridged}}
-		d.vms[q.Name] = v
-		d.log.Info("qemu VM running", zap.String("vm", q.Name), zap.Bool("attached", attached), zap.Int("pid", g.Pid()),
-			zap.String("tap", q.Tap), zap.String("serial", g.Spec().SerialPath))
 	}
+	d.log.Info("replica memory budget", zap.Int64("mib", d.budget>>20))
 	return d, nil
+}
+
+// maxHandshakes bounds connections that have not completed a Hello.
+const maxHandshakes = 32
+
+// replicaBudget is the configured budget in bytes, or half of the host's
+// memory.
+func replicaBudget(mib int) int64 {
+	if mib > 0 {
+		return int64(mib) << 20
+	}
+	if total := hostMemory(); total > 0 {
+		return total / 2
+	}
+	return 4 << 30
 }
 
 // outbufProbe returns what output buffering this host offers, probing the
@@ -189,451 +244,212 @@ func (v *vm) setPassThrough() {
 	v.out.Store(o)
 }
 
-func (d *Daemon) closeAll() {
-	for _, v := range d.vms {
+// record is what the state directory keeps of v (nil for VMs that do not
+// outlive the daemon: sim guests, replicas). d.mu held.
+func (d *Daemon) record(v *vm) *vmRecord {
+	qg, ok := v.guest.(*qemu.Guest)
+	if !ok || v.backend != qemu.BackendName {
+		return nil
+	}
+	switch v.role {
+	case RoleLocal, RolePrimary, RoleActive:
+	default:
+		return nil
+	}
+	sp := qg.Spec()
+	if p := qg.Pid(); p > 0 {
+		v.pid = p
+	}
+	r := &vmRecord{Name: v.name, Backend: v.backend, Role: v.role,
+		QEMU: &qemuRecord{Pid: v.pid, QMP: sp.QMPPath, RAM: sp.RAMPath, Serial: sp.SerialPath, Launched: !v.attached}}
+	if v.role == RolePrimary && v.primary == nil && v.resume != nil {
+		pr := *v.resume
+		r.Protection = &pr
+	} else if v.role == RolePrimary {
+		ob := ""
 		if v.netOut != nil {
-			// Fails closed: output of unacknowledged epochs is dropped.
-			v.netOut.Close()
+			ob = v.netOut.Kind()
 		}
-		if v.qreplica != nil {
-			v.qreplica.Close()
+		r.Protection = &protectionRecord{ID: v.protectionID, Peer: v.peer, PeerName: v.peerName,
+			EpochInterval: Duration(v.interval), MaxInflight: v.inflight, OutBuf: ob, Queue: v.queue}
+	}
+	return r
+}
+
+// saveRecord writes v's record (or removes it when v no longer runs
+// here). d.mu held. A failure is logged: the VM runs on, but a restarted
+// daemon would not find it.
+func (d *Daemon) saveRecord(v *vm) {
+	r := d.record(v)
+	var err error
+	if r == nil {
+		if v.role != RoleStopped {
+			err = d.records.remove(v.name)
 		}
-		if qg, ok := v.guest.(*qemu.Guest); ok && v.attached {
-			qg.Detach()
-		} else if v.guest != nil {
-			v.guest.Close()
-		}
-		if v.sink != nil {
-			v.sink.close()
-		}
-		if v.audit != nil {
-			v.audit.close()
-		}
+	} else {
+		err = d.records.save(*r)
+	}
+	if err != nil {
+		d.log.Error("cannot write the VM's state record: a restarted daemon would not find this guest", zap.String("vm", v.name), zap.Error(err))
 	}
 }
 
-// Run serves peers until ctx is done, then stops every protection and
-// guest. A primary's guest dies with its daemon (sim guests live in it).
+// closeAll releases everything at once (New failing): sim guests stop,
+// QEMU guests are left running (detached), replicas are closed.
+func (d *Daemon) closeAll() {
+	for _, v := range d.vms {
+		d.closeVM(v)
+	}
+}
+
+// closeVM lets go of v on daemon exit, leaving QEMU guests running. A
+// protected guest's output stays held by the host (Detach) and the guest
+// was paused while that happened (see shutdown). d.mu held.
+func (d *Daemon) closeVM(v *vm) {
+	if v.netOut != nil {
+		if err := v.netOut.Detach(); err != nil {
+			d.log.Error("detach output buffer", zap.String("vm", v.name), zap.Error(err))
+		}
+		v.netOut = nil
+	}
+	if v.qreplica != nil {
+		v.qreplica.Close()
+		v.qreplica = nil
+	}
+	switch g := v.guest.(type) {
+	case *qemu.Guest:
+		g.Detach()
+	case nil:
+	default:
+		g.Close()
+	}
+	if o := v.out.Load(); o != nil {
+		o.Close()
+	}
+	if v.sink != nil {
+		v.sink.close()
+	}
+	if v.audit != nil {
+		v.audit.close()
+	}
+}
+
+// Run serves peers until ctx is done, then shuts down in an order that
+// never lets a protected guest's output out unacknowledged: each primary
+// is paused, tells its backup it restarts, has its output buffer detached
+// (the host keeps holding it) and is resumed; QEMU guests keep running
+// for the next daemon to re-attach. Sim guests live in the daemon and stop
+// with it.
 func (d *Daemon) Run(ctx context.Context) error {
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	defer func() {
-		d.mu.Lock()
-		d.closeAll()
-		d.mu.Unlock()
-	}()
+	pctx, pcancel := context.WithCancel(context.WithoutCancel(ctx))
+	defer pcancel()
 	d.mu.Lock()
-	d.ctx = ctx
+	d.ctx, d.cancel = pctx, pcancel
 	d.mu.Unlock()
 	d.runOnce.Do(func() { close(d.running) })
 	probe := d.outbufProbe()
 	d.log.Info("output buffering available on this host for VM network interfaces",
 		zap.String("mechanism", probe.Kind), zap.String("why", probe.Reason), zap.String("output_buffer", d.cfg.OutputBuffer))
+	d.resumeProtections()
+
+	lctx, lcancel := context.WithCancel(ctx)
+	defer lcancel()
 	errc := make(chan error, 1)
+	var lwg sync.WaitGroup
 	if d.cfg.Listen != "" {
-		ln, err := (&net.ListenConfig{}).Listen(ctx, "tcp", d.cfg.Listen)
+		ln, err := (&net.ListenConfig{}).Listen(lctx, "tcp", d.cfg.Listen)
 		if err != nil {
+			d.shutdown()
 			return fmt.Errorf("listen for peers on %s: %w", d.cfg.Listen, err)
 		}
-		if d.tlsServer != nil {
-			// The handshake runs on the first read, under servePeer's
-			// Hello deadline; a peer without a valid certificate never
-			// gets to send a frame.
-			ln = tls.NewListener(ln, d.tlsServer)
-		}
-		d.log.Info("listening for primaries", zap.String("addr", ln.Addr().String()))
-		d.wg.Add(1)
+		d.log.Info("listening for primaries", zap.String("addr", ln.Addr().String()), zap.Bool("mutual_tls", d.tlsServer != nil))
+		lwg.Add(1)
 		go func() {
-			defer d.wg.Done()
-			errc <- d.acceptLoop(ctx, ln)
+			defer lwg.Done()
+			errc <- d.acceptLoop(lctx, ln)
 		}()
 	}
-	d.wg.Add(1)
+	lwg.Add(1)
 	go func() {
-		defer d.wg.Done()
-		d.watchBackups(ctx)
+		defer lwg.Done()
+		d.watchBackups(lctx)
 	}()
 	var err error
 	select {
 	case <-ctx.Done():
 	case err = <-errc:
 	}
-	cancel()
-	d.wg.Wait()
+	lcancel()
+	lwg.Wait()
+	d.shutdown()
 	return err
 }
 
-func (d *Daemon) acceptLoop(ctx context.Context, ln net.Listener) error {
-	go func() {
-		<-ctx.Done()
-		ln.Close()
-	}()
-	for {
-		conn, err := ln.Accept()
-		if err != nil {
-			if ctx.Err() != nil {
-				return nil
-			}
-			return fmt.Errorf("accept: %w", err)
-		}
-		d.wg.Add(1)
-		go func() {
-			defer d.wg.Done()
-			d.servePeer(ctx, conn)
-		}()
-	}
-}
-
-// servePeer reads a primary's Hello and hands the link to the replica.
-func (d *Daemon) servePeer(ctx context.Context, conn net.Conn) {
-	log := d.log.With(zap.String("remote", conn.RemoteAddr().String()))
-	r := transport.NewReader(conn, transport.DefaultLimits())
-	w := transport.NewWriter(conn)
-	_ = conn.SetDeadline(time.Now().Add(d.cfg.HeartbeatTimeout.D()))
-	f, err := r.ReadFrame()
-	if err != nil {
-		log.Warn("bad hello from peer", zap.Error(err))
-		conn.Close()
-		return
-	}
-	hello, ok := f.Header.(*remuspb.Hello)
-	if !ok {
-		log.Warn("peer did not start with Hello", zap.Stringer("kind", f.Kind))
-		conn.Close()
-		return
-	}
-	_ = conn.SetDeadline(time.Time{})
-	b, err := d.backupFor(hello)
-	if err != nil {
-		log.Warn("refusing primary", zap.String("vm", hello.VmName), zap.Error(err))
-		_ = w.WriteFrame(transport.KindWelcome, &remuspb.Welcome{ProtocolVersion: checkpoint.ProtocolVersion, Error: err.Error()}, nil)
-		conn.Close()
-		return
-	}
-	if err := b.Serve(ctx, conn, r, w, hello, hello.Host); err != nil && ctx.Err() == nil {
-		log.Warn("replication link ended", zap.String("vm", hello.VmName), zap.Error(err))
-	}
-}
-
-// backupFor finds or creates the replica a Hello asks for.
-func (d *Daemon) backupFor(h *remuspb.Hello) (*checkpoint.Backup, error) {
+// shutdown is Run's exit sequence (see Run).
+func (d *Daemon) shutdown() {
 	d.mu.Lock()
-	defer d.mu.Unlock()
-	if v, ok := d.vms[h.VmName]; ok {
-		switch {
-		case v.role == RoleBackup && v.backup != nil:
-			return v.backup, nil
-		case v.role == RoleActive:
-			return nil, fmt.Errorf("VM %s already took over on %s: refusing to replicate over it", h.VmName, d.cfg.Name)
-		default:
-			return nil, fmt.Errorf("VM %s runs on %s (role %s): a host cannot back up a VM it runs", h.VmName, d.cfg.Name, v.role)
+	var prim []*vm
+	for _, v := range d.vms {
+		if v.role == RolePrimary && v.primary != nil {
+			prim = append(prim, v)
 		}
 	}
-	if h.Backend == qemu.BackendName {
-		return d.qemuBackupFor(h)
-	}
-	if h.Backend != sim.BackendName {
-		return nil, fmt.Errorf("backend %q is not supported by this daemon (have: sim, qemu)", h.Backend)
-	}
-	var spec simSpec
-	if err := unmarshalStrict(h.BackendConfig, &spec); err != nil {
-		return nil, fmt.Errorf("VM %s: bad sim backend config: %w", h.VmName, err)
-	}
-	spec.Sim = spec.Sim.WithDefaults()
-	if uint64(spec.Sim.MemoryBytes) != h.MemoryBytes {
-		return nil, fmt.Errorf("VM %s: hello says %d bytes of memory, backend config %d", h.VmName, h.MemoryBytes, spec.Sim.MemoryBytes)
-	}
-	rep, err := sim.NewReplica(h.VmName, spec.Sim, d.log)
-	if err != nil {
-		return nil, fmt.Errorf("VM %s: replica: %w", h.VmName, err)
-	}
-	policy := failover.Manual
-	if d.cfg.Takeover == TakeoverAutoUnsafe {
-		policy = failover.AutoUnsafe
-	}
-	v := &vm{name: h.VmName, backend: sim.BackendName, role: RoleBackup, spec: spec,
-		detector: &failover.Detector{Timeout: d.cfg.HeartbeatTimeout.D(), Policy: policy}}
-	v.audit = openAudit(d.cfg.StateDir, h.VmName, "backup", d.log)
-	v.backup = checkpoint.NewBackup(checkpoint.BackupOptions{
-		VMName:            h.VmName,
-		Replica:           rep,
-		Backend:           sim.BackendName,
-		BackendVersion:    sim.BackendVersion,
-		HeartbeatInterval: d.cfg.HeartbeatInterval.D(),
-		HeartbeatTimeout:  d.cfg.HeartbeatTimeout.D(),
-		Log:               d.log,
-		OnCommit: func(epoch uint64, dev []byte) {
-			v.audit.record(auditRecord{Event: "commit", Epoch: epoch, Sim: simInfo(dev)})
-		},
-		BeforeActivate: func(epoch uint64, mem, dev []byte) {
-			// Record what is about to run, so that it can be audited
-			// against the primary's log (the demo does).
-			v.audit.record(auditRecord{Event: "activate", Epoch: epoch, Sim: simInfo(dev),
-				MemoryXXH: transport.PageHash(mem), DeviceXXH: transport.PageHash(dev)})
-		},
-	})
-	// The activated guest's first output must find its way out.
-	rep.SetOutput(v.emit)
-	d.vms[h.VmName] = v
-	d.log.Info("new replica", zap.String("vm", h.VmName), zap.Int64("memory_bytes", spec.Sim.MemoryBytes))
-	return v.backup, nil
-}
-
-// watchBackups reports primaries that fell silent and, when the operator
-// opted in to unsafe automatic takeover, activates their replicas.
-func (d *Daemon) watchBackups(ctx context.Context) {
-	t := time.NewTicker(d.cfg.HeartbeatInterval.D())
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-		var lost []string
-		d.mu.Lock()
-		now := time.Now()
-		for _, v := range d.vms {
-			if v.role != RoleBackup || v.backup == nil {
-				continue
-			}
-			st := v.backup.Stats()
-			dec := v.detector.Evaluate(observe(st), now)
-			if !dec.NewlyLost {
-				continue
-			}
-			d.log.Warn("primary lost: no heartbeat beyond timeout", zap.String("vm", v.name),
-				zap.Duration("silent", now.Sub(st.LastHeard)), zap.Uint64("committed", st.Committed),
-				zap.String("takeover", d.cfg.Takeover))
-			if dec.TakeOver {
-				lost = append(lost, v.name)
-			}
-		}
-		d.mu.Unlock()
-		for _, name := range lost {
-			d.log.Warn("automatic takeover (unsafe mode: no witness)", zap.String("vm", name))
-			if err := d.Failover(ctx, name); err != nil {
-				d.log.Error("automatic takeover failed", zap.String("vm", name), zap.Error(err))
-			}
-		}
-	}
-}
-
-// Protect implements Service.
-func (d *Daemon) Protect(ctx context.Context, req ProtectRequest) error {
-	if req.Peer == "" {
-		return errors.New("protect: a peer HOST:PORT is required")
-	}
-	if _, _, err := net.SplitHostPort(req.Peer); err != nil {
-		return fmt.Errorf("protect: peer %q: %w", req.Peer, err)
-	}
-	interval := d.cfg.EpochInterval.D()
-	if req.EpochInterval != 0 {
-		interval = req.EpochInterval
-	}
-	if interval < time.Millisecond || interval > 10*time.Second {
-		return fmt.Errorf("protect: epoch interval %v out of range [1ms, 10s]", interval)
-	}
-	inflight := d.cfg.MaxInflight
-	if req.MaxInflight != 0 {
-		inflight = req.MaxInflight
-	}
-	if inflight < 1 || inflight > 64 {
-		return fmt.Errorf("protect: max inflight %d out of range [1, 64]", inflight)
-	}
-	// The control socket may answer before Run has started: wait for it.
-	select {
-	case <-d.running:
-	case <-ctx.Done():
-		return fmt.Errorf("protect: daemon is not running yet: %w", ctx.Err())
-	}
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	if d.ctx == nil {
-		return errors.New("protect: daemon is not running")
-	}
-	v, ok := d.vms[req.VM]
-	if !ok {
-		return fmt.Errorf("protect %s: %w on %s", req.VM, ErrUnknownVM, d.cfg.Name)
-	}
-	if v.role != RoleLocal && v.role != RoleActive {
-		return fmt.Errorf("protect %s: VM is already in role %s", req.VM, v.role)
-	}
-	id := newProtectionID()
-	var (
-		buf    outbuf.Buffer
-		memBuf *outbuf.Memory
-	)
-	if v.backend == qemu.BackendName {
-		nb, forceOne, err := d.openQemuBuffer(v, interval)
-		if err != nil {
-			return fmt.Errorf("protect %s: %w", req.VM, err)
-		}
-		if forceOne && inflight != 1 {
-			d.log.Info("plug output buffer tracks one closed epoch: max_inflight forced to 1", zap.String("vm", v.name), zap.Int("requested", inflight))
-			inflight = 1
-		}
-		buf = nb
-	} else {
-		memBuf = outbuf.NewMemory(0, v.sink.send)
-		buf = memBuf
-	}
-	v.audit = openAudit(d.cfg.StateDir, v.name, "primary", d.log)
-	dialer := &net.Dialer{Timeout: d.cfg.DialTimeout.D()}
-	p, err := checkpoint.NewPrimary(checkpoint.PrimaryOptions{
-		Guest: v.guest,
-		Out:   buf,
-		Dial: func(ctx context.Context) (net.Conn, error) {
-			return d.dialPeer(ctx, dialer, req.Peer)
-		},
-		ProtectionID: id,
-		Core: checkpoint.PrimaryConfig{
-			Interval:              interval,
-			MaxInflight:           inflight,
-			AckTimeout:            d.cfg.AckTimeout.D(),
-			UnprotectOnAckTimeout: d.cfg.AckTimeoutPolicy == AckTimeoutUnprotect,
-		},
-		Encoder:           transport.EncoderConfig{PageSize: hypervisor.PageSize, CachePages: d.cfg.DeltaCachePages},
-		HeartbeatInterval: d.cfg.HeartbeatInterval.D(),
-		HeartbeatTimeout:  d.cfg.HeartbeatTimeout.D(),
-		ReconnectBackoff:  d.cfg.ReconnectBackoff.D(),
-		Log:               d.log,
-		OnCapture: func(ci checkpoint.CaptureInfo) {
-			v.audit.record(auditRecord{Event: "capture", Epoch: ci.Epoch, Pages: ci.Pages, PauseMs: checkpoint.Ms(ci.Pause), Sim: simInfo(ci.DeviceState)})
-		},
-		OnAck: func(epoch uint64) {
-			v.audit.record(auditRecord{Event: "ack", Epoch: epoch})
-		},
-	})
-	if err != nil {
-		if memBuf == nil {
-			buf.Close()
-		}
-		return fmt.Errorf("protect %s: %w", req.VM, err)
-	}
-	// From here on the guest's output is held per epoch.
-	if memBuf != nil {
-		v.out.Store(memBuf)
-	} else {
-		v.netOut = buf
-	}
-	pctx, cancel := context.WithCancel(d.ctx)
-	v.role, v.peer, v.primary, v.stop, v.done = RolePrimary, req.Peer, p, cancel, make(chan struct{})
-	v.runErr.Store("")
-	d.wg.Add(1)
-	go func() {
-		defer d.wg.Done()
-		defer close(v.done)
-		if err := p.Run(pctx); err != nil {
-			v.runErr.Store(err.Error())
-			d.log.Error("protection failed: holding output", zap.String("vm", v.name), zap.Error(err))
-		}
-	}()
-	d.log.Info("protecting", zap.String("vm", v.name), zap.String("peer", req.Peer), zap.String("protection_id", id),
-		zap.Duration("epoch_interval", interval), zap.Int("max_inflight", inflight))
-	return nil
-}
-
-// Unprotect implements Service.
-func (d *Daemon) Unprotect(ctx context.Context, name string) error {
-	d.mu.Lock()
-	v, ok := d.vms[name]
-	if !ok {
-		d.mu.Unlock()
-		return fmt.Errorf("unprotect %s: %w on %s", name, ErrUnknownVM, d.cfg.Name)
-	}
-	if v.role != RolePrimary {
-		d.mu.Unlock()
-		return fmt.Errorf("unprotect %s: VM is not protected here (role %s)", name, v.role)
-	}
-	p, stop, done := v.primary, v.stop, v.done
 	d.mu.Unlock()
-	p.StopWithGoodbye()
-	stop()
-	select {
-	case <-done:
-	case <-ctx.Done():
-		return fmt.Errorf("unprotect %s: %w", name, ctx.Err())
+	for _, v := range prim {
+		d.stopPrimaryForRestart(v)
 	}
 	d.mu.Lock()
+	if d.cancel != nil {
+		d.cancel() // replica links end
+	}
+	d.mu.Unlock()
+	d.wg.Wait()
+	d.mu.Lock()
 	defer d.mu.Unlock()
-	// The primary keeps running, so its held output is legitimate: let it go.
-	if v.netOut != nil {
-		err := v.netOut.ReleaseAll()
-		if cerr := v.netOut.Close(); err == nil {
-			err = cerr
+	for _, v := range d.vms {
+		if v.role == RolePrimary || v.role == RoleLocal || v.role == RoleActive {
+			d.saveRecord(v)
+		}
+		d.closeVM(v)
+	}
+}
+
+// stopPrimaryForRestart stops one protection at daemon exit: the guest is
+// paused first (it sends nothing meanwhile), the backup is told the daemon
+// restarts (it keeps the replica and does not take over on the silence),
+// the output buffer is detached so the host keeps holding what the guest
+// sends, and a QEMU guest is resumed: it runs on, its output held, until
+// the next daemon resumes the protection. A sim guest lives in the daemon
+// and stops with it (no restart notice: its backup may take over).
+func (d *Daemon) stopPrimaryForRestart(v *vm) {
+	d.mu.Lock()
+	g, p, stop, done, netOut := v.guest, v.primary, v.stop, v.done, v.netOut
+	isQemu := v.backend == qemu.BackendName
+	d.mu.Unlock()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	paused := g.Pause(ctx) == nil
+	if isQemu {
+		p.StopForRestart()
+	}
+	stop()
+	<-done
+	d.mu.Lock()
+	if netOut != nil {
+		if err := netOut.Detach(); err != nil {
+			d.log.Error("detach output buffer", zap.String("vm", v.name), zap.Error(err))
 		}
 		v.netOut = nil
-		if err != nil {
-			return fmt.Errorf("unprotect %s: release output: %w", name, err)
-		}
-	} else if err := v.out.Load().ReleaseAll(); err != nil {
-		return fmt.Errorf("unprotect %s: release output: %w", name, err)
-	}
-	v.role, v.primary, v.stop, v.done = RoleLocal, nil, nil, nil
-	d.log.Info("unprotected", zap.String("vm", name))
-	return nil
-}
-
-// Failover implements Service: the replica of name takes over here.
-func (d *Daemon) Failover(ctx context.Context, name string) error {
-	d.mu.Lock()
-	v, ok := d.vms[name]
-	if !ok {
-		d.mu.Unlock()
-		return fmt.Errorf("failover %s: %w on %s", name, ErrUnknownVM, d.cfg.Name)
-	}
-	if v.role != RoleBackup || v.backup == nil {
-		d.mu.Unlock()
-		return fmt.Errorf("failover %s: this host holds no replica of it (role %s); run failover on the backup host", name, v.role)
-	}
-	b := v.backup
-	// Output goes straight out once the replica runs: it is unprotected
-	// until re-protected.
-	if v.backend == sim.BackendName {
-		if v.sink == nil {
-			v.sink = newOutputSink(v.spec.Output, d.cfg.Name, name, d.log)
-		}
-		v.setPassThrough()
+	} else if o := v.out.Load(); o != nil {
+		o.Close() // sim: held output is dropped
 	}
 	d.mu.Unlock()
-	start := time.Now()
-	g, err := b.Activate(ctx)
-	if err != nil {
-		return fmt.Errorf("failover %s: %w", name, err)
-	}
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	v.guest = g
-	v.role = RoleActive
-	v.activatedAt = time.Now()
-	v.activation = time.Since(start)
-	if sg, ok := g.(*sim.Guest); ok {
-		v.guest = &simGuest{Guest: sg, spec: v.spec}
-	}
-	if v.qreplica != nil {
-		a := v.qreplica.LastActivation()
-		if a.Cold && v.qnet.tap != "" {
-			// A cold-started QEMU created a fresh tap: attach it, then
-			// announce the guest again (the first announcement went nowhere).
-			sctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-			err := setupTap(sctx, v.qnet.tap, v.qnet.bridge)
-			if err == nil {
-				if qg, ok := g.(*qemu.Guest); ok {
-					err = qg.QMP().Execute(sctx, "announce-self", map[string]any{"initial": 50, "max": 550, "rounds": 5, "step": 100}, nil)
-				}
-			}
-			cancel()
-			if err != nil {
-				d.log.Error("cold-started VM's network setup failed", zap.String("vm", name), zap.Error(err))
-			}
+	if paused && isQemu {
+		if err := g.Resume(ctx); err != nil {
+			d.log.Error("resume guest after detaching its protection", zap.String("vm", v.name), zap.Error(err))
 		}
-		d.log.Warn("qemu VM activated", zap.String("vm", name), zap.Uint64("epoch", a.Epoch), zap.Bool("cold", a.Cold),
-			zap.Duration("probe", a.Probe), zap.Duration("start", a.Start), zap.Duration("incoming", a.Incoming),
-			zap.Duration("announce", a.Announce), zap.Duration("total", a.Total))
 	}
-	d.log.Warn("VM took over on this host", zap.String("vm", name), zap.Uint64("epoch", b.Committed()), zap.Duration("activation", v.activation))
-	return nil
+	d.log.Info("protection stopped for a daemon restart: the guest runs on with its output held", zap.String("vm", v.name), zap.Bool("qemu", isQemu))
 }
 
 // Status implements Service.
@@ -649,7 +465,8 @@ func (d *Daemon) Status(ctx context.Context) ([]VMStatus, error) {
 }
 
 func (d *Daemon) statusOf(v *vm) VMStatus {
-	s := VMStatus{VM: v.name, Role: v.role, Backend: v.backend, Link: LinkNone, Peer: v.peer}
+	s := VMStatus{VM: v.name, Role: v.role, Backend: v.backend, Link: LinkNone, Peer: v.peer, PeerName: v.peerName,
+		Busy: v.busy, StoppedWhy: v.stoppedWhy, Insecure: d.cfg.Insecure}
 	if v.netOut != nil {
 		st := v.netOut.Stats()
 		s.OutBuf = v.netOut.Kind()
@@ -682,9 +499,10 @@ func (d *Daemon) statusOf(v *vm) VMStatus {
 		}
 	case v.backup != nil:
 		b := v.backup.Stats()
+		s.PeerName = v.backup.Owner()
 		s.Epoch, s.AckedEpoch, s.EpochsCommitted = b.Committed, b.Committed, b.EpochsCommitted
 		s.PagesSent, s.BytesSent = b.PagesReceived, b.BytesReceived
-		s.TornEpochsDiscarded, s.LastError = b.TornEpochsDiscarded, b.LastError
+		s.TornEpochsDiscarded, s.LastError, s.LinksRefused = b.TornEpochsDiscarded, b.LastError, b.Refused
 		if !b.LastHeard.IsZero() {
 			s.HeartbeatAgeMs = checkpoint.Ms(time.Since(b.LastHeard))
 		}
@@ -695,44 +513,35 @@ func (d *Daemon) statusOf(v *vm) VMStatus {
 		} else {
 			// A fresh detector: status must not consume the watcher's
 			// one-time loss report.
-			det := failover.Detector{Timeout: d.cfg.HeartbeatTimeout.D()}
+			det := failover.Detector{Timeout: d.cfg.HeartbeatTimeout.D(), RestartGrace: d.cfg.RestartGrace.D()}
 			s.Link = det.Evaluate(observe(b), time.Now()).State.String()
 		}
 	}
 	return s
 }
 
-// dialPeer connects to a peer daemon's replication address, over mutual
-// TLS when configured.
-func (d *Daemon) dialPeer(ctx context.Context, dialer *net.Dialer, peer string) (net.Conn, error) {
-	conn, err := dialer.DialContext(ctx, "tcp", peer)
-	if err != nil || !d.cfg.TLS.Enabled() {
-		return conn, err
-	}
-	// TODO(lead): peers — accept only the identities this daemon is
-	// configured to replicate to; for now any identity the CA signed
-	// (and tls.server_name, if set) is accepted.
-	cfg, err := d.cfg.TLS.ClientConfig(func(string) error { return nil })
-	if err != nil {
-		conn.Close()
-		return nil, err
-	}
-	tc := tls.Client(conn, cfg)
-	hctx, cancel := context.WithTimeout(ctx, d.cfg.DialTimeout.D())
-	defer cancel()
-	if err := tc.HandshakeContext(hctx); err != nil {
-		conn.Close()
-		return nil, fmt.Errorf("TLS handshake with %s: %w", peer, err)
-	}
-	return tc, nil
-}
-
 func observe(st checkpoint.BackupStats) failover.Observation {
-	return failover.Observation{Connected: st.Connected, LastHeard: st.LastHeard, Committed: st.Committed, Goodbye: st.Goodbye}
+	return failover.Observation{Connected: st.Connected, LastHeard: st.LastHeard, Committed: st.Committed, Goodbye: st.Goodbye,
+		Restarting: st.Restarting, RestartingSince: st.RestartingSince}
 }
 
 func newProtectionID() string {
 	var b [8]byte
 	_, _ = rand.Read(b[:])
 	return hex.EncodeToString(b[:])
+}
+
+// lookup returns the VM name refers to, or an error naming it. d.mu held.
+func (d *Daemon) lookup(op, name string) (*vm, error) {
+	if err := hypervisor.ValidateVMName(name); err != nil {
+		return nil, fmt.Errorf("%s: %w", op, err)
+	}
+	v, ok := d.vms[name]
+	if !ok {
+		return nil, fmt.Errorf("%s %s: %w on %s", op, name, ErrUnknownVM, d.cfg.Name)
+	}
+	if v.busy != "" {
+		return nil, fmt.Errorf("%s %s: %w (%s)", op, name, ErrBusy, v.busy)
+	}
+	return v, nil
 }

@@ -10,10 +10,14 @@ package daemon
 // (hypervisor/libvirt). `remusd protect NAME` then protects it like any
 // qemu VM. On exit the daemon detaches: the domain keeps running.
 //
-// Backup: unchanged. The standby is a QEMU the backup daemon launches
-// itself (hypervisor/qemu NewReplica, -incoming defer), built from the
-// machine description the primary sends (name, memory, vCPUs, direct
-// kernel boot, first NIC's MAC, read from the domain XML). §5 measured
+// Backup: the standby is a QEMU the backup daemon launches itself
+// (hypervisor/qemu NewReplica, -incoming defer), built from the backup's
+// OWN configuration of the VM: a qemu_vms entry describing the machine, or
+// one with "libvirt": true naming a domain defined (normally shut off) in
+// the backup's libvirtd, whose XML gives the machine (libvirt.DefinedSpec).
+// The primary's description (read from its domain XML) is only compared
+// with it (qemu.CheckCompatible); nothing from the wire reaches the
+// standby's command line. §5 measured
 // that a libvirt standby (qemu:commandline -incoming defer) also works;
 // the direct one was kept because it needs no libvirtd on the backup and
 // is the path the e2e test proves. Its limit: the device state saved by
@@ -94,4 +98,31 @@ func (d *Daemon) startLibvirt(ctx context.Context, q QemuVM) (*qemu.Guest, bool,
 		d.log.Warn("libvirt domain has a NIC but no tap is configured: its output is not held (set tap to the domain's <target dev=.../>)")
 	}
 	return g, true, nil
+}
+
+// libvirtStandbySpec builds a standby spec from the domain this host's
+// libvirtd defines under q.Name (the backup's own definition of the VM).
+func (d *Daemon) libvirtStandbySpec(ctx context.Context, q QemuVM) (qemu.Spec, error) {
+	conn, err := libvirt.Dial(ctx, d.cfg.Libvirt)
+	if err != nil {
+		return qemu.Spec{}, err
+	}
+	defer conn.Close()
+	machine, err := conn.DefinedSpec(ctx, q.Name)
+	if err != nil {
+		return qemu.Spec{}, err
+	}
+	s := d.cfg.Standby
+	dir := s.runDir(d.cfg.Name)
+	machine.RAMPath = filepath.Join(dir, q.Name+".replica.ram")
+	machine.QMPPath = filepath.Join(dir, q.Name+".qmp")
+	machine.SerialPath = filepath.Join(dir, q.Name+".serial")
+	machine.Binary = s.Binary
+	switch {
+	case q.Tap != "":
+		machine.Tap = q.Tap
+	case machine.MAC != "":
+		machine.Tap = s.TapFor(q.Name)
+	}
+	return machine, nil
 }

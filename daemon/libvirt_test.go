@@ -60,6 +60,7 @@ func TestLibvirtProtectFailover(t *testing.T) {
 	}
 	for name, want := range map[string]string{"lbad1": libvirt.SharedMemoryXML, "lbad2": "<memballoon model='none'/>"} {
 		cfg := DefaultConfig()
+		cfg.Insecure = true
 		cfg.Control, cfg.StateDir = filepath.Join(t.TempDir(), "c.sock"), t.TempDir()
 		cfg.Libvirt = libvirt.Config{Socket: lv.Socket}
 		cfg.QemuVMs = []QemuVM{{Name: name, Libvirt: true}}
@@ -99,13 +100,17 @@ func TestLibvirtProtectFailover(t *testing.T) {
 	bcfg := DefaultConfig()
 	bcfg.Name, bcfg.Listen, bcfg.Control, bcfg.StateDir = "hostB", freePort(t), filepath.Join(tmp, "b.sock"), filepath.Join(tmp, "b")
 	bcfg.Standby = StandbyConfig{RunDir: filepath.Join(shm, "b")}
-	backup := startDaemon(t, bcfg)
-
+	// The backup's own definition of the domain (here the same libvirtd
+	// stands for both hosts' libvirtd): its standby is built from it.
+	bcfg.Libvirt = libvirt.Config{URI: lv.URI()}
+	bcfg.QemuVMs = []QemuVM{{Name: dom.Name, Libvirt: true, Autostart: boolp(false)}}
 	pcfg := DefaultConfig()
 	pcfg.Name, pcfg.Control, pcfg.StateDir = "hostA", filepath.Join(tmp, "a.sock"), filepath.Join(tmp, "a")
 	pcfg.EpochInterval = Duration(100 * time.Millisecond)
 	pcfg.Libvirt = libvirt.Config{URI: lv.URI()}
 	pcfg.QemuVMs = []QemuVM{{Name: dom.Name, Libvirt: true}}
+	securePeers(t, &bcfg, &pcfg)
+	backup := startDaemon(t, bcfg)
 	primary := startDaemon(t, pcfg)
 
 	if err := primary.Protect(ctx, ProtectRequest{VM: dom.Name, Peer: bcfg.Listen}); err != nil {
@@ -139,7 +144,7 @@ func TestLibvirtProtectFailover(t *testing.T) {
 		t.Fatal(err)
 	}
 	start := time.Now()
-	if err := backup.Failover(ctx, dom.Name); err != nil {
+	if err := backup.Failover(ctx, FailoverRequest{VM: dom.Name}); err != nil {
 		t.Fatal(err)
 	}
 	t.Logf("failover (Activate) took %v", time.Since(start))

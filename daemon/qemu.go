@@ -16,8 +16,8 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/remusd/remusd/checkpoint"
-	"github.com/remusd/remusd/failover"
 	"github.com/remusd/remusd/guestimage"
+	"github.com/remusd/remusd/hypervisor"
 	"github.com/remusd/remusd/hypervisor/qemu"
 	"github.com/remusd/remusd/outbuf"
 	remuspb "github.com/remusd/remusd/proto"
@@ -57,15 +57,32 @@ type QemuVM struct {
 	// socket and memory-backend-file path) instead of launching one.
 	QMP string `json:"qmp"`
 	RAM string `json:"ram"`
-	// ExtraArgs are extra machine arguments (passed to the standby too).
+	// ExtraArgs are extra machine arguments. A backup's standby gets its
+	// own entry's, and they must equal the primary's (device layout).
 	ExtraArgs []string `json:"extra_args"`
+	// Machine is the QEMU machine type (default q35; a libvirt domain's
+	// versioned type such as pc-q35-7.2 when pairing with one). Accel is
+	// the accelerator (default tcg; kvm where available). Both must be
+	// equal on primary and backup.
+	Machine string `json:"machine"`
+	Accel   string `json:"accel"`
 	// Binary is the QEMU binary (default qemu-system-x86_64).
 	Binary string `json:"binary"`
 	// Libvirt says Name is a libvirt domain (running, with shared file
 	// memory backing) that the daemon drives through libvirtd (config
 	// field libvirt) instead of launching QEMU; see daemon/libvirt.go.
 	Libvirt bool `json:"libvirt"`
+	// Autostart launches the VM when the daemon starts (default true),
+	// unless the state directory says it was protected or took over here
+	// and is gone (it may run on the other host now: `remusd start VM`
+	// starts it by hand). false: the entry only describes the VM, for
+	// this host to back it up (the standby is built from it) and to run it
+	// after a failover.
+	Autostart *bool `json:"autostart,omitempty"`
 }
+
+// autostart reports whether the VM launches at daemon start.
+func (q QemuVM) autostart() bool { return q.Autostart == nil || *q.Autostart }
 
 // StandbyConfig is how this daemon builds a protected qemu VM's hot
 // standby when it is the backup.
@@ -95,10 +112,8 @@ func (q QemuVM) validate(f string) []error {
 	bad := func(field, format string, a ...any) {
 		errs = append(errs, fmt.Errorf("config field %s.%s: %s", f, field, fmt.Sprintf(format, a...)))
 	}
-	if q.Name == "" {
-		bad("name", "must be set")
-	} else if strings.ContainsAny(q.Name, ",/ \t\n\x00") {
-		bad("name", "%q must not contain ',', '/' or spaces", q.Name)
+	if err := hypervisor.ValidateVMName(q.Name); err != nil {
+		bad("name", "%v", err)
 	}
 	if q.Libvirt {
 		return append(errs, q.validateLibvirt(f)...)
@@ -255,7 +270,7 @@ func (q QemuVM) qemuSpec(host string, img *guestimage.Image) qemu.Spec {
 	s := qemu.Spec{
 		Name: q.Name, MemoryMiB: q.MemoryMiB, CPUs: q.CPUs,
 		Kernel: q.Kernel, Initrd: q.Initrd, Append: q.Append,
-		MAC: strings.ToLower(q.MAC), ExtraArgs: q.ExtraArgs,
+		MAC: strings.ToLower(q.MAC), ExtraArgs: q.ExtraArgs, Machine: q.Machine, Accel: q.Accel,
 		Tap:        q.Tap,
 		RAMPath:    filepath.Join(dir, q.Name+".ram"),
 		QMPPath:    filepath.Join(dir, q.Name+".qmp"),
@@ -272,19 +287,32 @@ func (q QemuVM) qemuSpec(host string, img *guestimage.Image) qemu.Spec {
 	return s
 }
 
-// standbySpec is the backup's spec for a primary's machine: the machine
-// fields from the handshake, the host-local ones from this daemon.
-func (s StandbyConfig) standbySpec(host string, machine qemu.Spec) qemu.Spec {
-	dir := s.runDir(host)
-	machine.RAMPath = filepath.Join(dir, machine.Name+".replica.ram")
-	machine.QMPPath = filepath.Join(dir, machine.Name+".qmp")
-	machine.SerialPath = filepath.Join(dir, machine.Name+".serial")
-	machine.Binary = s.Binary
-	machine.Tap = ""
-	if machine.MAC != "" {
-		machine.Tap = s.TapFor(machine.Name)
+// standbySpec is the backup's spec of a VM's hot standby: the machine
+// from this host's own configuration of the VM (never from the wire), its
+// files in the standby run dir, its NIC on the entry's tap (or the
+// standby tap pattern).
+func (d *Daemon) standbySpec(q QemuVM, img *guestimage.Image) qemu.Spec {
+	s := d.cfg.Standby
+	spec := q.qemuSpec(d.cfg.Name, img)
+	dir := s.runDir(d.cfg.Name)
+	spec.RAMPath = filepath.Join(dir, q.Name+".replica.ram")
+	spec.QMPPath = filepath.Join(dir, q.Name+".qmp")
+	spec.SerialPath = filepath.Join(dir, q.Name+".serial")
+	if spec.Binary == "" {
+		spec.Binary = s.Binary
 	}
-	return machine
+	if spec.MAC != "" && spec.Tap == "" {
+		spec.Tap = s.TapFor(q.Name)
+	}
+	return spec
+}
+
+// standbyNet is where the standby's tap attaches.
+func (d *Daemon) standbyNet(q QemuVM, spec qemu.Spec) qemuNet {
+	if q.Tap != "" {
+		return qemuNet{tap: spec.Tap, bridge: q.Bridge, bridged: q.Bridge != "" || q.Bridged}
+	}
+	return qemuNet{tap: spec.Tap, bridge: d.cfg.Standby.Bridge, bridged: d.cfg.Standby.Bridge != ""}
 }
 
 // startQemu launches (or attaches to) a configured VM.
@@ -382,9 +410,10 @@ func localQEMUVersion(ctx context.Context, binary string) (string, error) {
 	return fmt.Sprintf("qemu-%s.%s.%s", m[1], m[2], m[3]), nil
 }
 
-// openQemuBuffer opens the output buffer on a qemu VM's tap (d.mu held).
-// forceOne says the mechanism tracks a single closed epoch (plug).
-func (d *Daemon) openQemuBuffer(v *vm, interval time.Duration) (outbuf.Buffer, bool, error) {
+// openQemuBuffer opens the output buffer on a qemu VM's tap, with NFQUEUE
+// queue number queue. forceOne says the mechanism tracks a single closed
+// epoch (plug). Runs without d.mu (it may take seconds).
+func (d *Daemon) openQemuBuffer(ctx context.Context, v *vm, interval time.Duration, queue uint16) (outbuf.Buffer, bool, error) {
 	if v.qnet.tap == "" {
 		d.log.Info("qemu VM has no NIC: no network output to hold", zap.String("vm", v.name))
 		m := outbuf.NewMemory(0, nil)
@@ -398,34 +427,34 @@ func (d *Daemon) openQemuBuffer(v *vm, interval time.Duration) (outbuf.Buffer, b
 	if unsafe {
 		d.log.Warn("output buffering disabled by configuration (none-unsafe)", zap.String("vm", v.name))
 	}
-	q := d.nextQueue
-	d.nextQueue++
-	ctx, cancel := context.WithTimeout(d.ctx, 30*time.Second)
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	b, err := openNetBuffer(ctx, kind, netBufferSpec{Interface: v.qnet.tap, Bridged: v.qnet.bridged, QueueNum: q,
+	b, err := openNetBuffer(ctx, kind, netBufferSpec{Interface: v.qnet.tap, Bridged: v.qnet.bridged, QueueNum: queue,
 		Epoch: interval, Ack: d.cfg.AckTimeout.D()}, d.log.With(zap.String("vm", v.name)))
 	if err != nil {
 		return nil, false, err
 	}
 	d.log.Info("output buffer on the VM's tap", zap.String("vm", v.name), zap.String("kind", kind), zap.String("tap", v.qnet.tap),
-		zap.Bool("bridged", v.qnet.bridged), zap.Uint16("queue", q))
+		zap.Bool("bridged", v.qnet.bridged), zap.Uint16("queue", queue))
 	return b, kind == "plug", nil
 }
 
-// qemuBackupFor creates the replica and hot standby of a primary's qemu VM
-// (d.mu held).
-func (d *Daemon) qemuBackupFor(h *remuspb.Hello) (*checkpoint.Backup, error) {
+// newQemuReplica creates the replica and hot standby of a primary's qemu
+// VM from this host's configuration of it (local). The primary's
+// description is only compared with it: a mismatch is refused with the
+// differences named. Runs without d.mu.
+func (d *Daemon) newQemuReplica(ctx context.Context, h *remuspb.Hello, identity string, local QemuVM) (*vm, error) {
 	machine, err := qemu.ParseConfig(h.BackendConfig)
 	if err != nil {
 		return nil, fmt.Errorf("VM %s: bad qemu backend config: %w", h.VmName, err)
 	}
 	if machine.Name != h.VmName {
-		return nil, fmt.Errorf("VM %s: backend config names VM %q", h.VmName, machine.Name)
+		return nil, fmt.Errorf("VM %s: backend config names VM %q", h.VmName, printable(machine.Name))
 	}
 	if uint64(machine.MemoryBytes()) != h.MemoryBytes {
 		return nil, fmt.Errorf("VM %s: hello says %d bytes of memory, backend config %d", h.VmName, h.MemoryBytes, machine.MemoryBytes())
 	}
-	ctx, cancel := context.WithTimeout(d.ctx, qemu.DefaultStartTimeout)
+	ctx, cancel := context.WithTimeout(ctx, qemuStartTimeout)
 	defer cancel()
 	ver, err := localQEMUVersion(ctx, d.cfg.Standby.Binary)
 	if err != nil {
@@ -433,17 +462,15 @@ func (d *Daemon) qemuBackupFor(h *remuspb.Hello) (*checkpoint.Backup, error) {
 	}
 	if ver != h.BackendVersion {
 		return nil, fmt.Errorf("VM %s: QEMU version mismatch: the primary runs %s, this backup (%s) has %s; a standby cannot load device state saved by another QEMU version: install the same QEMU on both hosts",
-			h.VmName, h.BackendVersion, d.cfg.Name, ver)
+			h.VmName, printable(h.BackendVersion), d.cfg.Name, ver)
 	}
-	for field, p := range map[string]string{"kernel": machine.Kernel, "initrd": machine.Initrd} {
-		if p == "" {
-			continue
-		}
-		if _, err := os.Stat(p); err != nil {
-			return nil, fmt.Errorf("VM %s: the standby needs the primary's %s on this host too (same path): %w", h.VmName, field, err)
-		}
+	spec, err := d.localStandbySpec(ctx, local)
+	if err != nil {
+		return nil, fmt.Errorf("VM %s: %w", h.VmName, err)
 	}
-	spec := d.cfg.Standby.standbySpec(d.cfg.Name, machine)
+	if err := qemu.CheckCompatible(machine, spec); err != nil {
+		return nil, fmt.Errorf("VM %s: the primary's machine differs from %s's configuration of it: %w", h.VmName, d.cfg.Name, err)
+	}
 	if err := os.MkdirAll(filepath.Dir(spec.RAMPath), 0o700); err != nil {
 		return nil, fmt.Errorf("VM %s: standby run dir: %w", h.VmName, err)
 	}
@@ -452,27 +479,23 @@ func (d *Daemon) qemuBackupFor(h *remuspb.Hello) (*checkpoint.Backup, error) {
 	if d.cfg.Standby.Cold {
 		opts = append(opts, qemu.WithoutStandby())
 	}
-	rep, err := qemu.NewReplica(ctx, spec, d.log, opts...)
+	rep, err := d.newStandby(ctx, spec, d.log, opts...)
 	if err != nil {
 		return nil, fmt.Errorf("VM %s: replica: %w", h.VmName, err)
 	}
+	qn := d.standbyNet(local, spec)
 	if spec.Tap != "" && !d.cfg.Standby.Cold {
-		if err := setupTap(ctx, spec.Tap, d.cfg.Standby.Bridge); err != nil {
+		if err := setupTap(ctx, spec.Tap, qn.bridge); err != nil {
 			rep.Close()
 			return nil, fmt.Errorf("VM %s: standby: %w", h.VmName, err)
 		}
 	}
-	policy := failover.Manual
-	if d.cfg.Takeover == TakeoverAutoUnsafe {
-		policy = failover.AutoUnsafe
-	}
-	v := &vm{name: h.VmName, backend: qemu.BackendName, role: RoleBackup, qreplica: rep,
-		qnet:     qemuNet{tap: spec.Tap, bridge: d.cfg.Standby.Bridge, bridged: d.cfg.Standby.Bridge != ""},
-		detector: &failover.Detector{Timeout: d.cfg.HeartbeatTimeout.D(), Policy: policy}}
+	v := &vm{name: h.VmName, backend: qemu.BackendName, role: RoleBackup, qreplica: rep, qnet: qn, detector: d.newDetector()}
 	v.audit = openAudit(d.cfg.StateDir, h.VmName, "backup", d.log)
 	v.backup = checkpoint.NewBackup(checkpoint.BackupOptions{
 		VMName:            h.VmName,
 		Replica:           rep,
+		Owner:             identity,
 		Backend:           qemu.BackendName,
 		BackendVersion:    ver,
 		HeartbeatInterval: d.cfg.HeartbeatInterval.D(),
@@ -485,9 +508,29 @@ func (d *Daemon) qemuBackupFor(h *remuspb.Hello) (*checkpoint.Backup, error) {
 			// No memory hash here: it would delay the takeover.
 			v.audit.record(auditRecord{Event: "activate", Epoch: epoch, DeviceXXH: transport.PageHash(dev)})
 		},
+		OnGoodbye: func(restart bool) { d.onGoodbye(v, restart) },
 	})
-	d.vms[h.VmName] = v
-	d.log.Info("new qemu replica", zap.String("vm", h.VmName), zap.Int("memory_mib", spec.MemoryMiB), zap.String("qemu", ver),
-		zap.Bool("hot_standby", !d.cfg.Standby.Cold), zap.String("tap", spec.Tap), zap.String("bridge", d.cfg.Standby.Bridge))
-	return v.backup, nil
+	d.log.Info("new qemu replica", zap.String("vm", h.VmName), zap.String("owner", identity), zap.Int("memory_mib", spec.MemoryMiB), zap.String("qemu", ver),
+		zap.Bool("hot_standby", !d.cfg.Standby.Cold), zap.String("tap", spec.Tap), zap.String("bridge", qn.bridge))
+	return v, nil
+}
+
+// localStandbySpec builds the standby's spec from this host's own entry
+// for the VM: a launch description, or a libvirt domain defined on this
+// host's libvirtd.
+func (d *Daemon) localStandbySpec(ctx context.Context, q QemuVM) (qemu.Spec, error) {
+	if q.Libvirt {
+		return d.libvirtStandbySpec(ctx, q)
+	}
+	var img *guestimage.Image
+	if q.UseGuestImage {
+		var err error
+		if img, err = guestimage.Build(ctx, guestimage.Config{}); err != nil {
+			return qemu.Spec{}, fmt.Errorf("guest image: %w", err)
+		}
+	}
+	if q.QMP != "" {
+		return qemu.Spec{}, fmt.Errorf("its entry attaches to a QEMU launched by someone else (qmp, ram): describe the machine (memory_mib, kernel, ...) for this host to start a standby")
+	}
+	return d.standbySpec(q, img), nil
 }

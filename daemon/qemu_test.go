@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -21,6 +22,7 @@ import (
 
 func qemuCfg(vms ...QemuVM) Config {
 	c := DefaultConfig()
+	c.Insecure = true
 	c.QemuVMs = vms
 	return c
 }
@@ -103,35 +105,58 @@ func TestQemuSpecTranslation(t *testing.T) {
 		t.Errorf("default run dir %q", d)
 	}
 
-	// The backup: machine fields from the handshake, local fields from
-	// its standby section.
+	// The backup builds the standby from ITS OWN entry for the VM (its own
+	// kernel paths, its standby run dir and tap); the primary's
+	// description is only compared with it (issue 8, hole 2).
+	d := &Daemon{cfg: Config{Name: "hostB", Standby: StandbyConfig{Tap: "r-%s", Bridge: "brB", RunDir: "/dev/shm/b", Binary: "/usr/bin/qemu-system-x86_64"}}}
+	local := q
+	local.Tap, local.Bridge, local.RunDir = "", "", "/dev/shm/other"
+	bimg := &guestimage.Image{Kernel: "/b/vmlinuz", Initrd: "/b/initrd.cpio"}
+	r := d.standbySpec(local, bimg)
+	if err := r.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	if r.Tap != "r-g" || r.RAMPath != "/dev/shm/b/g.replica.ram" || r.QMPPath != "/dev/shm/b/g.qmp" || r.Binary != d.cfg.Standby.Binary {
+		t.Errorf("standby host-local fields: %+v", r)
+	}
+	if r.Kernel != bimg.Kernel || r.Initrd != bimg.Initrd {
+		t.Errorf("standby boots %s %s, want the backup's own %s %s", r.Kernel, r.Initrd, bimg.Kernel, bimg.Initrd)
+	}
 	machine, err := qemu.ParseConfig(s.Config())
 	if err != nil {
 		t.Fatal(err)
 	}
-	sb := StandbyConfig{Tap: "r-%s", Bridge: "brB", RunDir: "/dev/shm/b", Binary: "/usr/bin/qemu-system-x86_64"}
-	r := sb.standbySpec("hostB", machine)
-	if err := r.Validate(); err != nil {
+	if err := qemu.CheckCompatible(machine, r); err != nil {
+		t.Fatalf("same machine refused: %v", err)
+	}
+	// A primary that asks for another device layout, or smuggles a file
+	// into the standby's command line, is refused, naming the difference.
+	evil := s
+	evil.ExtraArgs = append(append([]string(nil), s.ExtraArgs...), "-drive", "file=/etc/shadow")
+	machine, err = qemu.ParseConfig(evil.Config())
+	if err != nil {
 		t.Fatal(err)
 	}
-	if r.Tap != "r-g" || r.RAMPath != "/dev/shm/b/g.replica.ram" || r.QMPPath != "/dev/shm/b/g.qmp" || r.Binary != sb.Binary {
-		t.Errorf("standby host-local fields: %+v", r)
+	if err := qemu.CheckCompatible(machine, r); err == nil || !strings.Contains(err.Error(), "extra_args") {
+		t.Fatalf("extra args from the wire: %v", err)
 	}
-	want := s
-	want.Tap, want.RAMPath, want.QMPPath, want.SerialPath, want.Binary = r.Tap, r.RAMPath, r.QMPPath, r.SerialPath, r.Binary
-	if fmt.Sprint(want) != fmt.Sprint(r) {
-		t.Errorf("standby spec\n got %+v\nwant %+v", r, want)
+	for _, a := range r.Args(true) {
+		if strings.Contains(a, "/etc/shadow") {
+			t.Fatalf("a wire argument reached the standby's command line: %q", r.Args(true))
+		}
 	}
-	// Same machine command line apart from host-local paths and the tap.
-	if a, b := strings.Join(s.Args(false), " "), strings.Join(r.Args(false), " "); strings.ReplaceAll(strings.ReplaceAll(strings.ReplaceAll(b, "/dev/shm/b/g.replica.ram", "/dev/shm/r/g.ram"), "/dev/shm/b/", "/dev/shm/r/"), "r-g", "tap0") != a {
-		t.Errorf("machine differs:\n%s\n%s", a, b)
+	bigger := s
+	bigger.MemoryMiB = 256
+	machine, _ = qemu.ParseConfig(bigger.Config())
+	if err := qemu.CheckCompatible(machine, r); err == nil || !strings.Contains(err.Error(), "memory_mib: primary 256, this backup 128") {
+		t.Fatalf("memory mismatch: %v", err)
 	}
 	if got := (StandbyConfig{}).TapFor("vm1"); got != "rs-vm1" {
 		t.Errorf("default standby tap %q", got)
 	}
-	// No NIC on the primary: no tap on the standby.
-	machine.MAC = ""
-	if r := sb.standbySpec("hostB", machine); r.Tap != "" {
+	// No NIC in the backup's description: no tap on the standby.
+	local.MAC = ""
+	if r := d.standbySpec(local, bimg); r.Tap != "" {
 		t.Errorf("standby tap without a NIC: %q", r.Tap)
 	}
 }
@@ -169,6 +194,9 @@ func startDaemon(t *testing.T, cfg Config) *Daemon {
 		case <-time.After(30 * time.Second):
 			t.Errorf("%s: Run did not return", cfg.Name)
 		}
+		// The daemon leaves its QEMU guests running (restarts must not
+		// kill them): the test stops them, by PID.
+		killGuests(t, d)
 	})
 	// Wait until Run has started (Protect needs it).
 	for deadline := time.Now().Add(30 * time.Second); ; {
@@ -182,6 +210,29 @@ func startDaemon(t *testing.T, cfg Config) *Daemon {
 			t.Fatalf("%s: Run did not start", cfg.Name)
 		}
 		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// killGuests kills the QEMU guests a stopped daemon left running.
+func killGuests(t *testing.T, d *Daemon) {
+	t.Helper()
+	d.mu.Lock()
+	var pids []int
+	for _, v := range d.vms {
+		if v.pid > 0 {
+			pids = append(pids, v.pid)
+		}
+	}
+	d.mu.Unlock()
+	for _, pid := range pids {
+		if err := syscall.Kill(pid, syscall.SIGKILL); err == nil {
+			for i := 0; i < 200 && syscall.Kill(pid, 0) == nil; i++ {
+				if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid)); err != nil || strings.Contains(string(b), ") Z ") {
+					break
+				}
+				time.Sleep(10 * time.Millisecond)
+			}
+		}
 	}
 }
 
@@ -237,12 +288,14 @@ func TestQemuProtectFailover(t *testing.T) {
 	bcfg := DefaultConfig()
 	bcfg.Name, bcfg.Listen, bcfg.Control, bcfg.StateDir = "hostB", freePort(t), filepath.Join(tmp, "b.sock"), filepath.Join(tmp, "b")
 	bcfg.Standby = StandbyConfig{RunDir: filepath.Join(shm, "b")}
-	backup := startDaemon(t, bcfg)
-
+	// The backup's own description of the VM: its standby is built from it.
+	bcfg.QemuVMs = []QemuVM{{Name: "g1", MemoryMiB: 128, UseGuestImage: true, RunDir: filepath.Join(shm, "b-run"), Autostart: boolp(false)}}
 	pcfg := DefaultConfig()
 	pcfg.Name, pcfg.Control, pcfg.StateDir = "hostA", filepath.Join(tmp, "a.sock"), filepath.Join(tmp, "a")
 	pcfg.EpochInterval = Duration(100 * time.Millisecond)
 	pcfg.QemuVMs = []QemuVM{{Name: "g1", MemoryMiB: 128, UseGuestImage: true, RunDir: filepath.Join(shm, "a")}}
+	securePeers(t, &bcfg, &pcfg)
+	backup := startDaemon(t, bcfg)
 	primary := startDaemon(t, pcfg)
 
 	// Let the guest boot a little (no NIC: the console says it started).
@@ -288,7 +341,7 @@ func TestQemuProtectFailover(t *testing.T) {
 		t.Fatal(err)
 	}
 	start := time.Now()
-	if err := backup.Failover(ctx, "g1"); err != nil {
+	if err := backup.Failover(ctx, FailoverRequest{VM: "g1"}); err != nil {
 		t.Fatal(err)
 	}
 	t.Logf("failover (Activate) took %v", time.Since(start))
@@ -313,8 +366,9 @@ func TestQemuBackupRefusesOtherQEMUVersion(t *testing.T) {
 	}
 	shm := t.TempDir()
 	cfg := DefaultConfig()
-	cfg.Name, cfg.StateDir = "hostB", filepath.Join(shm, "state")
+	cfg.Name, cfg.StateDir, cfg.Insecure = "hostB", filepath.Join(shm, "state"), true
 	cfg.Standby = StandbyConfig{RunDir: filepath.Join(shm, "run")}
+	cfg.QemuVMs = []QemuVM{{Name: "g", MemoryMiB: 16, Autostart: boolp(false)}}
 	d, err := New(cfg, zaptest.NewLogger(t))
 	if err != nil {
 		t.Fatal(err)
@@ -323,18 +377,23 @@ func TestQemuBackupRefusesOtherQEMUVersion(t *testing.T) {
 	spec := qemu.Spec{Name: "g", MemoryMiB: 16}
 	hello := &remuspb.Hello{VmName: "g", Backend: qemu.BackendName, BackendVersion: "qemu-0.0.1",
 		BackendConfig: spec.Config(), MemoryBytes: uint64(spec.MemoryBytes())}
-	_, err = d.backupFor(hello)
+	_, err = d.backupFor(context.Background(), hello, "hostA")
 	if err == nil || !strings.Contains(err.Error(), "QEMU version mismatch") || !strings.Contains(err.Error(), "qemu-0.0.1") {
 		t.Fatalf("backupFor = %v, want a QEMU version mismatch", err)
 	}
 	if _, err := os.Stat(filepath.Join(shm, "run")); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("a standby run dir was created for a refused primary: %v", err)
 	}
-	if len(d.vms) != 0 {
-		t.Errorf("refused primary left a VM: %v", d.vms)
+	if v := d.vms["g"]; len(d.vms) != 1 || v.role != RoleStopped || v.backup != nil || v.replicaSize != 0 {
+		t.Errorf("refused primary changed the VM: %+v", v)
 	}
-	hello.MemoryBytes++
-	if _, err := d.backupFor(hello); err == nil || !strings.Contains(err.Error(), "bytes of memory") {
+	hello.MemoryBytes += 4096
+	if _, err := d.backupFor(context.Background(), hello, "hostA"); err == nil || !strings.Contains(err.Error(), "bytes of memory") {
 		t.Errorf("memory mismatch: %v", err)
+	}
+	// A VM this host has no description of is refused before anything.
+	hello.VmName = "other"
+	if _, err := d.backupFor(context.Background(), hello, "hostA"); err == nil || !strings.Contains(err.Error(), "add a qemu_vms entry") {
+		t.Errorf("VM without a local description: %v", err)
 	}
 }

@@ -76,8 +76,14 @@ func AuditPath(stateDir, vm, role string) string {
 	return filepath.Join(stateDir, vm+"."+role+".log")
 }
 
-func openAudit(stateDir, vm, role string, log *zap.Logger) *auditLog {
-	f, err := os.OpenFile(AuditPath(stateDir, vm, role), os.O_CREATE|os.O_WRONLY|os.O_TRUNC|os.O_APPEND, 0o600)
+// openAudit opens a VM's audit log for a role, starting it anew unless
+// keep (a resumed protection appends to its log).
+func openAudit(stateDir, vm, role string, log *zap.Logger, keep ...bool) *auditLog {
+	flags := os.O_CREATE | os.O_WRONLY | os.O_APPEND
+	if len(keep) == 0 || !keep[0] {
+		flags |= os.O_TRUNC
+	}
+	f, err := os.OpenFile(AuditPath(stateDir, vm, role), flags, 0o600)
 	if err != nil {
 		log.Error("audit log unavailable", zap.Error(err))
 		return &auditLog{log: log}

@@ -98,8 +98,17 @@ func StartDaemon(ctx context.Context, o StartOptions, cfg daemon.Config) (*Daemo
 // Done is closed when the process has exited.
 func (p *DaemonProc) Done() <-chan struct{} { return p.done }
 
-// Stop asks the daemon to stop (SIGTERM) and kills it after 10 s.
+// Stop asks the daemon to stop (SIGTERM, killed after 10 s), then kills
+// the QEMU guests its state directory records (a daemon leaves its guests
+// running when it stops; a demo or test ends them).
 func (p *DaemonProc) Stop() {
+	p.StopKeepGuests()
+	_ = daemon.KillRecordedGuests(p.StateDir)
+}
+
+// StopKeepGuests asks the daemon to stop (SIGTERM) and kills it after
+// 10 s, leaving its guests running (a daemon restart).
+func (p *DaemonProc) StopKeepGuests() {
 	select {
 	case <-p.done:
 		return

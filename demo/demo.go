@@ -208,6 +208,9 @@ func (d *run) run(ctx context.Context) (*Result, error) {
 	bcfg.Takeover = daemon.TakeoverAutoUnsafe
 	pcfg := common("primary")
 	pcfg.SimVMs = []daemon.SimVM{{Name: "demo", MemoryBytes: d.cfg.MemoryBytes, Workload: d.cfg.Workload, Rate: d.cfg.Rate, Seed: d.cfg.Seed, Output: sk.addr()}}
+	if err := daemon.MeshConfigs(filepath.Join(dir, "tls"), &pcfg, &bcfg); err != nil {
+		return nil, fmt.Errorf("demo: %w", err)
+	}
 
 	d.say("remusd demo: %s guest of %d MiB, %s workload at %d writes/s, epochs of %v", "sim", d.cfg.MemoryBytes>>20, d.cfg.Workload, d.cfg.Rate, d.o.interval)
 	d.say("  working directory %s", dir)

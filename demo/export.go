@@ -155,8 +155,11 @@ func StartQEMULab(ctx context.Context, cfg QEMULabConfig) (l *QEMULab, err error
 	bcfg.Takeover = cfg.Takeover
 	bcfg.Standby = daemon.StandbyConfig{Tap: qemuTapB, Bridge: netlab.BridgeB, RunDir: filepath.Join(l.shm, "b")}
 	acfg := common("hostA")
-	acfg.QemuVMs = []daemon.QemuVM{{Name: qemuVM, MemoryMiB: cfg.MemoryMiB, UseGuestImage: true, GuestIP: netlab.GuestIP + netlab.Prefix,
-		Tap: qemuTapA, MAC: netlab.GuestMAC, Bridge: netlab.BridgeA, RunDir: filepath.Join(l.shm, "a")}}
+	acfg.QemuVMs = []daemon.QemuVM{qemuGuestConfig(cfg.MemoryMiB, qemuTapA, netlab.BridgeA, filepath.Join(l.shm, "a"), true)}
+	bcfg.QemuVMs = []daemon.QemuVM{qemuGuestConfig(cfg.MemoryMiB, qemuTapB, netlab.BridgeB, filepath.Join(l.shm, "b-run"), false)}
+	if err := daemon.MeshConfigs(filepath.Join(l.q.dir, "tls"), &acfg, &bcfg); err != nil {
+		return l, err
+	}
 	l.PeerAddr = bcfg.Listen
 	l.Primary = daemon.ControlClient{Path: acfg.Control, Timeout: 5 * time.Second}
 	l.Backup = daemon.ControlClient{Path: bcfg.Control, Timeout: 5 * time.Second}
@@ -267,4 +270,12 @@ func (l *QEMULab) Close() {
 		os.RemoveAll(l.q.dir)
 		l.q.dir = ""
 	}
+}
+
+// qemuGuestConfig is the guest-image VM of the QEMU topology as one host
+// configures it: on that host's tap and bridge; autostart on the primary,
+// off on the backup (whose standby is built from it).
+func qemuGuestConfig(memMiB int, tap, bridge, runDir string, autostart bool) daemon.QemuVM {
+	return daemon.QemuVM{Name: qemuVM, MemoryMiB: memMiB, UseGuestImage: true, GuestIP: netlab.GuestIP + netlab.Prefix,
+		Tap: tap, MAC: netlab.GuestMAC, Bridge: bridge, RunDir: runDir, Autostart: &autostart}
 }

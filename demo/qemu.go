@@ -273,8 +273,13 @@ func (q *qrun) run(ctx context.Context) (*QEMUResult, error) {
 	bcfg.Takeover = q.o.takeover
 	bcfg.Standby = daemon.StandbyConfig{Tap: qemuTapB, Bridge: netlab.BridgeB, RunDir: filepath.Join(shm, "b")}
 	acfg := common("hostA")
-	acfg.QemuVMs = []daemon.QemuVM{{Name: qemuVM, MemoryMiB: q.o.memMiB, UseGuestImage: true, GuestIP: netlab.GuestIP + netlab.Prefix,
-		Tap: qemuTapA, MAC: netlab.GuestMAC, Bridge: netlab.BridgeA, RunDir: filepath.Join(shm, "a")}}
+	acfg.QemuVMs = []daemon.QemuVM{qemuGuestConfig(q.o.memMiB, qemuTapA, netlab.BridgeA, filepath.Join(shm, "a"), true)}
+	// The backup describes the VM itself (its standby is built from this,
+	// never from what the primary sends), on its own tap and bridge.
+	bcfg.QemuVMs = []daemon.QemuVM{qemuGuestConfig(q.o.memMiB, qemuTapB, netlab.BridgeB, filepath.Join(shm, "b-run"), false)}
+	if err := daemon.MeshConfigs(filepath.Join(q.dir, "tls"), &acfg, &bcfg); err != nil {
+		return nil, fmt.Errorf("demo: %w", err)
+	}
 
 	backup, err := StartDaemon(ctx, StartOptions{Exe: exe, Dir: q.dir, Netns: n.B, Wait: 3 * time.Minute}, bcfg)
 	if err != nil {
@@ -380,7 +385,7 @@ func (q *qrun) run(ctx context.Context) (*QEMUResult, error) {
 
 	if q.o.takeover == daemon.TakeoverManual {
 		fctx, fcancel := context.WithTimeout(ctx, time.Minute)
-		err := bc.Failover(fctx, qemuVM)
+		err := bc.Failover(fctx, daemon.FailoverRequest{VM: qemuVM})
 		fcancel()
 		if err != nil {
 			return nil, fmt.Errorf("demo: remusd failover: %w", err)

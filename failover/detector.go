@@ -29,6 +29,9 @@ const (
 	Ended
 	// Never: no committed epoch yet; nothing could be taken over.
 	Never
+	// Restarting: the primary's daemon said it restarts and will resume;
+	// its silence is not a loss until the restart grace has passed.
+	Restarting
 )
 
 func (s State) String() string {
@@ -43,6 +46,8 @@ func (s State) String() string {
 		return "closed"
 	case Never:
 		return "none"
+	case Restarting:
+		return "restarting"
 	}
 	return fmt.Sprintf("state(%d)", int(s))
 }
@@ -64,12 +69,20 @@ type Observation struct {
 	LastHeard time.Time
 	Committed uint64
 	Goodbye   bool
+	// Restarting: the primary said its daemon restarts (at
+	// RestartingSince).
+	Restarting      bool
+	RestartingSince time.Time
 }
 
 // Detector tracks one replica's primary.
 type Detector struct {
 	Timeout time.Duration
 	Policy  Policy
+	// RestartGrace is how long a primary that said it restarts may stay
+	// silent before it counts as lost (the heartbeat timeout then runs
+	// from the end of the grace).
+	RestartGrace time.Duration
 
 	reported bool
 }
@@ -93,6 +106,10 @@ func (d *Detector) Evaluate(o Observation, now time.Time) Decision {
 		s = Up
 	case o.Committed == 0:
 		s = Never
+	case o.Restarting && now.Sub(o.RestartingSince) < d.RestartGrace:
+		s = Restarting
+	case o.Restarting && now.Sub(o.RestartingSince) < d.RestartGrace+d.Timeout:
+		s = Waiting
 	case now.Sub(o.LastHeard) < d.Timeout:
 		s = Waiting
 	default:

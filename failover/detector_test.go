@@ -54,3 +54,21 @@ func TestDetectorSilenceBeforeTimeoutIsNotLoss(t *testing.T) {
 		t.Fatalf("%+v", got)
 	}
 }
+
+func TestDetectorRestartGrace(t *testing.T) {
+	t0 := time.Unix(1000, 0)
+	d := &Detector{Timeout: time.Second, Policy: AutoUnsafe, RestartGrace: 30 * time.Second}
+	o := Observation{Committed: 5, LastHeard: t0, Restarting: true, RestartingSince: t0}
+	for _, c := range []struct {
+		after time.Duration
+		want  State
+	}{{2 * time.Second, Restarting}, {29 * time.Second, Restarting}, {30500 * time.Millisecond, Waiting}, {32 * time.Second, Lost}} {
+		dec := d.Evaluate(o, t0.Add(c.after))
+		if dec.State != c.want {
+			t.Fatalf("%v after a restart notice: %v, want %v", c.after, dec.State, c.want)
+		}
+		if c.want != Lost && dec.TakeOver {
+			t.Fatalf("%v after a restart notice: take over", c.after)
+		}
+	}
+}

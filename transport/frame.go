@@ -310,6 +310,11 @@ func NewReader(r io.Reader, lim Limits) *Reader {
 // Limits returns the limits the reader enforces.
 func (r *Reader) Limits() Limits { return r.lim }
 
+// SetLimits changes the limits for the frames read from now on (e.g. a
+// listener reads a peer's Hello under small limits, then, once the peer
+// is accepted, the replication limits apply).
+func (r *Reader) SetLimits(lim Limits) { r.lim = lim.withDefaults() }
+
 // ReadFrame reads the next frame. It returns io.EOF only on a clean end of
 // stream at a frame boundary. Malformed or truncated frames give a
 // *FrameError (errors.Is(err, ErrMalformed); truncation also matches

@@ -75,12 +75,13 @@ Flags replace the config file's sim_vms. Example:
 			run: runServe,
 		},
 		{
-			name: "protect", args: "VM --peer HOST:PORT [flags]",
+			name: "protect", args: "VM --peer PEER|HOST:PORT [flags]",
 			summary: "protect a running VM, replicating it to a peer",
 			desc: `Puts VM under Remus protection: it is checkpointed every epoch interval
-and replicated to the remusd at HOST:PORT; its network output is held
-until the backup acknowledges the epoch it belongs to. Unset flags take
-the daemon's configured defaults.`,
+and replicated to the backup remusd (a configured peer's name, or
+HOST:PORT whose certificate must name a configured peer); its network
+output is held until the backup acknowledges the epoch it belongs to.
+Unset flags take the daemon's configured defaults.`,
 			run: runProtect,
 		},
 		{
@@ -91,12 +92,39 @@ is closed cleanly. The VM keeps running here, unprotected.`,
 			run: runUnprotect,
 		},
 		{
-			name: "failover", args: "VM [flags]",
+			name: "failover", args: "VM [--force] [flags]",
 			summary: "activate this daemon's replica of a VM (on the backup)",
 			desc: `Run on the backup: makes this daemon's replica of VM take over from the
-last acknowledged checkpoint. Make sure the primary is really dead (or
-fenced) first: if it is still running, both copies will run.`,
+last acknowledged checkpoint. It is refused while the primary is
+connected and heartbeating (that would run two copies); --force
+activates anyway, logged loudly. Make sure the primary is really dead (or
+fenced) first.`,
 			run: runFailover,
+		},
+		{
+			name: "forget", args: "VM [flags]",
+			summary: "drop this daemon's replica of a VM (on the backup)",
+			desc: `Run on the backup: drops the replica of VM (its standby stops, its memory
+is freed). A replica only accepts its owner (the peer whose protection
+created it); forget is how another peer may protect the VM to this host.`,
+			run: runForget,
+		},
+		{
+			name: "start", args: "VM [flags]",
+			summary: "start a configured VM that does not run here",
+			desc: `Launches a QEMU VM of this daemon's configuration that does not run here:
+one with autostart off, one stopped by 'remusd stop', or one the daemon
+did not restart because it had been protected or active here and may now
+run on the other host. Make sure it runs nowhere else.`,
+			run: runStart,
+		},
+		{
+			name: "stop", args: "VM [flags]",
+			summary: "stop a VM that runs here unprotected",
+			desc: `Stops (quits) a QEMU VM that runs here unprotected (role local or
+active). A protected VM must be unprotected first. Stopping or restarting
+the daemon never stops its guests: this is the command that does.`,
+			run: runStop,
 		},
 		{
 			name: "status", args: "[--json] [flags]",
@@ -302,7 +330,7 @@ func clientCommand(c *command, err error, stderr io.Writer) int {
 
 func runProtect(ctx context.Context, c *command, args []string, stdout, stderr io.Writer) int {
 	fs := newFlagSet(c.name)
-	peer := fs.String("peer", "", "`HOST:PORT` of the backup remusd's replication listener (required)")
+	peer := fs.String("peer", "", "the backup: a configured peer's `NAME`, or HOST:PORT of its replication listener (required)")
 	interval := fs.Duration("epoch-interval", 0, "checkpoint every `D` (0 = the daemon's epoch_interval)")
 	inflight := fs.Int("max-inflight", 0, "`N` epochs may await acknowledgement at once (0 = the daemon's max_inflight)")
 	ctl := controlFlag(fs)
@@ -314,7 +342,7 @@ func runProtect(ctx context.Context, c *command, args []string, stdout, stderr i
 		return code
 	}
 	if *peer == "" {
-		return usageError(stderr, c, "--peer HOST:PORT is required")
+		return usageError(stderr, c, "--peer NAME or HOST:PORT is required")
 	}
 	if *interval < 0 {
 		return usageError(stderr, c, "--epoch-interval must not be negative")
@@ -335,7 +363,33 @@ func runUnprotect(ctx context.Context, c *command, args []string, stdout, stderr
 }
 
 func runFailover(ctx context.Context, c *command, args []string, stdout, stderr io.Writer) int {
-	return runVMCommand(ctx, c, args, stdout, stderr, daemon.ControlClient.Failover, "failed over; the replica here is now active")
+	fs := newFlagSet(c.name)
+	force := fs.Bool("force", false, "activate even though the primary is connected and healthy (both copies then run)")
+	ctl := controlFlag(fs)
+	pos, code, done := parse(c, fs, args, stdout, stderr)
+	if done {
+		return code
+	}
+	if code, ok := wantArgs(c, pos, []string{"VM"}, stderr); !ok {
+		return code
+	}
+	if err := (daemon.ControlClient{Path: *ctl}).Failover(ctx, daemon.FailoverRequest{VM: pos[0], Force: *force}); err != nil {
+		return clientCommand(c, err, stderr)
+	}
+	fmt.Fprintf(stdout, "%s: failed over; the replica here is now active\n", pos[0])
+	return exitOK
+}
+
+func runForget(ctx context.Context, c *command, args []string, stdout, stderr io.Writer) int {
+	return runVMCommand(ctx, c, args, stdout, stderr, daemon.ControlClient.Forget, "replica forgotten; another peer may now protect it to this host")
+}
+
+func runStart(ctx context.Context, c *command, args []string, stdout, stderr io.Writer) int {
+	return runVMCommand(ctx, c, args, stdout, stderr, daemon.ControlClient.Start, "started")
+}
+
+func runStop(ctx context.Context, c *command, args []string, stdout, stderr io.Writer) int {
+	return runVMCommand(ctx, c, args, stdout, stderr, daemon.ControlClient.Stop, "stopped")
 }
 
 // runVMCommand runs a control operation that takes one VM argument.
@@ -857,12 +911,36 @@ func (l *lateService) Unprotect(ctx context.Context, vm string) error {
 	return s.Unprotect(ctx, vm)
 }
 
-func (l *lateService) Failover(ctx context.Context, vm string) error {
+func (l *lateService) Failover(ctx context.Context, req daemon.FailoverRequest) error {
 	s, err := l.get()
 	if err != nil {
 		return err
 	}
-	return s.Failover(ctx, vm)
+	return s.Failover(ctx, req)
+}
+
+func (l *lateService) Forget(ctx context.Context, vm string) error {
+	s, err := l.get()
+	if err != nil {
+		return err
+	}
+	return s.Forget(ctx, vm)
+}
+
+func (l *lateService) Start(ctx context.Context, vm string) error {
+	s, err := l.get()
+	if err != nil {
+		return err
+	}
+	return s.Start(ctx, vm)
+}
+
+func (l *lateService) Stop(ctx context.Context, vm string) error {
+	s, err := l.get()
+	if err != nil {
+		return err
+	}
+	return s.Stop(ctx, vm)
 }
 
 func (l *lateService) Status(ctx context.Context) ([]daemon.VMStatus, error) {

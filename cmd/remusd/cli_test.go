@@ -220,10 +220,21 @@ func (f *fakeService) Unprotect(_ context.Context, vm string) error {
 	return nil
 }
 
-func (f *fakeService) Failover(_ context.Context, vm string) error {
-	f.record("failover " + vm)
+func (f *fakeService) Failover(_ context.Context, req daemon.FailoverRequest) error {
+	if req.Force {
+		f.record("failover --force " + req.VM)
+	} else {
+		f.record("failover " + req.VM)
+	}
 	return nil
 }
+
+func (f *fakeService) Forget(_ context.Context, vm string) error {
+	f.record("forget " + vm)
+	return nil
+}
+func (f *fakeService) Start(_ context.Context, vm string) error { f.record("start " + vm); return nil }
+func (f *fakeService) Stop(_ context.Context, vm string) error  { f.record("stop " + vm); return nil }
 
 func (f *fakeService) Status(context.Context) ([]daemon.VMStatus, error) { return f.status, nil }
 

@@ -390,3 +390,22 @@ func pemKey(key crypto.Signer) ([]byte, error) {
 	}
 	return pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), nil
 }
+
+// Mesh creates a throw-away CA and a bundle for each host name under
+// dir/NAME (for demos and tests: every host trusts the CA, and so each
+// other). It returns each host's TLS files.
+func Mesh(dir string, names ...string) (map[string]transport.TLSFiles, error) {
+	ca, err := NewCA("remusd-mesh-ca")
+	if err != nil {
+		return nil, err
+	}
+	out := make(map[string]transport.TLSFiles, len(names))
+	for _, n := range names {
+		f, err := ca.IssueFiles(filepath.Join(dir, n), n, HostOptions{Force: true})
+		if err != nil {
+			return nil, err
+		}
+		out[n] = f
+	}
+	return out, nil
+}

@@ -1,0 +1,159 @@
+package daemon
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/remusd/remusd/hypervisor/qemu"
+	"github.com/remusd/remusd/hypervisor/sim"
+)
+
+// watchBackups reports primaries that fell silent and, when the operator
+// opted in to unsafe automatic takeover, activates their replicas.
+func (d *Daemon) watchBackups(ctx context.Context) {
+	t := time.NewTicker(d.cfg.HeartbeatInterval.D())
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		var lost []string
+		d.mu.Lock()
+		now := time.Now()
+		for _, v := range d.vms {
+			if v.role != RoleBackup || v.backup == nil || v.busy != "" {
+				continue
+			}
+			st := v.backup.Stats()
+			dec := v.detector.Evaluate(observe(st), now)
+			if !dec.NewlyLost {
+				continue
+			}
+			d.log.Warn("primary lost: no heartbeat beyond timeout", zap.String("vm", v.name), zap.String("owner", v.backup.Owner()),
+				zap.Duration("silent", now.Sub(st.LastHeard)), zap.Uint64("committed", st.Committed),
+				zap.String("takeover", d.cfg.Takeover))
+			if dec.TakeOver {
+				lost = append(lost, v.name)
+			}
+		}
+		d.mu.Unlock()
+		for _, name := range lost {
+			d.log.Warn("automatic takeover (unsafe mode: no witness)", zap.String("vm", name))
+			if err := d.Failover(ctx, FailoverRequest{VM: name}); err != nil {
+				d.log.Error("automatic takeover failed", zap.String("vm", name), zap.Error(err))
+			}
+		}
+	}
+}
+
+// primaryConnected reports whether the replica's owner is connected and
+// was heard from within the heartbeat timeout. d.mu held.
+func (d *Daemon) primaryConnected(v *vm) bool {
+	st := v.backup.Stats()
+	return st.Connected && time.Since(st.LastHeard) < d.cfg.HeartbeatTimeout.D()
+}
+
+// failoverLinkGrace is how long Failover waits for a connected primary's
+// link to drop (a primary killed a moment ago closes its connection, and
+// the backup notices within milliseconds) before refusing.
+const failoverLinkGrace = 2 * time.Second
+
+// Failover implements Service: the replica of req.VM takes over here. It
+// is refused while the primary is connected and healthy (that would run
+// two copies), unless req.Force.
+func (d *Daemon) Failover(ctx context.Context, req FailoverRequest) error {
+	name := req.VM
+	deadline := time.Now().Add(min(failoverLinkGrace, d.cfg.HeartbeatTimeout.D()))
+	d.mu.Lock()
+	var v *vm
+	for {
+		var err error
+		if v, err = d.lookup("failover", name); err != nil {
+			d.mu.Unlock()
+			return err
+		}
+		if v.role != RoleBackup || v.backup == nil {
+			d.mu.Unlock()
+			return fmt.Errorf("failover %s: this host holds no replica of it (role %s); run failover on the backup host", name, v.role)
+		}
+		if req.Force || !d.primaryConnected(v) {
+			break
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			st := v.backup.Stats()
+			d.mu.Unlock()
+			return fmt.Errorf("failover %s: its primary %s is connected and was heard from %v ago: activating now would run two copies of the VM; if it is really dead or fenced, run failover with --force",
+				name, v.backup.Owner(), time.Since(st.LastHeard).Round(time.Millisecond))
+		}
+		d.mu.Unlock()
+		select {
+		case <-ctx.Done():
+		case <-time.After(10 * time.Millisecond):
+		}
+		d.mu.Lock()
+	}
+	if req.Force && d.primaryConnected(v) {
+		d.log.Error("FORCED FAILOVER while the primary is connected and healthy: two copies of the VM may now run", zap.String("vm", name), zap.String("owner", v.backup.Owner()))
+	}
+	b := v.backup
+	// Output goes straight out once the replica runs: it is unprotected
+	// until re-protected.
+	if v.backend == sim.BackendName {
+		if v.sink == nil {
+			v.sink = newOutputSink(v.spec.Output, d.cfg.Name, name, d.log)
+		}
+		v.setPassThrough()
+	}
+	v.busy = "activating"
+	d.mu.Unlock()
+	start := time.Now()
+	g, err := b.Activate(ctx)
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	v.busy = ""
+	if err != nil {
+		return fmt.Errorf("failover %s: %w", name, err)
+	}
+	v.guest = g
+	v.role = RoleActive
+	v.activatedAt = time.Now()
+	v.activation = time.Since(start)
+	v.replicaSize = 0 // it runs now: no longer a replica
+	if sg, ok := g.(*sim.Guest); ok {
+		v.guest = &simGuest{Guest: sg, spec: v.spec}
+	}
+	if v.qreplica != nil {
+		a := v.qreplica.LastActivation()
+		if qg, ok := g.(*qemu.Guest); ok {
+			v.pid = qg.Pid()
+		}
+		if a.Cold && v.qnet.tap != "" {
+			// A cold-started QEMU created a fresh tap: attach it, then
+			// announce the guest again (the first announcement went nowhere).
+			sctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+			err := setupTap(sctx, v.qnet.tap, v.qnet.bridge)
+			if err == nil {
+				if qg, ok := g.(*qemu.Guest); ok {
+					err = qg.QMP().Execute(sctx, "announce-self", map[string]any{"initial": 50, "max": 550, "rounds": 5, "step": 100}, nil)
+				}
+			}
+			cancel()
+			if err != nil {
+				d.log.Error("cold-started VM's network setup failed", zap.String("vm", name), zap.Error(err))
+			}
+		}
+		d.log.Warn("qemu VM activated", zap.String("vm", name), zap.Uint64("epoch", a.Epoch), zap.Bool("cold", a.Cold),
+			zap.Duration("probe", a.Probe), zap.Duration("start", a.Start), zap.Duration("incoming", a.Incoming),
+			zap.Duration("announce", a.Announce), zap.Duration("total", a.Total))
+		// The activated standby is this host's guest now.
+		v.qreplica = nil
+	}
+	d.saveRecord(v)
+	d.log.Warn("VM took over on this host", zap.String("vm", name), zap.Uint64("epoch", b.Committed()), zap.Duration("activation", v.activation))
+	return nil
+}

@@ -1,0 +1,230 @@
+package daemon
+
+// Guests outlive their daemon (issue 8, item 6): a daemon that stops
+// leaves its QEMU guests running and writes where they are into its state
+// directory; the next daemon re-attaches to them. Only an explicit
+// command (`remusd stop VM`) stops a guest. A configured VM the state
+// directory says was protected or took over here, and which is gone,
+// is not started automatically: it may be running on the other host.
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/remusd/remusd/guestimage"
+	"github.com/remusd/remusd/hypervisor/qemu"
+)
+
+// reattachTimeout bounds re-attaching to one running QEMU.
+const reattachTimeout = 30 * time.Second
+
+// bringUpQemu makes a configured QEMU VM known at daemon start: re-attached
+// (a previous daemon left it running), launched (autostart), or stopped.
+func (d *Daemon) bringUpQemu(q QemuVM) error {
+	rec, err := d.records.load(q.Name)
+	if err != nil {
+		return fmt.Errorf("%w (move the file away if the VM is not running here)", err)
+	}
+	v := &vm{name: q.Name, backend: "qemu", role: RoleStopped, qcfg: &q,
+		qnet: qemuNet{tap: q.Tap, bridge: q.Bridge, bridged: q.Bridge != "" || q.Bridged}}
+	d.vms[q.Name] = v
+	if rec != nil {
+		g, pid, attached, err := d.reattach(q, rec)
+		if err == nil {
+			v.guest, v.pid, v.attached, v.role = g, pid, attached, rec.Role
+			if rec.Role == RoleActive {
+				// It runs on the standby's tap.
+				if t := g.Spec().Tap; t != "" && q.Tap == "" {
+					v.qnet = d.standbyNet(q, g.Spec())
+				}
+			}
+			if rec.Role == RolePrimary && rec.Protection != nil {
+				p := *rec.Protection
+				v.resume = &p
+				v.busy = "resuming protection"
+			}
+			d.log.Warn("re-attached to a guest a previous daemon left running", zap.String("vm", q.Name), zap.String("role", rec.Role), zap.Int("pid", pid))
+			return nil
+		}
+		d.log.Warn("a guest recorded in the state directory is gone", zap.String("vm", q.Name), zap.String("role", rec.Role), zap.Error(err))
+		if rec.Role == RolePrimary || rec.Role == RoleActive {
+			v.stoppedWhy = fmt.Sprintf("it was %s here when the daemon stopped and is gone (%v); it may run on the other host now, so it is not started automatically: `remusd start %s` if it runs nowhere",
+				rec.Role, err, q.Name)
+			return nil
+		}
+		_ = d.records.remove(q.Name)
+	}
+	if !q.autostart() {
+		v.stoppedWhy = "autostart is off: this host backs the VM up or runs it after a failover"
+		return nil
+	}
+	return d.launch(v)
+}
+
+// launch starts v's configured QEMU (or attaches to the libvirt domain).
+// d.mu held or not yet shared (New).
+func (d *Daemon) launch(v *vm) error {
+	ctx, cancel := context.WithTimeout(context.Background(), qemuStartTimeout)
+	defer cancel()
+	g, attached, err := d.startQemu(ctx, *v.qcfg)
+	if err != nil {
+		return err
+	}
+	v.guest, v.attached, v.role, v.stoppedWhy, v.pid = g, attached, RoleLocal, "", g.Pid()
+	d.saveRecord(v)
+	d.log.Info("qemu VM running", zap.String("vm", v.name), zap.Bool("attached", attached), zap.Int("pid", g.Pid()),
+		zap.String("tap", v.qcfg.Tap), zap.String("serial", g.Spec().SerialPath))
+	return nil
+}
+
+// reattach connects to the QEMU a record names, if it still runs.
+func (d *Daemon) reattach(q QemuVM, rec *vmRecord) (*qemu.Guest, int, bool, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), reattachTimeout)
+	defer cancel()
+	if rec.Backend != qemu.BackendName || rec.QEMU == nil {
+		return nil, 0, false, fmt.Errorf("record of backend %q without QEMU details", rec.Backend)
+	}
+	switch rec.Role {
+	case RoleLocal, RolePrimary, RoleActive:
+	default:
+		return nil, 0, false, fmt.Errorf("record of role %q", rec.Role)
+	}
+	if q.Libvirt {
+		g, _, err := d.startLibvirt(ctx, q)
+		if err != nil {
+			return nil, 0, false, err
+		}
+		return g, 0, true, nil
+	}
+	r := rec.QEMU
+	if err := processAlive(r.Pid, r.QMP); err != nil {
+		return nil, 0, false, err
+	}
+	g, err := qemu.Attach(ctx, r.QMP, r.RAM, d.log)
+	if err != nil {
+		return nil, 0, false, err
+	}
+	spec := g.Spec()
+	want := q.qemuSpec(d.cfg.Name, d.cachedImage(ctx, q))
+	want.QMPPath, want.RAMPath, want.SerialPath, want.MemoryMiB = spec.QMPPath, spec.RAMPath, r.Serial, spec.MemoryMiB
+	if rec.Role == RoleActive && q.Tap == "" && want.MAC != "" {
+		want.Tap = d.cfg.Standby.TapFor(q.Name)
+	}
+	g.SetSpec(want)
+	return g, r.Pid, !r.Launched, nil
+}
+
+// cachedImage returns the guest image a use_guestimage VM boots (for its
+// spec), or nil.
+func (d *Daemon) cachedImage(ctx context.Context, q QemuVM) *guestimage.Image {
+	if !q.UseGuestImage {
+		return nil
+	}
+	img, err := guestimage.Build(ctx, guestimage.Config{})
+	if err != nil {
+		d.log.Warn("guest image unavailable for a re-attached VM's description", zap.String("vm", q.Name), zap.Error(err))
+		return nil
+	}
+	return img
+}
+
+// processAlive checks that pid runs and is the QEMU serving qmpPath (a
+// recycled pid is not ours).
+func processAlive(pid int, qmpPath string) error {
+	if pid <= 0 {
+		return errors.New("no pid recorded")
+	}
+	if err := syscall.Kill(pid, 0); err != nil {
+		return fmt.Errorf("process %d: %w", pid, err)
+	}
+	b, err := os.ReadFile(filepath.Join("/proc", fmt.Sprint(pid), "cmdline"))
+	if err != nil {
+		return fmt.Errorf("process %d: %w", pid, err)
+	}
+	if !strings.Contains(string(b), qmpPath) {
+		return fmt.Errorf("process %d is not the QEMU serving %s (pid reused)", pid, qmpPath)
+	}
+	return nil
+}
+
+// Start implements Service: it launches a configured QEMU VM that does not
+// run here.
+func (d *Daemon) Start(ctx context.Context, name string) error {
+	d.mu.Lock()
+	v, err := d.lookup("start", name)
+	if err != nil {
+		d.mu.Unlock()
+		return err
+	}
+	switch {
+	case v.role == RoleBackup:
+		d.mu.Unlock()
+		return fmt.Errorf("start %s: this host holds its replica (role backup): use `remusd failover %s` to run it from the replica, or `remusd forget %s` first", name, name, name)
+	case v.role != RoleStopped:
+		d.mu.Unlock()
+		return fmt.Errorf("start %s: already running here (role %s)", name, v.role)
+	case v.qcfg == nil:
+		d.mu.Unlock()
+		return fmt.Errorf("start %s: no qemu_vms entry describes it on %s", name, d.cfg.Name)
+	}
+	v.busy = "starting"
+	d.mu.Unlock()
+	err = d.launch(v)
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	v.busy = ""
+	if err != nil {
+		return fmt.Errorf("start %s: %w", name, err)
+	}
+	d.log.Warn("VM started by the operator", zap.String("vm", name))
+	return nil
+}
+
+// Stop implements Service: it stops a QEMU VM that runs here unprotected
+// (QMP quit, killed after a grace period if it does not exit).
+func (d *Daemon) Stop(ctx context.Context, name string) error {
+	d.mu.Lock()
+	v, err := d.lookup("stop", name)
+	if err != nil {
+		d.mu.Unlock()
+		return err
+	}
+	switch {
+	case v.role == RolePrimary:
+		d.mu.Unlock()
+		return fmt.Errorf("stop %s: it is protected: `remusd unprotect %s` first (stopping a protected VM would look like a failure to its backup)", name, name)
+	case v.role != RoleLocal && v.role != RoleActive:
+		d.mu.Unlock()
+		return fmt.Errorf("stop %s: it does not run here (role %s)", name, v.role)
+	case v.backend != qemu.BackendName:
+		d.mu.Unlock()
+		return fmt.Errorf("stop %s: a %s guest runs as long as its daemon", name, v.backend)
+	}
+	g := v.guest
+	v.busy = "stopping"
+	d.mu.Unlock()
+	err = g.Close()
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	v.busy, v.guest, v.role, v.stoppedWhy = "", nil, RoleStopped, "stopped by the operator"
+	v.backup, v.qreplica = nil, nil
+	if rerr := d.records.remove(name); rerr != nil {
+		d.log.Error("remove state record", zap.String("vm", name), zap.Error(rerr))
+	}
+	if v.qcfg == nil {
+		delete(d.vms, name)
+	}
+	d.log.Warn("VM stopped by the operator", zap.String("vm", name), zap.Error(err))
+	if err != nil {
+		return fmt.Errorf("stop %s: %w", name, err)
+	}
+	return nil
+}

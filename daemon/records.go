@@ -1,0 +1,202 @@
+package daemon
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/remusd/remusd/hypervisor"
+)
+
+// vmRecord is what the daemon keeps in its state directory about a VM
+// that runs on this host, so that a restarted daemon finds the guest
+// again, re-attaches and resumes its protection instead of killing it
+// (issue 8, item 6). One JSON file per VM, replaced atomically.
+type vmRecord struct {
+	Name    string `json:"name"`
+	Backend string `json:"backend"`
+	// Role is the VM's role here when the record was written: local,
+	// primary or active.
+	Role string `json:"role"`
+	// QEMU is where the guest's QEMU runs (launched or attached).
+	QEMU *qemuRecord `json:"qemu,omitempty"`
+	// Protection is set while the VM is protected from this host.
+	Protection *protectionRecord `json:"protection,omitempty"`
+	UpdatedAt  time.Time         `json:"updated_at"`
+}
+
+type qemuRecord struct {
+	Pid    int    `json:"pid"`
+	QMP    string `json:"qmp"`
+	RAM    string `json:"ram"`
+	Serial string `json:"serial,omitempty"`
+	// Launched: this daemon launched the QEMU (it is ours to stop on
+	// `remusd stop`); false for a QEMU someone else launched.
+	Launched bool `json:"launched"`
+}
+
+type protectionRecord struct {
+	ID       string `json:"id"`
+	Peer     string `json:"peer"`      // the address dialled
+	PeerName string `json:"peer_name"` // the backup's identity
+	// EpochInterval and MaxInflight as protect chose them.
+	EpochInterval Duration `json:"epoch_interval"`
+	MaxInflight   int      `json:"max_inflight"`
+	// OutBuf and Queue are the output buffer mechanism and NFQUEUE queue
+	// number on the VM's tap (a restarted daemon re-opens the same).
+	OutBuf string `json:"outbuf,omitempty"`
+	Queue  uint16 `json:"queue,omitempty"`
+}
+
+// recordStore reads and writes vmRecords under stateDir/vms.
+type recordStore struct{ dir string }
+
+func newRecordStore(stateDir string) (*recordStore, error) {
+	dir := filepath.Join(stateDir, "vms")
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("state dir: %w", err)
+	}
+	return &recordStore{dir: dir}, nil
+}
+
+func (s *recordStore) path(name string) (string, error) {
+	if err := hypervisor.ValidateVMName(name); err != nil {
+		return "", err
+	}
+	return filepath.Join(s.dir, name+".json"), nil
+}
+
+// load returns the record of name, or nil if there is none.
+func (s *recordStore) load(name string) (*vmRecord, error) {
+	p, err := s.path(name)
+	if err != nil {
+		return nil, err
+	}
+	b, err := os.ReadFile(p)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("state record of %s: %w", name, err)
+	}
+	var r vmRecord
+	if err := unmarshalStrict(b, &r); err != nil {
+		return nil, fmt.Errorf("state record %s: %w", p, err)
+	}
+	if r.Name != name {
+		return nil, fmt.Errorf("state record %s names VM %q", p, r.Name)
+	}
+	return &r, nil
+}
+
+// save replaces the record of r.Name (write to a temporary file, fsync,
+// rename), so that a crash leaves the old or the new record, never half.
+func (s *recordStore) save(r vmRecord) error {
+	p, err := s.path(r.Name)
+	if err != nil {
+		return err
+	}
+	r.UpdatedAt = time.Now().UTC()
+	b, err := json.MarshalIndent(r, "", "  ")
+	if err != nil {
+		return fmt.Errorf("state record of %s: %w", r.Name, err)
+	}
+	tmp := p + ".tmp"
+	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
+	if err != nil {
+		return fmt.Errorf("state record of %s: %w", r.Name, err)
+	}
+	_, werr := f.Write(append(b, '\n'))
+	serr := f.Sync()
+	cerr := f.Close()
+	if err := errors.Join(werr, serr, cerr); err != nil {
+		os.Remove(tmp)
+		return fmt.Errorf("state record of %s: %w", r.Name, err)
+	}
+	if err := os.Rename(tmp, p); err != nil {
+		return fmt.Errorf("state record of %s: %w", r.Name, err)
+	}
+	return nil
+}
+
+// remove deletes the record of name (no error if there is none).
+func (s *recordStore) remove(name string) error {
+	p, err := s.path(name)
+	if err != nil {
+		return err
+	}
+	if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("state record of %s: %w", name, err)
+	}
+	return nil
+}
+
+// RecordedGuest is a QEMU guest a daemon's state directory says runs on
+// its host (the daemon leaves its guests running when it stops).
+type RecordedGuest struct {
+	VM   string
+	Role string
+	Pid  int
+	QMP  string
+}
+
+// RecordedGuests lists the QEMU guests recorded in a daemon's state
+// directory, for operators' tools and test teardown.
+func RecordedGuests(stateDir string) ([]RecordedGuest, error) {
+	dir := filepath.Join(stateDir, "vms")
+	ents, err := os.ReadDir(dir)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	s := &recordStore{dir: dir}
+	var out []RecordedGuest
+	for _, e := range ents {
+		name, ok := strings.CutSuffix(e.Name(), ".json")
+		if !ok || e.IsDir() {
+			continue
+		}
+		r, err := s.load(name)
+		if err != nil || r == nil || r.QEMU == nil {
+			continue
+		}
+		out = append(out, RecordedGuest{VM: r.Name, Role: r.Role, Pid: r.QEMU.Pid, QMP: r.QEMU.QMP})
+	}
+	return out, nil
+}
+
+// KillRecordedGuests kills (SIGKILL, by PID) the QEMU guests recorded in
+// stateDir that still run, checking each PID still is that QEMU. For
+// tearing down demos and tests; operators use `remusd stop VM`.
+func KillRecordedGuests(stateDir string) error {
+	gs, err := RecordedGuests(stateDir)
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, g := range gs {
+		if processAlive(g.Pid, g.QMP) != nil {
+			continue
+		}
+		if err := syscall.Kill(g.Pid, syscall.SIGKILL); err != nil {
+			errs = append(errs, fmt.Errorf("kill %s (pid %d): %w", g.VM, g.Pid, err))
+			continue
+		}
+		for i := 0; i < 300 && processAlive(g.Pid, g.QMP) == nil && !zombie(g.Pid); i++ {
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func zombie(pid int) bool {
+	b, err := os.ReadFile(filepath.Join("/proc", fmt.Sprint(pid), "stat"))
+	return err != nil || strings.Contains(string(b), ") Z ")
+}
