@@ -7,6 +7,7 @@ package e2e
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
@@ -103,18 +104,18 @@ func TestManualFailover(t *testing.T) {
 	t.Parallel()
 	dir := shortTempDir(t)
 
-	bcfg := baseConfig(dir, "backup")
+	bcfg := baseConfig(t, dir, "backup")
 	bcfg.Listen = "127.0.0.1:0"
 	bcfg.Takeover = daemon.TakeoverManual
 	bcfg.HeartbeatInterval = daemon.Duration(hbInterval)
 	bcfg.HeartbeatTimeout = daemon.Duration(hbTimeout)
-	backup := startDaemon(t, dir, "backup", bcfg)
-	addr := backup.listenAddr(t)
-
-	pcfg := baseConfig(dir, "primary")
+	pcfg := baseConfig(t, dir, "primary")
 	pcfg.HeartbeatInterval = daemon.Duration(hbInterval)
 	pcfg.HeartbeatTimeout = daemon.Duration(hbTimeout)
 	pcfg.SimVMs = []daemon.SimVM{{Name: "demo", MemoryBytes: 4 << 20, Rate: 20000}}
+	trust(&bcfg, &pcfg)
+	backup := startDaemon(t, dir, "backup", bcfg)
+	addr := backup.listenAddr(t)
 	primary := startDaemon(t, dir, "primary", pcfg)
 
 	if s, ok := vmStatus(t, pcfg.Control, "demo"); !ok || s.Role != daemon.RoleLocal {
@@ -146,6 +147,16 @@ func TestManualFailover(t *testing.T) {
 	}
 	if bs.Epoch == 0 || bs.EpochsCommitted == 0 {
 		t.Errorf("backup status shows no committed epoch while the primary has acks: %+v", bs)
+	}
+
+	// While the primary is connected and healthy, failover is refused
+	// (it would run two copies: issue 8, hole 9).
+	r = runCLI(t, "failover", "demo", "--control", bcfg.Control)
+	if r.code == 0 || !strings.Contains(r.stderr, "--force") || !strings.Contains(r.stderr, "connected") {
+		t.Fatalf("failover beside a healthy primary: want a refusal pointing at --force: %v", r)
+	}
+	if s, _ := vmStatus(t, bcfg.Control, "demo"); s.Role != daemon.RoleBackup {
+		t.Fatalf("a refused failover changed the backup's role to %q", s.Role)
 	}
 
 	// The primary host dies. The last ack the backup could have sent is at
@@ -260,8 +271,9 @@ func lastAudit(t *testing.T, path, event string) (auditRec, bool) {
 func TestOperatorErrors(t *testing.T) {
 	t.Parallel()
 	dir := shortTempDir(t)
-	cfg := baseConfig(dir, "host")
+	cfg := baseConfig(t, dir, "host")
 	cfg.SimVMs = []daemon.SimVM{{Name: "demo", MemoryBytes: 1 << 20, Rate: 1000}}
+	cfg.Peers = []daemon.Peer{{Name: "nobody"}}
 	startDaemon(t, dir, "host", cfg)
 
 	t.Run("protect unknown VM", func(t *testing.T) {
@@ -316,7 +328,7 @@ func TestOperatorErrors(t *testing.T) {
 		}
 	})
 	t.Run("serve with invalid config", func(t *testing.T) {
-		bad := baseConfig(dir, "bad")
+		bad := baseConfig(t, dir, "bad")
 		bad.HeartbeatInterval = daemon.Duration(100 * time.Millisecond)
 		bad.HeartbeatTimeout = daemon.Duration(250 * time.Millisecond)
 		path := writeConfig(t, dir, "bad", bad)
@@ -356,6 +368,7 @@ func liarHello(cfg sim.Config) *remuspb.Hello {
 	}
 	return &remuspb.Hello{
 		ProtocolVersion: checkpoint.ProtocolVersion,
+		Host:            liarHost,
 		VmName:          "demo",
 		ProtectionId:    liarProtection,
 		MemoryBytes:     uint64(cfg.MemoryBytes),
@@ -374,14 +387,32 @@ type liar struct {
 	r    *transport.Reader
 }
 
-func dialLiar(t *testing.T, addr string) *liar {
+// liarHost is the hand-driven primary's identity.
+const liarHost = "liar"
+
+// dialLiar opens a mutual-TLS connection to the backup at addr with the
+// certificate in f.
+func dialLiar(t *testing.T, addr string, f transport.TLSFiles) *liar {
 	t.Helper()
-	conn, err := net.DialTimeout("tcp", addr, 10*time.Second)
+	conn := dialTLS(t, addr, f)
+	t.Cleanup(func() { conn.Close() })
+	return &liar{t: t, conn: conn, w: transport.NewWriter(conn), r: transport.NewReader(conn, transport.DefaultLimits())}
+}
+
+// dialTLS connects to a backup with certificate f, accepting whatever
+// identity the backup's (CA-signed) certificate has.
+func dialTLS(t *testing.T, addr string, f transport.TLSFiles) net.Conn {
+	t.Helper()
+	cfg, err := f.ClientConfig(func(string) error { return nil })
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := &net.Dialer{Timeout: 10 * time.Second}
+	conn, err := tls.DialWithDialer(d, "tcp", addr, cfg)
 	if err != nil {
 		t.Fatalf("dial backup: %v", err)
 	}
-	t.Cleanup(func() { conn.Close() })
-	return &liar{t: t, conn: conn, w: transport.NewWriter(conn), r: transport.NewReader(conn, transport.DefaultLimits())}
+	return conn
 }
 
 // hello sends Hello and returns the Welcome.
@@ -503,6 +534,7 @@ func pagesOf(mem []byte, pfns []uint64) []byte {
 // replicate a valid full epoch 1 to it.
 type liarSetup struct {
 	addr       string
+	tls        transport.TLSFiles // the liar's certificate
 	bcfg       daemon.Config
 	cfg        sim.Config
 	numPages   int
@@ -515,14 +547,17 @@ type liarSetup struct {
 func newLiarSetup(t *testing.T) *liarSetup {
 	t.Helper()
 	dir := shortTempDir(t)
-	bcfg := baseConfig(dir, "backup")
+	bcfg := baseConfig(t, dir, "backup")
 	bcfg.Listen = "127.0.0.1:0"
 	bcfg.Takeover = daemon.TakeoverManual
 	// Generous: the test writes frames by hand on a loaded machine.
 	bcfg.HeartbeatInterval = daemon.Duration(200 * time.Millisecond)
 	bcfg.HeartbeatTimeout = daemon.Duration(5 * time.Second)
+	// The liar is a configured, authenticated peer: what it sends is all
+	// that is checked here (strangers are TestStrangers').
+	bcfg.Peers = []daemon.Peer{{Name: liarHost, VMs: []string{"demo"}}}
 	backup := startDaemon(t, dir, "backup", bcfg)
-	s := &liarSetup{addr: backup.listenAddr(t), bcfg: bcfg, cfg: liarSpec()}
+	s := &liarSetup{addr: backup.listenAddr(t), bcfg: bcfg, cfg: liarSpec(), tls: hostTLS(t, dir, liarHost)}
 	s.numPages = int(s.cfg.MemoryBytes / hypervisor.PageSize)
 	s.all = allPfns(s.numPages)
 	var err error
@@ -543,7 +578,7 @@ func newLiarSetup(t *testing.T) *liarSetup {
 	}
 
 	// A valid full epoch 1 is acknowledged.
-	l := dialLiar(t, s.addr)
+	l := dialLiar(t, s.addr, s.tls)
 	if wel := l.hello(liarHello(s.cfg)); wel.CommittedEpoch != 0 {
 		t.Fatalf("fresh replica welcomes with committed epoch %d, want 0", wel.CommittedEpoch)
 	}
@@ -555,7 +590,7 @@ func newLiarSetup(t *testing.T) *liarSetup {
 		t.Fatalf("after epoch 1: got %v %v, want Ack(1)", f.Kind, f.Header)
 	}
 	l.conn.Close()
-	checkAtEpoch1(t, s.addr, bcfg.Control, "after epoch 1")
+	checkAtEpoch1(t, s, "after epoch 1")
 	return s
 }
 
@@ -649,11 +684,11 @@ func TestLyingPrimary(t *testing.T) {
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
-			l := dialLiar(t, addr)
+			l := dialLiar(t, addr, s.tls)
 			c.lie(l)
 			l.expectClosed(c.name)
 			l.conn.Close()
-			checkAtEpoch1(t, addr, bcfg.Control, "after "+c.name)
+			checkAtEpoch1(t, s, "after "+c.name)
 		})
 		if t.Failed() {
 			return
@@ -667,7 +702,7 @@ func TestLyingPrimary(t *testing.T) {
 	s.failoverAtEpoch1(t)
 
 	// Once active, the replica refuses further replication.
-	l := dialLiar(t, addr)
+	l := dialLiar(t, addr, s.tls)
 	if err := l.w.WriteFrame(transport.KindHello, liarHello(cfg), nil); err != nil {
 		t.Fatal(err)
 	}
@@ -685,22 +720,23 @@ func TestLyingPrimary(t *testing.T) {
 func TestLyingPrimaryDeviceState(t *testing.T) {
 	t.Parallel()
 	s := newLiarSetup(t)
-	l := dialLiar(t, s.addr)
+	l := dialLiar(t, s.addr, s.tls)
 	l.hello(liarHello(s.cfg))
 	dev := append([]byte(nil), s.dev2...)
 	dev[20] ^= 0xff // breaks the sim blob's own checksum; frame crc and digest cover it
 	_ = l.send(epoch{num: 2, base: 1, pfns: s.changed, pages: pagesOf(s.mem2, s.changed), dev: dev, pageCount: -1})
 	l.expectClosed("corrupt device state")
 	l.conn.Close()
-	checkAtEpoch1(t, s.addr, s.bcfg.Control, "after a corrupt device state")
+	checkAtEpoch1(t, s, "after a corrupt device state")
 	s.failoverAtEpoch1(t)
 }
 
 // checkAtEpoch1 checks, through a fresh Hello and through `remusd status`,
 // that the replica is still at epoch 1 and the daemon healthy.
-func checkAtEpoch1(t *testing.T, addr, control, when string) {
+func checkAtEpoch1(t *testing.T, ls *liarSetup, when string) {
 	t.Helper()
-	l := dialLiar(t, addr)
+	control := ls.bcfg.Control
+	l := dialLiar(t, ls.addr, ls.tls)
 	wel := l.hello(liarHello(liarSpec()))
 	if wel.CommittedEpoch != 1 || wel.ProtectionId != liarProtection {
 		t.Errorf("%s: Welcome committed_epoch %d protection %q, want 1 %q", when, wel.CommittedEpoch, wel.ProtectionId, liarProtection)

@@ -18,7 +18,9 @@ import (
 	"time"
 
 	"github.com/remusd/remusd/daemon"
+	"github.com/remusd/remusd/internal/pki"
 	"github.com/remusd/remusd/netlab"
+	"github.com/remusd/remusd/transport"
 )
 
 // binPath is the remusd binary TestMain builds.
@@ -352,12 +354,16 @@ func waitFor(t *testing.T, deadline time.Duration, what string, cond func() (boo
 	}
 }
 
-// baseConfig is a daemon config with every path inside dir.
-func baseConfig(dir, name string) daemon.Config {
+// baseConfig is a daemon config with every path inside dir and a
+// certificate for name from the test's CA (see testCA): mutual TLS, as by
+// default. trust pairs configs as peers.
+func baseConfig(t *testing.T, dir, name string) daemon.Config {
+	t.Helper()
 	cfg := daemon.DefaultConfig()
 	cfg.Name = name
 	cfg.Control = filepath.Join(dir, name+".sock")
 	cfg.StateDir = filepath.Join(dir, name+"-state")
+	cfg.TLS = hostTLS(t, dir, name)
 	return cfg
 }
 
@@ -371,4 +377,51 @@ func closedPort(t *testing.T) string {
 	addr := ln.Addr().String()
 	ln.Close()
 	return addr
+}
+
+// testCA returns the CA of the test directory dir (created on first use,
+// under dir/ca).
+func testCA(t *testing.T, dir string) *pki.CA {
+	t.Helper()
+	caDir := filepath.Join(dir, "ca")
+	if _, err := os.Stat(filepath.Join(caDir, pki.CACertFile)); err != nil {
+		if err := pki.InitCA(caDir, "e2e-ca", 0, false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ca, err := pki.LoadCA(caDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ca
+}
+
+// hostTLS issues (once) the certificate bundle of host name from dir's CA.
+func hostTLS(t *testing.T, dir, name string) transport.TLSFiles {
+	t.Helper()
+	out := filepath.Join(dir, "tls-"+name)
+	if _, err := os.Stat(filepath.Join(out, pki.HostCertFile)); err == nil {
+		return pki.BundleFiles(out)
+	}
+	f, err := testCA(t, dir).IssueFiles(out, name, pki.HostOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return f
+}
+
+// trust makes every config list the others as peers it accepts replicas
+// of any VM from (at their listen address, when it is fixed).
+func trust(cfgs ...*daemon.Config) {
+	for _, c := range cfgs {
+		for _, o := range cfgs {
+			if o != c {
+				addr := o.Listen
+				if strings.HasSuffix(addr, ":0") {
+					addr = ""
+				}
+				c.Peers = append(c.Peers, daemon.Peer{Name: o.Name, Address: addr, VMs: []string{"*"}})
+			}
+		}
+	}
 }

@@ -157,15 +157,20 @@ func qemuFailoverRun(t *testing.T, killAfter int) {
 	}
 	t.Cleanup(func() { os.RemoveAll(shm) })
 
-	bcfg := baseConfig(dir, "hostB")
+	bcfg := baseConfig(t, dir, "hostB")
 	bcfg.Listen = hostBIP + ":" + replPort
-	bcfg.Standby = daemon.StandbyConfig{Tap: "tapB", Bridge: "brB", RunDir: filepath.Join(shm, "b")}
-	backup := startDaemonIn(t, dir, "hostB", n.B, bcfg)
-
-	acfg := baseConfig(dir, "hostA")
+	bcfg.Standby = daemon.StandbyConfig{RunDir: filepath.Join(shm, "b")}
+	off := false
+	// The backup's own description of the VM, on its own tap and bridge:
+	// the standby is built from it, never from what the primary sends.
+	bcfg.QemuVMs = []daemon.QemuVM{{Name: "g", MemoryMiB: 128, UseGuestImage: true, GuestIP: guestIP + "/24",
+		Tap: "tapB", MAC: guestMAC, Bridge: "brB", RunDir: filepath.Join(shm, "b-run"), Autostart: &off}}
+	acfg := baseConfig(t, dir, "hostA")
 	acfg.EpochInterval = daemon.Duration(50 * time.Millisecond)
 	acfg.QemuVMs = []daemon.QemuVM{{Name: "g", MemoryMiB: 128, UseGuestImage: true, GuestIP: guestIP + "/24",
 		Tap: "tapA", MAC: guestMAC, Bridge: "brA", RunDir: filepath.Join(shm, "a")}}
+	trust(&bcfg, &acfg)
+	backup := startDaemonIn(t, dir, "hostB", n.B, bcfg)
 	primary := startDaemonIn(t, dir, "hostA", n.A, acfg)
 
 	serial := filepath.Join(shm, "a", "g.serial")

@@ -16,7 +16,7 @@ func TestReprotectAfterFailover(t *testing.T) {
 	t.Parallel()
 	dir := shortTempDir(t)
 	mk := func(name string) daemon.Config {
-		c := baseConfig(dir, name)
+		c := baseConfig(t, dir, name)
 		c.Listen = "127.0.0.1:0"
 		c.HeartbeatInterval = daemon.Duration(hbInterval)
 		c.HeartbeatTimeout = daemon.Duration(hbTimeout)
@@ -24,8 +24,10 @@ func TestReprotectAfterFailover(t *testing.T) {
 	}
 	acfg := mk("hostA")
 	acfg.SimVMs = []daemon.SimVM{{Name: "vm", MemoryBytes: 4 << 20, Rate: 20000}}
-	a := startDaemon(t, dir, "hostA", acfg)
 	bcfg := mk("hostB")
+	a2cfg := mk("hostA2")
+	trust(&acfg, &bcfg, &a2cfg)
+	a := startDaemon(t, dir, "hostA", acfg)
 	b := startDaemon(t, dir, "hostB", bcfg)
 	baddr := b.listenAddr(t)
 
@@ -54,7 +56,6 @@ func TestReprotectAfterFailover(t *testing.T) {
 	opsAtTakeover := s.GuestOps
 
 	// Host A comes back empty: a fresh daemon with no VM of its own.
-	a2cfg := mk("hostA2")
 	a2 := startDaemon(t, dir, "hostA2", a2cfg)
 	a2addr := a2.listenAddr(t)
 	if r := runCLI(t, "protect", "vm", "--peer", a2addr, "--control", bcfg.Control); r.code != 0 {
