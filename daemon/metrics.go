@@ -104,6 +104,15 @@ func NewMetricsCollector(statusFn func(context.Context) ([]VMStatus, error), log
 				func(s *VMStatus) float64 { return msToSeconds(s.ActivationMs) }),
 			m("remusd_guest_ops_total", "Operations the guest executed (sim backend).", c,
 				func(s *VMStatus) float64 { return float64(s.GuestOps) }),
+			m("remusd_replication_insecure", "1 if the VM's replication link is plaintext and unauthenticated (config insecure), else 0.", g,
+				func(s *VMStatus) float64 {
+					if s.Insecure {
+						return 1
+					}
+					return 0
+				}),
+			m("remusd_links_refused_total", "Links refused before they could change the replica (other identity than its owner, incompatible Hello).", c,
+				func(s *VMStatus) float64 { return float64(s.LinksRefused) }),
 		},
 		roleInfo: prometheus.NewDesc("remusd_role_info", "The VM's role on this daemon (value is always 1).",
 			[]string{"vm", "role", "backend"}, nil),

@@ -31,11 +31,41 @@ func RenderStatus(w io.Writer, st []VMStatus) error {
 	if err := tw.Flush(); err != nil {
 		return err
 	}
+	insecure := false
 	for _, s := range vms {
+		insecure = insecure || s.Insecure
+		var notes []string
+		if s.PeerName != "" {
+			switch s.Role {
+			case RoleBackup, RoleActive:
+				notes = append(notes, "replica owned by "+s.PeerName)
+			default:
+				notes = append(notes, "backup "+s.PeerName)
+			}
+		}
+		if s.Busy != "" {
+			notes = append(notes, s.Busy)
+		}
+		if s.StoppedWhy != "" {
+			notes = append(notes, "not running here: "+s.StoppedWhy)
+		}
+		if s.LinksRefused > 0 {
+			notes = append(notes, fmt.Sprintf("%d links refused", s.LinksRefused))
+		}
+		for _, n := range notes {
+			if _, err := fmt.Fprintf(w, "%s: %s\n", s.VM, n); err != nil {
+				return err
+			}
+		}
 		if s.LastError != "" {
 			if _, err := fmt.Fprintf(w, "%s: last error: %s\n", s.VM, s.LastError); err != nil {
 				return err
 			}
+		}
+	}
+	if insecure {
+		if _, err := fmt.Fprintln(w, "WARNING: the replication link is INSECURE (plaintext, unauthenticated: config insecure)"); err != nil {
+			return err
 		}
 	}
 	return nil

@@ -98,3 +98,25 @@ func TestHumanBytes(t *testing.T) {
 		}
 	}
 }
+
+func TestRenderStatusTrustNotes(t *testing.T) {
+	var b strings.Builder
+	st := []VMStatus{
+		{VM: "web", Role: RoleBackup, PeerName: "hostA", LinksRefused: 3, Insecure: true},
+		{VM: "db", Role: RoleStopped, StoppedWhy: "it was primary here"},
+	}
+	if err := RenderStatus(&b, st); err != nil {
+		t.Fatal(err)
+	}
+	out := b.String()
+	for _, want := range []string{"web: replica owned by hostA", "web: 3 links refused", "db: not running here: it was primary here", "INSECURE"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("status table lacks %q:\n%s", want, out)
+		}
+	}
+	b.Reset()
+	_ = RenderStatus(&b, st[1:])
+	if strings.Contains(b.String(), "INSECURE") {
+		t.Errorf("INSECURE shown for a secure daemon:\n%s", b.String())
+	}
+}

@@ -21,6 +21,7 @@ import (
 	"github.com/remusd/remusd/bench"
 	"github.com/remusd/remusd/daemon"
 	"github.com/remusd/remusd/demo"
+	"github.com/remusd/remusd/hypervisor"
 )
 
 // version is set at link time: -ldflags "-X main.version=1.2.3".
@@ -297,6 +298,14 @@ func parse(c *command, fs *flag.FlagSet, args []string, stdout, stderr io.Writer
 	}
 }
 
+// wantVM checks a VM name argument against the one naming rule.
+func wantVM(c *command, name string, stderr io.Writer) (int, bool) {
+	if err := hypervisor.ValidateVMName(name); err != nil {
+		return usageError(stderr, c, "%v", err), false
+	}
+	return 0, true
+}
+
 // wantArgs checks the number of positional arguments.
 func wantArgs(c *command, pos []string, names []string, stderr io.Writer) (int, bool) {
 	switch {
@@ -341,6 +350,9 @@ func runProtect(ctx context.Context, c *command, args []string, stdout, stderr i
 	if code, ok := wantArgs(c, pos, []string{"VM"}, stderr); !ok {
 		return code
 	}
+	if code, ok := wantVM(c, pos[0], stderr); !ok {
+		return code
+	}
 	if *peer == "" {
 		return usageError(stderr, c, "--peer NAME or HOST:PORT is required")
 	}
@@ -373,6 +385,9 @@ func runFailover(ctx context.Context, c *command, args []string, stdout, stderr 
 	if code, ok := wantArgs(c, pos, []string{"VM"}, stderr); !ok {
 		return code
 	}
+	if code, ok := wantVM(c, pos[0], stderr); !ok {
+		return code
+	}
 	if err := (daemon.ControlClient{Path: *ctl}).Failover(ctx, daemon.FailoverRequest{VM: pos[0], Force: *force}); err != nil {
 		return clientCommand(c, err, stderr)
 	}
@@ -402,6 +417,9 @@ func runVMCommand(ctx context.Context, c *command, args []string, stdout, stderr
 		return code
 	}
 	if code, ok := wantArgs(c, pos, []string{"VM"}, stderr); !ok {
+		return code
+	}
+	if code, ok := wantVM(c, pos[0], stderr); !ok {
 		return code
 	}
 	if err := op(daemon.ControlClient{Path: *ctl}, ctx, pos[0]); err != nil {
@@ -714,6 +732,7 @@ func runServe(ctx context.Context, c *command, args []string, stdout, stderr io.
 	hbTimeout := fs.Duration("heartbeat-timeout", def.HeartbeatTimeout.D(), "declare the link lost after `D` without heartbeats (at least 3 intervals)")
 	ackTimeout := fs.Duration("ack-timeout", def.AckTimeout.D(), "apply --ack-timeout-policy after `D` without an acknowledgement")
 	ackPolicy := fs.String("ack-timeout-policy", def.AckTimeoutPolicy, "on ack timeout, `hold|unprotect`: keep holding output, or release it and run unprotected")
+	insecure := fs.Bool("insecure", def.Insecure, "plaintext, unauthenticated replication (loopback listeners only unless the config also sets insecure_non_loopback)")
 	takeover := fs.String("takeover", def.Takeover, "`manual|auto-unsafe`: on a lost primary, wait for remusd failover, or activate at once (unsafe under a partition)")
 	var simVMs simVMList
 	fs.Var(&simVMs, "sim-vm", "run a simulated guest described by `SPEC` (repeatable; see above)")
@@ -769,6 +788,8 @@ func runServe(ctx context.Context, c *command, args []string, stdout, stderr io.
 			cfg.AckTimeoutPolicy = *ackPolicy
 		case "takeover":
 			cfg.Takeover = *takeover
+		case "insecure":
+			cfg.Insecure = *insecure
 		case "sim-vm":
 			cfg.SimVMs = simVMs
 		}

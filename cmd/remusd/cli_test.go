@@ -49,13 +49,13 @@ func TestHelp(t *testing.T) {
 	for _, f := range []string{"--config FILE", "--listen ADDR", "--control PATH", "--metrics ADDR", "--state-dir DIR",
 		"--name NAME", "--epoch-interval D", "--max-inflight N", "--heartbeat-interval D", "--heartbeat-timeout D",
 		"--ack-timeout D", "--ack-timeout-policy hold|unprotect", "--takeover manual|auto-unsafe", "--sim-vm SPEC",
-		"--log-level LEVEL", "--log-format FORMAT"} {
+		"--log-level LEVEL", "--log-format FORMAT", "--insecure"} {
 		if !strings.Contains(out, f) {
 			t.Errorf("serve --help lacks %q", f)
 		}
 	}
 	_, out, _ = runCLI(t, "protect", "--help")
-	if !strings.Contains(out, "Usage: remusd protect VM --peer HOST:PORT") || !strings.Contains(out, "--max-inflight N") {
+	if !strings.Contains(out, "Usage: remusd protect VM --peer PEER|HOST:PORT") || !strings.Contains(out, "--max-inflight N") {
 		t.Errorf("protect --help:\n%s", out)
 	}
 }
@@ -86,7 +86,11 @@ func TestUsageErrors(t *testing.T) {
 		{[]string{"frobnicate"}, `unknown command "frobnicate"`},
 		{[]string{"help", "frobnicate"}, `unknown command "frobnicate"`},
 		{[]string{"protect", "--peer", "h:1"}, "missing VM argument"},
-		{[]string{"protect", "web"}, "--peer HOST:PORT is required"},
+		{[]string{"protect", "web"}, "--peer NAME or HOST:PORT is required"},
+		{[]string{"protect", "../x", "--peer", "h:1"}, "is not valid"},
+		{[]string{"failover", "a/b"}, "is not valid"},
+		{[]string{"forget", ".x"}, "is not valid"},
+		{[]string{"stop"}, "missing VM argument"},
 		{[]string{"protect", "web", "extra", "--peer", "h:1"}, `unexpected argument "extra"`},
 		{[]string{"unprotect"}, "missing VM argument"},
 		{[]string{"failover"}, "missing VM argument"},
@@ -143,7 +147,7 @@ func TestInvalidConfig(t *testing.T) {
 func TestInvalidSimVM(t *testing.T) {
 	dir := t.TempDir()
 	sock := filepath.Join(dir, "c.sock")
-	code, _, errOut := runCLI(t, "serve", "--control", sock, "--state-dir", filepath.Join(dir, "state"),
+	code, _, errOut := runCLI(t, "serve", "--control", sock, "--state-dir", filepath.Join(dir, "state"), "--insecure",
 		"--sim-vm", "name=web,workload=bogus", "--log-level", "error")
 	if code != exitConfig || !strings.Contains(errOut, "bogus") {
 		t.Errorf("exit %d, stderr %q", code, errOut)
@@ -158,7 +162,7 @@ func TestInvalidSimVM(t *testing.T) {
 func TestServeAlreadyRunning(t *testing.T) {
 	f := &fakeService{}
 	path := startControl(t, f)
-	code, _, errOut := runCLI(t, "serve", "--control", path, "--state-dir", t.TempDir(), "--log-level", "error")
+	code, _, errOut := runCLI(t, "serve", "--control", path, "--state-dir", t.TempDir(), "--insecure", "--log-level", "error")
 	if code != exitFailure || !strings.Contains(errOut, "already running") {
 		t.Errorf("exit %d, stderr %q", code, errOut)
 	}
@@ -298,10 +302,15 @@ func TestClientCommands(t *testing.T) {
 	if code, _, errOut := runCLI(t, "unprotect", "ghost"); code != exitFailure || !strings.Contains(errOut, `no VM named "ghost"`) {
 		t.Errorf("unprotect ghost: exit %d, stderr %q", code, errOut)
 	}
+	for _, args := range [][]string{{"failover", "--force", "db"}, {"forget", "db"}, {"start", "web"}, {"stop", "web"}} {
+		if code, _, errOut := runCLI(t, args...); code != exitOK {
+			t.Errorf("%v: exit %d, stderr %q", args, code, errOut)
+		}
+	}
 	f.mu.Lock()
 	got := strings.Join(f.calls, "; ")
 	f.mu.Unlock()
-	if want := "protect web 10.0.0.2:7788 40ms; failover db; unprotect ghost"; got != want {
+	if want := "protect web 10.0.0.2:7788 40ms; failover db; unprotect ghost; failover --force db; forget db; start web; stop web"; got != want {
 		t.Errorf("calls = %q, want %q", got, want)
 	}
 }
@@ -327,8 +336,20 @@ func TestServe(t *testing.T) {
 	defer cancel()
 	var out, errb bytes.Buffer
 	done := make(chan int, 1)
+	// The quick path: a CA, a host bundle, and the config naming them.
+	if code, _, e := runCLI(t, "certs", "init", "--dir", filepath.Join(dir, "ca")); code != exitOK {
+		t.Fatalf("certs init: %s", e)
+	}
+	if code, _, e := runCLI(t, "certs", "host", "web1", "--ca-dir", filepath.Join(dir, "ca"), "--out", filepath.Join(dir, "tls")); code != exitOK {
+		t.Fatalf("certs host: %s", e)
+	}
+	cfgPath := filepath.Join(dir, "remusd.json")
+	tlsDir := filepath.Join(dir, "tls")
+	if err := os.WriteFile(cfgPath, []byte(`{"name": "web1", "tls": {"cert": "`+tlsDir+`/host.crt", "key": "`+tlsDir+`/host.key", "ca": "`+tlsDir+`/ca.crt"}}`), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	go func() {
-		done <- run(ctx, []string{"serve", "--control", sock, "--state-dir", filepath.Join(dir, "state"),
+		done <- run(ctx, []string{"serve", "--config", cfgPath, "--control", sock, "--state-dir", filepath.Join(dir, "state"),
 			"--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0", "--log-format", "console", "--log-level", "warn",
 			"--sim-vm", "name=web,memory=4MiB,rate=1000"}, &out, &errb)
 	}()
