@@ -113,7 +113,7 @@ func (g *Guest) Spec() Spec { return g.spec }
 func (g *Guest) SetSpec(s Spec) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	s.RAMPath, s.QMPPath, s.Tap, s.SerialPath, s.Binary = g.spec.RAMPath, g.spec.QMPPath, g.spec.Tap, g.spec.SerialPath, g.spec.Binary
+	s.RAMPath, s.QMPPath, s.Tap, s.SerialPath, s.LogPath, s.Binary = g.spec.RAMPath, g.spec.QMPPath, g.spec.Tap, g.spec.SerialPath, g.spec.LogPath, g.spec.Binary
 	g.spec = s
 }
 
@@ -131,12 +131,22 @@ func (g *Guest) QMP() *QMP { return g.q }
 // Monitor returns the monitor the guest is driven through.
 func (g *Guest) Monitor() Monitor { return g.mon }
 
-// Pid returns the QEMU process id, or 0 for an attached QEMU.
+// Pid returns the QEMU process id (launched or re-attached with Reattach),
+// or 0 for a QEMU someone else launched (Attach, NewMonitorGuest).
 func (g *Guest) Pid() int {
 	if g.proc == nil {
 		return 0
 	}
-	return g.proc.cmd.Process.Pid
+	return g.proc.pid
+}
+
+// Paused reports whether the guest is paused as far as the backend knows
+// (a re-attached guest reports what QEMU said at Reattach: a daemon that
+// died mid-epoch leaves it paused).
+func (g *Guest) Paused() bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.paused
 }
 
 // Exited is closed when the QMP connection ends (QEMU exited).
@@ -296,6 +306,9 @@ func (g *Guest) close(stop bool) error {
 		cancel()
 	}
 	g.mon.Close()
+	if g.proc != nil {
+		g.proc.release() // an adopted QEMU: stop watching it
+	}
 	err := g.ram.unmap()
 	g.tracker = nil
 	if g.ownStateDir {

@@ -43,6 +43,10 @@ type Spec struct {
 	QMPPath string `json:"-"`
 	// SerialPath receives the serial console (optional: discarded).
 	SerialPath string `json:"-"`
+	// LogPath receives QEMU's stdout and stderr, appended (optional:
+	// NAME.qemu.log beside QMPPath; see LogFile). A file, not a pipe, so
+	// that QEMU outlives the remusd that started it.
+	LogPath string `json:"-"`
 	// Binary is the QEMU binary (default qemu-system-x86_64).
 	Binary string `json:"-"`
 }
@@ -61,8 +65,8 @@ func (s Spec) Validate() error {
 	}
 	if s.Name == "" {
 		bad("Name", "empty")
-	} else if strings.ContainsAny(s.Name, ",\x00\n") {
-		bad("Name", "%q contains ',' or control characters", s.Name)
+	} else if strings.ContainsAny(s.Name, ",/\x00\n") {
+		bad("Name", "%q contains ',', '/' or control characters", s.Name)
 	}
 	if s.MemoryMiB <= 0 || s.MemoryMiB > maxMemoryMiB {
 		bad("MemoryMiB", "%d not in [1, %d]", s.MemoryMiB, maxMemoryMiB)
@@ -113,6 +117,15 @@ func (s Spec) Validate() error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// LogFile is where QEMU's stdout and stderr go: LogPath, or NAME.qemu.log
+// in QMPPath's directory.
+func (s Spec) LogFile() string {
+	if s.LogPath != "" {
+		return s.LogPath
+	}
+	return filepath.Join(filepath.Dir(s.QMPPath), s.Name+".qemu.log")
 }
 
 func (s Spec) cpus() int { return max(s.CPUs, 1) }
@@ -180,7 +193,7 @@ func (s Spec) Config() []byte {
 }
 
 // ParseConfig decodes Config output into a Spec whose host-local fields
-// (RAMPath, QMPPath, Tap, SerialPath, Binary) are empty for the caller to
+// (RAMPath, QMPPath, Tap, SerialPath, LogPath, Binary) are empty for the caller to
 // fill in.
 func ParseConfig(b []byte) (Spec, error) {
 	var s Spec
