@@ -64,3 +64,25 @@ type Replica interface {
 	// Close releases the replica (and a standby VM, if any).
 	Close() error
 }
+
+// Rebaseliner is implemented by guests that can restart dirty tracking
+// from their current contents while they run: the resync after a daemon
+// restart, where the backup still holds a replica and needs only the pages
+// that differ from it, not a full copy.
+type Rebaseliner interface {
+	// Rebaseline restarts dirty tracking from the guest's current contents
+	// while it runs (it may also be paused) and returns the xxhash64
+	// (transport.PageHash) of every page of that baseline, NumPages()
+	// values.
+	//
+	// Contract: if Rebaseline returns H, then for every page p, the next
+	// HarvestDirty (taken while paused, as always) reports p unless the
+	// page's content at that pause hashes to H[p]. So the engine may send,
+	// besides that harvest's pages, exactly the pages whose H[p] differs
+	// from the hash of the backup's replica page: every page the backup
+	// then lacks is sent. A page written during Rebaseline may be either
+	// reported or carry the hash of its final content; never neither. On
+	// error tracking is left conservative (the next harvest may report
+	// every page).
+	Rebaseline(ctx context.Context) ([]uint64, error)
+}

@@ -22,8 +22,9 @@ const (
 )
 
 var (
-	_ hypervisor.Guest   = (*Guest)(nil)
-	_ hypervisor.Replica = (*Replica)(nil)
+	_ hypervisor.Guest       = (*Guest)(nil)
+	_ hypervisor.Rebaseliner = (*Guest)(nil)
+	_ hypervisor.Replica     = (*Replica)(nil)
 )
 
 // ErrNotPaused is returned by HarvestDirty and SaveDeviceState on a
@@ -235,6 +236,34 @@ func (g *Guest) HarvestDirty(ctx context.Context, dst *dirtymap.Bitmap) error {
 	}
 	g.tracker.scan(g.ram.mem, dst)
 	return nil
+}
+
+// Rebaseline implements hypervisor.Rebaseliner: while the guest runs (or
+// is paused), every page of RAM becomes the baseline of the next
+// HarvestDirty (copied into the shadow and the shadow page hashed, with
+// TrackShadow; hashed into the hash table, with TrackHash), and the
+// xxhash64 of every baseline page is returned. The next harvest reports
+// page p unless p's content then hashes to the returned value (see
+// hypervisor.Rebaseliner). The tracker is reused if it exists (the first
+// call allocates the shadow or hash table: first-touch cost). It holds
+// the guest's control lock throughout (Pause waits for it).
+func (g *Guest) Rebaseline(ctx context.Context) ([]uint64, error) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.closed {
+		return nil, errClosed
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	if g.tracker == nil {
+		g.tracker = newTracker(len(g.ram.mem), g.tracking)
+	}
+	hashes := make([]uint64, g.NumPages())
+	if err := g.tracker.rebaseline(ctx, g.ram.mem, hashes); err != nil {
+		return nil, fmt.Errorf("qemu: rebaseline %q: %w", g.spec.Name, err)
+	}
+	return hashes, nil
 }
 
 // SaveDeviceState saves the CPU and device state (xen-save-devices-state,
