@@ -65,16 +65,24 @@ type Replica interface {
 	Close() error
 }
 
-// Rebaseliner is implemented by guests whose dirty tracking can restart
-// from their current contents while they run. A resumed protection (its
-// daemon restarted; the record of what the guest dirtied since the
-// backup's committed epoch is gone) uses it to send only the pages that
-// differ from the backup's replica.
+// Rebaseliner is implemented by guests that can restart dirty tracking
+// from their current contents while they run: the resync after a daemon
+// restart, where the backup still holds a replica and needs only the pages
+// that differ from it, not a full copy.
 type Rebaseliner interface {
 	// Rebaseline restarts dirty tracking from the guest's current contents
-	// while it runs and returns the transport.PageHash of every page of
-	// that baseline. Contract: for every page p, the next HarvestDirty
-	// (taken while paused) reports p unless the page's content at that
-	// pause hashes to the returned hash of p.
+	// while it runs (it may also be paused) and returns the xxhash64
+	// (transport.PageHash) of every page of that baseline, NumPages()
+	// values.
+	//
+	// Contract: if Rebaseline returns H, then for every page p, the next
+	// HarvestDirty (taken while paused, as always) reports p unless the
+	// page's content at that pause hashes to H[p]. So the engine may send,
+	// besides that harvest's pages, exactly the pages whose H[p] differs
+	// from the hash of the backup's replica page: every page the backup
+	// then lacks is sent. A page written during Rebaseline may be either
+	// reported or carry the hash of its final content; never neither. On
+	// error tracking is left conservative (the next harvest may report
+	// every page).
 	Rebaseline(ctx context.Context) ([]uint64, error)
 }

@@ -22,8 +22,9 @@ const (
 )
 
 var (
-	_ hypervisor.Guest   = (*Guest)(nil)
-	_ hypervisor.Replica = (*Replica)(nil)
+	_ hypervisor.Guest       = (*Guest)(nil)
+	_ hypervisor.Rebaseliner = (*Guest)(nil)
+	_ hypervisor.Replica     = (*Replica)(nil)
 )
 
 // ErrNotPaused is returned by HarvestDirty and SaveDeviceState on a
@@ -113,7 +114,7 @@ func (g *Guest) Spec() Spec { return g.spec }
 func (g *Guest) SetSpec(s Spec) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	s.RAMPath, s.QMPPath, s.Tap, s.SerialPath, s.Binary = g.spec.RAMPath, g.spec.QMPPath, g.spec.Tap, g.spec.SerialPath, g.spec.Binary
+	s.RAMPath, s.QMPPath, s.Tap, s.SerialPath, s.LogPath, s.Binary = g.spec.RAMPath, g.spec.QMPPath, g.spec.Tap, g.spec.SerialPath, g.spec.LogPath, g.spec.Binary
 	g.spec = s
 }
 
@@ -131,12 +132,22 @@ func (g *Guest) QMP() *QMP { return g.q }
 // Monitor returns the monitor the guest is driven through.
 func (g *Guest) Monitor() Monitor { return g.mon }
 
-// Pid returns the QEMU process id, or 0 for an attached QEMU.
+// Pid returns the QEMU process id (launched or re-attached with Reattach),
+// or 0 for a QEMU someone else launched (Attach, NewMonitorGuest).
 func (g *Guest) Pid() int {
 	if g.proc == nil {
 		return 0
 	}
-	return g.proc.cmd.Process.Pid
+	return g.proc.pid
+}
+
+// Paused reports whether the guest is paused as far as the backend knows
+// (a re-attached guest reports what QEMU said at Reattach: a daemon that
+// died mid-epoch leaves it paused).
+func (g *Guest) Paused() bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.paused
 }
 
 // Exited is closed when the QMP connection ends (QEMU exited).
@@ -227,6 +238,34 @@ func (g *Guest) HarvestDirty(ctx context.Context, dst *dirtymap.Bitmap) error {
 	return nil
 }
 
+// Rebaseline implements hypervisor.Rebaseliner: while the guest runs (or
+// is paused), every page of RAM becomes the baseline of the next
+// HarvestDirty (copied into the shadow and the shadow page hashed, with
+// TrackShadow; hashed into the hash table, with TrackHash), and the
+// xxhash64 of every baseline page is returned. The next harvest reports
+// page p unless p's content then hashes to the returned value (see
+// hypervisor.Rebaseliner). The tracker is reused if it exists (the first
+// call allocates the shadow or hash table: first-touch cost). It holds
+// the guest's control lock throughout (Pause waits for it).
+func (g *Guest) Rebaseline(ctx context.Context) ([]uint64, error) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.closed {
+		return nil, errClosed
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	if g.tracker == nil {
+		g.tracker = newTracker(len(g.ram.mem), g.tracking)
+	}
+	hashes := make([]uint64, g.NumPages())
+	if err := g.tracker.rebaseline(ctx, g.ram.mem, hashes); err != nil {
+		return nil, fmt.Errorf("qemu: rebaseline %q: %w", g.spec.Name, err)
+	}
+	return hashes, nil
+}
+
 // SaveDeviceState saves the CPU and device state (xen-save-devices-state,
 // live=false: no RAM) into a private file and appends its content to dst.
 // Only valid while paused.
@@ -296,6 +335,9 @@ func (g *Guest) close(stop bool) error {
 		cancel()
 	}
 	g.mon.Close()
+	if g.proc != nil {
+		g.proc.release() // an adopted QEMU: stop watching it
+	}
 	err := g.ram.unmap()
 	g.tracker = nil
 	if g.ownStateDir {

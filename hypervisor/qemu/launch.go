@@ -3,8 +3,10 @@ package qemu
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"strings"
@@ -24,28 +26,65 @@ const DefaultStartTimeout = 30 * time.Second
 // killing it.
 const quitGrace = 3 * time.Second
 
-// process is a QEMU child process.
+// process is a QEMU process: a child this remusd started (cmd set), or one
+// a previous remusd started and this one adopted (Reattach: pidfd set).
 type process struct {
-	cmd    *exec.Cmd
-	out    *tailBuffer
-	done   chan struct{}
-	waitMu sync.Mutex
-	err    error // exit status, valid after done
+	pid     int
+	cmd     *exec.Cmd // nil when adopted
+	pidfd   int       // adopted only: a pidfd, so signals cannot reach a recycled pid
+	wake    int       // adopted only: eventfd that ends the watcher (release)
+	logPath string    // QEMU's stdout and stderr
+	logOff  int64     // where this process's output starts in logPath
+	done    chan struct{}
+	watched chan struct{} // adopted only: closed when the watcher returned
+	waitMu  sync.Mutex
+	err     error // exit status, valid after done
 }
 
+// maxLogKeep: a QEMU log larger than this is truncated when the next QEMU
+// starts on it (it is appended to otherwise).
+const maxLogKeep = 1 << 20
+
+// tailBytes is how much of QEMU's output an error carries.
+const tailBytes = 16 << 10
+
+// startProcess starts QEMU with its stdout and stderr appended to
+// s.LogFile(). Nothing ties the process to remusd: its own session (no
+// controlling terminal, no signals from remusd's process group), stdin
+// /dev/null, output to a file rather than a pipe (a pipe would break when
+// remusd dies), no parent-death signal.
 func startProcess(s Spec, incoming bool) (*process, error) {
 	args := s.Args(incoming)
+	logPath := s.LogFile()
+	flags := os.O_WRONLY | os.O_CREATE | os.O_APPEND
+	if st, err := os.Stat(logPath); err == nil && st.Size() > maxLogKeep {
+		flags |= os.O_TRUNC
+	}
+	lf, err := os.OpenFile(logPath, flags, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("qemu: log file: %w", err)
+	}
+	defer lf.Close() // the child has its own copy
+	off, err := lf.Seek(0, io.SeekEnd)
+	if err != nil {
+		return nil, fmt.Errorf("qemu: log file %s: %w", logPath, err)
+	}
+	hdr := fmt.Sprintf("--- %s remusd: starting %s %s\n", time.Now().Format(time.RFC3339Nano), s.binary(), strings.Join(args, " "))
+	if n, err := lf.WriteString(hdr); err == nil {
+		off += int64(n)
+	}
 	cmd := exec.Command(s.binary(), args...)
-	out := &tailBuffer{max: 16 << 10}
-	cmd.Stdout = out
-	cmd.Stderr = out
+	cmd.Stdout = lf
+	cmd.Stderr = lf
 	cmd.Stdin = nil
-	// Own process group: a terminal's ^C goes to remusd, which decides.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	// Own session (and so process group): a terminal's ^C or hang-up goes
+	// to remusd, which decides; QEMU outlives remusd (a restart re-attaches
+	// with Reattach).
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("qemu: start %s: %w", s.binary(), err)
 	}
-	p := &process{cmd: cmd, out: out, done: make(chan struct{})}
+	p := &process{pid: cmd.Process.Pid, cmd: cmd, pidfd: -1, wake: -1, logPath: logPath, logOff: off, done: make(chan struct{})}
 	go func() {
 		err := cmd.Wait()
 		p.waitMu.Lock()
@@ -56,6 +95,79 @@ func startProcess(s Spec, incoming bool) (*process, error) {
 	return p, nil
 }
 
+// errNotChild is the exit status of an adopted QEMU: only its parent (init,
+// once the remusd that started it died) learns it.
+var errNotChild = errors.New("exit status unknown (not remusd's child)")
+
+// adoptProcess watches pid, a QEMU a previous remusd started: done closes
+// when it exits. logPath is where its output goes.
+func adoptProcess(pid int, logPath string) (*process, error) {
+	pidfd, err := unix.PidfdOpen(pid, 0)
+	if err != nil {
+		return nil, fmt.Errorf("qemu: process %d: %w", pid, err)
+	}
+	wake, err := unix.Eventfd(0, unix.EFD_CLOEXEC)
+	if err != nil {
+		unix.Close(pidfd)
+		return nil, fmt.Errorf("qemu: eventfd: %w", err)
+	}
+	p := &process{pid: pid, pidfd: pidfd, wake: wake, logPath: logPath,
+		done: make(chan struct{}), watched: make(chan struct{})}
+	go p.watch()
+	return p, nil
+}
+
+// watch closes done when the adopted process exits (its pidfd becomes
+// readable); it returns then or when release signals wake, and closes
+// watched on return.
+func (p *process) watch() {
+	defer close(p.watched)
+	fds := []unix.PollFd{{Fd: int32(p.pidfd), Events: unix.POLLIN}, {Fd: int32(p.wake), Events: unix.POLLIN}}
+	for {
+		_, err := unix.Poll(fds, -1)
+		if err == unix.EINTR {
+			continue
+		}
+		if fds[1].Revents != 0 {
+			return
+		}
+		if err != nil || fds[0].Revents != 0 {
+			p.waitMu.Lock()
+			p.err = errNotChild
+			p.waitMu.Unlock()
+			close(p.done)
+			return
+		}
+	}
+}
+
+// release lets go of an adopted process (after Detach or Close): the
+// watcher ends and the pidfd is closed. A child needs nothing: its Wait
+// goroutine reaps it whenever it exits.
+func (p *process) release() {
+	if p.cmd != nil || p.pidfd < 0 {
+		return
+	}
+	var one [8]byte
+	binary.NativeEndian.PutUint64(one[:], 1)
+	_, _ = unix.Write(p.wake, one[:])
+	<-p.watched
+	unix.Close(p.pidfd)
+	unix.Close(p.wake)
+	p.pidfd, p.wake = -1, -1
+}
+
+// kill sends SIGKILL: to the child, or through the adopted process's pidfd.
+func (p *process) kill() error {
+	if p.cmd != nil {
+		return p.cmd.Process.Kill()
+	}
+	if p.pidfd < 0 {
+		return errors.New("qemu: process released")
+	}
+	return unix.PidfdSendSignal(p.pidfd, unix.SIGKILL, nil, 0)
+}
+
 // exitErr describes how QEMU exited, with the tail of its output.
 func (p *process) exitErr() error {
 	p.waitMu.Lock()
@@ -64,7 +176,33 @@ func (p *process) exitErr() error {
 	if p.err != nil {
 		status = p.err.Error()
 	}
-	return fmt.Errorf("%w (pid %d, %s): %s", ErrQEMUExited, p.cmd.Process.Pid, status, strings.TrimSpace(p.out.String()))
+	return fmt.Errorf("%w (pid %d, %s): %s", ErrQEMUExited, p.pid, status, strings.TrimSpace(p.outputTail()))
+}
+
+// outputTail is the last tailBytes of what this process wrote to its log.
+func (p *process) outputTail() string {
+	return readTail(p.logPath, p.logOff, tailBytes)
+}
+
+// readTail returns the last n bytes of path from offset from on, as valid
+// UTF-8 ("" if unreadable).
+func readTail(path string, from int64, n int64) string {
+	f, err := os.Open(path)
+	if err != nil {
+		return ""
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return ""
+	}
+	start := max(from, st.Size()-n)
+	if start >= st.Size() {
+		return ""
+	}
+	b := make([]byte, st.Size()-start)
+	k, _ := f.ReadAt(b, start)
+	return string(bytes.ToValidUTF8(b[:k], nil))
 }
 
 func (p *process) exited() bool {
@@ -91,8 +229,11 @@ func (p *process) stop(q *QMP, grace time.Duration) {
 		return
 	case <-time.After(grace):
 	}
-	_ = p.cmd.Process.Kill()
-	<-p.done
+	_ = p.kill()
+	select {
+	case <-p.done:
+	case <-time.After(10 * time.Second): // an adopted process in D state; nothing more to do
+	}
 }
 
 // waitQMP dials the QMP socket until QEMU listens, QEMU exits or ctx ends.
@@ -204,7 +345,7 @@ func Launch(ctx context.Context, spec Spec, log *zap.Logger) (*Guest, error) {
 		return nil, err
 	}
 	g.removeRAM = true
-	g.log.Info("qemu guest launched", zap.String("version", g.version), zap.Int("pid", g.proc.cmd.Process.Pid),
+	g.log.Info("qemu guest launched", zap.String("version", g.version), zap.Int("pid", g.proc.pid),
 		zap.Int("memory_mib", spec.MemoryMiB), zap.Duration("took", time.Since(start)))
 	return g, nil
 }
@@ -278,29 +419,6 @@ func withStartTimeout(ctx context.Context) (context.Context, context.CancelFunc)
 		return context.WithCancel(ctx)
 	}
 	return context.WithTimeout(ctx, DefaultStartTimeout)
-}
-
-// tailBuffer keeps the last max bytes written (QEMU's output, for errors).
-type tailBuffer struct {
-	mu  sync.Mutex
-	max int
-	buf []byte
-}
-
-func (t *tailBuffer) Write(p []byte) (int, error) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	t.buf = append(t.buf, p...)
-	if len(t.buf) > t.max {
-		t.buf = append(t.buf[:0], t.buf[len(t.buf)-t.max:]...)
-	}
-	return len(p), nil
-}
-
-func (t *tailBuffer) String() string {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return string(bytes.ToValidUTF8(t.buf, nil))
 }
 
 var errClosed = errors.New("qemu: guest closed")

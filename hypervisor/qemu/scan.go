@@ -2,8 +2,10 @@ package qemu
 
 import (
 	"bytes"
+	"context"
 	"runtime"
 	"sync"
+	"sync/atomic"
 
 	"github.com/cespare/xxhash/v2"
 
@@ -105,3 +107,63 @@ func (t *tracker) scanRange(mem []byte, dst *dirtymap.Bitmap, lo, hi int) {
 		}
 	}
 }
+
+// rebaseline records the current content of mem as the baseline of the
+// next scan and writes the xxhash64 of every baseline page into hashes,
+// while the guest may be writing mem: a shadow page is copied and then the
+// shadow is hashed (a page torn by a concurrent write differs from RAM at
+// the next paused scan, so it is reported; if it equals RAM, RAM hashes to
+// the value returned); a hash-table entry is the hash the next scan
+// compares with. Split like scan; it checks ctx between chunks and leaves
+// the tracker unprimed (next scan reports every page) if ctx ends.
+func (t *tracker) rebaseline(ctx context.Context, mem []byte, hashes []uint64) error {
+	pages := len(mem) / pageSize
+	per := (pages + t.workers - 1) / t.workers
+	per = (per + 63) &^ 63
+	t.primed = false
+	var wg sync.WaitGroup
+	var failed atomic.Bool
+	for lo := 0; lo < pages; lo += per {
+		hi := min(lo+per, pages)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			const chunk = 256 // pages between ctx checks (1 MiB)
+			for c := lo; c < hi; c += chunk {
+				if failed.Load() || ctx.Err() != nil {
+					failed.Store(true)
+					return
+				}
+				t.rebaselineRange(mem, hashes, c, min(c+chunk, hi))
+			}
+		}()
+	}
+	wg.Wait()
+	if failed.Load() {
+		return ctx.Err()
+	}
+	t.primed = true
+	return nil
+}
+
+func (t *tracker) rebaselineRange(mem []byte, hashes []uint64, lo, hi int) {
+	if t.mode == TrackHash {
+		for p := lo; p < hi; p++ {
+			h := xxhash.Sum64(mem[p*pageSize : (p+1)*pageSize])
+			t.hashes[p], hashes[p] = h, h
+		}
+		return
+	}
+	for p := lo; p < hi; p++ {
+		sh := t.shadow[p*pageSize : (p+1)*pageSize]
+		copy(sh, mem[p*pageSize:(p+1)*pageSize])
+		if testHookAfterShadowCopy != nil {
+			testHookAfterShadowCopy(p)
+		}
+		hashes[p] = xxhash.Sum64(sh) // the shadow, not RAM: see rebaseline
+	}
+}
+
+// testHookAfterShadowCopy, if set (tests only), runs between the copy of a
+// page into the shadow and its hash: a guest write lands there.
+var testHookAfterShadowCopy func(p int)

@@ -72,6 +72,10 @@ type Spec struct {
 	QMPPath string `json:"-"`
 	// SerialPath receives the serial console (optional: discarded).
 	SerialPath string `json:"-"`
+	// LogPath receives QEMU's stdout and stderr, appended (optional:
+	// NAME.qemu.log beside QMPPath; see LogFile). A file, not a pipe, so
+	// that QEMU outlives the remusd that started it.
+	LogPath string `json:"-"`
 	// Binary is the QEMU binary (default qemu-system-x86_64).
 	Binary string `json:"-"`
 }
@@ -202,6 +206,15 @@ func (s Spec) Validate() error {
 	return errors.Join(errs...)
 }
 
+// LogFile is where QEMU's stdout and stderr go: LogPath, or NAME.qemu.log
+// in QMPPath's directory.
+func (s Spec) LogFile() string {
+	if s.LogPath != "" {
+		return s.LogPath
+	}
+	return filepath.Join(filepath.Dir(s.QMPPath), s.Name+".qemu.log")
+}
+
 func (s Spec) cpus() int { return max(s.CPUs, 1) }
 
 func (s Spec) machine() string {
@@ -294,7 +307,7 @@ func (s Spec) Config() []byte {
 // QEMU options from a peer would let it attach any host file or device to
 // a QEMU running as root). The host-local fields (RAMPath, QMPPath, Tap,
 // SerialPath, Binary) and the boot files (Kernel, Initrd, Append: paths
-// on the peer's host) are empty.
+// on the peer's host, and LogPath) are empty.
 func ParseConfig(b []byte) (Spec, error) {
 	if len(b) > maxConfigBytes {
 		return Spec{}, fmt.Errorf("qemu: parse config: %d bytes, at most %d", len(b), maxConfigBytes)

@@ -19,6 +19,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/cespare/xxhash/v2"
 	"go.uber.org/zap"
 
 	"github.com/remusd/remusd/dirtymap"
@@ -43,8 +44,9 @@ var (
 )
 
 var (
-	_ hypervisor.Guest   = (*Guest)(nil)
-	_ hypervisor.Replica = (*Replica)(nil)
+	_ hypervisor.Guest       = (*Guest)(nil)
+	_ hypervisor.Rebaseliner = (*Guest)(nil)
+	_ hypervisor.Replica     = (*Replica)(nil)
 )
 
 // outputFn boxes the output callback for atomic swapping.
@@ -331,6 +333,59 @@ func (g *Guest) HarvestDirty(ctx context.Context, dst *dirtymap.Bitmap) error {
 		dst.Union(g.m.dirty)
 		g.m.dirty.Reset()
 	})
+}
+
+// rebaselineChunk is how many pages Rebaseline hashes per hold of the run
+// lock: the workload runs between chunks.
+const rebaselineChunk = 256
+
+// Rebaseline implements hypervisor.Rebaseliner: it clears the dirty map and
+// then hashes every page (xxhash64, as transport.PageHash) while the
+// workload keeps running: the run lock is taken per chunk of pages, so
+// ops run between chunks but never during a page's hash. A page written
+// after the clear is in the next harvest; one not written since has the
+// content that was hashed. On a paused guest it runs in one go. It holds
+// the control lock throughout (Pause waits for it).
+func (g *Guest) Rebaseline(ctx context.Context) ([]uint64, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, fmt.Errorf("sim: rebaseline %q: %w", g.name, err)
+	}
+	g.ctl.Lock()
+	defer g.ctl.Unlock()
+	if g.closed {
+		return nil, ErrClosed
+	}
+	hashes := make([]uint64, g.m.pages)
+	hold, unhold := func() error { return nil }, func() {}
+	if !g.paused { // else the run lock is ours already
+		hold = func() error {
+			select {
+			case g.run <- struct{}{}:
+				return nil
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		}
+		unhold = func() { <-g.run }
+	}
+	for lo := 0; lo < g.m.pages; lo += rebaselineChunk {
+		if err := hold(); err != nil {
+			if lo > 0 { // leave tracking conservative: every page dirty
+				g.run <- struct{}{} // the workload lets go within one batch
+				g.m.dirty.SetRange(0, g.m.pages)
+				<-g.run
+			}
+			return nil, fmt.Errorf("sim: rebaseline %q: %w", g.name, err)
+		}
+		if lo == 0 {
+			g.m.dirty.Reset()
+		}
+		for p := lo; p < min(lo+rebaselineChunk, g.m.pages); p++ {
+			hashes[p] = xxhash.Sum64(g.m.mem[p*pageSize : (p+1)*pageSize])
+		}
+		unhold()
+	}
+	return hashes, nil
 }
 
 // SaveDeviceState appends the DeviceStateSize-byte device state to dst.

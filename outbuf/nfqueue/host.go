@@ -67,7 +67,9 @@ func checkBridgeNF(netnsPath string) error {
 // ruleSet is the pair of rules steering the port's packets to the queue.
 type ruleSet struct {
 	cfg       Config
-	installed []string // binaries whose rule is in place
+	installed []string // binaries whose rule is in place (Close removes it)
+	inserted  []string // of them, those install added (a failed install removes only these)
+	adopted   int      // rules that were already in place
 }
 
 func newRuleSet(cfg Config) *ruleSet { return &ruleSet{cfg: cfg} }
@@ -85,35 +87,148 @@ func (r *ruleSet) spec() []string {
 }
 
 func (r *ruleSet) run(ctx context.Context, bin string, args ...string) error {
-	ctx, cancel := context.WithTimeout(ctx, r.cfg.CallTimeout)
-	defer cancel()
-	return inNetns(r.cfg.NetnsPath, func() error {
-		cmd := exec.CommandContext(ctx, bin, args...)
-		var out bytes.Buffer
-		cmd.Stdout, cmd.Stderr = &out, &out
-		if err := cmd.Run(); err != nil {
-			return fmt.Errorf("nfqueue: %s %s: %w: %s", bin, strings.Join(args, " "), err, strings.TrimSpace(out.String()))
-		}
-		return nil
-	})
+	_, err := r.output(ctx, bin, args...)
+	return err
 }
 
+// output runs bin with args in the host namespace and returns its stdout.
+func (r *ruleSet) output(ctx context.Context, bin string, args ...string) ([]byte, error) {
+	ctx, cancel := context.WithTimeout(ctx, r.cfg.CallTimeout)
+	defer cancel()
+	var stdout []byte
+	err := inNetns(r.cfg.NetnsPath, func() error {
+		cmd := exec.CommandContext(ctx, bin, args...)
+		var out, errOut bytes.Buffer
+		cmd.Stdout, cmd.Stderr = &out, &errOut
+		if err := cmd.Run(); err != nil {
+			return fmt.Errorf("nfqueue: %s %s: %w: %s", bin, strings.Join(args, " "), err, strings.TrimSpace(out.String()+errOut.String()))
+		}
+		stdout = out.Bytes()
+		return nil
+	})
+	return stdout, err
+}
+
+// exists reports whether bin's FORWARD chain holds the rule (iptables -C:
+// exit status 1 means absent; anything else that fails is an error).
+func (r *ruleSet) exists(ctx context.Context, bin string) (bool, error) {
+	err := r.run(ctx, bin, append([]string{"-w", "5", "-C", "FORWARD"}, r.spec()...)...)
+	var ee *exec.ExitError
+	switch {
+	case err == nil:
+		return true, nil
+	case errors.As(err, &ee) && ee.ExitCode() == 1:
+		return false, nil
+	default:
+		return false, err
+	}
+}
+
+// count is how many copies of the rule bin's FORWARD chain holds, read
+// from iptables -S (whose rule format this matches; an unrecognised format
+// counts 0).
+func (r *ruleSet) count(ctx context.Context, bin string) (int, error) {
+	out, err := r.output(ctx, bin, "-w", "5", "-S", "FORWARD")
+	if err != nil {
+		return 0, err
+	}
+	return countRule(out, r.line()), nil
+}
+
+// line is the rule as iptables -S prints it.
+func (r *ruleSet) line() string {
+	s := r.spec()
+	for i, a := range s {
+		if i > 0 && s[i-1] == "--comment" {
+			s[i] = strconv.Quote(a)
+		}
+	}
+	return "-A FORWARD " + strings.Join(s, " ")
+}
+
+func countRule(listing []byte, line string) int {
+	n := 0
+	sc := bufio.NewScanner(bytes.NewReader(listing))
+	for sc.Scan() {
+		if strings.TrimSpace(sc.Text()) == line {
+			n++
+		}
+	}
+	return n
+}
+
+// maxRuleCopies bounds the removal loops (copies a crashed older version
+// or an operator may have added).
+const maxRuleCopies = 64
+
+// install puts exactly one copy of the rule into each family's FORWARD
+// chain. A rule already there (left by a Buffer that detached, or whose
+// process died) is adopted, not duplicated: the kernel has been dropping
+// the guest's packets through it since the queue lost its listener, and
+// from now on this Buffer's queue holds them. Surplus copies are deleted
+// (one at a time: at least one copy stays throughout, so nothing leaks).
 func (r *ruleSet) install(ctx context.Context) error {
 	for _, bin := range []string{r.cfg.IPTables, r.cfg.IP6Tables} {
-		args := append([]string{"-w", "5", "-I", "FORWARD", "1"}, r.spec()...)
-		if err := r.run(ctx, bin, args...); err != nil {
-			return errors.Join(err, r.remove(context.WithoutCancel(ctx)))
+		if err := r.installOne(ctx, bin); err != nil {
+			return errors.Join(err, r.undoInstall(context.WithoutCancel(ctx)))
 		}
-		r.installed = append(r.installed, bin)
 	}
 	return nil
 }
 
+func (r *ruleSet) installOne(ctx context.Context, bin string) error {
+	present, err := r.exists(ctx, bin)
+	if err != nil {
+		return err
+	}
+	if !present {
+		args := append([]string{"-w", "5", "-I", "FORWARD", "1"}, r.spec()...)
+		if err := r.run(ctx, bin, args...); err != nil {
+			return err
+		}
+		r.installed = append(r.installed, bin)
+		r.inserted = append(r.inserted, bin)
+		return nil
+	}
+	r.installed = append(r.installed, bin)
+	r.adopted++
+	n, err := r.count(ctx, bin)
+	if err != nil {
+		return err
+	}
+	for ; n > 1; n-- {
+		if err := r.run(ctx, bin, append([]string{"-w", "5", "-D", "FORWARD"}, r.spec()...)...); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// undoInstall removes the rules install added and forgets the adopted
+// ones, which stay: they were dropping the guest's output before New and
+// must go on doing so (fail closed).
+func (r *ruleSet) undoInstall(ctx context.Context) error {
+	r.installed, r.inserted = r.inserted, nil
+	return r.remove(ctx)
+}
+
+// remove deletes every copy of the rule from the chains it was installed
+// in.
 func (r *ruleSet) remove(ctx context.Context) error {
 	var errs []error
 	for i := len(r.installed) - 1; i >= 0; i-- {
-		args := append([]string{"-w", "5", "-D", "FORWARD"}, r.spec()...)
-		if err := r.run(ctx, r.installed[i], args...); err != nil {
+		bin := r.installed[i]
+		var err error
+		for k := 0; k < maxRuleCopies; k++ {
+			var present bool
+			if present, err = r.exists(ctx, bin); err != nil || !present {
+				break
+			}
+			if err = r.run(ctx, bin, append([]string{"-w", "5", "-D", "FORWARD"}, r.spec()...)...); err != nil {
+				break
+			}
+		}
+		if err != nil {
 			errs = append(errs, err)
 			continue
 		}

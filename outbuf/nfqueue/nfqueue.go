@@ -27,8 +27,13 @@
 //     highest checkpointed epoch <= N. Several epochs may be outstanding.
 //   - ReleaseAll accepts everything queued and then accepts packets on
 //     arrival (the rules stay until Close).
-//   - Close removes the rules and closes the queue socket: the kernel drops
-//     what is held (fail closed) and the host's rule set is as before New.
+//   - Close removes the rules (every copy) and closes the queue socket: the
+//     kernel drops what is held (fail closed) and the host's rule set is as
+//     before New.
+//   - Detach closes the queue socket and leaves the rules: the kernel drops
+//     what was held and everything the guest sends until a new Buffer on
+//     the same queue and port (a restarted daemon) binds the queue again;
+//     that New adopts the rules instead of adding copies.
 //
 // # Failing closed
 //
@@ -197,7 +202,12 @@ func after(a, b uint32) bool { return int32(a-b) > 0 }
 
 // New opens queue cfg.QueueNum in the host namespace and then installs the
 // rules that steer the guest port's forwarded IPv4 and IPv6 packets to it.
-// ctx bounds New only; the buffer lives until Close.
+// Rules already in place for the same queue and port (a Buffer that
+// detached, or whose process died, left them; the kernel has been dropping
+// the guest's packets through them since) are adopted, not duplicated:
+// exactly one copy of each stays, and the queue holds what they steer from
+// now on. If New fails, adopted rules stay in place (fail closed). ctx
+// bounds New only; the buffer lives until Close.
 func New(ctx context.Context, cfg Config, log *zap.Logger) (*Buffer, error) {
 	if err := cfg.setDefaults(); err != nil {
 		return nil, err
@@ -233,7 +243,8 @@ func New(ctx context.Context, cfg Config, log *zap.Logger) (*Buffer, error) {
 		proc.Close()
 		return nil, err
 	}
-	b.log.Info("output buffer installed", zap.Bool("bridged", cfg.Bridged), zap.Uint32("max_queue_len", cfg.MaxQueueLen), zap.Int("read_buffer", cfg.ReadBufferBytes))
+	b.log.Info("output buffer installed", zap.Bool("bridged", cfg.Bridged), zap.Uint32("max_queue_len", cfg.MaxQueueLen), zap.Int("read_buffer", cfg.ReadBufferBytes),
+		zap.Int("rules_adopted", b.rules.adopted))
 	return b, nil
 }
 

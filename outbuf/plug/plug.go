@@ -32,6 +32,20 @@
 // ReleaseAll or Close. After Close the guest's traffic is no longer
 // buffered: pause or stop the guest first if it must not get out.
 //
+// Restarts: Detach leaves the qdiscs holding (up to the byte limit, then
+// dropping); New on an interface whose topology a detached Buffer (or a
+// process that died, also half-way through setup or teardown) left takes
+// it over instead of refusing it: it grafts a fresh plug in place of the
+// IFB's root qdisc in one netlink request (nothing leaks; what the old
+// plug held is dropped) and adds a missing ingress qdisc or filter. The
+// old plug is not reused because its epoch state cannot be read back: a
+// closed epoch pending there would make every later release one epoch's
+// worth of packets short, forever. New recognises the topology by the IFB
+// name and this package's u32 redirect; an ingress qdisc with other
+// filters, a non-IFB device of that name, or an ingress qdisc without the
+// IFB is refused with ErrBusy. Two live Buffers on one interface are the
+// caller's error: the second takes the topology over from the first.
+//
 // A kernel without sch_plug makes New fail with an error matching
 // ErrNotSupported (the host kernels we run on today; see
 // ARCHITECTURE.md §5); vmtest runs this package's tests in a VM whose
@@ -128,9 +142,11 @@ type Buffer struct {
 
 var _ outbuf.Buffer = (*Buffer)(nil)
 
-// New builds the topology for cfg.Interface and returns a Buffer holding
-// the guest's output from now on (output before the first Checkpoint
-// belongs to the first epoch). On failure everything it created is removed.
+// New builds the topology for cfg.Interface, or takes over the one a
+// detached Buffer left there (see the package comment), and returns a
+// Buffer holding the guest's output from now on (output before the first
+// Checkpoint belongs to the first epoch). On failure everything it created
+// is removed; a failed takeover removes nothing (the interface stays held).
 func New(ctx context.Context, cfg Config, log *zap.Logger) (*Buffer, error) {
 	if log == nil {
 		log = zap.NewNop()

@@ -21,7 +21,7 @@ import (
 )
 
 // inVMTests are the tests TestPlugInVM runs in the VM; each must pass there.
-var inVMTests = []string{"TestVMPlugEpochs", "TestVMPlugCloseRestores", "TestVMPlugTCPFlow", "TestVMPlugLimitDrops"}
+var inVMTests = []string{"TestVMPlugEpochs", "TestVMPlugCloseRestores", "TestVMPlugTCPFlow", "TestVMPlugLimitDrops", "TestVMPlugDetachReopen", "TestVMPlugTakeOverRefusesForeign"}
 
 // TestPlugInVM (host side) builds this package's tests statically, boots
 // the Debian cloud kernel under QEMU/TCG with sch_plug and friends, runs
