@@ -189,7 +189,7 @@ func measureEncodeKind(ctx context.Context, cfg EncodeConfig, kind string) (Enco
 		}
 		rleRate = append(rleRate, pages/time.Since(t0).Seconds())
 
-		wire += sum.Stats.WireBytes
+		wire += sum.Stats.PayloadBytes
 		lzWire += lw
 		rleWire += int64(len(rleOut))
 		raw += int64(len(cur))
