@@ -41,9 +41,14 @@ type Result struct {
 	PauseMsP99      float64 `json:"pause_ms_p99"`
 	AckMsP50        float64 `json:"ack_ms_p50"`
 	DirtyPagesP50   float64 `json:"dirty_pages_per_epoch_p50"`
-	BytesSent       uint64  `json:"bytes_sent"`
-	RawBytes        uint64  `json:"raw_bytes"`
-	// CompressionRatio is raw page bytes ÷ bytes on the wire.
+	// WireBytesSent is every byte the primary wrote on the replication
+	// link (frame prefixes, protobuf headers, payloads; epochs, heartbeats,
+	// handshake); EpochWireBytes the part that carried epochs; RawBytes the
+	// page and device-state bytes of those epochs, uncompressed.
+	WireBytesSent  uint64 `json:"wire_bytes_sent"`
+	EpochWireBytes uint64 `json:"epoch_wire_bytes"`
+	RawBytes       uint64 `json:"raw_bytes"`
+	// CompressionRatio is RawBytes ÷ EpochWireBytes (headers included).
 	CompressionRatio float64 `json:"compression_ratio"`
 	FailoverMs       float64 `json:"failover_ms"`
 	ActivationMs     float64 `json:"activation_ms"`
@@ -244,9 +249,9 @@ func (d *run) run(ctx context.Context) (*Result, error) {
 			return nil, fmt.Errorf("demo: primary status: %w", err)
 		}
 		last = st
-		d.say("  t=%4.1fs epoch %5d acked %5d  pause p50 %.2f ms p99 %.2f ms  dirty %5d  sent %s  ratio %.1f  link %s",
+		d.say("  t=%4.1fs epoch %5d acked %5d  pause p50 %.2f ms p99 %.2f ms  dirty %5d  wire %s  ratio %.1f  link %s",
 			time.Since(start).Seconds(), st.Epoch, st.AckedEpoch, st.PauseMsP50, st.PauseMsP99, st.DirtyPagesLast,
-			daemon.HumanBytes(st.BytesSent), st.CompressionRatio, st.Link)
+			daemon.HumanBytes(st.WireBytesSent), st.CompressionRatio, st.Link)
 	}
 	if last.AckedEpoch == 0 {
 		return nil, fmt.Errorf("demo: no epoch was acknowledged in %v (primary link %s, last error %q)", d.o.duration, last.Link, last.LastError)
@@ -285,7 +290,8 @@ func (d *run) run(ctx context.Context) (*Result, error) {
 		PauseMsP50: last.PauseMsP50, PauseMsP99: last.PauseMsP99, AckMsP50: last.AckMsP50,
 		FailoverMs: msOf(failover), ActivationMs: active.ActivationMs,
 		TornEpochsDiscarded: active.TornEpochsDiscarded,
-		BytesSent:           last.BytesSent, RawBytes: last.RawBytes, CompressionRatio: last.CompressionRatio,
+		WireBytesSent:       last.WireBytesSent, EpochWireBytes: last.EpochWireBytes, RawBytes: last.RawBytes,
+		CompressionRatio: last.CompressionRatio,
 	}
 	if err := d.verify(res, primary, backup); err != nil {
 		return res, err
@@ -453,14 +459,14 @@ summary (%s)
   epochs committed          %d (last acked by primary %d, replica at %d)
   pause per epoch           p50 %.2f ms, p99 %.2f ms (dirty pages p50 %.0f)
   ack latency               p50 %.2f ms
-  bytes on the wire         %d (raw %d, compression %.1fx)
+  bytes on the wire         %d, headers included (epochs %d; their raw pages and device state %d: compression %.1fx)
   failover                  %.0f ms from SIGKILL to VM active on backup
   replica check             %s
   output before its ack     %d
   torn epochs applied       %d (torn epochs discarded: %d)
   client output             %d messages from primary (last seq %d), %d from backup after failover (first seq %d), %d lost
 `, verdict, r.EpochsCommitted, r.LastAckedEpoch, r.ReplicaEpoch, r.PauseMsP50, r.PauseMsP99, r.DirtyPagesP50, r.AckMsP50,
-		r.BytesSent, r.RawBytes, r.CompressionRatio, r.FailoverMs, r.ReplicaDetail, r.OutputReleasedBeforeAck,
+		r.WireBytesSent, r.EpochWireBytes, r.RawBytes, r.CompressionRatio, r.FailoverMs, r.ReplicaDetail, r.OutputReleasedBeforeAck,
 		r.TornEpochsApplied, r.TornEpochsDiscarded, r.OutputSeenFromPrimary, r.LastSeqBeforeFailover,
 		r.OutputSeenFromBackup, r.FirstSeqAfterFailover, r.OutputLost)
 }

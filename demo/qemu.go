@@ -459,7 +459,7 @@ func (q *qrun) finish(cl *qclient, active, ps daemon.VMStatus, qver string,
 			Workload: "guestsvc (ADD requests on one TCP connection)", MemoryBytes: int64(q.o.memMiB) << 20,
 			EpochIntervalMs: msOf(q.o.interval), RunSeconds: q.o.duration.Seconds(),
 			PauseMsP50: ps.PauseMsP50, PauseMsP99: ps.PauseMsP99, AckMsP50: ps.AckMsP50,
-			BytesSent: ps.BytesSent, RawBytes: ps.RawBytes, CompressionRatio: ps.CompressionRatio,
+			WireBytesSent: ps.WireBytesSent, EpochWireBytes: ps.EpochWireBytes, RawBytes: ps.RawBytes, CompressionRatio: ps.CompressionRatio,
 			ActivationMs: active.ActivationMs, TornEpochsDiscarded: active.TornEpochsDiscarded,
 			OutputSeenFromPrimary: before, OutputSeenFromBackup: ok - before,
 			LastSeqBeforeFailover: lastIDBefore, FirstSeqAfterFailover: firstID, OutputLost: diverged,
@@ -553,7 +553,7 @@ summary (%s) — qemu backend, %s, guest %s, %d MiB, takeover %s
   pause per epoch           p50 %.1f ms, p99 %.1f ms
   dirty pages per epoch     p50 %.0f, p99 %.0f, max %.0f (4 KiB pages)
   ack latency               p50 %.1f ms
-  bytes on the wire         %d (raw %d, compression %.1fx)
+  bytes on the wire         %d, headers included (epochs %d; their raw pages and device state %d: compression %.1fx)
   output buffer             %s
   replica check             %s
 `, verdict, r.QEMU, r.Kernel, r.MemoryBytes>>20, r.Takeover, survived,
@@ -562,7 +562,7 @@ summary (%s) — qemu backend, %s, guest %s, %d MiB, takeover %s
 		r.FailoverMs, r.VMActiveMs, r.ActivationMs, r.LongestGapMs,
 		r.EpochsCommitted, r.LastAckedEpoch, r.ReplicaEpoch, r.PauseMsP50, r.PauseMsP99,
 		r.DirtyPagesP50, r.DirtyPagesP99, r.DirtyPagesMax, r.AckMsP50,
-		r.BytesSent, r.RawBytes, r.CompressionRatio, r.OutBuf, r.ReplicaDetail)
+		r.WireBytesSent, r.EpochWireBytes, r.RawBytes, r.CompressionRatio, r.OutBuf, r.ReplicaDetail)
 }
 
 func qemuVersion(ctx context.Context, bin string) string {
