@@ -5,6 +5,7 @@ package demo
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"encoding/binary"
 	"encoding/json"
@@ -53,11 +54,22 @@ type Result struct {
 	FailoverMs       float64 `json:"failover_ms"`
 	ActivationMs     float64 `json:"activation_ms"`
 
-	ReplicaMatchesLastAck   bool   `json:"replica_matches_last_ack"`
-	ReplicaDetail           string `json:"replica_detail"`
-	OutputReleasedBeforeAck int    `json:"output_released_before_ack"`
-	TornEpochsApplied       int    `json:"torn_epochs_applied"`
-	TornEpochsDiscarded     uint64 `json:"torn_epochs_discarded"`
+	// ReplicaMatchesLastAck: the activated replica's memory and device
+	// state equal, byte for byte (xxhash64), the primary's state at that
+	// epoch recomputed by replay, and that epoch is no older than the last
+	// ack the primary recorded.
+	ReplicaMatchesLastAck bool   `json:"replica_matches_last_ack"`
+	ReplicaDetail         string `json:"replica_detail"`
+	// OutputReleasedBeforeAck counts output messages of a protected epoch
+	// N that reached the client from the primary before the primary's
+	// audit log recorded an ack of N or later (or that were never acked),
+	// by the sink's receive time against the ack record's time.
+	OutputReleasedBeforeAck int `json:"output_released_before_ack"`
+	// TornEpochsApplied is 1 if the activated replica matches no state the
+	// primary had at its epoch (a torn or corrupt apply), else 0; the
+	// demo sees the replica only at activation, not after every commit.
+	TornEpochsApplied   int    `json:"torn_epochs_applied"`
+	TornEpochsDiscarded uint64 `json:"torn_epochs_discarded"`
 
 	OutputSeenFromPrimary int    `json:"output_seen_from_primary"`
 	OutputSeenFromBackup  int    `json:"output_seen_from_backup"`
@@ -316,6 +328,7 @@ type auditLine struct {
 	Pages     int    `json:"pages"`
 	MemoryXXH uint64 `json:"memory_xxh"`
 	DeviceXXH uint64 `json:"device_xxh"`
+	UnixNs    int64  `json:"unix_ns"`
 	Sim       *struct {
 		Ops       uint64 `json:"ops"`
 		OutputSeq uint64 `json:"output_seq"`
@@ -354,6 +367,7 @@ func (d *run) verify(res *Result, primary, backup *DaemonProc) error {
 	}
 	captured := map[uint64]uint64{}
 	var dirty []float64
+	var acks []auditLine
 	for _, l := range plog {
 		switch l.Event {
 		case "capture":
@@ -363,6 +377,7 @@ func (d *run) verify(res *Result, primary, backup *DaemonProc) error {
 			dirty = append(dirty, float64(l.Pages))
 		case "ack":
 			res.LastAckedEpoch = max(res.LastAckedEpoch, l.Epoch)
+			acks = append(acks, l)
 		}
 	}
 	res.DirtyPagesP50 = median(dirty)
@@ -418,11 +433,12 @@ func (d *run) verify(res *Result, primary, backup *DaemonProc) error {
 		res.TornEpochsApplied = 1
 	}
 
+	acks = firstAcks(acks)
 	recs := d.sink.records()
 	for _, r := range recs {
 		if r.host == "primary" {
 			res.OutputSeenFromPrimary++
-			if r.epoch > activated.Epoch {
+			if r.epoch > 0 && !ackedBefore(acks, r.epoch, r.atUnixNs) {
 				res.OutputReleasedBeforeAck++
 			}
 			if r.seq > activated.Sim.OutputSeq {
@@ -438,6 +454,25 @@ func (d *run) verify(res *Result, primary, backup *DaemonProc) error {
 	}
 	res.Passed = res.ReplicaMatchesLastAck && res.OutputReleasedBeforeAck == 0 && res.TornEpochsApplied == 0 && res.OutputLost == 0
 	return nil
+}
+
+// firstAcks sorts the primary's ack records by epoch and sets each one's
+// time to the earliest ack of that epoch or a later one (acks are
+// cumulative: an ack of N covers every epoch up to N).
+func firstAcks(acks []auditLine) []auditLine {
+	slices.SortStableFunc(acks, func(a, b auditLine) int { return cmp.Compare(a.Epoch, b.Epoch) })
+	for i := len(acks) - 2; i >= 0; i-- {
+		acks[i].UnixNs = min(acks[i].UnixNs, acks[i+1].UnixNs)
+	}
+	return acks
+}
+
+// ackedBefore reports whether acks (from firstAcks) hold an ack covering
+// epoch at or before unixNs. Output of epoch 0 left before protection
+// began and is not checked.
+func ackedBefore(acks []auditLine, epoch uint64, unixNs int64) bool {
+	i, _ := slices.BinarySearchFunc(acks, epoch, func(l auditLine, e uint64) int { return cmp.Compare(l.Epoch, e) })
+	return i < len(acks) && acks[i].UnixNs <= unixNs
 }
 
 func median(v []float64) float64 {
@@ -473,9 +508,10 @@ summary (%s)
 
 // record is one output message received by the sink.
 type record struct {
-	host  string
-	epoch uint64
-	seq   uint64
+	host     string
+	epoch    uint64
+	seq      uint64
+	atUnixNs int64 // when the sink received it
 }
 
 // sink stands in for the clients on the network: it receives the sim
@@ -524,7 +560,7 @@ func (s *sink) read(c net.Conn) {
 		if len(msg) < 8 {
 			return
 		}
-		rec := record{host: host, epoch: epoch, seq: binary.LittleEndian.Uint64(msg)}
+		rec := record{host: host, epoch: epoch, seq: binary.LittleEndian.Uint64(msg), atUnixNs: time.Now().UnixNano()}
 		s.mu.Lock()
 		s.recs = append(s.recs, rec)
 		s.mu.Unlock()
