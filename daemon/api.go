@@ -78,11 +78,12 @@ type VMStatus struct {
 	CompressionRatio float64 `json:"compression_ratio"`
 	// Backup only: pages of the epochs received, and every byte of the
 	// frames read from the primary, headers included.
-	PagesReceived     uint64  `json:"pages_received"`
-	WireBytesReceived uint64  `json:"wire_bytes_received"`
-	AckMsLast         float64 `json:"ack_ms_last"`
-	AckMsP50          float64 `json:"ack_ms_p50"`
-	AckMsP99          float64 `json:"ack_ms_p99"`
+	PagesReceived     uint64 `json:"pages_received"`
+	WireBytesReceived uint64 `json:"wire_bytes_received"`
+
+	AckMsLast float64 `json:"ack_ms_last"`
+	AckMsP50  float64 `json:"ack_ms_p50"`
+	AckMsP99  float64 `json:"ack_ms_p99"`
 
 	OutputHeld     uint64 `json:"output_held"`
 	OutputReleased uint64 `json:"output_released"`
