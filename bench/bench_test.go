@@ -8,6 +8,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -59,8 +60,8 @@ func TestMeasureEncodeSanity(t *testing.T) {
 	for _, r := range res {
 		for name, v := range map[string]float64{
 			"encode": r.EncodePagesPerSec, "lz4": r.LZ4PagesPerSec, "lz4 delta": r.LZ4DeltaPagesPerSec,
-			"xor+rle": r.XORRLEPagesPerSec, "ratio": r.Ratio, "wire": r.WireRatio, "lz4 wire": r.LZ4WireRatio,
-			"rle wire": r.XORRLEWireRatio, "wire vs rle": r.WireVsXORRLE,
+			"xor+rle": r.XORRLEPagesPerSec, "ratio": r.Ratio, "wire": r.WireOverRaw, "payload": r.PayloadOverRaw,
+			"lz4/raw": r.LZ4OverRaw, "rle": r.XORRLEOverRaw, "wire vs rle": r.WireOverXORRLE,
 		} {
 			finitePositive(t, r.Kind+" "+name, v)
 		}
@@ -69,36 +70,82 @@ func TestMeasureEncodeSanity(t *testing.T) {
 		}
 	}
 	// Sparse pages must be delta-encoded, random ones sent raw.
-	if s := res[0].Stats; s.XORLZ4+s.XORRLE != 256 || res[0].WireRatio >= 0.5 {
-		t.Errorf("sparse: stats %+v wire ratio %v", s, res[0].WireRatio)
+	if s := res[0].Stats; s.XORLZ4+s.XORRLE != 256 || res[0].WireOverRaw >= 0.5 {
+		t.Errorf("sparse: stats %+v wire ratio %v", s, res[0].WireOverRaw)
+	}
+	for _, r := range res {
+		if r.WireOverRaw <= r.PayloadOverRaw {
+			t.Errorf("%s: wire %v not above payload %v: headers not counted", r.Kind, r.WireOverRaw, r.PayloadOverRaw)
+		}
 	}
 	if s := res[1].Stats; s.Raw != 256 {
 		t.Errorf("random: stats %+v", s)
 	}
 }
 
-func TestXORRLERoundTrip(t *testing.T) {
+// TestRemusRefRoundTrip: the XOR+RLE reference decodes back to the pages
+// it encoded (so its byte counts are of a working codec), and its decoder
+// rejects malformed streams.
+func TestRemusRefRoundTrip(t *testing.T) {
 	rng := rand.New(rand.NewPCG(3, 4))
-	prev := make([]byte, pageSize)
+	const numPages = 2100 // more than two batches
+	prev := make([]byte, numPages*pageSize)
 	for i := range prev {
 		prev[i] = byte(rng.Uint32())
 	}
-	for _, changed := range []int{0, 1, 4, 100, 512} {
-		cur := bytes.Clone(prev)
-		for range changed {
-			cur[8*rng.IntN(pageSize/8)+rng.IntN(8)] ^= byte(1 + rng.IntN(255))
+	cur := bytes.Clone(prev)
+	var pfns []uint64
+	for p := 0; p < numPages; p++ {
+		if p%7 == 3 {
+			continue // not dirty
 		}
-		for _, base := range [][]byte{prev, nil} {
-			enc := xorRLEEncode(nil, cur, base)
-			out := make([]byte, pageSize)
-			n, err := xorRLEDecode(enc, out, base)
-			if err != nil || n != len(enc) || !bytes.Equal(out, cur) {
-				t.Fatalf("changed %d base %v: n %d/%d err %v equal %v", changed, base != nil, n, len(enc), err, bytes.Equal(out, cur))
+		pfns = append(pfns, uint64(p))
+		switch changed := []int{0, 1, 4, 100, 512, pageSize}[p%6]; changed {
+		case pageSize: // rewritten
+			for i := range pageSize {
+				cur[p*pageSize+i] = byte(rng.Uint32())
+			}
+		default:
+			for range changed {
+				cur[p*pageSize+rng.IntN(pageSize)] ^= byte(1 + rng.IntN(255))
 			}
 		}
 	}
-	if _, err := xorRLEDecode([]byte{0, 0}, make([]byte, pageSize), nil); err == nil {
-		t.Fatal("empty run accepted")
+	pages := make([]byte, 0, len(pfns)*pageSize)
+	for _, p := range pfns {
+		pages = append(pages, cur[p*pageSize:(p+1)*pageSize]...)
+	}
+	for _, cached := range []bool{true, false} {
+		prevOf := func(i int) []byte {
+			if !cached || i%5 == 0 {
+				return nil // never sent: FULL
+			}
+			return prev[pfns[i]*pageSize:][:pageSize]
+		}
+		stream := refEncodeEpoch(nil, pageSize, pfns, pages, prevOf)
+		mem := bytes.Clone(prev)
+		got, err := refDecodeEpoch(stream, pageSize, mem)
+		if err != nil || !slices.Equal(got, pfns) || !bytes.Equal(mem, cur) {
+			t.Fatalf("cached %v: err %v, pfns equal %v, memory equal %v", cached, err, slices.Equal(got, pfns), bytes.Equal(mem, cur))
+		}
+		if cached && len(stream) >= len(pages) {
+			t.Errorf("deltas of %d pages took %d bytes, raw %d", len(pfns), len(stream), len(pages))
+		}
+		// Every truncation and a corrupted count, pfn, marker or run is
+		// refused, never a panic.
+		for _, n := range []int{1, 4, 12, 100, len(stream) / 2, len(stream) - 1} {
+			if _, err := refDecodeEpoch(stream[:n], pageSize, bytes.Clone(prev)); err == nil {
+				t.Errorf("stream truncated to %d bytes accepted", n)
+			}
+		}
+		for _, off := range []int{0, 3, 4 + 8*5 + 2, 4 + 8*refMaxBatch, 4 + 8*refMaxBatch + 4 + 7, 4 + 8*refMaxBatch + 12} {
+			bad := bytes.Clone(stream)
+			bad[off] ^= 0xff
+			mem := bytes.Clone(prev)
+			if _, err := refDecodeEpoch(bad, pageSize, mem); err == nil && bytes.Equal(mem, cur) {
+				t.Errorf("corrupted byte %d went unnoticed", off)
+			}
+		}
 	}
 }
 
@@ -185,9 +232,9 @@ func benchEncode(b *testing.B, kind string, workers int) {
 		b.ReportMetric(res.EncodePagesPerSec, "pages/s")
 		b.ReportMetric(res.LZ4PagesPerSec, "lz4-pages/s")
 		b.ReportMetric(res.Ratio, "encode/lz4")
-		b.ReportMetric(res.WireRatio, "wire/raw")
-		b.ReportMetric(res.XORRLEWireRatio, "xorrle/raw")
-		b.ReportMetric(res.WireVsXORRLE, "wire/xorrle")
+		b.ReportMetric(res.WireOverRaw, "wire/raw")
+		b.ReportMetric(res.XORRLEOverRaw, "xorrle/raw")
+		b.ReportMetric(res.WireOverXORRLE, "wire/xorrle")
 	}
 }
 

@@ -5,6 +5,7 @@ import (
 	"crypto/subtle"
 	"encoding/binary"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"time"
 
@@ -25,8 +26,8 @@ type EncodeConfig struct {
 	// single-core lz4 bound; the engine uses GOMAXPROCS).
 	Workers int
 	// Rounds: each round times one epoch of the encoder, then raw lz4 and
-	// XOR+RLE on the same pages, interleaved so that machine noise hits
-	// all three alike; medians are reported (default 15).
+	// the XOR+RLE reference on the same pages, interleaved so that machine
+	// noise hits all three alike; medians are reported (default 15).
 	Rounds int
 	Seed   uint64
 }
@@ -57,26 +58,34 @@ type EncodeResult struct {
 	Kind           string
 	Pages, Workers int
 	// EncodePagesPerSec is transport.Encoder.EncodeEpoch (zero/same/dup
-	// checks, XOR vs cache, lz4, xxhash, crc32c, cache update).
+	// checks, XOR vs cache, lz4, xxhash, crc32c, cache update) with the
+	// epoch's frames written by a transport.Writer to io.Discard.
 	EncodePagesPerSec float64
 	// LZ4PagesPerSec is the bound: one core lz4-compressing the same pages
 	// (raw, not XORed). LZ4DeltaPagesPerSec compresses their XOR deltas.
 	LZ4PagesPerSec, LZ4DeltaPagesPerSec float64
 	// Ratio is EncodePagesPerSec / LZ4PagesPerSec.
 	Ratio float64
-	// XORRLEPagesPerSec is the anchor codec's encode rate (one core).
+	// XORRLEPagesPerSec is the reference codec's encode rate, with its
+	// framing (one core; bench/remusref.go).
 	XORRLEPagesPerSec float64
-	// Wire bytes / raw bytes: the encoder's payload, raw lz4 of each page
-	// (incompressible pages counted at full size), and XOR+RLE.
-	WireRatio, LZ4WireRatio, XORRLEWireRatio float64
-	// WireVsXORRLE is the encoder's wire bytes / XOR+RLE's.
-	WireVsXORRLE float64
+	// Bytes ÷ raw page bytes. WireOverRaw: everything our link carries for
+	// the epoch, counted by the frame Writer (EpochBegin, the PageBatch
+	// frames, EpochEnd: frame prefixes, protobuf headers, payloads).
+	// PayloadOverRaw: the encoded pages alone. LZ4OverRaw: raw lz4 of each
+	// page, unframed (incompressible pages counted at full size).
+	// XORRLEOverRaw: the XOR+RLE reference with its own framing (per-page
+	// pfn entries, batch and chunk headers).
+	WireOverRaw, PayloadOverRaw, LZ4OverRaw, XORRLEOverRaw float64
+	// WireOverXORRLE is our wire bytes (headers included) ÷ the
+	// reference's; above 1 we lose.
+	WireOverXORRLE float64
 	// Stats of the last encoded epoch (which encodings were chosen).
 	Stats transport.EncodeStats
 }
 
 // MeasureEncode measures the delta codec on sparse-write and random-write
-// pages against raw lz4 and XOR+RLE.
+// pages against raw lz4 and the XOR+RLE reference.
 func MeasureEncode(ctx context.Context, cfg EncodeConfig) ([]EncodeResult, error) {
 	cfg = cfg.withDefaults()
 	var out []EncodeResult
@@ -132,16 +141,22 @@ func measureEncodeKind(ctx context.Context, cfg EncodeConfig, kind string) (Enco
 	if _, err := enc.EncodeEpoch(ctx, 1, pfns, va, discard); err != nil {
 		return res, err
 	}
+	// Our side of the byte counts: the frames of each epoch as the primary
+	// writes them (no DeviceState: the reference carries none either).
+	fw := transport.NewWriter(io.Discard)
+	emit := func(hdr *remuspb.PageBatch, payload []byte) error {
+		return fw.WriteFrame(transport.KindPageBatch, hdr, payload)
+	}
 	var comp lz4.Compressor
 	lzOut := make([]byte, lz4.CompressBlockBound(pageSize))
 	delta := make([]byte, len(va))
-	rleOut := make([]byte, 0, len(va)+len(va)/8+64)
+	rleOut := make([]byte, 0, len(va)+len(va)/8+(cfg.Pages/refMaxBatch+1)*16+cfg.Pages*9)
 	pretouch(delta)
 	pretouch(rleOut[:cap(rleOut)])
 	pretouch(lzOut)
 
 	var encRate, lzRate, lzDeltaRate, rleRate []float64
-	var wire, lzWire, rleWire, raw int64
+	var wire, payload, lzWire, rleWire, raw int64
 	pages := float64(cfg.Pages)
 	for round := range cfg.Rounds {
 		if err := ctx.Err(); err != nil {
@@ -151,12 +166,23 @@ func measureEncodeKind(ctx context.Context, cfg EncodeConfig, kind string) (Enco
 		if round%2 == 1 {
 			cur, prev = va, vb
 		}
+		epoch := uint64(round + 2)
+		w0 := fw.BytesWritten()
 		t0 := time.Now()
-		sum, err := enc.EncodeEpoch(ctx, uint64(round+2), pfns, cur, discard)
+		if err := fw.WriteFrame(transport.KindEpochBegin, &remuspb.EpochBegin{Epoch: epoch, BaseEpoch: epoch - 1, PageCount: uint32(len(pfns))}, nil); err != nil {
+			return res, err
+		}
+		sum, err := enc.EncodeEpoch(ctx, epoch, pfns, cur, emit)
 		if err != nil {
 			return res, err
 		}
+		var d transport.Digest
+		d.AddPages(pfns, sum.PageHashes)
+		if err := fw.WriteFrame(transport.KindEpochEnd, &remuspb.EpochEnd{Epoch: epoch, PageCount: uint32(len(pfns)), Digest: d.Sum(nil)}, nil); err != nil {
+			return res, err
+		}
 		encRate = append(encRate, pages/time.Since(t0).Seconds())
+		wire += int64(fw.BytesWritten() - w0)
 		res.Stats = sum.Stats
 
 		t0 = time.Now()
@@ -183,13 +209,10 @@ func measureEncodeKind(ctx context.Context, cfg EncodeConfig, kind string) (Enco
 		lzDeltaRate = append(lzDeltaRate, pages/time.Since(t0).Seconds())
 
 		t0 = time.Now()
-		rleOut = rleOut[:0]
-		for p := 0; p < len(cur); p += pageSize {
-			rleOut = xorRLEEncode(rleOut, cur[p:p+pageSize], prev[p:p+pageSize])
-		}
+		rleOut = refEncodeEpoch(rleOut[:0], pageSize, pfns, cur, func(i int) []byte { return prev[i*pageSize : (i+1)*pageSize] })
 		rleRate = append(rleRate, pages/time.Since(t0).Seconds())
 
-		wire += sum.Stats.WireBytes
+		payload += sum.Stats.PayloadBytes
 		lzWire += lw
 		rleWire += int64(len(rleOut))
 		raw += int64(len(cur))
@@ -201,11 +224,12 @@ func measureEncodeKind(ctx context.Context, cfg EncodeConfig, kind string) (Enco
 	if res.LZ4PagesPerSec > 0 {
 		res.Ratio = res.EncodePagesPerSec / res.LZ4PagesPerSec
 	}
-	res.WireRatio = float64(wire) / float64(raw)
-	res.LZ4WireRatio = float64(lzWire) / float64(raw)
-	res.XORRLEWireRatio = float64(rleWire) / float64(raw)
+	res.WireOverRaw = float64(wire) / float64(raw)
+	res.PayloadOverRaw = float64(payload) / float64(raw)
+	res.LZ4OverRaw = float64(lzWire) / float64(raw)
+	res.XORRLEOverRaw = float64(rleWire) / float64(raw)
 	if rleWire > 0 {
-		res.WireVsXORRLE = float64(wire) / float64(rleWire)
+		res.WireOverXORRLE = float64(wire) / float64(rleWire)
 	}
 	return res, nil
 }

@@ -145,7 +145,7 @@ func TestMeasureFailoverSanity(t *testing.T) {
 func TestReportOutputs(t *testing.T) {
 	r := Report{Quick: true}
 	r.Pause = PauseResult{MemoryBytes: 8 << 20, Sets: []PauseSet{{Fraction: 0.1, ChosenPages: 200, PauseP50: 100 * time.Microsecond, MemcpyP50: 80 * time.Microsecond, Ratio: 1.25}}}
-	r.Encode = []EncodeResult{{Kind: "sparse", WireVsXORRLE: 0.9}}
+	r.Encode = []EncodeResult{{Kind: "sparse", WireOverXORRLE: 0.9}}
 	r.PipelineSparse = PipelineResult{Workload: "sparse", PagesPerSec: 1000}
 	r.Latency = &LatencyResult{Unprotected: LatencyStats{P50Ms: 0.01, P99Ms: 0.05}, Points: []LatencyPoint{
 		{IntervalMs: 25, Protected: LatencyStats{P50Ms: 14, P99Ms: 27}, FloorMs: 14, AddedP50Ms: 13.99, AddedP99Ms: 26.95, GoalP50Ms: 16, GoalP99Ms: 30.5},

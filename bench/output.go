@@ -67,10 +67,10 @@ func (r *Report) tables() []table {
 			ff(msf(s.PauseP50)), ff(msf(s.PauseP99)), ff(msf(s.MemcpyP50)), ff(s.Ratio), ff(s.MemcpyGBps)})
 	}
 	ts = append(ts, t)
-	t = table{name: "encode.csv", header: []string{"kind", "pages", "workers", "encode_pages_per_s", "lz4_pages_per_s", "encode_over_lz4", "lz4_delta_pages_per_s", "xor_rle_pages_per_s", "wire_over_raw", "lz4_over_raw", "xor_rle_over_raw", "wire_over_xor_rle"}}
+	t = table{name: "encode.csv", header: []string{"kind", "pages", "workers", "encode_pages_per_s", "lz4_pages_per_s", "encode_over_lz4", "lz4_delta_pages_per_s", "xor_rle_pages_per_s", "wire_over_raw", "payload_over_raw", "lz4_over_raw", "xor_rle_over_raw", "wire_over_xor_rle"}}
 	for _, e := range r.Encode {
 		t.rows = append(t.rows, []string{e.Kind, fi(int64(e.Pages)), fi(int64(e.Workers)), ff(e.EncodePagesPerSec), ff(e.LZ4PagesPerSec), ff(e.Ratio),
-			ff(e.LZ4DeltaPagesPerSec), ff(e.XORRLEPagesPerSec), ff(e.WireRatio), ff(e.LZ4WireRatio), ff(e.XORRLEWireRatio), ff(e.WireVsXORRLE)})
+			ff(e.LZ4DeltaPagesPerSec), ff(e.XORRLEPagesPerSec), ff(e.WireOverRaw), ff(e.PayloadOverRaw), ff(e.LZ4OverRaw), ff(e.XORRLEOverRaw), ff(e.WireOverXORRLE)})
 	}
 	ts = append(ts, t)
 	t = table{name: "pipeline.csv", header: []string{"workload", "memory_bytes", "rate", "seconds", "pages_acked", "epochs_acked", "pages_per_s", "mb_per_s", "wire_mb_per_s", "pause_ms_p50", "lz4_pages_per_s", "over_lz4", "verified"}}

@@ -80,7 +80,8 @@ type PipelineResult struct {
 	PagesAcked, EpochsAcked int64
 	PagesPerSec             float64
 	// MBPerSec is raw page bytes acknowledged per second (MB = 1e6 B);
-	// WireMBPerSec the bytes the primary sent (payload) per second.
+	// WireMBPerSec every byte the primary wrote on the link per second
+	// (frame and protobuf headers, heartbeats included).
 	MBPerSec, WireMBPerSec float64
 	// PauseP50 of the captures during the run.
 	PauseP50 time.Duration
@@ -153,7 +154,7 @@ func MeasurePipeline(ctx context.Context, cfg PipelineConfig) (PipelineResult, e
 	res.PagesAcked, res.EpochsAcked = pages1-pages0, eps1-eps0
 	res.PagesPerSec = float64(res.PagesAcked) / el
 	res.MBPerSec = res.PagesPerSec * pageSize / 1e6
-	res.WireMBPerSec = float64(s1.BytesSent-s0.BytesSent) / el / 1e6
+	res.WireMBPerSec = float64(s1.WireBytesSent-s0.WireBytesSent) / el / 1e6
 	res.PauseP50 = s1.PauseP50
 	if cfg.Verify {
 		if err := p.verify(); err != nil {

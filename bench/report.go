@@ -21,8 +21,11 @@ type Report struct {
 	// PipelinePagesPerSec: acknowledged sparse-write pages/s primary →
 	// backup over loopback TCP (PipelineSparse).
 	PipelinePagesPerSec float64 `json:"pipeline_pages_per_s"`
-	// WireOverXORRLE: the encoder's wire bytes ÷ XOR+RLE's on the same
-	// pages, the worse of the sparse and random page sets.
+	// WireOverXORRLE: our wire bytes for an epoch (its frames, frame and
+	// protobuf headers included) ÷ those of an independent XOR+RLE
+	// reference with its own framing (bench/remusref.go) on the same
+	// pages, the worse of the sparse and random page sets. Above 1, ours
+	// is larger.
 	WireOverXORRLE float64 `json:"wire_over_xor_rle"`
 	// Added client latency (protected − unprotected) at 25 ms epochs.
 	AddedLatencyP50MsAt25 float64 `json:"added_latency_p50_ms_at_25ms"`
@@ -190,7 +193,11 @@ func RunWith(ctx context.Context, o Options) (Report, error) {
 	section("encode", func() (err error) {
 		r.Encode, err = MeasureEncode(ctx, ec)
 		for _, e := range r.Encode {
-			progress("encode %s: %.0f pages/s (lz4 %.0f), wire/xor+rle %.3f", e.Kind, e.EncodePagesPerSec, e.LZ4PagesPerSec, e.WireVsXORRLE)
+			verdict := "smaller than"
+			if e.WireOverXORRLE > 1 {
+				verdict = "LARGER than"
+			}
+			progress("encode %s: %.0f pages/s (lz4 %.0f); wire bytes with headers ÷ XOR+RLE reference's %.3f: ours %s the reference", e.Kind, e.EncodePagesPerSec, e.LZ4PagesPerSec, e.WireOverXORRLE, verdict)
 		}
 		return err
 	})
@@ -279,9 +286,9 @@ func (r *Report) headline() {
 	goal("pipeline sparse-write pages/s, loopback", r.PipelinePagesPerSec, r.PipelinePagesPerSec > 0, "≥ 305000", r.PipelinePagesPerSec >= 305000)
 	r.WireOverXORRLE = 0
 	for _, e := range r.Encode {
-		r.WireOverXORRLE = max(r.WireOverXORRLE, e.WireVsXORRLE)
+		r.WireOverXORRLE = max(r.WireOverXORRLE, e.WireOverXORRLE)
 	}
-	goal("wire bytes ÷ XOR+RLE's (worst page set)", r.WireOverXORRLE, r.WireOverXORRLE > 0, "≤ 1", r.WireOverXORRLE <= 1)
+	goal("wire bytes incl. headers ÷ XOR+RLE reference's (worst page set)", r.WireOverXORRLE, r.WireOverXORRLE > 0, "≤ 1", r.WireOverXORRLE <= 1)
 	var pt LatencyPoint
 	ok := false
 	if r.Latency != nil {
@@ -351,11 +358,12 @@ func (r Report) Write(w io.Writer) error {
 		}
 	}
 	if len(r.Encode) > 0 {
-		ew.printf("\n## 2. Delta codec vs raw lz4 (one core) and XOR+RLE (Xen Remus-like)\n\n")
-		ew.printf("| pages | workers | encode p/s | lz4 p/s | encode÷lz4 | lz4(xor) p/s | xor+rle p/s | wire/raw | lz4/raw | rle/raw | wire÷rle |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+		ew.printf("\n## 2. Delta codec vs raw lz4 (one core) and an XOR+RLE reference (Remus's, bench/remusref.go)\n\n")
+		ew.printf("wire = our epoch's frames (EpochBegin, PageBatches, EpochEnd) with frame and protobuf headers, as counted by the frame Writer; payload = encoded pages alone; rle = the reference with its own per-page pfn entries and batch headers; lz4 = unframed.\n\n")
+		ew.printf("| pages | workers | encode p/s | lz4 p/s | encode÷lz4 | lz4(xor) p/s | xor+rle p/s | wire/raw | payload/raw | lz4/raw | rle/raw | wire÷rle |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
 		for _, e := range r.Encode {
-			ew.printf("| %s | %d | %.0f | %.0f | %.2f | %.0f | %.0f | %.4f | %.4f | %.4f | %.3f |\n", e.Kind, e.Workers, e.EncodePagesPerSec, e.LZ4PagesPerSec, e.Ratio,
-				e.LZ4DeltaPagesPerSec, e.XORRLEPagesPerSec, e.WireRatio, e.LZ4WireRatio, e.XORRLEWireRatio, e.WireVsXORRLE)
+			ew.printf("| %s | %d | %.0f | %.0f | %.2f | %.0f | %.0f | %.4f | %.4f | %.4f | %.4f | %.3f |\n", e.Kind, e.Workers, e.EncodePagesPerSec, e.LZ4PagesPerSec, e.Ratio,
+				e.LZ4DeltaPagesPerSec, e.XORRLEPagesPerSec, e.WireOverRaw, e.PayloadOverRaw, e.LZ4OverRaw, e.XORRLEOverRaw, e.WireOverXORRLE)
 		}
 	}
 	if r.Pipeline.Workload != "" || r.PipelineSparse.Workload != "" {

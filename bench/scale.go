@@ -198,7 +198,7 @@ func multiVMPoint(ctx context.Context, cfg MultiVMConfig, n int) (MultiVMPoint, 
 		_, pg, ep := p.counts()
 		s1 := p.primary.Stats()
 		pages += float64(pg - pages0[i])
-		wire += float64(s1.BytesSent - s0[i].BytesSent)
+		wire += float64(s1.WireBytesSent - s0[i].WireBytesSent)
 		if ep == eps0[i] {
 			pt.AllEpochsAcked = false
 		}

@@ -44,7 +44,10 @@ type SweepResult struct {
 	DirtyPagesP50       float64 `json:"dirty_pages_per_epoch_p50"`
 	DirtyPagesMean      float64 `json:"dirty_pages_per_epoch_mean"`
 	// Pipeline: acknowledged pages per second, raw MB/s (1e6 B) of those
-	// pages, and wire MB/s actually sent; CompressionRatio = raw ÷ wire.
+	// pages, and wire MB/s: every byte the primary wrote on the link
+	// (frame and protobuf headers, heartbeats included). CompressionRatio
+	// = raw page and device-state bytes ÷ the epoch records' wire bytes,
+	// headers included.
 	PagesPerSec      float64 `json:"pages_per_s"`
 	MBPerSec         float64 `json:"mb_per_s"`
 	WireMBPerSec     float64 `json:"wire_mb_per_s"`
@@ -158,10 +161,9 @@ func (b SimBackend) Measure(ctx context.Context, pt SweepPoint) (SweepResult, er
 	res.DirtyPagesP50, res.DirtyPagesMean = cs.pagesP50, cs.pagesMean
 	res.PagesPerSec = float64(pages1-pages0) / el
 	res.MBPerSec = res.PagesPerSec * pageSize / 1e6
-	wire := float64(s1.BytesSent - s0.BytesSent)
-	res.WireMBPerSec = wire / el / 1e6
-	if wire > 0 {
-		res.CompressionRatio = float64(s1.RawBytes-s0.RawBytes) / wire
+	res.WireMBPerSec = float64(s1.WireBytesSent-s0.WireBytesSent) / el / 1e6
+	if ew := s1.EpochWireBytes - s0.EpochWireBytes; ew > 0 {
+		res.CompressionRatio = float64(s1.RawBytes-s0.RawBytes) / float64(ew)
 	}
 	res.AckMsP50, res.AckMsP99 = msf(quantile(acks, 0.5)), msf(quantile(acks, 0.99))
 	res.CPUPairPct = 100 * cpu.Seconds() / el

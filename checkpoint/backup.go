@@ -61,7 +61,7 @@ type BackupStats struct {
 	Connected           bool
 	LastHeard           time.Time
 	PagesReceived       uint64
-	BytesReceived       uint64
+	WireBytesReceived   uint64 // every byte of the frames read from primaries, headers included
 	TornEpochsDiscarded uint64
 	Rejected            uint64 // links closed for a protocol or integrity error
 	LastError           string
@@ -309,6 +309,7 @@ func (b *Backup) receive(conn net.Conn, r *transport.Reader, w *transport.Writer
 		o := int(i) * hypervisor.PageSize
 		return b.pages[o : o+hypervisor.PageSize]
 	}
+	var counted uint64 // of r.BytesRead(); the first frame's share includes the Hello read before Serve
 	for {
 		_ = conn.SetReadDeadline(time.Now().Add(b.o.HeartbeatTimeout))
 		f, err := r.ReadFrame()
@@ -318,7 +319,8 @@ func (b *Backup) receive(conn net.Conn, r *transport.Reader, w *transport.Writer
 		now := b.o.Now()
 		b.mu.Lock()
 		b.stats.LastHeard = now
-		b.stats.BytesReceived += uint64(len(f.Payload))
+		b.stats.WireBytesReceived += r.BytesRead() - counted
+		counted = r.BytesRead()
 		b.mu.Unlock()
 		switch h := f.Header.(type) {
 		case *remuspb.Heartbeat:

@@ -28,8 +28,16 @@ func TestPipelineEndToEnd(t *testing.T) {
 				t.Fatal("no output was ever released")
 			}
 			st := p.primary.Stats()
-			if st.PagesSent == 0 || st.BytesSent == 0 || st.RawBytes == 0 {
+			if st.PagesSent == 0 || st.EpochWireBytes == 0 || st.RawBytes == 0 {
 				t.Fatalf("stats not counted: %+v", st)
+			}
+			// Every link byte is counted: Hello and heartbeats beside the
+			// epochs; an epoch costs at least its four frame prefixes.
+			if st.WireBytesSent <= st.EpochWireBytes || st.EpochWireBytes < 4*transport.FramePrefixSize*st.EpochsCommitted {
+				t.Errorf("wire bytes %d, epoch wire bytes %d for %d epochs", st.WireBytesSent, st.EpochWireBytes, st.EpochsCommitted)
+			}
+			if got := p.backup.Stats().WireBytesReceived; got == 0 || got > st.WireBytesSent {
+				t.Errorf("backup received %d wire bytes, primary sent %d", got, st.WireBytesSent)
 			}
 		})
 	}

@@ -75,12 +75,20 @@ type PrimaryStats struct {
 	AckP50, AckP99  time.Duration
 	DirtyPagesLast  uint64
 	PagesSent       uint64
-	BytesSent       uint64
-	RawBytes        uint64
+	RawBytes        uint64 // page + device-state bytes of the epochs sent, uncompressed and unframed
 	Reconnects      uint64
 	HeartbeatAge    time.Duration
 	LastError       string
 	EpochsCommitted uint64
+
+	// WireBytesSent counts every byte the primary wrote on its links to
+	// the backup: frame prefixes, protobuf headers and payloads of Hello,
+	// the epoch records, heartbeats and Goodbye.
+	WireBytesSent uint64
+	// EpochWireBytes is the part of WireBytesSent that carried epochs:
+	// EpochBegin, PageBatch, DeviceState and EpochEnd frames, headers
+	// included. The compression ratio is RawBytes ÷ EpochWireBytes.
+	EpochWireBytes uint64
 }
 
 // staged is one captured epoch waiting to be sent.
@@ -672,6 +680,14 @@ func (p *Primary) connect(ctx context.Context) (*primaryLink, uint64, []uint64, 
 	needHashes := p.needHashes.Load()
 	g := p.o.Guest
 	w := transport.NewWriter(conn)
+	w.Observe(func(k transport.Kind, n int) {
+		p.update(func(s *PrimaryStats) {
+			s.WireBytesSent += uint64(n)
+			if k.IsEpochRecord() {
+				s.EpochWireBytes += uint64(n)
+			}
+		})
+	})
 	r := transport.NewReader(conn, p.o.Limits)
 	hello := &remuspb.Hello{
 		ProtocolVersion:   ProtocolVersion,
@@ -859,9 +875,7 @@ func (l *primaryLink) sendEpoch(ctx context.Context, st *staged) error {
 	if err := l.w.WriteFrame(transport.KindEpochBegin, begin, nil); err != nil {
 		return fmt.Errorf("send epoch %d begin: %w", st.epoch, err)
 	}
-	var wire int64
 	sum, err := p.enc.EncodeEpoch(ctx, st.epoch, st.pfns, st.pages, func(hdr *remuspb.PageBatch, payload []byte) error {
-		wire += int64(len(payload))
 		if err := l.w.WriteFrame(transport.KindPageBatch, hdr, payload); err != nil {
 			return err
 		}
@@ -885,8 +899,7 @@ func (l *primaryLink) sendEpoch(ctx context.Context, st *staged) error {
 	}
 	p.update(func(s *PrimaryStats) {
 		s.PagesSent += uint64(len(st.pfns))
-		s.RawBytes += uint64(len(st.pages))
-		s.BytesSent += uint64(wire + int64(len(st.dev)))
+		s.RawBytes += uint64(len(st.pages) + len(st.dev))
 	})
 	return nil
 }

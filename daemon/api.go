@@ -95,14 +95,26 @@ type VMStatus struct {
 	PauseMsP50      float64 `json:"pause_ms_p50"`
 	PauseMsP99      float64 `json:"pause_ms_p99"`
 	DirtyPagesLast  uint64  `json:"dirty_pages_last"`
-	PagesSent       uint64  `json:"pages_sent"`
-	BytesSent       uint64  `json:"bytes_sent"`
-	RawBytes        uint64  `json:"raw_bytes"`
-	// CompressionRatio is raw page bytes ÷ wire bytes (higher is better).
+	// Primary only: pages and bytes of the epochs sent. WireBytesSent is
+	// every byte written on the replication link (frame prefixes,
+	// protobuf headers and payloads of the handshake, epochs, heartbeats);
+	// EpochWireBytes the part that carried epochs (EpochBegin, PageBatch,
+	// DeviceState, EpochEnd, headers included); RawBytes the page and
+	// device-state bytes of those epochs, uncompressed and unframed.
+	PagesSent      uint64 `json:"pages_sent"`
+	WireBytesSent  uint64 `json:"wire_bytes_sent"`
+	EpochWireBytes uint64 `json:"epoch_wire_bytes"`
+	RawBytes       uint64 `json:"raw_bytes"`
+	// CompressionRatio is RawBytes ÷ EpochWireBytes (higher is better).
 	CompressionRatio float64 `json:"compression_ratio"`
-	AckMsLast        float64 `json:"ack_ms_last"`
-	AckMsP50         float64 `json:"ack_ms_p50"`
-	AckMsP99         float64 `json:"ack_ms_p99"`
+	// Backup only: pages of the epochs received, and every byte of the
+	// frames read from the primary, headers included.
+	PagesReceived     uint64 `json:"pages_received"`
+	WireBytesReceived uint64 `json:"wire_bytes_received"`
+
+	AckMsLast float64 `json:"ack_ms_last"`
+	AckMsP50  float64 `json:"ack_ms_p50"`
+	AckMsP99  float64 `json:"ack_ms_p99"`
 
 	OutputHeld     uint64 `json:"output_held"`
 	OutputReleased uint64 `json:"output_released"`

@@ -486,9 +486,10 @@ func (d *Daemon) statusOf(v *vm) VMStatus {
 		s.Epoch, s.AckedEpoch, s.EpochsCommitted = p.Epoch, p.Acked, p.EpochsCommitted
 		s.PauseMsLast, s.PauseMsP50, s.PauseMsP99 = checkpoint.Ms(p.PauseLast), checkpoint.Ms(p.PauseP50), checkpoint.Ms(p.PauseP99)
 		s.AckMsLast, s.AckMsP50, s.AckMsP99 = checkpoint.Ms(p.AckLast), checkpoint.Ms(p.AckP50), checkpoint.Ms(p.AckP99)
-		s.DirtyPagesLast, s.PagesSent, s.BytesSent, s.RawBytes = p.DirtyPagesLast, p.PagesSent, p.BytesSent, p.RawBytes
-		if p.BytesSent > 0 {
-			s.CompressionRatio = float64(p.RawBytes) / float64(p.BytesSent)
+		s.DirtyPagesLast, s.PagesSent, s.RawBytes = p.DirtyPagesLast, p.PagesSent, p.RawBytes
+		s.WireBytesSent, s.EpochWireBytes = p.WireBytesSent, p.EpochWireBytes
+		if p.EpochWireBytes > 0 {
+			s.CompressionRatio = float64(p.RawBytes) / float64(p.EpochWireBytes)
 		}
 		s.Reconnects, s.HeartbeatAgeMs, s.LastError = p.Reconnects, checkpoint.Ms(p.HeartbeatAge), p.LastError
 		if p.Unprotected {
@@ -501,7 +502,7 @@ func (d *Daemon) statusOf(v *vm) VMStatus {
 		b := v.backup.Stats()
 		s.PeerName = v.backup.Owner()
 		s.Epoch, s.AckedEpoch, s.EpochsCommitted = b.Committed, b.Committed, b.EpochsCommitted
-		s.PagesSent, s.BytesSent = b.PagesReceived, b.BytesReceived
+		s.PagesReceived, s.WireBytesReceived = b.PagesReceived, b.WireBytesReceived
 		s.TornEpochsDiscarded, s.LastError, s.LinksRefused = b.TornEpochsDiscarded, b.LastError, b.Refused
 		if !b.LastHeard.IsZero() {
 			s.HeartbeatAgeMs = checkpoint.Ms(time.Since(b.LastHeard))

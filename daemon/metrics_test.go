@@ -51,11 +51,11 @@ func TestMetricsHandler(t *testing.T) {
 			VM: "web", Role: RolePrimary, Backend: "sim", Peer: "10.0.0.2:7788", Link: LinkUp,
 			Epoch: 120, AckedEpoch: 119, EpochsCommitted: 119,
 			PauseMsP50: 1.5, PauseMsP99: 4, DirtyPagesLast: 321,
-			PagesSent: 5000, BytesSent: 1 << 20, RawBytes: 4 << 20, CompressionRatio: 4,
+			PagesSent: 5000, WireBytesSent: 1<<20 + 4096, EpochWireBytes: 1 << 20, RawBytes: 4 << 20, CompressionRatio: 4,
 			AckMsP50: 2, AckMsP99: 8, OutputHeld: 7, OutputReleased: 1000, OutputDropped: 3,
 			Reconnects: 2, HeartbeatAgeMs: 50,
 		},
-		{VM: "db", Role: RoleBackup, Backend: "sim", Link: LinkLost, Epoch: 99, TornEpochsDiscarded: 1},
+		{VM: "db", Role: RoleBackup, Backend: "sim", Link: LinkLost, Epoch: 99, TornEpochsDiscarded: 1, PagesReceived: 4000, WireBytesReceived: 1 << 19},
 	}
 	h := NewMetricsHandler(func(context.Context) ([]VMStatus, error) { return st, nil }, nil)
 	m := scrape(t, h)
@@ -68,7 +68,10 @@ func TestMetricsHandler(t *testing.T) {
 		`remusd_pause_p99_seconds{vm="web"}`:                        0.004,
 		`remusd_dirty_pages_last{vm="web"}`:                         321,
 		`remusd_pages_sent_total{vm="web"}`:                         5000,
-		`remusd_bytes_sent_total{vm="web"}`:                         1 << 20,
+		`remusd_wire_bytes_sent_total{vm="web"}`:                    1<<20 + 4096,
+		`remusd_epoch_wire_bytes_total{vm="web"}`:                   1 << 20,
+		`remusd_pages_received_total{vm="db"}`:                      4000,
+		`remusd_wire_bytes_received_total{vm="db"}`:                 1 << 19,
 		`remusd_raw_bytes_total{vm="web"}`:                          4 << 20,
 		`remusd_compression_ratio{vm="web"}`:                        4,
 		`remusd_ack_latency_p50_seconds{vm="web"}`:                  0.002,

@@ -20,13 +20,13 @@ func RenderStatus(w io.Writer, st []VMStatus) error {
 	sort.SliceStable(vms, func(i, j int) bool { return vms[i].VM < vms[j].VM })
 
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "VM\tROLE\tLINK\tOUTBUF\tEPOCH\tACKED\tPAUSE p50/p99 ms\tDIRTY\tSENT\tRATIO\tACK p50 ms")
+	fmt.Fprintln(tw, "VM\tROLE\tLINK\tOUTBUF\tEPOCH\tACKED\tPAUSE p50/p99 ms\tDIRTY\tWIRE BYTES\tRATIO\tACK p50 ms")
 	for _, s := range vms {
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%d\t%s/%s\t%d\t%s\t%s\t%s\n",
 			dash(s.VM), dash(s.Role), dash(s.Link), dash(s.OutBuf),
 			s.Epoch, s.AckedEpoch,
 			fmtMs(s.PauseMsP50), fmtMs(s.PauseMsP99),
-			s.DirtyPagesLast, HumanBytes(s.BytesSent), fmtRatio(s.CompressionRatio), fmtMs(s.AckMsP50))
+			s.DirtyPagesLast, wireBytes(s), fmtRatio(s.CompressionRatio), fmtMs(s.AckMsP50))
 	}
 	if err := tw.Flush(); err != nil {
 		return err
@@ -95,6 +95,15 @@ func HumanBytes(n uint64) string {
 		exp++
 	}
 	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
+}
+
+// wireBytes is what crossed the replication link, headers included: sent
+// by a primary, received by a backup.
+func wireBytes(s VMStatus) string {
+	if s.WireBytesReceived > 0 && s.WireBytesSent == 0 {
+		return HumanBytes(s.WireBytesReceived) + " in"
+	}
+	return HumanBytes(s.WireBytesSent) + " out"
 }
 
 func dash(s string) string {

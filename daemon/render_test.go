@@ -20,7 +20,7 @@ func TestRenderStatusEmpty(t *testing.T) {
 func TestRenderStatusTable(t *testing.T) {
 	st := []VMStatus{
 		{VM: "web", Role: RolePrimary, Link: LinkUp, OutBuf: "held", Epoch: 120, AckedEpoch: 119,
-			PauseMsP50: 1.25, PauseMsP99: 12.5, DirtyPagesLast: 321, BytesSent: 3 << 20,
+			PauseMsP50: 1.25, PauseMsP99: 12.5, DirtyPagesLast: 321, WireBytesSent: 3 << 20,
 			CompressionRatio: 3.2, AckMsP50: 2.5},
 		{VM: "db", Role: RoleBackup, Link: LinkLost, Epoch: 99, LastError: "heartbeat timeout"},
 	}
@@ -33,7 +33,7 @@ func TestRenderStatusTable(t *testing.T) {
 	if len(lines) != 4 {
 		t.Fatalf("want header, 2 rows and an error line, got:\n%s", out)
 	}
-	for _, h := range []string{"VM", "ROLE", "LINK", "OUTBUF", "EPOCH", "ACKED", "PAUSE p50/p99 ms", "DIRTY", "SENT", "RATIO", "ACK p50 ms"} {
+	for _, h := range []string{"VM", "ROLE", "LINK", "OUTBUF", "EPOCH", "ACKED", "PAUSE p50/p99 ms", "DIRTY", "WIRE BYTES", "RATIO", "ACK p50 ms"} {
 		if !strings.Contains(lines[0], h) {
 			t.Errorf("header lacks %q: %s", h, lines[0])
 		}
@@ -42,7 +42,7 @@ func TestRenderStatusTable(t *testing.T) {
 	if f := strings.Fields(lines[1]); f[0] != "db" || f[1] != "backup" || f[2] != "lost" || f[3] != "-" || f[4] != "99" {
 		t.Errorf("db row = %q", lines[1])
 	}
-	wantWeb := []string{"web", "primary", "up", "held", "120", "119", "1.25/12.5", "321", "3.0", "MiB", "3.20x", "2.50"}
+	wantWeb := []string{"web", "primary", "up", "held", "120", "119", "1.25/12.5", "321", "3.0", "MiB", "out", "3.20x", "2.50"}
 	if f := strings.Fields(lines[2]); strings.Join(f, " ") != strings.Join(wantWeb, " ") {
 		t.Errorf("web row = %q, want fields %q", lines[2], wantWeb)
 	}

@@ -5,6 +5,7 @@ package demo
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"encoding/binary"
 	"encoding/json"
@@ -41,18 +42,34 @@ type Result struct {
 	PauseMsP99      float64 `json:"pause_ms_p99"`
 	AckMsP50        float64 `json:"ack_ms_p50"`
 	DirtyPagesP50   float64 `json:"dirty_pages_per_epoch_p50"`
-	BytesSent       uint64  `json:"bytes_sent"`
-	RawBytes        uint64  `json:"raw_bytes"`
-	// CompressionRatio is raw page bytes ÷ bytes on the wire.
+	// WireBytesSent is every byte the primary wrote on the replication
+	// link (frame prefixes, protobuf headers, payloads; epochs, heartbeats,
+	// handshake); EpochWireBytes the part that carried epochs; RawBytes the
+	// page and device-state bytes of those epochs, uncompressed.
+	WireBytesSent  uint64 `json:"wire_bytes_sent"`
+	EpochWireBytes uint64 `json:"epoch_wire_bytes"`
+	RawBytes       uint64 `json:"raw_bytes"`
+	// CompressionRatio is RawBytes ÷ EpochWireBytes (headers included).
 	CompressionRatio float64 `json:"compression_ratio"`
 	FailoverMs       float64 `json:"failover_ms"`
 	ActivationMs     float64 `json:"activation_ms"`
 
-	ReplicaMatchesLastAck   bool   `json:"replica_matches_last_ack"`
-	ReplicaDetail           string `json:"replica_detail"`
-	OutputReleasedBeforeAck int    `json:"output_released_before_ack"`
-	TornEpochsApplied       int    `json:"torn_epochs_applied"`
-	TornEpochsDiscarded     uint64 `json:"torn_epochs_discarded"`
+	// ReplicaMatchesLastAck: the activated replica's memory and device
+	// state equal, byte for byte (xxhash64), the primary's state at that
+	// epoch recomputed by replay, and that epoch is no older than the last
+	// ack the primary recorded.
+	ReplicaMatchesLastAck bool   `json:"replica_matches_last_ack"`
+	ReplicaDetail         string `json:"replica_detail"`
+	// OutputReleasedBeforeAck counts output messages of a protected epoch
+	// N that reached the client from the primary before the primary's
+	// audit log recorded an ack of N or later (or that were never acked),
+	// by the sink's receive time against the ack record's time.
+	OutputReleasedBeforeAck int `json:"output_released_before_ack"`
+	// TornEpochsApplied is 1 if the activated replica matches no state the
+	// primary had at its epoch (a torn or corrupt apply), else 0; the
+	// demo sees the replica only at activation, not after every commit.
+	TornEpochsApplied   int    `json:"torn_epochs_applied"`
+	TornEpochsDiscarded uint64 `json:"torn_epochs_discarded"`
 
 	OutputSeenFromPrimary int    `json:"output_seen_from_primary"`
 	OutputSeenFromBackup  int    `json:"output_seen_from_backup"`
@@ -247,9 +264,9 @@ func (d *run) run(ctx context.Context) (*Result, error) {
 			return nil, fmt.Errorf("demo: primary status: %w", err)
 		}
 		last = st
-		d.say("  t=%4.1fs epoch %5d acked %5d  pause p50 %.2f ms p99 %.2f ms  dirty %5d  sent %s  ratio %.1f  link %s",
+		d.say("  t=%4.1fs epoch %5d acked %5d  pause p50 %.2f ms p99 %.2f ms  dirty %5d  wire %s  ratio %.1f  link %s",
 			time.Since(start).Seconds(), st.Epoch, st.AckedEpoch, st.PauseMsP50, st.PauseMsP99, st.DirtyPagesLast,
-			daemon.HumanBytes(st.BytesSent), st.CompressionRatio, st.Link)
+			daemon.HumanBytes(st.WireBytesSent), st.CompressionRatio, st.Link)
 	}
 	if last.AckedEpoch == 0 {
 		return nil, fmt.Errorf("demo: no epoch was acknowledged in %v (primary link %s, last error %q)", d.o.duration, last.Link, last.LastError)
@@ -288,7 +305,8 @@ func (d *run) run(ctx context.Context) (*Result, error) {
 		PauseMsP50: last.PauseMsP50, PauseMsP99: last.PauseMsP99, AckMsP50: last.AckMsP50,
 		FailoverMs: msOf(failover), ActivationMs: active.ActivationMs,
 		TornEpochsDiscarded: active.TornEpochsDiscarded,
-		BytesSent:           last.BytesSent, RawBytes: last.RawBytes, CompressionRatio: last.CompressionRatio,
+		WireBytesSent:       last.WireBytesSent, EpochWireBytes: last.EpochWireBytes, RawBytes: last.RawBytes,
+		CompressionRatio: last.CompressionRatio,
 	}
 	if err := d.verify(res, primary, backup); err != nil {
 		return res, err
@@ -313,6 +331,7 @@ type auditLine struct {
 	Pages     int    `json:"pages"`
 	MemoryXXH uint64 `json:"memory_xxh"`
 	DeviceXXH uint64 `json:"device_xxh"`
+	UnixNs    int64  `json:"unix_ns"`
 	Sim       *struct {
 		Ops       uint64 `json:"ops"`
 		OutputSeq uint64 `json:"output_seq"`
@@ -351,6 +370,7 @@ func (d *run) verify(res *Result, primary, backup *DaemonProc) error {
 	}
 	captured := map[uint64]uint64{}
 	var dirty []float64
+	var acks []auditLine
 	for _, l := range plog {
 		switch l.Event {
 		case "capture":
@@ -360,6 +380,7 @@ func (d *run) verify(res *Result, primary, backup *DaemonProc) error {
 			dirty = append(dirty, float64(l.Pages))
 		case "ack":
 			res.LastAckedEpoch = max(res.LastAckedEpoch, l.Epoch)
+			acks = append(acks, l)
 		}
 	}
 	res.DirtyPagesP50 = median(dirty)
@@ -415,11 +436,12 @@ func (d *run) verify(res *Result, primary, backup *DaemonProc) error {
 		res.TornEpochsApplied = 1
 	}
 
+	acks = firstAcks(acks)
 	recs := d.sink.records()
 	for _, r := range recs {
 		if r.host == "primary" {
 			res.OutputSeenFromPrimary++
-			if r.epoch > activated.Epoch {
+			if r.epoch > 0 && !ackedBefore(acks, r.epoch, r.atUnixNs) {
 				res.OutputReleasedBeforeAck++
 			}
 			if r.seq > activated.Sim.OutputSeq {
@@ -435,6 +457,25 @@ func (d *run) verify(res *Result, primary, backup *DaemonProc) error {
 	}
 	res.Passed = res.ReplicaMatchesLastAck && res.OutputReleasedBeforeAck == 0 && res.TornEpochsApplied == 0 && res.OutputLost == 0
 	return nil
+}
+
+// firstAcks sorts the primary's ack records by epoch and sets each one's
+// time to the earliest ack of that epoch or a later one (acks are
+// cumulative: an ack of N covers every epoch up to N).
+func firstAcks(acks []auditLine) []auditLine {
+	slices.SortStableFunc(acks, func(a, b auditLine) int { return cmp.Compare(a.Epoch, b.Epoch) })
+	for i := len(acks) - 2; i >= 0; i-- {
+		acks[i].UnixNs = min(acks[i].UnixNs, acks[i+1].UnixNs)
+	}
+	return acks
+}
+
+// ackedBefore reports whether acks (from firstAcks) hold an ack covering
+// epoch at or before unixNs. Output of epoch 0 left before protection
+// began and is not checked.
+func ackedBefore(acks []auditLine, epoch uint64, unixNs int64) bool {
+	i, _ := slices.BinarySearchFunc(acks, epoch, func(l auditLine, e uint64) int { return cmp.Compare(l.Epoch, e) })
+	return i < len(acks) && acks[i].UnixNs <= unixNs
 }
 
 func median(v []float64) float64 {
@@ -456,23 +497,24 @@ summary (%s)
   epochs committed          %d (last acked by primary %d, replica at %d)
   pause per epoch           p50 %.2f ms, p99 %.2f ms (dirty pages p50 %.0f)
   ack latency               p50 %.2f ms
-  bytes on the wire         %d (raw %d, compression %.1fx)
+  bytes on the wire         %d, headers included (epochs %d; their raw pages and device state %d: compression %.1fx)
   failover                  %.0f ms from SIGKILL to VM active on backup
   replica check             %s
   output before its ack     %d
   torn epochs applied       %d (torn epochs discarded: %d)
   client output             %d messages from primary (last seq %d), %d from backup after failover (first seq %d), %d lost
 `, verdict, r.EpochsCommitted, r.LastAckedEpoch, r.ReplicaEpoch, r.PauseMsP50, r.PauseMsP99, r.DirtyPagesP50, r.AckMsP50,
-		r.BytesSent, r.RawBytes, r.CompressionRatio, r.FailoverMs, r.ReplicaDetail, r.OutputReleasedBeforeAck,
+		r.WireBytesSent, r.EpochWireBytes, r.RawBytes, r.CompressionRatio, r.FailoverMs, r.ReplicaDetail, r.OutputReleasedBeforeAck,
 		r.TornEpochsApplied, r.TornEpochsDiscarded, r.OutputSeenFromPrimary, r.LastSeqBeforeFailover,
 		r.OutputSeenFromBackup, r.FirstSeqAfterFailover, r.OutputLost)
 }
 
 // record is one output message received by the sink.
 type record struct {
-	host  string
-	epoch uint64
-	seq   uint64
+	host     string
+	epoch    uint64
+	seq      uint64
+	atUnixNs int64 // when the sink received it
 }
 
 // sink stands in for the clients on the network: it receives the sim
@@ -521,7 +563,7 @@ func (s *sink) read(c net.Conn) {
 		if len(msg) < 8 {
 			return
 		}
-		rec := record{host: host, epoch: epoch, seq: binary.LittleEndian.Uint64(msg)}
+		rec := record{host: host, epoch: epoch, seq: binary.LittleEndian.Uint64(msg), atUnixNs: time.Now().UnixNano()}
 		s.mu.Lock()
 		s.recs = append(s.recs, rec)
 		s.mu.Unlock()

@@ -28,34 +28,76 @@ import (
 	"github.com/remusd/remusd/vmtest"
 )
 
-// QEMUResult is the summary of `remusd demo --backend qemu`: the sim
-// demo's fields where they mean something for a real guest, plus the
-// client's view of its TCP session.
-//
-// For this backend FailoverMs is the time from the SIGKILL to the client's
-// next reply on its connection; VMActiveMs is SIGKILL → VM running on the
-// backup. OutputSeenFromPrimary/Backup count the client's replies before
-// and after the kill, Last/FirstSeq are request ids, and OutputLost counts
-// replies inconsistent with the service's model (a reply the client saw
-// whose state the replica lost, or a replayed request).
+// QEMUResult is the summary of `remusd demo --backend qemu`. It holds only
+// what the demo measures, each under a name that says what: the daemons'
+// status and audit logs (epochs, pauses, bytes, torn epochs the backup
+// discarded) and the client's view of its TCP session. The sim demo's
+// output_released_before_ack and torn_epochs_applied have no counterpart
+// here: the client's replies cannot be mapped to the epochs that produced
+// them, and the backup records no digest of each applied epoch, so the
+// output-commit and atomic-apply invariants show only through their
+// consequence, a reply that diverges from the service's model.
 type QEMUResult struct {
-	Result
 	Backend  string `json:"backend"`
 	Takeover string `json:"takeover"`
 	QEMU     string `json:"qemu"`
 	Kernel   string `json:"guest_kernel"`
 	OutBuf   string `json:"output_buffer"`
 
+	Workload        string  `json:"workload"`
+	MemoryBytes     int64   `json:"memory_bytes"`
+	EpochIntervalMs float64 `json:"epoch_interval_ms"`
+	RunSeconds      float64 `json:"run_seconds"`
+
+	// From the audit logs: the backup's commit and activate records, the
+	// primary's capture and ack records (the initial full sync excluded
+	// from the dirty-page figures).
+	EpochsCommitted uint64  `json:"epochs_committed"`
+	LastAckedEpoch  uint64  `json:"last_acked_epoch"`
+	ReplicaEpoch    uint64  `json:"replica_epoch"`
+	DirtyPagesP50   float64 `json:"dirty_pages_per_epoch_p50"`
+	DirtyPagesP99   float64 `json:"dirty_pages_per_epoch_p99"`
+	DirtyPagesMax   float64 `json:"dirty_pages_per_epoch_max"`
+	// From the primary's status at its last poll before the kill.
+	PauseMsP50     float64 `json:"pause_ms_p50"`
+	PauseMsP99     float64 `json:"pause_ms_p99"`
+	AckMsP50       float64 `json:"ack_ms_p50"`
+	WireBytesSent  uint64  `json:"wire_bytes_sent"`
+	EpochWireBytes uint64  `json:"epoch_wire_bytes"`
+	RawBytes       uint64  `json:"raw_bytes"`
+	// CompressionRatio is RawBytes ÷ EpochWireBytes (headers included).
+	CompressionRatio float64 `json:"compression_ratio"`
+	// From the backup's status.
+	ActivationMs        float64 `json:"activation_ms"`
+	TornEpochsDiscarded uint64  `json:"torn_epochs_discarded"`
+
+	// KillToVMActiveMs: SIGKILL → the guest running on the backup.
+	// KillToClientReplyMs: SIGKILL → the client's next reply on its
+	// connection (0: none came).
+	KillToVMActiveMs    float64 `json:"kill_to_vm_active_ms"`
+	KillToClientReplyMs float64 `json:"kill_to_client_reply_ms"`
+
+	// ReplicaAtOrAfterLastAck: the backup activated an epoch no older than
+	// the last one the primary saw acknowledged, and no reply diverged.
+	ReplicaAtOrAfterLastAck bool   `json:"replica_at_or_after_last_ack"`
+	ReplicaDetail           string `json:"replica_detail"`
+
 	TCPSessionSurvived   bool    `json:"tcp_session_survived"`
 	ClientRequestsOK     int     `json:"client_requests_ok"`
 	ClientRequestsFailed int     `json:"client_requests_failed"`
 	ClientRequestsPerSec float64 `json:"client_requests_per_sec"`
 	ClientError          string  `json:"client_error,omitempty"`
-	Divergences          int     `json:"divergences"`
-	VMActiveMs           float64 `json:"vm_active_ms"`
-	LongestGapMs         float64 `json:"client_longest_gap_ms"`
-	DirtyPagesP99        float64 `json:"dirty_pages_per_epoch_p99"`
-	DirtyPagesMax        float64 `json:"dirty_pages_per_epoch_max"`
+	// Divergences counts replies inconsistent with the client's model of
+	// the service (state the replica lost, or a request replayed).
+	Divergences int `json:"divergences"`
+	// The client's replies (numbered from 1 by request id) split at the
+	// kill.
+	ClientRepliesBeforeKill int     `json:"client_replies_before_kill"`
+	ClientRepliesAfterKill  int     `json:"client_replies_after_kill"`
+	LastRequestBeforeKill   uint64  `json:"last_request_id_before_kill"`
+	FirstRequestAfterKill   uint64  `json:"first_request_id_after_kill"`
+	LongestGapMs            float64 `json:"client_longest_gap_ms"`
+	Passed                  bool    `json:"passed"`
 }
 
 type qemuOptions struct {
@@ -460,28 +502,26 @@ func (q *qrun) finish(cl *qclient, active, ps daemon.VMStatus, qver string,
 		cerr = nil
 	}
 	res := &QEMUResult{
-		Result: Result{
-			Workload: "guestsvc (ADD requests on one TCP connection)", MemoryBytes: int64(q.o.memMiB) << 20,
-			EpochIntervalMs: msOf(q.o.interval), RunSeconds: q.o.duration.Seconds(),
-			PauseMsP50: ps.PauseMsP50, PauseMsP99: ps.PauseMsP99, AckMsP50: ps.AckMsP50,
-			BytesSent: ps.BytesSent, RawBytes: ps.RawBytes, CompressionRatio: ps.CompressionRatio,
-			ActivationMs: active.ActivationMs, TornEpochsDiscarded: active.TornEpochsDiscarded,
-			OutputSeenFromPrimary: before, OutputSeenFromBackup: ok - before,
-			LastSeqBeforeFailover: lastIDBefore, FirstSeqAfterFailover: firstID, OutputLost: diverged,
-		},
 		Backend: "qemu", Takeover: q.o.takeover, QEMU: qver, Kernel: img.KernelVersion, OutBuf: ps.OutBuf,
+		Workload: "guestsvc (ADD requests on one TCP connection)", MemoryBytes: int64(q.o.memMiB) << 20,
+		EpochIntervalMs: msOf(q.o.interval), RunSeconds: q.o.duration.Seconds(),
+		PauseMsP50: ps.PauseMsP50, PauseMsP99: ps.PauseMsP99, AckMsP50: ps.AckMsP50,
+		WireBytesSent: ps.WireBytesSent, EpochWireBytes: ps.EpochWireBytes, RawBytes: ps.RawBytes, CompressionRatio: ps.CompressionRatio,
+		ActivationMs: active.ActivationMs, TornEpochsDiscarded: active.TornEpochsDiscarded,
 		ClientRequestsOK: ok, ClientRequestsFailed: failed, ClientRequestsPerSec: rate, Divergences: diverged,
-		VMActiveMs: msOf(vmActive), LongestGapMs: msOf(gap),
+		ClientRepliesBeforeKill: before, ClientRepliesAfterKill: ok - before,
+		LastRequestBeforeKill: lastIDBefore, FirstRequestAfterKill: firstID,
+		KillToVMActiveMs: msOf(vmActive), LongestGapMs: msOf(gap),
 	}
 	if !firstAfter.IsZero() {
-		res.FailoverMs = msOf(firstAfter.Sub(killAt))
+		res.KillToClientReplyMs = msOf(firstAfter.Sub(killAt))
 	}
 	if cerr != nil {
 		res.ClientError = cerr.Error()
 	}
 	q.fromAudit(res)
 	res.TCPSessionSurvived = ferr == nil && cerr == nil && failed == 0 && ok > before && !firstAfter.IsZero()
-	res.ReplicaMatchesLastAck = res.ReplicaEpoch >= res.LastAckedEpoch && res.ReplicaEpoch > 0 && diverged == 0
+	res.ReplicaAtOrAfterLastAck = res.ReplicaEpoch >= res.LastAckedEpoch && res.ReplicaEpoch > 0 && diverged == 0
 	switch {
 	case res.ReplicaEpoch == 0:
 		res.ReplicaDetail = "no activation record on the backup"
@@ -497,7 +537,7 @@ func (q *qrun) finish(cl *qclient, active, ps daemon.VMStatus, qver string,
 		res.ReplicaDetail = fmt.Sprintf("replica activated at epoch %d (%s); every one of the %d replies, before and after the kill, matches the service model",
 			res.ReplicaEpoch, rel, ok)
 	}
-	res.Passed = res.TCPSessionSurvived && res.ReplicaMatchesLastAck && diverged == 0
+	res.Passed = res.TCPSessionSurvived && res.ReplicaAtOrAfterLastAck && diverged == 0
 	return res, ferr
 }
 
@@ -558,16 +598,17 @@ summary (%s) — qemu backend, %s, guest %s, %d MiB, takeover %s
   pause per epoch           p50 %.1f ms, p99 %.1f ms
   dirty pages per epoch     p50 %.0f, p99 %.0f, max %.0f (4 KiB pages)
   ack latency               p50 %.1f ms
-  bytes on the wire         %d (raw %d, compression %.1fx)
+  bytes on the wire         %d, headers included (epochs %d; their raw pages and device state %d: compression %.1fx)
+  torn epochs discarded     %d (by the backup)
   output buffer             %s
   replica check             %s
 `, verdict, r.QEMU, r.Kernel, r.MemoryBytes>>20, r.Takeover, survived,
 		r.ClientRequestsOK, r.ClientRequestsFailed, r.Divergences, r.ClientRequestsPerSec,
-		r.OutputSeenFromPrimary, r.LastSeqBeforeFailover, r.OutputSeenFromBackup, r.FirstSeqAfterFailover,
-		r.FailoverMs, r.VMActiveMs, r.ActivationMs, r.LongestGapMs,
+		r.ClientRepliesBeforeKill, r.LastRequestBeforeKill, r.ClientRepliesAfterKill, r.FirstRequestAfterKill,
+		r.KillToClientReplyMs, r.KillToVMActiveMs, r.ActivationMs, r.LongestGapMs,
 		r.EpochsCommitted, r.LastAckedEpoch, r.ReplicaEpoch, r.PauseMsP50, r.PauseMsP99,
 		r.DirtyPagesP50, r.DirtyPagesP99, r.DirtyPagesMax, r.AckMsP50,
-		r.BytesSent, r.RawBytes, r.CompressionRatio, r.OutBuf, r.ReplicaDetail)
+		r.WireBytesSent, r.EpochWireBytes, r.RawBytes, r.CompressionRatio, r.TornEpochsDiscarded, r.OutBuf, r.ReplicaDetail)
 }
 
 func qemuVersion(ctx context.Context, bin string) string {

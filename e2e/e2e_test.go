@@ -43,7 +43,8 @@ func TestDemoJSON(t *testing.T) {
 		OutputLost              *int     `json:"output_lost"`
 		EpochsCommitted         uint64   `json:"epochs_committed"`
 		LastAckedEpoch          uint64   `json:"last_acked_epoch"`
-		BytesSent               uint64   `json:"bytes_sent"`
+		WireBytesSent           uint64   `json:"wire_bytes_sent"`
+		EpochWireBytes          uint64   `json:"epoch_wire_bytes"`
 		CompressionRatio        float64  `json:"compression_ratio"`
 		FailoverMs              float64  `json:"failover_ms"`
 		OutputSeenFromBackup    int      `json:"output_seen_from_backup"`
@@ -72,7 +73,8 @@ func TestDemoJSON(t *testing.T) {
 	check(res.OutputLost != nil && *res.OutputLost == 0, "output_lost = %v, want 0", deref(res.OutputLost))
 	check(res.EpochsCommitted > 0, "epochs_committed = %d, want > 0", res.EpochsCommitted)
 	check(res.LastAckedEpoch > 0, "last_acked_epoch = %d, want > 0", res.LastAckedEpoch)
-	check(res.BytesSent > 0, "bytes_sent = %d, want > 0", res.BytesSent)
+	check(res.EpochWireBytes > 0 && res.WireBytesSent > res.EpochWireBytes,
+		"wire_bytes_sent = %d, epoch_wire_bytes = %d: want both > 0, the first larger (handshake, heartbeats)", res.WireBytesSent, res.EpochWireBytes)
 	check(res.CompressionRatio > 1, "compression_ratio = %v, want > 1", res.CompressionRatio)
 	check(res.FailoverMs > 0, "failover_ms = %v, want > 0", res.FailoverMs)
 	check(res.MemoryBytes == 16777216, "memory_bytes = %d, want the 16777216 asked for", res.MemoryBytes)

@@ -45,7 +45,7 @@ func BenchmarkEncodeSparse(b *testing.B) {
 	if _, err := e.EncodeEpoch(ctx, 0, pfns, va, discard); err != nil {
 		b.Fatal(err)
 	}
-	var wire int64
+	var payload int64
 	b.ResetTimer()
 	for i := range b.N {
 		v := vb
@@ -59,10 +59,10 @@ func BenchmarkEncodeSparse(b *testing.B) {
 		if s.Stats.XORLZ4 != benchPages {
 			b.Fatalf("stats %+v", s.Stats)
 		}
-		wire += s.Stats.WireBytes
+		payload += s.Stats.PayloadBytes
 	}
 	reportPages(b, benchPages)
-	b.ReportMetric(float64(wire)/float64(b.N)/benchPages, "wireB/page")
+	b.ReportMetric(float64(payload)/float64(b.N)/benchPages, "payloadB/page")
 }
 
 // BenchmarkEncodeRandom: incompressible pages never seen before (fresh pfns

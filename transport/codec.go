@@ -64,8 +64,10 @@ func DefaultEncoderConfig() EncoderConfig {
 // EncodeStats counts the pages of an epoch by encoding.
 type EncodeStats struct {
 	Pages, Raw, Zero, Same, Dup, LZ4, XORLZ4, XORRLE int
-	// RawBytes is Pages*PageSize; WireBytes the payload bytes sent.
-	RawBytes, WireBytes int64
+	// RawBytes is Pages*PageSize; PayloadBytes the encoded page bytes of
+	// the PageBatch payloads, without frame or protobuf headers (a frame
+	// Writer counts those).
+	RawBytes, PayloadBytes int64
 }
 
 func (s *EncodeStats) add(o *EncodeStats) {
@@ -78,7 +80,7 @@ func (s *EncodeStats) add(o *EncodeStats) {
 	s.XORLZ4 += o.XORLZ4
 	s.XORRLE += o.XORRLE
 	s.RawBytes += o.RawBytes
-	s.WireBytes += o.WireBytes
+	s.PayloadBytes += o.PayloadBytes
 }
 
 func (s *EncodeStats) count(enc byte) {
@@ -553,7 +555,7 @@ func (e *Encoder) encodeBatch(w *encWorker, b *batchBuf, abort *atomic.Bool, epo
 	b.payload = payload
 	h.PayloadCrc32C = crc32.Checksum(payload, castagnoli)
 	b.stats.RawBytes = int64(len(pfns) * ps)
-	b.stats.WireBytes = int64(len(payload))
+	b.stats.PayloadBytes = int64(len(payload))
 	return nil
 }
 

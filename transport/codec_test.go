@@ -175,7 +175,7 @@ func TestEncodingsRoundTrip(t *testing.T) {
 				t.Fatal("epoch 1: backup differs")
 			}
 			st := sum.Stats
-			if st.Pages != 6 || st.Zero != 1 || st.Raw != 2 || st.LZ4 != 2 || st.Dup != 1 || st.RawBytes != 6*ps || st.WireBytes == 0 {
+			if st.Pages != 6 || st.Zero != 1 || st.Raw != 2 || st.LZ4 != 2 || st.Dup != 1 || st.RawBytes != 6*ps || st.PayloadBytes == 0 {
 				t.Errorf("epoch 1 stats %+v", st)
 			}
 
@@ -201,8 +201,8 @@ func TestEncodingsRoundTrip(t *testing.T) {
 			if !bytes.Equal(bk.mem, mem) {
 				t.Fatal("epoch 2: backup differs")
 			}
-			if cache > 0 && sum.Stats.WireBytes > 2*ps+ps/2 {
-				t.Errorf("epoch 2 wire bytes %d: XOR delta not small", sum.Stats.WireBytes)
+			if cache > 0 && sum.Stats.PayloadBytes > 2*ps+ps/2 {
+				t.Errorf("epoch 2 wire bytes %d: XOR delta not small", sum.Stats.PayloadBytes)
 			}
 
 			// Epoch 3: Invalidate forbids SAME and XOR for the page.

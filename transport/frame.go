@@ -17,6 +17,7 @@ import (
 	"math"
 	"slices"
 	"sync"
+	"sync/atomic"
 
 	remuspb "github.com/remusd/remusd/proto"
 	"google.golang.org/protobuf/proto"
@@ -78,6 +79,10 @@ func (k Kind) String() string {
 func (k Kind) HasPayload() bool {
 	return k == KindPageBatch || k == KindDeviceState || k == KindReplicaHashes
 }
+
+// IsEpochRecord reports whether frames of kind k belong to an epoch's
+// stream: EpochBegin, PageBatch, DeviceState and EpochEnd.
+func (k Kind) IsEpochRecord() bool { return k >= KindEpochBegin && k <= KindEpochEnd }
 
 // NewHeader returns a new, empty header message of the type kind k carries,
 // or nil if k is unknown.
@@ -145,6 +150,11 @@ const (
 	bodyPrefix = 5 // kind + hdrLen
 	prefixSize = lenSize + bodyPrefix
 )
+
+// FramePrefixSize is the fixed part of every frame on the wire (body
+// length, kind, header length): a frame occupies FramePrefixSize +
+// protobuf header + payload bytes.
+const FramePrefixSize = prefixSize
 
 // Limits bounds what a Reader (and a Decoder) accepts from the wire.
 type Limits struct {
@@ -230,15 +240,36 @@ type Frame struct {
 // frame is assembled in a reused buffer and handed to the underlying writer
 // in ONE Write call, under a mutex, so frames never interleave and fault
 // hooks (FaultConn) see whole frames.
+//
+// It counts every byte it hands to the stream: the 9-byte frame prefix,
+// the protobuf header and the payload (BytesWritten, and per frame through
+// an observer set with Observe).
 type Writer struct {
-	mu  sync.Mutex
-	w   io.Writer
-	buf []byte
-	err error // sticky: after a failed write the stream is unusable
+	mu      sync.Mutex
+	w       io.Writer
+	buf     []byte
+	err     error // sticky: after a failed write the stream is unusable
+	observe func(kind Kind, n int)
+	written atomic.Uint64
 }
 
 // NewWriter returns a Writer on w.
 func NewWriter(w io.Writer) *Writer { return &Writer{w: w} }
+
+// BytesWritten is the number of bytes the Writer has handed to its stream
+// so far, frame prefixes and protobuf headers included (for a failed
+// write, the part the stream accepted).
+func (w *Writer) BytesWritten() uint64 { return w.written.Load() }
+
+// Observe sets f to be called after every frame written, with the frame's
+// kind and the bytes the stream accepted for it (the whole frame, prefix
+// and header included; fewer if the write failed). f runs with the
+// Writer's lock held: it must be quick and must not write to w.
+func (w *Writer) Observe(f func(kind Kind, n int)) {
+	w.mu.Lock()
+	w.observe = f
+	w.mu.Unlock()
+}
 
 // WriteFrame writes one frame. hdr must be the message type of kind (nil
 // means an empty header); payload must be empty unless kind is PageBatch or
@@ -281,7 +312,13 @@ func (w *Writer) WriteFrame(kind Kind, hdr proto.Message, payload []byte) error 
 	} else {
 		w.buf = nil
 	}
-	if _, err := w.w.Write(b); err != nil {
+	n, err := w.w.Write(b)
+	n = max(0, min(n, len(b)))
+	w.written.Add(uint64(n))
+	if w.observe != nil && n > 0 {
+		w.observe(kind, n)
+	}
+	if err != nil {
 		w.err = fmt.Errorf("transport: write %v frame: %w", kind, err)
 		return w.err
 	}
@@ -289,13 +326,14 @@ func (w *Writer) WriteFrame(kind Kind, hdr proto.Message, payload []byte) error 
 }
 
 // Reader reads frames from a stream through a large bufio.Reader. It is
-// not safe for concurrent use.
+// not safe for concurrent use, except BytesRead.
 type Reader struct {
-	br  *bufio.Reader
-	lim Limits
-	pre [prefixSize]byte
-	buf []byte
-	err error // sticky
+	br   *bufio.Reader
+	lim  Limits
+	pre  [prefixSize]byte
+	buf  []byte
+	err  error // sticky
+	read atomic.Uint64
 }
 
 // readerBufSize is the bufio buffer size of a Reader.
@@ -315,6 +353,19 @@ func (r *Reader) Limits() Limits { return r.lim }
 // is accepted, the replication limits apply).
 func (r *Reader) SetLimits(lim Limits) { r.lim = lim.withDefaults() }
 
+// BytesRead is the number of bytes of frames the Reader has consumed so
+// far: frame prefixes, protobuf headers and payloads (of a truncated
+// frame, what arrived). Bytes buffered ahead of the next frame are not
+// counted. Safe to call concurrently with ReadFrame.
+func (r *Reader) BytesRead() uint64 { return r.read.Load() }
+
+// full is io.ReadFull on the buffered stream, counting what it consumed.
+func (r *Reader) full(b []byte) (int, error) {
+	n, err := io.ReadFull(r.br, b)
+	r.read.Add(uint64(n))
+	return n, err
+}
+
 // ReadFrame reads the next frame. It returns io.EOF only on a clean end of
 // stream at a frame boundary. Malformed or truncated frames give a
 // *FrameError (errors.Is(err, ErrMalformed); truncation also matches
@@ -332,7 +383,7 @@ func (r *Reader) ReadFrame() (Frame, error) {
 }
 
 func (r *Reader) readFrame() (Frame, error) {
-	n, err := io.ReadFull(r.br, r.pre[:lenSize])
+	n, err := r.full(r.pre[:lenSize])
 	if err != nil {
 		if n == 0 && err == io.EOF {
 			return Frame{}, io.EOF
@@ -346,7 +397,7 @@ func (r *Reader) readFrame() (Frame, error) {
 	if uint64(bodyLen) > uint64(r.lim.MaxFrame) {
 		return Frame{}, &FrameError{Reason: fmt.Sprintf("frame body %d bytes exceeds limit %d", bodyLen, r.lim.MaxFrame)}
 	}
-	n, err = io.ReadFull(r.br, r.pre[lenSize:])
+	n, err = r.full(r.pre[lenSize:])
 	if err != nil {
 		return Frame{}, r.ioErr(0, fmt.Sprintf("truncated frame: got %d of %d body bytes", n, bodyLen), noEOF(err))
 	}
@@ -393,7 +444,7 @@ func (r *Reader) readFrame() (Frame, error) {
 func (r *Reader) readBody(n int) ([]byte, int, error) {
 	if cap(r.buf) >= n {
 		b := r.buf[:n]
-		got, err := io.ReadFull(r.br, b)
+		got, err := r.full(b)
 		return b, got, err
 	}
 	const step = 1 << 20
@@ -401,7 +452,7 @@ func (r *Reader) readBody(n int) ([]byte, int, error) {
 	for len(b) < n {
 		k := min(n-len(b), step)
 		b = slices.Grow(b, k)
-		got, err := io.ReadFull(r.br, b[len(b):len(b)+k])
+		got, err := r.full(b[len(b) : len(b)+k])
 		b = b[:len(b)+got]
 		if err != nil {
 			r.buf = b[:0]

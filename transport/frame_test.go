@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"io"
+	"net"
 	"strings"
 	"sync"
 	"testing"
@@ -226,5 +227,93 @@ func TestReaderLargeFrame(t *testing.T) {
 	}
 	if f, err := r.ReadFrame(); err != nil || f.Kind != KindAck {
 		t.Fatalf("after large frame: %v %v", f.Kind, err)
+	}
+}
+
+// crossCounter counts the bytes read through it.
+type crossCounter struct {
+	r io.Reader
+	n int
+}
+
+func (c *crossCounter) Read(b []byte) (int, error) {
+	n, err := c.r.Read(b)
+	c.n += n
+	return n, err
+}
+
+// TestByteCountsMatchTheWire: the Writer's and Reader's counts are the
+// bytes that crossed the connection, frame prefixes and protobuf headers
+// included, and the observer sees every frame at its full size.
+func TestByteCountsMatchTheWire(t *testing.T) {
+	a, b := net.Pipe()
+	frames := sampleFrames()
+	w := NewWriter(a)
+	var observed int
+	sizes := map[Kind]int{}
+	w.Observe(func(k Kind, n int) { observed += n; sizes[k] += n })
+	go func() {
+		defer a.Close()
+		for _, f := range frames {
+			if err := w.WriteFrame(f.Kind, f.Header, f.Payload); err != nil {
+				t.Error(err)
+				return
+			}
+		}
+	}()
+	cc := &crossCounter{r: b}
+	crossed, err := io.ReadAll(cc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := 0
+	wantKind := map[Kind]int{}
+	for _, f := range frames {
+		n := FramePrefixSize + proto.Size(f.Header) + len(f.Payload)
+		want += n
+		wantKind[f.Kind] += n
+	}
+	if len(crossed) != want || cc.n != want {
+		t.Fatalf("%d bytes crossed the pipe, frames should take %d", len(crossed), want)
+	}
+	if got := w.BytesWritten(); got != uint64(want) {
+		t.Errorf("BytesWritten = %d, %d bytes crossed the pipe (frame prefixes or headers missed?)", got, want)
+	}
+	if observed != want {
+		t.Errorf("observer saw %d bytes, %d crossed the pipe", observed, want)
+	}
+	for k, n := range wantKind {
+		if sizes[k] != n {
+			t.Errorf("observer: %v frames %d bytes, want %d", k, sizes[k], n)
+		}
+	}
+	r := NewReader(bytes.NewReader(crossed), DefaultLimits())
+	for range frames {
+		if _, err := r.ReadFrame(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := r.BytesRead(); got != uint64(want) {
+		t.Errorf("BytesRead = %d after every frame, want %d", got, want)
+	}
+	if _, err := r.ReadFrame(); err != io.EOF {
+		t.Fatalf("at end: %v", err)
+	}
+	// A truncated frame counts what arrived.
+	r = NewReader(bytes.NewReader(crossed[:20]), DefaultLimits())
+	if _, err := r.ReadFrame(); err == nil {
+		t.Fatal("truncated frame read")
+	}
+	if r.BytesRead() != 20 {
+		t.Errorf("BytesRead = %d after a truncated frame, want the 20 bytes read", r.BytesRead())
+	}
+}
+
+func TestEpochRecordKinds(t *testing.T) {
+	for k := Kind(0); k <= KindGoodbye+1; k++ {
+		want := k == KindEpochBegin || k == KindPageBatch || k == KindDeviceState || k == KindEpochEnd
+		if k.IsEpochRecord() != want {
+			t.Errorf("%v.IsEpochRecord() = %v", k, !want)
+		}
 	}
 }

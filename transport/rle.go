@@ -5,10 +5,12 @@ import (
 	"errors"
 )
 
-// Word-level run-length coding of XOR deltas (PAGE_XOR_RLE): the format
-// Xen Remus used for its checkpoint compression. A page whose delta
-// against the backup's copy is a few changed words costs a few bytes per
-// word, where lz4 pays for literals and match tokens around them.
+// Word-level run-length coding of XOR deltas (PAGE_XOR_RLE), the idea of
+// Remus's checkpoint compression in a format of our own (64-bit words,
+// uvarint run lengths; Xen's used 32-bit words and one-byte run headers,
+// see bench/remusref.go). A page whose delta against the backup's copy is
+// a few changed words costs a few bytes per word, where lz4 pays for
+// literals and match tokens around them.
 
 var errRLE = errors.New("bad XOR+RLE page")
 

@@ -90,7 +90,7 @@ func TestEncoderPicksRLEForSparseDeltas(t *testing.T) {
 	if !bytes.Equal(bk.page(0), sa) || !bytes.Equal(bk.page(1), pb) {
 		t.Fatal("backup differs")
 	}
-	if sum.Stats.XORRLE != 1 || sum.Stats.WireBytes > 4*(8+2)+64+512 {
+	if sum.Stats.XORRLE != 1 || sum.Stats.PayloadBytes > 4*(8+2)+64+512 {
 		t.Fatalf("stats %+v", sum.Stats)
 	}
 }

@@ -264,7 +264,7 @@ func startControl(t *testing.T, svc daemon.Service) string {
 func TestClientCommands(t *testing.T) {
 	f := &fakeService{status: []daemon.VMStatus{
 		{VM: "web", Role: daemon.RolePrimary, Link: daemon.LinkUp, OutBuf: "held", Epoch: 120, AckedEpoch: 119,
-			PauseMsP50: 1.2, PauseMsP99: 3.4, DirtyPagesLast: 77, BytesSent: 5 << 20, CompressionRatio: 2.5, AckMsP50: 1.5},
+			PauseMsP50: 1.2, PauseMsP99: 3.4, DirtyPagesLast: 77, WireBytesSent: 5 << 20, CompressionRatio: 2.5, AckMsP50: 1.5},
 	}}
 	path := startControl(t, f)
 
