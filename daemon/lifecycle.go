@@ -108,18 +108,35 @@ func (d *Daemon) reattach(q QemuVM, rec *vmRecord) (*qemu.Guest, int, bool, erro
 	if err := processAlive(r.Pid, r.QMP); err != nil {
 		return nil, 0, false, err
 	}
-	g, err := qemu.Attach(ctx, r.QMP, r.RAM, d.log)
+	// This host's description of the VM, at the paths it runs under.
+	spec := q.qemuSpec(d.cfg.Name, d.cachedImage(ctx, q))
+	spec.QMPPath, spec.RAMPath, spec.SerialPath = r.QMP, r.RAM, r.Serial
+	if rec.Role == RoleActive && q.Tap == "" && spec.MAC != "" {
+		spec.Tap = d.cfg.Standby.TapFor(q.Name)
+	}
+	if !r.Launched {
+		g, err := qemu.Attach(ctx, r.QMP, r.RAM, d.log)
+		if err != nil {
+			return nil, 0, false, err
+		}
+		spec.MemoryMiB = g.Spec().MemoryMiB
+		g.SetSpec(spec)
+		return g, r.Pid, true, nil
+	}
+	g, err := qemu.Reattach(ctx, spec, r.Pid, d.log)
 	if err != nil {
 		return nil, 0, false, err
 	}
-	spec := g.Spec()
-	want := q.qemuSpec(d.cfg.Name, d.cachedImage(ctx, q))
-	want.QMPPath, want.RAMPath, want.SerialPath, want.MemoryMiB = spec.QMPPath, spec.RAMPath, r.Serial, spec.MemoryMiB
-	if rec.Role == RoleActive && q.Tap == "" && want.MAC != "" {
-		want.Tap = d.cfg.Standby.TapFor(q.Name)
+	if g.Paused() && rec.Role != RolePrimary {
+		// The previous daemon died inside an epoch's pause: an unprotected
+		// guest must not stay stopped. (A primary's guest is resumed by its
+		// protection's first checkpoint.)
+		if err := g.Resume(ctx); err != nil {
+			g.Detach()
+			return nil, 0, false, fmt.Errorf("resume the re-attached guest: %w", err)
+		}
 	}
-	g.SetSpec(want)
-	return g, r.Pid, !r.Launched, nil
+	return g, r.Pid, false, nil
 }
 
 // cachedImage returns the guest image a use_guestimage VM boots (for its

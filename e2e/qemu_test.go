@@ -146,32 +146,44 @@ func TestQEMUTCPSessionSurvivesFailover(t *testing.T) {
 	}
 }
 
-func qemuFailoverRun(t *testing.T, killAfter int) {
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-	defer cancel()
-	n := newQNet(t) // enables br_netfilter on the hosts (NFQUEUE output buffering)
-	dir := shortTempDir(t)
+// qemuLab is a protected QEMU guest in the netlab topology with a client
+// on one TCP connection to its service.
+type qemuLab struct {
+	n               *netlab.Remus
+	dir, shm        string
+	acfg, bcfg      daemon.Config
+	primary, backup *daemonProc
+	cl              *client
+	stopClient      func() // stops the client and waits for it
+}
+
+// newQemuLab boots the guest on host A, protects it to host B at 50 ms
+// epochs with mutual TLS, and starts the client.
+func newQemuLab(t *testing.T, ctx context.Context) *qemuLab {
+	t.Helper()
+	l := &qemuLab{n: newQNet(t), dir: shortTempDir(t)} // newQNet enables br_netfilter on the hosts (NFQUEUE output buffering)
 	shm, err := os.MkdirTemp("/dev/shm", "rq-")
 	if err != nil {
 		t.Fatal(err)
 	}
+	l.shm = shm
 	t.Cleanup(func() { os.RemoveAll(shm) })
 
-	bcfg := baseConfig(t, dir, "hostB")
-	bcfg.Listen = hostBIP + ":" + replPort
-	bcfg.Standby = daemon.StandbyConfig{RunDir: filepath.Join(shm, "b")}
+	l.bcfg = baseConfig(t, l.dir, "hostB")
+	l.bcfg.Listen = hostBIP + ":" + replPort
+	l.bcfg.Standby = daemon.StandbyConfig{RunDir: filepath.Join(shm, "b")}
 	off := false
 	// The backup's own description of the VM, on its own tap and bridge:
 	// the standby is built from it, never from what the primary sends.
-	bcfg.QemuVMs = []daemon.QemuVM{{Name: "g", MemoryMiB: 128, UseGuestImage: true, GuestIP: guestIP + "/24",
+	l.bcfg.QemuVMs = []daemon.QemuVM{{Name: "g", MemoryMiB: 128, UseGuestImage: true, GuestIP: guestIP + "/24",
 		Tap: "tapB", MAC: guestMAC, Bridge: "brB", RunDir: filepath.Join(shm, "b-run"), Autostart: &off}}
-	acfg := baseConfig(t, dir, "hostA")
-	acfg.EpochInterval = daemon.Duration(50 * time.Millisecond)
-	acfg.QemuVMs = []daemon.QemuVM{{Name: "g", MemoryMiB: 128, UseGuestImage: true, GuestIP: guestIP + "/24",
+	l.acfg = baseConfig(t, l.dir, "hostA")
+	l.acfg.EpochInterval = daemon.Duration(50 * time.Millisecond)
+	l.acfg.QemuVMs = []daemon.QemuVM{{Name: "g", MemoryMiB: 128, UseGuestImage: true, GuestIP: guestIP + "/24",
 		Tap: "tapA", MAC: guestMAC, Bridge: "brA", RunDir: filepath.Join(shm, "a")}}
-	trust(&bcfg, &acfg)
-	backup := startDaemonIn(t, dir, "hostB", n.B, bcfg)
-	primary := startDaemonIn(t, dir, "hostA", n.A, acfg)
+	trust(&l.bcfg, &l.acfg)
+	l.backup = startDaemonIn(t, l.dir, "hostB", l.n.B, l.bcfg)
+	l.primary = startDaemonIn(t, l.dir, "hostA", l.n.A, l.acfg)
 
 	serial := filepath.Join(shm, "a", "g.serial")
 	line, err := guestimage.WaitReady(ctx, serial)
@@ -180,28 +192,63 @@ func qemuFailoverRun(t *testing.T, killAfter int) {
 	}
 	t.Logf("guest: %s", line)
 
-	if r := runCLI(t, "protect", "g", "--peer", bcfg.Listen, "--control", acfg.Control); r.code != 0 {
+	if r := runCLI(t, "protect", "g", "--peer", l.bcfg.Listen, "--control", l.acfg.Control); r.code != 0 {
 		t.Fatalf("protect: %s", r)
 	}
 	waitFor(t, 2*time.Minute, "epochs acknowledged", func() (bool, string) {
-		s, ok := vmStatus(t, acfg.Control, "g")
+		s, ok := vmStatus(t, l.acfg.Control, "g")
 		return ok && s.AckedEpoch >= 10, fmt.Sprintf("%+v", s)
 	})
-	if s, _ := vmStatus(t, acfg.Control, "g"); s.OutBuf != "nfqueue" && s.OutBuf != "plug" {
+	if s, _ := vmStatus(t, l.acfg.Control, "g"); s.OutBuf != "nfqueue" && s.OutBuf != "plug" {
 		t.Fatalf("primary output buffer %q, want nfqueue or plug", s.OutBuf)
 	}
 
-	conn, err := netlab.Dial(ctx, n.Client, guestIP+":"+guestPort)
+	conn, err := netlab.Dial(ctx, l.n.Client, guestIP+":"+guestPort)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer conn.Close()
-	cl := &client{conn: conn, m: guestsvc.NewModel()}
+	l.cl = &client{conn: conn, m: guestsvc.NewModel()}
 	cctx, ccancel := context.WithCancel(ctx)
-	defer ccancel()
 	cdone := make(chan struct{})
-	go func() { defer close(cdone); cl.run(cctx) }()
-	defer func() { ccancel(); conn.Close(); <-cdone }()
+	go func() { defer close(cdone); l.cl.run(cctx) }()
+	var once sync.Once
+	l.stopClient = func() { once.Do(func() { ccancel(); conn.Close(); <-cdone }) }
+	t.Cleanup(l.stopClient)
+	return l
+}
+
+// waitReplies waits until the client has n replies, failing on a client
+// error.
+func (l *qemuLab) waitReplies(t *testing.T, n int, what string) {
+	t.Helper()
+	waitFor(t, 2*time.Minute, what, func() (bool, string) {
+		ok, _, err := l.cl.state()
+		if err != nil {
+			t.Fatalf("client: %v", err)
+		}
+		return ok >= n, fmt.Sprintf("%d replies", ok)
+	})
+}
+
+// killPrimary SIGKILLs the primary's QEMU and remusd (its host dies).
+func (l *qemuLab) killPrimary(t *testing.T) {
+	t.Helper()
+	kids := childPids(l.primary.cmd.Process.Pid)
+	if len(kids) == 0 {
+		t.Fatal("primary remusd has no QEMU child")
+	}
+	for _, p := range kids {
+		_ = syscall.Kill(p, syscall.SIGKILL)
+	}
+	l.primary.kill(t)
+	t.Logf("killed primary QEMU %v and remusd", kids)
+}
+
+func qemuFailoverRun(t *testing.T, killAfter int) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	l := newQemuLab(t, ctx)
+	acfg, bcfg, backup, cl := l.acfg, l.bcfg, l.backup, l.cl
 
 	// Let the client run through a number of protected requests.
 	waitFor(t, 2*time.Minute, "client requests under protection", func() (bool, string) {
@@ -217,16 +264,9 @@ func qemuFailoverRun(t *testing.T, killAfter int) {
 
 	// The primary host dies: its QEMU and its remusd, SIGKILL.
 	before, _, _ := cl.state()
-	kids := childPids(primary.cmd.Process.Pid)
-	if len(kids) == 0 {
-		t.Fatal("primary remusd has no QEMU child")
-	}
 	killAt := time.Now()
-	for _, p := range kids {
-		_ = syscall.Kill(p, syscall.SIGKILL)
-	}
-	primary.kill(t)
-	t.Logf("killed primary QEMU %v and remusd after %d replies", kids, before)
+	l.killPrimary(t)
+	t.Logf("killed after %d replies", before)
 
 	fstart := time.Now()
 	if r := runCLI(t, "failover", "g", "--control", bcfg.Control); r.code != 0 {
@@ -252,8 +292,7 @@ func qemuFailoverRun(t *testing.T, killAfter int) {
 	if s, ok := vmStatus(t, bcfg.Control, "g"); !ok || s.Role != daemon.RoleActive {
 		t.Fatalf("backup status after failover: %+v", s)
 	}
-	ccancel()
-	<-cdone
+	l.stopClient()
 	ok, _, cerr := cl.state()
 	if cerr != nil && !errors.Is(cerr, context.Canceled) && !strings.Contains(cerr.Error(), "closed") {
 		t.Fatalf("client: %v", cerr)
