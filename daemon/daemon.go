@@ -346,7 +346,6 @@ func (d *Daemon) Run(ctx context.Context) error {
 	d.mu.Lock()
 	d.ctx, d.cancel = pctx, pcancel
 	d.mu.Unlock()
-	d.runOnce.Do(func() { close(d.running) })
 	probe := d.outbufProbe()
 	d.log.Info("output buffering available on this host for VM network interfaces",
 		zap.String("mechanism", probe.Kind), zap.String("why", probe.Reason), zap.String("output_buffer", d.cfg.OutputBuffer))
@@ -374,6 +373,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 		defer lwg.Done()
 		d.watchBackups(lctx)
 	}()
+	d.runOnce.Do(func() { close(d.running) })
 	var err error
 	select {
 	case <-ctx.Done():
@@ -384,6 +384,10 @@ func (d *Daemon) Run(ctx context.Context) error {
 	d.shutdown()
 	return err
 }
+
+// Running is closed once Run serves (guests re-attached, protections
+// resuming, the listener up).
+func (d *Daemon) Running() <-chan struct{} { return d.running }
 
 // shutdown is Run's exit sequence (see Run).
 func (d *Daemon) shutdown() {

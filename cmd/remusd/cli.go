@@ -22,6 +22,7 @@ import (
 	"github.com/remusd/remusd/daemon"
 	"github.com/remusd/remusd/demo"
 	"github.com/remusd/remusd/hypervisor"
+	"github.com/remusd/remusd/internal/sdnotify"
 )
 
 // version is set at link time: -ldflags "-X main.version=1.2.3".
@@ -865,11 +866,27 @@ func serve(ctx context.Context, cfg daemon.Config, log *zap.Logger) error {
 		h := daemon.NewMetricsHandler(d.Status, log)
 		start("metrics", func(ctx context.Context) error { return daemon.ServeMetrics(ctx, cfg.Metrics, h, log) })
 	}
+	go func() {
+		select {
+		case <-d.Running():
+		case <-ctx.Done():
+			return
+		}
+		if sent, err := sdnotify.Notify("READY=1\nSTATUS=serving"); err != nil {
+			log.Warn("cannot tell systemd we are ready", zap.Error(err))
+		} else if sent {
+			log.Info("told systemd: ready")
+		}
+	}()
 	log.Info("remusd serving",
 		zap.String("version", version), zap.String("name", cfg.Name), zap.String("listen", cfg.Listen),
 		zap.String("control", cfg.Control), zap.String("metrics", cfg.Metrics),
 		zap.Int("sim_vms", len(cfg.SimVMs)))
 
+	<-ctx.Done()
+	if _, err := sdnotify.Notify("STOPPING=1\nSTATUS=stopping: guests keep running"); err != nil {
+		log.Warn("cannot tell systemd we are stopping", zap.Error(err))
+	}
 	wg.Wait()
 	close(results)
 	var errs []error

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -348,6 +349,13 @@ func TestServe(t *testing.T) {
 	if err := os.WriteFile(cfgPath, []byte(`{"name": "web1", "tls": {"cert": "`+tlsDir+`/host.crt", "key": "`+tlsDir+`/host.key", "ca": "`+tlsDir+`/ca.crt"}}`), 0o600); err != nil {
 		t.Fatal(err)
 	}
+	// systemd's readiness protocol (Type=notify).
+	notify, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: filepath.Join(dir, "notify.sock"), Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer notify.Close()
+	t.Setenv("NOTIFY_SOCKET", filepath.Join(dir, "notify.sock"))
 	go func() {
 		done <- run(ctx, []string{"serve", "--config", cfgPath, "--control", sock, "--state-dir", filepath.Join(dir, "state"),
 			"--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0", "--log-format", "console", "--log-level", "warn",
@@ -380,9 +388,16 @@ func TestServe(t *testing.T) {
 	if len(doc.VMs) != 1 || doc.VMs[0].VM != "web" {
 		t.Errorf("status = %+v", doc.VMs)
 	}
+	buf := make([]byte, 512)
+	_ = notify.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if n, _, err := notify.ReadFromUnix(buf); err != nil || !strings.Contains(string(buf[:n]), "READY=1") {
+		t.Errorf("no READY=1 to systemd: %q, %v", buf[:n], err)
+	}
+	stopAt := time.Now()
 	cancel()
 	select {
 	case c := <-done:
+		t.Logf("serve stopped %v after cancel", time.Since(stopAt))
 		if c != exitOK {
 			t.Errorf("serve exited %d after cancel: %s", c, errb.String())
 		}
@@ -391,5 +406,9 @@ func TestServe(t *testing.T) {
 	}
 	if _, err := os.Lstat(sock); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("control socket left behind: %v", err)
+	}
+	_ = notify.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if n, _, err := notify.ReadFromUnix(buf); err != nil || !strings.Contains(string(buf[:n]), "STOPPING=1") {
+		t.Errorf("no STOPPING=1 to systemd: %q, %v\n%s", buf[:n], err, errb.String())
 	}
 }
