@@ -171,3 +171,40 @@ func TestStandbyStartDoesNotBlockStatus(t *testing.T) {
 		t.Fatalf("after the failed start: %+v", s)
 	}
 }
+
+// TestInsecurePairing: plaintext on loopback when both daemons say
+// insecure; a peer is then who its Hello says, and still only configured
+// peers get a replica.
+func TestInsecurePairing(t *testing.T) {
+	tmp := t.TempDir()
+	bcfg := DefaultConfig()
+	bcfg.Name, bcfg.Listen, bcfg.Control, bcfg.StateDir, bcfg.Insecure = "hostB", freePort(t), filepath.Join(tmp, "b.sock"), filepath.Join(tmp, "b"), true
+	bcfg.Peers = []Peer{{Name: "hostA", VMs: []string{"vm"}}}
+	pcfg := DefaultConfig()
+	pcfg.Name, pcfg.Control, pcfg.StateDir, pcfg.Insecure = "hostA", filepath.Join(tmp, "a.sock"), filepath.Join(tmp, "a"), true
+	pcfg.Peers = []Peer{{Name: "hostB", Address: bcfg.Listen}}
+	pcfg.SimVMs = []SimVM{{Name: "vm", MemoryBytes: 4 << 20, Rate: 20000}, {Name: "other", MemoryBytes: 4 << 20, Rate: 1000}}
+	backup := startDaemon(t, bcfg)
+	primary := startDaemon(t, pcfg)
+	if err := primary.Protect(context.Background(), ProtectRequest{VM: "vm", Peer: "hostB"}); err != nil {
+		t.Fatal(err)
+	}
+	s := waitStatus(t, primary, "vm", func(s VMStatus) bool { return s.AckedEpoch >= 3 })
+	if !s.Insecure || s.PeerName != "hostB" {
+		t.Fatalf("primary status over an insecure link: %+v", s)
+	}
+	if b := vmStatus(t, backup, "vm"); !b.Insecure || b.PeerName != "hostA" {
+		t.Fatalf("backup status: %+v", b)
+	}
+	// A VM the backup does not accept from hostA is refused.
+	if err := primary.Protect(context.Background(), ProtectRequest{VM: "other", Peer: "hostB"}); err != nil {
+		t.Fatal(err)
+	}
+	waitStatus(t, primary, "other", func(s VMStatus) bool { return strings.Contains(s.LastError, "does not back up VM other") })
+	backup.mu.Lock()
+	_, created := backup.vms["other"]
+	backup.mu.Unlock()
+	if created {
+		t.Fatal("a VM not accepted from the peer got a replica")
+	}
+}
