@@ -42,6 +42,10 @@ type PrimaryOptions struct {
 	HeartbeatInterval time.Duration
 	HeartbeatTimeout  time.Duration
 	ReconnectBackoff  time.Duration
+	// WelcomeTimeout bounds the wait for the backup's Welcome (and replica
+	// hashes) after Hello: a backup starts the VM's standby before it
+	// answers the first Hello. Default max(HeartbeatTimeout, 30 s).
+	WelcomeTimeout time.Duration
 
 	Log *zap.Logger
 	// Now is the clock (time.Now if nil).
@@ -216,6 +220,9 @@ func NewPrimary(o PrimaryOptions) (*Primary, error) {
 	}
 	if o.ReconnectBackoff <= 0 {
 		o.ReconnectBackoff = 200 * time.Millisecond
+	}
+	if o.WelcomeTimeout <= 0 {
+		o.WelcomeTimeout = max(o.HeartbeatTimeout, 30*time.Second)
 	}
 	if o.Limits.MaxFrame == 0 {
 		o.Limits = transport.DefaultLimits()
@@ -702,7 +709,7 @@ func (p *Primary) connect(ctx context.Context) (*primaryLink, uint64, []uint64, 
 		Host:              p.o.Host,
 		NeedReplicaHashes: needHashes,
 	}
-	_ = conn.SetDeadline(time.Now().Add(p.o.HeartbeatTimeout))
+	_ = conn.SetDeadline(time.Now().Add(p.o.WelcomeTimeout))
 	if err := w.WriteFrame(transport.KindHello, hello, nil); err != nil {
 		conn.Close()
 		return nil, 0, nil, fmt.Errorf("send hello: %w", err)
@@ -736,7 +743,7 @@ func (p *Primary) connect(ctx context.Context) (*primaryLink, uint64, []uint64, 
 			return nil, 0, nil, fmt.Errorf("%w: backup sent replica hashes nobody asked for", ErrProtocol)
 		}
 		// The backup hashes its whole replica first: allow for it.
-		_ = conn.SetDeadline(time.Now().Add(p.o.HeartbeatTimeout + time.Duration(g.NumPages())*time.Microsecond))
+		_ = conn.SetDeadline(time.Now().Add(p.o.WelcomeTimeout + time.Duration(g.NumPages())*time.Microsecond))
 		hashes = make([]uint64, g.NumPages())
 		if err := transport.ReadReplicaHashes(r, hashes); err != nil {
 			conn.Close()

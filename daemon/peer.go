@@ -209,6 +209,18 @@ func (d *Daemon) replicaBytes() int64 {
 // a QEMU replica's standby is started without holding d.mu.
 func (d *Daemon) backupFor(ctx context.Context, h *remuspb.Hello, identity string) (*checkpoint.Backup, error) {
 	d.mu.Lock()
+	// A primary that gave up waiting for its first Welcome while this
+	// host starts the standby reconnects: its new link waits for the
+	// replica being built for it (bounded), rather than being refused.
+	for deadline := time.Now().Add(d.handshakeTimeout()); ; {
+		v, ok := d.vms[h.VmName]
+		if !ok || v.role != RoleStarting || v.peerName != identity || time.Now().After(deadline) || ctx.Err() != nil {
+			break
+		}
+		d.mu.Unlock()
+		time.Sleep(20 * time.Millisecond)
+		d.mu.Lock()
+	}
 	if v, ok := d.vms[h.VmName]; ok {
 		switch {
 		case v.busy != "":
@@ -252,7 +264,7 @@ func (d *Daemon) backupFor(ctx context.Context, h *remuspb.Hello, identity strin
 		return nil, fmt.Errorf("backend %q is not supported by this daemon (have: sim, qemu)", printable(h.Backend))
 	}
 	// Reserve the name (and the budget) while the replica is built.
-	placeholder := &vm{name: h.VmName, backend: h.Backend, role: RoleStarting, busy: "starting a replica", qcfg: local, replicaSize: int64(h.MemoryBytes)}
+	placeholder := &vm{name: h.VmName, backend: h.Backend, role: RoleStarting, busy: "starting a replica", qcfg: local, replicaSize: int64(h.MemoryBytes), peerName: identity}
 	prev := d.vms[h.VmName]
 	d.vms[h.VmName] = placeholder
 	d.mu.Unlock()

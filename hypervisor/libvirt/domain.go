@@ -221,7 +221,11 @@ func (d *Domain) State(ctx context.Context) (golibvirt.DomainState, error) {
 		st, _, err = d.c.l.DomainGetState(d.dom, 0)
 		return err
 	})
-	return golibvirt.DomainState(st), err
+	if err != nil {
+		// call may return before the abandoned call finishes writing st.
+		return 0, err
+	}
+	return golibvirt.DomainState(st), nil
 }
 
 // Monitor returns the domain's QMP monitor through libvirt's passthrough.
