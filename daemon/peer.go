@@ -329,32 +329,43 @@ func (d *Daemon) newSimReplica(h *remuspb.Hello, identity string) (*vm, error) {
 	if err != nil {
 		return nil, fmt.Errorf("VM %s: replica: %w", h.VmName, err)
 	}
-	v := &vm{name: h.VmName, backend: sim.BackendName, role: RoleBackup, spec: spec, detector: d.newDetector()}
-	v.audit = openAudit(d.cfg.StateDir, h.VmName, "backup", d.log)
-	v.backup = checkpoint.NewBackup(checkpoint.BackupOptions{
-		VMName:            h.VmName,
-		Replica:           rep,
-		Owner:             identity,
-		Backend:           sim.BackendName,
-		BackendVersion:    sim.BackendVersion,
-		HeartbeatInterval: d.cfg.HeartbeatInterval.D(),
-		HeartbeatTimeout:  d.cfg.HeartbeatTimeout.D(),
-		Log:               d.log,
-		OnCommit: func(epoch uint64, dev []byte) {
-			v.audit.record(auditRecord{Event: "commit", Epoch: epoch, Sim: simInfo(dev)})
+	v := &vm{name: h.VmName, backend: sim.BackendName, role: RoleBackup, spec: spec}
+	d.attachBackup(v, rep, identity, sim.BackendVersion,
+		func(epoch uint64, dev []byte) auditRecord {
+			return auditRecord{Event: "commit", Epoch: epoch, Sim: simInfo(dev)}
 		},
-		BeforeActivate: func(epoch uint64, mem, dev []byte) {
+		func(epoch uint64, mem, dev []byte) auditRecord {
 			// Record what is about to run, so that it can be audited
 			// against the primary's log (the demo does).
-			v.audit.record(auditRecord{Event: "activate", Epoch: epoch, Sim: simInfo(dev),
-				MemoryXXH: transport.PageHash(mem), DeviceXXH: transport.PageHash(dev)})
-		},
-		OnGoodbye: func(restart bool) { d.onGoodbye(v, restart) },
-	})
+			return auditRecord{Event: "activate", Epoch: epoch, Sim: simInfo(dev),
+				MemoryXXH: transport.PageHash(mem), DeviceXXH: transport.PageHash(dev)}
+		})
 	// The activated guest's first output must find its way out.
 	rep.SetOutput(v.emit)
 	d.log.Info("new replica", zap.String("vm", h.VmName), zap.String("owner", identity), zap.Int64("memory_bytes", spec.Sim.MemoryBytes))
 	return v, nil
+}
+
+// attachBackup gives a backup-role v its replica runner: owned by
+// identity, audited with the records the two functions make, freed when
+// its owner ends the protection.
+func (d *Daemon) attachBackup(v *vm, rep hypervisor.Replica, identity, version string,
+	commit func(epoch uint64, dev []byte) auditRecord, activate func(epoch uint64, mem, dev []byte) auditRecord) {
+	v.detector = d.newDetector()
+	v.audit = openAudit(d.cfg.StateDir, v.name, "backup", d.log)
+	v.backup = checkpoint.NewBackup(checkpoint.BackupOptions{
+		VMName:            v.name,
+		Replica:           rep,
+		Owner:             identity,
+		Backend:           v.backend,
+		BackendVersion:    version,
+		HeartbeatInterval: d.cfg.HeartbeatInterval.D(),
+		HeartbeatTimeout:  d.cfg.HeartbeatTimeout.D(),
+		Log:               d.log,
+		OnCommit:          func(epoch uint64, dev []byte) { v.audit.record(commit(epoch, dev)) },
+		BeforeActivate:    func(epoch uint64, mem, dev []byte) { v.audit.record(activate(epoch, mem, dev)) },
+		OnGoodbye:         func(restart bool) { d.onGoodbye(v, restart) },
+	})
 }
 
 func (d *Daemon) newDetector() *failover.Detector {

@@ -15,7 +15,6 @@ import (
 	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
 
-	"github.com/remusd/remusd/checkpoint"
 	"github.com/remusd/remusd/guestimage"
 	"github.com/remusd/remusd/hypervisor"
 	"github.com/remusd/remusd/hypervisor/qemu"
@@ -490,26 +489,13 @@ func (d *Daemon) newQemuReplica(ctx context.Context, h *remuspb.Hello, identity 
 			return nil, fmt.Errorf("VM %s: standby: %w", h.VmName, err)
 		}
 	}
-	v := &vm{name: h.VmName, backend: qemu.BackendName, role: RoleBackup, qreplica: rep, qnet: qn, detector: d.newDetector()}
-	v.audit = openAudit(d.cfg.StateDir, h.VmName, "backup", d.log)
-	v.backup = checkpoint.NewBackup(checkpoint.BackupOptions{
-		VMName:            h.VmName,
-		Replica:           rep,
-		Owner:             identity,
-		Backend:           qemu.BackendName,
-		BackendVersion:    ver,
-		HeartbeatInterval: d.cfg.HeartbeatInterval.D(),
-		HeartbeatTimeout:  d.cfg.HeartbeatTimeout.D(),
-		Log:               d.log,
-		OnCommit: func(epoch uint64, dev []byte) {
-			v.audit.record(auditRecord{Event: "commit", Epoch: epoch})
-		},
-		BeforeActivate: func(epoch uint64, _, dev []byte) {
+	v := &vm{name: h.VmName, backend: qemu.BackendName, role: RoleBackup, qreplica: rep, qnet: qn}
+	d.attachBackup(v, rep, identity, ver,
+		func(epoch uint64, _ []byte) auditRecord { return auditRecord{Event: "commit", Epoch: epoch} },
+		func(epoch uint64, _, dev []byte) auditRecord {
 			// No memory hash here: it would delay the takeover.
-			v.audit.record(auditRecord{Event: "activate", Epoch: epoch, DeviceXXH: transport.PageHash(dev)})
-		},
-		OnGoodbye: func(restart bool) { d.onGoodbye(v, restart) },
-	})
+			return auditRecord{Event: "activate", Epoch: epoch, DeviceXXH: transport.PageHash(dev)}
+		})
 	d.log.Info("new qemu replica", zap.String("vm", h.VmName), zap.String("owner", identity), zap.Int("memory_mib", spec.MemoryMiB), zap.String("qemu", ver),
 		zap.Bool("hot_standby", !d.cfg.Standby.Cold), zap.String("tap", spec.Tap), zap.String("bridge", qn.bridge))
 	return v, nil

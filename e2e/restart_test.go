@@ -6,15 +6,12 @@ import (
 	"encoding/json"
 	"errors"
 	"os"
-	"os/exec"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/remusd/remusd/daemon"
-	"github.com/remusd/remusd/guestimage"
-	"github.com/remusd/remusd/vmtest"
 )
 
 // TestQEMUDaemonRestart (issue 8, holes 8 and 11): stopping the primary's
@@ -25,27 +22,9 @@ import (
 // the client's TCP session carries on with every reply consistent, and a
 // failover after the restart still loses nothing.
 func TestQEMUDaemonRestart(t *testing.T) {
-	if testing.Short() {
-		t.Skip("boots QEMU guests")
-	}
-	if os.Geteuid() != 0 {
-		t.Skip("needs root (network namespaces, NFQUEUE)")
-	}
-	if _, err := vmtest.FindQEMU(); err != nil {
-		t.Skip(err)
-	}
-	for _, tool := range []string{"ip", "iptables"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			t.Skipf("%s not installed", tool)
-		}
-	}
+	needQEMULab(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
 	defer cancel()
-	if _, err := guestimage.Build(ctx, guestimage.Config{}); errors.Is(err, guestimage.ErrUnavailable) {
-		t.Skip(err)
-	} else if err != nil {
-		t.Fatal(err)
-	}
 	l := newQemuLab(t, ctx)
 	l.waitReplies(t, 40, "client requests under protection")
 

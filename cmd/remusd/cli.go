@@ -933,52 +933,37 @@ func (l *lateService) get() (daemon.Service, error) {
 	return l.svc, nil
 }
 
-func (l *lateService) Protect(ctx context.Context, req daemon.ProtectRequest) error {
+// do runs f on the daemon once it exists.
+func (l *lateService) do(f func(daemon.Service) error) error {
 	s, err := l.get()
 	if err != nil {
 		return err
 	}
-	return s.Protect(ctx, req)
+	return f(s)
+}
+
+func (l *lateService) Protect(ctx context.Context, req daemon.ProtectRequest) error {
+	return l.do(func(s daemon.Service) error { return s.Protect(ctx, req) })
 }
 
 func (l *lateService) Unprotect(ctx context.Context, vm string) error {
-	s, err := l.get()
-	if err != nil {
-		return err
-	}
-	return s.Unprotect(ctx, vm)
+	return l.do(func(s daemon.Service) error { return s.Unprotect(ctx, vm) })
 }
 
 func (l *lateService) Failover(ctx context.Context, req daemon.FailoverRequest) error {
-	s, err := l.get()
-	if err != nil {
-		return err
-	}
-	return s.Failover(ctx, req)
+	return l.do(func(s daemon.Service) error { return s.Failover(ctx, req) })
 }
 
 func (l *lateService) Forget(ctx context.Context, vm string) error {
-	s, err := l.get()
-	if err != nil {
-		return err
-	}
-	return s.Forget(ctx, vm)
+	return l.do(func(s daemon.Service) error { return s.Forget(ctx, vm) })
 }
 
 func (l *lateService) Start(ctx context.Context, vm string) error {
-	s, err := l.get()
-	if err != nil {
-		return err
-	}
-	return s.Start(ctx, vm)
+	return l.do(func(s daemon.Service) error { return s.Start(ctx, vm) })
 }
 
 func (l *lateService) Stop(ctx context.Context, vm string) error {
-	s, err := l.get()
-	if err != nil {
-		return err
-	}
-	return s.Stop(ctx, vm)
+	return l.do(func(s daemon.Service) error { return s.Stop(ctx, vm) })
 }
 
 func (l *lateService) Status(ctx context.Context) ([]daemon.VMStatus, error) {
