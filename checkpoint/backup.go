@@ -21,6 +21,9 @@ import (
 // to accept replication again.
 var ErrActivated = errors.New("replica already activated")
 
+// ErrClosed is returned by a Backup that was closed (its replica freed).
+var ErrClosed = errors.New("replica closed")
+
 // errGoodbye ends receive when the current protection said Goodbye.
 var errGoodbye = errors.New("goodbye")
 
@@ -87,12 +90,16 @@ type Backup struct {
 	log *zap.Logger
 
 	serveMu sync.Mutex // one Serve at a time
+	// waiting counts Serves queued for serveMu: at most one may wait (the
+	// owner's reconnect), so links cannot pile up goroutines and buffers.
+	waiting atomic.Int32
 
 	mu           sync.Mutex // replica memory, core, conn, stats
 	core         *BackupCore
 	protectionID string
 	conn         net.Conn
 	activated    bool
+	closed       bool // Close: no link may use the replica any more
 	stats        BackupStats
 
 	dec     *transport.Decoder
@@ -178,6 +185,9 @@ var ErrNotOwner = errors.New("peer does not own this replica")
 // refusal checks, before anything is touched, whether a link from peer
 // with hello may serve this replica; "" means yes. b.mu held.
 func (b *Backup) refusal(hello *remuspb.Hello, peer string) (string, error) {
+	if b.closed {
+		return "replica released on this backup", ErrClosed
+	}
 	if b.activated {
 		return "replica already activated (failed over)", ErrActivated
 	}
@@ -207,11 +217,20 @@ func (b *Backup) Serve(ctx context.Context, conn net.Conn, r *transport.Reader, 
 		_ = w.WriteFrame(transport.KindWelcome, &remuspb.Welcome{ProtocolVersion: ProtocolVersion, Error: msg}, nil)
 		return fmt.Errorf("%w: refused primary: %s", err, msg)
 	}
+	if b.waiting.Add(1) > 1 {
+		b.waiting.Add(-1)
+		b.stats.Refused++
+		b.mu.Unlock()
+		msg := "another link of this replica is being set up; try again"
+		_ = w.WriteFrame(transport.KindWelcome, &remuspb.Welcome{ProtocolVersion: ProtocolVersion, Error: msg}, nil)
+		return fmt.Errorf("%w: refused primary: %s", ErrProtocol, msg)
+	}
 	if old := b.conn; old != nil {
 		old.Close() // the owner reconnected: the old link is dead
 	}
 	b.mu.Unlock()
 	b.serveMu.Lock()
+	b.waiting.Add(-1)
 	defer b.serveMu.Unlock()
 
 	b.mu.Lock()
@@ -413,6 +432,9 @@ func (b *Backup) apply(epoch uint64, mem []byte, sess *BackupCore, protectionID 
 	if b.activated {
 		return ErrActivated
 	}
+	if b.closed {
+		return ErrClosed
+	}
 	if err := b.o.Replica.CommitDeviceState(epoch, b.dev); err != nil {
 		return fmt.Errorf("%w: epoch %d: replica refused its device state: %w", ErrProtocol, epoch, err)
 	}
@@ -430,12 +452,32 @@ func (b *Backup) apply(epoch uint64, mem []byte, sess *BackupCore, protectionID 
 	return nil
 }
 
+// Close ends every link of this replica and waits until none uses the
+// replica's memory; the caller may then free the replica. Activate and
+// Serve fail afterwards.
+func (b *Backup) Close() {
+	b.mu.Lock()
+	b.closed = true
+	if b.conn != nil {
+		b.conn.Close()
+	}
+	b.mu.Unlock()
+	// A link in progress holds serveMu until it has stopped touching the
+	// replica.
+	b.serveMu.Lock()
+	b.serveMu.Unlock()
+}
+
 // Activate makes the replica take over: replication stops (a link in
 // progress is cut, its partial epoch discarded) and the VM starts from the
 // last committed epoch.
 func (b *Backup) Activate(ctx context.Context) (hypervisor.Guest, error) {
 	start := time.Now()
 	b.mu.Lock()
+	if b.closed {
+		b.mu.Unlock()
+		return nil, ErrClosed
+	}
 	if b.activated {
 		b.mu.Unlock()
 		return nil, ErrActivated

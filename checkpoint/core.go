@@ -405,7 +405,7 @@ func (c *PrimaryCore) checkAckTimeout(now time.Time) ([]Action, bool) {
 	switch {
 	case !c.linkUp:
 		since = c.linkDownAt
-		if c.acked == 0 && c.next == 1 {
+		if c.acked == 0 && c.next == 1 && !c.cfg.Resume {
 			return nil, false // never protected yet: nothing is held for long
 		}
 	case len(c.unacked) > 0:
@@ -470,6 +470,10 @@ func (b *BackupCore) Begin(epoch, base uint64, pages uint32, full bool, numPages
 		return fmt.Errorf("%w: epoch %d begins while epoch %d is incomplete", ErrProtocol, epoch, b.epoch)
 	case epoch <= b.committed:
 		return fmt.Errorf("%w: epoch %d begins but %d is already committed", ErrProtocol, epoch, b.committed)
+	case b.committed == 0 && !full:
+		// The replica holds nothing of this protection: a partial epoch
+		// would commit another protection's memory plus a few pages.
+		return fmt.Errorf("%w: epoch %d is not full but the replica holds nothing of this protection yet", ErrProtocol, epoch)
 	case !full && base != b.committed:
 		return fmt.Errorf("%w: epoch %d applies on base %d but the replica holds %d", ErrProtocol, epoch, base, b.committed)
 	case int64(pages) > int64(numPages):

@@ -564,6 +564,19 @@ func TestBackupCoreSequence(t *testing.T) {
 	}
 }
 
+// TestBackupCoreFirstEpochFull: a replica that holds nothing of a
+// protection accepts only a full epoch (a partial one on base 0 would
+// commit another protection's memory plus a few pages).
+func TestBackupCoreFirstEpochFull(t *testing.T) {
+	b := NewBackupCore(0)
+	if err := b.Begin(1, 0, 3, false, 10); !errors.Is(err, ErrProtocol) || !strings.Contains(err.Error(), "not full") {
+		t.Fatalf("partial first epoch: %v", err)
+	}
+	if err := b.Begin(1, 0, 10, true, 10); err != nil {
+		t.Fatalf("full first epoch: %v", err)
+	}
+}
+
 func TestBackupCoreApply(t *testing.T) {
 	b := NewBackupCore(0)
 	if err := b.Begin(1, 0, 3, true, 3); err != nil {

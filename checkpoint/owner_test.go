@@ -3,8 +3,13 @@ package checkpoint
 import (
 	"context"
 	"errors"
+	"io"
+	"net"
 	"testing"
 	"time"
+
+	"github.com/remusd/remusd/hypervisor/sim"
+	"github.com/remusd/remusd/outbuf"
 
 	remuspb "github.com/remusd/remusd/proto"
 	"github.com/remusd/remusd/transport"
@@ -79,4 +84,48 @@ func TestBackupRefusesStrangers(t *testing.T) {
 		t.Fatalf("the owner's link was cut by a stranger (reconnects %d → %d)", linksBefore, r)
 	}
 	p.checkReplica()
+}
+
+// TestStopWhileWaitingForWelcome: a backup that accepts the connection but
+// never answers must not hold up the primary's stop (a daemon shutdown
+// pauses the guest meanwhile): the handshake's read ends with the context,
+// not with WelcomeTimeout.
+func TestStopWhileWaitingForWelcome(t *testing.T) {
+	cfg := smallGuest("uniform", 5).WithDefaults()
+	g, err := sim.New("vm", cfg, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	dialled := make(chan struct{}, 1)
+	p, err := NewPrimary(PrimaryOptions{
+		Guest: g, Out: outbuf.NewMemory(0, nil), ProtectionID: "p",
+		Dial: func(ctx context.Context) (net.Conn, error) {
+			a, b := transport.Pipe()
+			go func() { _, _ = io.Copy(io.Discard, b) }() // reads the Hello, answers nothing
+			select {
+			case dialled <- struct{}{}:
+			default:
+			}
+			return a, nil
+		},
+		WelcomeTimeout: time.Hour,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- p.Run(ctx) }()
+	<-dialled
+	time.Sleep(50 * time.Millisecond) // inside connect, waiting for Welcome
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(time.Minute): // a liveness bound far below WelcomeTimeout
+		t.Fatal("Run did not return on cancel while waiting for a Welcome")
+	}
 }

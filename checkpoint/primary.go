@@ -684,6 +684,9 @@ func (p *Primary) connect(ctx context.Context) (*primaryLink, uint64, []uint64, 
 	if err != nil {
 		return nil, 0, nil, fmt.Errorf("dial backup: %w", err)
 	}
+	// The handshake's reads wait up to WelcomeTimeout; a stop must not.
+	stop := context.AfterFunc(ctx, func() { conn.Close() })
+	defer stop()
 	needHashes := p.needHashes.Load()
 	g := p.o.Guest
 	w := transport.NewWriter(conn)

@@ -3,6 +3,8 @@ package daemon
 import (
 	"context"
 	"errors"
+	"fmt"
+	"net"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -79,8 +81,8 @@ func TestUnprotectFreesReplica(t *testing.T) {
 	backup.mu.Lock()
 	used := backup.replicaBytes()
 	backup.mu.Unlock()
-	if used != 4<<20 {
-		t.Fatalf("replica budget in use %d, want 4 MiB", used)
+	if want := replicaCost(4<<20, "sim"); used != want {
+		t.Fatalf("replica budget in use %d, want %d (memory, staging, link buffers)", used, want)
 	}
 	if err := primary.Unprotect(context.Background(), "vm"); err != nil {
 		t.Fatal(err)
@@ -104,7 +106,18 @@ func TestUnprotectFreesReplica(t *testing.T) {
 // TestForget releases a replica on the operator's word, so that another
 // peer may protect the VM here.
 func TestForget(t *testing.T) {
-	_, backup, _ := simPair(t)
+	primary, backup, _ := simPair(t)
+	// Not while the owner replicates: it would only copy everything again.
+	if err := backup.Forget(context.Background(), "vm"); err == nil || !strings.Contains(err.Error(), "unprotect") {
+		t.Fatalf("forget beside a connected owner: %v", err)
+	}
+	// The owner goes away (no goodbye): now the operator may release it.
+	primary.mu.Lock()
+	pv := primary.vms["vm"]
+	primary.mu.Unlock()
+	pv.stop()
+	<-pv.done
+	waitStatus(t, backup, "vm", func(s VMStatus) bool { return s.Link != LinkUp })
 	if err := backup.Forget(context.Background(), "vm"); err != nil {
 		t.Fatal(err)
 	}
@@ -206,5 +219,42 @@ func TestInsecurePairing(t *testing.T) {
 	backup.mu.Unlock()
 	if created {
 		t.Fatal("a VM not accepted from the peer got a replica")
+	}
+}
+
+// TestHandshakeSlots: idle connections from one stranger cannot use up
+// the pre-Hello slots, and never the ones of a configured peer's address.
+func TestHandshakeSlots(t *testing.T) {
+	h := newHandshakeSlots([]Peer{{Name: "hostA", Address: "10.0.0.1:7788"}}, zap.NewNop())
+	addr := func(ip string) net.Addr { return &net.TCPAddr{IP: net.ParseIP(ip), Port: 40000} }
+	var rel []func()
+	for i := 0; i < maxHandshakesPerIP; i++ {
+		r, ok := h.take(addr("192.0.2.7"))
+		if !ok {
+			t.Fatalf("slot %d refused", i)
+		}
+		rel = append(rel, r)
+	}
+	if _, ok := h.take(addr("192.0.2.7")); ok {
+		t.Fatal("one address got more than its share of pre-Hello slots")
+	}
+	// Strangers from many addresses fill the shared slots ...
+	for i := 0; h.total < maxHandshakes; i++ {
+		if _, ok := h.take(addr(fmt.Sprintf("198.51.100.%d", i))); !ok {
+			t.Fatalf("shared slot refused at %d", h.total)
+		}
+	}
+	if _, ok := h.take(addr("198.51.100.250")); ok {
+		t.Fatal("more pre-Hello connections than the total")
+	}
+	// ... but the peer's address still gets its own.
+	for i := 0; i < maxHandshakesPerPeer; i++ {
+		if _, ok := h.take(addr("10.0.0.1")); !ok {
+			t.Fatalf("the configured peer was locked out (slot %d)", i)
+		}
+	}
+	rel[0]()
+	if _, ok := h.take(addr("192.0.2.7")); !ok {
+		t.Fatal("a released slot was not reusable")
 	}
 }

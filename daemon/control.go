@@ -303,6 +303,9 @@ func (s *ControlServer) handle(ctx context.Context, line []byte) (resp ControlRe
 	start := time.Now()
 	var err error
 	var st []VMStatus
+	if req.Force && req.Op != OpFailover {
+		return ControlResponse{Error: `"force" applies only to failover`}
+	}
 	switch req.Op {
 	case OpProtect:
 		if req.Protect == nil {
@@ -335,9 +338,6 @@ func (s *ControlServer) handle(ctx context.Context, line []byte) (resp ControlRe
 		err = errors.New(`control request has no "op" (want ` + opList + `)`)
 	default:
 		err = fmt.Errorf("unknown control op %q (want %s)", req.Op, opList)
-	}
-	if req.Force && req.Op != OpFailover && err == nil {
-		err = fmt.Errorf(`"force" applies only to failover`)
 	}
 	if req.Op != OpStatus {
 		vm := req.VM

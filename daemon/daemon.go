@@ -61,7 +61,7 @@ type Daemon struct {
 	tlsServer *tls.Config
 	// handshakes bounds the connections that have not yet sent a valid
 	// Hello (each holds a goroutine and a small buffer until its deadline).
-	handshakes chan struct{}
+	handshakes *handshakeSlots
 	// budget is the memory (bytes) all replicas together may use.
 	budget int64
 	// records keeps per-VM state across daemon restarts.
@@ -150,7 +150,7 @@ func New(cfg Config, log *zap.Logger) (*Daemon, error) {
 		return nil, err
 	}
 	d := &Daemon{cfg: cfg, log: log.With(zap.String("host", cfg.Name)), vms: map[string]*vm{}, nextQueue: firstQueueNum,
-		running: make(chan struct{}), handshakes: make(chan struct{}, maxHandshakes), records: records, newStandby: qemu.NewReplica}
+		running: make(chan struct{}), handshakes: newHandshakeSlots(cfg.Peers, log), records: records, newStandby: qemu.NewReplica}
 	d.budget = replicaBudget(cfg.ReplicaBudgetMiB)
 	if cfg.Insecure {
 		d.log.Warn("INSECURE: the replication link is plaintext and unauthenticated (config insecure); any host that reaches the listener is trusted by the name it claims",
@@ -312,6 +312,9 @@ func (d *Daemon) closeVM(v *vm) {
 		}
 		v.netOut = nil
 	}
+	if v.backup != nil && v.role == RoleBackup {
+		v.backup.Close()
+	}
 	if v.qreplica != nil {
 		v.qreplica.Close()
 		v.qreplica = nil
@@ -399,9 +402,15 @@ func (d *Daemon) shutdown() {
 		}
 	}
 	d.mu.Unlock()
+	var pwg sync.WaitGroup
 	for _, v := range prim {
-		d.stopPrimaryForRestart(v)
+		pwg.Add(1)
+		go func() {
+			defer pwg.Done()
+			d.stopPrimaryForRestart(v)
+		}()
 	}
+	pwg.Wait()
 	d.mu.Lock()
 	if d.cancel != nil {
 		d.cancel() // replica links end
@@ -418,26 +427,28 @@ func (d *Daemon) shutdown() {
 	}
 }
 
-// stopPrimaryForRestart stops one protection at daemon exit: the guest is
-// paused first (it sends nothing meanwhile), the backup is told the daemon
-// restarts (it keeps the replica and does not take over on the silence),
-// the output buffer is detached so the host keeps holding what the guest
-// sends, and a QEMU guest is resumed: it runs on, its output held, until
-// the next daemon resumes the protection. A sim guest lives in the daemon
-// and stops with it (no restart notice: its backup may take over).
+// stopPrimaryForRestart stops one protection at daemon exit: the runner
+// stops first, telling the backup the daemon restarts (it keeps the
+// replica and does not take over on the silence; what the guest sends
+// meanwhile stays held in the buffer); then the guest is paused while the
+// output buffer is detached (the host keeps holding, or dropping, what the
+// guest sends: nothing is released), and a QEMU guest is resumed: it runs
+// on until the next daemon resumes the protection. A sim guest lives in
+// the daemon and stops with it (no restart notice: its backup may take
+// over).
 func (d *Daemon) stopPrimaryForRestart(v *vm) {
 	d.mu.Lock()
 	g, p, stop, done, netOut := v.guest, v.primary, v.stop, v.done, v.netOut
 	isQemu := v.backend == qemu.BackendName
 	d.mu.Unlock()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	paused := g.Pause(ctx) == nil
 	if isQemu {
 		p.StopForRestart()
 	}
 	stop()
 	<-done
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	paused := g.Pause(ctx) == nil
 	d.mu.Lock()
 	if netOut != nil {
 		if err := netOut.Detach(); err != nil {
@@ -459,10 +470,20 @@ func (d *Daemon) stopPrimaryForRestart(v *vm) {
 // Status implements Service.
 func (d *Daemon) Status(ctx context.Context) ([]VMStatus, error) {
 	d.mu.Lock()
-	defer d.mu.Unlock()
 	out := make([]VMStatus, 0, len(d.vms))
+	var bufs []outbuf.Buffer
 	for _, v := range d.vms {
 		out = append(out, d.statusOf(v))
+		bufs = append(bufs, v.netOut)
+	}
+	d.mu.Unlock()
+	// A kernel buffer's counters may take a netlink round trip: read them
+	// without the daemon lock.
+	for i, b := range bufs {
+		if b != nil {
+			st := b.Stats()
+			out[i].OutputHeld, out[i].OutputReleased, out[i].OutputDropped = st.HeldPackets, st.ReleasedPackets, st.DroppedPackets
+		}
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].VM < out[j].VM })
 	return out, nil
@@ -472,9 +493,7 @@ func (d *Daemon) statusOf(v *vm) VMStatus {
 	s := VMStatus{VM: v.name, Role: v.role, Backend: v.backend, Link: LinkNone, Peer: v.peer, PeerName: v.peerName,
 		Busy: v.busy, StoppedWhy: v.stoppedWhy, Insecure: d.cfg.Insecure}
 	if v.netOut != nil {
-		st := v.netOut.Stats()
-		s.OutBuf = v.netOut.Kind()
-		s.OutputHeld, s.OutputReleased, s.OutputDropped = st.HeldPackets, st.ReleasedPackets, st.DroppedPackets
+		s.OutBuf = v.netOut.Kind() // counters: see Status
 	} else if o := v.out.Load(); o != nil && v.role != RoleBackup {
 		st := o.Stats()
 		s.OutBuf = o.Kind()
@@ -499,9 +518,6 @@ func (d *Daemon) statusOf(v *vm) VMStatus {
 		if p.Unprotected {
 			s.OutBuf += " (released: unprotected)"
 		}
-		if e, _ := v.runErr.Load().(string); e != "" {
-			s.LastError = e
-		}
 	case v.backup != nil:
 		b := v.backup.Stats()
 		s.PeerName = v.backup.Owner()
@@ -521,6 +537,9 @@ func (d *Daemon) statusOf(v *vm) VMStatus {
 			det := failover.Detector{Timeout: d.cfg.HeartbeatTimeout.D(), RestartGrace: d.cfg.RestartGrace.D()}
 			s.Link = det.Evaluate(observe(b), time.Now()).State.String()
 		}
+	}
+	if e, _ := v.runErr.Load().(string); e != "" {
+		s.LastError = e
 	}
 	return s
 }

@@ -52,9 +52,13 @@ func (d *Daemon) watchBackups(ctx context.Context) {
 }
 
 // primaryConnected reports whether the replica's owner is connected and
-// was heard from within the heartbeat timeout. d.mu held.
+// was heard from within the heartbeat timeout, or said its daemon
+// restarts within the restart grace (its guest runs on). d.mu held.
 func (d *Daemon) primaryConnected(v *vm) bool {
 	st := v.backup.Stats()
+	if st.Restarting && time.Since(st.RestartingSince) < d.cfg.RestartGrace.D() {
+		return true
+	}
 	return st.Connected && time.Since(st.LastHeard) < d.cfg.HeartbeatTimeout.D()
 }
 
@@ -87,6 +91,10 @@ func (d *Daemon) Failover(ctx context.Context, req FailoverRequest) error {
 		if time.Now().After(deadline) || ctx.Err() != nil {
 			st := v.backup.Stats()
 			d.mu.Unlock()
+			if st.Restarting {
+				return fmt.Errorf("failover %s: its primary %s said %v ago that its daemon restarts (its guest runs on): activating now would run two copies of the VM; if that host is really dead or fenced, run failover with --force",
+					name, v.backup.Owner(), time.Since(st.RestartingSince).Round(time.Millisecond))
+			}
 			return fmt.Errorf("failover %s: its primary %s is connected and was heard from %v ago: activating now would run two copies of the VM; if it is really dead or fenced, run failover with --force",
 				name, v.backup.Owner(), time.Since(st.LastHeard).Round(time.Millisecond))
 		}

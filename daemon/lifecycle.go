@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -29,13 +30,16 @@ const reattachTimeout = 30 * time.Second
 // bringUpQemu makes a configured QEMU VM known at daemon start: re-attached
 // (a previous daemon left it running), launched (autostart), or stopped.
 func (d *Daemon) bringUpQemu(q QemuVM) error {
-	rec, err := d.records.load(q.Name)
-	if err != nil {
-		return fmt.Errorf("%w (move the file away if the VM is not running here)", err)
-	}
 	v := &vm{name: q.Name, backend: "qemu", role: RoleStopped, qcfg: &q,
 		qnet: qemuNet{tap: q.Tap, bridge: q.Bridge, bridged: q.Bridge != "" || q.Bridged}}
 	d.vms[q.Name] = v
+	rec, err := d.records.load(q.Name)
+	if err != nil {
+		// This VM only: the others (and the replicas this host keeps) go on.
+		v.stoppedWhy = fmt.Sprintf("its state record is unreadable (%v): not started; check whether it runs, then fix or remove the file", err)
+		d.log.Error("unreadable state record: the VM is left alone", zap.String("vm", q.Name), zap.Error(err))
+		return nil
+	}
 	if rec != nil {
 		g, pid, attached, err := d.reattach(q, rec)
 		if err == nil {
@@ -52,6 +56,13 @@ func (d *Daemon) bringUpQemu(q QemuVM) error {
 				v.busy = "resuming protection"
 			}
 			d.log.Warn("re-attached to a guest a previous daemon left running", zap.String("vm", q.Name), zap.String("role", rec.Role), zap.Int("pid", pid))
+			return nil
+		}
+		if rec.QEMU != nil && processAlive(rec.QEMU.Pid, rec.QEMU.QMP) == nil {
+			// Alive but unreachable (QMP busy, another client, a hung
+			// QEMU): never launch a second one on its RAM file.
+			v.stoppedWhy = fmt.Sprintf("its QEMU (pid %d) is alive but this daemon cannot attach to it (%v); a second copy is not started: find out what holds its QMP socket, then restart remusd (or end that pid if the guest must go)", rec.QEMU.Pid, err)
+			d.log.Error("a recorded guest is alive but cannot be re-attached: leaving it alone", zap.String("vm", q.Name), zap.Int("pid", rec.QEMU.Pid), zap.Error(err))
 			return nil
 		}
 		d.log.Warn("a guest recorded in the state directory is gone", zap.String("vm", q.Name), zap.String("role", rec.Role), zap.Error(err))
@@ -74,6 +85,12 @@ func (d *Daemon) bringUpQemu(q QemuVM) error {
 func (d *Daemon) launch(v *vm) error {
 	ctx, cancel := context.WithTimeout(context.Background(), qemuStartTimeout)
 	defer cancel()
+	if q := v.qcfg; !q.Libvirt && q.QMP == "" {
+		spec := q.qemuSpec(d.cfg.Name, nil)
+		if pid := qemuUsing(spec.RAMPath, spec.QMPPath); pid > 0 {
+			return fmt.Errorf("a process (pid %d) still uses %s or %s: the VM may still run here; not launching a second copy", pid, spec.RAMPath, spec.QMPPath)
+		}
+	}
 	g, attached, err := d.startQemu(ctx, *v.qcfg)
 	if err != nil {
 		return err
@@ -244,4 +261,32 @@ func (d *Daemon) Stop(ctx context.Context, name string) error {
 		return fmt.Errorf("stop %s: %w", name, err)
 	}
 	return nil
+}
+
+// qemuUsing returns the pid of a process whose command line names the
+// RAM file or QMP socket (a QEMU still running this VM), or 0.
+func qemuUsing(ramPath, qmpPath string) int {
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		return 0
+	}
+	self := os.Getpid()
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid == self {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		if err != nil {
+			continue
+		}
+		for _, arg := range strings.Split(string(b), "\x00") {
+			if strings.Contains(arg, "mem-path="+ramPath+",") || strings.Contains(arg, "unix:"+qmpPath+",") {
+				if !zombie(pid) {
+					return pid
+				}
+			}
+		}
+	}
+	return 0
 }

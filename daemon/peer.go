@@ -23,6 +23,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"go.uber.org/zap"
@@ -35,6 +36,27 @@ import (
 	remuspb "github.com/remusd/remusd/proto"
 	"github.com/remusd/remusd/transport"
 )
+
+// replicaLimits bounds what a replica's links may make the backup read at
+// once: a page batch of 4096 pages, a device state of the backend's size
+// (QEMU's is ~80 KB; 16 MiB is its own limit; a sim guest's is tiny).
+func replicaLimits(backend string) transport.Limits {
+	dev := 16 << 20
+	if backend == sim.BackendName {
+		dev = 1 << 20
+	}
+	const batch = 4096
+	return transport.Limits{MaxFrame: max(batch*hypervisor.PageSize, dev) + 2<<20, MaxHeader: 1 << 20, MaxBatchPages: batch, MaxDeviceState: dev}
+}
+
+// replicaCost is what a replica may hold at most: its memory, a staging
+// area as large (a full epoch is staged whole before it is applied), a
+// link's frame buffer and three copies of a device state (staged,
+// committed, the replica's own).
+func replicaCost(memory int64, backend string) int64 {
+	l := replicaLimits(backend)
+	return 2*memory + int64(l.MaxFrame) + 3*int64(l.MaxDeviceState)
+}
 
 // helloLimits bounds what a peer may send before it is known to be a
 // primary this host accepts: one Hello of modest size.
@@ -78,19 +100,91 @@ func (d *Daemon) acceptLoop(ctx context.Context, ln net.Listener) error {
 			}
 			return fmt.Errorf("accept: %w", err)
 		}
-		select {
-		case d.handshakes <- struct{}{}:
-		default:
-			d.log.Warn("too many connections without a Hello: refusing one", zap.String("remote", conn.RemoteAddr().String()), zap.Int("limit", maxHandshakes))
+		release, ok := d.handshakes.take(conn.RemoteAddr())
+		if !ok {
+			d.log.Warn("too many connections without a Hello from this address: refusing one", zap.String("remote", conn.RemoteAddr().String()))
 			conn.Close()
 			continue
 		}
 		d.wg.Add(1)
 		go func() {
 			defer d.wg.Done()
-			d.servePeer(conn)
+			d.servePeer(conn, release)
 		}()
 	}
+}
+
+// tlsHandshakeTimeout bounds a new connection's TLS handshake (a few
+// milliseconds between healthy peers; a connection that stalls in it
+// holds a pre-Hello slot until then).
+const tlsHandshakeTimeout = 3 * time.Second
+
+// handshakeSlots bounds the connections between accept and a valid Hello:
+// per source address (so that one stranger cannot use them all) and in
+// total, with slots of their own for the addresses configured peers
+// resolve to (so that strangers cannot lock the owner out).
+type handshakeSlots struct {
+	mu      sync.Mutex
+	byIP    map[string]int
+	total   int
+	peerIPs map[string]bool
+}
+
+const (
+	maxHandshakesPerIP   = 4
+	maxHandshakesPerPeer = 8
+)
+
+func newHandshakeSlots(peers []Peer, log *zap.Logger) *handshakeSlots {
+	h := &handshakeSlots{byIP: map[string]int{}, peerIPs: map[string]bool{}}
+	for _, p := range peers {
+		host, _, err := net.SplitHostPort(p.Address)
+		if err != nil || host == "" {
+			continue
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		ips, err := net.DefaultResolver.LookupIPAddr(ctx, host)
+		cancel()
+		if err != nil {
+			log.Warn("cannot resolve a peer's address: its connections share the strangers' slots", zap.String("peer", p.Name), zap.Error(err))
+			continue
+		}
+		for _, ip := range ips {
+			h.peerIPs[ip.IP.String()] = true
+		}
+	}
+	return h
+}
+
+// take reserves a slot for a connection from addr; release frees it.
+func (h *handshakeSlots) take(addr net.Addr) (release func(), ok bool) {
+	ip := addr.String()
+	if ta, isTCP := addr.(*net.TCPAddr); isTCP {
+		ip = ta.IP.String()
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	peer := h.peerIPs[ip]
+	switch {
+	case peer && h.byIP[ip] >= maxHandshakesPerPeer:
+		return nil, false
+	case !peer && (h.byIP[ip] >= maxHandshakesPerIP || h.total >= maxHandshakes):
+		return nil, false
+	}
+	h.byIP[ip]++
+	if !peer {
+		h.total++
+	}
+	return func() {
+		h.mu.Lock()
+		defer h.mu.Unlock()
+		if h.byIP[ip]--; h.byIP[ip] == 0 {
+			delete(h.byIP, ip)
+		}
+		if !peer {
+			h.total--
+		}
+	}, true
 }
 
 // handshakeTimeout bounds the TLS handshake and the Hello of a new
@@ -101,12 +195,12 @@ func (d *Daemon) handshakeTimeout() time.Duration {
 
 // servePeer authenticates a connection, reads its Hello and hands the link
 // to the replica it may serve.
-func (d *Daemon) servePeer(conn net.Conn) {
+func (d *Daemon) servePeer(conn net.Conn, releaseSlot func()) {
 	released := false
 	release := func() {
 		if !released {
 			released = true
-			<-d.handshakes
+			releaseSlot()
 		}
 	}
 	defer release()
@@ -118,7 +212,7 @@ func (d *Daemon) servePeer(conn net.Conn) {
 	identity := ""
 	if d.tlsServer != nil {
 		tc := tls.Server(conn, d.tlsServer)
-		hctx, cancel := context.WithTimeout(ctx, d.handshakeTimeout())
+		hctx, cancel := context.WithTimeout(ctx, tlsHandshakeTimeout)
 		err := tc.HandshakeContext(hctx)
 		cancel()
 		if err != nil {
@@ -180,7 +274,7 @@ func (d *Daemon) servePeer(conn net.Conn) {
 	_ = conn.SetDeadline(time.Time{})
 	release()
 	// From here on the replica's limits apply (page batches, device state).
-	r.SetLimits(transport.DefaultLimits())
+	r.SetLimits(replicaLimits(hello.Backend))
 	if err := b.Serve(ctx, conn, r, w, hello, identity); err != nil && ctx.Err() == nil {
 		log.Warn("replication link ended", zap.String("vm", hello.VmName), zap.Error(err))
 	}
@@ -241,10 +335,11 @@ func (d *Daemon) backupFor(ctx context.Context, h *remuspb.Hello, identity strin
 		d.mu.Unlock()
 		return nil, fmt.Errorf("VM %s: memory size %d is not a positive multiple of the page size (at most 1 TiB)", h.VmName, h.MemoryBytes)
 	}
-	if used := d.replicaBytes(); used+int64(h.MemoryBytes) > d.budget {
+	cost := replicaCost(int64(h.MemoryBytes), h.Backend)
+	if used := d.replicaBytes(); used+cost > d.budget {
 		d.mu.Unlock()
-		return nil, fmt.Errorf("VM %s needs %d MiB for its replica but %s has %d MiB of its %d MiB replica budget left (config replica_budget_mib)",
-			h.VmName, h.MemoryBytes>>20, d.cfg.Name, (d.budget-used)>>20, d.budget>>20)
+		return nil, fmt.Errorf("VM %s needs %d MiB for its replica (%d MiB of memory, as much again to stage a full epoch, and link buffers) but %s has %d MiB of its %d MiB replica budget left (config replica_budget_mib)",
+			h.VmName, cost>>20, h.MemoryBytes>>20, d.cfg.Name, (d.budget-used)>>20, d.budget>>20)
 	}
 	var local *QemuVM
 	if prev, ok := d.vms[h.VmName]; ok {
@@ -264,7 +359,7 @@ func (d *Daemon) backupFor(ctx context.Context, h *remuspb.Hello, identity strin
 		return nil, fmt.Errorf("backend %q is not supported by this daemon (have: sim, qemu)", printable(h.Backend))
 	}
 	// Reserve the name (and the budget) while the replica is built.
-	placeholder := &vm{name: h.VmName, backend: h.Backend, role: RoleStarting, busy: "starting a replica", qcfg: local, replicaSize: int64(h.MemoryBytes), peerName: identity}
+	placeholder := &vm{name: h.VmName, backend: h.Backend, role: RoleStarting, busy: "starting a replica", qcfg: local, replicaSize: cost, peerName: identity}
 	prev := d.vms[h.VmName]
 	d.vms[h.VmName] = placeholder
 	d.mu.Unlock()
@@ -289,7 +384,7 @@ func (d *Daemon) backupFor(ctx context.Context, h *remuspb.Hello, identity strin
 		return nil, err
 	}
 	v.qcfg = local
-	v.replicaSize = int64(h.MemoryBytes)
+	v.replicaSize = cost
 	d.vms[h.VmName] = v
 	return v.backup, nil
 }
@@ -317,10 +412,10 @@ func (d *Daemon) newSimReplica(h *remuspb.Hello, identity string) (*vm, error) {
 	if err := spec.Sim.Validate(); err != nil {
 		return nil, fmt.Errorf("VM %s: sim backend config: %w", h.VmName, err)
 	}
-	if spec.Output != "" {
-		if _, _, err := net.SplitHostPort(spec.Output); err != nil {
-			return nil, fmt.Errorf("VM %s: sim output address %q: %w", h.VmName, printable(spec.Output), err)
-		}
+	if spec.Output != "" && !isLoopbackAddr(spec.Output) {
+		// After a failover this host would connect there: a peer must not
+		// point it anywhere but at a local sink.
+		return nil, fmt.Errorf("VM %s: sim output address %q is not a loopback HOST:PORT", h.VmName, printable(spec.Output))
 	}
 	if uint64(spec.Sim.MemoryBytes) != h.MemoryBytes {
 		return nil, fmt.Errorf("VM %s: hello says %d bytes of memory, backend config %d", h.VmName, h.MemoryBytes, spec.Sim.MemoryBytes)
@@ -361,6 +456,7 @@ func (d *Daemon) attachBackup(v *vm, rep hypervisor.Replica, identity, version s
 		BackendVersion:    version,
 		HeartbeatInterval: d.cfg.HeartbeatInterval.D(),
 		HeartbeatTimeout:  d.cfg.HeartbeatTimeout.D(),
+		Limits:            replicaLimits(v.backend),
 		Log:               d.log,
 		OnCommit:          func(epoch uint64, dev []byte) { v.audit.record(commit(epoch, dev)) },
 		BeforeActivate:    func(epoch uint64, mem, dev []byte) { v.audit.record(activate(epoch, mem, dev)) },
@@ -377,53 +473,78 @@ func (d *Daemon) newDetector() *failover.Detector {
 }
 
 // onGoodbye frees a replica whose protection its owner ended on purpose
-// (issue 8, item 4); a restart notice keeps it.
+// (issue 8, item 4); a restart notice keeps it. It runs on the link's
+// goroutine, inside the replica's Serve: the replica is closed once that
+// link has ended.
 func (d *Daemon) onGoodbye(v *vm, restart bool) {
 	if restart {
 		return
 	}
 	d.mu.Lock()
-	defer d.mu.Unlock()
-	if d.vms[v.name] != v || v.role != RoleBackup {
+	if d.vms[v.name] != v || v.role != RoleBackup || v.busy != "" {
+		d.mu.Unlock()
 		return
 	}
 	d.log.Info("protection ended by its primary: freeing the replica", zap.String("vm", v.name), zap.Int64("mib", v.replicaSize>>20))
-	d.dropReplica(v)
+	release := d.dropReplica(v)
+	d.mu.Unlock()
+	d.wg.Add(1)
+	go func() {
+		defer d.wg.Done()
+		release()
+	}()
 }
 
-// dropReplica removes a backup-role VM and frees its replica. d.mu held.
-func (d *Daemon) dropReplica(v *vm) {
-	if v.qreplica != nil {
-		v.qreplica.Close()
-		v.qreplica = nil
-	}
-	if v.audit != nil {
-		v.audit.close()
-	}
-	v.backup, v.replicaSize = nil, 0
+// dropReplica takes a backup-role VM off the books (d.mu held) and returns
+// the function that frees its replica, to be called without d.mu: it ends
+// the replica's links (waiting until none uses its memory), then stops
+// the standby and unmaps the replica.
+func (d *Daemon) dropReplica(v *vm) (release func()) {
+	b, rep, audit := v.backup, v.qreplica, v.audit
+	v.backup, v.qreplica, v.audit, v.replicaSize = nil, nil, nil, 0
 	if v.qcfg != nil {
 		// This host still knows the VM (it may run it later).
 		v.role, v.stoppedWhy = RoleStopped, "replica released"
-		return
+	} else {
+		delete(d.vms, v.name)
 	}
-	delete(d.vms, v.name)
+	return func() {
+		if b != nil {
+			b.Close()
+		}
+		if rep != nil {
+			rep.Close()
+		}
+		if audit != nil {
+			audit.close()
+		}
+	}
 }
 
 // Forget implements Service: on a backup, it drops the replica of name
 // (its standby stops, its memory is freed), so that another peer may
-// protect the VM to this host.
+// protect the VM to this host. Refused while the owner is connected: the
+// owner would only reconnect and copy everything again (unprotect it on
+// the primary instead).
 func (d *Daemon) Forget(ctx context.Context, name string) error {
 	d.mu.Lock()
-	defer d.mu.Unlock()
 	v, err := d.lookup("forget", name)
 	if err != nil {
+		d.mu.Unlock()
 		return err
 	}
 	if v.role != RoleBackup || v.backup == nil {
+		d.mu.Unlock()
 		return fmt.Errorf("forget %s: this host holds no replica of it (role %s)", name, v.role)
 	}
 	owner := v.backup.Owner()
-	d.dropReplica(v)
+	if d.primaryConnected(v) {
+		d.mu.Unlock()
+		return fmt.Errorf("forget %s: its owner %s is connected and replicating; run `remusd unprotect %s` on %s (which frees the replica here), or stop it first", name, owner, name, owner)
+	}
+	release := d.dropReplica(v)
+	d.mu.Unlock()
+	release()
 	d.log.Warn("replica forgotten by the operator", zap.String("vm", name), zap.String("owner", owner))
 	return nil
 }

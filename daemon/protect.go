@@ -148,7 +148,11 @@ func (d *Daemon) startProtection(v *vm, pr protectionRecord, resume bool) error 
 		memBuf *outbuf.Memory
 	)
 	if backend == qemu.BackendName {
-		nb, forceOne, err := d.openQemuBuffer(dctx, v, interval, queue)
+		recorded := ""
+		if resume {
+			recorded = pr.OutBuf
+		}
+		nb, forceOne, err := d.openQemuBuffer(dctx, v, interval, queue, recorded)
 		if err != nil {
 			return err
 		}
@@ -158,6 +162,19 @@ func (d *Daemon) startProtection(v *vm, pr protectionRecord, resume bool) error 
 		}
 		buf = nb
 		pr.OutBuf = nb.Kind()
+		if qg, ok := g.(*qemu.Guest); ok && resume && qg.Paused() {
+			// The previous daemon died inside an epoch's pause. The buffer
+			// holds the guest's output now: it may run again, whether or
+			// not the backup is reachable.
+			rctx, cancel := context.WithTimeout(dctx, 10*time.Second)
+			err := qg.Resume(rctx)
+			cancel()
+			if err != nil {
+				buf.Detach()
+				return fmt.Errorf("resume the guest the previous daemon left paused: %w", err)
+			}
+			d.log.Warn("resumed a guest the previous daemon left paused", zap.String("vm", v.name))
+		}
 	} else {
 		memBuf = outbuf.NewMemory(0, v.sink.send)
 		buf = memBuf
@@ -248,6 +265,25 @@ func (d *Daemon) Unprotect(ctx context.Context, name string) error {
 		d.mu.Unlock()
 		return err
 	}
+	if v.role == RolePrimary && v.primary == nil && v.resume != nil {
+		// Resuming the protection failed: what the previous daemon left on
+		// the tap still holds the guest's output. Take it over and let go.
+		pr := *v.resume
+		v.busy = "unprotecting"
+		d.mu.Unlock()
+		err := d.releaseLeftover(ctx, v, pr)
+		d.mu.Lock()
+		defer d.mu.Unlock()
+		v.busy = ""
+		if err != nil {
+			return fmt.Errorf("unprotect %s: %w", name, err)
+		}
+		v.role, v.resume, v.protectionID = RoleLocal, nil, ""
+		v.runErr.Store("")
+		d.saveRecord(v)
+		d.log.Info("unprotected (its protection had not resumed)", zap.String("vm", name))
+		return nil
+	}
 	if v.role != RolePrimary || v.primary == nil {
 		d.mu.Unlock()
 		return fmt.Errorf("unprotect %s: VM is not protected here (role %s)", name, v.role)
@@ -266,24 +302,50 @@ func (d *Daemon) Unprotect(ctx context.Context, name string) error {
 		return fmt.Errorf("unprotect %s: %w", name, ctx.Err())
 	}
 	d.mu.Lock()
-	defer d.mu.Unlock()
-	v.busy = ""
-	// The primary keeps running, so its held output is legitimate: let it go.
-	if v.netOut != nil {
-		err := v.netOut.ReleaseAll()
-		if cerr := v.netOut.Close(); err == nil {
+	netOut := v.netOut
+	v.netOut = nil
+	mem := v.out.Load()
+	d.mu.Unlock()
+	// The primary keeps running, so its held output is legitimate: let it
+	// go (outside d.mu: tearing a buffer down may take seconds).
+	err = nil
+	if netOut != nil {
+		err = netOut.ReleaseAll()
+		if cerr := netOut.Close(); err == nil {
 			err = cerr
 		}
-		v.netOut = nil
-		if err != nil {
-			return fmt.Errorf("unprotect %s: release output: %w", name, err)
-		}
-	} else if err := v.out.Load().ReleaseAll(); err != nil {
-		return fmt.Errorf("unprotect %s: release output: %w", name, err)
+	} else if mem != nil {
+		err = mem.ReleaseAll()
 	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	v.busy = ""
 	v.role, v.primary, v.stop, v.done, v.protectionID = RoleLocal, nil, nil, nil, ""
 	d.saveRecord(v)
+	if err != nil {
+		return fmt.Errorf("unprotect %s: release output: %w", name, err)
+	}
 	d.log.Info("unprotected", zap.String("vm", name))
+	return nil
+}
+
+// releaseLeftover takes over the output buffer a previous daemon left on
+// a VM's tap (protection pr) and lets the guest's output go.
+func (d *Daemon) releaseLeftover(ctx context.Context, v *vm, pr protectionRecord) error {
+	if v.backend != qemu.BackendName || pr.OutBuf == "" || pr.OutBuf == "memory" || pr.OutBuf == "none" {
+		return nil
+	}
+	buf, _, err := d.openQemuBuffer(ctx, v, pr.EpochInterval.D(), pr.Queue, pr.OutBuf)
+	if err != nil {
+		return fmt.Errorf("take over the output buffer left on the tap: %w", err)
+	}
+	err = buf.ReleaseAll()
+	if cerr := buf.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fmt.Errorf("release output: %w", err)
+	}
 	return nil
 }
 

@@ -412,9 +412,22 @@ func localQEMUVersion(ctx context.Context, binary string) (string, error) {
 // openQemuBuffer opens the output buffer on a qemu VM's tap, with NFQUEUE
 // queue number queue. forceOne says the mechanism tracks a single closed
 // epoch (plug). Runs without d.mu (it may take seconds).
-func (d *Daemon) openQemuBuffer(ctx context.Context, v *vm, interval time.Duration, queue uint16) (outbuf.Buffer, bool, error) {
+func (d *Daemon) openQemuBuffer(ctx context.Context, v *vm, interval time.Duration, queue uint16, recorded string) (outbuf.Buffer, bool, error) {
 	if v.qnet.tap == "" {
-		d.log.Info("qemu VM has no NIC: no network output to hold", zap.String("vm", v.name))
+		// No tap to hold output on: only a guest without a network card
+		// may be protected so (its output cannot reach a client).
+		nics, err := guestNICs(ctx, v.guest)
+		if err != nil {
+			return nil, false, fmt.Errorf("cannot tell whether the guest has a network card (so whether it has output to hold): %w", err)
+		}
+		if nics > 0 && d.cfg.OutputBuffer != OutputNoneUnsafe {
+			return nil, false, fmt.Errorf("the guest has %d network card(s) but its qemu_vms entry names no tap: its output could not be held; set tap (for libvirt, the domain's <target dev=.../>), or output_buffer %s to protect without output commit", nics, OutputNoneUnsafe)
+		}
+		if nics > 0 {
+			d.log.Warn("protecting WITHOUT output commit (output_buffer none-unsafe): the guest's NIC has no tap configured", zap.String("vm", v.name))
+		} else {
+			d.log.Info("qemu VM has no network card: no network output to hold", zap.String("vm", v.name))
+		}
 		m := outbuf.NewMemory(0, nil)
 		_ = m.ReleaseAll()
 		return m, false, nil
@@ -422,6 +435,20 @@ func (d *Daemon) openQemuBuffer(ctx context.Context, v *vm, interval time.Durati
 	kind, unsafe, err := chooseOutputBuffer(d.cfg.OutputBuffer, d.outbufProbe())
 	if err != nil {
 		return nil, false, err
+	}
+	switch recorded {
+	case "", "memory":
+	case kind:
+	case "plug", "nfqueue", "none":
+		// A resumed protection takes over what the previous daemon left
+		// on the tap (its plug or its queue rules), which holds the
+		// guest's output now; another mechanism would leave that in place
+		// and cut the guest off.
+		d.log.Warn("resuming with the output buffer the protection ran with, not the one the configuration now selects (unprotect and protect again to change it)",
+			zap.String("vm", v.name), zap.String("recorded", recorded), zap.String("configured", kind))
+		kind, unsafe = recorded, recorded == "none"
+	default:
+		return nil, false, fmt.Errorf("state record names output buffer %q, which this daemon does not know", printable(recorded))
 	}
 	if unsafe {
 		d.log.Warn("output buffering disabled by configuration (none-unsafe)", zap.String("vm", v.name))
@@ -519,4 +546,48 @@ func (d *Daemon) localStandbySpec(ctx context.Context, q QemuVM) (qemu.Spec, err
 		return qemu.Spec{}, fmt.Errorf("its entry attaches to a QEMU launched by someone else (qmp, ram): describe the machine (memory_mib, kernel, ...) for this host to start a standby")
 	}
 	return d.standbySpec(q, img), nil
+}
+
+// guestNICs counts the guest's network cards (PCI class 0x0200, Ethernet
+// controller) through QMP query-pci.
+func guestNICs(ctx context.Context, g hypervisor.Guest) (int, error) {
+	qg, ok := g.(*qemu.Guest)
+	if !ok {
+		return 0, fmt.Errorf("not a QEMU guest")
+	}
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	var buses []pciBus
+	if err := qg.Monitor().Execute(ctx, "query-pci", nil, &buses); err != nil {
+		return 0, fmt.Errorf("query-pci: %w", err)
+	}
+	n := 0
+	var walk func(devs []pciDevice)
+	walk = func(devs []pciDevice) {
+		for _, dv := range devs {
+			if dv.ClassInfo.Class == 0x0200 {
+				n++
+			}
+			if dv.PCIBridge != nil {
+				walk(dv.PCIBridge.Devices)
+			}
+		}
+	}
+	for _, b := range buses {
+		walk(b.Devices)
+	}
+	return n, nil
+}
+
+type pciBus struct {
+	Devices []pciDevice `json:"devices"`
+}
+
+type pciDevice struct {
+	ClassInfo struct {
+		Class int `json:"class"`
+	} `json:"class_info"`
+	PCIBridge *struct {
+		Devices []pciDevice `json:"devices"`
+	} `json:"pci_bridge"`
 }

@@ -397,3 +397,36 @@ func TestQemuBackupRefusesOtherQEMUVersion(t *testing.T) {
 		t.Errorf("VM without a local description: %v", err)
 	}
 }
+
+// TestProtectRefusesNICWithoutTap: a guest with a network card whose
+// entry names no tap would run protected with its output unheld; protect
+// refuses it (unless output_buffer none-unsafe says so).
+func TestProtectRefusesNICWithoutTap(t *testing.T) {
+	if _, err := vmtest.FindQEMU(); err != nil {
+		t.Skip(err)
+	}
+	shm, err := os.MkdirTemp("/dev/shm", "rdn-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(shm) })
+	tmp := t.TempDir()
+	cfg := DefaultConfig()
+	cfg.Name, cfg.Control, cfg.StateDir, cfg.Insecure = "hostA", filepath.Join(tmp, "a.sock"), filepath.Join(tmp, "a"), true
+	cfg.Peers = []Peer{{Name: "hostB", Address: "127.0.0.1:1"}}
+	cfg.QemuVMs = []QemuVM{
+		{Name: "nic", MemoryMiB: 32, RunDir: filepath.Join(shm, "a"), ExtraArgs: []string{"-netdev", "user,id=n1", "-device", "virtio-net-pci,netdev=n1"}},
+		{Name: "nonic", MemoryMiB: 32, RunDir: filepath.Join(shm, "a")},
+	}
+	d := startDaemon(t, cfg)
+	err = d.Protect(context.Background(), ProtectRequest{VM: "nic", Peer: "hostB"})
+	if err == nil || !strings.Contains(err.Error(), "network card") || !strings.Contains(err.Error(), "tap") {
+		t.Fatalf("protect of a guest with a NIC and no tap: %v", err)
+	}
+	if s := vmStatus(t, d, "nic"); s.Role != RoleLocal {
+		t.Fatalf("a refused protect changed the role: %+v", s)
+	}
+	if err := d.Protect(context.Background(), ProtectRequest{VM: "nonic", Peer: "hostB"}); err != nil {
+		t.Fatalf("protect of a guest without a NIC: %v", err)
+	}
+}

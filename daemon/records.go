@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -91,7 +92,44 @@ func (s *recordStore) load(name string) (*vmRecord, error) {
 	if r.Name != name {
 		return nil, fmt.Errorf("state record %s names VM %q", p, r.Name)
 	}
+	if err := r.validate(); err != nil {
+		return nil, fmt.Errorf("state record %s: %w", p, err)
+	}
 	return &r, nil
+}
+
+// validate checks what a record may say before anything acts on it.
+func (r *vmRecord) validate() error {
+	switch r.Role {
+	case RoleLocal, RolePrimary, RoleActive:
+	default:
+		return fmt.Errorf("role %q", r.Role)
+	}
+	if q := r.QEMU; q != nil {
+		if q.Pid < 0 || !filepath.IsAbs(q.QMP) || !filepath.IsAbs(q.RAM) || (q.Serial != "" && !filepath.IsAbs(q.Serial)) {
+			return fmt.Errorf("qemu pid %d, qmp %q, ram %q, serial %q", q.Pid, q.QMP, q.RAM, q.Serial)
+		}
+	}
+	if p := r.Protection; p != nil {
+		if p.ID == "" || len(p.ID) > 64 {
+			return fmt.Errorf("protection id %q", p.ID)
+		}
+		if _, _, err := net.SplitHostPort(p.Peer); err != nil {
+			return fmt.Errorf("protection peer %q: %w", p.Peer, err)
+		}
+		if i := p.EpochInterval.D(); i < time.Millisecond || i > 10*time.Second {
+			return fmt.Errorf("protection epoch interval %v", i)
+		}
+		if p.MaxInflight < 1 || p.MaxInflight > 64 {
+			return fmt.Errorf("protection max_inflight %d", p.MaxInflight)
+		}
+		switch p.OutBuf {
+		case "", "memory", "none", "plug", "nfqueue":
+		default:
+			return fmt.Errorf("protection output buffer %q", p.OutBuf)
+		}
+	}
+	return nil
 }
 
 // save replaces the record of r.Name (write to a temporary file, fsync,

@@ -30,7 +30,7 @@ func TestStrangers(t *testing.T) {
 
 	bcfg := baseConfig(t, dir, "backup")
 	bcfg.Listen = "127.0.0.1:0"
-	bcfg.ReplicaBudgetMiB = 16
+	bcfg.ReplicaBudgetMiB = 64
 	pcfg := baseConfig(t, dir, "primary")
 	pcfg.SimVMs = []daemon.SimVM{{Name: "vm", MemoryBytes: 4 << 20, Rate: 20000}}
 	trust(&bcfg, &pcfg)
@@ -121,7 +121,8 @@ func TestStrangers(t *testing.T) {
 	for _, name := range []string{"../../escape", "a/b", ".hidden", "x\x00y"} {
 		refused("name "+name, strangerHello(name, "neighbour", 4<<20), "not valid")
 	}
-	// 8. Beyond the replica budget (hole 4): 16 MiB, 4 MiB in use.
+	// 8. Beyond the replica budget (hole 4): 64 MiB, the 4 MiB replica charged
+	// with its staging and link buffers in use.
 	refused("replica beyond the budget", strangerHello("big", "neighbour", 64<<20), "budget")
 	// 9. A memory size no replica can have.
 	refused("absurd memory size", strangerHello("other", "neighbour", 1<<50), "memory size")
