@@ -63,8 +63,8 @@ const (
 	keepaliveTime    = 10 * time.Second
 	keepaliveTimeout = 5 * time.Second
 	// reconnectMaxDelay caps gRPC's reconnection backoff (default 120 s),
-	// so a witness that comes back is used again within about a second.
-	reconnectMaxDelay = time.Second
+	// so a witness that comes back is used again within about half a second.
+	reconnectMaxDelay = 500 * time.Millisecond
 )
 
 // Witness is a client of the witness cluster. Its methods are safe for
