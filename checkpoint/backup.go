@@ -21,6 +21,10 @@ import (
 // to accept replication again.
 var ErrActivated = errors.New("replica already activated")
 
+// ErrFenced is returned for a primary whose witness generation is older
+// than one the replica has seen.
+var ErrFenced = errors.New("primary fenced by a newer generation")
+
 // ErrClosed is returned by a Backup that was closed (its replica freed).
 var ErrClosed = errors.New("replica closed")
 
@@ -81,6 +85,14 @@ type BackupStats struct {
 	Refused uint64
 	// ProtectionID is the protection the replica belongs to.
 	ProtectionID string
+	// Generation is the newest witness generation a link of the owner
+	// carried (0: no witness).
+	Generation uint64
+	// DisconnectedAt is when the owner's last link ended, PeerClosed
+	// whether the owner's side closed it (EOF or reset: evidence that its
+	// host or daemon is gone) rather than a timeout.
+	DisconnectedAt time.Time
+	PeerClosed     bool
 }
 
 // Backup holds the replica of one protected VM and applies the epochs a
@@ -198,6 +210,9 @@ func (b *Backup) refusal(hello *remuspb.Hello, peer string) (string, error) {
 	if msg := b.check(hello); msg != "" {
 		return msg, ErrProtocol
 	}
+	if hello.Generation < b.stats.Generation {
+		return fmt.Sprintf("generation %d is older than %d: the VM moved on without this primary (it is fenced)", hello.Generation, b.stats.Generation), ErrFenced
+	}
 	return "", nil
 }
 
@@ -253,13 +268,17 @@ func (b *Backup) Serve(ctx context.Context, conn net.Conn, r *transport.Reader, 
 	b.stats.LastHeard = b.o.Now()
 	b.stats.Goodbye = false
 	b.stats.Restarting = false
+	b.stats.Generation = max(b.stats.Generation, hello.Generation)
 	committed := sess.Committed()
 	sendHashes := hello.NeedReplicaHashes && committed > 0 && hello.ProtectionId == b.protectionID
 	b.mu.Unlock()
+	var linkErr error
 	defer func() {
 		b.mu.Lock()
 		if b.conn == conn {
 			b.conn = nil
+			b.stats.DisconnectedAt = b.o.Now()
+			b.stats.PeerClosed = linkPeerClosed(linkErr)
 		}
 		if sess.Discard() {
 			b.stats.TornEpochsDiscarded++
@@ -269,7 +288,7 @@ func (b *Backup) Serve(ctx context.Context, conn net.Conn, r *transport.Reader, 
 		conn.Close()
 	}()
 
-	wel := &remuspb.Welcome{ProtocolVersion: ProtocolVersion, CommittedEpoch: committed, ProtectionId: hello.ProtectionId, ReplicaHashes: sendHashes}
+	wel := &remuspb.Welcome{ProtocolVersion: ProtocolVersion, CommittedEpoch: committed, ProtectionId: hello.ProtectionId, ReplicaHashes: sendHashes, Generation: hello.Generation}
 	if err := w.WriteFrame(transport.KindWelcome, wel, nil); err != nil {
 		return fmt.Errorf("send welcome: %w", err)
 	}
@@ -296,6 +315,7 @@ func (b *Backup) Serve(ctx context.Context, conn net.Conn, r *transport.Reader, 
 	}()
 
 	err := b.receive(conn, r, w, sess, hello.ProtectionId)
+	linkErr = err
 	if errors.Is(err, errGoodbye) {
 		b.mu.Lock()
 		current := hello.ProtectionId == b.protectionID
@@ -467,6 +487,10 @@ func (b *Backup) Close() {
 	b.serveMu.Lock()
 	b.serveMu.Unlock()
 }
+
+// linkPeerClosed reports whether a receive error says the primary's side
+// closed the connection (EOF or reset).
+func linkPeerClosed(err error) bool { return peerClosed(err) }
 
 // Activate makes the replica take over: replication stops (a link in
 // progress is cut, its partial epoch discarded) and the VM starts from the

@@ -397,6 +397,24 @@ func (c *PrimaryCore) LinkUp(committed uint64, now time.Time) ([]Action, error) 
 	return acts, nil
 }
 
+// Unprotect releases everything held and runs unprotected until the
+// backup is back (then a full epoch re-arms the buffer), as the
+// ack-timeout policy unprotect does; with a witness the runner calls it
+// once the primary has won the VM's record (the backup can no longer
+// take over).
+func (c *PrimaryCore) Unprotect(now time.Time) []Action {
+	if c.unprotected {
+		return nil
+	}
+	c.unprotected = true
+	c.unacked = nil
+	acts := []Action{{Kind: ActReleaseAll, Reason: "witness: running unprotected"}}
+	if c.linkUp {
+		acts = append(acts, Action{Kind: ActDropLink, Reason: "running unprotected"})
+	}
+	return acts
+}
+
 func (c *PrimaryCore) checkAckTimeout(now time.Time) ([]Action, bool) {
 	if c.unprotected || c.cfg.AckTimeout <= 0 {
 		return nil, false

@@ -5,9 +5,11 @@ import (
 	"errors"
 	"fmt"
 	"hash/crc32"
+	"io"
 	"net"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"go.uber.org/zap"
@@ -56,6 +58,14 @@ type PrimaryOptions struct {
 	// OnAck, if set, is called after an ack is received and before the
 	// epoch's output is released.
 	OnAck func(epoch uint64)
+	// Generation, if set, gives the witness generation carried in each
+	// Hello (0: no witness).
+	Generation func() uint64
+	// OnLink, if set, is called (on the link goroutine) when a link to the
+	// backup comes up (err nil) or ends (err says why; peerClosed: the
+	// backup's side closed it, EOF or reset, rather than a timeout or a
+	// local close).
+	OnLink func(up bool, err error, peerClosed bool)
 }
 
 // CaptureInfo describes a captured epoch.
@@ -170,6 +180,18 @@ func (p *Primary) StopWithGoodbye() { p.goodbye.Store(true) }
 // replica and does not mistake the silence for a lost primary.
 func (p *Primary) StopForRestart() { p.restarting.Store(true) }
 
+// Unprotect makes the runner release everything held and run unprotected
+// until the backup is back (see PrimaryCore.Unprotect). It returns false
+// if the runner is not running.
+func (p *Primary) Unprotect(ctx context.Context) bool {
+	select {
+	case p.events <- event{kind: evUnprotect}:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}
+
 // Held is how many captured epochs the primary keeps state for (dirty
 // sets, capture times): at most MaxInflight + 1 whatever the backup does.
 // Only for tests and status, read on the caller's goroutine after Run
@@ -182,6 +204,7 @@ const (
 	evAck eventKind = iota + 1
 	evLinkUp
 	evLinkDown
+	evUnprotect
 )
 
 type event struct {
@@ -380,6 +403,8 @@ func (p *Primary) handle(ev event, link *primaryLink) ([]Action, *primaryLink, e
 			p.setErr(ev.err)
 		}
 		return nil, nil, nil
+	case evUnprotect:
+		return p.core.Unprotect(now), link, nil
 	case evAck:
 		if ev.link != link {
 			return nil, link, nil
@@ -559,6 +584,7 @@ func (p *Primary) capture(ctx context.Context, a Action) (*staged, error) {
 			return nil, fmt.Errorf("hold output again (guest left paused): %w", err)
 		}
 		p.log.Warn("backup is back: holding output again from this epoch on", zap.Uint64("epoch", a.Epoch))
+		p.update(func(s *PrimaryStats) { s.Unprotected = false })
 	}
 	if err := p.o.Out.Checkpoint(a.Epoch); err != nil {
 		p.pool <- st
@@ -667,7 +693,13 @@ func (p *Primary) linkLoop(ctx context.Context) {
 			l.close()
 			return
 		}
+		if p.o.OnLink != nil {
+			p.o.OnLink(true, nil, false)
+		}
 		err = l.serve(ctx)
+		if p.o.OnLink != nil && ctx.Err() == nil {
+			p.o.OnLink(false, err, peerClosed(err))
+		}
 		select {
 		case p.events <- event{kind: evLinkDown, link: l, err: err}:
 		case <-ctx.Done():
@@ -711,6 +743,9 @@ func (p *Primary) connect(ctx context.Context) (*primaryLink, uint64, []uint64, 
 		PrimaryAckedEpoch: p.acked.Load(),
 		Host:              p.o.Host,
 		NeedReplicaHashes: needHashes,
+	}
+	if p.o.Generation != nil {
+		hello.Generation = p.o.Generation()
 	}
 	_ = conn.SetDeadline(time.Now().Add(p.o.WelcomeTimeout))
 	if err := w.WriteFrame(transport.KindHello, hello, nil); err != nil {
@@ -912,6 +947,19 @@ func (l *primaryLink) sendEpoch(ctx context.Context, st *staged) error {
 		s.RawBytes += uint64(len(st.pages) + len(st.dev))
 	})
 	return nil
+}
+
+// peerClosed reports whether a link error says the other side closed the
+// connection (EOF, reset) rather than a timeout or a local close: evidence
+// (not proof) that its host or daemon is gone.
+func peerClosed(err error) bool {
+	if err == nil {
+		return false
+	}
+	if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE) {
+		return true
+	}
+	return false
 }
 
 // heartbeatLoop sends a heartbeat every interval until done or an error.

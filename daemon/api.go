@@ -32,8 +32,12 @@ type Service interface {
 type FailoverRequest struct {
 	VM string `json:"vm"`
 	// Force activates even though the primary is connected and healthy:
-	// both copies then run. Logged loudly.
+	// both copies then run. Logged loudly. With a witness it claims the
+	// VM's record from whoever holds it.
 	Force bool `json:"force,omitempty"`
+	// claimed: the caller already won the witness record (automatic
+	// takeover).
+	claimed bool
 }
 
 // ProtectRequest asks the daemon to protect VM. Zero fields take the
@@ -127,6 +131,14 @@ type VMStatus struct {
 	Reconnects     uint64  `json:"reconnects"`
 	HeartbeatAgeMs float64 `json:"heartbeat_age_ms"`
 	LastError      string  `json:"last_error,omitempty"`
+
+	// Witness (with a witness configured): who holds the VM's record, at
+	// which generation, and this side's view (holder, standby, fenced,
+	// unreachable), with the last witness error.
+	WitnessHolder     string `json:"witness_holder,omitempty"`
+	WitnessGeneration uint64 `json:"witness_generation,omitempty"`
+	WitnessView       string `json:"witness_view,omitempty"`
+	WitnessError      string `json:"witness_error,omitempty"`
 
 	// Backup/active only.
 	ActivatedAtUnixMs int64   `json:"activated_at_unix_ms,omitempty"`

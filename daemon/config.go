@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"path/filepath"
 	"strings"
 	"time"
 
@@ -42,6 +43,20 @@ const (
 	// replication link falls silent. Unsafe under a network partition
 	// (both copies may run); an explicit opt-in.
 	TakeoverAutoUnsafe = "auto-unsafe"
+	// TakeoverAuto: with a witness, the backup races for the VM's witness
+	// record when its primary is lost and activates only if it wins. The
+	// default when a witness is configured.
+	TakeoverAuto = "auto"
+)
+
+// Fencing-hook failure policies.
+const (
+	// FenceAbort: a fencing command that fails (or times out) stops the
+	// takeover: the backup holds the VM's record but does not start it.
+	FenceAbort = "abort"
+	// FenceProceed: activate anyway (the witness already guarantees that
+	// the old primary cannot release output any more).
+	FenceProceed = "proceed"
 )
 
 // Ack-timeout policies on the primary.
@@ -123,8 +138,76 @@ type Config struct {
 	Libvirt libvirt.Config `json:"libvirt"`
 
 	// Standby says how this daemon, as a backup, builds the hot standby
-	// QEMU of a protected qemu VM (the machine comes from the primary).
+	// QEMU of a protected qemu VM.
 	Standby StandbyConfig `json:"standby"`
+
+	// Witness is the etcd cluster that decides which host holds each
+	// protected VM (nil: none; automatic takeover is then off unless
+	// takeover is auto-unsafe).
+	Witness *WitnessConfig `json:"witness,omitempty"`
+	// TakeoverGrace is how long a backup waits, once its primary is lost,
+	// before it races for the witness record: a living primary claims
+	// first, so that a blip does not move the VM.
+	TakeoverGrace Duration `json:"takeover_grace"`
+	// FenceAfter: a primary that has neither its backup's acks nor the
+	// witness for this long pauses its guest (it cannot prove it still
+	// holds the VM; the backup may be taking over).
+	FenceAfter Duration `json:"fence_after"`
+	// Fence is an optional STONITH command the winner of a takeover runs
+	// before it activates.
+	Fence FenceConfig `json:"fence"`
+}
+
+// WitnessConfig is the witness section of the configuration.
+type WitnessConfig struct {
+	// Endpoints are the etcd members' client URLs (all of them).
+	Endpoints []string `json:"endpoints"`
+	// TLS is etcd's own client TLS (cert, key, ca; empty: plaintext).
+	TLS struct {
+		Cert string `json:"cert,omitempty"`
+		Key  string `json:"key,omitempty"`
+		CA   string `json:"ca,omitempty"`
+	} `json:"tls"`
+	Prefix      string   `json:"prefix,omitempty"`
+	DialTimeout Duration `json:"dial_timeout,omitempty"`
+	OpTimeout   Duration `json:"op_timeout,omitempty"`
+}
+
+// FenceConfig is an optional fencing (STONITH) hook.
+type FenceConfig struct {
+	// Command is the program and its arguments; "%vm" and "%host" in an
+	// argument are replaced by the VM's name and the host being fenced
+	// (the old primary's name). Empty: no fencing command.
+	Command []string `json:"command,omitempty"`
+	// Timeout bounds the command (default 10 s).
+	Timeout Duration `json:"timeout,omitempty"`
+	// OnFailure is abort (default) or proceed.
+	OnFailure string `json:"on_failure,omitempty"`
+}
+
+// takeover is the effective takeover mode: auto with a witness, manual
+// without, unless configured.
+func (c Config) takeover() string {
+	if c.Takeover != "" {
+		return c.Takeover
+	}
+	if c.Witness != nil {
+		return TakeoverAuto
+	}
+	return TakeoverManual
+}
+
+// ackTimeoutPolicy is the effective policy: with a witness the primary
+// runs on unprotected once it has won the VM's record (losing the backup
+// never takes the service down); without one it holds.
+func (c Config) ackTimeoutPolicy() string {
+	if c.AckTimeoutPolicy != "" {
+		return c.AckTimeoutPolicy
+	}
+	if c.Witness != nil {
+		return AckTimeoutUnprotect
+	}
+	return AckTimeoutHold
 }
 
 // SimVM describes one simulated guest.
@@ -183,8 +266,8 @@ func DefaultConfig() Config {
 		HeartbeatInterval: Duration(100 * time.Millisecond),
 		HeartbeatTimeout:  Duration(1 * time.Second),
 		AckTimeout:        Duration(2 * time.Second),
-		AckTimeoutPolicy:  AckTimeoutHold,
-		Takeover:          TakeoverManual,
+		TakeoverGrace:     Duration(300 * time.Millisecond),
+		FenceAfter:        Duration(3 * time.Second),
 		DialTimeout:       Duration(2 * time.Second),
 		ReconnectBackoff:  Duration(200 * time.Millisecond),
 		DeltaCachePages:   16384,
@@ -251,14 +334,44 @@ func (c Config) Validate() error {
 		bad("ack_timeout", "%v must be at least one epoch_interval (%v)", c.AckTimeout.D(), c.EpochInterval.D())
 	}
 	switch c.AckTimeoutPolicy {
-	case AckTimeoutHold, AckTimeoutUnprotect:
+	case "", AckTimeoutHold, AckTimeoutUnprotect:
 	default:
 		bad("ack_timeout_policy", "%q unknown (want %s|%s)", c.AckTimeoutPolicy, AckTimeoutHold, AckTimeoutUnprotect)
 	}
 	switch c.Takeover {
-	case TakeoverManual, TakeoverAutoUnsafe:
+	case "", TakeoverManual, TakeoverAutoUnsafe:
+	case TakeoverAuto:
+		if c.Witness == nil {
+			bad("takeover", "auto needs a witness (config witness); without one use manual, or auto-unsafe if two copies under a partition are acceptable")
+		}
 	default:
-		bad("takeover", "%q unknown (want %s|%s)", c.Takeover, TakeoverManual, TakeoverAutoUnsafe)
+		bad("takeover", "%q unknown (want %s|%s|%s)", c.Takeover, TakeoverAuto, TakeoverManual, TakeoverAutoUnsafe)
+	}
+	if w := c.Witness; w != nil {
+		if err := w.witnessConfig().Validate(); err != nil {
+			bad("witness", "%v", err)
+		}
+	}
+	if c.TakeoverGrace.D() < 0 || c.TakeoverGrace.D() > time.Minute {
+		bad("takeover_grace", "%v out of range [0, 1m]", c.TakeoverGrace.D())
+	}
+	if c.FenceAfter.D() <= 0 {
+		bad("fence_after", "must be positive")
+	}
+	if f := c.Fence; len(f.Command) > 0 || f.OnFailure != "" || f.Timeout != 0 {
+		if len(f.Command) == 0 {
+			bad("fence.command", "must be set with fence.timeout or fence.on_failure")
+		} else if !filepath.IsAbs(f.Command[0]) {
+			bad("fence.command", "%q: the program must be an absolute path", f.Command[0])
+		}
+		switch f.OnFailure {
+		case "", FenceAbort, FenceProceed:
+		default:
+			bad("fence.on_failure", "%q unknown (want %s|%s)", f.OnFailure, FenceAbort, FenceProceed)
+		}
+		if f.Timeout.D() < 0 {
+			bad("fence.timeout", "must not be negative")
+		}
 	}
 	if c.DialTimeout.D() <= 0 {
 		bad("dial_timeout", "must be positive")

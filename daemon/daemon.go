@@ -22,6 +22,7 @@ import (
 
 	"github.com/remusd/remusd/checkpoint"
 	"github.com/remusd/remusd/failover"
+	"github.com/remusd/remusd/failover/witness"
 	"github.com/remusd/remusd/hypervisor"
 	"github.com/remusd/remusd/hypervisor/qemu"
 	"github.com/remusd/remusd/hypervisor/sim"
@@ -72,6 +73,8 @@ type Daemon struct {
 	// running is closed once Run has started.
 	running chan struct{}
 	runOnce sync.Once
+	// wit is the witness (nil: none configured).
+	wit *witness.Witness
 }
 
 // vm is one guest known to this daemon, in any role.
@@ -104,7 +107,11 @@ type vm struct {
 	queue        uint16 // NFQUEUE queue number on its tap
 	// resume is the protection a previous daemon ran; Run resumes it.
 	resume *protectionRecord
-	pid    int // the guest's QEMU process (0: unknown)
+	// w is the VM's witness bookkeeping, wgen the generation a primary's
+	// Hello carries (read by the runner's link goroutine).
+	w    wstate
+	wgen atomic.Uint64
+	pid  int // the guest's QEMU process (0: unknown)
 
 	// backup role
 	backup      *checkpoint.Backup
@@ -152,6 +159,9 @@ func New(cfg Config, log *zap.Logger) (*Daemon, error) {
 	d := &Daemon{cfg: cfg, log: log.With(zap.String("host", cfg.Name)), vms: map[string]*vm{}, nextQueue: firstQueueNum,
 		running: make(chan struct{}), handshakes: newHandshakeSlots(cfg.Peers, log), records: records, newStandby: qemu.NewReplica}
 	d.budget = replicaBudget(cfg.ReplicaBudgetMiB)
+	if d.wit, err = dialWitness(cfg, d.log); err != nil {
+		return nil, err
+	}
 	if cfg.Insecure {
 		d.log.Warn("INSECURE: the replication link is plaintext and unauthenticated (config insecure); any host that reaches the listener is trusted by the name it claims",
 			zap.String("listen", cfg.Listen), zap.Bool("non_loopback_allowed", cfg.InsecureNonLoopback))
@@ -425,6 +435,9 @@ func (d *Daemon) shutdown() {
 		}
 		d.closeVM(v)
 	}
+	if d.wit != nil {
+		d.wit.Close()
+	}
 }
 
 // stopPrimaryForRestart stops one protection at daemon exit: the runner
@@ -541,12 +554,13 @@ func (d *Daemon) statusOf(v *vm) VMStatus {
 	if e, _ := v.runErr.Load().(string); e != "" {
 		s.LastError = e
 	}
+	d.witnessStatus(v, &s)
 	return s
 }
 
 func observe(st checkpoint.BackupStats) failover.Observation {
 	return failover.Observation{Connected: st.Connected, LastHeard: st.LastHeard, Committed: st.Committed, Goodbye: st.Goodbye,
-		Restarting: st.Restarting, RestartingSince: st.RestartingSince}
+		Restarting: st.Restarting, RestartingSince: st.RestartingSince, DisconnectedAt: st.DisconnectedAt, PeerClosed: st.PeerClosed}
 }
 
 func newProtectionID() string {

@@ -22,6 +22,7 @@ func (d *Daemon) watchBackups(ctx context.Context) {
 			return
 		case <-t.C:
 		}
+		d.superviseWitness()
 		var lost []string
 		d.mu.Lock()
 		now := time.Now()
@@ -31,6 +32,12 @@ func (d *Daemon) watchBackups(ctx context.Context) {
 			}
 			st := v.backup.Stats()
 			dec := v.detector.Evaluate(observe(st), now)
+			if st.Connected && st.Generation > v.w.blockedGen {
+				v.w.blockedGen = 0 // a newer link: a later loss may race again
+			}
+			if dec.Race && d.wit != nil {
+				d.raceForVM(ctx, v)
+			}
 			if !dec.NewlyLost {
 				continue
 			}
@@ -108,6 +115,20 @@ func (d *Daemon) Failover(ctx context.Context, req FailoverRequest) error {
 	if req.Force && d.primaryConnected(v) {
 		d.log.Error("FORCED FAILOVER while the primary is connected and healthy: two copies of the VM may now run", zap.String("vm", name), zap.String("owner", v.backup.Owner()))
 	}
+	if d.wit != nil && !req.claimed {
+		// An operator's failover is a transition of the active role like
+		// any other: it must win the witness record.
+		owner, gen := v.backup.Owner(), v.backup.Stats().Generation
+		v.busy = "claiming the witness record"
+		d.mu.Unlock()
+		err := d.operatorClaim(name, owner, gen, req.Force)
+		d.mu.Lock()
+		v.busy = ""
+		if err != nil {
+			d.mu.Unlock()
+			return fmt.Errorf("failover %s: %w", name, err)
+		}
+	}
 	b := v.backup
 	// Output goes straight out once the replica runs: it is unprotected
 	// until re-protected.
@@ -163,5 +184,43 @@ func (d *Daemon) Failover(ctx context.Context, req FailoverRequest) error {
 	}
 	d.saveRecord(v)
 	d.log.Warn("VM took over on this host", zap.String("vm", name), zap.Uint64("epoch", b.Committed()), zap.Duration("activation", v.activation))
+	return nil
+}
+
+// operatorClaim claims VM name's witness record for an operator's
+// failover: from the record the backup replicated under, or, forced, from
+// whatever the witness holds.
+func (d *Daemon) operatorClaim(name, owner string, gen uint64, force bool) error {
+	if !force {
+		won, rec, err := d.backupClaim(name, owner, gen)
+		switch {
+		case err != nil:
+			return fmt.Errorf("the witness does not answer (%w): without it this host cannot prove the primary is gone; --force claims it anyway once it answers", err)
+		case !won:
+			return fmt.Errorf("the witness says %s holds the VM at generation %d (this replica is of generation %d): the primary lives, or the VM moved on", rec.Holder, rec.Generation, gen)
+		}
+		d.mu.Lock()
+		if v := d.vms[name]; v != nil {
+			v.w.rec, v.w.view, v.w.err = rec, WitnessHolder, ""
+		}
+		d.mu.Unlock()
+		return nil
+	}
+	ctx, cancel := d.witnessCtx()
+	defer cancel()
+	cur, _, err := d.wit.Get(ctx, name)
+	if err != nil {
+		return fmt.Errorf("witness: %w", err)
+	}
+	rec, won, err := d.wit.Claim(ctx, name, d.cfg.Name, cur)
+	if err != nil || !won {
+		return fmt.Errorf("forced claim of the witness record failed (record %s): %v", rec, err)
+	}
+	d.log.Error("FORCED witness claim by the operator", zap.String("vm", name), zap.Stringer("record", rec))
+	d.mu.Lock()
+	if v := d.vms[name]; v != nil {
+		v.w.rec, v.w.view, v.w.err = rec, WitnessHolder, ""
+	}
+	d.mu.Unlock()
 	return nil
 }

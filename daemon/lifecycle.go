@@ -231,10 +231,13 @@ func (d *Daemon) Stop(ctx context.Context, name string) error {
 		d.mu.Unlock()
 		return err
 	}
+	fenced := v.role == RolePrimary && v.w.view == WitnessFenced
 	switch {
-	case v.role == RolePrimary:
+	case v.role == RolePrimary && !fenced:
 		d.mu.Unlock()
 		return fmt.Errorf("stop %s: it is protected: `remusd unprotect %s` first (stopping a protected VM would look like a failure to its backup)", name, name)
+	case fenced:
+		// A fenced copy: its protection stopped, its guest is paused.
 	case v.role != RoleLocal && v.role != RoleActive:
 		d.mu.Unlock()
 		return fmt.Errorf("stop %s: it does not run here (role %s)", name, v.role)
@@ -249,7 +252,7 @@ func (d *Daemon) Stop(ctx context.Context, name string) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	v.busy, v.guest, v.role, v.stoppedWhy = "", nil, RoleStopped, "stopped by the operator"
-	v.backup, v.qreplica = nil, nil
+	v.backup, v.qreplica, v.primary, v.w = nil, nil, nil, wstate{}
 	if rerr := d.records.remove(name); rerr != nil {
 		d.log.Error("remove state record", zap.String("vm", name), zap.Error(rerr))
 	}

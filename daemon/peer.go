@@ -466,10 +466,13 @@ func (d *Daemon) attachBackup(v *vm, rep hypervisor.Replica, identity, version s
 
 func (d *Daemon) newDetector() *failover.Detector {
 	policy := failover.Manual
-	if d.cfg.Takeover == TakeoverAutoUnsafe {
+	switch d.cfg.takeover() {
+	case TakeoverAutoUnsafe:
 		policy = failover.AutoUnsafe
+	case TakeoverAuto:
+		policy = failover.Witness
 	}
-	return &failover.Detector{Timeout: d.cfg.HeartbeatTimeout.D(), Policy: policy, RestartGrace: d.cfg.RestartGrace.D()}
+	return &failover.Detector{Timeout: d.cfg.HeartbeatTimeout.D(), Policy: policy, RestartGrace: d.cfg.RestartGrace.D(), Grace: d.cfg.TakeoverGrace.D()}
 }
 
 // onGoodbye frees a replica whose protection its owner ended on purpose

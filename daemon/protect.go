@@ -11,6 +11,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/remusd/remusd/checkpoint"
+	"github.com/remusd/remusd/failover/witness"
 	"github.com/remusd/remusd/hypervisor"
 	"github.com/remusd/remusd/hypervisor/qemu"
 	"github.com/remusd/remusd/outbuf"
@@ -112,7 +113,19 @@ func (d *Daemon) resumeProtections() {
 		err := d.startProtection(v, pr, true)
 		d.mu.Lock()
 		v.busy = ""
-		if err != nil {
+		if errors.Is(err, witness.ErrHeldByOther) {
+			// The VM moved to the backup while this daemon was down: this
+			// copy is the old one. Fence it.
+			v.w.view, v.w.err = WitnessFenced, err.Error()
+			v.runErr.Store("fenced: " + err.Error())
+			g := v.guest
+			d.log.Error("the VM moved on while this daemon was down: pausing this copy (fenced)", zap.String("vm", v.name), zap.Error(err))
+			go func() {
+				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+				defer cancel()
+				_ = g.Pause(ctx)
+			}()
+		} else if err != nil {
 			// Its output stays held by what the previous daemon left (the
 			// kernel drops it): fail closed. The operator sees why.
 			v.runErr.Store("resuming protection failed: " + err.Error())
@@ -141,6 +154,9 @@ func (d *Daemon) startProtection(v *vm, pr protectionRecord, resume bool) error 
 	d.mu.Unlock()
 	if g == nil {
 		return errors.New("the VM does not run here")
+	}
+	if err := d.witnessInit(v); err != nil {
+		return err
 	}
 	interval, inflight := pr.EpochInterval.D(), pr.MaxInflight
 	var (
@@ -198,11 +214,17 @@ func (d *Daemon) startProtection(v *vm, pr protectionRecord, resume bool) error 
 		ProtectionID: pr.ID,
 		Host:         d.cfg.Name,
 		Core: checkpoint.PrimaryConfig{
-			Interval:              interval,
-			MaxInflight:           inflight,
-			AckTimeout:            d.cfg.AckTimeout.D(),
-			UnprotectOnAckTimeout: d.cfg.AckTimeoutPolicy == AckTimeoutUnprotect,
+			Interval:    interval,
+			MaxInflight: inflight,
+			AckTimeout:  d.cfg.AckTimeout.D(),
+			// With a witness the primary goes on without its backup only
+			// after winning the VM's record (superviseWitness).
+			UnprotectOnAckTimeout: d.wit == nil && d.cfg.ackTimeoutPolicy() == AckTimeoutUnprotect,
 			Resume:                resume,
+		},
+		Generation: v.wgen.Load,
+		OnLink: func(up bool, err error, _ bool) {
+			d.onPrimaryLink(v, up, err)
 		},
 		Encoder:           transport.EncoderConfig{PageSize: hypervisor.PageSize, CachePages: d.cfg.DeltaCachePages},
 		HeartbeatInterval: d.cfg.HeartbeatInterval.D(),
@@ -293,6 +315,18 @@ func (d *Daemon) Unprotect(ctx context.Context, name string) error {
 	d.mu.Unlock()
 	p.StopWithGoodbye()
 	stop()
+	if d.wit != nil {
+		// Protection ended on purpose: no one may take the VM over from
+		// this record any more.
+		d.mu.Lock()
+		rec := v.w.rec
+		d.mu.Unlock()
+		ctx, cancel := d.witnessCtx()
+		if err := d.wit.Release(ctx, name, d.cfg.Name, rec.Generation); err != nil {
+			d.log.Warn("witness: could not release the VM's record (the backup was told goodbye anyway)", zap.String("vm", name), zap.Error(err))
+		}
+		cancel()
+	}
 	select {
 	case <-done:
 	case <-ctx.Done():

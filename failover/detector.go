@@ -61,6 +61,10 @@ const (
 	// AutoUnsafe: take over on silence alone. Under a network partition
 	// both copies may run. An explicit opt-in.
 	AutoUnsafe
+	// Witness: race for the VM's witness record once the primary is lost
+	// (silent beyond the timeout, or its side closed the link) and the
+	// grace has passed; only the winner takes over. Safe under partitions.
+	Witness
 )
 
 // Observation is what the replication link reports about a primary.
@@ -73,6 +77,11 @@ type Observation struct {
 	// RestartingSince).
 	Restarting      bool
 	RestartingSince time.Time
+	// DisconnectedAt is when the last link ended; PeerClosed says the
+	// primary's side closed it (EOF, reset): evidence its host or daemon
+	// died, before any heartbeat timeout.
+	DisconnectedAt time.Time
+	PeerClosed     bool
 }
 
 // Detector tracks one replica's primary.
@@ -83,6 +92,10 @@ type Detector struct {
 	// silent before it counts as lost (the heartbeat timeout then runs
 	// from the end of the grace).
 	RestartGrace time.Duration
+	// Grace (Witness policy) is how long after the primary is lost the
+	// backup waits before it races: a living primary claims the record
+	// first (its priority), so that a blip does not move the VM.
+	Grace time.Duration
 
 	reported bool
 }
@@ -92,8 +105,13 @@ type Decision struct {
 	State State
 	// NewlyLost is true the first time State becomes Lost (log it once).
 	NewlyLost bool
-	// TakeOver is true when the policy allows activating the replica now.
+	// TakeOver is true when the policy allows activating the replica now
+	// (AutoUnsafe: once, when first lost).
 	TakeOver bool
+	// Race is true (Witness policy) while the backup should race for the
+	// witness record: lost, past the grace. The caller claims, and
+	// activates only if it wins; it may be true on every evaluation.
+	Race bool
 }
 
 // Evaluate classifies the observation at time now.
@@ -110,6 +128,8 @@ func (d *Detector) Evaluate(o Observation, now time.Time) Decision {
 		s = Restarting
 	case o.Restarting && now.Sub(o.RestartingSince) < d.RestartGrace+d.Timeout:
 		s = Waiting
+	case d.Policy == Witness && o.PeerClosed && !o.DisconnectedAt.IsZero():
+		s = Lost // the primary's side closed the link: race without waiting out the timeout
 	case now.Sub(o.LastHeard) < d.Timeout:
 		s = Waiting
 	default:
@@ -121,6 +141,13 @@ func (d *Detector) Evaluate(o Observation, now time.Time) Decision {
 	}
 	dec := Decision{State: Lost, NewlyLost: !d.reported}
 	dec.TakeOver = dec.NewlyLost && d.Policy == AutoUnsafe
+	if d.Policy == Witness {
+		since := o.LastHeard.Add(d.Timeout)
+		if o.PeerClosed && !o.DisconnectedAt.IsZero() && o.DisconnectedAt.Before(since) {
+			since = o.DisconnectedAt
+		}
+		dec.Race = !now.Before(since.Add(d.Grace))
+	}
 	d.reported = true
 	return dec
 }

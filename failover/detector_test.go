@@ -72,3 +72,41 @@ func TestDetectorRestartGrace(t *testing.T) {
 		}
 	}
 }
+
+func TestDetectorWitnessRace(t *testing.T) {
+	t0 := time.Unix(1000, 0)
+	d := &Detector{Timeout: time.Second, Policy: Witness, Grace: 300 * time.Millisecond}
+	// Silent primary: lost at the timeout, races after the grace.
+	o := Observation{Committed: 5, LastHeard: t0, DisconnectedAt: t0}
+	for _, c := range []struct {
+		at         time.Duration
+		state      State
+		race, take bool
+	}{{500 * time.Millisecond, Waiting, false, false}, {1100 * time.Millisecond, Lost, false, false}, {1300 * time.Millisecond, Lost, true, false}, {5 * time.Second, Lost, true, false}} {
+		dec := d.Evaluate(o, t0.Add(c.at))
+		if dec.State != c.state || dec.Race != c.race || dec.TakeOver != c.take {
+			t.Fatalf("silent primary at +%v: %+v", c.at, dec)
+		}
+	}
+	// The primary's side closed the link: lost at once, races after the
+	// grace, long before the heartbeat timeout.
+	d = &Detector{Timeout: time.Second, Policy: Witness, Grace: 300 * time.Millisecond}
+	o = Observation{Committed: 5, LastHeard: t0, DisconnectedAt: t0, PeerClosed: true}
+	if dec := d.Evaluate(o, t0.Add(100*time.Millisecond)); dec.State != Lost || dec.Race {
+		t.Fatalf("closed link within the grace: %+v", dec)
+	}
+	if dec := d.Evaluate(o, t0.Add(300*time.Millisecond)); !dec.Race {
+		t.Fatalf("closed link after the grace: %+v", dec)
+	}
+	// Reconnected: no race.
+	o.Connected = true
+	if dec := d.Evaluate(o, t0.Add(400*time.Millisecond)); dec.State != Up || dec.Race {
+		t.Fatalf("reconnected: %+v", dec)
+	}
+	// A manual detector never races, even on a closed link.
+	m := &Detector{Timeout: time.Second, Policy: Manual}
+	o.Connected = false
+	if dec := m.Evaluate(o, t0.Add(10*time.Second)); dec.Race || dec.TakeOver {
+		t.Fatalf("manual: %+v", dec)
+	}
+}

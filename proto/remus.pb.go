@@ -126,8 +126,13 @@ type Hello struct {
 	// protection answers Welcome with the replica's page hashes
 	// (ReplicaHashes records), so that only differing pages travel.
 	NeedReplicaHashes bool `protobuf:"varint,11,opt,name=need_replica_hashes,json=needReplicaHashes,proto3" json:"need_replica_hashes,omitempty"`
-	unknownFields     protoimpl.UnknownFields
-	sizeCache         protoimpl.SizeCache
+	// generation is the witness's generation of the VM's record under which
+	// this primary runs it (0: no witness). A backup refuses a generation
+	// older than one it has seen: a fenced old primary that wakes up can
+	// never resync into, or release output over, the new active copy.
+	Generation    uint64 `protobuf:"varint,12,opt,name=generation,proto3" json:"generation,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Hello) Reset() {
@@ -237,6 +242,13 @@ func (x *Hello) GetNeedReplicaHashes() bool {
 	return false
 }
 
+func (x *Hello) GetGeneration() uint64 {
+	if x != nil {
+		return x.Generation
+	}
+	return 0
+}
+
 // Welcome answers Hello (backup -> primary).
 type Welcome struct {
 	state           protoimpl.MessageState `protogen:"open.v1"`
@@ -251,6 +263,9 @@ type Welcome struct {
 	// replica at committed_epoch follow this Welcome (answering
 	// Hello.need_replica_hashes).
 	ReplicaHashes bool `protobuf:"varint,5,opt,name=replica_hashes,json=replicaHashes,proto3" json:"replica_hashes,omitempty"`
+	// generation is the newest witness generation the backup has seen for
+	// this VM.
+	Generation    uint64 `protobuf:"varint,6,opt,name=generation,proto3" json:"generation,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -318,6 +333,13 @@ func (x *Welcome) GetReplicaHashes() bool {
 		return x.ReplicaHashes
 	}
 	return false
+}
+
+func (x *Welcome) GetGeneration() uint64 {
+	if x != nil {
+		return x.Generation
+	}
+	return 0
 }
 
 // ReplicaHashes carries the xxhash64 of `count` consecutive pages of the
@@ -884,7 +906,7 @@ var File_remus_proto protoreflect.FileDescriptor
 
 const file_remus_proto_rawDesc = "" +
 	"\n" +
-	"\vremus.proto\x12\bremus.v1\"\x8e\x03\n" +
+	"\vremus.proto\x12\bremus.v1\"\xae\x03\n" +
 	"\x05Hello\x12)\n" +
 	"\x10protocol_version\x18\x01 \x01(\rR\x0fprotocolVersion\x12\x17\n" +
 	"\avm_name\x18\x02 \x01(\tR\x06vmName\x12#\n" +
@@ -897,13 +919,19 @@ const file_remus_proto_rawDesc = "" +
 	"\x13primary_acked_epoch\x18\t \x01(\x04R\x11primaryAckedEpoch\x12\x12\n" +
 	"\x04host\x18\n" +
 	" \x01(\tR\x04host\x12.\n" +
-	"\x13need_replica_hashes\x18\v \x01(\bR\x11needReplicaHashes\"\xbf\x01\n" +
+	"\x13need_replica_hashes\x18\v \x01(\bR\x11needReplicaHashes\x12\x1e\n" +
+	"\n" +
+	"generation\x18\f \x01(\x04R\n" +
+	"generation\"\xdf\x01\n" +
 	"\aWelcome\x12)\n" +
 	"\x10protocol_version\x18\x01 \x01(\rR\x0fprotocolVersion\x12'\n" +
 	"\x0fcommitted_epoch\x18\x02 \x01(\x04R\x0ecommittedEpoch\x12#\n" +
 	"\rprotection_id\x18\x03 \x01(\tR\fprotectionId\x12\x14\n" +
 	"\x05error\x18\x04 \x01(\tR\x05error\x12%\n" +
-	"\x0ereplica_hashes\x18\x05 \x01(\bR\rreplicaHashes\"B\n" +
+	"\x0ereplica_hashes\x18\x05 \x01(\bR\rreplicaHashes\x12\x1e\n" +
+	"\n" +
+	"generation\x18\x06 \x01(\x04R\n" +
+	"generation\"B\n" +
 	"\rReplicaHashes\x12\x1b\n" +
 	"\tfirst_pfn\x18\x01 \x01(\x04R\bfirstPfn\x12\x14\n" +
 	"\x05count\x18\x02 \x01(\rR\x05count\"t\n" +
