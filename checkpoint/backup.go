@@ -59,6 +59,12 @@ type BackupOptions struct {
 	// ended) when the owner's current protection said Goodbye: restart
 	// false means protection ended on purpose and the replica may be freed.
 	OnGoodbye func(restart bool)
+	// OnHandover, if set, is called on the link's goroutine when the
+	// owner hands the VM over (planned switchover, Activate at the
+	// committed epoch, with its witness generation): it must activate the
+	// replica with ActivateFromLink, or return why not. Without it a
+	// handover is refused.
+	OnHandover func(epoch, generation uint64) error
 }
 
 // BackupStats are a Backup's counters.
@@ -418,6 +424,19 @@ func (b *Backup) receive(conn net.Conn, r *transport.Reader, w *transport.Writer
 			if err := w.WriteFrame(transport.KindAck, &remuspb.Ack{Epoch: h.Epoch}, nil); err != nil {
 				return fmt.Errorf("send ack %d: %w", h.Epoch, err)
 			}
+		case *remuspb.Activate:
+			err := b.handover(sess, protectionID, h)
+			msg := ""
+			if err != nil {
+				msg = err.Error()
+				b.log.Warn("handover refused", zap.Uint64("epoch", h.Epoch), zap.Error(err))
+			}
+			if werr := w.WriteFrame(transport.KindActivated, &remuspb.Activated{Epoch: h.Epoch, Error: msg}, nil); werr != nil {
+				return fmt.Errorf("answer handover: %w", werr)
+			}
+			if err == nil {
+				return ErrActivated // the replica runs: this link is over
+			}
 		case *remuspb.Goodbye:
 			b.mu.Lock()
 			if protectionID != b.protectionID {
@@ -488,6 +507,48 @@ func (b *Backup) Close() {
 	b.serveMu.Unlock()
 }
 
+// handover checks a planned switchover's Activate and has the replica
+// activated (OnHandover). Called on the link's goroutine.
+func (b *Backup) handover(sess *BackupCore, protectionID string, h *remuspb.Activate) error {
+	b.mu.Lock()
+	current := protectionID == b.protectionID && sess == b.core
+	committed, gen := b.core.Committed(), b.stats.Generation
+	b.mu.Unlock()
+	switch {
+	case b.o.OnHandover == nil:
+		return errors.New("this backup does not take planned handovers")
+	case !current || sess.InEpoch():
+		return errors.New("handover outside a committed epoch of the current protection")
+	case h.Epoch != committed:
+		return fmt.Errorf("handover at epoch %d but the replica holds %d", h.Epoch, committed)
+	case h.Generation < gen:
+		return fmt.Errorf("handover at generation %d, older than %d", h.Generation, gen)
+	}
+	return b.o.OnHandover(h.Epoch, h.Generation)
+}
+
+// ActivateFromLink activates the replica from inside its link (a planned
+// handover, see OnHandover): like Activate, but the link is the caller,
+// so it is neither closed nor waited for.
+func (b *Backup) ActivateFromLink(ctx context.Context) (hypervisor.Guest, error) {
+	start := time.Now()
+	b.mu.Lock()
+	switch {
+	case b.closed:
+		b.mu.Unlock()
+		return nil, ErrClosed
+	case b.activated:
+		b.mu.Unlock()
+		return nil, ErrActivated
+	case b.core.Committed() == 0:
+		b.mu.Unlock()
+		return nil, fmt.Errorf("replica of %s holds no committed epoch: nothing to activate", b.o.VMName)
+	}
+	b.activated = true
+	b.mu.Unlock()
+	return b.activate(ctx, start)
+}
+
 // linkPeerClosed reports whether a receive error says the primary's side
 // closed the connection (EOF or reset).
 func linkPeerClosed(err error) bool { return peerClosed(err) }
@@ -518,6 +579,11 @@ func (b *Backup) Activate(ctx context.Context) (hypervisor.Guest, error) {
 	// Wait for a link in progress to finish: it discards its torn epoch.
 	b.serveMu.Lock()
 	defer b.serveMu.Unlock()
+	return b.activate(ctx, start)
+}
+
+// activate starts the VM from the committed replica (no link runs).
+func (b *Backup) activate(ctx context.Context, start time.Time) (hypervisor.Guest, error) {
 	if b.o.BeforeActivate != nil {
 		b.o.BeforeActivate(b.Committed(), b.o.Replica.Memory(), b.committedDev)
 	}

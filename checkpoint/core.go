@@ -96,8 +96,11 @@ type Action struct {
 	// released it); the runner must make it hold again while the guest is
 	// paused, before Checkpoint(Epoch), so that nothing after this epoch's
 	// boundary leaves before its ack.
-	Hold   bool
-	Reason string
+	Hold bool
+	// KeepPaused: the runner leaves the guest paused after this checkpoint
+	// (the last epoch of a drain: a planned switchover).
+	KeepPaused bool
+	Reason     string
 }
 
 func (a Action) String() string {
@@ -116,6 +119,9 @@ func (a Action) String() string {
 	}
 	if a.Hold {
 		s += " hold"
+	}
+	if a.KeepPaused {
+		s += " keep-paused"
 	}
 	if a.Reason != "" {
 		s += " " + a.Reason
@@ -162,6 +168,8 @@ type PrimaryCore struct {
 	// rebuild: the next resync must compare pages with the backup's
 	// replica (a resumed protection has no dirty history).
 	rebuild bool
+	// draining: the last checkpoint of a switchover was taken; no more.
+	draining bool
 }
 
 // NewPrimaryCore returns a core that starts with the link down; the first
@@ -197,11 +205,29 @@ func (c *PrimaryCore) Unprotected() bool { return c.unprotected }
 // Connected reports the core's view of the link.
 func (c *PrimaryCore) Connected() bool { return c.linkUp }
 
+// Drain starts the last epoch of a planned switchover: a checkpoint now
+// that leaves the guest paused (Action.KeepPaused), whatever the interval
+// or backpressure (the staging pool holds max_inflight + 1 epochs), and
+// none after it until EndDrain. ok is false if it cannot start (link down,
+// a full or resync epoch due, unprotected, already draining).
+func (c *PrimaryCore) Drain(now time.Time) (Action, bool) {
+	if !c.linkUp || c.capturing || c.unprotected || c.draining || c.needFull || c.needResync {
+		return Action{}, false
+	}
+	c.draining = true
+	a := c.startCheckpoint(now)
+	a.KeepPaused = true
+	return a, true
+}
+
+// EndDrain ends a drain (the switchover was abandoned): checkpoints go on.
+func (c *PrimaryCore) EndDrain() { c.draining = false }
+
 // NextCheckpoint is when the next checkpoint is due; ok is false while
 // none can start (link down, a capture running, backpressure, unprotected):
 // then an event, not the clock, unblocks it.
 func (c *PrimaryCore) NextCheckpoint() (due time.Time, ok bool) {
-	if !c.linkUp || c.capturing || c.unprotected {
+	if !c.linkUp || c.capturing || c.unprotected || c.draining {
 		return time.Time{}, false
 	}
 	if c.needFull || c.needResync {
@@ -219,7 +245,7 @@ func (c *PrimaryCore) Tick(now time.Time) []Action {
 	if a, ok := c.checkAckTimeout(now); ok {
 		acts = append(acts, a...)
 	}
-	if !c.linkUp || c.capturing || c.unprotected {
+	if !c.linkUp || c.capturing || c.unprotected || c.draining {
 		return acts
 	}
 	if len(c.unacked) >= c.cfg.MaxInflight && !c.needFull && !c.needResync {
@@ -391,7 +417,7 @@ func (c *PrimaryCore) LinkUp(committed uint64, now time.Time) ([]Action, error) 
 	// epoch, which includes their pages, is acked).
 	c.linkUp = true
 	c.linkUpAt = now
-	if !c.capturing {
+	if !c.capturing && !c.draining {
 		acts = append(acts, c.startCheckpoint(now))
 	}
 	return acts, nil

@@ -152,6 +152,15 @@ type Primary struct {
 	pause, ack *Samples
 	// replicaHashes are the backup's page hashes for a rebuild epoch.
 	replicaHashes []uint64
+	// drain: a switchover's last epoch, answered on its ack (engine
+	// goroutine only).
+	drainEpoch uint64
+	drainReply chan drainResult
+	drainAcked chan drainResult // to answer after this event's actions
+	// curLink is the link up now (engine goroutine writes; Handover reads
+	// under linkMu).
+	linkMu  sync.Mutex
+	curLink *primaryLink
 
 	mu    sync.Mutex
 	stats PrimaryStats
@@ -192,6 +201,77 @@ func (p *Primary) Unprotect(ctx context.Context) bool {
 	}
 }
 
+// Drain takes the last epoch of a planned switchover: the guest is paused
+// and left paused, its state captured, sent and acknowledged, and the
+// output of that epoch released. It returns that epoch: the backup's
+// replica then equals the paused guest. On an error the guest may be
+// paused; EndDrain resumes checkpointing (the caller resumes the guest).
+func (p *Primary) Drain(ctx context.Context) (uint64, error) {
+	reply := make(chan drainResult, 1)
+	select {
+	case p.events <- event{kind: evDrain, drained: reply}:
+	case <-ctx.Done():
+		return 0, ctx.Err()
+	}
+	select {
+	case r := <-reply:
+		return r.epoch, r.err
+	case <-ctx.Done():
+		return 0, ctx.Err()
+	}
+}
+
+// EndDrain abandons a drain: checkpoints go on.
+func (p *Primary) EndDrain(ctx context.Context) {
+	select {
+	case p.events <- event{kind: evEndDrain}:
+	case <-ctx.Done():
+	}
+}
+
+// Handover asks the backup to activate its replica at epoch (after Drain;
+// generation is the witness record's, written over to the backup) and
+// waits for its answer. An error means the backup did not confirm: it
+// may or may not run the VM.
+func (p *Primary) Handover(ctx context.Context, epoch, generation uint64) error {
+	p.linkMu.Lock()
+	l := p.curLink
+	p.linkMu.Unlock()
+	if l == nil {
+		return errors.New("handover: no link to the backup")
+	}
+	select {
+	case <-l.activated:
+	default:
+	}
+	_ = l.conn.SetWriteDeadline(time.Now().Add(p.o.WelcomeTimeout))
+	if err := l.w.WriteFrame(transport.KindActivate, &remuspb.Activate{Reason: "planned switchover", Epoch: epoch, Generation: generation}, nil); err != nil {
+		return fmt.Errorf("handover: send activate: %w", err)
+	}
+	select {
+	case a := <-l.activated:
+		if a.Error != "" {
+			return fmt.Errorf("handover: the backup refused: %s", a.Error)
+		}
+		if a.Epoch != epoch {
+			return fmt.Errorf("handover: the backup activated epoch %d, not %d", a.Epoch, epoch)
+		}
+		return nil
+	case <-l.done:
+		// The answer may have arrived just before the link ended.
+		select {
+		case a := <-l.activated:
+			if a.Error == "" && a.Epoch == epoch {
+				return nil
+			}
+		default:
+		}
+		return errors.New("handover: the link ended before the backup answered")
+	case <-ctx.Done():
+		return fmt.Errorf("handover: %w", ctx.Err())
+	}
+}
+
 // Held is how many captured epochs the primary keeps state for (dirty
 // sets, capture times): at most MaxInflight + 1 whatever the backup does.
 // Only for tests and status, read on the caller's goroutine after Run
@@ -205,6 +285,8 @@ const (
 	evLinkUp
 	evLinkDown
 	evUnprotect
+	evDrain
+	evEndDrain
 )
 
 type event struct {
@@ -216,6 +298,14 @@ type event struct {
 	// hashes are the backup's replica page hashes at committed (a resumed
 	// protection's first link), nil otherwise.
 	hashes []uint64
+	// drained answers evDrain: the epoch acked with the guest paused, or
+	// an error.
+	drained chan drainResult
+}
+
+type drainResult struct {
+	epoch uint64
+	err   error
 }
 
 // NewPrimary validates options and prepares the runner.
@@ -351,7 +441,12 @@ func (p *Primary) Run(ctx context.Context) error {
 			}
 		}
 		if err := p.perform(ctx, acts, link); err != nil {
+			p.failDrain(err)
 			return err
+		}
+		if r := p.drainAcked; r != nil {
+			p.drainAcked = nil
+			r <- drainResult{epoch: p.drainEpoch}
 		}
 		if next, ok := p.core.NextCheckpoint(); ok {
 			due.Reset(max(next.Sub(p.o.Now()), 0))
@@ -390,6 +485,9 @@ func (p *Primary) handle(ev event, link *primaryLink) ([]Action, *primaryLink, e
 		}
 		p.dropDirtyThrough(p.core.Acked())
 		p.acked.Store(p.core.Acked())
+		p.linkMu.Lock()
+		p.curLink = ev.link
+		p.linkMu.Unlock()
 		p.update(func(s *PrimaryStats) { s.Link = "up" })
 		p.log.Info("link up", zap.Uint64("backup_committed", ev.committed), zap.Uint64("acked", p.core.Acked()))
 		return acts, ev.link, nil
@@ -397,6 +495,10 @@ func (p *Primary) handle(ev event, link *primaryLink) ([]Action, *primaryLink, e
 		if ev.link != link {
 			return nil, link, nil // an old link's late report
 		}
+		p.failDrain(fmt.Errorf("drain: link to the backup lost: %v", ev.err))
+		p.linkMu.Lock()
+		p.curLink = nil
+		p.linkMu.Unlock()
 		p.core.LinkDown(now)
 		p.update(func(s *PrimaryStats) { s.Link = "connecting" })
 		if ev.err != nil {
@@ -405,6 +507,18 @@ func (p *Primary) handle(ev event, link *primaryLink) ([]Action, *primaryLink, e
 		return nil, nil, nil
 	case evUnprotect:
 		return p.core.Unprotect(now), link, nil
+	case evDrain:
+		a, ok := p.core.Drain(now)
+		if !ok || link == nil {
+			ev.drained <- drainResult{err: errors.New("drain: the link to the backup is not up (or an epoch must be resent first): try again")}
+			return nil, link, nil
+		}
+		p.drainEpoch, p.drainReply = a.Epoch, ev.drained
+		return []Action{a}, link, nil
+	case evEndDrain:
+		p.core.EndDrain()
+		p.failDrain(errors.New("drain abandoned"))
+		return p.core.Tick(now), link, nil
 	case evAck:
 		if ev.link != link {
 			return nil, link, nil
@@ -422,9 +536,22 @@ func (p *Primary) handle(ev event, link *primaryLink) ([]Action, *primaryLink, e
 		p.dropDirtyThrough(ev.epoch)
 		p.acked.Store(ev.epoch)
 		p.update(func(s *PrimaryStats) { s.Acked = ev.epoch; s.EpochsCommitted++ })
+		if p.drainReply != nil && ev.epoch >= p.drainEpoch {
+			// Answered once the release below is performed: the caller
+			// hands over only after the drained epoch's output is out.
+			p.drainAcked, p.drainReply = p.drainReply, nil
+		}
 		return acts, link, nil
 	}
 	return nil, link, nil
+}
+
+// failDrain answers a drain in progress with err.
+func (p *Primary) failDrain(err error) {
+	if p.drainReply != nil {
+		p.drainReply <- drainResult{err: err}
+		p.drainReply = nil
+	}
 }
 
 func (p *Primary) dropDirtyThrough(epoch uint64) {
@@ -590,7 +717,9 @@ func (p *Primary) capture(ctx context.Context, a Action) (*staged, error) {
 		p.pool <- st
 		return nil, fmt.Errorf("output checkpoint: %w", err)
 	}
-	if err := g.Resume(ctx); err != nil {
+	if a.KeepPaused {
+		resumed = true // the drain's last epoch: the guest stays paused
+	} else if err := g.Resume(ctx); err != nil {
 		resumed = true
 		p.pool <- st
 		return nil, fmt.Errorf("resume: %w", err)
@@ -790,7 +919,7 @@ func (p *Primary) connect(ctx context.Context) (*primaryLink, uint64, []uint64, 
 	}
 	_ = conn.SetDeadline(time.Time{})
 	p.heard.Store(p.o.Now().UnixNano())
-	return &primaryLink{p: p, conn: conn, w: w, r: r, sendq: make(chan *staged, p.o.Core.MaxInflight+1), done: make(chan struct{})}, committed, hashes, nil
+	return &primaryLink{p: p, conn: conn, w: w, r: r, sendq: make(chan *staged, p.o.Core.MaxInflight+1), done: make(chan struct{}), activated: make(chan *remuspb.Activated, 1)}, committed, hashes, nil
 }
 
 // primaryLink is one connection to the backup.
@@ -802,6 +931,8 @@ type primaryLink struct {
 	sendq chan *staged
 	once  sync.Once
 	done  chan struct{}
+	// activated carries the backup's answer to Activate (Handover).
+	activated chan *remuspb.Activated
 
 	qmu     sync.Mutex
 	qclosed bool
@@ -887,6 +1018,11 @@ func (l *primaryLink) recvLoop() error {
 				return nil
 			}
 		case *remuspb.Heartbeat:
+		case *remuspb.Activated:
+			select {
+			case l.activated <- h:
+			default:
+			}
 		case *remuspb.Goodbye:
 			return fmt.Errorf("backup closed the link: %s", h.Reason)
 		default:

@@ -24,6 +24,9 @@ type Service interface {
 	// Stop stops a VM that runs here unprotected (the only way remusd
 	// stops a guest; a daemon restart never does).
 	Stop(ctx context.Context, vm string) error
+	// Switchover moves a protected VM's active role to its backup with
+	// no loss (planned maintenance), and protects it back towards here.
+	Switchover(ctx context.Context, vm string) (SwitchoverResult, error)
 	// Status reports every VM this daemon knows of.
 	Status(ctx context.Context) ([]VMStatus, error)
 }
@@ -36,8 +39,31 @@ type FailoverRequest struct {
 	// VM's record from whoever holds it.
 	Force bool `json:"force,omitempty"`
 	// claimed: the caller already won the witness record (automatic
-	// takeover).
-	claimed bool
+	// takeover, handover). fromLink: a planned handover, run from the
+	// replica's own link.
+	claimed, fromLink bool
+}
+
+// SwitchoverResult reports a planned switchover (on the old primary).
+type SwitchoverResult struct {
+	VM string `json:"vm"`
+	// Epoch is the last epoch: the guest was paused there and the new
+	// primary started from it.
+	Epoch uint64 `json:"epoch"`
+	// NewPrimary is the host the VM runs on now; Generation its witness
+	// record's generation (0 without a witness).
+	NewPrimary string `json:"new_primary"`
+	Generation uint64 `json:"generation,omitempty"`
+	// PausedMs is how long the guest did not run: from the pause of the
+	// last epoch to the new primary's confirmation that it runs (what a
+	// client sees as a gap, plus the network's reaction to the move).
+	PausedMs float64 `json:"paused_ms"`
+	// DrainMs, WitnessMs and HandoverMs are its parts: the last epoch
+	// captured, sent and acknowledged; the witness record written over;
+	// the new primary's activation.
+	DrainMs    float64 `json:"drain_ms"`
+	WitnessMs  float64 `json:"witness_ms,omitempty"`
+	HandoverMs float64 `json:"handover_ms"`
 }
 
 // ProtectRequest asks the daemon to protect VM. Zero fields take the

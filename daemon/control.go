@@ -37,16 +37,17 @@ import (
 
 // Control operations.
 const (
-	OpProtect   = "protect"
-	OpUnprotect = "unprotect"
-	OpFailover  = "failover"
-	OpForget    = "forget"
-	OpStart     = "start"
-	OpStop      = "stop"
-	OpStatus    = "status"
+	OpProtect    = "protect"
+	OpUnprotect  = "unprotect"
+	OpFailover   = "failover"
+	OpForget     = "forget"
+	OpStart      = "start"
+	OpStop       = "stop"
+	OpSwitchover = "switchover"
+	OpStatus     = "status"
 )
 
-const opList = "protect|unprotect|failover|forget|start|stop|status"
+const opList = "protect|unprotect|failover|forget|start|stop|switchover|status"
 
 const (
 	// ControlRequestTimeout bounds one control request on the server
@@ -78,9 +79,10 @@ type ControlRequest struct {
 
 // ControlResponse is one response line on the control socket.
 type ControlResponse struct {
-	OK     bool       `json:"ok"`
-	Error  string     `json:"error,omitempty"`
-	Status []VMStatus `json:"status,omitempty"`
+	OK         bool              `json:"ok"`
+	Error      string            `json:"error,omitempty"`
+	Status     []VMStatus        `json:"status,omitempty"`
+	Switchover *SwitchoverResult `json:"switchover,omitempty"`
 }
 
 // RemoteError is an error text returned by the daemon. It matches
@@ -303,6 +305,7 @@ func (s *ControlServer) handle(ctx context.Context, line []byte) (resp ControlRe
 	start := time.Now()
 	var err error
 	var st []VMStatus
+	var sw *SwitchoverResult
 	if req.Force && req.Op != OpFailover {
 		return ControlResponse{Error: `"force" applies only to failover`}
 	}
@@ -332,6 +335,14 @@ func (s *ControlServer) handle(ctx context.Context, line []byte) (resp ControlRe
 		} else {
 			err = op(ctx, req.VM)
 		}
+	case OpSwitchover:
+		if req.VM == "" {
+			err = errors.New(`switchover: missing "vm"`)
+		} else {
+			var r SwitchoverResult
+			r, err = s.svc.Switchover(ctx, req.VM)
+			sw = &r
+		}
 	case OpStatus:
 		st, err = s.svc.Status(ctx)
 	case "":
@@ -348,9 +359,9 @@ func (s *ControlServer) handle(ctx context.Context, line []byte) (resp ControlRe
 			zap.Duration("took", time.Since(start)), zap.Error(err))
 	}
 	if err != nil {
-		return ControlResponse{Error: err.Error()}
+		return ControlResponse{Error: err.Error(), Switchover: sw}
 	}
-	return ControlResponse{OK: true, Status: st}
+	return ControlResponse{OK: true, Status: st, Switchover: sw}
 }
 
 var errLineTooLong = errors.New("control line too long")
@@ -423,6 +434,15 @@ func (c ControlClient) Start(ctx context.Context, vm string) error {
 func (c ControlClient) Stop(ctx context.Context, vm string) error {
 	_, err := c.call(ctx, ControlRequest{Op: OpStop, VM: vm})
 	return err
+}
+
+// Switchover implements Service.
+func (c ControlClient) Switchover(ctx context.Context, vm string) (SwitchoverResult, error) {
+	resp, err := c.call(ctx, ControlRequest{Op: OpSwitchover, VM: vm})
+	if resp.Switchover != nil {
+		return *resp.Switchover, err
+	}
+	return SwitchoverResult{VM: vm}, err
 }
 
 // Status implements Service.

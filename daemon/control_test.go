@@ -366,3 +366,7 @@ func TestControlClientTimeout(t *testing.T) {
 		t.Errorf("timeout took %v", d)
 	}
 }
+
+func (f *fakeService) Switchover(ctx context.Context, vm string) (SwitchoverResult, error) {
+	return SwitchoverResult{VM: vm, NewPrimary: "b", Epoch: 7}, f.vmOp("switchover", vm)
+}

@@ -112,7 +112,7 @@ func (d *Daemon) Failover(ctx context.Context, req FailoverRequest) error {
 		}
 		d.mu.Lock()
 	}
-	if req.Force && d.primaryConnected(v) {
+	if req.Force && !req.fromLink && d.primaryConnected(v) {
 		d.log.Error("FORCED FAILOVER while the primary is connected and healthy: two copies of the VM may now run", zap.String("vm", name), zap.String("owner", v.backup.Owner()))
 	}
 	if d.wit != nil && !req.claimed {
@@ -141,7 +141,11 @@ func (d *Daemon) Failover(ctx context.Context, req FailoverRequest) error {
 	v.busy = "activating"
 	d.mu.Unlock()
 	start := time.Now()
-	g, err := b.Activate(ctx)
+	activate := b.Activate
+	if req.fromLink {
+		activate = b.ActivateFromLink
+	}
+	g, err := activate(ctx)
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	v.busy = ""

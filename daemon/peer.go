@@ -461,6 +461,7 @@ func (d *Daemon) attachBackup(v *vm, rep hypervisor.Replica, identity, version s
 		OnCommit:          func(epoch uint64, dev []byte) { v.audit.record(commit(epoch, dev)) },
 		BeforeActivate:    func(epoch uint64, mem, dev []byte) { v.audit.record(activate(epoch, mem, dev)) },
 		OnGoodbye:         func(restart bool) { d.onGoodbye(v, restart) },
+		OnHandover:        func(_, gen uint64) error { return d.onHandover(v, gen) },
 	})
 }
 

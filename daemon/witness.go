@@ -152,7 +152,12 @@ func errString(err error) string {
 // on a link loss, to keep the backup from taking over (solo false); at the
 // ack timeout, to run unprotected (solo true).
 func (d *Daemon) primaryClaim(v *vm, solo bool, why string) {
-	if v.w.claiming || v.role != RolePrimary || v.primary == nil || v.w.view == WitnessFenced {
+	// Only a primary that holds the record claims it (after it wrote it
+	// over to its backup in a switchover, the backup holds it), and one
+	// claim at a time. An unreachable witness left the view unknown:
+	// claiming from the last record held is still safe (CAS).
+	if v.w.claiming || v.role != RolePrimary || v.primary == nil || v.busy != "" ||
+		(v.w.view != WitnessHolder && v.w.view != WitnessUnreachable) {
 		return
 	}
 	v.w.claiming = true

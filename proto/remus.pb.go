@@ -799,11 +799,16 @@ func (x *Heartbeat) GetCommittedEpoch() uint64 {
 	return 0
 }
 
-// Activate tells the backup to take over (operator failover through the
-// primary, or a graceful hand-over). Sent primary -> backup.
+// Activate hands the VM over to the backup (planned switchover): the
+// primary drained its guest (paused at `epoch`, which the backup has
+// committed) and, with a witness, wrote the record over to the backup at
+// `generation`. The backup activates its replica at that epoch and answers
+// Activated. Sent primary -> backup.
 type Activate struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Reason        string                 `protobuf:"bytes,1,opt,name=reason,proto3" json:"reason,omitempty"`
+	Epoch         uint64                 `protobuf:"varint,2,opt,name=epoch,proto3" json:"epoch,omitempty"`
+	Generation    uint64                 `protobuf:"varint,3,opt,name=generation,proto3" json:"generation,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -845,6 +850,74 @@ func (x *Activate) GetReason() string {
 	return ""
 }
 
+func (x *Activate) GetEpoch() uint64 {
+	if x != nil {
+		return x.Epoch
+	}
+	return 0
+}
+
+func (x *Activate) GetGeneration() uint64 {
+	if x != nil {
+		return x.Generation
+	}
+	return 0
+}
+
+// Activated answers Activate (backup -> primary): the replica runs from
+// `epoch`, or `error` says why not (then nothing was started).
+type Activated struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Epoch         uint64                 `protobuf:"varint,1,opt,name=epoch,proto3" json:"epoch,omitempty"`
+	Error         string                 `protobuf:"bytes,2,opt,name=error,proto3" json:"error,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Activated) Reset() {
+	*x = Activated{}
+	mi := &file_remus_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Activated) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Activated) ProtoMessage() {}
+
+func (x *Activated) ProtoReflect() protoreflect.Message {
+	mi := &file_remus_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Activated.ProtoReflect.Descriptor instead.
+func (*Activated) Descriptor() ([]byte, []int) {
+	return file_remus_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *Activated) GetEpoch() uint64 {
+	if x != nil {
+		return x.Epoch
+	}
+	return 0
+}
+
+func (x *Activated) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
+}
+
 // Goodbye closes a link cleanly, e.g. on unprotect.
 type Goodbye struct {
 	state  protoimpl.MessageState `protogen:"open.v1"`
@@ -860,7 +933,7 @@ type Goodbye struct {
 
 func (x *Goodbye) Reset() {
 	*x = Goodbye{}
-	mi := &file_remus_proto_msgTypes[10]
+	mi := &file_remus_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -872,7 +945,7 @@ func (x *Goodbye) String() string {
 func (*Goodbye) ProtoMessage() {}
 
 func (x *Goodbye) ProtoReflect() protoreflect.Message {
-	mi := &file_remus_proto_msgTypes[10]
+	mi := &file_remus_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -885,7 +958,7 @@ func (x *Goodbye) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Goodbye.ProtoReflect.Descriptor instead.
 func (*Goodbye) Descriptor() ([]byte, []int) {
-	return file_remus_proto_rawDescGZIP(), []int{10}
+	return file_remus_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *Goodbye) GetReason() string {
@@ -966,9 +1039,16 @@ const file_remus_proto_rawDesc = "" +
 	"\x03seq\x18\x01 \x01(\x04R\x03seq\x12&\n" +
 	"\x0fsent_unix_nanos\x18\x02 \x01(\x03R\rsentUnixNanos\x12\x12\n" +
 	"\x04role\x18\x03 \x01(\tR\x04role\x12'\n" +
-	"\x0fcommitted_epoch\x18\x04 \x01(\x04R\x0ecommittedEpoch\"\"\n" +
+	"\x0fcommitted_epoch\x18\x04 \x01(\x04R\x0ecommittedEpoch\"X\n" +
 	"\bActivate\x12\x16\n" +
-	"\x06reason\x18\x01 \x01(\tR\x06reason\";\n" +
+	"\x06reason\x18\x01 \x01(\tR\x06reason\x12\x14\n" +
+	"\x05epoch\x18\x02 \x01(\x04R\x05epoch\x12\x1e\n" +
+	"\n" +
+	"generation\x18\x03 \x01(\x04R\n" +
+	"generation\"7\n" +
+	"\tActivated\x12\x14\n" +
+	"\x05epoch\x18\x01 \x01(\x04R\x05epoch\x12\x14\n" +
+	"\x05error\x18\x02 \x01(\tR\x05error\";\n" +
 	"\aGoodbye\x12\x16\n" +
 	"\x06reason\x18\x01 \x01(\tR\x06reason\x12\x18\n" +
 	"\arestart\x18\x02 \x01(\bR\arestart*\x99\x01\n" +
@@ -995,7 +1075,7 @@ func file_remus_proto_rawDescGZIP() []byte {
 }
 
 var file_remus_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_remus_proto_msgTypes = make([]protoimpl.MessageInfo, 11)
+var file_remus_proto_msgTypes = make([]protoimpl.MessageInfo, 12)
 var file_remus_proto_goTypes = []any{
 	(PageEncoding)(0),     // 0: remus.v1.PageEncoding
 	(*Hello)(nil),         // 1: remus.v1.Hello
@@ -1008,7 +1088,8 @@ var file_remus_proto_goTypes = []any{
 	(*Ack)(nil),           // 8: remus.v1.Ack
 	(*Heartbeat)(nil),     // 9: remus.v1.Heartbeat
 	(*Activate)(nil),      // 10: remus.v1.Activate
-	(*Goodbye)(nil),       // 11: remus.v1.Goodbye
+	(*Activated)(nil),     // 11: remus.v1.Activated
+	(*Goodbye)(nil),       // 12: remus.v1.Goodbye
 }
 var file_remus_proto_depIdxs = []int32{
 	0, // [0:0] is the sub-list for method output_type
@@ -1029,7 +1110,7 @@ func file_remus_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_remus_proto_rawDesc), len(file_remus_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   11,
+			NumMessages:   12,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -46,6 +46,7 @@ const (
 	KindActivate
 	KindGoodbye
 	KindReplicaHashes
+	KindActivated
 )
 
 var kindNames = [...]string{
@@ -61,10 +62,11 @@ var kindNames = [...]string{
 	KindGoodbye:     "Goodbye",
 
 	KindReplicaHashes: "ReplicaHashes",
+	KindActivated:     "Activated",
 }
 
 // Valid reports whether k is a known frame kind.
-func (k Kind) Valid() bool { return k >= KindHello && k <= KindReplicaHashes }
+func (k Kind) Valid() bool { return k >= KindHello && k <= KindActivated }
 
 // String returns the name of the kind ("PageBatch"), or "Kind(77)" for an
 // unknown kind.
@@ -110,6 +112,8 @@ func (k Kind) NewHeader() proto.Message {
 		return new(remuspb.Goodbye)
 	case KindReplicaHashes:
 		return new(remuspb.ReplicaHashes)
+	case KindActivated:
+		return new(remuspb.Activated)
 	}
 	return nil
 }
@@ -139,6 +143,8 @@ func headerMatches(k Kind, hdr proto.Message) bool {
 		return k == KindGoodbye
 	case *remuspb.ReplicaHashes:
 		return k == KindReplicaHashes
+	case *remuspb.Activated:
+		return k == KindActivated
 	}
 	return false
 }

@@ -121,6 +121,17 @@ run on the other host. Make sure it runs nowhere else.`,
 			run: runStart,
 		},
 		{
+			name: "switchover", args: "VM [--json] [flags]",
+			summary: "move a protected VM to its backup with no loss (planned maintenance)",
+			desc: `Run on the primary: pauses VM, replicates its last epoch and waits for the
+backup's ack, writes the witness record over to the backup (if a witness
+is configured), has the backup start the VM from that epoch, stops the
+guest here, and lets the new primary protect it back towards this host.
+Prints how long the guest was paused. If anything fails before the
+backup runs the VM, the VM resumes here, protected.`,
+			run: runSwitchover,
+		},
+		{
 			name: "stop", args: "VM [flags]",
 			summary: "stop a VM that runs here unprotected",
 			desc: `Stops (quits) a QEMU VM that runs here unprotected (role local or
@@ -402,6 +413,34 @@ func runForget(ctx context.Context, c *command, args []string, stdout, stderr io
 
 func runStart(ctx context.Context, c *command, args []string, stdout, stderr io.Writer) int {
 	return runVMCommand(ctx, c, args, stdout, stderr, daemon.ControlClient.Start, "started")
+}
+
+func runSwitchover(ctx context.Context, c *command, args []string, stdout, stderr io.Writer) int {
+	fs := newFlagSet(c.name)
+	asJSON := fs.Bool("json", false, "print the result as JSON")
+	ctl := controlFlag(fs)
+	pos, code, done := parse(c, fs, args, stdout, stderr)
+	if done {
+		return code
+	}
+	if code, ok := wantArgs(c, pos, []string{"VM"}, stderr); !ok {
+		return code
+	}
+	if code, ok := wantVM(c, pos[0], stderr); !ok {
+		return code
+	}
+	r, err := (daemon.ControlClient{Path: *ctl, Timeout: 3 * time.Minute}).Switchover(ctx, pos[0])
+	if err != nil {
+		return clientCommand(c, err, stderr)
+	}
+	if *asJSON {
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		return clientCommand(c, enc.Encode(r), stderr)
+	}
+	fmt.Fprintf(stdout, "%s: switched over to %s at epoch %d; the guest was paused %.1f ms (drain %.1f ms, witness %.1f ms, handover %.1f ms); %s protects it back towards here\n",
+		r.VM, r.NewPrimary, r.Epoch, r.PausedMs, r.DrainMs, r.WitnessMs, r.HandoverMs, r.NewPrimary)
+	return exitOK
 }
 
 func runStop(ctx context.Context, c *command, args []string, stdout, stderr io.Writer) int {
@@ -964,6 +1003,11 @@ func (l *lateService) Start(ctx context.Context, vm string) error {
 
 func (l *lateService) Stop(ctx context.Context, vm string) error {
 	return l.do(func(s daemon.Service) error { return s.Stop(ctx, vm) })
+}
+
+func (l *lateService) Switchover(ctx context.Context, vm string) (r daemon.SwitchoverResult, err error) {
+	err = l.do(func(s daemon.Service) error { r, err = s.Switchover(ctx, vm); return err })
+	return r, err
 }
 
 func (l *lateService) Status(ctx context.Context) ([]daemon.VMStatus, error) {

@@ -412,3 +412,8 @@ func TestServe(t *testing.T) {
 		t.Errorf("no STOPPING=1 to systemd: %q, %v\n%s", buf[:n], err, errb.String())
 	}
 }
+
+func (f *fakeService) Switchover(_ context.Context, vm string) (daemon.SwitchoverResult, error) {
+	f.record("switchover " + vm)
+	return daemon.SwitchoverResult{VM: vm, NewPrimary: "b", Epoch: 7, PausedMs: 12.5}, nil
+}
