@@ -146,6 +146,16 @@ the daemon never stops its guests: this is the command that does.`,
 			run:     runStatus,
 		},
 		{
+			name: "witness", args: "serve [--host IP] [--port N] [--data-dir DIR]",
+			summary: "run a single-member etcd witness (labs and demos)",
+			desc: `Runs a one-member etcd cluster in this process as the witness daemons
+race on for automatic failover (config witness: {"endpoints":
+["http://IP:PORT"]}), until SIGINT or SIGTERM; its data stays in
+--data-dir. For labs and demos: production runs a three-member etcd
+cluster of its own, on hosts other than the pair's, with etcd's TLS.`,
+			run: runWitness,
+		},
+		{
 			name: "demo", args: "[args...]",
 			summary: "run a self-contained primary/backup failover demo",
 			desc: `Runs a primary and a backup daemon as two processes on loopback with a

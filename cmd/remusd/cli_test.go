@@ -5,15 +5,18 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/remusd/remusd/daemon"
+	"github.com/remusd/remusd/failover/witness"
 )
 
 func runCLI(t *testing.T, args ...string) (code int, stdout, stderr string) {
@@ -416,4 +419,53 @@ func TestServe(t *testing.T) {
 func (f *fakeService) Switchover(_ context.Context, vm string) (daemon.SwitchoverResult, error) {
 	f.record("switchover " + vm)
 	return daemon.SwitchoverResult{VM: vm, NewPrimary: "b", Epoch: 7, PausedMs: 12.5}, nil
+}
+
+// TestWitnessServe runs `remusd witness serve` and reaches it as the
+// daemons would.
+func TestWitnessServe(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := ln.Addr().(*net.TCPAddr).Port
+	ln.Close()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var out, errb bytes.Buffer
+	done := make(chan int, 1)
+	go func() {
+		done <- run(ctx, []string{"witness", "serve", "--port", strconv.Itoa(port), "--data-dir", t.TempDir()}, &out, &errb)
+	}()
+	cfg := witness.Config{Endpoints: []string{fmt.Sprintf("http://127.0.0.1:%d", port)}, OpTimeout: time.Second}
+	w, err := witness.Dial(ctx, cfg, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Close()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		if err := w.Ping(ctx); err == nil {
+			break
+		}
+		select {
+		case c := <-done:
+			t.Fatalf("witness serve exited %d: %s", c, errb.String())
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("witness never answered: %s", errb.String())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if _, err := w.Init(ctx, "vm", "hostA"); err != nil {
+		t.Fatal(err)
+	}
+	cancel()
+	if c := <-done; c != exitOK {
+		t.Fatalf("witness serve exited %d: %s", c, errb.String())
+	}
+	if code, _, errOut := runCLI(t, "witness", "serve", "--host", "nohost"); code != exitUsage || !strings.Contains(errOut, "not an IP") {
+		t.Errorf("bad host: exit %d, %q", code, errOut)
+	}
 }

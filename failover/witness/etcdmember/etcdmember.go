@@ -29,8 +29,10 @@ import (
 // Options configure a member.
 type Options struct {
 	// Host is the IP address the member listens on (default 127.0.0.1).
-	// Its client and peer ports are chosen free.
 	Host string
+	// ClientPort is the client port (0: a free one; the peer port is
+	// always chosen free).
+	ClientPort int
 	// Dir is the data directory; default a temporary directory that
 	// Close removes. A given Dir is kept.
 	Dir string
@@ -72,6 +74,9 @@ func Start(opts Options) (*Server, error) {
 	ip := net.ParseIP(opts.Host)
 	if ip == nil {
 		return nil, fmt.Errorf("etcdmember: host %q is not an IP address", opts.Host)
+	}
+	if opts.ClientPort < 0 || opts.ClientPort > 65535 {
+		return nil, fmt.Errorf("etcdmember: client port %d out of range", opts.ClientPort)
 	}
 	if opts.Logger == nil {
 		opts.Logger = zap.NewNop()
@@ -119,6 +124,9 @@ func Start(opts Options) (*Server, error) {
 		cp, pp, err = freePorts(opts.Host)
 		if err != nil {
 			return fail(err)
+		}
+		if opts.ClientPort != 0 {
+			cp = opts.ClientPort
 		}
 		hp := func(p int) string { return net.JoinHostPort(opts.Host, strconv.Itoa(p)) }
 		s.clientURL = url.URL{Scheme: scheme, Host: hp(cp)}
