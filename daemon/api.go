@@ -165,6 +165,8 @@ type VMStatus struct {
 	WitnessGeneration uint64 `json:"witness_generation,omitempty"`
 	WitnessView       string `json:"witness_view,omitempty"`
 	WitnessError      string `json:"witness_error,omitempty"`
+	// WitnessClaimMs is the last claim's round trip to the witness.
+	WitnessClaimMs float64 `json:"witness_claim_ms,omitempty"`
 
 	// Backup/active only.
 	ActivatedAtUnixMs int64   `json:"activated_at_unix_ms,omitempty"`

@@ -266,7 +266,7 @@ func DefaultConfig() Config {
 		HeartbeatInterval: Duration(100 * time.Millisecond),
 		HeartbeatTimeout:  Duration(1 * time.Second),
 		AckTimeout:        Duration(2 * time.Second),
-		TakeoverGrace:     Duration(300 * time.Millisecond),
+		TakeoverGrace:     Duration(150 * time.Millisecond),
 		FenceAfter:        Duration(3 * time.Second),
 		DialTimeout:       Duration(2 * time.Second),
 		ReconnectBackoff:  Duration(200 * time.Millisecond),

@@ -38,6 +38,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/remusd/remusd/checkpoint"
 	"github.com/remusd/remusd/failover/witness"
 )
 
@@ -73,6 +74,8 @@ type wstate struct {
 	// blockedGen: a backup's race found the record moved on from this
 	// generation; it does not race again until a link carries a newer one.
 	blockedGen uint64
+	// claimTook is the last claim's round trip to the witness.
+	claimTook time.Duration
 }
 
 // dialWitness connects to the configured witness (nil if none). Dial does
@@ -166,11 +169,13 @@ func (d *Daemon) primaryClaim(v *vm, solo bool, why string) {
 	go func() {
 		defer d.wg.Done()
 		ctx, cancel := d.witnessCtx()
+		t := time.Now()
 		rec, won, err := d.wit.Claim(ctx, v.name, d.cfg.Name, prev)
+		took := time.Since(t)
 		cancel()
 		d.mu.Lock()
 		defer d.mu.Unlock()
-		v.w.claiming = false
+		v.w.claiming, v.w.claimTook = false, took
 		if v.primary != p {
 			return // protection ended meanwhile
 		}
@@ -298,9 +303,10 @@ func (d *Daemon) raceForVM(ctx context.Context, v *vm) {
 	d.wg.Add(1)
 	go func() {
 		defer d.wg.Done()
+		t := time.Now()
 		won, rec, err := d.backupClaim(v.name, owner, gen)
 		d.mu.Lock()
-		v.w.claiming = false
+		v.w.claiming, v.w.claimTook = false, time.Since(t)
 		switch {
 		case err != nil:
 			v.w.view, v.w.err = WitnessUnreachable, err.Error()
@@ -391,6 +397,7 @@ func (d *Daemon) witnessStatus(v *vm, s *VMStatus) {
 		return
 	}
 	s.WitnessHolder, s.WitnessGeneration, s.WitnessView, s.WitnessError = v.w.rec.Holder, v.w.rec.Generation, v.w.view, v.w.err
+	s.WitnessClaimMs = checkpoint.Ms(v.w.claimTook)
 	if v.backup != nil && v.role == RoleBackup && s.WitnessGeneration == 0 {
 		s.WitnessHolder, s.WitnessGeneration = v.backup.Owner(), v.backup.Stats().Generation
 		if s.WitnessView == "" {

@@ -220,10 +220,21 @@ func (d *run) run(ctx context.Context) (*Result, error) {
 		c.HeartbeatTimeout = daemon.Duration(10 * hb)
 		return c
 	}
+	// The witness: a one-member etcd on loopback (`remusd witness serve`).
+	wport, err := freePort()
+	if err != nil {
+		return nil, err
+	}
+	wit, err := StartWitness(ctx, exe, "", "127.0.0.1", wport, filepath.Join(dir, "witness"))
+	if err != nil {
+		return nil, fmt.Errorf("demo: %w", err)
+	}
+	defer wit.Stop()
 	bcfg := common("backup")
 	bcfg.Listen = backupAddr
-	bcfg.Takeover = daemon.TakeoverAutoUnsafe
+	bcfg.Witness = wit.Config()
 	pcfg := common("primary")
+	pcfg.Witness = wit.Config()
 	pcfg.SimVMs = []daemon.SimVM{{Name: "demo", MemoryBytes: d.cfg.MemoryBytes, Workload: d.cfg.Workload, Rate: d.cfg.Rate, Seed: d.cfg.Seed, Output: sk.addr()}}
 	if err := daemon.MeshConfigs(filepath.Join(dir, "tls"), &pcfg, &bcfg); err != nil {
 		return nil, fmt.Errorf("demo: %w", err)
@@ -241,7 +252,7 @@ func (d *run) run(ctx context.Context) (*Result, error) {
 		return nil, err
 	}
 	defer primary.Stop()
-	d.say("  started backup (pid %d, replication on %s, takeover=auto-unsafe: no witness in this demo)", backup.Cmd.Process.Pid, backupAddr)
+	d.say("  started backup (pid %d, replication on %s, takeover=auto: it races for the witness record at %s when the primary is lost)", backup.Cmd.Process.Pid, backupAddr, wit.URL)
 	d.say("  started primary (pid %d) running sim VM \"demo\"", primary.Cmd.Process.Pid)
 
 	pc := daemon.ControlClient{Path: primary.Control, Timeout: 5 * time.Second}
@@ -315,6 +326,16 @@ func (d *run) run(ctx context.Context) (*Result, error) {
 }
 
 func msOf(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
+
+// freePort returns a free TCP port on 127.0.0.1 (best effort).
+func freePort() (int, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, fmt.Errorf("demo: pick a port: %w", err)
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port, nil
+}
 
 func freeAddr() (string, error) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")

@@ -52,7 +52,8 @@ type QEMULabConfig struct {
 	// EpochInterval is the daemons' default (default 50 ms).
 	EpochInterval time.Duration
 	// HeartbeatTimeout of the backup (default 1 s; heartbeats every
-	// tenth of it) and Takeover (default auto-unsafe).
+	// tenth of it) and Takeover (default auto: a witness, `remusd witness
+	// serve`, runs on the topology's witness host).
 	HeartbeatTimeout time.Duration
 	Takeover         string
 	Log              *zap.Logger
@@ -77,6 +78,7 @@ type QEMULab struct {
 	shm       string
 	primary   *DaemonProc
 	backup    *DaemonProc
+	witness   *WitnessProc
 	primaryNS string
 }
 
@@ -97,7 +99,7 @@ func StartQEMULab(ctx context.Context, cfg QEMULabConfig) (l *QEMULab, err error
 		cfg.HeartbeatTimeout = time.Second
 	}
 	if cfg.Takeover == "" {
-		cfg.Takeover = daemon.TakeoverAutoUnsafe
+		cfg.Takeover = daemon.TakeoverAuto
 	}
 	if cfg.Log == nil {
 		cfg.Log = zap.NewNop()
@@ -140,24 +142,13 @@ func StartQEMULab(ctx context.Context, cfg QEMULabConfig) (l *QEMULab, err error
 		return l, fmt.Errorf("topology: %w", err)
 	}
 	l.ClientNS, l.primaryNS = l.n.Client, l.n.A
-	common := func(name string) daemon.Config {
-		c := daemon.DefaultConfig()
-		c.Name = name
-		c.Control = filepath.Join(dir, name+".sock")
-		c.StateDir = filepath.Join(dir, name+"-state")
-		c.EpochInterval = daemon.Duration(cfg.EpochInterval)
-		c.HeartbeatInterval = daemon.Duration(cfg.HeartbeatTimeout / 10)
-		c.HeartbeatTimeout = daemon.Duration(cfg.HeartbeatTimeout)
-		return c
+	if cfg.Takeover == daemon.TakeoverAuto {
+		if l.witness, err = StartWitness(ctx, cfg.Exe, l.n.W, netlab.WitnessIP, witnessPort, filepath.Join(l.q.dir, "witness")); err != nil {
+			return l, err
+		}
 	}
-	bcfg := common("hostB")
-	bcfg.Listen = netlab.HostBIP + ":" + replPort
-	bcfg.Takeover = cfg.Takeover
-	bcfg.Standby = daemon.StandbyConfig{Tap: qemuTapB, Bridge: netlab.BridgeB, RunDir: filepath.Join(l.shm, "b")}
-	acfg := common("hostA")
-	acfg.QemuVMs = []daemon.QemuVM{qemuGuestConfig(cfg.MemoryMiB, qemuTapA, netlab.BridgeA, filepath.Join(l.shm, "a"), true)}
-	bcfg.QemuVMs = []daemon.QemuVM{qemuGuestConfig(cfg.MemoryMiB, qemuTapB, netlab.BridgeB, filepath.Join(l.shm, "b-run"), false)}
-	if err := daemon.MeshConfigs(filepath.Join(l.q.dir, "tls"), &acfg, &bcfg); err != nil {
+	acfg, bcfg, err := qemuPairConfigs(l.q.dir, l.shm, cfg.MemoryMiB, cfg.EpochInterval, cfg.HeartbeatTimeout, cfg.Takeover, l.witness)
+	if err != nil {
 		return l, err
 	}
 	l.PeerAddr = bcfg.Listen
@@ -256,6 +247,10 @@ func (l *QEMULab) Close() {
 		}
 	}
 	l.primary, l.backup = nil, nil
+	if l.witness != nil {
+		l.witness.Stop()
+		l.witness = nil
+	}
 	if l.n != nil {
 		if err := l.n.Close(); err != nil {
 			l.Cfg.Log.Warn("netlab cleanup", zap.Error(err))
@@ -278,4 +273,41 @@ func (l *QEMULab) Close() {
 func qemuGuestConfig(memMiB int, tap, bridge, runDir string, autostart bool) daemon.QemuVM {
 	return daemon.QemuVM{Name: qemuVM, MemoryMiB: memMiB, UseGuestImage: true, GuestIP: netlab.GuestIP + netlab.Prefix,
 		Tap: tap, MAC: netlab.GuestMAC, Bridge: bridge, RunDir: runDir, Autostart: &autostart}
+}
+
+// witnessPort is the witness's client port in the QEMU topology.
+const witnessPort = 2379
+
+// qemuPairConfigs is the two hosts' daemon configuration of the QEMU
+// topology, shared by the QEMU demo and the lab: host A runs the guest,
+// host B backs it up from its own description of it; mutual TLS with a
+// throw-away CA; the witness when takeover is auto.
+func qemuPairConfigs(dir, shm string, memMiB int, interval, hbTO time.Duration, takeover string, w *WitnessProc) (acfg, bcfg daemon.Config, err error) {
+	common := func(name string) daemon.Config {
+		c := daemon.DefaultConfig()
+		c.Name = name
+		c.Control = filepath.Join(dir, name+".sock")
+		c.StateDir = filepath.Join(dir, name+"-state")
+		c.EpochInterval = daemon.Duration(interval)
+		c.HeartbeatInterval = daemon.Duration(hbTO / 10)
+		c.HeartbeatTimeout = daemon.Duration(hbTO)
+		c.Takeover = takeover
+		if w != nil {
+			c.Witness = w.Config()
+		}
+		return c
+	}
+	bcfg = common("hostB")
+	bcfg.Listen = netlab.HostBIP + ":" + replPort
+	bcfg.Standby = daemon.StandbyConfig{Tap: qemuTapB, Bridge: netlab.BridgeB, RunDir: filepath.Join(shm, "b")}
+	acfg = common("hostA")
+	acfg.Listen = netlab.HostAIP + ":" + replPort
+	acfg.QemuVMs = []daemon.QemuVM{qemuGuestConfig(memMiB, qemuTapA, netlab.BridgeA, filepath.Join(shm, "a"), true)}
+	// The backup describes the VM itself (its standby is built from this,
+	// never from what the primary sends), on its own tap and bridge.
+	bcfg.QemuVMs = []daemon.QemuVM{qemuGuestConfig(memMiB, qemuTapB, netlab.BridgeB, filepath.Join(shm, "b-run"), false)}
+	if err := daemon.MeshConfigs(filepath.Join(dir, "tls"), &acfg, &bcfg); err != nil {
+		return acfg, bcfg, err
+	}
+	return acfg, bcfg, nil
 }

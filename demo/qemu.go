@@ -157,7 +157,7 @@ func RunQEMUDemo(ctx context.Context, args []string, stdout io.Writer, log *zap.
 	fs.DurationVar(&o.after, "after", 5*time.Second, "how long the client keeps going after its first reply from the backup")
 	fs.DurationVar(&o.interval, "epoch-interval", 50*time.Millisecond, "checkpoint epoch interval")
 	fs.IntVar(&o.memMiB, "memory-mib", 128, "guest memory in MiB")
-	fs.StringVar(&o.takeover, "takeover", daemon.TakeoverAutoUnsafe, "backup takeover: auto-unsafe (activates when heartbeats stop; unsafe under partition) or manual (the demo runs `remusd failover`)")
+	fs.StringVar(&o.takeover, "takeover", daemon.TakeoverAuto, "backup takeover: auto (a witness on a third host decides; the default), auto-unsafe (activates when heartbeats stop; unsafe under partition) or manual (the demo runs `remusd failover`)")
 	fs.DurationVar(&o.hbTO, "heartbeat-timeout", time.Second, "backup's heartbeat timeout (auto-unsafe takeover fires after it)")
 	fs.BoolVar(&o.keep, "keep", false, "keep the working directory (daemon logs, audit logs, console)")
 	fs.StringVar(&o.dir, "dir", "", "working directory (default: a new temporary directory)")
@@ -184,9 +184,9 @@ flags:
 		return fmt.Errorf("demo: unexpected argument %q", fs.Arg(0))
 	}
 	switch o.takeover {
-	case daemon.TakeoverAutoUnsafe, daemon.TakeoverManual:
+	case daemon.TakeoverAuto, daemon.TakeoverAutoUnsafe, daemon.TakeoverManual:
 	default:
-		return fmt.Errorf("demo: --takeover %q unknown (want auto-unsafe|manual)", o.takeover)
+		return fmt.Errorf("demo: --takeover %q unknown (want auto|auto-unsafe|manual)", o.takeover)
 	}
 	if os.Geteuid() != 0 {
 		return errors.New("demo: --backend qemu needs root (network namespaces, tap devices, NFQUEUE output buffering); run it as root, or use --backend sim")
@@ -300,26 +300,16 @@ func (q *qrun) run(ctx context.Context) (*QEMUResult, error) {
 	q.say("network namespaces: client %s (%s), primary host %s (%s), backup host %s (%s), switch %s",
 		n.Client, netlab.ClientIP, n.A, netlab.HostAIP, n.B, netlab.HostBIP, n.S)
 
-	common := func(name string) daemon.Config {
-		c := daemon.DefaultConfig()
-		c.Name = name
-		c.Control = filepath.Join(dir, name+".sock")
-		c.StateDir = filepath.Join(dir, name+"-state")
-		c.EpochInterval = daemon.Duration(q.o.interval)
-		c.HeartbeatInterval = daemon.Duration(q.o.hbTO / 10)
-		c.HeartbeatTimeout = daemon.Duration(q.o.hbTO)
-		return c
+	var wit *WitnessProc
+	if q.o.takeover == daemon.TakeoverAuto {
+		if wit, err = StartWitness(ctx, exe, n.W, netlab.WitnessIP, witnessPort, filepath.Join(q.dir, "witness")); err != nil {
+			return nil, fmt.Errorf("demo: %w", err)
+		}
+		defer wit.Stop()
+		q.say("witness: a one-member etcd (`remusd witness serve`) on the witness host %s at %s", n.W, wit.URL)
 	}
-	bcfg := common("hostB")
-	bcfg.Listen = netlab.HostBIP + ":" + replPort
-	bcfg.Takeover = q.o.takeover
-	bcfg.Standby = daemon.StandbyConfig{Tap: qemuTapB, Bridge: netlab.BridgeB, RunDir: filepath.Join(shm, "b")}
-	acfg := common("hostA")
-	acfg.QemuVMs = []daemon.QemuVM{qemuGuestConfig(q.o.memMiB, qemuTapA, netlab.BridgeA, filepath.Join(shm, "a"), true)}
-	// The backup describes the VM itself (its standby is built from this,
-	// never from what the primary sends), on its own tap and bridge.
-	bcfg.QemuVMs = []daemon.QemuVM{qemuGuestConfig(q.o.memMiB, qemuTapB, netlab.BridgeB, filepath.Join(shm, "b-run"), false)}
-	if err := daemon.MeshConfigs(filepath.Join(q.dir, "tls"), &acfg, &bcfg); err != nil {
+	acfg, bcfg, err := qemuPairConfigs(q.dir, shm, q.o.memMiB, q.o.interval, q.o.hbTO, q.o.takeover, wit)
+	if err != nil {
 		return nil, fmt.Errorf("demo: %w", err)
 	}
 
@@ -328,10 +318,14 @@ func (q *qrun) run(ctx context.Context) (*QEMUResult, error) {
 		return nil, err
 	}
 	defer backup.Stop()
-	if q.o.takeover == daemon.TakeoverAutoUnsafe {
+	switch q.o.takeover {
+	case daemon.TakeoverAuto:
+		q.say("backup remusd up in %s (pid %d), replication on %s, takeover=auto: when the primary is lost (its link closed, or silent for %v) it waits %v and races for the witness record; only the winner starts the guest",
+			n.B, backup.Cmd.Process.Pid, bcfg.Listen, q.o.hbTO, bcfg.TakeoverGrace.D())
+	case daemon.TakeoverAutoUnsafe:
 		q.say("backup remusd up in %s (pid %d), replication on %s, takeover=auto-unsafe: it activates the guest when the primary's heartbeats stop for %v (no witness: UNSAFE under a network partition, fine for this demo)",
 			n.B, backup.Cmd.Process.Pid, bcfg.Listen, q.o.hbTO)
-	} else {
+	default:
 		q.say("backup remusd up in %s (pid %d), replication on %s, takeover=manual: the demo runs `remusd failover` after the kill", n.B, backup.Cmd.Process.Pid, bcfg.Listen)
 	}
 	primary, err := StartDaemon(ctx, StartOptions{Exe: exe, Dir: q.dir, Netns: n.A, Wait: 3 * time.Minute}, acfg)
@@ -434,7 +428,7 @@ func (q *qrun) run(ctx context.Context) (*QEMUResult, error) {
 		}
 		q.say("remusd failover %s (on the backup) returned %v after the kill", qemuVM, time.Since(killAt).Round(time.Millisecond))
 	} else {
-		q.say("waiting for the backup's auto-unsafe takeover (heartbeat timeout %v)", q.o.hbTO)
+		q.say("waiting for the backup's %s takeover", q.o.takeover)
 	}
 	var active daemon.VMStatus
 	if err := waitUntil(ctx, time.Minute, func() (bool, error) {

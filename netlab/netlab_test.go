@@ -26,8 +26,8 @@ func TestRemusTopology(t *testing.T) {
 		}
 	}()
 	nss := n.Namespaces()
-	if len(nss) != 4 {
-		t.Fatalf("namespaces %v, want 4", nss)
+	if len(nss) != 5 {
+		t.Fatalf("namespaces %v, want 5 (client, A, B, switch, witness)", nss)
 	}
 
 	// A service on host B answers a client in the client namespace across
@@ -46,6 +46,18 @@ func TestRemusTopology(t *testing.T) {
 		line, _ := bufio.NewReader(c).ReadString('\n')
 		c.Write([]byte("echo " + line))
 	}()
+	// The witness host is reached from the hosts (a listener there, a
+	// dial from host A).
+	wl, err := Listen(n.W, WitnessIP+":2379")
+	if err != nil {
+		t.Fatal(err)
+	}
+	wc, err := Dial(ctx, n.A, WitnessIP+":2379")
+	if err != nil {
+		t.Fatal(err)
+	}
+	wc.Close()
+	wl.Close()
 	c, err := Dial(ctx, n.Client, HostBIP+":7999")
 	if err != nil {
 		t.Fatal(err)

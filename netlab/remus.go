@@ -9,6 +9,9 @@ const (
 	GuestMAC = "52:54:00:77:00:10"
 	HostAIP  = "10.77.0.101"
 	HostBIP  = "10.77.0.102"
+	// WitnessIP is the witness host's address (an etcd member on a third
+	// host, as in production).
+	WitnessIP = "10.77.0.103"
 	// Prefix is the subnet's prefix length.
 	Prefix = "/24"
 	// BridgeA and BridgeB are the host bridges the guest's taps join.
@@ -23,10 +26,11 @@ const (
 // same guest MAC, so the guest's address moves with it on failover.
 //
 //	client 10.77.0.2 — sw0 — brA 10.77.0.101 (tapA: guest 10.77.0.10)
-//	                      \— brB 10.77.0.102 (tapB: standby)
+//	                      |— brB 10.77.0.102 (tapB: standby)
+//	                      \— witness 10.77.0.103 (W)
 type Remus struct {
 	*Lab
-	Client, A, B, S string
+	Client, A, B, S, W string
 }
 
 // NewRemus builds the topology (prefix: up to 3 characters naming the
@@ -49,7 +53,7 @@ func (n *Remus) build(ctx context.Context) error {
 	for _, p := range []struct {
 		dst  *string
 		role string
-	}{{&n.Client, "c"}, {&n.A, "a"}, {&n.B, "b"}, {&n.S, "s"}} {
+	}{{&n.Client, "c"}, {&n.A, "a"}, {&n.B, "b"}, {&n.S, "s"}, {&n.W, "w"}} {
 		if *p.dst, err = n.AddNetns(ctx, p.role); err != nil {
 			return err
 		}
@@ -59,7 +63,10 @@ func (n *Remus) build(ctx context.Context) error {
 		func() error { return Veth(ctx, n.S, "sc", n.Client, "eth0") },
 		func() error { return Veth(ctx, n.S, "sa", n.A, "up0") },
 		func() error { return Veth(ctx, n.S, "sb", n.B, "up0") },
+		func() error { return Veth(ctx, n.S, "sw", n.W, "eth0") },
 		func() error { return Addr(ctx, n.Client, "eth0", ClientIP+Prefix) },
+		func() error { return Addr(ctx, n.W, "eth0", WitnessIP+Prefix) },
+		func() error { return Attach(ctx, n.S, "sw", "sw0") },
 		func() error { return Attach(ctx, n.S, "sc", "sw0") },
 		func() error { return Attach(ctx, n.S, "sa", "sw0") },
 		func() error { return Attach(ctx, n.S, "sb", "sw0") },
