@@ -93,6 +93,9 @@ type FailoverTrial struct {
 	// sim's datagram-like output does not.
 	UnreleasedMsgs uint64 `json:"unreleased_msgs"`
 	AckedEpoch     uint64 `json:"acked_epoch_at_kill"`
+	// ClaimMs: the backup's winning claim on the witness record, one
+	// round trip to the witness (part of DetectionMs).
+	ClaimMs float64 `json:"claim_ms,omitempty"`
 }
 
 // FailoverResult is the distribution over trials.
@@ -107,11 +110,12 @@ type FailoverResult struct {
 	DetectionMsP50      float64         `json:"detection_ms_p50"`
 	ActivationMsP50     float64         `json:"activation_ms_p50"`
 	ActiveMsP50         float64         `json:"active_ms_p50"`
+	ClaimMsP50          float64         `json:"claim_ms_p50,omitempty"`
 	Model               string          `json:"model"`
 }
 
 // FailoverModel says what is measured.
-const FailoverModel = "two remusd serve processes on loopback (sim backend, takeover auto-unsafe); the client is a TCP listener receiving the guest's released output; " +
+const FailoverModel = "two remusd serve processes on loopback (sim backend, takeover auto: the backup wins the VM's record on a `remusd witness serve` etcd on loopback before it activates); the client is a TCP listener receiving the guest's released output; " +
 	"SIGKILL of the primary; the backup's guest reconnects to the client with a new TCP connection (an existing TCP session surviving is a QEMU-backend measurement)"
 
 // MeasureFailover runs Trials failovers with real daemon processes.
@@ -119,14 +123,32 @@ func MeasureFailover(ctx context.Context, cfg FailoverConfig) (FailoverResult, e
 	cfg = cfg.withDefaults()
 	res := FailoverResult{
 		HeartbeatIntervalMs: msf(cfg.HeartbeatInterval), HeartbeatTimeoutMs: msf(cfg.HeartbeatTimeout),
-		EpochIntervalMs: msf(cfg.EpochInterval), Takeover: daemon.TakeoverAutoUnsafe, Model: FailoverModel,
+		EpochIntervalMs: msf(cfg.EpochInterval), Takeover: daemon.TakeoverAuto, Model: FailoverModel,
 	}
 	if cfg.Exe == "" {
 		return res, errors.New("bench: failover needs the remusd binary")
 	}
-	var next, det, act, active []float64
+	// One witness serves every trial; each trial has its own key prefix,
+	// so no trial sees another's record.
+	wdir, err := os.MkdirTemp("", "remusd-bench-witness-")
+	if err != nil {
+		return res, err
+	}
+	defer os.RemoveAll(wdir)
+	wport, err := demo.FreePort()
+	if err != nil {
+		return res, err
+	}
+	wit, err := demo.StartWitness(ctx, cfg.Exe, "", "127.0.0.1", wport, wdir)
+	if err != nil {
+		return res, err
+	}
+	defer wit.Stop()
+	var next, det, act, active, claim []float64
 	for i := range cfg.Trials {
-		tr, err := failoverTrial(ctx, cfg)
+		w := wit.Config()
+		w.Prefix = fmt.Sprintf("/remusd-bench/%d", i+1)
+		tr, err := failoverTrial(ctx, cfg, w)
 		if err != nil {
 			return res, fmt.Errorf("trial %d: %w", i+1, err)
 		}
@@ -135,10 +157,11 @@ func MeasureFailover(ctx context.Context, cfg FailoverConfig) (FailoverResult, e
 		det = append(det, tr.DetectionMs)
 		act = append(act, tr.ActivationMs)
 		active = append(active, tr.ActiveMs)
-		cfg.Progress("failover %d/%d: next reply %.0f ms after SIGKILL (detection %.0f ms, activation %.2f ms, active at %.0f ms; seq %d → %d)",
-			i+1, cfg.Trials, tr.NextReplyMs, tr.DetectionMs, tr.ActivationMs, tr.ActiveMs, tr.LastSeqBefore, tr.FirstSeqAfter)
+		claim = append(claim, tr.ClaimMs)
+		cfg.Progress("failover %d/%d: next reply %.0f ms after SIGKILL (detection %.0f ms incl. witness claim %.1f ms, activation %.2f ms, active at %.0f ms; seq %d → %d)",
+			i+1, cfg.Trials, tr.NextReplyMs, tr.DetectionMs, tr.ClaimMs, tr.ActivationMs, tr.ActiveMs, tr.LastSeqBefore, tr.FirstSeqAfter)
 	}
-	res.NextReplyMsP50, res.DetectionMsP50 = medianFloat(next), medianFloat(det)
+	res.NextReplyMsP50, res.DetectionMsP50, res.ClaimMsP50 = medianFloat(next), medianFloat(det), medianFloat(claim)
 	res.ActivationMsP50, res.ActiveMsP50 = medianFloat(act), medianFloat(active)
 	for _, v := range next {
 		res.NextReplyMsMax = max(res.NextReplyMsMax, v)
@@ -146,7 +169,7 @@ func MeasureFailover(ctx context.Context, cfg FailoverConfig) (FailoverResult, e
 	return res, nil
 }
 
-func failoverTrial(ctx context.Context, cfg FailoverConfig) (FailoverTrial, error) {
+func failoverTrial(ctx context.Context, cfg FailoverConfig, wit *daemon.WitnessConfig) (FailoverTrial, error) {
 	var tr FailoverTrial
 	dir, err := os.MkdirTemp("", "remusd-bench-failover-")
 	if err != nil {
@@ -172,11 +195,11 @@ func failoverTrial(ctx context.Context, cfg FailoverConfig) (FailoverTrial, erro
 		c.EpochInterval = daemon.Duration(cfg.EpochInterval)
 		c.HeartbeatInterval = daemon.Duration(cfg.HeartbeatInterval)
 		c.HeartbeatTimeout = daemon.Duration(cfg.HeartbeatTimeout)
+		c.Witness = wit
 		return c
 	}
 	bcfg := common("backup")
 	bcfg.Listen = backupAddr
-	bcfg.Takeover = daemon.TakeoverAutoUnsafe
 	pcfg := common("primary")
 	pcfg.SimVMs = []daemon.SimVM{{Name: "bench", MemoryBytes: cfg.MemoryBytes, Workload: "hotset", Rate: cfg.Rate, Seed: 1, OutputEvery: cfg.OutputEvery, Output: cl.addr()}}
 	if err := daemon.MeshConfigs(filepath.Join(dir, "tls"), &pcfg, &bcfg); err != nil {
@@ -242,6 +265,10 @@ func failoverTrial(ctx context.Context, cfg FailoverConfig) (FailoverTrial, erro
 			tr.ActivationMs = st.ActivationMs
 			tr.ActiveMs = float64(st.ActivatedAtUnixMs - killAt.UnixMilli())
 			tr.DetectionMs = tr.ActiveMs - tr.ActivationMs
+			tr.ClaimMs = st.WitnessClaimMs
+			if st.WitnessHolder != "backup" {
+				return tr, fmt.Errorf("backup active but the witness record names %q (generation %d)", st.WitnessHolder, st.WitnessGeneration)
+			}
 			break
 		}
 		if time.Now().After(deadline) {

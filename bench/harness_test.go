@@ -129,11 +129,14 @@ func TestMeasureFailoverSanity(t *testing.T) {
 		t.Fatalf("trials %+v", r.Trials)
 	}
 	tr := r.Trials[0]
-	for name, v := range map[string]float64{"next reply": tr.NextReplyMs, "detection": tr.DetectionMs, "activation": tr.ActivationMs, "active": tr.ActiveMs, "p50": r.NextReplyMsP50} {
+	for name, v := range map[string]float64{"next reply": tr.NextReplyMs, "detection": tr.DetectionMs, "activation": tr.ActivationMs, "active": tr.ActiveMs, "p50": r.NextReplyMsP50, "witness claim": tr.ClaimMs} {
 		finitePositive(t, name, v)
 	}
 	if tr.LastSeqBefore == 0 || tr.FirstSeqAfter <= tr.LastSeqBefore {
 		t.Errorf("output sequence before/after %d/%d", tr.LastSeqBefore, tr.FirstSeqAfter)
+	}
+	if r.Takeover != "auto" || tr.ClaimMs > tr.DetectionMs {
+		t.Errorf("takeover %q, claim %.1f ms of detection %.1f ms", r.Takeover, tr.ClaimMs, tr.DetectionMs)
 	}
 	if _, err := MeasureFailover(context.Background(), FailoverConfig{}); err == nil {
 		t.Error("no binary accepted")

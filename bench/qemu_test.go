@@ -67,6 +67,7 @@ func TestMeasureQEMUSanity(t *testing.T) {
 	}
 	finitePositive(t, "failover next reply", tr.NextReplyMs)
 	finitePositive(t, "failover activation", tr.ActivationMs)
+	finitePositive(t, "failover witness claim", tr.ClaimMs)
 	if tr.NextReplyMs < tr.ActivationMs {
 		t.Fatalf("next reply %.1f ms before activation %.1f ms", tr.NextReplyMs, tr.ActivationMs)
 	}

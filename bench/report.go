@@ -390,11 +390,11 @@ func (r Report) Write(w io.Writer) error {
 	if f := r.Failover; f != nil {
 		ew.printf("\n## 5. Failover (%d trials; heartbeat every %.0f ms, timeout %.0f ms; epochs %.0f ms; takeover %s)\n\n%s.\n\n",
 			len(f.Trials), f.HeartbeatIntervalMs, f.HeartbeatTimeoutMs, f.EpochIntervalMs, f.Takeover, f.Model)
-		ew.printf("| trial | detection ms | activation ms | VM active ms | next reply ms | last seq before | first seq after | unreleased msgs |\n|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+		ew.printf("| trial | detection ms | of which witness claim ms | activation ms | VM active ms | next reply ms | last seq before | first seq after | unreleased msgs |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
 		for i, t := range f.Trials {
-			ew.printf("| %d | %.0f | %.2f | %.0f | %.0f | %d | %d | %d |\n", i+1, t.DetectionMs, t.ActivationMs, t.ActiveMs, t.NextReplyMs, t.LastSeqBefore, t.FirstSeqAfter, t.UnreleasedMsgs)
+			ew.printf("| %d | %.0f | %.1f | %.2f | %.0f | %.0f | %d | %d | %d |\n", i+1, t.DetectionMs, t.ClaimMs, t.ActivationMs, t.ActiveMs, t.NextReplyMs, t.LastSeqBefore, t.FirstSeqAfter, t.UnreleasedMsgs)
 		}
-		ew.printf("| p50 | %.0f | %.2f | %.0f | %.0f (max %.0f) | | | |\n", f.DetectionMsP50, f.ActivationMsP50, f.ActiveMsP50, f.NextReplyMsP50, f.NextReplyMsMax)
+		ew.printf("| p50 | %.0f | %.1f | %.2f | %.0f | %.0f (max %.0f) | | | |\n", f.DetectionMsP50, f.ClaimMsP50, f.ActivationMsP50, f.ActiveMsP50, f.NextReplyMsP50, f.NextReplyMsMax)
 	}
 	if len(r.Sweep) > 0 {
 		ew.printf("\n## 6. Sweep (sim, loopback TCP, max_inflight 1)\n\n%s\n\n", r.CPUNote)

@@ -65,6 +65,10 @@ type BackupOptions struct {
 	// replica with ActivateFromLink, or return why not. Without it a
 	// handover is refused.
 	OnHandover func(epoch, generation uint64) error
+	// OnLinkDown, if set, is called (on the link's goroutine, without
+	// locks) when the owner's current link ended, after Stats shows it:
+	// a watcher can react at once instead of at its next poll.
+	OnLinkDown func()
 }
 
 // BackupStats are a Backup's counters.
@@ -281,7 +285,8 @@ func (b *Backup) Serve(ctx context.Context, conn net.Conn, r *transport.Reader, 
 	var linkErr error
 	defer func() {
 		b.mu.Lock()
-		if b.conn == conn {
+		down := b.conn == conn
+		if down {
 			b.conn = nil
 			b.stats.DisconnectedAt = b.o.Now()
 			b.stats.PeerClosed = linkPeerClosed(linkErr)
@@ -292,6 +297,9 @@ func (b *Backup) Serve(ctx context.Context, conn net.Conn, r *transport.Reader, 
 		}
 		b.mu.Unlock()
 		conn.Close()
+		if down && b.o.OnLinkDown != nil {
+			b.o.OnLinkDown()
+		}
 	}()
 
 	wel := &remuspb.Welcome{ProtocolVersion: ProtocolVersion, CommittedEpoch: committed, ProtectionId: hello.ProtectionId, ReplicaHashes: sendHashes, Generation: hello.Generation}

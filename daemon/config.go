@@ -149,6 +149,11 @@ type Config struct {
 	// before it races for the witness record: a living primary claims
 	// first, so that a blip does not move the VM.
 	TakeoverGrace Duration `json:"takeover_grace"`
+	// TakeoverGraceClosed replaces TakeoverGrace when the primary's side
+	// closed the link (EOF, reset): a living primary sees that close at
+	// the same moment and claims at once, so the backup need only give it
+	// a few witness round trips.
+	TakeoverGraceClosed Duration `json:"takeover_grace_closed"`
 	// FenceAfter: a primary that has neither its backup's acks nor the
 	// witness for this long pauses its guest (it cannot prove it still
 	// holds the VM; the backup may be taking over).
@@ -258,22 +263,23 @@ const (
 // DefaultConfig returns a configuration with every default filled in.
 func DefaultConfig() Config {
 	return Config{
-		Name:              "remusd",
-		Control:           "/run/remusd/control.sock",
-		StateDir:          "/var/lib/remusd",
-		EpochInterval:     Duration(25 * time.Millisecond),
-		MaxInflight:       1,
-		HeartbeatInterval: Duration(100 * time.Millisecond),
-		HeartbeatTimeout:  Duration(1 * time.Second),
-		AckTimeout:        Duration(2 * time.Second),
-		TakeoverGrace:     Duration(150 * time.Millisecond),
-		FenceAfter:        Duration(3 * time.Second),
-		DialTimeout:       Duration(2 * time.Second),
-		ReconnectBackoff:  Duration(200 * time.Millisecond),
-		DeltaCachePages:   16384,
-		OutputBuffer:      OutputAuto,
-		TLS:               transport.TLSFiles{Cert: DefaultTLSCert, Key: DefaultTLSKey, CA: DefaultTLSCA},
-		RestartGrace:      Duration(time.Minute),
+		Name:                "remusd",
+		Control:             "/run/remusd/control.sock",
+		StateDir:            "/var/lib/remusd",
+		EpochInterval:       Duration(25 * time.Millisecond),
+		MaxInflight:         1,
+		HeartbeatInterval:   Duration(100 * time.Millisecond),
+		HeartbeatTimeout:    Duration(1 * time.Second),
+		AckTimeout:          Duration(2 * time.Second),
+		TakeoverGrace:       Duration(150 * time.Millisecond),
+		TakeoverGraceClosed: Duration(30 * time.Millisecond),
+		FenceAfter:          Duration(3 * time.Second),
+		DialTimeout:         Duration(2 * time.Second),
+		ReconnectBackoff:    Duration(200 * time.Millisecond),
+		DeltaCachePages:     16384,
+		OutputBuffer:        OutputAuto,
+		TLS:                 transport.TLSFiles{Cert: DefaultTLSCert, Key: DefaultTLSKey, CA: DefaultTLSCA},
+		RestartGrace:        Duration(time.Minute),
 	}
 }
 
@@ -354,6 +360,9 @@ func (c Config) Validate() error {
 	}
 	if c.TakeoverGrace.D() < 0 || c.TakeoverGrace.D() > time.Minute {
 		bad("takeover_grace", "%v out of range [0, 1m]", c.TakeoverGrace.D())
+	}
+	if c.TakeoverGraceClosed.D() < 0 || c.TakeoverGraceClosed.D() > c.TakeoverGrace.D() {
+		bad("takeover_grace_closed", "%v out of range [0, takeover_grace %v]", c.TakeoverGraceClosed.D(), c.TakeoverGrace.D())
 	}
 	if c.FenceAfter.D() <= 0 {
 		bad("fence_after", "must be positive")

@@ -75,6 +75,9 @@ type Daemon struct {
 	runOnce sync.Once
 	// wit is the witness (nil: none configured).
 	wit *witness.Witness
+	// linkDown wakes watchBackups when a replica's link ends, so a
+	// takeover race does not wait for its next tick.
+	linkDown chan struct{}
 }
 
 // vm is one guest known to this daemon, in any role.
@@ -156,7 +159,7 @@ func New(cfg Config, log *zap.Logger) (*Daemon, error) {
 	if err != nil {
 		return nil, err
 	}
-	d := &Daemon{cfg: cfg, log: log.With(zap.String("host", cfg.Name)), vms: map[string]*vm{}, nextQueue: firstQueueNum,
+	d := &Daemon{cfg: cfg, log: log.With(zap.String("host", cfg.Name)), vms: map[string]*vm{}, nextQueue: firstQueueNum, linkDown: make(chan struct{}, 1),
 		running: make(chan struct{}), handshakes: newHandshakeSlots(cfg.Peers, log), records: records, newStandby: qemu.NewReplica}
 	d.budget = replicaBudget(cfg.ReplicaBudgetMiB)
 	if d.wit, err = dialWitness(cfg, d.log); err != nil {

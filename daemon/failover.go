@@ -13,17 +13,30 @@ import (
 
 // watchBackups reports primaries that fell silent and, when the operator
 // opted in to unsafe automatic takeover, activates their replicas.
+//
+// It runs every heartbeat interval, at once when a replica's link ends,
+// and at the moment a lost primary's takeover grace runs out: detection
+// is not rounded up to the next tick.
 func (d *Daemon) watchBackups(ctx context.Context) {
-	t := time.NewTicker(d.cfg.HeartbeatInterval.D())
+	tick := d.cfg.HeartbeatInterval.D()
+	t := time.NewTimer(tick)
 	defer t.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
+		case <-d.linkDown:
+			if !t.Stop() {
+				select {
+				case <-t.C:
+				default:
+				}
+			}
 		}
 		d.superviseWitness()
 		var lost []string
+		next := tick
 		d.mu.Lock()
 		now := time.Now()
 		for _, v := range d.vms {
@@ -37,6 +50,8 @@ func (d *Daemon) watchBackups(ctx context.Context) {
 			}
 			if dec.Race && d.wit != nil {
 				d.raceForVM(ctx, v)
+			} else if dec.RaceAt.After(now) {
+				next = min(next, dec.RaceAt.Sub(now))
 			}
 			if !dec.NewlyLost {
 				continue
@@ -49,6 +64,7 @@ func (d *Daemon) watchBackups(ctx context.Context) {
 			}
 		}
 		d.mu.Unlock()
+		t.Reset(next)
 		for _, name := range lost {
 			d.log.Warn("automatic takeover (unsafe mode: no witness)", zap.String("vm", name))
 			if err := d.Failover(ctx, FailoverRequest{VM: name}); err != nil {

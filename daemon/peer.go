@@ -462,6 +462,12 @@ func (d *Daemon) attachBackup(v *vm, rep hypervisor.Replica, identity, version s
 		BeforeActivate:    func(epoch uint64, mem, dev []byte) { v.audit.record(activate(epoch, mem, dev)) },
 		OnGoodbye:         func(restart bool) { d.onGoodbye(v, restart) },
 		OnHandover:        func(_, gen uint64) error { return d.onHandover(v, gen) },
+		OnLinkDown: func() {
+			select {
+			case d.linkDown <- struct{}{}:
+			default:
+			}
+		},
 	})
 }
 
@@ -473,7 +479,7 @@ func (d *Daemon) newDetector() *failover.Detector {
 	case TakeoverAuto:
 		policy = failover.Witness
 	}
-	return &failover.Detector{Timeout: d.cfg.HeartbeatTimeout.D(), Policy: policy, RestartGrace: d.cfg.RestartGrace.D(), Grace: d.cfg.TakeoverGrace.D()}
+	return &failover.Detector{Timeout: d.cfg.HeartbeatTimeout.D(), Policy: policy, RestartGrace: d.cfg.RestartGrace.D(), Grace: d.cfg.TakeoverGrace.D(), ClosedGrace: d.cfg.TakeoverGraceClosed.D()}
 }
 
 // onGoodbye frees a replica whose protection its owner ended on purpose

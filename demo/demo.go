@@ -221,7 +221,7 @@ func (d *run) run(ctx context.Context) (*Result, error) {
 		return c
 	}
 	// The witness: a one-member etcd on loopback (`remusd witness serve`).
-	wport, err := freePort()
+	wport, err := FreePort()
 	if err != nil {
 		return nil, err
 	}
@@ -327,8 +327,8 @@ func (d *run) run(ctx context.Context) (*Result, error) {
 
 func msOf(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
 
-// freePort returns a free TCP port on 127.0.0.1 (best effort).
-func freePort() (int, error) {
+// FreePort returns a free TCP port on 127.0.0.1 (best effort).
+func FreePort() (int, error) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return 0, fmt.Errorf("demo: pick a port: %w", err)

@@ -70,6 +70,11 @@ type QEMUResult struct {
 	// From the backup's status.
 	ActivationMs        float64 `json:"activation_ms"`
 	TornEpochsDiscarded uint64  `json:"torn_epochs_discarded"`
+	// With takeover auto: the witness record after the takeover and the
+	// backup's winning claim's round trip.
+	WitnessHolder     string  `json:"witness_holder,omitempty"`
+	WitnessGeneration uint64  `json:"witness_generation,omitempty"`
+	WitnessClaimMs    float64 `json:"witness_claim_ms,omitempty"`
 
 	// KillToVMActiveMs: SIGKILL → the guest running on the backup.
 	// KillToClientReplyMs: SIGKILL → the client's next reply on its
@@ -502,6 +507,7 @@ func (q *qrun) finish(cl *qclient, active, ps daemon.VMStatus, qver string,
 		PauseMsP50: ps.PauseMsP50, PauseMsP99: ps.PauseMsP99, AckMsP50: ps.AckMsP50,
 		WireBytesSent: ps.WireBytesSent, EpochWireBytes: ps.EpochWireBytes, RawBytes: ps.RawBytes, CompressionRatio: ps.CompressionRatio,
 		ActivationMs: active.ActivationMs, TornEpochsDiscarded: active.TornEpochsDiscarded,
+		WitnessHolder: active.WitnessHolder, WitnessGeneration: active.WitnessGeneration, WitnessClaimMs: active.WitnessClaimMs,
 		ClientRequestsOK: ok, ClientRequestsFailed: failed, ClientRequestsPerSec: rate, Divergences: diverged,
 		ClientRepliesBeforeKill: before, ClientRepliesAfterKill: ok - before,
 		LastRequestBeforeKill: lastIDBefore, FirstRequestAfterKill: firstID,
@@ -532,6 +538,11 @@ func (q *qrun) finish(cl *qclient, active, ps daemon.VMStatus, qver string,
 			res.ReplicaEpoch, rel, ok)
 	}
 	res.Passed = res.TCPSessionSurvived && res.ReplicaAtOrAfterLastAck && diverged == 0
+	if q.o.takeover == daemon.TakeoverAuto && res.WitnessHolder != "hostB" {
+		// The backup may run the guest only while it holds the record.
+		res.Passed = false
+		res.ReplicaDetail += fmt.Sprintf("; but the witness record names %q, not the active backup", res.WitnessHolder)
+	}
 	return res, ferr
 }
 
@@ -603,6 +614,9 @@ summary (%s) — qemu backend, %s, guest %s, %d MiB, takeover %s
 		r.EpochsCommitted, r.LastAckedEpoch, r.ReplicaEpoch, r.PauseMsP50, r.PauseMsP99,
 		r.DirtyPagesP50, r.DirtyPagesP99, r.DirtyPagesMax, r.AckMsP50,
 		r.WireBytesSent, r.EpochWireBytes, r.RawBytes, r.CompressionRatio, r.TornEpochsDiscarded, r.OutBuf, r.ReplicaDetail)
+	if r.WitnessHolder != "" {
+		fmt.Fprintf(w, "  witness                   record held by %s at generation %d (its winning claim took %.1f ms)\n", r.WitnessHolder, r.WitnessGeneration, r.WitnessClaimMs)
+	}
 }
 
 func qemuVersion(ctx context.Context, bin string) string {

@@ -96,6 +96,9 @@ type Detector struct {
 	// backup waits before it races: a living primary claims the record
 	// first (its priority), so that a blip does not move the VM.
 	Grace time.Duration
+	// ClosedGrace replaces Grace when the primary's side closed the link
+	// (PeerClosed): a living primary saw the close too and claims at once.
+	ClosedGrace time.Duration
 
 	reported bool
 }
@@ -112,6 +115,11 @@ type Decision struct {
 	// witness record: lost, past the grace. The caller claims, and
 	// activates only if it wins; it may be true on every evaluation.
 	Race bool
+	// RaceAt (Witness policy) is when Race becomes true if nothing is
+	// heard from the primary until then (zero: not foreseeable), so a
+	// caller can evaluate again at that moment rather than at its next
+	// tick.
+	RaceAt time.Time
 }
 
 // Evaluate classifies the observation at time now.
@@ -132,6 +140,10 @@ func (d *Detector) Evaluate(o Observation, now time.Time) Decision {
 		s = Lost // the primary's side closed the link: race without waiting out the timeout
 	case now.Sub(o.LastHeard) < d.Timeout:
 		s = Waiting
+		if d.Policy == Witness && !o.Connected {
+			d.reported = false
+			return Decision{State: s, RaceAt: o.LastHeard.Add(d.Timeout + d.Grace)}
+		}
 	default:
 		s = Lost
 	}
@@ -142,11 +154,14 @@ func (d *Detector) Evaluate(o Observation, now time.Time) Decision {
 	dec := Decision{State: Lost, NewlyLost: !d.reported}
 	dec.TakeOver = dec.NewlyLost && d.Policy == AutoUnsafe
 	if d.Policy == Witness {
-		since := o.LastHeard.Add(d.Timeout)
-		if o.PeerClosed && !o.DisconnectedAt.IsZero() && o.DisconnectedAt.Before(since) {
-			since = o.DisconnectedAt
+		raceAt := o.LastHeard.Add(d.Timeout + d.Grace)
+		if o.PeerClosed && !o.DisconnectedAt.IsZero() {
+			if at := o.DisconnectedAt.Add(d.ClosedGrace); at.Before(raceAt) {
+				raceAt = at
+			}
 		}
-		dec.Race = !now.Before(since.Add(d.Grace))
+		dec.RaceAt = raceAt
+		dec.Race = !now.Before(dec.RaceAt)
 	}
 	d.reported = true
 	return dec

@@ -87,16 +87,27 @@ func TestDetectorWitnessRace(t *testing.T) {
 		if dec.State != c.state || dec.Race != c.race || dec.TakeOver != c.take {
 			t.Fatalf("silent primary at +%v: %+v", c.at, dec)
 		}
+		// Whether waiting or lost, the race's moment is known in advance.
+		if !dec.RaceAt.Equal(t0.Add(1300 * time.Millisecond)) {
+			t.Fatalf("silent primary at +%v: race at %v, want +1.3s", c.at, dec.RaceAt.Sub(t0))
+		}
 	}
 	// The primary's side closed the link: lost at once, races after the
 	// grace, long before the heartbeat timeout.
-	d = &Detector{Timeout: time.Second, Policy: Witness, Grace: 300 * time.Millisecond}
+	// The closed link's own (shorter) grace applies.
+	d = &Detector{Timeout: time.Second, Policy: Witness, Grace: 300 * time.Millisecond, ClosedGrace: 50 * time.Millisecond}
 	o = Observation{Committed: 5, LastHeard: t0, DisconnectedAt: t0, PeerClosed: true}
-	if dec := d.Evaluate(o, t0.Add(100*time.Millisecond)); dec.State != Lost || dec.Race {
+	if dec := d.Evaluate(o, t0.Add(20*time.Millisecond)); dec.State != Lost || dec.Race || !dec.RaceAt.Equal(t0.Add(50*time.Millisecond)) {
 		t.Fatalf("closed link within the grace: %+v", dec)
 	}
-	if dec := d.Evaluate(o, t0.Add(300*time.Millisecond)); !dec.Race {
+	if dec := d.Evaluate(o, t0.Add(50*time.Millisecond)); !dec.Race {
 		t.Fatalf("closed link after the grace: %+v", dec)
+	}
+	// A link closed long after the primary fell silent: the silence's
+	// race time is earlier and stands.
+	late := Observation{Committed: 5, LastHeard: t0, DisconnectedAt: t0.Add(1500 * time.Millisecond), PeerClosed: true}
+	if dec := d.Evaluate(late, t0.Add(2*time.Second)); !dec.Race || !dec.RaceAt.Equal(t0.Add(1300*time.Millisecond)) {
+		t.Fatalf("late close: %+v", dec)
 	}
 	// Reconnected: no race.
 	o.Connected = true
