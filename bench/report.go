@@ -103,6 +103,9 @@ type Options struct {
 	// QEMU overrides the QEMU section's configuration (Exe, Log and
 	// Progress are filled from the Options when empty).
 	QEMU *QEMUConfig
+	// FailoverTrials overrides the number of failover trials of the sim
+	// and QEMU sections (0: their defaults).
+	FailoverTrials int
 }
 
 // Run runs every section but the failover trials, which need the remusd
@@ -181,6 +184,9 @@ func RunWith(ctx context.Context, o Options) (Report, error) {
 		dsc = DirtyScaleConfig{MemoryBytes: []int64{16 << 20, 64 << 20}, DirtyPages: []int{256, 1024, 3072}, Samples: 8}
 		mvc = MultiVMConfig{Counts: []int{1, 4}, Duration: time.Second, Verify: true}
 	}
+	if o.FailoverTrials > 0 {
+		fc.Trials = o.FailoverTrials
+	}
 	pc.Log, lc.Log, sc.Log, latc.Log, dsc.Log, mvc.Log = log, log, log, log, log, log
 	latc.Progress, fc.Progress, dsc.Progress, mvc.Progress = progress, progress, progress, progress
 	section("pause", func() (err error) {
@@ -250,6 +256,9 @@ func RunWith(ctx context.Context, o Options) (Report, error) {
 		}
 		if qc.Progress == nil {
 			qc.Progress = progress
+		}
+		if o.FailoverTrials > 0 && qc.FailoverTrials == 0 {
+			qc.FailoverTrials = o.FailoverTrials
 		}
 		q, err := MeasureQEMU(ctx, qc)
 		r.QEMU = &q

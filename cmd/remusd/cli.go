@@ -166,7 +166,7 @@ level in $REMUSD_LOG_LEVEL (default warn).`,
 			run: runDemo,
 		},
 		{
-			name: "bench", args: "[--quick] [--json] [--out DIR] [--no-failover] [--skip LIST]",
+			name: "bench", args: "[--quick] [--json] [--out DIR] [--no-failover] [--failover-trials N] [--skip LIST]",
 			summary: "measure what protection costs, against the machine's bounds",
 			desc: `Measures, on the embedded sim backend: pause time per epoch against a
 memcpy of the same dirty pages; the page-delta codec against raw lz4 and
@@ -567,6 +567,7 @@ func runBench(ctx context.Context, c *command, args []string, stdout, stderr io.
 	asJSON := fs.Bool("json", false, "print the figures as one JSON object")
 	outDir := fs.String("out", "", "also write report.json, CSV files and PNG plots into this directory")
 	noFailover := fs.Bool("no-failover", false, "skip the failover trials (they start remusd daemons as child processes)")
+	trials := fs.Int("failover-trials", 0, "failover trials of the sim and QEMU sections, 1-1000 (default: 10 sim, 3 QEMU; --quick 3)")
 	skipList := fs.String("skip", "", "comma-separated sections to skip: pause,encode,pipeline,latency,failover,sweep,scale,multivm,qemu")
 	backend := fs.String("backend", "sim", "sim (every sim section), qemu (client latency and failover on real QEMU VMs: needs root, QEMU and the guest image) or all")
 	pos, code, done := parse(c, fs, args, stdout, stderr)
@@ -586,7 +587,11 @@ func runBench(ctx context.Context, c *command, args []string, stdout, stderr io.
 		fmt.Fprintf(stderr, "remusd bench: --backend: unknown backend %q (want %s)\n", *backend, strings.Join(bench.Backends, "|"))
 		return exitUsage
 	}
-	o := bench.Options{Quick: *quick, Log: log, Progress: stderr, Backend: *backend}
+	if *trials < 0 || *trials > 1000 {
+		fmt.Fprintf(stderr, "remusd bench: --failover-trials: %d out of range [1, 1000]\n", *trials)
+		return exitUsage
+	}
+	o := bench.Options{Quick: *quick, Log: log, Progress: stderr, Backend: *backend, FailoverTrials: *trials}
 	for _, sec := range strings.Split(*skipList, ",") {
 		if sec = strings.TrimSpace(sec); sec != "" {
 			if !bench.IsSection(sec) {

@@ -106,6 +106,9 @@ func TestUsageErrors(t *testing.T) {
 		{[]string{"serve", "--sim-vm", "memory=64MiB"}, "missing name"},
 		{[]string{"serve", "--log-format", "xml"}, `log format "xml"`},
 		{[]string{"serve", "--log-level", "loud"}, `log level "loud"`},
+		{[]string{"bench", "--failover-trials", "1001"}, "--failover-trials: 1001 out of range"},
+		{[]string{"bench", "--failover-trials", "-1"}, "--failover-trials: -1 out of range"},
+		{[]string{"bench", "--skip", "lunch"}, `unknown section "lunch"`},
 	} {
 		code, _, errOut := runCLI(t, tc.args...)
 		if code != exitUsage {
