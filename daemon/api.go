@@ -156,7 +156,13 @@ type VMStatus struct {
 	LinksRefused   uint64  `json:"links_refused,omitempty"`
 	Reconnects     uint64  `json:"reconnects"`
 	HeartbeatAgeMs float64 `json:"heartbeat_age_ms"`
-	LastError      string  `json:"last_error,omitempty"`
+	// LinkLastHeardUnixMs (backup) is when the primary was last heard on
+	// the replication link; SecondPathLastHeardUnixMs when the peer (the
+	// primary, on a backup; the backup, on a primary) was last heard on
+	// the second heartbeat path (0: never, or no second path).
+	LinkLastHeardUnixMs       int64  `json:"link_last_heard_unix_ms,omitempty"`
+	SecondPathLastHeardUnixMs int64  `json:"second_path_last_heard_unix_ms,omitempty"`
+	LastError                 string `json:"last_error,omitempty"`
 
 	// Witness (with a witness configured): who holds the VM's record, at
 	// which generation, and this side's view (holder, standby, fenced,

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -161,6 +162,35 @@ type Config struct {
 	// Fence is an optional STONITH command the winner of a takeover runs
 	// before it activates.
 	Fence FenceConfig `json:"fence"`
+	// SecondPath is the second heartbeat path (off unless listen is set).
+	SecondPath SecondPathConfig `json:"second_path"`
+}
+
+// SecondPathConfig is the second heartbeat path: UDP datagrams between the
+// daemons on addresses of their own (ideally another network than the
+// replication link's), authenticated under a key from their latest mutual
+// TLS connection. A backup whose replication link is lost while the
+// primary's second-path heartbeats still arrive does not consider the
+// primary lost (failover/heartbeat).
+type SecondPathConfig struct {
+	// Listen is this daemon's UDP IP:PORT ("" = no second path).
+	Listen string `json:"listen,omitempty"`
+	// Interval and Timeout default to heartbeat_interval and
+	// heartbeat_timeout.
+	Interval Duration `json:"interval,omitempty"`
+	Timeout  Duration `json:"timeout,omitempty"`
+}
+
+// interval and timeout with their defaults applied.
+func (c *Config) secondPathTimes() (interval, timeout time.Duration) {
+	interval, timeout = c.SecondPath.Interval.D(), c.SecondPath.Timeout.D()
+	if interval == 0 {
+		interval = c.HeartbeatInterval.D()
+	}
+	if timeout == 0 {
+		timeout = c.HeartbeatTimeout.D()
+	}
+	return interval, timeout
 }
 
 // WitnessConfig is the witness section of the configuration.
@@ -239,6 +269,8 @@ type Peer struct {
 	// VMs lists the VMs this daemon accepts replicas of from the peer
 	// ("*" = any VM name).
 	VMs []string `json:"vms"`
+	// SecondPath is the peer's second-path heartbeat IP:PORT ("" = none).
+	SecondPath string `json:"second_path,omitempty"`
 }
 
 // accepts reports whether the peer may protect vm to this daemon.
@@ -428,6 +460,13 @@ func (c Config) Validate() error {
 				bad(f+".address", "%q is not a loopback address: plaintext (insecure) replication to it needs insecure_non_loopback too", p.Address)
 			}
 		}
+		if p.SecondPath != "" {
+			if _, err := netip.ParseAddrPort(p.SecondPath); err != nil {
+				bad(f+".second_path", "%q is not IP:PORT: %v", p.SecondPath, err)
+			} else if c.SecondPath.Listen == "" {
+				bad(f+".second_path", "needs this daemon's own second_path.listen")
+			}
+		}
 		for j, v := range p.VMs {
 			if v == "*" {
 				continue
@@ -435,6 +474,20 @@ func (c Config) Validate() error {
 			if err := hypervisor.ValidateVMName(v); err != nil {
 				bad(fmt.Sprintf("%s.vms[%d]", f, j), "%v", err)
 			}
+		}
+	}
+	if sp := c.SecondPath; sp.Listen != "" || sp.Interval != 0 || sp.Timeout != 0 {
+		if _, err := netip.ParseAddrPort(sp.Listen); err != nil {
+			bad("second_path.listen", "%q is not IP:PORT: %v", sp.Listen, err)
+		}
+		iv, to := c.secondPathTimes()
+		switch {
+		case iv <= 0:
+			bad("second_path.interval", "must be positive, got %v", iv)
+		case to < 3*iv:
+			bad("second_path.timeout", "%v must cover at least 3 intervals (%v)", to, iv)
+		case to > time.Minute:
+			bad("second_path.timeout", "%v is over 1m", to)
 		}
 	}
 	if c.ReplicaBudgetMiB < 0 {

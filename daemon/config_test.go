@@ -3,6 +3,7 @@ package daemon
 import (
 	"strings"
 	"testing"
+	"time"
 )
 
 // TestConfigTrustDefaults: mutual TLS is the default; plaintext needs
@@ -66,5 +67,50 @@ func TestConfigTrustDefaults(t *testing.T) {
 	c.SimVMs = []SimVM{{Name: "../escape"}}
 	if err := c.Validate(); err == nil || !strings.Contains(err.Error(), "sim_vms[0].name") {
 		t.Errorf("sim VM name with a path: %v", err)
+	}
+}
+
+// TestConfigSecondPath: the second heartbeat path's addresses and times
+// are validated, each error naming its field.
+func TestConfigSecondPath(t *testing.T) {
+	base := func() Config {
+		c := DefaultConfig()
+		c.Insecure = true
+		c.SecondPath = SecondPathConfig{Listen: "127.0.0.1:7601"}
+		c.Peers = []Peer{{Name: "b", Address: "127.0.0.1:7788", VMs: []string{"*"}, SecondPath: "127.0.0.2:7601"}}
+		return c
+	}
+	c := base()
+	if err := c.Validate(); err != nil {
+		t.Fatalf("valid second path refused: %v", err)
+	}
+	if iv, to := c.secondPathTimes(); iv != c.HeartbeatInterval.D() || to != c.HeartbeatTimeout.D() {
+		t.Fatalf("defaults: %v %v", iv, to)
+	}
+	for name, tc := range map[string]struct {
+		mut   func(*Config)
+		field string
+	}{
+		"hostname listen": {func(c *Config) { c.SecondPath.Listen = "hostb:7601" }, "second_path.listen"},
+		"no port":         {func(c *Config) { c.SecondPath.Listen = "127.0.0.1" }, "second_path.listen"},
+		"timeout < 3 beats": {func(c *Config) {
+			c.SecondPath.Interval, c.SecondPath.Timeout = Duration(time.Second), Duration(2*time.Second)
+		}, "second_path.timeout"},
+		"timeout over 1m":   {func(c *Config) { c.SecondPath.Timeout = Duration(2 * time.Minute) }, "second_path.timeout"},
+		"negative interval": {func(c *Config) { c.SecondPath.Interval = Duration(-time.Second) }, "second_path.interval"},
+		"times without listen": {func(c *Config) {
+			c.SecondPath.Listen = ""
+			c.Peers[0].SecondPath = ""
+			c.SecondPath.Timeout = Duration(time.Second)
+		}, "second_path.listen"},
+		"peer not IP:PORT":     {func(c *Config) { c.Peers[0].SecondPath = "b.example:7601" }, "peers[0].second_path"},
+		"peer without listen":  {func(c *Config) { c.SecondPath = SecondPathConfig{} }, "peers[0].second_path"},
+		"closed grace > grace": {func(c *Config) { c.TakeoverGraceClosed = c.TakeoverGrace + 1 }, "takeover_grace_closed"},
+	} {
+		c := base()
+		tc.mut(&c)
+		if err := c.Validate(); err == nil || !strings.Contains(err.Error(), "config field "+tc.field+":") {
+			t.Errorf("%s: %v (want %s)", name, err, tc.field)
+		}
 	}
 }

@@ -22,6 +22,7 @@ import (
 
 	"github.com/remusd/remusd/checkpoint"
 	"github.com/remusd/remusd/failover"
+	"github.com/remusd/remusd/failover/heartbeat"
 	"github.com/remusd/remusd/failover/witness"
 	"github.com/remusd/remusd/hypervisor"
 	"github.com/remusd/remusd/hypervisor/qemu"
@@ -78,6 +79,11 @@ type Daemon struct {
 	// linkDown wakes watchBackups when a replica's link ends, so a
 	// takeover race does not wait for its next tick.
 	linkDown chan struct{}
+	// hb is the second heartbeat path (nil: none; set by Run, d.mu), and
+	// hbKeys the keys of its datagrams, learnt from replication
+	// connections.
+	hb     *heartbeat.Endpoint
+	hbKeys *heartbeat.Keyring
 }
 
 // vm is one guest known to this daemon, in any role.
@@ -115,6 +121,9 @@ type vm struct {
 	w    wstate
 	wgen atomic.Uint64
 	pid  int // the guest's QEMU process (0: unknown)
+	// linkPeer is the identity the backup's certificate showed on the
+	// last link (string; read by the runner's dial).
+	linkPeer atomic.Value
 
 	// backup role
 	backup      *checkpoint.Backup
@@ -122,6 +131,9 @@ type vm struct {
 	activatedAt time.Time
 	activation  time.Duration
 	replicaSize int64 // bytes charged to the replica budget
+	// altHeard is when the owner's last second-path heartbeat naming
+	// this VM arrived.
+	altHeard time.Time
 
 	audit *auditLog
 
@@ -159,7 +171,7 @@ func New(cfg Config, log *zap.Logger) (*Daemon, error) {
 	if err != nil {
 		return nil, err
 	}
-	d := &Daemon{cfg: cfg, log: log.With(zap.String("host", cfg.Name)), vms: map[string]*vm{}, nextQueue: firstQueueNum, linkDown: make(chan struct{}, 1),
+	d := &Daemon{cfg: cfg, log: log.With(zap.String("host", cfg.Name)), vms: map[string]*vm{}, nextQueue: firstQueueNum, linkDown: make(chan struct{}, 1), hbKeys: heartbeat.NewKeyring(),
 		running: make(chan struct{}), handshakes: newHandshakeSlots(cfg.Peers, log), records: records, newStandby: qemu.NewReplica}
 	d.budget = replicaBudget(cfg.ReplicaBudgetMiB)
 	if d.wit, err = dialWitness(cfg, d.log); err != nil {
@@ -384,6 +396,23 @@ func (d *Daemon) Run(ctx context.Context) error {
 			errc <- d.acceptLoop(lctx, ln)
 		}()
 	}
+	hb, hbErr := d.startSecondPath()
+	if hbErr != nil {
+		lcancel()
+		lwg.Wait()
+		d.shutdown()
+		return hbErr
+	}
+	if hb != nil {
+		d.mu.Lock()
+		d.hb = hb
+		d.mu.Unlock()
+		lwg.Add(1)
+		go func() {
+			defer lwg.Done()
+			d.runSecondPath(lctx, hb)
+		}()
+	}
 	lwg.Add(1)
 	go func() {
 		defer lwg.Done()
@@ -548,11 +577,19 @@ func (d *Daemon) statusOf(v *vm) VMStatus {
 			s.ActivatedAtUnixMs = v.activatedAt.UnixMilli()
 			s.ActivationMs = checkpoint.Ms(v.activation)
 		} else {
-			// A fresh detector: status must not consume the watcher's
-			// one-time loss report.
-			det := failover.Detector{Timeout: d.cfg.HeartbeatTimeout.D(), RestartGrace: d.cfg.RestartGrace.D()}
-			s.Link = det.Evaluate(observe(b), time.Now()).State.String()
+			// A copy of the detector: status must not consume the
+			// watcher's one-time loss report.
+			det := d.newDetector()
+			if v.detector != nil {
+				det = v.detectorCopy()
+			}
+			s.Link = det.Evaluate(observe(v, b), time.Now()).State.String()
 		}
+		s.LinkLastHeardUnixMs = unixMs(b.LastHeard)
+		s.SecondPathLastHeardUnixMs = unixMs(v.altHeard)
+	}
+	if v.primary != nil && d.hb != nil {
+		s.SecondPathLastHeardUnixMs = unixMs(d.hb.LastHeard(d.backupName(v)))
 	}
 	if e, _ := v.runErr.Load().(string); e != "" {
 		s.LastError = e
@@ -561,9 +598,25 @@ func (d *Daemon) statusOf(v *vm) VMStatus {
 	return s
 }
 
-func observe(st checkpoint.BackupStats) failover.Observation {
+// unixMs is t in Unix milliseconds (0 for the zero time).
+func unixMs(t time.Time) int64 {
+	if t.IsZero() {
+		return 0
+	}
+	return t.UnixMilli()
+}
+
+// detectorCopy is a copy of v's detector to evaluate without side effects.
+func (v *vm) detectorCopy() *failover.Detector {
+	c := *v.detector
+	return &c
+}
+
+// observe is what the detector sees of v's primary. d.mu held.
+func observe(v *vm, st checkpoint.BackupStats) failover.Observation {
 	return failover.Observation{Connected: st.Connected, LastHeard: st.LastHeard, Committed: st.Committed, Goodbye: st.Goodbye,
-		Restarting: st.Restarting, RestartingSince: st.RestartingSince, DisconnectedAt: st.DisconnectedAt, PeerClosed: st.PeerClosed}
+		Restarting: st.Restarting, RestartingSince: st.RestartingSince, DisconnectedAt: st.DisconnectedAt, PeerClosed: st.PeerClosed,
+		AltHeard: v.altHeard}
 }
 
 func newProtectionID() string {

@@ -44,7 +44,7 @@ func (d *Daemon) watchBackups(ctx context.Context) {
 				continue
 			}
 			st := v.backup.Stats()
-			dec := v.detector.Evaluate(observe(st), now)
+			dec := v.detector.Evaluate(observe(v, st), now)
 			if st.Connected && st.Generation > v.w.blockedGen {
 				v.w.blockedGen = 0 // a newer link: a later loss may race again
 			}
@@ -82,6 +82,9 @@ func (d *Daemon) primaryConnected(v *vm) bool {
 	if st.Restarting && time.Since(st.RestartingSince) < d.cfg.RestartGrace.D() {
 		return true
 	}
+	if d.secondPathAlive(v) {
+		return true // its replication link is down, but it lives
+	}
 	return st.Connected && time.Since(st.LastHeard) < d.cfg.HeartbeatTimeout.D()
 }
 
@@ -113,10 +116,15 @@ func (d *Daemon) Failover(ctx context.Context, req FailoverRequest) error {
 		}
 		if time.Now().After(deadline) || ctx.Err() != nil {
 			st := v.backup.Stats()
+			alt := v.altHeard
 			d.mu.Unlock()
 			if st.Restarting {
 				return fmt.Errorf("failover %s: its primary %s said %v ago that its daemon restarts (its guest runs on): activating now would run two copies of the VM; if that host is really dead or fenced, run failover with --force",
 					name, v.backup.Owner(), time.Since(st.RestartingSince).Round(time.Millisecond))
+			}
+			if !st.Connected && !alt.IsZero() {
+				return fmt.Errorf("failover %s: its replication link is down, but its primary %s was heard on the second heartbeat path %v ago: it lives, and activating now would run two copies of the VM; if it is really dead or fenced, run failover with --force",
+					name, v.backup.Owner(), time.Since(alt).Round(time.Millisecond))
 			}
 			return fmt.Errorf("failover %s: its primary %s is connected and was heard from %v ago: activating now would run two copies of the VM; if it is really dead or fenced, run failover with --force",
 				name, v.backup.Owner(), time.Since(st.LastHeard).Round(time.Millisecond))

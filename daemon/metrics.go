@@ -99,6 +99,8 @@ func NewMetricsCollector(statusFn func(context.Context) ([]VMStatus, error), log
 				func(s *VMStatus) float64 { return float64(s.Reconnects) }),
 			m("remusd_heartbeat_age_seconds", "Time since the last heartbeat from the peer.", g,
 				func(s *VMStatus) float64 { return msToSeconds(s.HeartbeatAgeMs) }),
+			m("remusd_second_path_last_heard_timestamp_seconds", "When the peer was last heard on the second heartbeat path (Unix time; 0 = never or no second path).", g,
+				func(s *VMStatus) float64 { return float64(s.SecondPathLastHeardUnixMs) / 1000 }),
 			m("remusd_link_up", "1 if the replication link is up, else 0.", g,
 				func(s *VMStatus) float64 {
 					if s.Link == LinkUp {

@@ -227,6 +227,7 @@ func (d *Daemon) servePeer(conn net.Conn, releaseSlot func()) {
 		}
 		conn = tc
 		log = log.With(zap.String("peer", identity))
+		d.learnLinkKey(identity, tc.ConnectionState())
 	}
 	r := transport.NewReader(conn, helloLimits())
 	w := transport.NewWriter(conn)
@@ -479,7 +480,11 @@ func (d *Daemon) newDetector() *failover.Detector {
 	case TakeoverAuto:
 		policy = failover.Witness
 	}
-	return &failover.Detector{Timeout: d.cfg.HeartbeatTimeout.D(), Policy: policy, RestartGrace: d.cfg.RestartGrace.D(), Grace: d.cfg.TakeoverGrace.D(), ClosedGrace: d.cfg.TakeoverGraceClosed.D()}
+	det := &failover.Detector{Timeout: d.cfg.HeartbeatTimeout.D(), Policy: policy, RestartGrace: d.cfg.RestartGrace.D(), Grace: d.cfg.TakeoverGrace.D(), ClosedGrace: d.cfg.TakeoverGraceClosed.D()}
+	if d.cfg.SecondPath.Listen != "" {
+		_, det.AltTimeout = d.cfg.secondPathTimes()
+	}
+	return det
 }
 
 // onGoodbye frees a replica whose protection its owner ended on purpose

@@ -209,7 +209,11 @@ func (d *Daemon) startProtection(v *vm, pr protectionRecord, resume bool) error 
 		Guest: g,
 		Out:   buf,
 		Dial: func(ctx context.Context) (net.Conn, error) {
-			return d.dialPeer(ctx, dialer, pr.Peer, pr.PeerName)
+			c, err := d.dialPeer(ctx, dialer, pr.Peer, pr.PeerName)
+			if ic, ok := c.(*identifiedConn); ok && err == nil {
+				v.linkPeer.Store(ic.identity)
+			}
+			return c, err
 		},
 		ProtectionID: pr.ID,
 		Host:         d.cfg.Name,
@@ -391,11 +395,16 @@ func (d *Daemon) dialPeer(ctx context.Context, dialer *net.Dialer, addr, peerNam
 	if err != nil || d.cfg.Insecure {
 		return conn, err
 	}
+	var verified string // the identity the handshake verified
 	cfg, err := d.cfg.TLS.ClientConfig(func(identity string) error {
 		if peerName != "" && identity != peerName {
 			return fmt.Errorf("the backup at %s presents the certificate of %q, expected %q", addr, identity, peerName)
 		}
-		return d.acceptIdentity(identity)
+		if err := d.acceptIdentity(identity); err != nil {
+			return err
+		}
+		verified = identity
+		return nil
 	})
 	if err != nil {
 		conn.Close()
@@ -408,5 +417,8 @@ func (d *Daemon) dialPeer(ctx context.Context, dialer *net.Dialer, addr, peerNam
 		conn.Close()
 		return nil, fmt.Errorf("TLS handshake with %s: %w", addr, err)
 	}
-	return tc, nil
+	if verified != "" {
+		d.learnLinkKey(verified, tc.ConnectionState())
+	}
+	return &identifiedConn{Conn: tc, identity: verified}, nil
 }

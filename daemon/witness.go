@@ -120,8 +120,12 @@ func (d *Daemon) witnessInit(v *vm) error {
 	return nil
 }
 
-// onPrimaryLink is the primary runner's link report (witness mode).
+// onPrimaryLink is the primary runner's link report: the second path
+// hears of a loss at once; the witness record is claimed.
 func (d *Daemon) onPrimaryLink(v *vm, up bool, linkErr error) {
+	if !up {
+		d.primaryLinkDown(v)
+	}
 	if d.wit == nil {
 		return
 	}

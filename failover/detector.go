@@ -32,6 +32,9 @@ const (
 	// Restarting: the primary's daemon said it restarts and will resume;
 	// its silence is not a loss until the restart grace has passed.
 	Restarting
+	// SecondPath: the replication link is down, but the primary's
+	// heartbeats arrive on the second path: it lives, it is not lost.
+	SecondPath
 )
 
 func (s State) String() string {
@@ -48,6 +51,8 @@ func (s State) String() string {
 		return "none"
 	case Restarting:
 		return "restarting"
+	case SecondPath:
+		return "second-path"
 	}
 	return fmt.Sprintf("state(%d)", int(s))
 }
@@ -82,6 +87,9 @@ type Observation struct {
 	// died, before any heartbeat timeout.
 	DisconnectedAt time.Time
 	PeerClosed     bool
+	// AltHeard is when the primary's last heartbeat for this VM arrived on
+	// the second path (zero: never, or no second path).
+	AltHeard time.Time
 }
 
 // Detector tracks one replica's primary.
@@ -99,6 +107,9 @@ type Detector struct {
 	// ClosedGrace replaces Grace when the primary's side closed the link
 	// (PeerClosed): a living primary saw the close too and claims at once.
 	ClosedGrace time.Duration
+	// AltTimeout is the second path's timeout: a primary heard on it
+	// within AltTimeout is alive whatever its replication link does.
+	AltTimeout time.Duration
 
 	reported bool
 }
@@ -125,6 +136,11 @@ type Decision struct {
 // Evaluate classifies the observation at time now.
 func (d *Detector) Evaluate(o Observation, now time.Time) Decision {
 	var s State
+	// closedQuiet: the primary's side closed the link and nothing came on
+	// the second path since (a living primary sends a heartbeat there the
+	// moment its link ends; a dead one cannot).
+	closedQuiet := o.PeerClosed && !o.DisconnectedAt.IsZero() && !o.AltHeard.After(o.DisconnectedAt)
+	altAlive := !o.AltHeard.IsZero() && now.Sub(o.AltHeard) < d.AltTimeout && !closedQuiet
 	switch {
 	case o.Goodbye:
 		s = Ended
@@ -136,13 +152,17 @@ func (d *Detector) Evaluate(o Observation, now time.Time) Decision {
 		s = Restarting
 	case o.Restarting && now.Sub(o.RestartingSince) < d.RestartGrace+d.Timeout:
 		s = Waiting
-	case d.Policy == Witness && o.PeerClosed && !o.DisconnectedAt.IsZero():
+	case altAlive:
+		// The link is down but the primary lives: not lost.
+		d.reported = false
+		return Decision{State: SecondPath, RaceAt: d.raceAt(o)}
+	case d.Policy == Witness && closedQuiet:
 		s = Lost // the primary's side closed the link: race without waiting out the timeout
 	case now.Sub(o.LastHeard) < d.Timeout:
 		s = Waiting
 		if d.Policy == Witness && !o.Connected {
 			d.reported = false
-			return Decision{State: s, RaceAt: o.LastHeard.Add(d.Timeout + d.Grace)}
+			return Decision{State: s, RaceAt: d.raceAt(o)}
 		}
 	default:
 		s = Lost
@@ -154,15 +174,32 @@ func (d *Detector) Evaluate(o Observation, now time.Time) Decision {
 	dec := Decision{State: Lost, NewlyLost: !d.reported}
 	dec.TakeOver = dec.NewlyLost && d.Policy == AutoUnsafe
 	if d.Policy == Witness {
-		raceAt := o.LastHeard.Add(d.Timeout + d.Grace)
-		if o.PeerClosed && !o.DisconnectedAt.IsZero() {
-			if at := o.DisconnectedAt.Add(d.ClosedGrace); at.Before(raceAt) {
-				raceAt = at
-			}
-		}
-		dec.RaceAt = raceAt
+		dec.RaceAt = d.raceAt(o)
 		dec.Race = !now.Before(dec.RaceAt)
 	}
 	d.reported = true
 	return dec
+}
+
+// raceAt is when a backup whose primary stays silent from now on races
+// (Witness policy; zero otherwise): the grace after both paths have timed
+// out, or the closed-link grace after the primary's side closed the link
+// with nothing heard on the second path since.
+func (d *Detector) raceAt(o Observation) time.Time {
+	if d.Policy != Witness {
+		return time.Time{}
+	}
+	at := o.LastHeard.Add(d.Timeout)
+	if !o.AltHeard.IsZero() {
+		if alt := o.AltHeard.Add(d.AltTimeout); alt.After(at) {
+			at = alt
+		}
+	}
+	at = at.Add(d.Grace)
+	if o.PeerClosed && !o.DisconnectedAt.IsZero() && !o.AltHeard.After(o.DisconnectedAt) {
+		if c := o.DisconnectedAt.Add(d.ClosedGrace); c.Before(at) {
+			at = c
+		}
+	}
+	return at
 }

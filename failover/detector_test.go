@@ -121,3 +121,42 @@ func TestDetectorWitnessRace(t *testing.T) {
 		t.Fatalf("manual: %+v", dec)
 	}
 }
+
+// TestDetectorSecondPath: a primary heard on the second path is alive
+// whatever its replication link does; a closed link with nothing on the
+// second path since still races after the closed-link grace.
+func TestDetectorSecondPath(t *testing.T) {
+	t0 := time.Unix(1000, 0)
+	for _, p := range []Policy{Witness, AutoUnsafe, Manual} {
+		d := &Detector{Timeout: time.Second, Policy: p, Grace: 150 * time.Millisecond, ClosedGrace: 30 * time.Millisecond, AltTimeout: time.Second}
+		// Replication silent for 5 s, second path heard 100 ms ago.
+		o := Observation{Committed: 5, LastHeard: t0, DisconnectedAt: t0, AltHeard: t0.Add(4900 * time.Millisecond)}
+		dec := d.Evaluate(o, t0.Add(5*time.Second))
+		if dec.State != SecondPath || dec.Race || dec.TakeOver || dec.NewlyLost {
+			t.Fatalf("%v: silent link, live second path: %+v", p, dec)
+		}
+		// The second path falls silent too: lost after its timeout.
+		dec = d.Evaluate(o, t0.Add(6100*time.Millisecond)) // past its timeout and the grace
+		if dec.State != Lost || (p == AutoUnsafe) != dec.TakeOver || (p == Witness) != dec.Race {
+			t.Fatalf("%v: both paths silent: %+v", p, dec)
+		}
+	}
+	d := &Detector{Timeout: time.Second, Policy: Witness, Grace: 150 * time.Millisecond, ClosedGrace: 30 * time.Millisecond, AltTimeout: time.Second}
+	// Closed link; the last second-path heartbeat came before the close:
+	// the primary may be dead, so the closed-link grace applies.
+	o := Observation{Committed: 5, LastHeard: t0, DisconnectedAt: t0.Add(10 * time.Millisecond), PeerClosed: true, AltHeard: t0}
+	if dec := d.Evaluate(o, t0.Add(40*time.Millisecond)); dec.State != Lost || !dec.Race || !dec.RaceAt.Equal(t0.Add(40*time.Millisecond)) {
+		t.Fatalf("closed link, second path quiet since: %+v", dec)
+	}
+	// The living primary's heartbeat arrives on the second path after the
+	// close: it is alive; the race moves to both paths' timeouts.
+	o.AltHeard = t0.Add(12 * time.Millisecond)
+	dec := d.Evaluate(o, t0.Add(40*time.Millisecond))
+	if dec.State != SecondPath || dec.Race || !dec.RaceAt.Equal(t0.Add(1162*time.Millisecond)) {
+		t.Fatalf("closed link, second path alive after it: %+v", dec)
+	}
+	// Connected: up, whatever the second path says.
+	if dec := d.Evaluate(Observation{Committed: 5, Connected: true, LastHeard: t0}, t0.Add(50*time.Millisecond)); dec.State != Up {
+		t.Fatalf("connected: %+v", dec)
+	}
+}
