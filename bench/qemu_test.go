@@ -126,3 +126,36 @@ func TestQEMUSkipAndReport(t *testing.T) {
 		t.Fatalf("sim report mentions qemu: %s", sim)
 	}
 }
+
+// TestMeasureSoakQuick is the soak's quick profile: a protected QEMU guest
+// under a back-to-back client for 15 s with the default timeouts and the
+// witness. A healthy primary must keep its VM: no takeover, no race, no
+// witness generation change, no reconnect, every reply right. (`remusd
+// bench --backend qemu --soak 30m` is the long profile.)
+func TestMeasureSoakQuick(t *testing.T) {
+	if testing.Short() {
+		t.Skip("boots a QEMU guest")
+	}
+	if why := QEMUSkipReason("remusd"); why != "" {
+		t.Skip("qemu prerequisites: " + why)
+	}
+	exe := buildRemusd(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	defer cancel()
+	r, err := MeasureSoak(ctx, SoakConfig{Exe: exe, Duration: 15 * time.Second, Progress: t.Logf})
+	if err != nil {
+		t.Fatalf("MeasureSoak: %v (%+v)", err, r)
+	}
+	if r.Skipped != "" || r.Polls == 0 || r.Epochs == 0 {
+		t.Fatalf("soak did not run: %+v", r)
+	}
+	if !r.Healthy() {
+		t.Fatalf("healthy primary disturbed: %+v", r)
+	}
+	var md bytes.Buffer
+	rep := Report{Soak: &r}
+	rep.headline()
+	if err := rep.Write(&md); err != nil || !strings.Contains(md.String(), "## 11. QEMU soak") {
+		t.Fatalf("report: %v\n%s", err, md.String())
+	}
+}

@@ -57,6 +57,8 @@ type Report struct {
 	MultiVM        []MultiVMPoint    `json:"multi_vm"`
 	// QEMU is the QEMU backend's section (--backend qemu|all).
 	QEMU *QEMUResult `json:"qemu,omitempty"`
+	// Soak is the QEMU soak (--soak DURATION).
+	Soak *SoakResult `json:"soak,omitempty"`
 	// Errors lists the sections that failed (the others are reported).
 	Errors []string      `json:"errors"`
 	Took   time.Duration `json:"took_ns"`
@@ -75,7 +77,7 @@ type Goal struct {
 const CPUNote = "CPU is process CPU (getrusage user+sys) ÷ wall time in % of one core. The sim guest, the primary and the backup run in one process, so per-side CPU is not separable: the pair figure is reported beside the same guest running alone, and their difference is the cost of protection on both sides together."
 
 // Sections are the names of RunWith's sections, in run order.
-var Sections = []string{"pause", "encode", "pipeline", "latency", "failover", "sweep", "scale", "multivm", "qemu"}
+var Sections = []string{"pause", "encode", "pipeline", "latency", "failover", "sweep", "scale", "multivm", "qemu", "soak"}
 
 // Backends of RunWith: sim (the default), qemu, all.
 var Backends = []string{"sim", "qemu", "all"}
@@ -106,6 +108,9 @@ type Options struct {
 	// FailoverTrials overrides the number of failover trials of the sim
 	// and QEMU sections (0: their defaults).
 	FailoverTrials int
+	// Soak runs the QEMU soak for this long (0: not at all; needs
+	// Backend qemu or all).
+	Soak time.Duration
 }
 
 // Run runs every section but the failover trials, which need the remusd
@@ -137,10 +142,10 @@ func RunWith(ctx context.Context, o Options) (Report, error) {
 	}
 	switch o.Backend {
 	case "", "sim":
-		skip["qemu"] = true
+		skip["qemu"], skip["soak"] = true, true
 	case "qemu":
 		for _, s := range Sections {
-			if s != "qemu" {
+			if s != "qemu" && s != "soak" {
 				skip[s] = true
 			}
 		}
@@ -267,6 +272,17 @@ func RunWith(ctx context.Context, o Options) (Report, error) {
 		}
 		return err
 	})
+	if o.Soak <= 0 {
+		skip["soak"] = true
+	}
+	section("soak", func() error {
+		s, err := MeasureSoak(ctx, SoakConfig{Exe: o.Exe, Duration: o.Soak, Log: log, Progress: progress})
+		r.Soak = &s
+		if s.Skipped != "" {
+			progress("soak skipped: %s", s.Skipped)
+		}
+		return err
+	})
 	r.headline()
 	r.Took = time.Since(start)
 	if err := ctx.Err(); err != nil {
@@ -324,7 +340,10 @@ func (r *Report) headline() {
 		if qfok {
 			r.QEMUFailoverMsP50 = q.NextReplyMsP50
 		}
-		goal("qemu: failover SIGKILL → next reply p50 (ms)", r.QEMUFailoverMsP50, qfok, "< 1000 ms", r.QEMUFailoverMsP50 < 1000)
+		goal("qemu: failover SIGKILL → next reply p50, witness in the loop (ms)", r.QEMUFailoverMsP50, qfok, "< 500 ms", r.QEMUFailoverMsP50 < 500)
+	}
+	if s := r.Soak; s != nil && s.Skipped == "" {
+		goal(fmt.Sprintf("qemu soak (%.0f s loaded, default timeouts): false takeovers of the healthy primary", s.Seconds), float64(s.FalseTakeovers), s.Polls > 0, "0", s.Healthy())
 	}
 }
 
@@ -332,7 +351,7 @@ func (r *Report) headline() {
 func (r Report) Write(w io.Writer) error {
 	ew := &errWriter{w: w}
 	ew.printf("# remusd bench (%s; GOMAXPROCS %d, %d CPUs, %s, quick %v, took %v)\n\n", r.backends(), r.GOMAXPROCS, r.NumCPU, r.GoVersion, r.Quick, r.Took.Round(time.Millisecond))
-	ew.printf("## Goals (issue 5)\n\n| goal | measured | target | met |\n|---|---:|---|---|\n")
+	ew.printf("## Goals (issues 5 and 9)\n\n| goal | measured | target | met |\n|---|---:|---|---|\n")
 	for _, g := range r.Goals {
 		m := "—"
 		if g.HasValue {
@@ -428,6 +447,15 @@ func (r Report) Write(w io.Writer) error {
 		}
 	}
 	r.writeQEMU(ew)
+	if s := r.Soak; s != nil {
+		if s.Skipped != "" {
+			ew.printf("\n## 11. QEMU soak\n\nSkipped: %s\n", s.Skipped)
+		} else {
+			ew.printf("\n## 11. QEMU soak (%.0f s; epochs %.0f ms, heartbeat every %.0f ms, timeout %.0f ms, takeover %s)\n\nA back-to-back client on one TCP connection to the protected guest; both daemons' status read every poll.\n\n", s.Seconds, s.EpochIntervalMs, s.HeartbeatIntervalMs, s.HeartbeatTimeoutMs, s.Takeover)
+			ew.printf("| replies checked | epochs | polls | false takeovers | backup claims | witness generation changes | polls with the link not up | reconnects | unprotected | client error |\n|---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n")
+			ew.printf("| %d | %d | %d | %d | %d | %d | %d | %d | %v | %s |\n", s.Requests, s.Epochs, s.Polls, s.FalseTakeovers, s.BackupClaims, s.GenerationChanges, s.LinkNotUp, s.Reconnects, s.Unprotected, s.ClientError)
+		}
+	}
 	return ew.err
 }
 

@@ -111,6 +111,9 @@ type VMStatus struct {
 	Insecure bool   `json:"insecure,omitempty"`
 	Link     string `json:"link"`
 	OutBuf   string `json:"outbuf,omitempty"`
+	// Unprotected: a primary that went on without its backup (ack
+	// timeout, policy unprotect): its output is released unacknowledged.
+	Unprotected bool `json:"unprotected,omitempty"`
 	// Busy names a long operation in progress on the VM.
 	Busy string `json:"busy,omitempty"`
 	// StoppedWhy says why a stopped VM does not run here.

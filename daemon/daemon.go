@@ -562,6 +562,7 @@ func (d *Daemon) statusOf(v *vm) VMStatus {
 		s.Reconnects, s.HeartbeatAgeMs, s.LastError = p.Reconnects, checkpoint.Ms(p.HeartbeatAge), p.LastError
 		if p.Unprotected {
 			s.OutBuf += " (released: unprotected)"
+			s.Unprotected = true
 		}
 	case v.backup != nil:
 		b := v.backup.Stats()

@@ -166,7 +166,7 @@ level in $REMUSD_LOG_LEVEL (default warn).`,
 			run: runDemo,
 		},
 		{
-			name: "bench", args: "[--quick] [--json] [--out DIR] [--no-failover] [--failover-trials N] [--skip LIST]",
+			name: "bench", args: "[--quick] [--json] [--out DIR] [--no-failover] [--failover-trials N] [--soak DURATION] [--skip LIST]",
 			summary: "measure what protection costs, against the machine's bounds",
 			desc: `Measures, on the embedded sim backend: pause time per epoch against a
 memcpy of the same dirty pages; the page-delta codec against raw lz4 and
@@ -568,6 +568,7 @@ func runBench(ctx context.Context, c *command, args []string, stdout, stderr io.
 	outDir := fs.String("out", "", "also write report.json, CSV files and PNG plots into this directory")
 	noFailover := fs.Bool("no-failover", false, "skip the failover trials (they start remusd daemons as child processes)")
 	trials := fs.Int("failover-trials", 0, "failover trials of the sim and QEMU sections, 1-1000 (default: 10 sim, 3 QEMU; --quick 3)")
+	soak := fs.Duration("soak", 0, "with --backend qemu|all: also run a protected QEMU guest under load for this long with the default timeouts and count false takeovers (e.g. 30m; at most 24h)")
 	skipList := fs.String("skip", "", "comma-separated sections to skip: pause,encode,pipeline,latency,failover,sweep,scale,multivm,qemu")
 	backend := fs.String("backend", "sim", "sim (every sim section), qemu (client latency and failover on real QEMU VMs: needs root, QEMU and the guest image) or all")
 	pos, code, done := parse(c, fs, args, stdout, stderr)
@@ -591,7 +592,11 @@ func runBench(ctx context.Context, c *command, args []string, stdout, stderr io.
 		fmt.Fprintf(stderr, "remusd bench: --failover-trials: %d out of range [1, 1000]\n", *trials)
 		return exitUsage
 	}
-	o := bench.Options{Quick: *quick, Log: log, Progress: stderr, Backend: *backend, FailoverTrials: *trials}
+	if *soak < 0 || *soak > 24*time.Hour || (*soak > 0 && *backend == "sim") {
+		fmt.Fprintf(stderr, "remusd bench: --soak: %v needs --backend qemu or all and at most 24h\n", *soak)
+		return exitUsage
+	}
+	o := bench.Options{Quick: *quick, Log: log, Progress: stderr, Backend: *backend, FailoverTrials: *trials, Soak: *soak}
 	for _, sec := range strings.Split(*skipList, ",") {
 		if sec = strings.TrimSpace(sec); sec != "" {
 			if !bench.IsSection(sec) {
@@ -601,7 +606,7 @@ func runBench(ctx context.Context, c *command, args []string, stdout, stderr io.
 			o.Skip = append(o.Skip, sec)
 		}
 	}
-	needExe := *backend != "sim" && !strings.Contains(","+*skipList+",", ",qemu,")
+	needExe := *backend != "sim" && (!strings.Contains(","+*skipList+",", ",qemu,") || *soak > 0)
 	if *noFailover || strings.Contains(","+*skipList+",", ",failover,") {
 		o.Skip = append(o.Skip, "failover")
 	} else {

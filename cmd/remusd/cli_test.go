@@ -109,6 +109,8 @@ func TestUsageErrors(t *testing.T) {
 		{[]string{"bench", "--failover-trials", "1001"}, "--failover-trials: 1001 out of range"},
 		{[]string{"bench", "--failover-trials", "-1"}, "--failover-trials: -1 out of range"},
 		{[]string{"bench", "--skip", "lunch"}, `unknown section "lunch"`},
+		{[]string{"bench", "--soak", "10m"}, "--soak: 10m0s needs --backend qemu"},
+		{[]string{"bench", "--backend", "qemu", "--soak", "25h"}, "at most 24h"},
 	} {
 		code, _, errOut := runCLI(t, tc.args...)
 		if code != exitUsage {
