@@ -437,7 +437,7 @@ func (m *modelBuffer) passing() bool {
 // the state kept for unacked epochs stays within max_inflight + 1, and
 // that the backup's sequence is always valid.
 func TestPrimaryCoreRandomized(t *testing.T) {
-	n := trials(600, 600)
+	n := max(trials(600, 600), 600)
 	kinds := map[string]int{}
 	for seed := uint64(1); seed <= uint64(n); seed++ {
 		rng := rand.New(rand.NewPCG(seed, 7))

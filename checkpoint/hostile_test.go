@@ -158,10 +158,7 @@ func randomAttack(rng *rand.Rand, p *pair, strangerMem, strangerDev []byte) atta
 			desc = append(desc, fmt.Sprintf("protection %.20q", h.ProtectionId))
 		},
 		func() {
-			h.BackendConfig = make([]byte, 1<<(10+rng.IntN(13)))
-			for i := range h.BackendConfig {
-				h.BackendConfig[i] = byte(rng.Uint32())
-			}
+			h.BackendConfig = bytes.Repeat([]byte{byte(rng.Uint32()), 0xff, 0}, 1<<(9+rng.IntN(13)))
 			desc = append(desc, fmt.Sprintf("backend_config of %d bytes", len(h.BackendConfig)))
 		},
 		func() { h.Host = huge(); desc = append(desc, "huge host") },

@@ -76,7 +76,7 @@ var linkClasses = []struct {
 // committed, or protection off (between ReleaseAll and the next Hold, no
 // ack since). A Run that ends with an error fails the trial.
 func TestFaultsRandomized(t *testing.T) {
-	per := trials(3, 1)
+	per := trials(3, 2)
 	for ci, class := range linkClasses {
 		t.Run(strings.ReplaceAll(class.name, "/", "-"), func(t *testing.T) {
 			var sum linkSummary

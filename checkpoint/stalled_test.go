@@ -45,7 +45,7 @@ var stallKinds = []string{"never commits", "stuck after a few acks", "mute after
 // fixed at max_inflight + 1), its heap flat (see heapBound), its
 // goroutines gone after Run, and its output legitimate.
 func TestStalledBackupTrials(t *testing.T) {
-	n := trials(4, 4)
+	n := trials(8, 4)
 	counts := map[string]int{}
 	var links int64
 	for trial := 0; trial < n; trial++ {
