@@ -117,12 +117,11 @@ func faultTrial(t *testing.T, usePlug, unprotect bool, seed uint64, verbose bool
 	p := newPairWith(t, cfg, pc, pairOptions{plug: usePlug})
 
 	type plan struct {
-		at     int              // frame index of the primary-side fault (-1: none)
-		fault  transport.Action // its kind
-		stall  int              // backup frame index from which acks are dropped (-1: never)
-		ackAt  int              // backup frame index of a single fault on an ack (-1: none)
-		ackDo  transport.Action
-		planed bool
+		at    int              // frame index of the primary-side fault (-1: none)
+		fault transport.Action // its kind
+		stall int              // backup frame index from which acks are dropped (-1: never)
+		ackAt int              // backup frame index of a single fault on an ack (-1: none)
+		ackDo transport.Action
 	}
 	var pmu sync.Mutex
 	plans := map[int]*plan{}
@@ -178,12 +177,17 @@ func faultTrial(t *testing.T, usePlug, unprotect bool, seed uint64, verbose bool
 		if k, ok := transport.FrameKind(b); !ok || k != transport.KindAck {
 			return transport.Fault{}
 		}
-		switch {
-		case pl.stall >= 0 && i >= pl.stall:
+		if pl.stall >= 0 && i >= pl.stall {
 			faults.Add(1)
 			return transport.Fault{Action: transport.Drop}
-		case pl.ackAt >= 0 && i >= pl.ackAt:
-			pl.ackAt = -1 // only the first ack from there (hooks of one link are serial)
+		}
+		pmu.Lock()
+		hit := pl.ackAt >= 0 && i >= pl.ackAt
+		if hit {
+			pl.ackAt = -1 // only the first ack from there
+		}
+		pmu.Unlock()
+		if hit {
 			faults.Add(1)
 			return fault(pl.ackDo, b)
 		}
