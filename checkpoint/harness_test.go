@@ -46,6 +46,9 @@ type pair struct {
 	links    int
 	wg       sync.WaitGroup
 
+	// close stops the guest (call it from the test's goroutine).
+	close func()
+
 	// runDone is closed when the primary's Run returned, with runErr.
 	runDone chan struct{}
 	runErr  error
@@ -116,7 +119,18 @@ func newPairWith(t *testing.T, cfg sim.Config, pc PrimaryConfig, po pairOptions)
 		t.Fatal(err)
 	}
 	p.primary = pr
-	t.Cleanup(func() { g.Close() })
+	// The guest is closed when the test ends, or earlier by close, which
+	// lets go of it: trials make thousands of pairs in one test.
+	held := &struct{ g *sim.Guest }{g}
+	t.Cleanup(func() {
+		if held.g != nil {
+			held.g.Close()
+		}
+	})
+	p.close = func() {
+		g.Close()
+		held.g = nil
+	}
 	return p
 }
 

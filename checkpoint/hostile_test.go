@@ -48,6 +48,7 @@ func hostileRound(t *testing.T, seed uint64, n int, kinds map[string]int) {
 	rng := rand.New(rand.NewPCG(seed, 31))
 	cfg := sim.Config{MemoryBytes: 1 << 20, Workload: []string{"uniform", "hotset", "sequential", "sparse"}[rng.IntN(4)], Rate: 3000, Seed: seed, OutputEvery: 8}
 	p := newPair(t, cfg, PrimaryConfig{Interval: 3 * time.Millisecond, MaxInflight: 1 + rng.IntN(2), AckTimeout: 5 * time.Second})
+	defer p.close()
 	var goodbyes atomic.Int32
 	p.backup.o.OnGoodbye = func(bool) { goodbyes.Add(1) }
 	// A stranger's epochs carry a genuine guest state, so that a replica

@@ -115,6 +115,7 @@ func faultTrial(t *testing.T, usePlug, unprotect bool, seed uint64, verbose bool
 	cfg := sim.Config{MemoryBytes: 1 << 20, Workload: wl, Rate: rate, Seed: seed, OutputEvery: []int{2, 4, 16}[intn(3)]}
 	pc := PrimaryConfig{Interval: 3 * time.Millisecond, MaxInflight: 1 + intn(3), AckTimeout: 150 * time.Millisecond, UnprotectOnAckTimeout: unprotect}
 	p := newPairWith(t, cfg, pc, pairOptions{plug: usePlug})
+	defer p.close()
 
 	type plan struct {
 		at    int              // frame index of the primary-side fault (-1: none)

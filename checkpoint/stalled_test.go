@@ -119,6 +119,7 @@ func stalledTrial(t *testing.T, seed uint64, kind stallKind, usePlug, unprotect,
 	if kind == stallAcksLost {
 		p := newPairWith(t, cfg, pc, pairOptions{plug: usePlug})
 		pr, check, guest = p.primary, p.check, p.guest
+		defer p.close()
 		pr.o.OnCapture = chain(pr.o.OnCapture, sample)
 		var acks atomic.Uint64
 		drop := func(link, i int, b []byte) transport.Fault {
