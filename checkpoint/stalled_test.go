@@ -170,8 +170,12 @@ func stalledTrial(t *testing.T, seed uint64, kind stallKind, usePlug, unprotect,
 	defer guest.Close()
 
 	ctx, cancel := context.WithCancel(context.Background())
-	runErr := make(chan error, 1)
-	go func() { runErr <- pr.Run(ctx) }()
+	runDone := make(chan struct{})
+	var runErr error
+	go func() {
+		runErr = pr.Run(ctx)
+		close(runDone)
+	}()
 	target := int64(stallLinks)
 	if kind == stallMute {
 		target = stallLinks / 3
@@ -180,8 +184,8 @@ func stalledTrial(t *testing.T, seed uint64, kind stallKind, usePlug, unprotect,
 		deadline := time.Now().Add(60 * time.Second)
 		for dials() < links {
 			select {
-			case err := <-runErr:
-				return fmt.Errorf("primary's Run returned early: %v", err)
+			case <-runDone:
+				return fmt.Errorf("primary's Run returned early: %v", runErr)
 			default:
 			}
 			if time.Now().After(deadline) {
@@ -206,8 +210,9 @@ func stalledTrial(t *testing.T, seed uint64, kind stallKind, usePlug, unprotect,
 		end = heap()
 	}
 	cancel()
-	if rerr := <-runErr; err == nil && rerr != nil {
-		err = fmt.Errorf("primary's Run: %v", rerr)
+	<-runDone
+	if err == nil && runErr != nil {
+		err = fmt.Errorf("primary's Run: %v", runErr)
 	}
 	finish()
 	name := fmt.Sprintf("seed %d (%s, plug %v, unprotect %v, max_inflight %d)", seed, stallKinds[kind], usePlug, unprotect, pc.MaxInflight)
