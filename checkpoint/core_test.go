@@ -6,6 +6,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/remusd/remusd/outbuf/plug"
 )
 
 var t0 = time.Unix(1_000_000, 0)
@@ -325,7 +327,8 @@ func TestPrimaryCoreResume(t *testing.T) {
 // modelBuffer is an output buffer model for the randomized core test:
 // packets carry the epoch they were emitted in; plug mode follows
 // sch_plug's rule (one closed epoch: a checkpoint while one is pending
-// places no boundary, as outbuf/plug does).
+// places no boundary, as outbuf/plug does). With real set, the packets go
+// through the real plug.Buffer over plug.SimKernel instead.
 type modelBuffer struct {
 	plug     bool
 	passThru bool
@@ -333,6 +336,9 @@ type modelBuffer struct {
 	closed   []modelEpoch
 	released []uint64 // tags released, in order
 	passed   int      // packets released in pass-through
+
+	real *plug.Buffer
+	kern *plug.SimKernel
 }
 
 type modelEpoch struct {
@@ -340,7 +346,25 @@ type modelEpoch struct {
 	pkts  []uint64
 }
 
+// newRealPlug is the real plug.Buffer over a model of sch_plug.
+func newRealPlug() *modelBuffer {
+	m := &modelBuffer{plug: true}
+	m.kern = plug.NewSimKernel(0, func(tag uint64) {
+		if m.passThru {
+			m.passed++
+			return
+		}
+		m.released = append(m.released, tag)
+	})
+	m.real = plug.NewSimulated(m.kern, nil)
+	return m
+}
+
 func (m *modelBuffer) emit(tag uint64) {
+	if m.real != nil {
+		m.kern.Enqueue(tag)
+		return
+	}
 	if m.passThru {
 		m.passed++
 		return
@@ -348,48 +372,93 @@ func (m *modelBuffer) emit(tag uint64) {
 	m.open = append(m.open, tag)
 }
 
-func (m *modelBuffer) checkpoint(epoch uint64) {
+func (m *modelBuffer) checkpoint(epoch uint64) error {
+	if m.real != nil {
+		return m.real.Checkpoint(epoch)
+	}
 	if m.passThru {
-		return
+		return nil
 	}
 	if m.plug && len(m.closed) > 0 {
-		return // merged into the open part
+		return nil // merged into the open part
 	}
 	m.closed = append(m.closed, modelEpoch{epoch, m.open})
 	m.open = nil
+	return nil
 }
 
-func (m *modelBuffer) release(epoch uint64) {
+func (m *modelBuffer) release(epoch uint64) error {
+	if m.real != nil {
+		return m.real.Release(epoch)
+	}
 	i := 0
 	for i < len(m.closed) && m.closed[i].epoch <= epoch {
 		m.released = append(m.released, m.closed[i].pkts...)
 		i++
 	}
 	m.closed = m.closed[i:]
+	return nil
 }
 
-func (m *modelBuffer) releaseAll() {
+func (m *modelBuffer) releaseAll() error {
+	if m.real != nil {
+		m.passThru = true // what it lets out now is legitimate
+		return m.real.ReleaseAll()
+	}
 	for _, e := range m.closed {
 		m.released = append(m.released, e.pkts...)
 	}
 	m.released = append(m.released, m.open...)
 	m.closed, m.open, m.passThru = nil, nil, true
+	return nil
+}
+
+func (m *modelBuffer) hold() error {
+	m.passThru = false
+	if m.real != nil {
+		return m.real.Hold()
+	}
+	return nil
+}
+
+// passing reports whether output leaves unheld.
+func (m *modelBuffer) passing() bool {
+	if m.real != nil {
+		return m.kern.State().UnplugIndefinite
+	}
+	return m.passThru
 }
 
 // TestPrimaryCoreRandomized drives the core with random events against a
-// model backup and a model output buffer (memory or plug) and checks
+// model backup and an output buffer (a model of memory or of plug, or the
+// real plug.Buffer over a model of sch_plug) and checks
 // invariant 1 (no packet leaves before the backup committed its epoch),
 // that the buffer never stays in pass-through once acks flow again, that
 // the state kept for unacked epochs stays within max_inflight + 1, and
 // that the backup's sequence is always valid.
 func TestPrimaryCoreRandomized(t *testing.T) {
-	for seed := uint64(1); seed <= 600; seed++ {
+	n := max(trials(600, 600), 600)
+	kinds := map[string]int{}
+	for seed := uint64(1); seed <= uint64(n); seed++ {
 		rng := rand.New(rand.NewPCG(seed, 7))
 		cfg := PrimaryConfig{Interval: 10 * time.Millisecond, MaxInflight: 1 + rng.IntN(4), AckTimeout: 200 * time.Millisecond,
 			UnprotectOnAckTimeout: rng.IntN(3) == 0}
-		buf := &modelBuffer{plug: rng.IntN(2) == 0}
-		if buf.plug {
-			cfg.MaxInflight = 1 // as the daemon forces for plug
+		var buf *modelBuffer
+		switch rng.IntN(3) {
+		case 0:
+			buf = &modelBuffer{}
+			kinds["memory model"]++
+		case 1:
+			buf = &modelBuffer{plug: true}
+			kinds["plug model"]++
+		default:
+			buf = newRealPlug()
+			kinds["plug over SimKernel"]++
+		}
+		if buf.plug && buf.real == nil {
+			// As the daemon forces for plug. The real plug.Buffer keeps
+			// any max_inflight: it merges, so it never releases early.
+			cfg.MaxInflight = 1
 		}
 		c := NewPrimaryCore(cfg, at(0))
 		b := NewBackupCore(0)
@@ -421,9 +490,13 @@ func TestPrimaryCoreRandomized(t *testing.T) {
 					capturing = &cp
 					// The runner does this while the guest is paused.
 					if a.Hold {
-						buf.passThru = false
+						if err := buf.hold(); err != nil {
+							t.Fatalf("seed %d: hold: %v", seed, err)
+						}
 					}
-					buf.checkpoint(a.Epoch)
+					if err := buf.checkpoint(a.Epoch); err != nil {
+						t.Fatalf("seed %d: checkpoint %d: %v", seed, a.Epoch, err)
+					}
 				case ActSend:
 					if !linkUp {
 						t.Fatalf("seed %d: send while link down", seed)
@@ -433,13 +506,17 @@ func TestPrimaryCoreRandomized(t *testing.T) {
 					if a.Epoch > b.Committed() {
 						t.Fatalf("seed %d: release of %d while backup committed %d", seed, a.Epoch, b.Committed())
 					}
-					buf.release(a.Epoch)
+					if err := buf.release(a.Epoch); err != nil {
+						t.Fatalf("seed %d: release %d: %v", seed, a.Epoch, err)
+					}
 				case ActReleaseAll:
 					if !cfg.UnprotectOnAckTimeout {
 						t.Fatalf("seed %d: release-all under hold policy", seed)
 					}
 					// Legitimate: the operator chose to run unprotected.
-					buf.releaseAll()
+					if err := buf.releaseAll(); err != nil {
+						t.Fatal(err)
+					}
 					checked = len(buf.released)
 				case ActDropLink:
 					linkUp = false
@@ -485,7 +562,7 @@ func TestPrimaryCoreRandomized(t *testing.T) {
 				if err != nil {
 					t.Fatalf("seed %d: ack %d: %v", seed, e, err)
 				}
-				if buf.passThru {
+				if buf.passing() {
 					t.Fatalf("seed %d: epoch %d acknowledged while the output buffer still passes output unheld (%d packets so far)", seed, e, buf.passed)
 				}
 				apply(acts)
@@ -508,6 +585,7 @@ func TestPrimaryCoreRandomized(t *testing.T) {
 		}
 		check()
 	}
+	reportTrials(t, "core (model time)", n, "buffers %v", kinds)
 }
 
 func TestBackupCoreSequence(t *testing.T) {

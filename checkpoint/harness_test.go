@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"net"
 	"runtime/pprof"
+	"sort"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -15,6 +16,7 @@ import (
 
 	"github.com/remusd/remusd/hypervisor/sim"
 	"github.com/remusd/remusd/outbuf"
+	"github.com/remusd/remusd/outbuf/plug"
 	remuspb "github.com/remusd/remusd/proto"
 	"github.com/remusd/remusd/transport"
 )
@@ -28,7 +30,9 @@ type pair struct {
 	replica *sim.Replica
 	backup  *Backup
 	primary *Primary
-	out     *outbuf.Memory
+	out     outbuf.Buffer
+	// check sees every output message the buffer releases (invariant 1).
+	check *outputCheck
 
 	// hook, if set, decides the fault for each frame the primary writes.
 	hook atomic.Pointer[func(link, i int, b []byte) transport.Fault]
@@ -39,19 +43,42 @@ type pair struct {
 	// captured[epoch] = ops of the guest at that epoch's checkpoint.
 	captured map[uint64]uint64
 	acked    uint64
-	// violations of invariant 1: output released for an epoch the backup
-	// had not committed at the moment of release.
-	violations []string
-	released   int
-	lastSeq    uint64
-	links      int
-	wg         sync.WaitGroup
+	links    int
+	wg       sync.WaitGroup
+
+	// close stops the guest (call it from the test's goroutine).
+	close func()
+
+	// runDone is closed when the primary's Run returned, with runErr.
+	runDone chan struct{}
+	runErr  error
+}
+
+// pairOptions vary the harness.
+type pairOptions struct {
+	// plug: the output buffer is the real plug.Buffer over a model of the
+	// kernel's sch_plug (plug.SimKernel), and max_inflight is 1 as the
+	// daemon forces for plug; otherwise outbuf.Memory.
+	plug bool
 }
 
 func newPair(t *testing.T, cfg sim.Config, pc PrimaryConfig) *pair {
 	t.Helper()
+	return newPairWith(t, cfg, pc, pairOptions{})
+}
+
+func newPairWith(t *testing.T, cfg sim.Config, pc PrimaryConfig, po pairOptions) *pair {
+	t.Helper()
 	cfg = cfg.WithDefaults()
-	g, err := sim.New("vm", cfg, nil)
+	p := &pair{t: t, cfg: cfg, captured: map[uint64]uint64{}}
+	// Invariant 1: the backup must hold a message's epoch before it leaves.
+	p.check = newOutputCheck(func() uint64 { return p.backup.Committed() })
+	var emit func(seq uint64, msg []byte)
+	p.out, emit = newTrialBuffer(po.plug, 0, p.check)
+	if po.plug {
+		pc.MaxInflight = 1
+	}
+	g, err := sim.New("vm", cfg, nil, sim.WithOutput(emit))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -59,26 +86,13 @@ func newPair(t *testing.T, cfg sim.Config, pc PrimaryConfig) *pair {
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := &pair{t: t, cfg: cfg, guest: g, replica: rep, captured: map[uint64]uint64{}}
+	p.guest, p.replica = g, rep
 	p.backup = NewBackup(BackupOptions{
 		VMName: "vm", Replica: rep, Backend: sim.BackendName, BackendVersion: sim.BackendVersion, Owner: "host-a",
 		HeartbeatInterval: 20 * time.Millisecond, HeartbeatTimeout: 2 * time.Second,
 	})
-	p.out = outbuf.NewMemory(0, func(epoch uint64, msg []byte) {
-		// Invariant 1: the backup must hold this epoch before its output leaves.
-		if c := p.backup.Committed(); epoch > c {
-			p.violations = append(p.violations, fmt.Sprintf("output of epoch %d released while backup committed %d", epoch, c))
-		}
-		seq := binary.LittleEndian.Uint64(msg)
-		if seq <= p.lastSeq {
-			p.violations = append(p.violations, fmt.Sprintf("output seq %d after %d: reordered", seq, p.lastSeq))
-		}
-		p.lastSeq = seq
-		p.released++
-	})
-	g.SetOutput(func(_ uint64, msg []byte) { p.out.Emit(msg) })
 	pr, err := NewPrimary(PrimaryOptions{
-		Guest: g, Out: p.out, Dial: p.dial, ProtectionID: "test",
+		Guest: g, Out: spyBuffer{p.out, p.check}, Dial: p.dial, ProtectionID: "test",
 		Core:              pc,
 		Encoder:           transport.EncoderConfig{CachePages: 64},
 		HeartbeatInterval: 20 * time.Millisecond, HeartbeatTimeout: 2 * time.Second,
@@ -89,11 +103,13 @@ func newPair(t *testing.T, cfg sim.Config, pc PrimaryConfig) *pair {
 				t.Errorf("capture %d: %v", ci.Epoch, err)
 				return
 			}
+			p.check.capture(ci.Epoch, info.OutputSeq)
 			p.mu.Lock()
 			p.captured[ci.Epoch] = info.Ops
 			p.mu.Unlock()
 		},
 		OnAck: func(e uint64) {
+			p.check.acked()
 			p.mu.Lock()
 			p.acked = e
 			p.mu.Unlock()
@@ -103,8 +119,165 @@ func newPair(t *testing.T, cfg sim.Config, pc PrimaryConfig) *pair {
 		t.Fatal(err)
 	}
 	p.primary = pr
-	t.Cleanup(func() { g.Close() })
+	// The guest is closed when the test ends, or earlier by close, which
+	// lets go of it: trials make thousands of pairs in one test.
+	held := &struct{ g *sim.Guest }{g}
+	t.Cleanup(func() {
+		if held.g != nil {
+			held.g.Close()
+		}
+	})
+	p.close = func() {
+		g.Close()
+		held.g = nil
+	}
 	return p
+}
+
+// newTrialBuffer returns the output buffer of a trial and the guest's
+// output function feeding it: outbuf.Memory, or (plug) the real
+// plug.Buffer over plug.SimKernel, whose packets are the messages' output
+// sequence numbers. Every message either releases goes to check. limit
+// bounds what it holds (bytes for memory, packets for plug; 0: default).
+func newTrialBuffer(usePlug bool, limit int, check *outputCheck) (outbuf.Buffer, func(seq uint64, msg []byte)) {
+	if usePlug {
+		k := plug.NewSimKernel(limit, check.release)
+		return plug.NewSimulated(k, nil), func(seq uint64, _ []byte) { k.Enqueue(seq) }
+	}
+	m := outbuf.NewMemory(limit, func(_ uint64, msg []byte) {
+		check.release(binary.LittleEndian.Uint64(msg))
+	})
+	return m, func(_ uint64, msg []byte) { m.Emit(msg) }
+}
+
+// outputCheck checks each released output message against invariant 1 by
+// the message's true epoch, derived from the guest's output sequence
+// number at each capture (its device state), not from the buffer's own
+// epoch labels. A message may leave only once the backup committed its
+// epoch, or while protection is off: between a ReleaseAll (the ack-timeout
+// policy unprotect) and the Hold that the next full epoch performs
+// (Action.Hold), and never after an ack arrived (acks mean protection is
+// back). Messages must leave in order, each at most once.
+type outputCheck struct {
+	mu        sync.Mutex
+	committed func() uint64
+	caps      []capSeq // ascending epochs
+	window    bool     // unprotected: ReleaseAll performed, no Hold or ack since
+	lastSeq   uint64
+
+	windows    int // unprotected episodes
+	released   int // messages released
+	passed     int // of which while unprotected
+	violations []string
+	nviol      int
+}
+
+type capSeq struct{ epoch, seq uint64 }
+
+func newOutputCheck(committed func() uint64) *outputCheck {
+	return &outputCheck{committed: committed}
+}
+
+// capture records that epoch was captured after the guest emitted output
+// up to seq.
+func (c *outputCheck) capture(epoch, seq uint64) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if n := len(c.caps); n > 0 && (epoch <= c.caps[n-1].epoch || seq < c.caps[n-1].seq) {
+		c.violate("capture of epoch %d (output seq %d) after epoch %d (seq %d)", epoch, seq, c.caps[n-1].epoch, c.caps[n-1].seq)
+	}
+	c.caps = append(c.caps, capSeq{epoch, seq})
+}
+
+// epochOf is the epoch of output message seq: the first epoch captured
+// after it was emitted; 0 if none was yet (the open epoch). c.mu held.
+func (c *outputCheck) epochOf(seq uint64) uint64 {
+	i := sort.Search(len(c.caps), func(i int) bool { return c.caps[i].seq >= seq })
+	if i == len(c.caps) {
+		return 0
+	}
+	return c.caps[i].epoch
+}
+
+// release is the buffer letting message seq out.
+func (c *outputCheck) release(seq uint64) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.released++
+	if seq <= c.lastSeq {
+		c.violate("output seq %d released after %d: reordered or duplicated", seq, c.lastSeq)
+	}
+	c.lastSeq = seq
+	if c.window {
+		c.passed++
+		return
+	}
+	switch e, committed := c.epochOf(seq), c.committed(); {
+	case e == 0:
+		c.violate("output seq %d of the open epoch (not captured yet) released while protected (backup committed %d)", seq, committed)
+	case e > committed:
+		c.violate("output seq %d of epoch %d released while the backup committed %d", seq, e, committed)
+	}
+}
+
+func (c *outputCheck) releaseAll() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !c.window {
+		c.windows++
+	}
+	c.window = true
+}
+
+func (c *outputCheck) hold() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.window = false
+}
+
+// acked: the primary saw an ack; the buffer must hold by now.
+func (c *outputCheck) acked() { c.hold() }
+
+func (c *outputCheck) violate(format string, args ...any) {
+	c.nviol++
+	if len(c.violations) < 10 {
+		c.violations = append(c.violations, fmt.Sprintf(format, args...))
+	}
+}
+
+// counts returns how many messages were released, and of those how many
+// while unprotected, and the number of unprotected episodes.
+func (c *outputCheck) counts() (released, passed, windows int) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.released, c.passed, c.windows
+}
+
+// err reports the violations seen, nil if none.
+func (c *outputCheck) err() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.nviol == 0 {
+		return nil
+	}
+	return fmt.Errorf("output commit violated %d times, first: %v", c.nviol, c.violations)
+}
+
+// spyBuffer tells the check when the primary releases everything (running
+// unprotected) and when it holds again, before the buffer acts.
+type spyBuffer struct {
+	outbuf.Buffer
+	check *outputCheck
+}
+
+func (s spyBuffer) ReleaseAll() error {
+	s.check.releaseAll()
+	return s.Buffer.ReleaseAll()
+}
+
+func (s spyBuffer) Hold() error {
+	s.check.hold()
+	return s.Buffer.Hold()
 }
 
 // dial makes a new in-memory link and serves its far end as the backup's
@@ -147,17 +320,34 @@ func (p *pair) dial(ctx context.Context) (net.Conn, error) {
 	return pc, nil
 }
 
-// run starts the primary; the returned func stops it and waits.
+// run starts the primary; the returned func stops it and waits. A Run
+// that returns an error (e.g. a buffer refusing a checkpoint) fails the
+// test.
 func (p *pair) run() (stop func()) {
 	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- p.primary.Run(ctx) }()
+	p.runDone = make(chan struct{})
+	go func() {
+		p.runErr = p.primary.Run(ctx)
+		close(p.runDone)
+	}()
 	return func() {
 		cancel()
-		if err := <-done; err != nil {
-			p.t.Errorf("primary: %v", err)
+		<-p.runDone
+		if p.runErr != nil {
+			p.t.Errorf("primary: %v", p.runErr)
 		}
 		p.wg.Wait()
+	}
+}
+
+// runFailed reports whether Run already returned (it must not, before the
+// test stops it).
+func (p *pair) runFailed() error {
+	select {
+	case <-p.runDone:
+		return fmt.Errorf("primary's Run returned early: %v", p.runErr)
+	default:
+		return nil
 	}
 }
 
@@ -171,6 +361,9 @@ func (p *pair) waitAcked(n uint64, within time.Duration) {
 		p.mu.Unlock()
 		if a >= n {
 			return
+		}
+		if err := p.runFailed(); err != nil {
+			p.t.Fatal(err)
 		}
 		time.Sleep(2 * time.Millisecond)
 	}
@@ -215,8 +408,8 @@ func (p *pair) checkReplica() {
 	if !bytes.Equal(wantDev, dev) {
 		p.t.Fatalf("replica device state at epoch %d differs", committed)
 	}
-	if len(p.violations) > 0 {
-		p.t.Fatalf("output commit violated: %v", p.violations)
+	if err := p.check.err(); err != nil {
+		p.t.Fatal(err)
 	}
 }
 

@@ -2,7 +2,9 @@ package checkpoint
 
 import (
 	"math/rand/v2"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -24,7 +26,7 @@ func TestPipelineEndToEnd(t *testing.T) {
 			p.waitAcked(20, 20*time.Second)
 			stop()
 			p.checkReplica()
-			if p.released == 0 {
+			if released, _, _ := p.check.counts(); released == 0 {
 				t.Fatal("no output was ever released")
 			}
 			st := p.primary.Stats()
@@ -60,51 +62,178 @@ func TestPipelinedInflight(t *testing.T) {
 	p.checkReplica()
 }
 
+// linkClasses are the link-fault trial classes: output buffer × ack-timeout
+// policy.
+var linkClasses = []struct {
+	name            string
+	plug, unprotect bool
+}{
+	{"link/memory/hold", false, false},
+	{"link/plug/hold", true, false},
+	{"link/memory/unprotect", false, true},
+	{"link/plug/unprotect", true, true},
+}
+
 // TestFaultsRandomized kills links at random points (mid-epoch included),
-// truncates, corrupts and drops frames and stalls acks, over many trials,
-// and checks after each trial that the replica is exactly the primary's
-// state at a committed epoch no older than the last ack, and that no output
-// left before its epoch was committed.
+// truncates, corrupts and drops frames in both directions and stalls acks,
+// for each output buffer (memory; plug's real Buffer over a model of
+// sch_plug, max_inflight 1) and each ack-timeout policy (hold; unprotect).
+// After each trial the replica must be exactly the primary's state at a
+// committed epoch no older than the last ack, and every message the
+// buffer released must have been legitimate when it left: its true epoch
+// committed, or protection off (between ReleaseAll and the next Hold, no
+// ack since). A Run that ends with an error fails the trial.
 func TestFaultsRandomized(t *testing.T) {
-	trials := 12
-	if testing.Short() || raceEnabled {
-		trials = 6
-	}
-	for trial := 0; trial < trials; trial++ {
-		seed := uint64(trial + 1)
-		rng := rand.New(rand.NewPCG(seed, 99))
-		wl := []string{"uniform", "hotset", "sequential", "sparse"}[trial%4]
-		// A short ack timeout: a dropped frame stalls the epoch until the
-		// primary gives up on the link and resyncs.
-		p := newPair(t, smallGuest(wl, seed), PrimaryConfig{Interval: 3 * time.Millisecond, MaxInflight: 1 + trial%3, AckTimeout: 300 * time.Millisecond})
-		var faults int
-		hook := func(link, i int, b []byte) transport.Fault {
-			// Fault only some links, and only after the first frames, so
-			// that the pair keeps making progress between faults.
-			if link%2 == 0 || i < 3 || rng.IntN(40) != 0 {
-				return transport.Fault{}
+	per := trials(3, 2)
+	for ci, class := range linkClasses {
+		t.Run(strings.ReplaceAll(class.name, "/", "-"), func(t *testing.T) {
+			var sum linkSummary
+			for trial := 0; trial < per; trial++ {
+				faultTrial(t, class.plug, class.unprotect, uint64(ci)<<32|uint64(trial+1), per <= 10, &sum)
+				if t.Failed() {
+					return
+				}
 			}
-			faults++
-			switch rng.IntN(5) {
+			reportTrials(t, class.name, per, "links %d, torn epochs discarded %d, rejected %d, unprotected episodes %d, messages released %d (%d while unprotected)",
+				sum.links, sum.torn, sum.rejected, sum.windows, sum.released, sum.passed)
+		})
+	}
+}
+
+type linkSummary struct{ links, torn, rejected, windows, released, passed int }
+
+// faultTrial runs one link-fault trial. Link 1 carries no primary-side
+// fault but its acks stop at a random point, so that the ack-timeout
+// policy acts in every trial; links 2..8 get random faults in both
+// directions; later links none, so that the pair converges.
+func faultTrial(t *testing.T, usePlug, unprotect bool, seed uint64, verbose bool, sum *linkSummary) {
+	t.Helper()
+	rng := rand.New(rand.NewPCG(seed, 99))
+	var rmu sync.Mutex // hooks run on the links' goroutines
+	intn := func(n int) int {
+		rmu.Lock()
+		defer rmu.Unlock()
+		return rng.IntN(n)
+	}
+	wl := []string{"uniform", "hotset", "sequential", "sparse"}[intn(4)]
+	rate := []int{5000, 15000, 40000}[intn(3)]
+	if raceEnabled {
+		rate = min(rate, 15000)
+	}
+	cfg := sim.Config{MemoryBytes: 1 << 20, Workload: wl, Rate: rate, Seed: seed, OutputEvery: []int{2, 4, 16}[intn(3)]}
+	pc := PrimaryConfig{Interval: 3 * time.Millisecond, MaxInflight: 1 + intn(3), AckTimeout: 150 * time.Millisecond, UnprotectOnAckTimeout: unprotect}
+	p := newPairWith(t, cfg, pc, pairOptions{plug: usePlug})
+	defer p.close()
+
+	type plan struct {
+		at    int              // frame index of the primary-side fault (-1: none)
+		fault transport.Action // its kind
+		stall int              // backup frame index from which acks are dropped (-1: never)
+		ackAt int              // backup frame index of a single fault on an ack (-1: none)
+		ackDo transport.Action
+	}
+	var pmu sync.Mutex
+	plans := map[int]*plan{}
+	planFor := func(link int) *plan {
+		pmu.Lock()
+		defer pmu.Unlock()
+		if pl, ok := plans[link]; ok {
+			return pl
+		}
+		pl := &plan{at: -1, stall: -1, ackAt: -1}
+		kinds := []transport.Action{transport.Truncate, transport.Corrupt, transport.Cut, transport.Drop}
+		switch {
+		case link == 1:
+			pl.stall = 3 + intn(30)
+		case link <= 8:
+			if intn(2) == 0 {
+				pl.at, pl.fault = 3+intn(40), kinds[intn(len(kinds))]
+			}
+			switch intn(6) {
 			case 0:
-				return transport.Fault{Action: transport.Truncate, N: rng.IntN(len(b))}
+				pl.stall = 3 + intn(20)
 			case 1:
-				return transport.Fault{Action: transport.Corrupt, N: 9 + rng.IntN(max(1, len(b)-9))}
-			case 2:
-				return transport.Fault{Action: transport.Cut}
-			case 3:
-				return transport.Fault{Action: transport.Drop}
-			default:
-				return transport.Fault{Action: transport.Delay, Delay: time.Duration(rng.IntN(3)) * time.Millisecond}
+				pl.ackAt, pl.ackDo = 2+intn(20), kinds[intn(len(kinds))]
 			}
 		}
-		p.hook.Store(&hook)
-		stop := p.run()
-		p.waitAcked(40, 30*time.Second)
-		stop()
-		p.checkReplica()
-		t.Logf("trial %d (%s): links %d, backup committed %d, torn discarded %d, rejected %d",
-			trial, wl, p.links, p.backup.Committed(), p.backup.Stats().TornEpochsDiscarded, p.backup.Stats().Rejected)
+		plans[link] = pl
+		return pl
+	}
+	fault := func(a transport.Action, b []byte) transport.Fault {
+		switch a {
+		case transport.Truncate:
+			return transport.Fault{Action: a, N: intn(len(b))}
+		case transport.Corrupt:
+			// Past the length prefix and kind: the frame stays framed.
+			return transport.Fault{Action: a, N: 9 + intn(max(1, len(b)-9))}
+		}
+		return transport.Fault{Action: a}
+	}
+	var faults atomic.Int64
+	hook := func(link, i int, b []byte) transport.Fault {
+		pl := planFor(link)
+		if i == pl.at {
+			faults.Add(1)
+			return fault(pl.fault, b)
+		}
+		if link <= 8 && intn(30) == 0 {
+			return transport.Fault{Action: transport.Delay, Delay: time.Duration(intn(3)) * time.Millisecond}
+		}
+		return transport.Fault{}
+	}
+	backHook := func(link, i int, b []byte) transport.Fault {
+		pl := planFor(link)
+		if k, ok := transport.FrameKind(b); !ok || k != transport.KindAck {
+			return transport.Fault{}
+		}
+		if pl.stall >= 0 && i >= pl.stall {
+			faults.Add(1)
+			return transport.Fault{Action: transport.Drop}
+		}
+		pmu.Lock()
+		hit := pl.ackAt >= 0 && i >= pl.ackAt
+		if hit {
+			pl.ackAt = -1 // only the first ack from there
+		}
+		pmu.Unlock()
+		if hit {
+			faults.Add(1)
+			return fault(pl.ackDo, b)
+		}
+		return transport.Fault{}
+	}
+	p.hook.Store(&hook)
+	p.backHook.Store(&backHook)
+	stop := p.run()
+	p.waitAcked(40, 60*time.Second)
+	// Carry on past the faults: output after recovery is checked too.
+	p.mu.Lock()
+	next := p.acked + 10
+	p.mu.Unlock()
+	p.waitAcked(next, 60*time.Second)
+	stop()
+	p.checkReplica()
+	released, passed, windows := p.check.counts()
+	st := p.backup.Stats()
+	switch {
+	case p.links < 2:
+		t.Fatalf("seed %d: the ack stall on link 1 did not make the primary drop it", seed)
+	case unprotect && windows == 0:
+		t.Fatalf("seed %d: policy unprotect but the primary never ran unprotected", seed)
+	case !unprotect && windows > 0:
+		t.Fatalf("seed %d: policy hold but the primary released everything", seed)
+	case released == 0:
+		t.Fatalf("seed %d: no output released", seed)
+	}
+	sum.links += p.links
+	sum.torn += int(st.TornEpochsDiscarded)
+	sum.rejected += int(st.Rejected)
+	sum.windows += windows
+	sum.released += released
+	sum.passed += passed
+	if verbose {
+		t.Logf("seed %x (%s, rate %d, max_inflight %d): links %d, faults %d, committed %d, torn %d, rejected %d, unprotected %d times, released %d (%d unprotected)",
+			seed, wl, rate, p.primary.o.Core.MaxInflight, p.links, faults.Load(), p.backup.Committed(), st.TornEpochsDiscarded, st.Rejected, windows, released, passed)
 	}
 }
 
