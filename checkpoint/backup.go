@@ -9,6 +9,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unicode/utf8"
 
 	"go.uber.org/zap"
 
@@ -226,6 +227,22 @@ func (b *Backup) refusal(hello *remuspb.Hello, peer string) (string, error) {
 	return "", nil
 }
 
+// maxRefusal bounds a refusal's text: it may echo what the peer sent (a
+// VM name, a version), and must fit a Welcome frame whatever that was.
+const maxRefusal = 1024
+
+// boundMsg cuts msg to maxRefusal bytes, on a rune boundary.
+func boundMsg(msg string) string {
+	if len(msg) <= maxRefusal {
+		return msg
+	}
+	cut := maxRefusal
+	for cut > 0 && !utf8.RuneStart(msg[cut]) {
+		cut--
+	}
+	return msg[:cut] + "…"
+}
+
 // Serve runs one link from a primary whose Hello has been read; peer is
 // the link's authenticated identity. A peer other than the owner, or an
 // incompatible Hello, is refused before anything changes (the owner's
@@ -237,6 +254,7 @@ func (b *Backup) refusal(hello *remuspb.Hello, peer string) (string, error) {
 func (b *Backup) Serve(ctx context.Context, conn net.Conn, r *transport.Reader, w *transport.Writer, hello *remuspb.Hello, peer string) error {
 	b.mu.Lock()
 	if msg, err := b.refusal(hello, peer); msg != "" {
+		msg = boundMsg(msg)
 		b.stats.Refused++
 		b.mu.Unlock()
 		_ = w.WriteFrame(transport.KindWelcome, &remuspb.Welcome{ProtocolVersion: ProtocolVersion, Error: msg}, nil)
@@ -261,6 +279,7 @@ func (b *Backup) Serve(ctx context.Context, conn net.Conn, r *transport.Reader, 
 	b.mu.Lock()
 	if msg, err := b.refusal(hello, peer); msg != "" {
 		// Activated while we waited for the old link to end.
+		msg = boundMsg(msg)
 		b.stats.Refused++
 		b.mu.Unlock()
 		_ = w.WriteFrame(transport.KindWelcome, &remuspb.Welcome{ProtocolVersion: ProtocolVersion, Error: msg}, nil)

@@ -27,9 +27,9 @@ func (p *pair) strangerLink(t *testing.T, peer string, hello *remuspb.Hello, fra
 		w := transport.NewWriter(b)
 		errc <- p.backup.Serve(context.Background(), b, r, w, hello, peer)
 	}()
-	// The refusal may echo what the stranger sent (a huge VM name): the
-	// stranger reads it whatever its size.
-	r := transport.NewReader(a, transport.Limits{MaxFrame: 64 << 20, MaxHeader: 64 << 20})
+	// The refusal may echo what the stranger sent (a huge VM name), but
+	// bounded: it must fit the limits every primary reads a Welcome with.
+	r := transport.NewReader(a, transport.DefaultLimits())
 	f, err := r.ReadFrame()
 	if err != nil {
 		t.Fatalf("stranger: read welcome: %v", err)

@@ -181,7 +181,9 @@ func stalledTrial(t *testing.T, seed uint64, kind stallKind, usePlug, unprotect,
 		target = stallLinks / 3
 	}
 	wait := func(links int64) error {
-		deadline := time.Now().Add(60 * time.Second)
+		// A hang guard, not a speed claim: generous for a loaded machine
+		// under -race.
+		deadline := time.Now().Add(3 * time.Minute)
 		for dials() < links {
 			select {
 			case <-runDone:
@@ -189,7 +191,7 @@ func stalledTrial(t *testing.T, seed uint64, kind stallKind, usePlug, unprotect,
 			default:
 			}
 			if time.Now().After(deadline) {
-				return fmt.Errorf("only %d links within 60 s, want %d", dials(), links)
+				return fmt.Errorf("only %d links within 3 min, want %d", dials(), links)
 			}
 			time.Sleep(2 * time.Millisecond)
 		}
