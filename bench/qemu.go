@@ -38,6 +38,9 @@ type QEMUConfig struct {
 	// The first reuses the latency run's guest, each further one boots a
 	// new one.
 	FailoverTrials int
+	// Switchovers: planned switchovers, there and back, under the
+	// client before the failover trials (default 2; < 0 skips).
+	Switchovers int
 	// HeartbeatTimeout defaults to 1 s (heartbeats every 100 ms): under TCG
 	// on a busy 2-core machine a shorter one (400 ms was tried) can lapse
 	// during the latency run; with the witness the living primary keeps its
@@ -59,6 +62,9 @@ func (c QEMUConfig) withDefaults() QEMUConfig {
 	}
 	if c.FailoverTrials == 0 {
 		c.FailoverTrials = 3
+	}
+	if c.Switchovers == 0 {
+		c.Switchovers = 2
 	}
 	if c.HeartbeatTimeout == 0 {
 		c.HeartbeatTimeout = time.Second
@@ -156,6 +162,8 @@ type QEMUResult struct {
 	NextReplyMsP50      float64             `json:"next_reply_ms_p50"`
 	NextReplyMsMax      float64             `json:"next_reply_ms_max"`
 	FailoverErrors      []string            `json:"failover_errors,omitempty"`
+	Switchovers         []QEMUSwitchover    `json:"switchovers,omitempty"`
+	SwitchoverError     string              `json:"switchover_error,omitempty"`
 	Seconds             float64             `json:"seconds"`
 }
 
@@ -243,12 +251,26 @@ func MeasureQEMU(ctx context.Context, cfg QEMUConfig) (res QEMUResult, err error
 		cfg.Progress("qemu %v epochs (achieved %.1f ms): p50 %.2f ms p99 %.2f ms, added p50 %.2f ms p99 %.2f ms (floor %.2f ms, ack p50 %.2f ms); back to back %.0f req/s",
 			iv, pt.EpochMsMean, pt.Protected.P50Ms, pt.Protected.P99Ms, pt.AddedP50Ms, pt.AddedP99Ms, pt.FloorMs, pt.AckMsP50, pt.BackToBack.ReqPerSec)
 	}
+	var errs []error
+	if cfg.Switchovers > 0 {
+		n := cfg.Switchovers &^ 1 // an even number: the guest ends on hostA, where the failover trial kills it
+		sws, err := qemuSwitchovers(ctx, lab, cl, max(n, 2))
+		res.Switchovers = sws
+		for _, sw := range sws {
+			cfg.Progress("qemu switchover %s → %s: guest paused %.1f ms (drain %.1f, witness %.1f, handover %.1f); client's longest gap %.0f ms (%.0f ms in the second before), %d replies",
+				sw.From, sw.To, sw.PausedMs, sw.DrainMs, sw.WitnessMs, sw.HandoverMs, sw.ClientGapMs, sw.BaselineGapMs, sw.RepliesDuring)
+		}
+		if err != nil {
+			res.SwitchoverError = err.Error()
+			cfg.Progress("qemu switchover FAILED: %v", err)
+			return res, cl.fail(&res, err)
+		}
+	}
 	res.SessionIntact = cl.err() == nil
 	if cfg.FailoverTrials < 0 {
 		return res, nil
 	}
 	// Failover trial 1 on this guest (still protected at the last interval).
-	var errs []error
 	tr, err := qemuFailover(ctx, cfg, lab, cl)
 	tr.EpochIntervalM = msf(cfg.Intervals[len(cfg.Intervals)-1])
 	cl.stop()
@@ -629,6 +651,16 @@ func (r *Report) writeQEMU(ew *errWriter) {
 		ew.printf("| %.0f ms | %d | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.1f / %.1f | %.2f / %.0f | %.1f | %.2f / %.2f | %.2f / %.2f | %.0f |\n",
 			p.IntervalMs, s.Requests, s.P50Ms, s.P90Ms, s.P99Ms, s.MaxMs, p.AddedP50Ms, p.AddedP99Ms, p.FloorMs, p.AddedOverFloor, p.FloorWithPauseMs,
 			p.GoalP50Ms, p.GoalP99Ms, p.BackToBack.P50Ms, p.BackToBack.ReqPerSec, p.EpochMsMean, p.AckMsP50, p.AckMsP99, p.PauseMsP50, p.PauseMsP99, p.DirtyPages)
+	}
+	if len(q.Switchovers) > 0 || q.SwitchoverError != "" {
+		ew.printf("\n### Planned switchover (remusd switchover, under the back-to-back client)\n\nPaused: the daemon's figure, the guest's pause from the last epoch's capture to the new primary's confirmation. Client gap: the longest wait between two replies from the switchover to a second after it, beside the longest in the second before.\n\n")
+		ew.printf("| from → to | paused ms | drain ms | witness ms | handover ms | client gap ms | gap before ms | replies |\n|---|---:|---:|---:|---:|---:|---:|---:|\n")
+		for _, sw := range q.Switchovers {
+			ew.printf("| %s → %s | %.1f | %.1f | %.1f | %.1f | %.0f | %.0f | %d |\n", sw.From, sw.To, sw.PausedMs, sw.DrainMs, sw.WitnessMs, sw.HandoverMs, sw.ClientGapMs, sw.BaselineGapMs, sw.RepliesDuring)
+		}
+		if q.SwitchoverError != "" {
+			ew.printf("\nSwitchover failed: %s\n", q.SwitchoverError)
+		}
 	}
 	if len(q.Trials) == 0 && len(q.FailoverErrors) == 0 {
 		return

@@ -61,6 +61,17 @@ func TestMeasureQEMUSanity(t *testing.T) {
 	if len(r.Trials) != 1 {
 		t.Fatalf("failover trials %+v, errors %v", r.Trials, r.FailoverErrors)
 	}
+	// Two planned switchovers, there and back, on the same connection.
+	if len(r.Switchovers) != 2 || r.SwitchoverError != "" {
+		t.Fatalf("switchovers %+v (%s)", r.Switchovers, r.SwitchoverError)
+	}
+	for _, sw := range r.Switchovers {
+		finitePositive(t, "switchover paused", sw.PausedMs)
+		finitePositive(t, "switchover client gap", sw.ClientGapMs)
+		if sw.RepliesDuring == 0 {
+			t.Fatalf("no reply after the switchover %+v", sw)
+		}
+	}
 	tr := r.Trials[0]
 	if !tr.SessionIntact || tr.RepliesBefore == 0 {
 		t.Fatalf("failover trial %+v", tr)

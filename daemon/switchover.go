@@ -47,17 +47,17 @@ func (d *Daemon) Switchover(ctx context.Context, name string) (SwitchoverResult,
 	case v.role != RolePrimary || v.primary == nil:
 		d.mu.Unlock()
 		return res, fmt.Errorf("switchover %s: it is not protected from here (role %s): run switchover on its primary", name, v.role)
-	case v.peerName == "":
+	case d.backupName(v) == "":
 		d.mu.Unlock()
-		return res, fmt.Errorf("switchover %s: its backup at %s is not a configured peer (protect it with --peer NAME): the new primary must know where to protect it back to", name, v.peer)
+		return res, fmt.Errorf("switchover %s: its backup at %s is not a configured peer (config peers): the new primary must know where to protect it back to", name, v.peer)
 	case v.primary.Stats().Link != LinkUp:
 		d.mu.Unlock()
-		return res, fmt.Errorf("switchover %s: the link to the backup %s is not up", name, v.peerName)
+		return res, fmt.Errorf("switchover %s: the link to the backup %s is not up", name, d.backupName(v))
 	case d.wit != nil && v.w.view != WitnessHolder:
 		d.mu.Unlock()
 		return res, fmt.Errorf("switchover %s: this host does not hold the VM's witness record (%s)", name, v.w.view)
 	}
-	p, g, backup, prev := v.primary, v.guest, v.peerName, v.w.rec
+	p, g, backup, prev := v.primary, v.guest, d.backupName(v), v.w.rec
 	v.busy = "switching over"
 	d.mu.Unlock()
 	done := func() {
