@@ -66,6 +66,7 @@ func TestMeasureQEMUSanity(t *testing.T) {
 		t.Fatalf("switchovers %+v (%s)", r.Switchovers, r.SwitchoverError)
 	}
 	for _, sw := range r.Switchovers {
+		t.Logf("switchover %+v", sw)
 		finitePositive(t, "switchover paused", sw.PausedMs)
 		finitePositive(t, "switchover client gap", sw.ClientGapMs)
 		if sw.RepliesDuring == 0 {

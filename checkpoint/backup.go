@@ -13,6 +13,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/remusd/remusd/dirtymap"
 	"github.com/remusd/remusd/hypervisor"
 	remuspb "github.com/remusd/remusd/proto"
 	"github.com/remusd/remusd/transport"
@@ -79,6 +80,7 @@ type BackupStats struct {
 	Connected           bool
 	LastHeard           time.Time
 	PagesReceived       uint64
+	PagesPreloaded      uint64 // pages written by Preload records (before a first epoch)
 	WireBytesReceived   uint64 // every byte of the frames read from primaries, headers included
 	TornEpochsDiscarded uint64
 	Rejected            uint64 // links closed for a protocol or integrity error
@@ -300,6 +302,9 @@ func (b *Backup) Serve(ctx context.Context, conn net.Conn, r *transport.Reader, 
 	b.stats.Generation = max(b.stats.Generation, hello.Generation)
 	committed := sess.Committed()
 	sendHashes := hello.NeedReplicaHashes && committed > 0 && hello.ProtectionId == b.protectionID
+	// A replica that holds nothing committed, of any protection, may be
+	// preloaded: nothing a failover could use is overwritten.
+	acceptsPreload := committed == 0 && b.core.Committed() == 0 && !b.activated
 	b.mu.Unlock()
 	var linkErr error
 	defer func() {
@@ -321,7 +326,8 @@ func (b *Backup) Serve(ctx context.Context, conn net.Conn, r *transport.Reader, 
 		}
 	}()
 
-	wel := &remuspb.Welcome{ProtocolVersion: ProtocolVersion, CommittedEpoch: committed, ProtectionId: hello.ProtectionId, ReplicaHashes: sendHashes, Generation: hello.Generation}
+	wel := &remuspb.Welcome{ProtocolVersion: ProtocolVersion, CommittedEpoch: committed, ProtectionId: hello.ProtectionId, ReplicaHashes: sendHashes, Generation: hello.Generation,
+		AcceptsPreload: acceptsPreload}
 	if err := w.WriteFrame(transport.KindWelcome, wel, nil); err != nil {
 		return fmt.Errorf("send welcome: %w", err)
 	}
@@ -347,7 +353,7 @@ func (b *Backup) Serve(ctx context.Context, conn net.Conn, r *transport.Reader, 
 		conn.Close()
 	}()
 
-	err := b.receive(conn, r, w, sess, hello.ProtectionId)
+	err := b.receive(conn, r, w, sess, hello.ProtectionId, acceptsPreload)
 	linkErr = err
 	if errors.Is(err, errGoodbye) {
 		b.mu.Lock()
@@ -370,9 +376,13 @@ func (b *Backup) Serve(ctx context.Context, conn net.Conn, r *transport.Reader, 
 	return err
 }
 
-func (b *Backup) receive(conn net.Conn, r *transport.Reader, w *transport.Writer, sess *BackupCore, protectionID string) error {
+func (b *Backup) receive(conn net.Conn, r *transport.Reader, w *transport.Writer, sess *BackupCore, protectionID string, acceptsPreload bool) error {
 	mem := b.o.Replica.Memory()
 	n := b.o.Replica.NumPages()
+	var pre *preload
+	if acceptsPreload {
+		pre = &preload{}
+	}
 	base := func(pfn uint64) []byte {
 		o := int(pfn) * hypervisor.PageSize
 		return mem[o : o+hypervisor.PageSize]
@@ -397,9 +407,17 @@ func (b *Backup) receive(conn net.Conn, r *transport.Reader, w *transport.Writer
 		switch h := f.Header.(type) {
 		case *remuspb.Heartbeat:
 		case *remuspb.EpochBegin:
-			if err := sess.Begin(h.Epoch, h.BaseEpoch, h.PageCount, h.Full, n); err != nil {
+			if h.Preloaded {
+				if !h.Full || pre == nil || pre.count != n {
+					return fmt.Errorf("%w: epoch %d builds on a preload, but %s", ErrProtocol, h.Epoch, pre.describe(n, h.Full))
+				}
+				if err := sess.BeginPreloaded(h.Epoch, h.PageCount, n); err != nil {
+					return err
+				}
+			} else if err := sess.Begin(h.Epoch, h.BaseEpoch, h.PageCount, h.Full, n); err != nil {
 				return err
 			}
+			pre = nil // no preload once an epoch began
 			need := int(h.PageCount) * hypervisor.PageSize
 			if cap(b.pages) < need {
 				b.pages = make([]byte, need)
@@ -407,6 +425,15 @@ func (b *Backup) receive(conn net.Conn, r *transport.Reader, w *transport.Writer
 			b.pages = b.pages[:need]
 			b.pfns, b.hashes, b.lastPfn = b.pfns[:0], b.hashes[:0], -1
 		case *remuspb.PageBatch:
+			if f.Kind == transport.KindPreload {
+				if pre == nil {
+					return fmt.Errorf("%w: preload record, but this replica may not be preloaded now (it holds committed state, or an epoch began)", ErrProtocol)
+				}
+				if err := b.preloadBatch(pre, h, f.Payload, mem, n); err != nil {
+					return err
+				}
+				continue
+			}
 			if err := sess.Batch(h.Epoch, h.FirstIndex, len(h.Pfns)); err != nil {
 				return err
 			}
@@ -486,6 +513,80 @@ func (b *Backup) receive(conn net.Conn, r *transport.Reader, w *transport.Writer
 			return fmt.Errorf("%w: unexpected %v from primary", ErrProtocol, f.Kind)
 		}
 	}
+}
+
+// preload is one link's preload of a replica that holds nothing
+// committed (Welcome.accepts_preload).
+type preload struct {
+	seen  *dirtymap.Bitmap
+	count int      // distinct pages written
+	run   []uint64 // pfns of the current run of batches, by index (DUP refs)
+	buf   []byte   // decode scratch
+}
+
+// maxPreloadRun bounds a run of preload batches (its index range): the
+// primary starts a run every few thousand pages.
+const maxPreloadRun = 1 << 16
+
+func (p *preload) describe(n int, full bool) string {
+	switch {
+	case !full:
+		return "it is not marked full"
+	case p == nil:
+		return "this link sent no preload (or the replica may not be preloaded)"
+	}
+	return fmt.Sprintf("only %d of %d pages were preloaded", p.count, n)
+}
+
+// preloadBatch decodes a Preload record straight into the replica's memory
+// (nothing committed lives there: see Welcome.accepts_preload) and counts
+// the pages it covered.
+func (b *Backup) preloadBatch(p *preload, h *remuspb.PageBatch, payload []byte, mem []byte, n int) error {
+	if h.Epoch != 0 {
+		return fmt.Errorf("%w: preload record for epoch %d (want 0)", ErrProtocol, h.Epoch)
+	}
+	if h.FirstIndex == 0 {
+		p.run = p.run[:0]
+	}
+	if int(h.FirstIndex) != len(p.run) || len(p.run)+len(h.Pfns) > maxPreloadRun {
+		return fmt.Errorf("%w: preload batch at index %d, expected %d (at most %d per run)", ErrProtocol, h.FirstIndex, len(p.run), maxPreloadRun)
+	}
+	ps := hypervisor.PageSize
+	if need := len(h.Pfns) * ps; cap(p.buf) < need {
+		p.buf = make([]byte, need)
+	}
+	page := func(pfn uint64) []byte { return mem[int(pfn)*ps : (int(pfn)+1)*ps] }
+	first := h.FirstIndex
+	_, err := b.dec.DecodeBatch(h, payload, first, page, func(i uint32) []byte {
+		if i >= first {
+			return p.buf[int(i-first)*ps : int(i-first+1)*ps]
+		}
+		return page(p.run[i]) // DUP of a page of an earlier batch of this run, already written
+	})
+	if err != nil {
+		return fmt.Errorf("preload: %w", err)
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.activated {
+		return ErrActivated
+	}
+	if b.closed {
+		return ErrClosed
+	}
+	if p.seen == nil {
+		p.seen = dirtymap.New(n)
+	}
+	for j, pfn := range h.Pfns {
+		copy(page(pfn), p.buf[j*ps:(j+1)*ps])
+		if !p.seen.Test(int(pfn)) {
+			p.seen.Set(int(pfn))
+			p.count++
+		}
+	}
+	p.run = append(p.run, h.Pfns...)
+	b.stats.PagesPreloaded += uint64(len(h.Pfns))
+	return nil
 }
 
 // apply writes the staged, verified epoch into the replica. Activation

@@ -220,6 +220,16 @@ func (c *PrimaryCore) Drain(now time.Time) (Action, bool) {
 	return a, true
 }
 
+// StartUnheld says the output buffer passes output until the first
+// checkpoint (a new protection started live, PrimaryOptions.LiveStart):
+// that checkpoint holds it again from its boundary on (Action.Hold). Only
+// before the first capture.
+func (c *PrimaryCore) StartUnheld() {
+	if c.next == 1 && !c.capturing {
+		c.rearm = true
+	}
+}
+
 // EndDrain ends a drain (the switchover was abandoned): checkpoints go on.
 func (c *PrimaryCore) EndDrain() { c.draining = false }
 
@@ -526,6 +536,26 @@ func (b *BackupCore) Begin(epoch, base uint64, pages uint32, full bool, numPages
 		return fmt.Errorf("%w: full epoch %d announces %d pages, guest has %d", ErrProtocol, epoch, pages, numPages)
 	}
 	b.inEpoch, b.epoch, b.base, b.full, b.want, b.got, b.haveDev = true, epoch, base, full, pages, 0, false
+	return nil
+}
+
+// BeginPreloaded starts staging the first epoch of a protection over a
+// complete preload: the caller checked that every page of the replica was
+// written by Preload records on this link. It applies like a full epoch
+// (base 0) but carries only the pages that changed since they were
+// preloaded. Only a replica with nothing committed may be preloaded.
+func (b *BackupCore) BeginPreloaded(epoch uint64, pages uint32, numPages int) error {
+	switch {
+	case b.inEpoch:
+		return fmt.Errorf("%w: epoch %d begins while epoch %d is incomplete", ErrProtocol, epoch, b.epoch)
+	case b.committed != 0:
+		return fmt.Errorf("%w: preloaded epoch %d but epoch %d is already committed", ErrProtocol, epoch, b.committed)
+	case epoch == 0:
+		return fmt.Errorf("%w: preloaded epoch 0", ErrProtocol)
+	case int64(pages) > int64(numPages):
+		return fmt.Errorf("%w: epoch %d announces %d pages, guest has %d", ErrProtocol, epoch, pages, numPages)
+	}
+	b.inEpoch, b.epoch, b.base, b.full, b.want, b.got, b.haveDev = true, epoch, 0, true, pages, 0, false
 	return nil
 }
 

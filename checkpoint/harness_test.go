@@ -40,11 +40,14 @@ type pair struct {
 	backHook atomic.Pointer[func(link, i int, b []byte) transport.Fault]
 
 	mu sync.Mutex
-	// captured[epoch] = ops of the guest at that epoch's checkpoint.
-	captured map[uint64]uint64
-	acked    uint64
-	links    int
-	wg       sync.WaitGroup
+	// captured[epoch] = ops of the guest at that epoch's checkpoint;
+	// captures and capturePages list every capture's epoch and page count.
+	captured     map[uint64]uint64
+	captures     []uint64
+	capturePages []int
+	acked        uint64
+	links        int
+	wg           sync.WaitGroup
 
 	// close stops the guest (call it from the test's goroutine).
 	close func()
@@ -60,6 +63,9 @@ type pairOptions struct {
 	// kernel's sch_plug (plug.SimKernel), and max_inflight is 1 as the
 	// daemon forces for plug; otherwise outbuf.Memory.
 	plug bool
+	// liveStart: PrimaryOptions.LiveStart (output passes until the first
+	// checkpoint; memory preloaded before it).
+	liveStart bool
 }
 
 func newPair(t *testing.T, cfg sim.Config, pc PrimaryConfig) *pair {
@@ -97,6 +103,7 @@ func newPairWith(t *testing.T, cfg sim.Config, pc PrimaryConfig, po pairOptions)
 		Encoder:           transport.EncoderConfig{CachePages: 64},
 		HeartbeatInterval: 20 * time.Millisecond, HeartbeatTimeout: 2 * time.Second,
 		ReconnectBackoff: 5 * time.Millisecond,
+		LiveStart:        po.liveStart,
 		OnCapture: func(ci CaptureInfo) {
 			info, err := sim.DecodeDeviceState(ci.DeviceState)
 			if err != nil {
@@ -106,6 +113,8 @@ func newPairWith(t *testing.T, cfg sim.Config, pc PrimaryConfig, po pairOptions)
 			p.check.capture(ci.Epoch, info.OutputSeq)
 			p.mu.Lock()
 			p.captured[ci.Epoch] = info.Ops
+			p.captures = append(p.captures, ci.Epoch)
+			p.capturePages = append(p.capturePages, ci.Pages)
 			p.mu.Unlock()
 		},
 		OnAck: func(e uint64) {

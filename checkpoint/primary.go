@@ -66,6 +66,16 @@ type PrimaryOptions struct {
 	// backup's side closed it, EOF or reset, rather than a timeout or a
 	// local close).
 	OnLink func(up bool, err error, peerClosed bool)
+	// LiveStart starts a new protection the way Remus does: the guest is
+	// not protected before the backup holds a replica, so its output
+	// passes until the first checkpoint (which holds it from its boundary
+	// on), and, where the backup's replica holds nothing yet and the guest
+	// can be read while it runs (hypervisor.LiveReader and Rebaseliner),
+	// its memory is streamed before that checkpoint (Preload records):
+	// the first epoch then carries only what changed meanwhile, so output
+	// is held for a short epoch rather than for a copy of all of memory.
+	// Ignored for a resumed protection (Core.Resume).
+	LiveStart bool
 }
 
 // CaptureInfo describes a captured epoch.
@@ -100,15 +110,21 @@ type PrimaryStats struct {
 	// the epoch records, heartbeats and Goodbye.
 	WireBytesSent uint64
 	// EpochWireBytes is the part of WireBytesSent that carried epochs:
-	// EpochBegin, PageBatch, DeviceState and EpochEnd frames, headers
-	// included. The compression ratio is RawBytes ÷ EpochWireBytes.
+	// EpochBegin, PageBatch, DeviceState and EpochEnd frames, and the
+	// Preload frames streamed ahead of the first, headers included. The
+	// compression ratio is RawBytes ÷ EpochWireBytes.
 	EpochWireBytes uint64
+	// PagesPreloaded: pages streamed before the first epoch (LiveStart);
+	// Preload is how long that took.
+	PagesPreloaded uint64
+	Preload        time.Duration
 }
 
 // staged is one captured epoch waiting to be sent.
 type staged struct {
 	epoch, base uint64
 	full        bool
+	preloaded   bool // full, over this link's preload: only changed pages
 	pfns        []uint64
 	pages       []byte
 	dev         []byte
@@ -152,6 +168,12 @@ type Primary struct {
 	pause, ack *Samples
 	// replicaHashes are the backup's page hashes for a rebuild epoch.
 	replicaHashes []uint64
+	// preloadHashes are the hashes of what the current link preloaded: the
+	// next full epoch carries only the pages that differ (nil: none).
+	preloadHashes []uint64
+	// captured1 is set once any epoch was captured: a preload only
+	// starts a protection.
+	everCaptured atomic.Bool
 	// drain: a switchover's last epoch, answered on its ack (engine
 	// goroutine only).
 	drainEpoch uint64
@@ -298,6 +320,8 @@ type event struct {
 	// hashes are the backup's replica page hashes at committed (a resumed
 	// protection's first link), nil otherwise.
 	hashes []uint64
+	// preload are the hashes of the pages this link preloaded (nil: none).
+	preload []uint64
 	// drained answers evDrain: the epoch acked with the guest paused, or
 	// an error.
 	drained chan drainResult
@@ -400,6 +424,15 @@ func (p *Primary) update(f func(s *PrimaryStats)) {
 func (p *Primary) Run(ctx context.Context) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	if p.o.LiveStart && !p.o.Core.Resume && !p.everCaptured.Load() {
+		// Not protected until the backup holds a replica: output passes
+		// until the first checkpoint, which holds it from its boundary on.
+		if err := p.o.Out.ReleaseAll(); err != nil {
+			return fmt.Errorf("checkpoint: let output pass until the first checkpoint: %w", err)
+		}
+		p.core.StartUnheld()
+		p.log.Info("protection starts live: output passes until the first checkpoint, which holds it from its boundary on")
+	}
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	defer cancel()
@@ -479,6 +512,7 @@ func (p *Primary) handle(ev event, link *primaryLink) ([]Action, *primaryLink, e
 			}
 			p.replicaHashes = ev.hashes
 		}
+		p.preloadHashes = ev.preload
 		acts, err := p.core.LinkUp(committed, now)
 		if err != nil {
 			return nil, ev.link, err
@@ -627,14 +661,27 @@ func (p *Primary) capture(ctx context.Context, a Action) (*staged, error) {
 	mine := p.newMap()
 	g := p.o.Guest
 	want := p.expect
+	// A full epoch over this link's preload carries only the pages whose
+	// content differs from what was preloaded (found as a rebuild does).
+	preloaded := a.Full && p.preloadHashes != nil
+	if preloaded {
+		p.replicaHashes = p.preloadHashes
+		if err := p.rebuildCandidates(ctx, "first epoch over the preload"); err != nil {
+			p.log.Warn("cannot compare pages with the preload: a plain full epoch instead", zap.Error(err))
+			preloaded = false
+		}
+		p.preloadHashes, p.replicaHashes = nil, nil
+	}
 	switch {
+	case preloaded:
+		want = min(g.NumPages(), p.scratch.Count()+2*p.expect)
 	case a.Full:
 		want = g.NumPages()
 	case a.Rebuild:
 		// Candidates: pages whose content differs from the replica's, taken
 		// while the guest runs; the harvest at the pause adds what changed
 		// since (Rebaseliner's contract makes the union exact).
-		if err := p.rebuildCandidates(ctx); err != nil {
+		if err := p.rebuildCandidates(ctx, "resumed protection"); err != nil {
 			p.pool <- st
 			p.freeMaps = append(p.freeMaps, mine)
 			return nil, fmt.Errorf("rebuild from the replica's page hashes: %w", err)
@@ -666,6 +713,9 @@ func (p *Primary) capture(ctx context.Context, a Action) (*staged, error) {
 	}
 	send := mine
 	switch {
+	case preloaded:
+		p.scratch.Union(mine)
+		send = p.scratch
 	case a.Full:
 		p.scratch.Reset()
 		p.scratch.SetRange(0, p.scratch.Len())
@@ -682,7 +732,7 @@ func (p *Primary) capture(ctx context.Context, a Action) (*staged, error) {
 		}
 		send = p.scratch
 	}
-	st.epoch, st.base, st.full = a.Epoch, a.Base, a.Full
+	st.epoch, st.base, st.full, st.preloaded = a.Epoch, a.Base, a.Full, preloaded
 	st.pfns = send.AppendSet(st.pfns[:0])
 	st.reserve(len(st.pfns)) // only allocates if the dirty set outgrew the estimate
 	st.pages = st.pages[:len(st.pfns)*hypervisor.PageSize]
@@ -710,7 +760,11 @@ func (p *Primary) capture(ctx context.Context, a Action) (*staged, error) {
 			p.log.Error("cannot hold output again: guest left PAUSED so that nothing leaves unacknowledged", zap.Error(err))
 			return nil, fmt.Errorf("hold output again (guest left paused): %w", err)
 		}
-		p.log.Warn("backup is back: holding output again from this epoch on", zap.Uint64("epoch", a.Epoch))
+		if p.everCaptured.Load() {
+			p.log.Warn("backup is back: holding output again from this epoch on", zap.Uint64("epoch", a.Epoch))
+		} else {
+			p.log.Info("protection starts: output held from this epoch's boundary on", zap.Uint64("epoch", a.Epoch))
+		}
 		p.update(func(s *PrimaryStats) { s.Unprotected = false })
 	}
 	if err := p.o.Out.Checkpoint(a.Epoch); err != nil {
@@ -747,6 +801,7 @@ func (p *Primary) capture(ctx context.Context, a Action) (*staged, error) {
 		p.replicaHashes = nil
 	}
 	p.epochDirty[a.Epoch] = mine
+	p.everCaptured.Store(true)
 	now := p.o.Now()
 	p.captured[a.Epoch] = now
 	p.update(func(s *PrimaryStats) { s.Epoch = a.Epoch; s.DirtyPagesLast = dirtyN })
@@ -759,7 +814,7 @@ func (p *Primary) capture(ctx context.Context, a Action) (*staged, error) {
 // rebuildCandidates restarts the guest's dirty tracking from its current
 // contents and marks in p.scratch every page whose content then differed
 // from the backup's replica.
-func (p *Primary) rebuildCandidates(ctx context.Context) error {
+func (p *Primary) rebuildCandidates(ctx context.Context, why string) error {
 	rb, ok := p.o.Guest.(hypervisor.Rebaseliner)
 	if !ok {
 		return fmt.Errorf("backend %s cannot rebaseline", p.o.Guest.Backend())
@@ -781,7 +836,7 @@ func (p *Primary) rebuildCandidates(ctx context.Context) error {
 			p.scratch.Set(pfn)
 		}
 	}
-	p.log.Info("resumed protection: pages differing from the replica", zap.Int("pages", p.scratch.Count()),
+	p.log.Info(why+": pages differing from the replica", zap.Int("pages", p.scratch.Count()),
 		zap.Int("of", len(hashes)), zap.Duration("took", time.Since(start)))
 	return nil
 }
@@ -808,7 +863,7 @@ func (p *Primary) linkLoop(ctx context.Context) {
 			case <-time.After(p.o.ReconnectBackoff):
 			}
 		}
-		l, committed, hashes, err := p.connect(ctx)
+		l, committed, hashes, pre, err := p.connect(ctx)
 		if err != nil {
 			if ctx.Err() == nil {
 				p.log.Debug("connect to backup failed", zap.Error(err))
@@ -817,7 +872,7 @@ func (p *Primary) linkLoop(ctx context.Context) {
 			continue
 		}
 		select {
-		case p.events <- event{kind: evLinkUp, committed: committed, link: l, hashes: hashes}:
+		case p.events <- event{kind: evLinkUp, committed: committed, link: l, hashes: hashes, preload: pre}:
 		case <-ctx.Done():
 			l.close()
 			return
@@ -840,10 +895,10 @@ func (p *Primary) linkLoop(ctx context.Context) {
 	}
 }
 
-func (p *Primary) connect(ctx context.Context) (*primaryLink, uint64, []uint64, error) {
+func (p *Primary) connect(ctx context.Context) (*primaryLink, uint64, []uint64, []uint64, error) {
 	conn, err := p.o.Dial(ctx)
 	if err != nil {
-		return nil, 0, nil, fmt.Errorf("dial backup: %w", err)
+		return nil, 0, nil, nil, fmt.Errorf("dial backup: %w", err)
 	}
 	// The handshake's reads wait up to WelcomeTimeout; a stop must not.
 	stop := context.AfterFunc(ctx, func() { conn.Close() })
@@ -879,25 +934,25 @@ func (p *Primary) connect(ctx context.Context) (*primaryLink, uint64, []uint64, 
 	_ = conn.SetDeadline(time.Now().Add(p.o.WelcomeTimeout))
 	if err := w.WriteFrame(transport.KindHello, hello, nil); err != nil {
 		conn.Close()
-		return nil, 0, nil, fmt.Errorf("send hello: %w", err)
+		return nil, 0, nil, nil, fmt.Errorf("send hello: %w", err)
 	}
 	f, err := r.ReadFrame()
 	if err != nil {
 		conn.Close()
-		return nil, 0, nil, fmt.Errorf("read welcome: %w", err)
+		return nil, 0, nil, nil, fmt.Errorf("read welcome: %w", err)
 	}
 	wel, ok := f.Header.(*remuspb.Welcome)
 	if !ok {
 		conn.Close()
-		return nil, 0, nil, fmt.Errorf("%w: expected Welcome, got %v", ErrProtocol, f.Kind)
+		return nil, 0, nil, nil, fmt.Errorf("%w: expected Welcome, got %v", ErrProtocol, f.Kind)
 	}
 	if wel.Error != "" {
 		conn.Close()
-		return nil, 0, nil, fmt.Errorf("backup refused protection: %s", wel.Error)
+		return nil, 0, nil, nil, fmt.Errorf("backup refused protection: %s", wel.Error)
 	}
 	if wel.ProtocolVersion != ProtocolVersion {
 		conn.Close()
-		return nil, 0, nil, fmt.Errorf("%w: backup speaks protocol %d, we speak %d", ErrProtocol, wel.ProtocolVersion, ProtocolVersion)
+		return nil, 0, nil, nil, fmt.Errorf("%w: backup speaks protocol %d, we speak %d", ErrProtocol, wel.ProtocolVersion, ProtocolVersion)
 	}
 	committed := wel.CommittedEpoch
 	if wel.ProtectionId != p.o.ProtectionID {
@@ -907,19 +962,84 @@ func (p *Primary) connect(ctx context.Context) (*primaryLink, uint64, []uint64, 
 	if wel.ReplicaHashes {
 		if !needHashes || committed == 0 {
 			conn.Close()
-			return nil, 0, nil, fmt.Errorf("%w: backup sent replica hashes nobody asked for", ErrProtocol)
+			return nil, 0, nil, nil, fmt.Errorf("%w: backup sent replica hashes nobody asked for", ErrProtocol)
 		}
 		// The backup hashes its whole replica first: allow for it.
 		_ = conn.SetDeadline(time.Now().Add(p.o.WelcomeTimeout + time.Duration(g.NumPages())*time.Microsecond))
 		hashes = make([]uint64, g.NumPages())
 		if err := transport.ReadReplicaHashes(r, hashes); err != nil {
 			conn.Close()
-			return nil, 0, nil, fmt.Errorf("read the replica's page hashes: %w", err)
+			return nil, 0, nil, nil, fmt.Errorf("read the replica's page hashes: %w", err)
 		}
 	}
 	_ = conn.SetDeadline(time.Time{})
+	var pre []uint64
+	if p.o.LiveStart && wel.AcceptsPreload && committed == 0 && !needHashes && !p.everCaptured.Load() {
+		lr, live := g.(hypervisor.LiveReader)
+		_, rebase := g.(hypervisor.Rebaseliner)
+		if live && rebase {
+			if pre, err = p.preload(ctx, conn, w, lr); err != nil {
+				conn.Close()
+				return nil, 0, nil, nil, err
+			}
+		}
+	}
 	p.heard.Store(p.o.Now().UnixNano())
-	return &primaryLink{p: p, conn: conn, w: w, r: r, sendq: make(chan *staged, p.o.Core.MaxInflight+1), done: make(chan struct{}), activated: make(chan *remuspb.Activated, 1)}, committed, hashes, nil
+	return &primaryLink{p: p, conn: conn, w: w, r: r, sendq: make(chan *staged, p.o.Core.MaxInflight+1), done: make(chan struct{}), activated: make(chan *remuspb.Activated, 1)}, committed, hashes, pre, nil
+}
+
+// preloadChunk is how many pages the preload reads, encodes and sends at
+// a time.
+const preloadChunk = 4096
+
+// preload streams every page of the running guest to a backup whose
+// replica holds nothing yet (Preload records, epoch 0) and returns the
+// hash of each page as sent. The backup's heartbeats wait in the socket
+// until the link is served; the frames written keep the backup's read
+// deadline from lapsing.
+func (p *Primary) preload(ctx context.Context, conn net.Conn, w *transport.Writer, lr hypervisor.LiveReader) ([]uint64, error) {
+	n := p.o.Guest.NumPages()
+	ps := hypervisor.PageSize
+	// No delta cache: the backup's replica is not a base to encode against
+	// (XOR and SAME need one), and this encoder is used once.
+	cfg := p.o.Encoder
+	cfg.CachePages = 0
+	enc, err := transport.NewEncoder(cfg)
+	if err != nil {
+		return nil, fmt.Errorf("preload: %w", err)
+	}
+	hashes := make([]uint64, n)
+	buf := make([]byte, min(n, preloadChunk)*ps)
+	pfns := make([]uint64, 0, preloadChunk)
+	start := time.Now()
+	for lo := 0; lo < n; lo += preloadChunk {
+		hi := min(lo+preloadChunk, n)
+		chunk := buf[:(hi-lo)*ps]
+		if err := lr.ReadLive(ctx, lo, hi-lo, chunk); err != nil {
+			return nil, fmt.Errorf("preload: read guest memory: %w", err)
+		}
+		pfns = pfns[:0]
+		for pfn := lo; pfn < hi; pfn++ {
+			pfns = append(pfns, uint64(pfn))
+		}
+		_ = conn.SetWriteDeadline(time.Now().Add(p.o.HeartbeatTimeout))
+		sum, err := enc.EncodeEpoch(ctx, 0, pfns, chunk, func(hdr *remuspb.PageBatch, payload []byte) error {
+			return w.WriteFrame(transport.KindPreload, hdr, payload)
+		})
+		if err != nil {
+			return nil, fmt.Errorf("preload: send pages %d-%d: %w", lo, hi-1, err)
+		}
+		copy(hashes[lo:hi], sum.PageHashes)
+		p.update(func(s *PrimaryStats) {
+			s.PagesPreloaded += uint64(hi - lo)
+			s.RawBytes += uint64(len(chunk))
+		})
+	}
+	_ = conn.SetWriteDeadline(time.Time{})
+	took := time.Since(start)
+	p.update(func(s *PrimaryStats) { s.Preload = took })
+	p.log.Info("preloaded the backup's replica while the guest ran", zap.Int("pages", n), zap.Duration("took", took))
+	return hashes, nil
 }
 
 // primaryLink is one connection to the backup.
@@ -1052,7 +1172,7 @@ func (l *primaryLink) sendLoop(ctx context.Context) error {
 
 func (l *primaryLink) sendEpoch(ctx context.Context, st *staged) error {
 	p := l.p
-	begin := &remuspb.EpochBegin{Epoch: st.epoch, BaseEpoch: st.base, PageCount: uint32(len(st.pfns)), Full: st.full}
+	begin := &remuspb.EpochBegin{Epoch: st.epoch, BaseEpoch: st.base, PageCount: uint32(len(st.pfns)), Full: st.full, Preloaded: st.preloaded}
 	if err := l.w.WriteFrame(transport.KindEpochBegin, begin, nil); err != nil {
 		return fmt.Errorf("send epoch %d begin: %w", st.epoch, err)
 	}

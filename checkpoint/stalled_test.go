@@ -148,6 +148,9 @@ func stalledTrial(t *testing.T, seed uint64, kind stallKind, usePlug, unprotect,
 			Core:              pc,
 			Encoder:           transport.EncoderConfig{CachePages: 64},
 			HeartbeatInterval: 10 * time.Millisecond, HeartbeatTimeout: 80 * time.Millisecond,
+			// A mute backup never answers Hello: each link waits this long
+			// for its Welcome (the default allows for a standby's start).
+			WelcomeTimeout:   200 * time.Millisecond,
 			ReconnectBackoff: 2 * time.Millisecond,
 			OnCapture: func(ci CaptureInfo) {
 				info, err := sim.DecodeDeviceState(ci.DeviceState)
@@ -183,7 +186,7 @@ func stalledTrial(t *testing.T, seed uint64, kind stallKind, usePlug, unprotect,
 	wait := func(links int64) error {
 		// A hang guard, not a speed claim: generous for a loaded machine
 		// under -race.
-		deadline := time.Now().Add(3 * time.Minute)
+		deadline := time.Now().Add(2 * time.Minute)
 		for dials() < links {
 			select {
 			case <-runDone:
@@ -191,7 +194,7 @@ func stalledTrial(t *testing.T, seed uint64, kind stallKind, usePlug, unprotect,
 			default:
 			}
 			if time.Now().After(deadline) {
-				return fmt.Errorf("only %d links within 3 min, want %d", dials(), links)
+				return fmt.Errorf("only %d links within 2 min, want %d", dials(), links)
 			}
 			time.Sleep(2 * time.Millisecond)
 		}

@@ -227,6 +227,10 @@ func (d *Daemon) startProtection(v *vm, pr protectionRecord, resume bool) error 
 			Resume:                resume,
 		},
 		Generation: v.wgen.Load,
+		// A new protection starts live: output flows and memory streams to
+		// the backup until the first checkpoint (a resumed one holds from
+		// the start: its replica exists).
+		LiveStart: !resume,
 		OnLink: func(up bool, err error, _ bool) {
 			d.onPrimaryLink(v, up, err)
 		},

@@ -65,6 +65,20 @@ type Replica interface {
 	Close() error
 }
 
+// LiveReader is implemented by guests whose memory can be copied while
+// they run: the pre-copy ("preload") of a new protection streams guest
+// memory to the backup before the first checkpoint, so that the first
+// epoch carries only what changed meanwhile.
+type LiveReader interface {
+	// ReadLive copies pages [first, first+n) into dst (n*PageSize bytes)
+	// while the guest may run. A page the guest writes meanwhile may be
+	// copied before, after or (for backends that cannot exclude it) in the
+	// middle of the write: the engine hashes what it copied and resends
+	// every page whose content at the first checkpoint differs
+	// (Rebaseliner), so a torn copy is never kept.
+	ReadLive(ctx context.Context, first, n int, dst []byte) error
+}
+
 // Rebaseliner is implemented by guests that can restart dirty tracking
 // from their current contents while they run: the resync after a daemon
 // restart, where the backup still holds a replica and needs only the pages

@@ -265,9 +265,13 @@ type Welcome struct {
 	ReplicaHashes bool `protobuf:"varint,5,opt,name=replica_hashes,json=replicaHashes,proto3" json:"replica_hashes,omitempty"`
 	// generation is the newest witness generation the backup has seen for
 	// this VM.
-	Generation    uint64 `protobuf:"varint,6,opt,name=generation,proto3" json:"generation,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Generation uint64 `protobuf:"varint,6,opt,name=generation,proto3" json:"generation,omitempty"`
+	// accepts_preload: the replica holds nothing committed (of any
+	// protection), so the primary may stream guest memory into it with
+	// Preload records while the guest runs, before the first epoch.
+	AcceptsPreload bool `protobuf:"varint,7,opt,name=accepts_preload,json=acceptsPreload,proto3" json:"accepts_preload,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *Welcome) Reset() {
@@ -342,6 +346,13 @@ func (x *Welcome) GetGeneration() uint64 {
 	return 0
 }
 
+func (x *Welcome) GetAcceptsPreload() bool {
+	if x != nil {
+		return x.AcceptsPreload
+	}
+	return false
+}
+
 // ReplicaHashes carries the xxhash64 of `count` consecutive pages of the
 // backup's committed replica starting at `first_pfn`, as the payload
 // (count little-endian u64). The records follow Welcome in pfn order and
@@ -403,11 +414,16 @@ func (x *ReplicaHashes) GetCount() uint32 {
 // reconnect has base_epoch = the backup's committed epoch; a full epoch
 // (every page) has full = true.
 type EpochBegin struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Epoch         uint64                 `protobuf:"varint,1,opt,name=epoch,proto3" json:"epoch,omitempty"`
-	BaseEpoch     uint64                 `protobuf:"varint,2,opt,name=base_epoch,json=baseEpoch,proto3" json:"base_epoch,omitempty"`
-	PageCount     uint32                 `protobuf:"varint,3,opt,name=page_count,json=pageCount,proto3" json:"page_count,omitempty"`
-	Full          bool                   `protobuf:"varint,4,opt,name=full,proto3" json:"full,omitempty"`
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Epoch     uint64                 `protobuf:"varint,1,opt,name=epoch,proto3" json:"epoch,omitempty"`
+	BaseEpoch uint64                 `protobuf:"varint,2,opt,name=base_epoch,json=baseEpoch,proto3" json:"base_epoch,omitempty"`
+	PageCount uint32                 `protobuf:"varint,3,opt,name=page_count,json=pageCount,proto3" json:"page_count,omitempty"`
+	Full      bool                   `protobuf:"varint,4,opt,name=full,proto3" json:"full,omitempty"`
+	// preloaded (with full): every page was streamed on this link in
+	// Preload records before this epoch; the epoch carries only the pages
+	// that differ from what was preloaded, and applied over the preload it
+	// makes the replica whole.
+	Preloaded     bool `protobuf:"varint,5,opt,name=preloaded,proto3" json:"preloaded,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -470,7 +486,17 @@ func (x *EpochBegin) GetFull() bool {
 	return false
 }
 
-// PageBatch carries a run of pages of the current epoch. The payload holds
+func (x *EpochBegin) GetPreloaded() bool {
+	if x != nil {
+		return x.Preloaded
+	}
+	return false
+}
+
+// PageBatch carries a run of pages of the current epoch. (A Preload
+// frame carries a PageBatch header too: pages streamed before the first
+// epoch, epoch 0, first_index counting from 0 in each run of batches.)
+// The payload holds
 // the concatenated encoded pages; payload_crc32c covers it.
 type PageBatch struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -995,7 +1021,7 @@ const file_remus_proto_rawDesc = "" +
 	"\x13need_replica_hashes\x18\v \x01(\bR\x11needReplicaHashes\x12\x1e\n" +
 	"\n" +
 	"generation\x18\f \x01(\x04R\n" +
-	"generation\"\xdf\x01\n" +
+	"generation\"\x88\x02\n" +
 	"\aWelcome\x12)\n" +
 	"\x10protocol_version\x18\x01 \x01(\rR\x0fprotocolVersion\x12'\n" +
 	"\x0fcommitted_epoch\x18\x02 \x01(\x04R\x0ecommittedEpoch\x12#\n" +
@@ -1004,10 +1030,11 @@ const file_remus_proto_rawDesc = "" +
 	"\x0ereplica_hashes\x18\x05 \x01(\bR\rreplicaHashes\x12\x1e\n" +
 	"\n" +
 	"generation\x18\x06 \x01(\x04R\n" +
-	"generation\"B\n" +
+	"generation\x12'\n" +
+	"\x0faccepts_preload\x18\a \x01(\bR\x0eacceptsPreload\"B\n" +
 	"\rReplicaHashes\x12\x1b\n" +
 	"\tfirst_pfn\x18\x01 \x01(\x04R\bfirstPfn\x12\x14\n" +
-	"\x05count\x18\x02 \x01(\rR\x05count\"t\n" +
+	"\x05count\x18\x02 \x01(\rR\x05count\"\x92\x01\n" +
 	"\n" +
 	"EpochBegin\x12\x14\n" +
 	"\x05epoch\x18\x01 \x01(\x04R\x05epoch\x12\x1d\n" +
@@ -1015,7 +1042,8 @@ const file_remus_proto_rawDesc = "" +
 	"base_epoch\x18\x02 \x01(\x04R\tbaseEpoch\x12\x1d\n" +
 	"\n" +
 	"page_count\x18\x03 \x01(\rR\tpageCount\x12\x12\n" +
-	"\x04full\x18\x04 \x01(\bR\x04full\"\xd5\x01\n" +
+	"\x04full\x18\x04 \x01(\bR\x04full\x12\x1c\n" +
+	"\tpreloaded\x18\x05 \x01(\bR\tpreloaded\"\xd5\x01\n" +
 	"\tPageBatch\x12\x14\n" +
 	"\x05epoch\x18\x01 \x01(\x04R\x05epoch\x12\x1f\n" +
 	"\vfirst_index\x18\x02 \x01(\rR\n" +

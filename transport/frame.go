@@ -32,7 +32,8 @@ var ErrMalformed = errors.New("transport: malformed input")
 type Kind uint8
 
 // Frame kinds. The header of each kind is the remuspb message of the same
-// name. Only KindPageBatch, KindDeviceState and KindReplicaHashes frames
+// name, except KindPreload, whose header is a PageBatch. Only
+// KindPageBatch, KindPreload, KindDeviceState and KindReplicaHashes frames
 // carry a payload.
 const (
 	KindHello Kind = 1 + iota
@@ -47,6 +48,10 @@ const (
 	KindGoodbye
 	KindReplicaHashes
 	KindActivated
+	// KindPreload streams guest memory into a replica that holds nothing
+	// yet, while the guest runs, before the first epoch (PageBatch header,
+	// epoch 0).
+	KindPreload
 )
 
 var kindNames = [...]string{
@@ -63,10 +68,11 @@ var kindNames = [...]string{
 
 	KindReplicaHashes: "ReplicaHashes",
 	KindActivated:     "Activated",
+	KindPreload:       "Preload",
 }
 
 // Valid reports whether k is a known frame kind.
-func (k Kind) Valid() bool { return k >= KindHello && k <= KindActivated }
+func (k Kind) Valid() bool { return k >= KindHello && k <= KindPreload }
 
 // String returns the name of the kind ("PageBatch"), or "Kind(77)" for an
 // unknown kind.
@@ -79,12 +85,15 @@ func (k Kind) String() string {
 
 // HasPayload reports whether frames of kind k may carry a payload.
 func (k Kind) HasPayload() bool {
-	return k == KindPageBatch || k == KindDeviceState || k == KindReplicaHashes
+	return k == KindPageBatch || k == KindPreload || k == KindDeviceState || k == KindReplicaHashes
 }
 
 // IsEpochRecord reports whether frames of kind k belong to an epoch's
-// stream: EpochBegin, PageBatch, DeviceState and EpochEnd.
-func (k Kind) IsEpochRecord() bool { return k >= KindEpochBegin && k <= KindEpochEnd }
+// stream: EpochBegin, PageBatch, DeviceState and EpochEnd, and Preload
+// (the first epoch's pages, streamed ahead of it).
+func (k Kind) IsEpochRecord() bool {
+	return k >= KindEpochBegin && k <= KindEpochEnd || k == KindPreload
+}
 
 // NewHeader returns a new, empty header message of the type kind k carries,
 // or nil if k is unknown.
@@ -96,7 +105,7 @@ func (k Kind) NewHeader() proto.Message {
 		return new(remuspb.Welcome)
 	case KindEpochBegin:
 		return new(remuspb.EpochBegin)
-	case KindPageBatch:
+	case KindPageBatch, KindPreload:
 		return new(remuspb.PageBatch)
 	case KindDeviceState:
 		return new(remuspb.DeviceState)
@@ -128,7 +137,7 @@ func headerMatches(k Kind, hdr proto.Message) bool {
 	case *remuspb.EpochBegin:
 		return k == KindEpochBegin
 	case *remuspb.PageBatch:
-		return k == KindPageBatch
+		return k == KindPageBatch || k == KindPreload
 	case *remuspb.DeviceState:
 		return k == KindDeviceState
 	case *remuspb.EpochEnd:

@@ -266,6 +266,25 @@ func (g *Guest) Rebaseline(ctx context.Context) ([]uint64, error) {
 	return hashes, nil
 }
 
+// ReadLive implements hypervisor.LiveReader: a plain copy of the shared
+// RAM mapping while the vCPUs run (a page may be copied mid-write; the
+// engine resends every page whose content changed, see LiveReader).
+func (g *Guest) ReadLive(ctx context.Context, first, n int, dst []byte) error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.closed {
+		return errClosed
+	}
+	if first < 0 || n < 0 || first+n > g.NumPages() || len(dst) < n*pageSize {
+		return fmt.Errorf("qemu: read live %q: pages [%d, %d) of %d into %d bytes", g.spec.Name, first, first+n, g.NumPages(), len(dst))
+	}
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	copy(dst[:n*pageSize], g.ram.mem[first*pageSize:(first+n)*pageSize])
+	return nil
+}
+
 // SaveDeviceState saves the CPU and device state (xen-save-devices-state,
 // live=false: no RAM) into a private file and appends its content to dst.
 // Only valid while paused.

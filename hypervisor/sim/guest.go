@@ -388,6 +388,35 @@ func (g *Guest) Rebaseline(ctx context.Context) ([]uint64, error) {
 	return hashes, nil
 }
 
+// ReadLive implements hypervisor.LiveReader: pages are copied in chunks,
+// each under the run lock (the workload waits for at most one chunk), so
+// every page copied is a state the guest really had.
+func (g *Guest) ReadLive(ctx context.Context, first, n int, dst []byte) error {
+	if first < 0 || n < 0 || first+n > g.m.pages || len(dst) < n*pageSize {
+		return fmt.Errorf("sim: read live %q: pages [%d, %d) of %d into %d bytes", g.name, first, first+n, g.m.pages, len(dst))
+	}
+	g.ctl.Lock()
+	defer g.ctl.Unlock()
+	if g.closed {
+		return ErrClosed
+	}
+	for lo := first; lo < first+n; lo += rebaselineChunk {
+		hi := min(lo+rebaselineChunk, first+n)
+		if !g.paused {
+			select {
+			case g.run <- struct{}{}:
+			case <-ctx.Done():
+				return fmt.Errorf("sim: read live %q: %w", g.name, ctx.Err())
+			}
+		}
+		copy(dst[(lo-first)*pageSize:], g.m.mem[lo*pageSize:hi*pageSize])
+		if !g.paused {
+			<-g.run
+		}
+	}
+	return nil
+}
+
 // SaveDeviceState appends the DeviceStateSize-byte device state to dst.
 // Only valid while paused.
 func (g *Guest) SaveDeviceState(ctx context.Context, dst []byte) ([]byte, error) {
