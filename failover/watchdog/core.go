@@ -45,7 +45,21 @@ type Core struct {
 	log     *zap.Logger
 	recheck time.Duration
 	vms     map[string]*entry
+	// refused remembers the last refusal per VM, so that a daemon that
+	// keeps naming a process the watchdog will not touch does not have it
+	// validated (and logged) on every pet.
+	refused map[string]refusal
 }
+
+type refusal struct {
+	t   Target
+	err error
+	at  time.Time
+}
+
+// refuseRetry is how long a refusal stands before the same target is
+// validated again.
+const refuseRetry = 30 * time.Second
 
 type entry struct {
 	t    Target
@@ -72,7 +86,7 @@ func NewCore(now func() time.Time, procs Procs, log *zap.Logger) *Core {
 	if log == nil {
 		log = zap.NewNop()
 	}
-	return &Core{now: now, procs: procs, log: log, recheck: DefaultRecheck, vms: map[string]*entry{}}
+	return &Core{now: now, procs: procs, log: log, recheck: DefaultRecheck, vms: map[string]*entry{}, refused: map[string]refusal{}}
 }
 
 // Pet records what the daemon on connection owner vouches for: each VM's
@@ -107,12 +121,18 @@ func (c *Core) Pet(owner uint64, vms []PetVM) Reply {
 			e = nil
 		}
 		if e == nil {
+			if r, ok := c.refused[p.Name]; ok && r.t == t && now.Sub(r.at) < refuseRetry {
+				rep.Refused = append(rep.Refused, Refusal{Name: p.Name, Pid: p.Pid, Error: r.err.Error()})
+				continue
+			}
 			proc, err := c.procs.Open(t)
 			if err != nil {
+				c.refused[p.Name] = refusal{t: t, err: err, at: now}
 				c.log.Warn("refused to supervise a process", zap.String("vm", p.Name), zap.Int("pid", p.Pid), zap.String("qmp", p.QMP), zap.Error(err))
 				rep.Refused = append(rep.Refused, Refusal{Name: p.Name, Pid: p.Pid, Error: err.Error()})
 				continue
 			}
+			delete(c.refused, p.Name)
 			e = &entry{t: t, proc: proc}
 			c.vms[p.Name] = e
 			c.log.Info("supervising a protected guest", zap.String("vm", p.Name), zap.Int("pid", p.Pid), zap.String("qmp", p.QMP))

@@ -243,6 +243,13 @@ func TestRefusals(t *testing.T) {
 	if procs.procs[100].stops != 0 {
 		t.Fatal("signalled a process it refused")
 	}
+	// A refusal stands for a while: the same target is not validated
+	// (nor logged) again on every pet.
+	opens := procs.opens
+	rep = c.Pet(1, []PetVM{{Name: "e", Pid: 4242, QMP: "/run/e.qmp", ValidForNs: int64(time.Second)}})
+	if len(rep.Refused) != 1 || procs.opens != opens {
+		t.Fatalf("refusal not remembered: %+v, %d opens", rep, procs.opens-opens)
+	}
 	// The same VM twice in one pet.
 	rep = c.Pet(1, []PetVM{pet(vmA, time.Second), pet(vmA, time.Second)})
 	if len(rep.Refused) != 1 || rep.Refused[0].Error != "listed twice" {
