@@ -76,6 +76,8 @@ type wstate struct {
 	blockedGen uint64
 	// claimTook is the last claim's round trip to the witness.
 	claimTook time.Duration
+	// heldAt is when this side last won (or registered) the record.
+	heldAt time.Time
 }
 
 // dialWitness connects to the configured witness (nil if none). Dial does
@@ -114,7 +116,7 @@ func (d *Daemon) witnessInit(v *vm) error {
 		return fmt.Errorf("witness: %w", err)
 	}
 	d.mu.Lock()
-	v.w.rec, v.w.view, v.w.err = rec, WitnessHolder, ""
+	v.w.rec, v.w.view, v.w.err, v.w.heldAt = rec, WitnessHolder, "", time.Now()
 	v.wgen.Store(rec.Generation)
 	d.mu.Unlock()
 	return nil
@@ -188,7 +190,7 @@ func (d *Daemon) primaryClaim(v *vm, solo bool, why string) {
 			d.log.Error("lost the VM's witness record: fencing this copy", zap.String("vm", v.name), zap.Stringer("record", rec), zap.String("why", why))
 			d.fenceLocked(v, "the witness record moved to "+rec.Holder)
 		default:
-			v.w.rec, v.w.view, v.w.err = rec, WitnessHolder, ""
+			v.w.rec, v.w.view, v.w.err, v.w.heldAt = rec, WitnessHolder, "", time.Now()
 			v.wgen.Store(rec.Generation)
 			d.log.Warn("claimed the VM's witness record: the backup cannot take over", zap.String("vm", v.name), zap.Uint64("generation", rec.Generation), zap.Bool("solo", solo), zap.String("why", why))
 			if v.w.paused {
