@@ -266,7 +266,7 @@ func (d *Daemon) resumeSelfFenced(v *vm) {
 // protection stops (no goodbye), the guest is paused and its held output
 // dropped. It stays so until an operator acts (`remusd stop`).
 func (d *Daemon) fenceLocked(v *vm, why string) {
-	g, stop, netOut := v.guest, v.stop, v.netOut
+	g, stop, done, netOut := v.guest, v.stop, v.done, v.netOut
 	v.netOut = nil
 	v.runErr.Store("fenced: " + why)
 	d.wg.Add(1)
@@ -278,6 +278,19 @@ func (d *Daemon) fenceLocked(v *vm, why string) {
 			d.log.Error("fencing: pause failed", zap.String("vm", v.name), zap.Error(err))
 		}
 		stop()
+		// A capture in flight resumes the guest when it ends: pause again
+		// once the runner is gone.
+		if done != nil {
+			select {
+			case <-done:
+			case <-time.After(15 * time.Second):
+			}
+			pctx, pcancel := context.WithTimeout(context.Background(), 10*time.Second)
+			if err := g.Pause(pctx); err != nil {
+				d.log.Error("fencing: pause failed", zap.String("vm", v.name), zap.Error(err))
+			}
+			pcancel()
+		}
 		if netOut != nil {
 			// The guest is paused: dropping what is held lets nothing out.
 			if err := netOut.Close(); err != nil {
