@@ -173,7 +173,8 @@ type WatchdogConfig struct {
 	// witness is configured and there are qemu_vms.
 	Enabled *bool `json:"enabled,omitempty"`
 	// Timeout bounds how long a hung daemon's protected guest may run on:
-	// every pet vouches for at most this long (default fence_after).
+	// every pet vouches for at most this long (default fence_after, or
+	// heartbeat_timeout if that is longer).
 	Timeout Duration `json:"timeout,omitempty"`
 }
 
@@ -190,7 +191,7 @@ func (c Config) watchdogTimeout() time.Duration {
 	if c.Watchdog.Timeout != 0 {
 		return c.Watchdog.Timeout.D()
 	}
-	return c.FenceAfter.D()
+	return max(c.FenceAfter.D(), c.HeartbeatTimeout.D())
 }
 
 // WitnessConfig is the witness section of the configuration.

@@ -215,7 +215,7 @@ func (d *Daemon) watchdogBeforeAttach(reported []watchdog.StoppedVM) {
 				continue
 			}
 		}
-		holds, sure, why := d.holdsRecord(q.Name, 0)
+		holds, sure, why := d.holdsRecord(q.Name)
 		run := holds && sure
 		if err := d.continueGuest(q.Name, pid, qmpPath, known, run); err != nil {
 			d.log.Error("cannot continue a guest stopped while no daemon vouched for it: it stays stopped", zap.String("vm", q.Name), zap.Int("pid", pid), zap.Error(err))
@@ -286,10 +286,11 @@ func contProcess(pid int, qmpPath string) error {
 	return nil
 }
 
-// holdsRecord asks the witness whether this host holds vm's record
-// (gen > 0: at that generation or later). sure is false when it could not
-// be asked. Without a witness the daemon's word stands (holds, sure).
-func (d *Daemon) holdsRecord(vm string, gen uint64) (holds, sure bool, why string) {
+// holdsRecord asks the witness whether vm may run here: no other host
+// holds its record (this host does, or nobody: released by unprotect, or
+// absent). sure is false when the witness could not be asked. Without a
+// witness the daemon's word stands (holds, sure).
+func (d *Daemon) holdsRecord(vm string) (holds, sure bool, why string) {
 	if d.wit == nil {
 		return true, true, "no witness configured"
 	}
@@ -299,7 +300,7 @@ func (d *Daemon) holdsRecord(vm string, gen uint64) (holds, sure bool, why strin
 	switch {
 	case err != nil:
 		return false, false, "witness: " + err.Error()
-	case !held || rec.Holder != d.cfg.Name || rec.Generation < gen:
+	case held && rec.Holder != d.cfg.Name:
 		return false, true, "witness record " + rec.String()
 	}
 	return true, true, "witness record " + rec.String()
@@ -507,11 +508,9 @@ func (d *Daemon) recoverStopped(name string, s watchdog.StoppedVM) {
 	}
 	running := v.role == RolePrimary && v.primary != nil && v.w.view != WitnessFenced
 	fresh := false
-	var gen uint64
 	if running {
 		st := v.primary.Stats()
 		fresh = st.Link == LinkUp && st.HeartbeatAge > 0 && st.HeartbeatAge < d.cfg.HeartbeatTimeout.D()
-		gen = v.w.rec.Generation
 	}
 	fenced := v.w.view == WitnessFenced
 	d.mu.Unlock()
@@ -522,7 +521,7 @@ func (d *Daemon) recoverStopped(name string, s watchdog.StoppedVM) {
 	case fresh:
 		holds, why = true, "the backup is connected and heard within heartbeat_timeout"
 	default:
-		holds, sure, why = d.holdsRecord(name, gen)
+		holds, sure, why = d.holdsRecord(name)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()

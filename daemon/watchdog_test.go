@@ -27,6 +27,14 @@ func TestWatchdogConfig(t *testing.T) {
 	if err := c.Validate(); err != nil {
 		t.Fatal(err)
 	}
+	// A heartbeat timeout beyond fence_after raises the default.
+	c.HeartbeatTimeout = Duration(30 * time.Second)
+	if c.watchdogTimeout() != 30*time.Second {
+		t.Fatalf("default timeout %v with heartbeat_timeout 30s", c.watchdogTimeout())
+	}
+	if err := c.Validate(); err != nil {
+		t.Fatal(err)
+	}
 	c.Watchdog.Enabled = boolp(false)
 	if c.watchdogEnabled() {
 		t.Fatal("enabled: false ignored")
@@ -44,11 +52,6 @@ func TestWatchdogConfig(t *testing.T) {
 			c.QemuVMs = []QemuVM{qvm}
 			c.Watchdog.Timeout = Duration(500 * time.Millisecond)
 		}, "config field watchdog.timeout: 500ms is shorter than heartbeat_timeout 1s"},
-		{"default below heartbeat timeout", func(c *Config) {
-			c.Witness = &WitnessConfig{Endpoints: []string{"http://127.0.0.1:2379"}}
-			c.QemuVMs = []QemuVM{qvm}
-			c.FenceAfter = Duration(500 * time.Millisecond)
-		}, "config field watchdog.timeout: 500ms is shorter than heartbeat_timeout"},
 		{"no qemu VMs", func(c *Config) { c.Watchdog.Enabled = boolp(true) }, "config field watchdog.enabled: the watchdog stops QEMU guests and no qemu_vms are configured"},
 		{"socket path", func(c *Config) {
 			c.QemuVMs = []QemuVM{qvm}
