@@ -223,6 +223,9 @@ func (l *QEMULab) PrimaryDaemon() *DaemonProc { return l.primary }
 // BackupDaemon is host B's daemon process.
 func (l *QEMULab) BackupDaemon() *DaemonProc { return l.backup }
 
+// PrimaryNetns is host A's network namespace.
+func (l *QEMULab) PrimaryNetns() string { return l.primaryNS }
+
 // RestartPrimary starts host A's daemon again (same configuration and
 // state directory) after it exited or was killed; its guests are left to
 // it to re-attach.

@@ -15,6 +15,7 @@ import (
 	"github.com/remusd/remusd/demo"
 	"github.com/remusd/remusd/failover/watchdog"
 	"github.com/remusd/remusd/guestsvc"
+	"github.com/remusd/remusd/netlab"
 )
 
 // watchdogLab is the QEMU topology with a witness (the demo's lab: hosts A
@@ -291,6 +292,73 @@ func TestWatchdogCrashedPrimary(t *testing.T) {
 		t.Fatalf("restarted primary runs QEMU %d, not the re-attached %d", s.QEMUPid, l.qemuPid)
 	}
 	t.Logf("restarted primary: guest %s (pid %d), witness %s: %s", s.GuestState, s.QEMUPid, s.WitnessView, s.LastError)
+	now, _, _ := l.cl.state()
+	l.waitReplies(t, now+10, "client replies from the new primary")
+}
+
+// TestWatchdogIsolatedPrimary measures the self-fencing bound with the
+// default configuration: host A's uplink goes down (a silent partition:
+// no reset reaches either side), so the primary loses its backup and the
+// witness at once. Its daemon notices the link loss after
+// heartbeat_timeout, cannot claim the record, and pauses the guest
+// fence_after later; the watchdog backs that with SIGSTOP a margin after.
+// Meanwhile the backup wins the record and takes over. When the link
+// returns the old primary's guest stays paused, fenced.
+func TestWatchdogIsolatedPrimary(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
+	defer cancel()
+	l := newWatchdogLab(t, ctx, nil)
+	def := daemon.DefaultConfig()
+	ns := l.PrimaryNetns()
+	if err := netlab.IP(ctx, ns, "link", "set", "up0", "down"); err != nil {
+		t.Fatal(err)
+	}
+	cut := time.Now()
+	t.Cleanup(func() { _ = netlab.IP(context.Background(), ns, "link", "set", "up0", "up") })
+	var paused, stopped time.Duration
+	for stopped == 0 {
+		el := time.Since(cut)
+		if st, err := watchdog.ProcState(l.qemuPid); err != nil {
+			t.Fatalf("the guest's QEMU is gone: %v", err)
+		} else if st == 'T' {
+			stopped = el
+			break
+		}
+		s, err := l.PrimaryStatus(ctx)
+		switch {
+		case err != nil:
+		case s.GuestState == daemon.GuestPaused && paused == 0:
+			paused = el
+		case s.GuestState == daemon.GuestRunning:
+			paused = 0 // an epoch's capture: the self-fence pause lasts
+		}
+		if el > 30*time.Second {
+			t.Fatalf("guest not stopped %v after the partition (paused at %v)", el, paused)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	hb, fa := def.HeartbeatTimeout.D(), def.FenceAfter.D()
+	t.Logf("primary isolated (uplink down): guest paused by its daemon after %v (heartbeat_timeout %v + fence_after %v), stopped by the watchdog after %v",
+		paused.Round(time.Millisecond), hb, fa, stopped.Round(time.Millisecond))
+	if paused == 0 || paused > hb+fa+time.Second {
+		t.Errorf("the daemon paused the guest after %v, bound heartbeat_timeout + fence_after = %v", paused, hb+fa)
+	}
+	if stopped > hb+fa+2*time.Second {
+		t.Errorf("the watchdog stopped the guest after %v", stopped)
+	}
+	active, err := l.WaitActive(ctx, time.Minute)
+	if err != nil || active.WitnessHolder != "hostB" {
+		t.Fatalf("backup did not take over: %v (%+v)", err, active)
+	}
+	if err := netlab.IP(ctx, ns, "link", "set", "up0", "up"); err != nil {
+		t.Fatal(err)
+	}
+	var s daemon.VMStatus
+	waitFor(t, time.Minute, "the old primary fences its copy once it reaches the witness", func() (bool, string) {
+		s, err = l.PrimaryStatus(ctx)
+		return err == nil && s.WitnessView == daemon.WitnessFenced && s.GuestState == daemon.GuestPaused, fmt.Sprintf("%+v %v", s, err)
+	})
+	t.Logf("partition healed: old primary's guest %s, witness %s (%s)", s.GuestState, s.WitnessView, s.LastError)
 	now, _, _ := l.cl.state()
 	l.waitReplies(t, now+10, "client replies from the new primary")
 }
