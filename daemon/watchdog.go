@@ -361,6 +361,16 @@ func (d *Daemon) petWatchdog(ctx context.Context) {
 	for _, s := range rep.Stopped {
 		stopped[s.Name] = s
 	}
+	for _, p := range pets {
+		// Stopped, but not by this watchdog (one that exited did): the
+		// same decision.
+		if _, ok := stopped[p.Name]; !ok {
+			if st, err := watchdog.ProcState(p.Pid); err == nil && st == 'T' {
+				stopped[p.Name] = watchdog.StoppedVM{Name: p.Name, Pid: p.Pid, QMP: p.QMP, AtUnixMs: time.Now().UnixMilli(),
+					Why: "found stopped (not by the running watchdog)"}
+			}
+		}
+	}
 	var recover []string
 	d.mu.Lock()
 	wasRefused := map[string]string{}

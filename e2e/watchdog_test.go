@@ -315,15 +315,26 @@ func TestWatchdogIsolatedPrimary(t *testing.T) {
 	}
 	cut := time.Now()
 	t.Cleanup(func() { _ = netlab.IP(context.Background(), ns, "link", "set", "up0", "up") })
+	// The stop is timed from /proc by its own goroutine: a status call in
+	// flight when QEMU stops waits for QMP a moment.
+	stoppedc := make(chan time.Duration, 1)
+	go func() {
+		for {
+			if st, err := watchdog.ProcState(l.qemuPid); err != nil || st == 'T' {
+				stoppedc <- time.Since(cut)
+				return
+			}
+			time.Sleep(time.Millisecond)
+		}
+	}()
 	var paused, stopped time.Duration
 	for stopped == 0 {
-		el := time.Since(cut)
-		if st, err := watchdog.ProcState(l.qemuPid); err != nil {
-			t.Fatalf("the guest's QEMU is gone: %v", err)
-		} else if st == 'T' {
-			stopped = el
-			break
+		select {
+		case stopped = <-stoppedc:
+			continue
+		default:
 		}
+		el := time.Since(cut)
 		s, err := l.PrimaryStatus(ctx)
 		switch {
 		case err != nil:
@@ -336,6 +347,9 @@ func TestWatchdogIsolatedPrimary(t *testing.T) {
 			t.Fatalf("guest not stopped %v after the partition (paused at %v)", el, paused)
 		}
 		time.Sleep(10 * time.Millisecond)
+	}
+	if st, err := watchdog.ProcState(l.qemuPid); err != nil || st != 'T' {
+		t.Fatalf("the guest's QEMU: state %c, %v (the watchdog must stop it, never kill it)", st, err)
 	}
 	hb, fa := def.HeartbeatTimeout.D(), def.FenceAfter.D()
 	t.Logf("primary isolated (uplink down): guest paused by its daemon after %v (heartbeat_timeout %v + fence_after %v), stopped by the watchdog after %v",

@@ -188,17 +188,18 @@ func (c *Core) Disconnected(owner uint64, restart bool) {
 }
 
 // Cont lifts the stop of VM name (SIGCONT) at its daemon's request, and
-// supervises it for validFor more, or not at all (release). A VM that is
-// not stopped just gets the new deadline (or is released).
+// supervises it for validFor more, or not at all (release). The signal
+// goes also to a VM the watchdog did not stop itself (a previous watchdog
+// did, before it exited): the daemon found it stopped.
 func (c *Core) Cont(name string, validFor time.Duration, release bool) error {
 	e := c.vms[name]
 	if e == nil {
 		return fmt.Errorf("%w: %s", ErrUnknownVM, name)
 	}
+	if err := e.proc.Cont(); err != nil {
+		return fmt.Errorf("watchdog: SIGCONT %s (pid %d): %w", name, e.t.Pid, err)
+	}
 	if e.stopped {
-		if err := e.proc.Cont(); err != nil {
-			return fmt.Errorf("watchdog: SIGCONT %s (pid %d): %w", name, e.t.Pid, err)
-		}
 		c.log.Warn("guest continued at its daemon's request", zap.String("vm", name), zap.Int("pid", e.t.Pid),
 			zap.Duration("stopped_for", c.now().Sub(e.stoppedAt)), zap.Bool("released", release))
 		e.stopped = false

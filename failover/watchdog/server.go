@@ -160,6 +160,9 @@ func Serve(ctx context.Context, o ServerOptions) error {
 		cmu.Lock()
 		conns[c] = true
 		cmu.Unlock()
+		s.mu.Lock()
+		s.conns++ // before the goroutine: an idle check must not miss it
+		s.mu.Unlock()
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -287,7 +290,6 @@ func (s *Server) serveConn(ctx context.Context, c *net.UnixConn, peer int) {
 	s.mu.Lock()
 	s.nextID++
 	id := s.nextID
-	s.conns++
 	s.mu.Unlock()
 	restart := false
 	defer func() {
