@@ -1,6 +1,7 @@
 package daemon
 
 import (
+	"bytes"
 	"strings"
 	"testing"
 	"time"
@@ -107,5 +108,26 @@ func TestProofValidFor(t *testing.T) {
 		if got := proofValidFor(tc.p, now, l); got != tc.want {
 			t.Errorf("%s: %v, want %v", tc.name, got, tc.want)
 		}
+	}
+}
+
+func TestRenderWatchdog(t *testing.T) {
+	var b bytes.Buffer
+	err := RenderStatus(&b, []VMStatus{
+		{VM: "a", Role: RolePrimary, Watchdog: WatchdogStopped, WatchdogError: "the daemon's proof that this host holds the VM ran out"},
+		{VM: "b", Role: RolePrimary, WatchdogError: "refused: pid 7 runs /bin/sh"},
+		{VM: "c", Role: RolePrimary, Watchdog: WatchdogSupervised},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := b.String()
+	for _, want := range []string{"a: guest STOPPED by the watchdog (SIGSTOP): the daemon's proof", "b: watchdog: refused: pid 7"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("status lacks %q:\n%s", want, out)
+		}
+	}
+	if strings.Contains(out, "c: ") {
+		t.Errorf("a supervised guest needs no note:\n%s", out)
 	}
 }
