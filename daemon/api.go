@@ -118,6 +118,19 @@ type VMStatus struct {
 	Busy string `json:"busy,omitempty"`
 	// StoppedWhy says why a stopped VM does not run here.
 	StoppedWhy string `json:"stopped_why,omitempty"`
+	// QEMUPid is the guest's QEMU process (0: not known here);
+	// GuestState its run state: running, paused (QMP stop: an epoch's
+	// capture, self-fencing, fencing; QEMU's own status name for others),
+	// or stopped (SIGSTOP: the watchdog's stop); "" unknown.
+	QEMUPid    int    `json:"qemu_pid,omitempty"`
+	GuestState string `json:"guest_state,omitempty"`
+	// Watchdog is the watchdog's view of a protected guest: supervised,
+	// or stopped (SIGSTOP, since WatchdogStoppedAtUnixMs; WatchdogError
+	// says why); WatchdogError also says why it refused a guest or cannot
+	// be reached.
+	Watchdog                string `json:"watchdog,omitempty"`
+	WatchdogError           string `json:"watchdog_error,omitempty"`
+	WatchdogStoppedAtUnixMs int64  `json:"watchdog_stopped_at_unix_ms,omitempty"`
 
 	// Epoch is the last captured epoch (primary) or committed epoch (backup).
 	Epoch      uint64 `json:"epoch"`

@@ -11,6 +11,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/remusd/remusd/failover/watchdog"
 	"github.com/remusd/remusd/hypervisor"
 	"github.com/remusd/remusd/hypervisor/libvirt"
 	"github.com/remusd/remusd/transport"
@@ -164,6 +165,9 @@ type Config struct {
 	Fence FenceConfig `json:"fence"`
 	// SecondPath is the second heartbeat path (off unless listen is set).
 	SecondPath SecondPathConfig `json:"second_path"`
+	// Watchdog is the last resort against a hung daemon (see
+	// daemon/watchdog.go and package failover/watchdog).
+	Watchdog WatchdogConfig `json:"watchdog"`
 }
 
 // SecondPathConfig is the second heartbeat path: UDP datagrams between the
@@ -191,6 +195,34 @@ func (c *Config) secondPathTimes() (interval, timeout time.Duration) {
 		timeout = c.HeartbeatTimeout.D()
 	}
 	return interval, timeout
+
+}
+
+// WatchdogConfig is the watchdog section of the configuration.
+type WatchdogConfig struct {
+	// Enabled starts (or joins) the watchdog process; default: on when a
+	// witness is configured and there are qemu_vms.
+	Enabled *bool `json:"enabled,omitempty"`
+	// Timeout bounds how long a hung daemon's protected guest may run on:
+	// every pet vouches for at most this long (default fence_after, or
+	// heartbeat_timeout if that is longer).
+	Timeout Duration `json:"timeout,omitempty"`
+}
+
+// watchdogEnabled is the effective setting.
+func (c Config) watchdogEnabled() bool {
+	if c.Watchdog.Enabled != nil {
+		return *c.Watchdog.Enabled
+	}
+	return c.Witness != nil && len(c.QemuVMs) > 0
+}
+
+// watchdogTimeout is the effective timeout.
+func (c Config) watchdogTimeout() time.Duration {
+	if c.Watchdog.Timeout != 0 {
+		return c.Watchdog.Timeout.D()
+	}
+	return max(c.FenceAfter.D(), c.HeartbeatTimeout.D())
 }
 
 // WitnessConfig is the witness section of the configuration.
@@ -414,6 +446,7 @@ func (c Config) Validate() error {
 			bad("fence.timeout", "must not be negative")
 		}
 	}
+	errs = append(errs, c.validateWatchdog()...)
 	if c.DialTimeout.D() <= 0 {
 		bad("dial_timeout", "must be positive")
 	}
@@ -525,4 +558,33 @@ func (c Config) Validate() error {
 		seen[vm.Name] = true
 	}
 	return errors.Join(errs...)
+}
+
+// maxWatchdogTimeout bounds watchdog.timeout.
+const maxWatchdogTimeout = time.Hour
+
+func (c Config) validateWatchdog() []error {
+	var errs []error
+	bad := func(field, format string, a ...any) {
+		errs = append(errs, fmt.Errorf("config field watchdog.%s: %s", field, fmt.Sprintf(format, a...)))
+	}
+	w := c.Watchdog
+	if t := w.Timeout.D(); t != 0 && (t < 100*time.Millisecond || t > maxWatchdogTimeout) {
+		bad("timeout", "%v out of range [100ms, %v] (0: fence_after)", t, maxWatchdogTimeout)
+	}
+	if !c.watchdogEnabled() {
+		return errs
+	}
+	if w.Enabled != nil && len(c.QemuVMs) == 0 {
+		bad("enabled", "the watchdog stops QEMU guests and no qemu_vms are configured")
+	}
+	if t := c.watchdogTimeout(); len(errs) == 0 && t < c.HeartbeatTimeout.D() {
+		bad("timeout", "%v is shorter than heartbeat_timeout %v: a heartbeat late by less than the link's timeout would stop the guest", t, c.HeartbeatTimeout.D())
+	}
+	if c.StateDir != "" {
+		if p := filepath.Join(c.StateDir, watchdog.SocketName); len(p) > 107 {
+			bad("enabled", "its socket %s would be longer than a unix socket path may be (107): shorten state_dir", p)
+		}
+	}
+	return errs
 }

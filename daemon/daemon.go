@@ -84,6 +84,10 @@ type Daemon struct {
 	// connections.
 	hb     *heartbeat.Endpoint
 	hbKeys *heartbeat.Keyring
+	// wd is the watchdog channel (nil: disabled); watchdogExe the binary
+	// that starts one (see watchdog.go).
+	wd          *wdog
+	watchdogExe string
 }
 
 // vm is one guest known to this daemon, in any role.
@@ -157,7 +161,7 @@ type simSpec struct {
 // and for each configured QEMU VM re-attaches to the guest a previous
 // daemon left running (its state directory says where), launches it, or
 // leaves it stopped (see QemuVM.Autostart).
-func New(cfg Config, log *zap.Logger) (*Daemon, error) {
+func New(cfg Config, log *zap.Logger, opts ...Option) (*Daemon, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
@@ -173,10 +177,14 @@ func New(cfg Config, log *zap.Logger) (*Daemon, error) {
 	}
 	d := &Daemon{cfg: cfg, log: log.With(zap.String("host", cfg.Name)), vms: map[string]*vm{}, nextQueue: firstQueueNum, linkDown: make(chan struct{}, 1), hbKeys: heartbeat.NewKeyring(),
 		running: make(chan struct{}), handshakes: newHandshakeSlots(cfg.Peers, log), records: records, newStandby: qemu.NewReplica}
+	for _, o := range opts {
+		o(d)
+	}
 	d.budget = replicaBudget(cfg.ReplicaBudgetMiB)
 	if d.wit, err = dialWitness(cfg, d.log); err != nil {
 		return nil, err
 	}
+	d.watchdogInit()
 	if cfg.Insecure {
 		d.log.Warn("INSECURE: the replication link is plaintext and unauthenticated (config insecure); any host that reaches the listener is trusted by the name it claims",
 			zap.String("listen", cfg.Listen), zap.Bool("non_loopback_allowed", cfg.InsecureNonLoopback))
@@ -378,6 +386,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 	d.log.Info("output buffering available on this host for VM network interfaces",
 		zap.String("mechanism", probe.Kind), zap.String("why", probe.Reason), zap.String("output_buffer", d.cfg.OutputBuffer))
 	d.resumeProtections()
+	d.watchdogRun()
 
 	lctx, lcancel := context.WithCancel(ctx)
 	defer lcancel()
@@ -436,6 +445,7 @@ func (d *Daemon) Running() <-chan struct{} { return d.running }
 
 // shutdown is Run's exit sequence (see Run).
 func (d *Daemon) shutdown() {
+	d.watchdogShutdownBegin()
 	d.mu.Lock()
 	var prim []*vm
 	for _, v := range d.vms {
@@ -453,6 +463,7 @@ func (d *Daemon) shutdown() {
 		}()
 	}
 	pwg.Wait()
+	d.watchdogShutdownEnd()
 	d.mu.Lock()
 	if d.cancel != nil {
 		d.cancel() // replica links end
@@ -517,11 +528,14 @@ func (d *Daemon) Status(ctx context.Context) ([]VMStatus, error) {
 	d.mu.Lock()
 	out := make([]VMStatus, 0, len(d.vms))
 	var bufs []outbuf.Buffer
+	var guests []any
 	for _, v := range d.vms {
 		out = append(out, d.statusOf(v))
 		bufs = append(bufs, v.netOut)
+		guests = append(guests, v.guest)
 	}
 	d.mu.Unlock()
+	fillGuestStates(ctx, out, guests)
 	// A kernel buffer's counters may take a netlink round trip: read them
 	// without the daemon lock.
 	for i, b := range bufs {
@@ -596,6 +610,7 @@ func (d *Daemon) statusOf(v *vm) VMStatus {
 		s.LastError = e
 	}
 	d.witnessStatus(v, &s)
+	d.watchdogStatus(v, &s)
 	return s
 }
 

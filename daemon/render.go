@@ -52,6 +52,12 @@ func RenderStatus(w io.Writer, st []VMStatus) error {
 		if s.LinksRefused > 0 {
 			notes = append(notes, fmt.Sprintf("%d links refused", s.LinksRefused))
 		}
+		switch {
+		case s.Watchdog == WatchdogStopped:
+			notes = append(notes, "guest STOPPED by the watchdog (SIGSTOP): "+s.WatchdogError)
+		case s.WatchdogError != "":
+			notes = append(notes, "watchdog: "+s.WatchdogError)
+		}
 		for _, n := range notes {
 			if _, err := fmt.Fprintf(w, "%s: %s\n", s.VM, n); err != nil {
 				return err

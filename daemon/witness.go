@@ -76,6 +76,8 @@ type wstate struct {
 	blockedGen uint64
 	// claimTook is the last claim's round trip to the witness.
 	claimTook time.Duration
+	// heldAt is when this side last won (or registered) the record.
+	heldAt time.Time
 }
 
 // dialWitness connects to the configured witness (nil if none). Dial does
@@ -114,7 +116,7 @@ func (d *Daemon) witnessInit(v *vm) error {
 		return fmt.Errorf("witness: %w", err)
 	}
 	d.mu.Lock()
-	v.w.rec, v.w.view, v.w.err = rec, WitnessHolder, ""
+	v.w.rec, v.w.view, v.w.err, v.w.heldAt = rec, WitnessHolder, "", time.Now()
 	v.wgen.Store(rec.Generation)
 	d.mu.Unlock()
 	return nil
@@ -192,7 +194,7 @@ func (d *Daemon) primaryClaim(v *vm, solo bool, why string) {
 			d.log.Error("lost the VM's witness record: fencing this copy", zap.String("vm", v.name), zap.Stringer("record", rec), zap.String("why", why))
 			d.fenceLocked(v, "the witness record moved to "+rec.Holder)
 		default:
-			v.w.rec, v.w.view, v.w.err = rec, WitnessHolder, ""
+			v.w.rec, v.w.view, v.w.err, v.w.heldAt = rec, WitnessHolder, "", time.Now()
 			v.wgen.Store(rec.Generation)
 			d.log.Warn("claimed the VM's witness record: the backup cannot take over", zap.String("vm", v.name), zap.Uint64("generation", rec.Generation), zap.Bool("solo", solo), zap.String("why", why))
 			if v.w.paused {
@@ -268,7 +270,7 @@ func (d *Daemon) resumeSelfFenced(v *vm) {
 // protection stops (no goodbye), the guest is paused and its held output
 // dropped. It stays so until an operator acts (`remusd stop`).
 func (d *Daemon) fenceLocked(v *vm, why string) {
-	g, stop, netOut := v.guest, v.stop, v.netOut
+	g, stop, done, netOut := v.guest, v.stop, v.done, v.netOut
 	v.netOut = nil
 	v.runErr.Store("fenced: " + why)
 	d.wg.Add(1)
@@ -280,6 +282,19 @@ func (d *Daemon) fenceLocked(v *vm, why string) {
 			d.log.Error("fencing: pause failed", zap.String("vm", v.name), zap.Error(err))
 		}
 		stop()
+		// A capture in flight resumes the guest when it ends: pause again
+		// once the runner is gone.
+		if done != nil {
+			select {
+			case <-done:
+			case <-time.After(15 * time.Second):
+			}
+			pctx, pcancel := context.WithTimeout(context.Background(), 10*time.Second)
+			if err := g.Pause(pctx); err != nil {
+				d.log.Error("fencing: pause failed", zap.String("vm", v.name), zap.Error(err))
+			}
+			pcancel()
+		}
 		if netOut != nil {
 			// The guest is paused: dropping what is held lets nothing out.
 			if err := netOut.Close(); err != nil {

@@ -57,6 +57,9 @@ type QEMULabConfig struct {
 	HeartbeatTimeout time.Duration
 	Takeover         string
 	Log              *zap.Logger
+	// Tweak, if set, adjusts the two daemons' configurations (host A's,
+	// host B's) before they start.
+	Tweak func(a, b *daemon.Config)
 }
 
 // QEMULab is the demo's topology with the guest booted on hostA and a
@@ -80,6 +83,7 @@ type QEMULab struct {
 	backup    *DaemonProc
 	witness   *WitnessProc
 	primaryNS string
+	acfg      daemon.Config
 }
 
 // StartQEMULab builds the guest image (cached), the namespaces, starts the
@@ -151,6 +155,10 @@ func StartQEMULab(ctx context.Context, cfg QEMULabConfig) (l *QEMULab, err error
 	if err != nil {
 		return l, err
 	}
+	if cfg.Tweak != nil {
+		cfg.Tweak(&acfg, &bcfg)
+	}
+	l.acfg = acfg
 	l.PeerAddr = bcfg.Listen
 	l.Primary = daemon.ControlClient{Path: acfg.Control, Timeout: 5 * time.Second}
 	l.Backup = daemon.ControlClient{Path: bcfg.Control, Timeout: 5 * time.Second}
@@ -207,6 +215,34 @@ func (l *QEMULab) PrimaryStatus(ctx context.Context) (daemon.VMStatus, error) {
 // BackupStatus is the guest's status on the backup host.
 func (l *QEMULab) BackupStatus(ctx context.Context) (daemon.VMStatus, error) {
 	return l.Backup.VMStatus(ctx, qemuVM)
+}
+
+// PrimaryDaemon and BackupDaemon are the two `remusd serve` processes.
+func (l *QEMULab) PrimaryDaemon() *DaemonProc { return l.primary }
+
+// BackupDaemon is host B's daemon process.
+func (l *QEMULab) BackupDaemon() *DaemonProc { return l.backup }
+
+// PrimaryNetns is host A's network namespace.
+func (l *QEMULab) PrimaryNetns() string { return l.primaryNS }
+
+// RestartPrimary starts host A's daemon again (same configuration and
+// state directory) after it exited or was killed; its guests are left to
+// it to re-attach.
+func (l *QEMULab) RestartPrimary(ctx context.Context) error {
+	if l.primary != nil {
+		select {
+		case <-l.primary.Done():
+		default:
+			return errors.New("demo: the primary's daemon still runs")
+		}
+	}
+	p, err := StartDaemon(ctx, StartOptions{Exe: l.Cfg.Exe, Dir: l.q.dir, Netns: l.primaryNS, Wait: 3 * time.Minute}, l.acfg)
+	if err != nil {
+		return err
+	}
+	l.primary = p
+	return nil
 }
 
 // KillPrimary SIGKILLs everything in the primary host's namespace (remusd

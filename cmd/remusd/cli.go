@@ -186,6 +186,7 @@ reported).`,
 			run: runBench,
 		},
 		certsCommand,
+		watchdogCommand,
 		{
 			name: "version", args: "",
 			summary: "print the version",
@@ -883,7 +884,13 @@ func serve(ctx context.Context, cfg daemon.Config, log *zap.Logger) error {
 	if err != nil {
 		return err
 	}
-	d, err := daemon.New(cfg, log)
+	var opts []daemon.Option
+	if exe, err := os.Executable(); err == nil {
+		opts = append(opts, daemon.WithWatchdogExe(exe)) // `remusd watchdog`, if the config enables it
+	} else {
+		log.Warn("cannot tell this binary's path: no watchdog can be started (a running one is joined)", zap.Error(err))
+	}
+	d, err := daemon.New(cfg, log, opts...)
 	if err != nil {
 		done, cancel := context.WithCancel(ctx)
 		cancel()
