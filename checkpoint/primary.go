@@ -171,9 +171,11 @@ type Primary struct {
 	// preloadHashes are the hashes of what the current link preloaded: the
 	// next full epoch carries only the pages that differ (nil: none).
 	preloadHashes []uint64
-	// captured1 is set once any epoch was captured: a preload only
+	// everCaptured is set once any epoch was captured: a preload only
 	// starts a protection.
 	everCaptured atomic.Bool
+	// preloadFails counts failed preloads of this protection.
+	preloadFails atomic.Int32
 	// drain: a switchover's last epoch, answered on its ack (engine
 	// goroutine only).
 	drainEpoch uint64
@@ -974,11 +976,14 @@ func (p *Primary) connect(ctx context.Context) (*primaryLink, uint64, []uint64, 
 	}
 	_ = conn.SetDeadline(time.Time{})
 	var pre []uint64
-	if p.o.LiveStart && wel.AcceptsPreload && committed == 0 && !needHashes && !p.everCaptured.Load() {
+	if p.o.LiveStart && wel.AcceptsPreload && committed == 0 && !needHashes && !p.everCaptured.Load() && p.preloadFails.Load() < maxPreloadFails {
 		lr, live := g.(hypervisor.LiveReader)
 		_, rebase := g.(hypervisor.Rebaseliner)
 		if live && rebase {
 			if pre, err = p.preload(ctx, conn, w, lr); err != nil {
+				if p.preloadFails.Add(1) == maxPreloadFails {
+					p.log.Warn("preload failed twice: the first epoch will be a plain full copy", zap.Error(err))
+				}
 				conn.Close()
 				return nil, 0, nil, nil, err
 			}
@@ -991,6 +996,10 @@ func (p *Primary) connect(ctx context.Context) (*primaryLink, uint64, []uint64, 
 // preloadChunk is how many pages the preload reads, encodes and sends at
 // a time.
 const preloadChunk = 4096
+
+// maxPreloadFails: after this many failed preloads (a link too slow or
+// unstable to stream memory over), links go straight to a full epoch.
+const maxPreloadFails = 2
 
 // preload streams every page of the running guest to a backup whose
 // replica holds nothing yet (Preload records, epoch 0) and returns the
@@ -1022,8 +1031,10 @@ func (p *Primary) preload(ctx context.Context, conn net.Conn, w *transport.Write
 		for pfn := lo; pfn < hi; pfn++ {
 			pfns = append(pfns, uint64(pfn))
 		}
-		_ = conn.SetWriteDeadline(time.Now().Add(p.o.HeartbeatTimeout))
 		sum, err := enc.EncodeEpoch(ctx, 0, pfns, chunk, func(hdr *remuspb.PageBatch, payload []byte) error {
+			// Each frame must get through within the heartbeat timeout, as
+			// the backup's reads must (a stalled backup ends the preload).
+			_ = conn.SetWriteDeadline(time.Now().Add(p.o.HeartbeatTimeout))
 			return w.WriteFrame(transport.KindPreload, hdr, payload)
 		})
 		if err != nil {
