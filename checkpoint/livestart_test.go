@@ -109,3 +109,31 @@ func preloadBatch(t *testing.T, first uint64, n int) *remuspb.PageBatch {
 	}
 	return h
 }
+
+// TestPreloadFailuresFallBack: links that die during the preload do not
+// keep protection from starting: after two failed preloads the first
+// epoch is a plain full copy, and the replica is exact.
+func TestPreloadFailuresFallBack(t *testing.T) {
+	p := newPairWith(t, smallGuest("hotset", 6), PrimaryConfig{Interval: 3 * time.Millisecond, MaxInflight: 1, AckTimeout: 5 * time.Second}, pairOptions{liveStart: true})
+	cut := func(link, i int, b []byte) transport.Fault {
+		if k, ok := transport.FrameKind(b); ok && k == transport.KindPreload && link <= 5 {
+			return transport.Fault{Action: transport.Cut}
+		}
+		return transport.Fault{}
+	}
+	p.hook.Store(&cut)
+	stop := p.run()
+	p.waitAcked(5, 20*time.Second)
+	stop()
+	p.checkReplica()
+	p.mu.Lock()
+	pages := p.capturePages[0]
+	links := p.links
+	p.mu.Unlock()
+	if n := p.guest.NumPages(); pages != n || links != maxPreloadFails+1 {
+		t.Fatalf("first epoch carried %d of %d pages after %d links (want a full copy on link %d)", pages, n, links, maxPreloadFails+1)
+	}
+	if s := p.primary.Stats(); s.PagesPreloaded != 0 {
+		t.Fatalf("%d pages counted as preloaded although no preload completed", s.PagesPreloaded)
+	}
+}
