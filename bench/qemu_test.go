@@ -14,13 +14,7 @@ import (
 // per point and one failover trial, only where root, QEMU and the network
 // tools are present. It checks sanity, never speed.
 func TestMeasureQEMUSanity(t *testing.T) {
-	if testing.Short() {
-		t.Skip("boots a QEMU guest")
-	}
-	if why := QEMUSkipReason("remusd"); why != "" {
-		t.Skip("qemu prerequisites: " + why)
-	}
-	exe := buildRemusd(t)
+	exe := needQEMU(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
 	r, err := MeasureQEMU(ctx, QEMUConfig{Exe: exe, Intervals: []time.Duration{25 * time.Millisecond}, Requests: 30, FailoverTrials: 1, MemoryMiB: 128})
@@ -145,13 +139,7 @@ func TestQEMUSkipAndReport(t *testing.T) {
 // witness generation change, no reconnect, every reply right. (`remusd
 // bench --backend qemu --soak 30m` is the long profile.)
 func TestMeasureSoakQuick(t *testing.T) {
-	if testing.Short() {
-		t.Skip("boots a QEMU guest")
-	}
-	if why := QEMUSkipReason("remusd"); why != "" {
-		t.Skip("qemu prerequisites: " + why)
-	}
-	exe := buildRemusd(t)
+	exe := needQEMU(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
 	r, err := MeasureSoak(ctx, SoakConfig{Exe: exe, Duration: 15 * time.Second, Progress: t.Logf})
@@ -170,4 +158,17 @@ func TestMeasureSoakQuick(t *testing.T) {
 	if err := rep.Write(&md); err != nil || !strings.Contains(md.String(), "## 11. QEMU soak") {
 		t.Fatalf("report: %v\n%s", err, md.String())
 	}
+}
+
+// needQEMU skips (saying why) where a QEMU guest cannot boot here, and
+// returns the remusd binary the QEMU lab runs.
+func needQEMU(t *testing.T) string {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("boots a QEMU guest")
+	}
+	if why := QEMUSkipReason("remusd"); why != "" {
+		t.Skip("qemu prerequisites: " + why)
+	}
+	return buildRemusd(t)
 }

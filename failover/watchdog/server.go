@@ -15,6 +15,8 @@ import (
 
 	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
+
+	"github.com/remusd/remusd/internal/peercred"
 )
 
 // ErrRunning: another watchdog holds the state directory's lock.
@@ -186,19 +188,9 @@ func Serve(ctx context.Context, o ServerOptions) error {
 // a root daemon): the socket's mode says the same, this makes sure. It
 // returns the peer's pid.
 func checkPeer(c *net.UnixConn) (int, error) {
-	rc, err := c.SyscallConn()
+	cred, err := peercred.Of(c)
 	if err != nil {
 		return 0, err
-	}
-	var cred *unix.Ucred
-	var cerr error
-	if err := rc.Control(func(fd uintptr) {
-		cred, cerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
-	}); err != nil {
-		return 0, err
-	}
-	if cerr != nil {
-		return 0, fmt.Errorf("peer credentials: %w", cerr)
 	}
 	if int(cred.Uid) != os.Geteuid() {
 		return 0, fmt.Errorf("peer pid %d runs as uid %d, not %d", cred.Pid, cred.Uid, os.Geteuid())

@@ -7,7 +7,8 @@ import (
 	"net"
 
 	"go.uber.org/zap"
-	"golang.org/x/sys/unix"
+
+	"github.com/remusd/remusd/internal/peercred"
 )
 
 // Reattach drives a QEMU that an earlier remusd launched (Launch, or a
@@ -101,19 +102,9 @@ func (q *QMP) peerPid() (int, error) {
 	if !ok {
 		return 0, errors.New("QMP connection is not a unix socket")
 	}
-	rc, err := uc.SyscallConn()
+	cred, err := peercred.Of(uc)
 	if err != nil {
-		return 0, err
-	}
-	var cred *unix.Ucred
-	var cerr error
-	if err := rc.Control(func(fd uintptr) {
-		cred, cerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
-	}); err != nil {
-		return 0, err
-	}
-	if cerr != nil {
-		return 0, fmt.Errorf("QMP peer credentials: %w", cerr)
+		return 0, fmt.Errorf("QMP %w", err)
 	}
 	if cred.Pid <= 0 {
 		return 0, errors.New("QMP peer credentials carry no pid")
