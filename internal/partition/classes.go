@@ -169,7 +169,7 @@ func faultKillDuringTakeover(ctx context.Context, r *run) error {
 	victim := []string{HostB, "witness"}[r.rng.IntN(2)]
 	after, down := r.between(0, 400*time.Millisecond), r.between(0, time.Second)
 	r.variant("then %s %v later, restarted %v after", victim, after.Round(time.Millisecond), down.Round(time.Millisecond))
-	r.killDaemon(HostA)
+	r.killHost(HostA)
 	if err := sleep(ctx, after); err != nil {
 		return err
 	}
@@ -177,7 +177,7 @@ func faultKillDuringTakeover(ctx context.Context, r *run) error {
 		r.lab.KillWitness()
 		r.event("witness killed")
 	} else {
-		r.killDaemon(HostB)
+		r.killHost(HostB)
 		// The backup's replica (and, had it taken over, its sim guest)
 		// died with it: both copies are gone, nothing may run.
 		r.mu.Lock()

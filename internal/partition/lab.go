@@ -108,6 +108,9 @@ func NewLab(ctx context.Context, exe, prefix string, log *zap.Logger) (l *Lab, e
 		if err := installChains(ctx, ns); err != nil {
 			return l, err
 		}
+		if err := installCounter(ctx, ns); err != nil {
+			return l, err
+		}
 	}
 	if err := l.StartWitness(ctx); err != nil {
 		return l, err

@@ -150,6 +150,82 @@ func TestPartitionTrials(t *testing.T) {
 	}
 }
 
+// TestPartitionQEMU runs trials on the QEMU guest (a Linux guest under
+// QEMU TCG serving guestsvc, NFQUEUE output buffering, a client on one
+// TCP connection): PARTITION_QEMU_TRIALS trials (default 1) of each of
+// PARTITION_QEMU_CLASSES (default: cut-replication, isolate-primary,
+// sigstop-primary). PARTITION_SEED and PARTITION_REPLAY (CLASS:SEED) as
+// for the sim trials.
+func TestPartitionQEMU(t *testing.T) {
+	needLab(t)
+	if testing.Short() {
+		t.Skip("boots QEMU guests (-short)")
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	if err := QEMUPrereqs(ctx); err != nil {
+		t.Skip(err)
+	}
+	per := envInt(t, "PARTITION_QEMU_TRIALS", 1)
+	seed := uint64(time.Now().UnixNano() % 1e9)
+	if v := os.Getenv("PARTITION_SEED"); v != "" {
+		s, err := strconv.ParseUint(v, 10, 64)
+		if err != nil {
+			t.Fatalf("PARTITION_SEED=%q: %v", v, err)
+		}
+		seed = s
+	}
+	classes := []Class{CutReplication, IsolatePrimary, StopPrimary}
+	if v := os.Getenv("PARTITION_QEMU_CLASSES"); v != "" {
+		classes = nil
+		for _, c := range strings.Split(v, ",") {
+			if _, ok := classes_(Class(c)); !ok {
+				t.Fatalf("PARTITION_QEMU_CLASSES: unknown class %q (want one of %v)", c, QEMUClasses)
+			}
+			classes = append(classes, Class(c))
+		}
+	}
+	log := zap.NewNop()
+	lab, err := NewLab(ctx, exe, "pq", log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lab.Close()
+	opts := Options{Log: log, Keep: os.Getenv("PARTITION_KEEP") != "", QEMU: true}
+	if v := os.Getenv("PARTITION_REPLAY"); v != "" {
+		c, s, _ := strings.Cut(v, ":")
+		sd, err := strconv.ParseUint(s, 10, 64)
+		if err != nil {
+			t.Fatalf("PARTITION_REPLAY=%q: want CLASS:SEED", v)
+		}
+		res := RunTrial(ctx, lab, Class(c), sd, 1, opts)
+		t.Log(res.Summary())
+		t.Log("\n" + res.TimelineString())
+		if !res.Passed() {
+			t.Fail()
+		}
+		return
+	}
+	t.Logf("QEMU: seed %d, %d trial(s) per class, classes %v", seed, per, classes)
+	p := Profile{Classes: classes, PerClass: per, Seed: seed, Options: opts, Progress: func(r Result) {
+		t.Log("qemu " + r.Summary())
+		if !r.Passed() {
+			t.Log("\n" + r.TimelineString())
+		}
+	}}
+	rp := p.Run(ctx, lab)
+	var b strings.Builder
+	rp.WriteTable(&b)
+	t.Log("QEMU guest:\n" + b.String())
+	trials, passed, failed, errs := rp.Total()
+	if trials != per*len(classes) {
+		t.Errorf("%d trials run, want %d", trials, per*len(classes))
+	}
+	if failed > 0 || errs > 0 || passed != trials {
+		t.Errorf("%d of %d QEMU trials failed, %d could not be run", failed, trials, errs)
+	}
+}
+
 func classes_(c Class) (classSpec, bool) {
 	s, ok := classes[c]
 	return s, ok

@@ -122,6 +122,8 @@ type Options struct {
 	Timing Timing
 	// Keep keeps every trial's directory (default: only failed ones').
 	Keep bool
+	// QEMU runs the trial on the QEMU guest (default: the sim guest).
+	QEMU bool
 	Log  *zap.Logger
 }
 
@@ -158,6 +160,12 @@ type run struct {
 	restarts     int
 	verdictAt    time.Time
 	staleView    string
+
+	// QEMU trials.
+	qemu     bool
+	q        *qemuObs
+	shm      string
+	okAtHeal int
 }
 
 func (r *run) event(format string, args ...any) {
@@ -202,6 +210,9 @@ func (r *run) status(ctx context.Context, host string) (daemon.VMStatus, error) 
 func RunTrial(ctx context.Context, lab *Lab, class Class, seed uint64, n int, o Options) Result {
 	if o.Timing == (Timing{}) {
 		o.Timing = DefaultTiming()
+		if o.QEMU {
+			o.Timing = QEMUTiming()
+		}
 	}
 	if o.Log == nil {
 		o.Log = zap.NewNop()
@@ -210,7 +221,7 @@ func RunTrial(ctx context.Context, lab *Lab, class Class, seed uint64, n int, o 
 	start := time.Now()
 	r := &run{lab: lab, o: o, class: class, rng: rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15)), res: &res,
 		log:   o.Log.With(zap.String("class", string(class)), zap.Uint64("seed", seed), zap.Int("trial", n)),
-		procs: map[string]*demo.DaemonProc{}, dead: map[string]bool{}, clientCut: map[string]bool{}, liveExpected: true}
+		procs: map[string]*demo.DaemonProc{}, dead: map[string]bool{}, clientCut: map[string]bool{}, liveExpected: true, qemu: o.QEMU}
 	err := r.do(ctx)
 	if err != nil {
 		res.Err = err.Error()
@@ -234,17 +245,29 @@ func (r *run) do(ctx context.Context) error {
 		return err
 	}
 	r.prefix = fmt.Sprintf("/pt/%d-%x", r.res.N, r.res.Seed)
-	if r.obs, err = NewObserver(r.lab.Net.Client, r.lab.Net.A, r.lab.Net.B); err != nil {
-		return err
+	if !r.qemu {
+		if r.obs, err = NewObserver(r.lab.Net.Client, r.lab.Net.A, r.lab.Net.B); err != nil {
+			return err
+		}
+		defer r.obs.Close()
 	}
-	defer r.obs.Close()
 	r.configs()
+	if r.qemu {
+		if err := r.qemuConfigs(); err != nil {
+			return err
+		}
+		defer r.stopQEMUs()
+	}
 	defer r.killAll()
+	wait := time.Duration(0)
+	if r.qemu {
+		wait = 3 * time.Minute // it may build the guest image and boot the guest first
+	}
 	for _, h := range []struct {
 		host, ns string
 		cfg      daemon.Config
 	}{{HostB, r.lab.Net.B, r.bcfg}, {HostA, r.lab.Net.A, r.acfg}} {
-		p, err := demo.StartDaemon(ctx, demo.StartOptions{Exe: r.lab.Exe, Dir: r.dir, Netns: h.ns}, h.cfg)
+		p, err := demo.StartDaemon(ctx, demo.StartOptions{Exe: r.lab.Exe, Dir: r.dir, Netns: h.ns, Wait: wait}, h.cfg)
 		if err != nil {
 			return err
 		}
@@ -252,10 +275,39 @@ func (r *run) do(ctx context.Context) error {
 		r.procs[h.host] = p
 		r.mu.Unlock()
 	}
-	if err := r.protect(ctx); err != nil {
-		return err
+	if r.qemu {
+		if err := r.qemuStart(ctx); err != nil {
+			return err
+		}
+		cctx, stopClient := context.WithCancel(ctx)
+		var cwg sync.WaitGroup
+		cwg.Add(2)
+		go func() { defer cwg.Done(); r.q.runClient(cctx) }()
+		go func() { defer cwg.Done(); r.pollCounters(cctx) }()
+		defer func() { stopClient(); r.q.conn.Close(); cwg.Wait() }()
+		deadline := time.Now().Add(time.Minute)
+		for {
+			ok, _, err := r.q.state()
+			if err != nil {
+				return fmt.Errorf("client before the fault: %w", err)
+			}
+			if ok >= 20 {
+				break
+			}
+			if time.Now().After(deadline) {
+				return fmt.Errorf("client: %d replies in a minute under protection", ok)
+			}
+			if err := sleep(ctx, 50*time.Millisecond); err != nil {
+				return err
+			}
+		}
+		r.event("protected, client running")
+	} else {
+		if err := r.protect(ctx); err != nil {
+			return err
+		}
+		r.event("protected")
 	}
-	r.event("protected")
 	if err := sleep(ctx, time.Duration(100+r.rng.IntN(400))*time.Millisecond); err != nil {
 		return err
 	}
@@ -273,6 +325,9 @@ func (r *run) do(ctx context.Context) error {
 		return errors.Join(ferr, herr)
 	}
 	healed := time.Now()
+	if r.qemu {
+		r.okAtHeal, _, _ = r.q.state()
+	}
 	holder := r.settle(ctx, healed)
 	if ctx.Err() != nil {
 		return ctx.Err()
@@ -280,7 +335,11 @@ func (r *run) do(ctx context.Context) error {
 	r.verdict(ctx, holder, healed)
 	stopPoll()
 	<-pollDone
-	r.checkOutput()
+	if r.qemu {
+		r.qemuCheck()
+	} else {
+		r.checkOutput()
+	}
 	return ctx.Err()
 }
 
@@ -307,8 +366,10 @@ func (r *run) configs() {
 	r.bcfg = common(HostB)
 	r.bcfg.Listen = netlab.HostBIP + ":7800"
 	r.acfg = common(HostA)
-	r.acfg.SimVMs = []daemon.SimVM{{Name: VM, MemoryBytes: 4 << 20, Workload: "hotset", Rate: 20000,
-		Seed: r.res.Seed, OutputEvery: 16, Output: r.obs.Addr()}}
+	if !r.qemu {
+		r.acfg.SimVMs = []daemon.SimVM{{Name: VM, MemoryBytes: 4 << 20, Workload: "hotset", Rate: 20000,
+			Seed: r.res.Seed, OutputEvery: 16, Output: r.obs.Addr()}}
+	}
 	if err := daemon.MeshConfigs(filepath.Join(r.dir, "tls"), &r.acfg, &r.bcfg); err != nil {
 		panic(err) // only fails on I/O in a fresh temp dir
 	}
@@ -411,7 +472,7 @@ func (r *run) restartDaemon(ctx context.Context, host string) error {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return err
 	}
-	p, err := demo.StartDaemon(ctx, demo.StartOptions{Exe: r.lab.Exe, Dir: dir, Netns: ns}, cfg)
+	p, err := demo.StartDaemon(ctx, demo.StartOptions{Exe: r.lab.Exe, Dir: dir, Netns: ns, Wait: time.Minute}, cfg)
 	if err != nil {
 		return err
 	}
