@@ -296,8 +296,10 @@ func (d *Daemon) fenceLocked(v *vm, why string) {
 			pcancel()
 		}
 		if netOut != nil {
-			// The guest is paused: dropping what is held lets nothing out.
-			if err := netOut.Close(); err != nil {
+			// Detach, not Close: the rules stay, so the kernel drops what
+			// is held and whatever the guest might still send (should it
+			// run again, nothing of it leaves).
+			if err := netOut.Detach(); err != nil {
 				d.log.Error("fencing: drop held output", zap.String("vm", v.name), zap.Error(err))
 			}
 		} else if o := v.out.Load(); o != nil {
