@@ -201,14 +201,14 @@ func faultStop(ctx context.Context, r *run, host string) error {
 	d := r.between(100*time.Millisecond, 3*time.Second)
 	r.variant("for %v", d.Round(time.Millisecond))
 	p := r.proc(host)
-	if err := signal(p.Cmd.Process.Pid, syscall.SIGSTOP); err != nil {
+	if err := sendSignal(p.Cmd.Process.Pid, syscall.SIGSTOP); err != nil {
 		return err
 	}
 	r.event("%s daemon stopped", host)
 	if err := sleep(ctx, d); err != nil {
 		return err
 	}
-	if err := signal(p.Cmd.Process.Pid, syscall.SIGCONT); err != nil {
+	if err := sendSignal(p.Cmd.Process.Pid, syscall.SIGCONT); err != nil {
 		return err
 	}
 	r.event("%s daemon continued", host)

@@ -291,8 +291,8 @@ func (l *Lab) Close() {
 	}
 }
 
-// signal sends sig to pid, ignoring a process that is gone.
-func signal(pid int, sig syscall.Signal) error {
+// sendSignal sends sig to pid, ignoring a process that is gone.
+func sendSignal(pid int, sig syscall.Signal) error {
 	if err := syscall.Kill(pid, sig); err != nil && !errors.Is(err, syscall.ESRCH) {
 		return fmt.Errorf("signal %v to %d: %w", sig, pid, err)
 	}

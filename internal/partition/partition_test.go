@@ -7,10 +7,12 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"os/signal"
 	"path/filepath"
 	"runtime"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -95,7 +97,10 @@ func TestPartitionTrials(t *testing.T) {
 			classes = append(classes, Class(c))
 		}
 	}
-	ctx, cancel := context.WithCancel(context.Background())
+	// Ctrl-C (or SIGTERM) ends the run cleanly: the trial in progress is
+	// abandoned (not counted), the lab's processes killed and its
+	// namespaces removed.
+	ctx, cancel := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer cancel()
 	log := zap.NewNop()
 	if testing.Verbose() && os.Getenv("PARTITION_DEBUG") != "" {
@@ -142,6 +147,9 @@ func TestPartitionTrials(t *testing.T) {
 		}
 	}
 	trials, passed, failed, errs := rp.Total()
+	if ctx.Err() != nil {
+		t.Errorf("interrupted after %d trials", trials)
+	}
 	if trials != per*len(classes) {
 		t.Errorf("%d trials run, want %d", trials, per*len(classes))
 	}
@@ -161,7 +169,10 @@ func TestPartitionQEMU(t *testing.T) {
 	if testing.Short() {
 		t.Skip("boots QEMU guests (-short)")
 	}
-	ctx, cancel := context.WithCancel(context.Background())
+	// Ctrl-C (or SIGTERM) ends the run cleanly: the trial in progress is
+	// abandoned (not counted), the lab's processes killed and its
+	// namespaces removed.
+	ctx, cancel := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer cancel()
 	if err := QEMUPrereqs(ctx); err != nil {
 		t.Skip(err)

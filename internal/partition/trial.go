@@ -432,11 +432,11 @@ func (r *run) healEverything(ctx context.Context) error {
 	errs = append(errs, r.lab.HealAll(ctx))
 	for _, h := range []string{HostA, HostB} {
 		if p := r.proc(h); p != nil {
-			errs = append(errs, signal(p.Cmd.Process.Pid, syscall.SIGCONT))
+			errs = append(errs, sendSignal(p.Cmd.Process.Pid, syscall.SIGCONT))
 		}
 	}
 	if w := r.lab.Witness(); w != nil {
-		errs = append(errs, signal(w.Pid(), syscall.SIGCONT))
+		errs = append(errs, sendSignal(w.Pid(), syscall.SIGCONT))
 	} else {
 		errs = append(errs, r.lab.StartWitness(ctx))
 		r.event("witness restarted")
@@ -450,7 +450,7 @@ func (r *run) killDaemon(host string) {
 	if p == nil {
 		return
 	}
-	_ = signal(p.Cmd.Process.Pid, syscall.SIGKILL)
+	_ = sendSignal(p.Cmd.Process.Pid, syscall.SIGKILL)
 	<-p.Done()
 	r.mu.Lock()
 	r.dead[host] = true
@@ -492,7 +492,7 @@ func (r *run) killAll() {
 	}
 	r.mu.Unlock()
 	for _, p := range procs {
-		_ = signal(p.Cmd.Process.Pid, syscall.SIGKILL)
+		_ = sendSignal(p.Cmd.Process.Pid, syscall.SIGKILL)
 		<-p.Done()
 	}
 }
