@@ -3,7 +3,6 @@ package partition
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -298,4 +297,37 @@ func contains(s []string, x string) bool {
 	return false
 }
 
-var _ = errors.New
+// TestUplinkCheckCatchesBothHosts feeds the QEMU uplink check made-up
+// counter samples: host A's uplink carrying the guest's packets after host
+// B's did must be caught; a clean takeover must not.
+func TestUplinkCheckCatchesBothHosts(t *testing.T) {
+	t0 := time.Now()
+	at := func(ms int) time.Time { return t0.Add(time.Duration(ms) * time.Millisecond) }
+	s := func(host string, ms int, pkts uint64) ctrSample {
+		return ctrSample{Start: at(ms), End: at(ms + 5), Host: host, Pkts: pkts}
+	}
+	for _, tc := range []struct {
+		name string
+		ctr  []ctrSample
+		want string
+	}{
+		{"clean takeover", []ctrSample{s(HostA, 0, 10), s(HostB, 10, 0), s(HostA, 100, 12), s(HostB, 110, 3), s(HostA, 200, 12), s(HostB, 210, 9)}, ""},
+		{"old primary carries on", []ctrSample{s(HostA, 0, 10), s(HostB, 10, 0), s(HostA, 100, 12), s(HostB, 110, 3), s(HostA, 200, 12), s(HostB, 210, 9), s(HostA, 300, 15)}, "interleaved"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			res := Result{Holder: HostB}
+			r := &run{res: &res, qemu: true, q: &qemuObs{ctr: tc.ctr}, liveExpected: true, dead: map[string]bool{}}
+			r.qemuCheck()
+			var kinds []string
+			for _, v := range res.Violations {
+				kinds = append(kinds, v.Kind)
+			}
+			if tc.want == "" && len(kinds) > 0 {
+				t.Fatalf("violations %v in a clean trace: %+v", kinds, res.Violations)
+			}
+			if tc.want != "" && !contains(kinds, tc.want) {
+				t.Fatalf("want a %s violation, got %v", tc.want, kinds)
+			}
+		})
+	}
+}
