@@ -148,7 +148,7 @@ func (r *run) otherStopped(ctx context.Context, h string) string {
 		return "" // a restarted daemon that lost its replica
 	case err != nil:
 		return fmt.Sprintf("not stopped? %s status: %v", o, err)
-	case ost.Role == daemon.RoleBackup:
+	case ost.Role == daemon.RoleBackup, ost.Role == daemon.RoleStopped:
 		return ""
 	case ost.Role == daemon.RolePrimary && ost.WitnessView == daemon.WitnessFenced:
 		return ""
@@ -222,6 +222,11 @@ func (r *run) verdict(ctx context.Context, holder string, healed time.Time) {
 		b, ok1 := s1[h]
 		if !ok0 || !ok1 || a.err != nil || b.err != nil {
 			continue // dead, or a restarted daemon that knows no such VM
+		}
+		switch st := b.st; {
+		case st.Role == daemon.RoleLocal, st.Role == daemon.RoleActive,
+			st.Role == daemon.RolePrimary && st.WitnessView != daemon.WitnessFenced:
+			r.violate("two-copies", "%s (not the holder) runs the VM: %s, witness view %s (%s)", h, st.Role, st.WitnessView, st.LastError)
 		}
 		if b.st.OutputReleased > a.st.OutputReleased {
 			r.violate("fenced-released", "%s (not the holder, %s) released %d messages in the verdict window", h, b.st.Role, b.st.OutputReleased-a.st.OutputReleased)

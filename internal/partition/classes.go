@@ -31,8 +31,9 @@ const (
 	// 50–700 ms between the cuts.
 	Flap Class = "flap"
 	// KillDuringTakeover SIGKILLs the primary's daemon (its sim guest
-	// dies with it), then, 0–400 ms later, the backup's daemon or the
-	// witness, and restarts that one 0–1 s later.
+	// dies with it; on QEMU, its QEMU too: the host dies), then, 0–400 ms
+	// later, the backup (likewise) or the witness, and restarts that one
+	// 0–1 s later; on QEMU host A's daemon is restarted as well.
 	KillDuringTakeover Class = "kill-during-takeover"
 	// StopPrimary SIGSTOPs the primary's daemon (and so its guest) for
 	// 0.1–3 s, past its timeouts, then SIGCONTs it.
@@ -192,9 +193,17 @@ func faultKillDuringTakeover(ctx context.Context, r *run) error {
 			return err
 		}
 		r.event("witness restarted")
-		return nil
+	} else if err := r.restartDaemon(ctx, HostB); err != nil {
+		return err
 	}
-	return r.restartDaemon(ctx, HostB)
+	if r.qemu {
+		// Host A comes back too: its daemon finds its guest gone and
+		// must not start a second copy (the VM may run on B now). (A sim
+		// guest has no record to find: a restarted daemon would boot a
+		// new one.)
+		return r.restartDaemon(ctx, HostA)
+	}
+	return nil
 }
 
 func faultStop(ctx context.Context, r *run, host string) error {
