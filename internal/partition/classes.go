@@ -15,15 +15,17 @@ type Class string
 // The fault classes. Durations and variants are drawn from the trial's
 // seeded RNG; Result.Variant says what was drawn.
 const (
-	// CutReplication drops the replication link between the hosts (both
-	// directions, or only one) for 0.1–4 s; the witness stays reachable.
+	// CutReplication drops the replication network between the hosts
+	// (both directions, or only one) for 0.1–4 s; the witness stays
+	// reachable, and so does the second network between the hosts (which
+	// carries the second heartbeat path in the trials that configure it).
 	CutReplication Class = "cut-replication"
 	// CutWitnessPrimary drops the primary's traffic with the witness.
 	CutWitnessPrimary Class = "cut-witness-from-primary"
 	// CutWitnessBackup drops the backup's traffic with the witness.
 	CutWitnessBackup Class = "cut-witness-from-backup"
 	// IsolatePrimary drops everything to and from the primary host
-	// (backup, witness and client) for 0.1–4 s.
+	// (backup on both networks, witness and client) for 0.1–4 s.
 	IsolatePrimary Class = "isolate-primary"
 	// IsolateBackup drops everything to and from the backup host.
 	IsolateBackup Class = "isolate-backup"
@@ -131,7 +133,7 @@ func faultCutWitness(ctx context.Context, r *run, host string) error {
 func faultIsolate(ctx context.Context, r *run, host string) error {
 	d := r.between(100*time.Millisecond, 4*time.Second)
 	r.variant("for %v", d.Round(time.Millisecond))
-	all := []string{netlab.ClientIP + netlab.Prefix}
+	all := []string{"10.77.0.0" + netlab.Prefix, SecondNet}
 	if err := drop(ctx, r.ns(host), all, all); err != nil {
 		return err
 	}

@@ -47,6 +47,17 @@ func Prereqs() error {
 	return nil
 }
 
+// The second network: a link between the hosts alone, which carries the
+// daemons' second heartbeat path (when a trial configures it).
+const (
+	SecondIPA    = "10.78.0.1"
+	SecondIPB    = "10.78.0.2"
+	SecondPrefix = "/24"
+	SecondNet    = "10.78.0.0/24"
+	// SecondPort is the second path's UDP port on both hosts.
+	SecondPort = "7900"
+)
+
 // WitnessPort is the witness's client port on the witness host.
 const WitnessPort = 2379
 
@@ -104,6 +115,16 @@ func NewLab(ctx context.Context, exe, prefix string, log *zap.Logger) (l *Lab, e
 		return l, err
 	}
 	l.wdir = filepath.Join(l.dir, "witness")
+	// A second network between the hosts only (a crossover cable), for
+	// the daemons' second heartbeat path.
+	if err := netlab.Veth(ctx, n.A, "hb0", n.B, "hb0"); err != nil {
+		return l, err
+	}
+	for _, h := range []struct{ ns, ip string }{{n.A, SecondIPA}, {n.B, SecondIPB}} {
+		if err := netlab.Addr(ctx, h.ns, "hb0", h.ip+SecondPrefix); err != nil {
+			return l, err
+		}
+	}
 	for _, ns := range []string{n.A, n.B} {
 		if err := installChains(ctx, ns); err != nil {
 			return l, err

@@ -373,6 +373,15 @@ func (r *run) configs() {
 	if err := daemon.MeshConfigs(filepath.Join(r.dir, "tls"), &r.acfg, &r.bcfg); err != nil {
 		panic(err) // only fails on I/O in a fresh temp dir
 	}
+	// Half the trials run the second heartbeat path over the second
+	// network (a replication cut then is not the loss of a peer).
+	if r.rng.IntN(2) == 1 {
+		r.variant("second path")
+		r.acfg.SecondPath.Listen = SecondIPA + ":" + SecondPort
+		r.bcfg.SecondPath.Listen = SecondIPB + ":" + SecondPort
+		r.acfg.Peers[0].SecondPath = r.bcfg.SecondPath.Listen
+		r.bcfg.Peers[0].SecondPath = r.acfg.SecondPath.Listen
+	}
 }
 
 func (r *run) protect(ctx context.Context) error {
