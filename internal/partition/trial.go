@@ -205,8 +205,10 @@ func (r *run) status(ctx context.Context, host string) (daemon.VMStatus, error) 
 }
 
 // RunTrial runs one trial of class with seed on lab (trial number n
-// names its witness key prefix). The error is nil unless ctx ended; a
-// trial that could not be run says so in Result.Err.
+// names its witness key prefix). A trial that could not be run to a
+// verdict (a harness failure, or ctx ended) says so in Result.Err: it is
+// neither passed nor failed. Every process it started is killed by PID
+// before it returns.
 func RunTrial(ctx context.Context, lab *Lab, class Class, seed uint64, n int, o Options) Result {
 	if o.Timing == (Timing{}) {
 		o.Timing = DefaultTiming()
