@@ -368,6 +368,12 @@ func (d *Daemon) backupClaim(name, owner string, gen uint64) (bool, witness.Reco
 	if err != nil {
 		return false, witness.Record{}, err
 	}
+	if held && cur.Holder == d.cfg.Name && cur.Generation == gen+1 {
+		// An earlier claim of ours was applied but its answer was lost
+		// (the witness failed right after): only that claim writes
+		// {this host, gen+1} over {owner, gen}, so the record is ours.
+		return true, cur, nil
+	}
 	if !held || cur.Holder != owner || cur.Generation != gen {
 		return false, cur, nil
 	}
