@@ -362,3 +362,62 @@ func chain(a, b func(CaptureInfo)) func(CaptureInfo) {
 		b(ci)
 	}
 }
+
+// TestStalledPrimaryReleasesNothingOnOldAcks: a primary that sent its
+// backup nothing for longer than the heartbeat timeout (its daemon was
+// stopped, say by SIGSTOP) may have been declared lost and replaced
+// meanwhile; acks that were waiting for it on the old link must not
+// release its output. It re-handshakes first (found by the partition
+// trials, class sigstop-primary, seed 1028).
+func TestStalledPrimaryReleasesNothingOnOldAcks(t *testing.T) {
+	p := newPair(t, smallGuest("hotset", 5), PrimaryConfig{Interval: 5 * time.Millisecond, MaxInflight: 1, AckTimeout: 30 * time.Second})
+	// The primary's clock, which the test moves forward to make a stall.
+	var offset atomic.Int64
+	p.primary.o.Now = func() time.Time { return time.Now().Add(time.Duration(offset.Load())) }
+	// Every ack the primary acts on after the stall, with the link it
+	// came on (an ack acted on releases that epoch's output).
+	var jumped atomic.Bool
+	var staleAcks []uint64
+	linkAtJump := 0
+	onAck := p.primary.o.OnAck
+	p.primary.o.OnAck = func(e uint64) {
+		onAck(e)
+		if jumped.Load() {
+			p.mu.Lock()
+			if p.links == linkAtJump {
+				staleAcks = append(staleAcks, e)
+			}
+			p.mu.Unlock()
+		}
+	}
+	stop := p.run()
+	defer stop()
+	p.waitAcked(5, 20*time.Second)
+	// Acks from here on reach the primary 300 ms late: they wait for it
+	// while it "stalls".
+	delay := func(link, i int, b []byte) transport.Fault {
+		if k, ok := transport.FrameKind(b); ok && k == transport.KindAck {
+			return transport.Fault{Action: transport.Delay, Delay: 300 * time.Millisecond}
+		}
+		return transport.Fault{}
+	}
+	p.backHook.Store(&delay)
+	time.Sleep(50 * time.Millisecond)
+	p.mu.Lock()
+	linkAtJump, ackedAtJump := p.links, p.acked
+	p.mu.Unlock()
+	// The stall: 3 s (the heartbeat timeout is 2 s) pass for the primary
+	// at once, as for a daemon stopped and continued.
+	offset.Store(int64(3 * time.Second))
+	jumped.Store(true)
+	p.backHook.Store(nil)
+	p.waitAcked(ackedAtJump+5, 20*time.Second)
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if len(staleAcks) > 0 {
+		t.Fatalf("acted on acks %v (releasing their output) on the link that went silent beyond the heartbeat timeout", staleAcks)
+	}
+	if p.links == linkAtJump {
+		t.Fatalf("no new link after the stall (links %d)", p.links)
+	}
+}

@@ -559,6 +559,16 @@ func (p *Primary) handle(ev event, link *primaryLink) ([]Action, *primaryLink, e
 		if ev.link != link {
 			return nil, link, nil
 		}
+		if link.sent.stale(now, p.o.HeartbeatTimeout) {
+			// This side sent the backup nothing for longer than the
+			// heartbeat timeout (a stopped or starved daemon): the
+			// backup may have declared it lost and taken over since it
+			// sent this ack, and releasing now would put this copy's
+			// output on the wire beside the new primary's. Drop the link
+			// instead: a new handshake proves the backup is still ours,
+			// and its Welcome's committed epoch releases what it holds.
+			return nil, link, fmt.Errorf("ack of epoch %d after this side was silent towards the backup beyond the heartbeat timeout (%v): re-handshaking before releasing", ev.epoch, p.o.HeartbeatTimeout)
+		}
 		acts, err := p.core.Ack(ev.epoch, now)
 		if err != nil {
 			return nil, link, err
@@ -908,7 +918,9 @@ func (p *Primary) connect(ctx context.Context) (*primaryLink, uint64, []uint64, 
 	needHashes := p.needHashes.Load()
 	g := p.o.Guest
 	w := transport.NewWriter(conn)
+	sent := &sendClock{}
 	w.Observe(func(k transport.Kind, n int) {
+		sent.wrote(p.o.Now(), p.o.HeartbeatTimeout)
 		p.update(func(s *PrimaryStats) {
 			s.WireBytesSent += uint64(n)
 			if k.IsEpochRecord() {
@@ -990,7 +1002,10 @@ func (p *Primary) connect(ctx context.Context) (*primaryLink, uint64, []uint64, 
 		}
 	}
 	p.heard.Store(p.o.Now().UnixNano())
-	return &primaryLink{p: p, conn: conn, w: w, r: r, sendq: make(chan *staged, p.o.Core.MaxInflight+1), done: make(chan struct{}), activated: make(chan *remuspb.Activated, 1)}, committed, hashes, pre, nil
+	// The backup's wait for the handshake (it may build a standby first)
+	// is not silence: its detector runs from the link's start.
+	sent.reset(p.o.Now())
+	return &primaryLink{p: p, conn: conn, w: w, r: r, sent: sent, sendq: make(chan *staged, p.o.Core.MaxInflight+1), done: make(chan struct{}), activated: make(chan *remuspb.Activated, 1)}, committed, hashes, pre, nil
 }
 
 // preloadChunk is how many pages the preload reads, encodes and sends at
@@ -1053,6 +1068,33 @@ func (p *Primary) preload(ctx context.Context, conn net.Conn, w *transport.Write
 	return hashes, nil
 }
 
+// sendClock records when a link last carried a frame to the backup and
+// whether the gap between two frames ever exceeded the heartbeat timeout:
+// the backup's failure detector then may have declared this side lost.
+type sendClock struct {
+	last   atomic.Int64 // unix ns of the last frame written
+	silent atomic.Bool
+}
+
+func (c *sendClock) wrote(now time.Time, timeout time.Duration) {
+	n := now.UnixNano()
+	if prev := c.last.Swap(n); prev != 0 && time.Duration(n-prev) > timeout {
+		c.silent.Store(true)
+	}
+}
+
+func (c *sendClock) reset(now time.Time) {
+	c.last.Store(now.UnixNano())
+	c.silent.Store(false)
+}
+
+// stale reports whether the backup may have gone without a frame from
+// this side for longer than timeout on this link, at some point or now.
+func (c *sendClock) stale(now time.Time, timeout time.Duration) bool {
+	last := c.last.Load()
+	return c.silent.Load() || (last != 0 && now.Sub(time.Unix(0, last)) > timeout)
+}
+
 // primaryLink is one connection to the backup.
 type primaryLink struct {
 	p     *Primary
@@ -1064,6 +1106,9 @@ type primaryLink struct {
 	done  chan struct{}
 	// activated carries the backup's answer to Activate (Handover).
 	activated chan *remuspb.Activated
+	// sent tracks this side's frames to the backup: what the backup's
+	// failure detector hears.
+	sent *sendClock
 
 	qmu     sync.Mutex
 	qclosed bool

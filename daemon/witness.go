@@ -296,8 +296,10 @@ func (d *Daemon) fenceLocked(v *vm, why string) {
 			pcancel()
 		}
 		if netOut != nil {
-			// The guest is paused: dropping what is held lets nothing out.
-			if err := netOut.Close(); err != nil {
+			// Detach, not Close: the rules stay, so the kernel drops what
+			// is held and whatever the guest might still send (should it
+			// run again, nothing of it leaves).
+			if err := netOut.Detach(); err != nil {
 				d.log.Error("fencing: drop held output", zap.String("vm", v.name), zap.Error(err))
 			}
 		} else if o := v.out.Load(); o != nil {
@@ -365,6 +367,12 @@ func (d *Daemon) backupClaim(name, owner string, gen uint64) (bool, witness.Reco
 	cur, held, err := d.wit.Get(ctx, name)
 	if err != nil {
 		return false, witness.Record{}, err
+	}
+	if held && cur.Holder == d.cfg.Name && cur.Generation == gen+1 {
+		// An earlier claim of ours was applied but its answer was lost
+		// (the witness failed right after): only that claim writes
+		// {this host, gen+1} over {owner, gen}, so the record is ours.
+		return true, cur, nil
 	}
 	if !held || cur.Holder != owner || cur.Generation != gen {
 		return false, cur, nil

@@ -94,3 +94,21 @@ func (w *WitnessProc) Stop() {
 		<-w.done
 	}
 }
+
+// Pid is the witness process's id (to signal it: a crash, a pause).
+func (w *WitnessProc) Pid() int { return w.pid }
+
+// Kill SIGKILLs the witness (a crash, no clean shutdown) and waits until
+// it has exited.
+func (w *WitnessProc) Kill() {
+	select {
+	case <-w.done:
+		return
+	default:
+	}
+	_ = syscall.Kill(w.pid, syscall.SIGKILL)
+	<-w.done
+}
+
+// Done is closed when the witness process has exited.
+func (w *WitnessProc) Done() <-chan struct{} { return w.done }
