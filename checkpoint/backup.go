@@ -101,6 +101,12 @@ type BackupStats struct {
 	// Generation is the newest witness generation a link of the owner
 	// carried (0: no witness).
 	Generation uint64
+	// CommittedGeneration is the witness generation of the link that
+	// committed the replica's newest epoch. A primary that ran unprotected
+	// claimed a new generation first: until an epoch of that generation
+	// commits here, the replica may lack output it released, and the
+	// backup must not take over from it.
+	CommittedGeneration uint64
 	// DisconnectedAt is when the owner's last link ended, PeerClosed
 	// whether the owner's side closed it (EOF or reset: evidence that its
 	// host or daemon is gone) rather than a timeout.
@@ -353,7 +359,7 @@ func (b *Backup) Serve(ctx context.Context, conn net.Conn, r *transport.Reader, 
 		conn.Close()
 	}()
 
-	err := b.receive(conn, r, w, sess, hello.ProtectionId, acceptsPreload)
+	err := b.receive(conn, r, w, sess, hello.ProtectionId, hello.Generation, acceptsPreload)
 	linkErr = err
 	if errors.Is(err, errGoodbye) {
 		b.mu.Lock()
@@ -376,7 +382,7 @@ func (b *Backup) Serve(ctx context.Context, conn net.Conn, r *transport.Reader, 
 	return err
 }
 
-func (b *Backup) receive(conn net.Conn, r *transport.Reader, w *transport.Writer, sess *BackupCore, protectionID string, acceptsPreload bool) error {
+func (b *Backup) receive(conn net.Conn, r *transport.Reader, w *transport.Writer, sess *BackupCore, protectionID string, gen uint64, acceptsPreload bool) error {
 	mem := b.o.Replica.Memory()
 	n := b.o.Replica.NumPages()
 	var pre *preload
@@ -469,7 +475,7 @@ func (b *Backup) receive(conn net.Conn, r *transport.Reader, w *transport.Writer
 			if err := sess.End(h.Epoch, h.PageCount, ok); err != nil {
 				return err
 			}
-			if err := b.apply(h.Epoch, mem, sess, protectionID); err != nil {
+			if err := b.apply(h.Epoch, mem, sess, protectionID, gen); err != nil {
 				return err
 			}
 			if b.o.OnCommit != nil {
@@ -593,7 +599,7 @@ func (b *Backup) preloadBatch(p *preload, h *remuspb.PageBatch, payload []byte, 
 // cannot observe a half-applied epoch: both hold b.mu. The device state is
 // committed first: a state the replica refuses leaves it untouched at its
 // last committed epoch.
-func (b *Backup) apply(epoch uint64, mem []byte, sess *BackupCore, protectionID string) error {
+func (b *Backup) apply(epoch uint64, mem []byte, sess *BackupCore, protectionID string, gen uint64) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.activated {
@@ -615,6 +621,7 @@ func (b *Backup) apply(epoch uint64, mem []byte, sess *BackupCore, protectionID 
 	b.committedA.Store(c)
 	b.committedDev = append(b.committedDev[:0], b.dev...)
 	b.stats.EpochsCommitted++
+	b.stats.CommittedGeneration = gen
 	b.stats.PagesReceived += uint64(len(b.pfns))
 	return nil
 }

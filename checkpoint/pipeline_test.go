@@ -421,3 +421,48 @@ func TestStalledPrimaryReleasesNothingOnOldAcks(t *testing.T) {
 		t.Fatalf("no new link after the stall (links %d)", p.links)
 	}
 }
+
+// TestBackupCommittedGeneration: the backup records the witness
+// generation of the link that committed its newest epoch apart from the
+// newest link's. A link of a newer generation that commits nothing (its
+// primary ran unprotected meanwhile, so the replica may lack what it
+// released) must leave the committed generation where it was: the daemon
+// refuses to take over from an unprotected record the replica does not
+// cover (partition trials, flap class, seed 5000026).
+func TestBackupCommittedGeneration(t *testing.T) {
+	p := newPair(t, smallGuest("uniform", 12), PrimaryConfig{Interval: 3 * time.Millisecond, MaxInflight: 2, AckTimeout: 5 * time.Second})
+	var gen atomic.Uint64
+	gen.Store(1)
+	p.primary.o.Generation = gen.Load
+	stop := p.run()
+	defer stop()
+	p.waitAcked(5, 20*time.Second)
+	if st := p.backup.Stats(); st.Generation != 1 || st.CommittedGeneration != 1 {
+		t.Fatalf("after commits at generation 1: generation %d, committed generation %d", st.Generation, st.CommittedGeneration)
+	}
+	// Generation 2: cut link 1; later links pass their Hello and nothing else.
+	gen.Store(2)
+	cut := func(link, i int, b []byte) transport.Fault {
+		if link == 1 || i >= 1 {
+			return transport.Fault{Action: transport.Truncate, N: len(b) / 2}
+		}
+		return transport.Fault{}
+	}
+	p.hook.Store(&cut)
+	deadline := time.Now().Add(20 * time.Second)
+	for p.backup.Stats().Generation != 2 {
+		if time.Now().After(deadline) {
+			t.Fatal("no link of generation 2 reached the backup")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if st := p.backup.Stats(); st.CommittedGeneration != 1 {
+		t.Fatalf("a generation-2 link that committed nothing moved the committed generation to %d", st.CommittedGeneration)
+	}
+	p.hook.Store(nil)
+	acked := p.backup.Committed()
+	p.waitAcked(acked+3, 20*time.Second)
+	if st := p.backup.Stats(); st.Generation != 2 || st.CommittedGeneration != 2 {
+		t.Fatalf("after commits at generation 2: generation %d, committed generation %d", st.Generation, st.CommittedGeneration)
+	}
+}

@@ -35,14 +35,23 @@ func TestBackupClaimAdoptsItsAppliedClaim(t *testing.T) {
 	for _, tc := range []struct {
 		name   string
 		writes func(vm string) // after {hostA, 1}
+		basis  claimBasis      // the replica's: {link generation, committed generation}
 		won    bool
 		holder string
 		gen    uint64
 	}{
-		{"record still the primary's: claimed now", func(string) {}, true, "hostB", 2},
-		{"our claim applied, answer lost", func(vm string) { claim(t, w, vm, "hostB") }, true, "hostB", 2},
-		{"the primary claimed first", func(vm string) { claim(t, w, vm, "hostA") }, false, "hostA", 2},
-		{"ours, but a generation later (not our claim)", func(vm string) { claim(t, w, vm, "hostB"); claim(t, w, vm, "hostB") }, false, "hostB", 3},
+		{"record still the primary's: claimed now", func(string) {}, claimBasis{1, 1}, true, "hostB", 2},
+		{"our claim applied, answer lost", func(vm string) { claim(t, w, vm, "hostB") }, claimBasis{1, 1}, true, "hostB", 2},
+		{"the primary claimed first", func(vm string) { claim(t, w, vm, "hostA") }, claimBasis{1, 1}, false, "hostA", 2},
+		{"ours, but a generation later (not our claim)", func(vm string) { claim(t, w, vm, "hostB"); claim(t, w, vm, "hostB") }, claimBasis{1, 1}, false, "hostB", 3},
+		// The partition trials' flap class (seed 5000026): the primary ran
+		// unprotected at generation 2, re-protected (link at 2), and the
+		// link broke before an epoch of generation 2 committed. The
+		// replica lacks what the primary released meanwhile.
+		{"primary ran unprotected, nothing committed since", func(vm string) { claimUnprotected(t, w, vm, "hostA") }, claimBasis{2, 1}, false, "hostA", 2},
+		{"primary ran unprotected, an epoch of it committed", func(vm string) { claimUnprotected(t, w, vm, "hostA") }, claimBasis{2, 2}, true, "hostB", 3},
+		{"primary held its output, relinked, nothing committed", func(vm string) { claim(t, w, vm, "hostA") }, claimBasis{2, 1}, true, "hostB", 3},
+		{"primary held its output, not relinked", func(vm string) { claim(t, w, vm, "hostA") }, claimBasis{1, 1}, false, "hostA", 2},
 	} {
 		i++
 		vm := fmt.Sprintf("vm%d", i)
@@ -51,7 +60,7 @@ func TestBackupClaimAdoptsItsAppliedClaim(t *testing.T) {
 				t.Fatal(err)
 			}
 			tc.writes(vm)
-			won, rec, err := d.backupClaim(vm, "hostA", 1)
+			won, rec, err := d.backupClaim(vm, "hostA", tc.basis)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -65,13 +74,30 @@ func TestBackupClaimAdoptsItsAppliedClaim(t *testing.T) {
 // claim writes holder over VM vm's current record.
 func claim(t *testing.T, w *witness.Witness, vm, holder string) {
 	t.Helper()
+	claimWith(t, w, w.Claim, vm, holder)
+}
+
+// claimUnprotected writes holder, running unprotected, over VM vm's
+// current record.
+func claimUnprotected(t *testing.T, w *witness.Witness, vm, holder string) {
+	t.Helper()
+	claimWith(t, w, w.ClaimUnprotected, vm, holder)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if cur, _, err := w.Get(ctx, vm); err != nil || !cur.Unprotected {
+		t.Fatalf("record after ClaimUnprotected: %v, %v; want it marked unprotected", cur, err)
+	}
+}
+
+func claimWith(t *testing.T, w *witness.Witness, claimFn func(context.Context, string, string, witness.Record) (witness.Record, bool, error), vm, holder string) {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	cur, _, err := w.Get(ctx, vm)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, won, err := w.Claim(ctx, vm, holder, cur); err != nil || !won {
+	if _, won, err := claimFn(ctx, vm, holder, cur); err != nil || !won {
 		t.Fatalf("claim %s for %s: won %v, %v", vm, holder, won, err)
 	}
 }

@@ -45,9 +45,6 @@ func (d *Daemon) watchBackups(ctx context.Context) {
 			}
 			st := v.backup.Stats()
 			dec := v.detector.Evaluate(observe(v, st), now)
-			if st.Connected && st.Generation > v.w.blockedGen {
-				v.w.blockedGen = 0 // a newer link: a later loss may race again
-			}
 			if dec.Race && d.wit != nil {
 				d.raceForVM(ctx, v)
 			} else if dec.RaceAt.After(now) {
@@ -142,10 +139,10 @@ func (d *Daemon) Failover(ctx context.Context, req FailoverRequest) error {
 	if d.wit != nil && !req.claimed {
 		// An operator's failover is a transition of the active role like
 		// any other: it must win the witness record.
-		owner, gen := v.backup.Owner(), v.backup.Stats().Generation
+		owner, basis := v.backup.Owner(), basisOf(v.backup.Stats())
 		v.busy = "claiming the witness record"
 		d.mu.Unlock()
-		err := d.operatorClaim(name, owner, gen, req.Force)
+		err := d.operatorClaim(name, owner, basis, req.Force)
 		d.mu.Lock()
 		v.busy = ""
 		if err != nil {
@@ -158,7 +155,7 @@ func (d *Daemon) Failover(ctx context.Context, req FailoverRequest) error {
 	// until re-protected.
 	if v.backend == sim.BackendName {
 		if v.sink == nil {
-			v.sink = newOutputSink(v.spec.Output, d.cfg.Name, name, d.log)
+			v.sink = newOutputSink(v.spec.Output, d.cfg.Name, name, d.cfg.HeartbeatTimeout.D()/2, d.log)
 		}
 		v.setPassThrough()
 	}
@@ -218,14 +215,17 @@ func (d *Daemon) Failover(ctx context.Context, req FailoverRequest) error {
 // operatorClaim claims VM name's witness record for an operator's
 // failover: from the record the backup replicated under, or, forced, from
 // whatever the witness holds.
-func (d *Daemon) operatorClaim(name, owner string, gen uint64, force bool) error {
+func (d *Daemon) operatorClaim(name, owner string, basis claimBasis, force bool) error {
 	if !force {
-		won, rec, err := d.backupClaim(name, owner, gen)
+		won, rec, err := d.backupClaim(name, owner, basis)
 		switch {
 		case err != nil:
 			return fmt.Errorf("the witness does not answer (%w): without it this host cannot prove the primary is gone; --force claims it anyway once it answers", err)
 		case !won:
-			return fmt.Errorf("the witness says %s holds the VM at generation %d (this replica is of generation %d): the primary lives, or the VM moved on", rec.Holder, rec.Generation, gen)
+			if basis.stale(rec) {
+				return fmt.Errorf("the witness says %s: this replica may lack output it released; --force takes over anyway", basis.refusal(rec))
+			}
+			return fmt.Errorf("the witness says %s holds the VM at generation %d (this replica is of generation %d): the primary lives, or the VM moved on", rec.Holder, rec.Generation, basis.linkGen)
 		}
 		d.mu.Lock()
 		if v := d.vms[name]; v != nil {

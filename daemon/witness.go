@@ -71,9 +71,10 @@ type wstate struct {
 	// paused: the primary paused its guest for lack of both backup and
 	// witness (self-fencing); it resumes when either answers.
 	paused bool
-	// blockedGen: a backup's race found the record moved on from this
-	// generation; it does not race again until a link carries a newer one.
-	blockedGen uint64
+	// blocked: a backup's race found the record moved on from this
+	// basis (or not yet covered by its replica); it does not race again
+	// until a link or a commit changes the basis.
+	blocked claimBasis
 	// claimTook is the last claim's round trip to the witness.
 	claimTook time.Duration
 	// heldAt is when this side last won (or registered) the record.
@@ -176,7 +177,11 @@ func (d *Daemon) primaryClaim(v *vm, solo bool, why string) {
 		defer d.wg.Done()
 		ctx, cancel := d.witnessCtx()
 		t := time.Now()
-		rec, won, err := d.wit.Claim(ctx, v.name, d.cfg.Name, prev)
+		claim := d.wit.Claim
+		if solo {
+			claim = d.wit.ClaimUnprotected
+		}
+		rec, won, err := claim(ctx, v.name, d.cfg.Name, prev)
 		took := time.Since(t)
 		cancel()
 		d.mu.Lock()
@@ -316,16 +321,17 @@ func (d *Daemon) raceForVM(ctx context.Context, v *vm) {
 		return
 	}
 	st := v.backup.Stats()
-	if st.Generation == 0 || st.Generation == v.w.blockedGen {
+	basis := basisOf(st)
+	if st.Generation == 0 || basis == v.w.blocked {
 		return
 	}
 	v.w.claiming = true
-	owner, gen := v.backup.Owner(), st.Generation
+	owner := v.backup.Owner()
 	d.wg.Add(1)
 	go func() {
 		defer d.wg.Done()
 		t := time.Now()
-		won, rec, err := d.backupClaim(v.name, owner, gen)
+		won, rec, err := d.backupClaim(v.name, owner, basis)
 		d.mu.Lock()
 		v.w.claiming, v.w.claimTook = false, time.Since(t)
 		switch {
@@ -335,9 +341,13 @@ func (d *Daemon) raceForVM(ctx context.Context, v *vm) {
 			d.log.Warn("primary lost but the witness does not answer: staying a standby", zap.String("vm", v.name), zap.Error(err))
 			return
 		case !won:
-			v.w.view, v.w.err, v.w.blockedGen = WitnessStandby, fmt.Sprintf("%s holds the VM at generation %d", rec.Holder, rec.Generation), gen
+			v.w.view, v.w.err, v.w.blocked = WitnessStandby, basis.refusal(rec), basis
 			d.mu.Unlock()
-			d.log.Warn("the primary is alive (it holds a newer witness record): staying a standby", zap.String("vm", v.name), zap.Stringer("record", rec))
+			if basis.stale(rec) {
+				d.log.Error("the primary ran unprotected in a generation no epoch of which committed here: this replica may lack output it released; staying a standby", zap.String("vm", v.name), zap.Stringer("record", rec), zap.Uint64("committed_generation", basis.committedGen))
+			} else {
+				d.log.Warn("the primary is alive (it holds a newer witness record): staying a standby", zap.String("vm", v.name), zap.Stringer("record", rec))
+			}
 			return
 		}
 		v.w.rec, v.w.view, v.w.err = rec, WitnessHolder, ""
@@ -359,22 +369,63 @@ func (d *Daemon) raceForVM(ctx context.Context, v *vm) {
 	}()
 }
 
+// claimBasis is what a backup's replica can vouch for: the generation
+// its owner's newest link carried, and the generation of the link that
+// committed its newest epoch.
+type claimBasis struct {
+	linkGen, committedGen uint64
+}
+
+func basisOf(st checkpoint.BackupStats) claimBasis {
+	return claimBasis{linkGen: st.Generation, committedGen: st.CommittedGeneration}
+}
+
+// covers reports whether a replica on basis b may take over from the
+// owner's record rec: rec must be the owner's record the replica was
+// built under, and if the owner claimed it to run unprotected, an epoch of
+// that very generation must have committed here (before it, the owner
+// may have released output this replica lacks).
+func (b claimBasis) covers(rec witness.Record) bool {
+	switch rec.Generation {
+	case b.committedGen:
+		return true
+	case b.linkGen:
+		return !rec.Unprotected
+	}
+	return false
+}
+
+// stale reports whether rec is the owner's newest link's generation but
+// one this replica does not cover (unprotected, nothing committed since).
+func (b claimBasis) stale(rec witness.Record) bool {
+	return rec.Generation == b.linkGen && !b.covers(rec)
+}
+
+// refusal says why a claim from basis b over rec was not made.
+func (b claimBasis) refusal(rec witness.Record) string {
+	if b.stale(rec) {
+		return fmt.Sprintf("%s ran unprotected at generation %d and no epoch of it committed here (newest committed under generation %d)", rec.Holder, rec.Generation, b.committedGen)
+	}
+	return fmt.Sprintf("%s holds the VM at generation %d", rec.Holder, rec.Generation)
+}
+
 // backupClaim claims VM name's record for this host if it still is the
-// one the backup replicated under ({owner, gen}).
-func (d *Daemon) backupClaim(name, owner string, gen uint64) (bool, witness.Record, error) {
+// owner's record the replica covers (claimBasis.covers).
+func (d *Daemon) backupClaim(name, owner string, basis claimBasis) (bool, witness.Record, error) {
 	ctx, cancel := d.witnessCtx()
 	defer cancel()
 	cur, held, err := d.wit.Get(ctx, name)
 	if err != nil {
 		return false, witness.Record{}, err
 	}
-	if held && cur.Holder == d.cfg.Name && cur.Generation == gen+1 {
+	if held && cur.Holder == d.cfg.Name && (cur.Generation == basis.linkGen+1 || cur.Generation == basis.committedGen+1) {
 		// An earlier claim of ours was applied but its answer was lost
-		// (the witness failed right after): only that claim writes
-		// {this host, gen+1} over {owner, gen}, so the record is ours.
+		// (the witness failed right after): only that claim writes this
+		// host over the owner's record at those generations, so the
+		// record is ours.
 		return true, cur, nil
 	}
-	if !held || cur.Holder != owner || cur.Generation != gen {
+	if !held || cur.Holder != owner || !basis.covers(cur) {
 		return false, cur, nil
 	}
 	rec, won, err := d.wit.Claim(ctx, name, d.cfg.Name, cur)

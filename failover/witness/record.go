@@ -27,6 +27,11 @@ type Record struct {
 	// Released: the last holder ended the protection on purpose
 	// (Release); nobody holds the VM. Generation still counts.
 	Released bool
+	// Unprotected: the holder claimed this generation to run without its
+	// backup (ClaimUnprotected) and may release output no replica holds.
+	// A backup may take over from such a record only once an epoch of
+	// this generation committed on its side.
+	Unprotected bool
 	// Revision is the etcd ModRevision at which the key was read or
 	// written; 0 means the key is absent. Claim compares it, so a record
 	// is only a valid prev as returned by Witness.
@@ -43,6 +48,9 @@ func (r Record) String() string {
 		return "absent"
 	case r.Released:
 		return fmt.Sprintf("released at generation %d (revision %d)", r.Generation, r.Revision)
+	}
+	if r.Unprotected {
+		return fmt.Sprintf("held by %s at generation %d, unprotected (revision %d)", r.Holder, r.Generation, r.Revision)
 	}
 	return fmt.Sprintf("held by %s at generation %d (revision %d)", r.Holder, r.Generation, r.Revision)
 }
@@ -62,10 +70,15 @@ type stored struct {
 	Holder     string `json:"holder,omitempty"`
 	Generation uint64 `json:"generation"`
 	Released   bool   `json:"released,omitempty"`
+	// Unprotected is written only by ClaimUnprotected. A reader that
+	// ignored it could let a stale backup take over: every reader of
+	// version 1 knows it (no remusd release predates it).
+	Unprotected bool `json:"unprotected,omitempty"`
 }
 
-func encode(holder string, gen uint64, released bool) []byte {
-	b, err := json.Marshal(stored{V: recordVersion, Holder: holder, Generation: gen, Released: released})
+// encodeRecord is the stored form of r (its Revision is not stored).
+func encodeRecord(r Record) []byte {
+	b, err := json.Marshal(stored{V: recordVersion, Holder: r.Holder, Generation: r.Generation, Released: r.Released, Unprotected: r.Unprotected})
 	if err != nil {
 		panic(err) // a struct of strings and numbers always marshals
 	}
@@ -82,10 +95,11 @@ func decode(key string, value []byte, rev int64) (Record, error) {
 		return bad("value of %d bytes exceeds %d", len(value), maxValueSize)
 	}
 	var s struct {
-		V          *int    `json:"v"`
-		Holder     string  `json:"holder"`
-		Generation *uint64 `json:"generation"`
-		Released   bool    `json:"released"`
+		V           *int    `json:"v"`
+		Holder      string  `json:"holder"`
+		Generation  *uint64 `json:"generation"`
+		Released    bool    `json:"released"`
+		Unprotected bool    `json:"unprotected"`
 	}
 	dec := json.NewDecoder(bytes.NewReader(value))
 	if err := dec.Decode(&s); err != nil {
@@ -103,11 +117,13 @@ func decode(key string, value []byte, rev int64) (Record, error) {
 		return bad("no generation (must be >= 1)")
 	case s.Released && s.Holder != "":
 		return bad("released record names holder %q", s.Holder)
+	case s.Released && s.Unprotected:
+		return bad("released record is marked unprotected")
 	}
 	if !s.Released {
 		if err := transport.ValidateHostName(s.Holder); err != nil {
 			return bad("holder: %v", err)
 		}
 	}
-	return Record{Holder: s.Holder, Generation: *s.Generation, Released: s.Released, Revision: rev}, nil
+	return Record{Holder: s.Holder, Generation: *s.Generation, Released: s.Released, Unprotected: s.Unprotected, Revision: rev}, nil
 }

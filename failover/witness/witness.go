@@ -190,6 +190,18 @@ func (w *Witness) Get(ctx context.Context, vm string) (rec Record, held bool, er
 // stay standby) until a later Claim with the same prev, or a Get, tells
 // it the truth. ErrCorrupt: the key holds something else than a record.
 func (w *Witness) Claim(ctx context.Context, vm, holder string, prev Record) (Record, bool, error) {
+	return w.claim(ctx, vm, holder, prev, false)
+}
+
+// ClaimUnprotected is Claim for a primary that will release output no
+// replica holds (it runs on without its backup): the record it writes
+// says so (Record.Unprotected), and a backup must not take over from it
+// until an epoch of that generation has committed on its side.
+func (w *Witness) ClaimUnprotected(ctx context.Context, vm, holder string, prev Record) (Record, bool, error) {
+	return w.claim(ctx, vm, holder, prev, true)
+}
+
+func (w *Witness) claim(ctx context.Context, vm, holder string, prev Record, unprotected bool) (Record, bool, error) {
 	if err := checkArgs(vm, holder); err != nil {
 		return Record{}, false, err
 	}
@@ -200,13 +212,13 @@ func (w *Witness) Claim(ctx context.Context, vm, holder string, prev Record) (Re
 	defer cancel()
 	key := w.Key(vm)
 	gen := prev.Generation + 1
-	rev, cur, err := w.cas(octx, key, prev, encode(holder, gen, false))
+	rev, cur, err := w.cas(octx, key, prev, encodeRecord(Record{Holder: holder, Generation: gen, Unprotected: unprotected}))
 	if err != nil {
 		return Record{}, false, w.fail(ctx, octx, "claim", key, err)
 	}
 	if rev != 0 {
-		rec := Record{Holder: holder, Generation: gen, Revision: rev}
-		w.log.Info("witness claim won", zap.String("vm", vm), zap.String("holder", holder), zap.Uint64("generation", gen), zap.Int64("revision", rev))
+		rec := Record{Holder: holder, Generation: gen, Unprotected: unprotected, Revision: rev}
+		w.log.Info("witness claim won", zap.String("vm", vm), zap.String("holder", holder), zap.Uint64("generation", gen), zap.Bool("unprotected", unprotected), zap.Int64("revision", rev))
 		return rec, true, nil
 	}
 	if cur.Held() && cur.Holder == holder && cur.Generation == gen {
@@ -237,7 +249,7 @@ func (w *Witness) Init(ctx context.Context, vm, holder string) (Record, error) {
 	prev := Record{} // try "absent" first, then whatever is there
 	for {
 		gen := prev.Generation + 1
-		rev, cur, err := w.cas(octx, key, prev, encode(holder, gen, false))
+		rev, cur, err := w.cas(octx, key, prev, encodeRecord(Record{Holder: holder, Generation: gen}))
 		if err != nil {
 			return Record{}, w.fail(ctx, octx, "init", key, err)
 		}
@@ -306,7 +318,7 @@ func (w *Witness) Release(ctx context.Context, vm, holder string, gen uint64) er
 		case !cur.Held() || cur.Holder != holder || cur.Generation != gen:
 			return fmt.Errorf("%w: %s is %s, not held by %s at generation %d", ErrLost, key, cur, holder, gen)
 		}
-		rev, now, err := w.cas(octx, key, cur, encode("", gen+1, true))
+		rev, now, err := w.cas(octx, key, cur, encodeRecord(Record{Generation: gen + 1, Released: true}))
 		if err != nil {
 			return w.fail(ctx, octx, "release", key, err)
 		}
