@@ -202,7 +202,7 @@ func New(cfg Config, log *zap.Logger, opts ...Option) (*Daemon, error) {
 			return nil, fmt.Errorf("config field sim_vms[%s]: %w", s.Name, err)
 		}
 		v := &vm{name: s.Name, backend: sim.BackendName, role: RoleLocal, spec: spec}
-		v.sink = newOutputSink(s.Output, cfg.Name, s.Name, d.log)
+		v.sink = newOutputSink(s.Output, cfg.Name, s.Name, cfg.HeartbeatTimeout.D()/2, d.log)
 		v.setPassThrough()
 		g, err := sim.New(s.Name, spec.Sim, d.log, sim.WithOutput(v.emit))
 		if err != nil {

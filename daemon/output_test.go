@@ -4,8 +4,12 @@ import (
 	"bytes"
 	"encoding/binary"
 	"fmt"
+	"net"
 	"strings"
 	"testing"
+	"time"
+
+	"go.uber.org/zap"
 )
 
 func outputRecord(epoch uint64, msg string) []byte {
@@ -36,5 +40,65 @@ func TestReadOutputStream(t *testing.T) {
 		if err := ReadOutputStream(bytes.NewReader(b), func(string, uint64, []byte) {}); err == nil {
 			t.Errorf("%s: accepted", name)
 		}
+	}
+}
+
+// TestOutputSinkDropsStaleReleases: released output (epoch > 0) that
+// waited in the sink longer than its max age is dropped, not delivered (a
+// daemon stopped between an ack and the delivery may have been declared
+// lost meanwhile: partition trials, sigstop-primary, seeds 5000028 and
+// 5000138); unbuffered output (epoch 0) and fresh releases are delivered.
+func TestOutputSinkDropsStaleReleases(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close() // nothing listens yet: the sink holds what it is given
+	s := newOutputSink(addr, "hostA", "vm", 50*time.Millisecond, zap.NewNop())
+	defer s.close()
+	s.send(0, []byte("unbuffered"))
+	s.send(7, []byte("stale"))
+	time.Sleep(250 * time.Millisecond) // the sink's dial retries meanwhile
+	if ln, err = net.Listen("tcp", addr); err != nil {
+		t.Skipf("cannot listen on %s again: %v", addr, err)
+	}
+	defer ln.Close()
+	type msg struct {
+		epoch uint64
+		text  string
+	}
+	got := make(chan msg, 16)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		_ = ReadOutputStream(c, func(_ string, epoch uint64, m []byte) { got <- msg{epoch, string(m)} })
+	}()
+	time.Sleep(150 * time.Millisecond) // connected by now (100 ms retry)
+	s.send(8, []byte("fresh"))
+	var all []msg
+	timeout := time.After(5 * time.Second)
+	for len(all) < 2 {
+		select {
+		case m := <-got:
+			all = append(all, m)
+		case <-timeout:
+			t.Fatalf("delivered %v, want the unbuffered and the fresh message", all)
+		}
+	}
+	select {
+	case m := <-got:
+		all = append(all, m)
+	case <-time.After(200 * time.Millisecond):
+	}
+	want := []msg{{0, "unbuffered"}, {8, "fresh"}}
+	if fmt.Sprint(all) != fmt.Sprint(want) {
+		t.Fatalf("delivered %v, want %v (the stale release dropped)", all, want)
+	}
+	if n := s.stale.Load(); n != 1 {
+		t.Fatalf("stale drops %d, want 1", n)
 	}
 }

@@ -118,17 +118,37 @@ const OutputMagic = "REMUSD-OUTPUT"
 // outputSink carries a sim guest's released output to its output address,
 // standing in for the network. It never blocks the guest: beyond its
 // queue, messages are dropped (as a congested network would).
+//
+// It delivers what one release handed it in one write, and never delivers
+// released output (epoch > 0) that waited in it longer than maxAge: a
+// daemon stopped (SIGSTOP, a starved host) between an ack and the
+// delivery may, by the time it runs again, have been declared lost by its
+// backup, and output it let go then would leave beside the new primary's.
+// Dropping it is a network's loss, which the guest's protocols recover
+// from; the new primary's state includes it. (A real output buffer, plug
+// or NFQUEUE, hands its packets to the kernel in the releasing call.)
 type outputSink struct {
 	addr, host, vm string
+	maxAge         time.Duration
 	log            *zap.Logger
-	ch             chan []byte
+	ch             chan sinkRecord
 	done           chan struct{}
 	once           sync.Once
 	dropped        atomic.Uint64
+	stale          atomic.Uint64
 }
 
-func newOutputSink(addr, host, vm string, log *zap.Logger) *outputSink {
-	s := &outputSink{addr: addr, host: host, vm: vm, log: log, ch: make(chan []byte, 1<<14), done: make(chan struct{})}
+type sinkRecord struct {
+	at    time.Time // when it was queued (monotonic)
+	epoch uint64
+	b     []byte
+}
+
+// sinkBatch bounds the bytes one write carries.
+const sinkBatch = 256 << 10
+
+func newOutputSink(addr, host, vm string, maxAge time.Duration, log *zap.Logger) *outputSink {
+	s := &outputSink{addr: addr, host: host, vm: vm, maxAge: maxAge, log: log, ch: make(chan sinkRecord, 1<<14), done: make(chan struct{})}
 	if addr != "" {
 		go s.run()
 	}
@@ -144,7 +164,7 @@ func (s *outputSink) send(epoch uint64, msg []byte) {
 	binary.BigEndian.PutUint32(rec[8:], uint32(len(msg)))
 	copy(rec[12:], msg)
 	select {
-	case s.ch <- rec:
+	case s.ch <- sinkRecord{at: time.Now(), epoch: epoch, b: rec}:
 	default:
 		s.dropped.Add(1)
 	}
@@ -157,12 +177,13 @@ func (s *outputSink) run() {
 			conn.Close()
 		}
 	}()
+	var batch []byte
 	for {
-		var rec []byte
+		var first sinkRecord
 		select {
 		case <-s.done:
 			return
-		case rec = <-s.ch:
+		case first = <-s.ch:
 		}
 		for conn == nil {
 			c, err := net.DialTimeout("tcp", s.addr, time.Second)
@@ -181,9 +202,40 @@ func (s *outputSink) run() {
 			case <-time.After(100 * time.Millisecond):
 			}
 		}
+		// Everything queued now goes in one write, checked for age just
+		// before it.
+		recs := []sinkRecord{first}
+		size := len(first.b)
+	drain:
+		for size < sinkBatch {
+			select {
+			case r := <-s.ch:
+				recs = append(recs, r)
+				size += len(r.b)
+			default:
+				break drain
+			}
+		}
+		batch = batch[:0]
+		now := time.Now()
+		var stale uint64
+		for _, r := range recs {
+			if r.epoch > 0 && s.maxAge > 0 && now.Sub(r.at) > s.maxAge {
+				stale++
+				continue
+			}
+			batch = append(batch, r.b...)
+		}
+		if stale > 0 {
+			s.stale.Add(stale)
+			s.log.Warn("dropped released output that waited too long to be delivered (this daemon was stopped or starved: its backup may have taken over)", zap.String("vm", s.vm), zap.Uint64("messages", stale), zap.Duration("max_age", s.maxAge))
+		}
+		if len(batch) == 0 {
+			continue
+		}
 		_ = conn.SetWriteDeadline(time.Now().Add(2 * time.Second))
-		if _, err := conn.Write(rec); err != nil {
-			s.dropped.Add(1)
+		if _, err := conn.Write(batch); err != nil {
+			s.dropped.Add(uint64(len(recs)) - stale)
 			conn.Close()
 			conn = nil
 		}
