@@ -68,6 +68,10 @@ type wstate struct {
 	since time.Time // start of the primary's current outage (zero: link up)
 	// claiming: a claim is in flight (one at a time per VM).
 	claiming bool
+	// takingOver: a backup won its race and runs the fencing command and
+	// the activation; no other race starts meanwhile (it would adopt the
+	// record just won and fence and activate again).
+	takingOver bool
 	// paused: the primary paused its guest for lack of both backup and
 	// witness (self-fencing); it resumes when either answers.
 	paused bool
@@ -312,7 +316,7 @@ func (d *Daemon) fenceLocked(v *vm, why string) {
 // fencing command and the activation (witness mode). d.mu held; the work
 // runs on its own goroutine.
 func (d *Daemon) raceForVM(ctx context.Context, v *vm) {
-	if v.w.claiming {
+	if v.w.claiming || v.w.takingOver {
 		return
 	}
 	st := v.backup.Stats()
@@ -341,12 +345,21 @@ func (d *Daemon) raceForVM(ctx context.Context, v *vm) {
 			return
 		}
 		v.w.rec, v.w.view, v.w.err = rec, WitnessHolder, ""
+		v.w.takingOver = true
 		d.mu.Unlock()
+		defer func() {
+			d.mu.Lock()
+			v.w.takingOver = false
+			d.mu.Unlock()
+		}()
 		d.log.Warn("won the VM's witness record: taking over", zap.String("vm", v.name), zap.Uint64("generation", rec.Generation), zap.String("old_primary", owner))
 		if err := d.runFence(ctx, v.name, owner); err != nil {
 			if d.cfg.Fence.OnFailure != FenceProceed {
 				d.mu.Lock()
 				v.w.err = "fencing failed, not activated: " + err.Error()
+				// No automatic retry (on_failure abort: an operator acts);
+				// a link of a newer generation clears it.
+				v.w.blockedGen = gen
 				d.mu.Unlock()
 				d.log.Error("fencing command failed: NOT activating (fence.on_failure abort); the VM runs nowhere until an operator acts", zap.String("vm", v.name), zap.Error(err))
 				return
