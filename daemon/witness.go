@@ -300,6 +300,12 @@ func (d *Daemon) fenceLocked(v *vm, why string) {
 			pcancel()
 		}
 		if netOut != nil {
+			// Hold first: a buffer letting output pass (a protection that
+			// ran unprotected, or started live) must not be left so: a
+			// detached plug keeps whatever state it had.
+			if err := netOut.Hold(); err != nil {
+				d.log.Error("fencing: hold output", zap.String("vm", v.name), zap.Error(err))
+			}
 			// Detach, not Close: the rules stay, so the kernel drops what
 			// is held and whatever the guest might still send (should it
 			// run again, nothing of it leaves).
