@@ -40,7 +40,7 @@ func TestBackupClaimAdoptsItsAppliedClaim(t *testing.T) {
 		gen    uint64
 	}{
 		{"record still the primary's: claimed now", func(string) {}, true, "hostB", 2},
-		{"our claim applied, answer lost", func(vm string) { claim(t, w, vm, "hostB") }, true, "hostB", 2},
+		{"our claim applied, answer lost", func(vm string) { claim(t, w, vm, "hostB") }, true, "hostB", 3}, // confirmed by a claim of its own
 		{"the primary claimed first", func(vm string) { claim(t, w, vm, "hostA") }, false, "hostA", 2},
 		{"ours, but a generation later (not our claim)", func(vm string) { claim(t, w, vm, "hostB"); claim(t, w, vm, "hostB") }, false, "hostB", 3},
 	} {

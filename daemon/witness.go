@@ -388,10 +388,15 @@ func (d *Daemon) backupClaim(name, owner string, gen uint64) (bool, witness.Reco
 		return false, witness.Record{}, err
 	}
 	if held && cur.Holder == d.cfg.Name && cur.Generation == gen+1 {
-		// An earlier claim of ours was applied but its answer was lost
-		// (the witness failed right after): only that claim writes
-		// {this host, gen+1} over {owner, gen}, so the record is ours.
-		return true, cur, nil
+		// {this host, gen+1} over {owner, gen}: an earlier claim of ours
+		// whose answer was lost, or the owner's switchover writing the
+		// record over to us before an Activate that never came. Either
+		// way it names us, but a read proves nothing to the others: the
+		// old primary's switchover takes {this host, gen+1} back when its
+		// handover failed, by compare-and-swap from that very record.
+		// Claim from it too, so that exactly one of us wins.
+		rec, won, err := d.wit.Claim(ctx, name, d.cfg.Name, cur)
+		return won, rec, err
 	}
 	if !held || cur.Holder != owner || cur.Generation != gen {
 		return false, cur, nil
