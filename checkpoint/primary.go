@@ -918,7 +918,7 @@ func (p *Primary) connect(ctx context.Context) (*primaryLink, uint64, []uint64, 
 	needHashes := p.needHashes.Load()
 	g := p.o.Guest
 	w := transport.NewWriter(conn)
-	sent := &sendClock{}
+	sent := &sendClock{base: p.o.Now()}
 	w.Observe(func(k transport.Kind, n int) {
 		p.update(func(s *PrimaryStats) {
 			s.WireBytesSent += uint64(n)
@@ -1075,14 +1075,20 @@ func (p *Primary) preload(ctx context.Context, conn net.Conn, w *transport.Write
 // backup is busy applying an epoch (not reading, but connected, and its
 // read deadline not running) is no silence the backup can act on.
 type sendClock struct {
-	last   atomic.Int64 // unix ns of the last stamp
+	// base is the clock's origin; stamps are offsets from it, read on the
+	// monotonic clock (a wall-clock step is no silence, and does not hide
+	// one).
+	base   time.Time
+	last   atomic.Int64 // ns since base of the last stamp
 	silent atomic.Bool
 }
+
+func (c *sendClock) at(now time.Time) int64 { return int64(now.Sub(c.base)) }
 
 // wrote stamps now (one goroutine at a time). silent is stored before
 // last, so that a reader that sees the new stamp also sees the gap.
 func (c *sendClock) wrote(now time.Time, timeout time.Duration) {
-	n := now.UnixNano()
+	n := c.at(now)
 	if prev := c.last.Load(); prev != 0 && time.Duration(n-prev) > timeout {
 		c.silent.Store(true)
 	}
@@ -1090,7 +1096,7 @@ func (c *sendClock) wrote(now time.Time, timeout time.Duration) {
 }
 
 func (c *sendClock) reset(now time.Time) {
-	c.last.Store(now.UnixNano())
+	c.last.Store(c.at(now))
 	c.silent.Store(false)
 }
 
@@ -1098,7 +1104,7 @@ func (c *sendClock) reset(now time.Time) {
 // this side for longer than timeout on this link, at some point or now.
 func (c *sendClock) stale(now time.Time, timeout time.Duration) bool {
 	last := c.last.Load()
-	return c.silent.Load() || (last != 0 && now.Sub(time.Unix(0, last)) > timeout)
+	return c.silent.Load() || (last != 0 && time.Duration(c.at(now)-last) > timeout)
 }
 
 // primaryLink is one connection to the backup.
