@@ -918,9 +918,8 @@ func (p *Primary) connect(ctx context.Context) (*primaryLink, uint64, []uint64, 
 	needHashes := p.needHashes.Load()
 	g := p.o.Guest
 	w := transport.NewWriter(conn)
-	sent := &sendClock{}
+	sent := &sendClock{base: p.o.Now()}
 	w.Observe(func(k transport.Kind, n int) {
-		sent.wrote(p.o.Now(), p.o.HeartbeatTimeout)
 		p.update(func(s *PrimaryStats) {
 			s.WireBytesSent += uint64(n)
 			if k.IsEpochRecord() {
@@ -1068,23 +1067,36 @@ func (p *Primary) preload(ctx context.Context, conn net.Conn, w *transport.Write
 	return hashes, nil
 }
 
-// sendClock records when a link last carried a frame to the backup and
-// whether the gap between two frames ever exceeded the heartbeat timeout:
-// the backup's failure detector then may have declared this side lost.
+// sendClock records when this process last ran during a link (a ticker
+// of its own stamps it) and whether it ever stopped running for longer
+// than the heartbeat timeout: the backup's failure detector then may have
+// declared this side lost, and acks that waited meanwhile must not
+// release. It is not fed by frame writes: a write that blocks because the
+// backup is busy applying an epoch (not reading, but connected, and its
+// read deadline not running) is no silence the backup can act on.
 type sendClock struct {
-	last   atomic.Int64 // unix ns of the last frame written
+	// base is the clock's origin; stamps are offsets from it, read on the
+	// monotonic clock (a wall-clock step is no silence, and does not hide
+	// one).
+	base   time.Time
+	last   atomic.Int64 // ns since base of the last stamp
 	silent atomic.Bool
 }
 
+func (c *sendClock) at(now time.Time) int64 { return int64(now.Sub(c.base)) }
+
+// wrote stamps now (one goroutine at a time). silent is stored before
+// last, so that a reader that sees the new stamp also sees the gap.
 func (c *sendClock) wrote(now time.Time, timeout time.Duration) {
-	n := now.UnixNano()
-	if prev := c.last.Swap(n); prev != 0 && time.Duration(n-prev) > timeout {
+	n := c.at(now)
+	if prev := c.last.Load(); prev != 0 && time.Duration(n-prev) > timeout {
 		c.silent.Store(true)
 	}
+	c.last.Store(n)
 }
 
 func (c *sendClock) reset(now time.Time) {
-	c.last.Store(now.UnixNano())
+	c.last.Store(c.at(now))
 	c.silent.Store(false)
 }
 
@@ -1092,7 +1104,7 @@ func (c *sendClock) reset(now time.Time) {
 // this side for longer than timeout on this link, at some point or now.
 func (c *sendClock) stale(now time.Time, timeout time.Duration) bool {
 	last := c.last.Load()
-	return c.silent.Load() || (last != 0 && now.Sub(time.Unix(0, last)) > timeout)
+	return c.silent.Load() || (last != 0 && time.Duration(c.at(now)-last) > timeout)
 }
 
 // primaryLink is one connection to the backup.
@@ -1106,8 +1118,8 @@ type primaryLink struct {
 	done  chan struct{}
 	// activated carries the backup's answer to Activate (Handover).
 	activated chan *remuspb.Activated
-	// sent tracks this side's frames to the backup: what the backup's
-	// failure detector hears.
+	// sent tracks whether this process ran all along on this link (see
+	// sendClock).
 	sent *sendClock
 
 	qmu     sync.Mutex
@@ -1140,7 +1152,23 @@ func (l *primaryLink) serve(ctx context.Context) error {
 	defer cancel()
 	errc := make(chan error, 3)
 	var wg sync.WaitGroup
-	wg.Add(3)
+	wg.Add(4)
+	go func() {
+		// This process's liveness on this link (see sendClock).
+		defer wg.Done()
+		t := time.NewTicker(max(l.p.o.HeartbeatInterval/2, time.Millisecond))
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-l.done:
+				return
+			case <-t.C:
+				l.sent.wrote(l.p.o.Now(), l.p.o.HeartbeatTimeout)
+			}
+		}
+	}()
 	go func() { defer wg.Done(); errc <- l.recvLoop() }()
 	go func() { defer wg.Done(); errc <- l.sendLoop(ctx) }()
 	go func() {

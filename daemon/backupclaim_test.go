@@ -41,7 +41,7 @@ func TestBackupClaimAdoptsItsAppliedClaim(t *testing.T) {
 		gen    uint64
 	}{
 		{"record still the primary's: claimed now", func(string) {}, claimBasis{1, 1}, true, "hostB", 2},
-		{"our claim applied, answer lost", func(vm string) { claim(t, w, vm, "hostB") }, claimBasis{1, 1}, true, "hostB", 2},
+		{"our claim applied, answer lost", func(vm string) { claim(t, w, vm, "hostB") }, claimBasis{1, 1}, true, "hostB", 3}, // confirmed by a claim of its own
 		{"the primary claimed first", func(vm string) { claim(t, w, vm, "hostA") }, claimBasis{1, 1}, false, "hostA", 2},
 		{"ours, but a generation later (not our claim)", func(vm string) { claim(t, w, vm, "hostB"); claim(t, w, vm, "hostB") }, claimBasis{1, 1}, false, "hostB", 3},
 		// The partition trials' flap class (seed 5000026): the primary ran

@@ -41,6 +41,7 @@ type fenceBuf struct {
 
 func (b *fenceBuf) Close() error  { b.mu.Lock(); b.closed = true; b.mu.Unlock(); return nil }
 func (b *fenceBuf) Detach() error { b.mu.Lock(); b.detached = true; b.mu.Unlock(); return nil }
+func (b *fenceBuf) Hold() error   { return nil }
 
 // TestFenceStopsProtectionBeforePausing: a primary that lost its witness
 // record is fenced while its protection's runner is in a checkpoint; the

@@ -188,14 +188,26 @@ func (d *Daemon) retire(v *vm, why string) {
 func (d *Daemon) onHandover(v *vm, gen uint64) error {
 	if d.wit != nil {
 		ctx, cancel := d.witnessCtx()
+		defer cancel()
 		cur, held, err := d.wit.Get(ctx, v.name)
-		cancel()
 		if err != nil {
 			return fmt.Errorf("witness: %w", err)
 		}
 		if !held || cur.Holder != d.cfg.Name || cur.Generation != gen {
 			return fmt.Errorf("the witness record is %s, not this host's at generation %d", cur, gen)
 		}
+		// Claim it from {this host, gen} before activating: should the
+		// answer to Activate be lost, the old primary takes {this host,
+		// gen} back by compare-and-swap (handoverFailed); exactly one of
+		// the two claims wins, and only the winner runs the VM.
+		rec, won, err := d.wit.Claim(ctx, v.name, d.cfg.Name, cur)
+		if err != nil {
+			return fmt.Errorf("witness: %w", err)
+		}
+		if !won {
+			return fmt.Errorf("the witness record moved to %s: the old primary took it back", rec)
+		}
+		cur = rec
 		d.mu.Lock()
 		v.w.rec, v.w.view, v.w.err = cur, WitnessHolder, ""
 		d.mu.Unlock()

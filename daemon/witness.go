@@ -68,6 +68,10 @@ type wstate struct {
 	since time.Time // start of the primary's current outage (zero: link up)
 	// claiming: a claim is in flight (one at a time per VM).
 	claiming bool
+	// takingOver: a backup won its race and runs the fencing command and
+	// the activation; no other race starts meanwhile (it would adopt the
+	// record just won and fence and activate again).
+	takingOver bool
 	// paused: the primary paused its guest for lack of both backup and
 	// witness (self-fencing); it resumes when either answers.
 	paused bool
@@ -301,6 +305,12 @@ func (d *Daemon) fenceLocked(v *vm, why string) {
 			pcancel()
 		}
 		if netOut != nil {
+			// Hold first: a buffer letting output pass (a protection that
+			// ran unprotected, or started live) must not be left so: a
+			// detached plug keeps whatever state it had.
+			if err := netOut.Hold(); err != nil {
+				d.log.Error("fencing: hold output", zap.String("vm", v.name), zap.Error(err))
+			}
 			// Detach, not Close: the rules stay, so the kernel drops what
 			// is held and whatever the guest might still send (should it
 			// run again, nothing of it leaves).
@@ -317,7 +327,7 @@ func (d *Daemon) fenceLocked(v *vm, why string) {
 // fencing command and the activation (witness mode). d.mu held; the work
 // runs on its own goroutine.
 func (d *Daemon) raceForVM(ctx context.Context, v *vm) {
-	if v.w.claiming {
+	if v.w.claiming || v.w.takingOver {
 		return
 	}
 	st := v.backup.Stats()
@@ -351,12 +361,21 @@ func (d *Daemon) raceForVM(ctx context.Context, v *vm) {
 			return
 		}
 		v.w.rec, v.w.view, v.w.err = rec, WitnessHolder, ""
+		v.w.takingOver = true
 		d.mu.Unlock()
+		defer func() {
+			d.mu.Lock()
+			v.w.takingOver = false
+			d.mu.Unlock()
+		}()
 		d.log.Warn("won the VM's witness record: taking over", zap.String("vm", v.name), zap.Uint64("generation", rec.Generation), zap.String("old_primary", owner))
 		if err := d.runFence(ctx, v.name, owner); err != nil {
 			if d.cfg.Fence.OnFailure != FenceProceed {
 				d.mu.Lock()
 				v.w.err = "fencing failed, not activated: " + err.Error()
+				// No automatic retry (on_failure abort: an operator acts);
+				// a newer link or commit changes the basis.
+				v.w.blocked = basis
 				d.mu.Unlock()
 				d.log.Error("fencing command failed: NOT activating (fence.on_failure abort); the VM runs nowhere until an operator acts", zap.String("vm", v.name), zap.Error(err))
 				return
@@ -419,11 +438,15 @@ func (d *Daemon) backupClaim(name, owner string, basis claimBasis) (bool, witnes
 		return false, witness.Record{}, err
 	}
 	if held && cur.Holder == d.cfg.Name && (cur.Generation == basis.linkGen+1 || cur.Generation == basis.committedGen+1) {
-		// An earlier claim of ours was applied but its answer was lost
-		// (the witness failed right after): only that claim writes this
-		// host over the owner's record at those generations, so the
-		// record is ours.
-		return true, cur, nil
+		// {this host, gen+1} over the owner's {owner, gen}: an earlier
+		// claim of ours whose answer was lost, or the owner's switchover
+		// writing the record over to us before an Activate that never
+		// came. Either way it names us, but a read proves nothing to the
+		// others: the old primary's switchover takes {this host, gen+1}
+		// back when its handover failed, by compare-and-swap from that
+		// very record. Claim from it too, so that exactly one of us wins.
+		rec, won, err := d.wit.Claim(ctx, name, d.cfg.Name, cur)
+		return won, rec, err
 	}
 	if !held || cur.Holder != owner || !basis.covers(cur) {
 		return false, cur, nil
