@@ -168,8 +168,13 @@ func (r *run) countSince(host string, since time.Time) int {
 
 // verdictWindow is how long the settled state is watched: the side that
 // does not hold the VM must release nothing and (unless it is a standby)
-// run no guest in it.
-const verdictWindow = 800 * time.Millisecond
+// run no guest in it. It outlasts every timer a fault may have armed
+// before the trial settled (the ack timeout, fence_after), so that one
+// firing late is seen.
+func (r *run) verdictWindow() time.Duration {
+	t := r.o.Timing
+	return max(t.AckTimeout, t.FenceAfter) + 300*time.Millisecond
+}
 
 func (r *run) verdict(ctx context.Context, holder string, healed time.Time) {
 	type snap struct {
@@ -188,9 +193,10 @@ func (r *run) verdict(ctx context.Context, holder string, healed time.Time) {
 	}
 	t0 := time.Now()
 	s0 := take()
-	_ = sleep(ctx, verdictWindow)
+	window := r.verdictWindow()
+	_ = sleep(ctx, window)
 	s1 := take()
-	r.event("verdict window %v", verdictWindow)
+	r.event("verdict window %v", window)
 	live := r.live()
 	switch {
 	case !live:

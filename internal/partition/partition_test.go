@@ -176,6 +176,9 @@ func TestPartitionQEMU(t *testing.T) {
 	if err := QEMUPrereqs(ctx); err != nil {
 		t.Skip(err)
 	}
+	if err := BuildGuest(ctx); err != nil {
+		t.Fatal(err)
+	}
 	per := envInt(t, "PARTITION_QEMU_TRIALS", 1)
 	seed := uint64(time.Now().UnixNano() % 1e9)
 	if v := os.Getenv("PARTITION_SEED"); v != "" {
