@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"context"
+	"strings"
 	"sync"
 	"testing"
 
@@ -81,5 +82,21 @@ func TestFenceStopsProtectionBeforePausing(t *testing.T) {
 	}
 	if s, _ := v.runErr.Load().(string); s == "" {
 		t.Fatal("fencing left no reason in the VM's last error")
+	}
+}
+
+// TestUnprotectRefusedWhenFenced: unprotecting a fenced copy would let
+// its held output go and make it a local VM beside the copy the witness
+// names; it is refused, and the VM stays fenced.
+func TestUnprotectRefusedWhenFenced(t *testing.T) {
+	v := &vm{name: "vm", role: RolePrimary, resume: &protectionRecord{ID: "p1"}}
+	v.w.view, v.w.err = WitnessFenced, "hostB holds the VM at generation 2"
+	d := &Daemon{log: zap.NewNop(), vms: map[string]*vm{"vm": v}}
+	err := d.Unprotect(context.Background(), "vm")
+	if err == nil || !strings.Contains(err.Error(), "fenced") {
+		t.Fatalf("Unprotect of a fenced copy: %v, want a refusal naming the fence", err)
+	}
+	if v.role != RolePrimary || v.resume == nil {
+		t.Fatalf("the refused unprotect changed the VM: role %s, resume %v", v.role, v.resume)
 	}
 }

@@ -295,6 +295,13 @@ func (d *Daemon) Unprotect(ctx context.Context, name string) error {
 		d.mu.Unlock()
 		return err
 	}
+	if v.role == RolePrimary && v.w.view == WitnessFenced {
+		// Unprotecting would let its held output go and make it a local
+		// VM beside the copy the witness names.
+		why := v.w.err
+		d.mu.Unlock()
+		return fmt.Errorf("unprotect %s: this copy is fenced (%s): it may not run or release output; `remusd stop %s` ends it", name, why, name)
+	}
 	if v.role == RolePrimary && v.primary == nil && v.resume != nil {
 		// Resuming the protection failed: what the previous daemon left on
 		// the tap still holds the guest's output. Take it over and let go.
