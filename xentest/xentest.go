@@ -29,6 +29,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"sort"
 	"strings"
 	"time"
@@ -274,11 +275,14 @@ if [ "$(cat /sys/hypervisor/type 2>/dev/null)" != xen ]; then
 	echo "REMUSD-XENTEST: not running on Xen"
 	return 1
 fi
-mkdir -p /proc/xen /run/xen /run/xenstored /var/lib/xen /var/lib/xenstored /var/log/xen
+mkdir -p /dev/pts
+mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts 2>/dev/null # xenconsoled's ttys
+[ -e /dev/ptmx ] || ln -s pts/ptmx /dev/ptmx
+mkdir -p /proc/xen /run/xen /run/xenstored /var/lib/xen /var/lib/xenstored /var/log/xen/console
 mount -t xenfs xenfs /proc/xen || { echo "REMUSD-XENTEST: mount xenfs failed"; return 1; }
 xenstored --pid-file /run/xenstored.pid || { echo "REMUSD-XENTEST: xenstored failed"; return 1; }
 xen-init-dom0 >/var/log/xen/xen-init-dom0.log 2>&1 || { echo "REMUSD-XENTEST: xen-init-dom0 failed"; cat /var/log/xen/xen-init-dom0.log; return 1; }
-xenconsoled --pid-file=/run/xenconsoled.pid --log=none || { echo "REMUSD-XENTEST: xenconsoled failed"; return 1; }
+xenconsoled --pid-file=/run/xenconsoled.pid --log=guest --log-dir=/var/log/xen/console || { echo "REMUSD-XENTEST: xenconsoled failed"; return 1; }
 echo "REMUSD-XENTEST: dom0 ready"
 `
 
@@ -477,4 +481,41 @@ func RunGoTest(ctx context.Context, pkgDir, run string, tags []string, cfg Confi
 	}
 	cfg.Command = []string{"/vmtest/test.bin", "-test.v", "-test.count=1", fmt.Sprintf("-test.timeout=%s", timeout), "-test.run=" + run}
 	return Run(ctx, cfg)
+}
+
+// BuildDirtierRamdisk builds the dirtier command (a static Go program, in
+// this package's dirtier directory) and writes a domU initramfs holding it
+// as /init to dst.
+func BuildDirtierRamdisk(ctx context.Context, dst string) error {
+	_, self, _, ok := runtime.Caller(0)
+	if !ok {
+		return errors.New("xentest: cannot locate the dirtier sources")
+	}
+	tmp, err := os.MkdirTemp("", "xentest-dirtier-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(tmp)
+	bin := filepath.Join(tmp, "init")
+	cmd := exec.CommandContext(ctx, "go", "build", "-o", bin, ".")
+	cmd.Dir = filepath.Join(filepath.Dir(self), "dirtier")
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH=amd64")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("xentest: build dirtier: %v: %s", err, out)
+	}
+	data, err := os.ReadFile(bin)
+	if err != nil {
+		return err
+	}
+	f, err := os.Create(dst)
+	if err != nil {
+		return err
+	}
+	a := vmtest.NewArchive(f, 1)
+	a.File("init", 0o755, data)
+	if err := a.Close(); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
 }
