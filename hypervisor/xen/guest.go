@@ -221,8 +221,8 @@ func (g *Guest) PVH() bool { return g.pvh }
 
 // Pause pauses the domain (xc_domain_pause returns once no vCPU runs).
 func (g *Guest) Pause(ctx context.Context) error {
-	t0 := time.Now()
 	return g.call(ctx, "pause", func() error {
+		t0 := time.Now()
 		if g.closed {
 			return errClosed
 		}
@@ -240,8 +240,8 @@ func (g *Guest) Pause(ctx context.Context) error {
 
 // Resume unpauses a domain paused by Pause.
 func (g *Guest) Resume(ctx context.Context) error {
-	t0 := time.Now()
 	return g.call(ctx, "unpause", func() error {
+		t0 := time.Now()
 		if g.closed {
 			return errClosed
 		}
@@ -264,8 +264,8 @@ func (g *Guest) HarvestDirty(ctx context.Context, dst *dirtymap.Bitmap) error {
 	if dst.Len() != g.pages {
 		return fmt.Errorf("xen: harvest: bitmap of %d pages for a guest of %d", dst.Len(), g.pages)
 	}
-	t0 := time.Now()
 	return g.call(ctx, "harvest", func() error {
+		t0 := time.Now()
 		if g.closed {
 			return errClosed
 		}
@@ -348,9 +348,9 @@ func (g *Guest) ReadLive(ctx context.Context, first, n int, dst []byte) error {
 // SaveDeviceState appends the HVM context and every vCPU's context to dst
 // (format: see ParseState). Only valid while paused.
 func (g *Guest) SaveDeviceState(ctx context.Context, dst []byte) ([]byte, error) {
-	t0 := time.Now()
 	var out []byte
 	err := g.call(ctx, "save state", func() error {
+		t0 := time.Now()
 		if g.closed {
 			return errClosed
 		}
@@ -390,8 +390,10 @@ func (g *Guest) SaveDeviceState(ctx context.Context, dst []byte) ([]byte, error)
 	return append(dst, out...), nil
 }
 
-// LastTimings returns the durations of the latest Pause, HarvestDirty,
-// CopyDirty, SaveDeviceState and Resume, and the pages CopyDirty copied.
+// LastTimings returns the time spent inside the libxc calls of the latest
+// Pause, HarvestDirty, SaveDeviceState and Resume (a caller also waits for
+// a goroutine hand-off per call), the latest CopyDirty's duration and page
+// count, and Xen's dirty count of the latest harvest.
 func (g *Guest) LastTimings(ctx context.Context) (Timings, uint32, error) {
 	var t Timings
 	var d uint32

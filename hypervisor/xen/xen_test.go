@@ -318,45 +318,57 @@ func TestInDom0LogDirty(t *testing.T) {
 		staging[i] = 1
 	}
 	var state []byte
-	xenWrites := map[string]int{}      // gpfns changed during SaveDeviceState -> epochs
+	xenWrites := map[string]int{}      // gpfns changed while paused after their copy -> epochs
+	var stale []int                    // this pause's such gpfns
 	vcpuInfoMisses := map[string]int{} // gpfns missed whose change is a vcpu_time_info update -> epochs
 	snap := make(map[int][]byte)       // content at the previous pause of every mapped page (for diagnosis)
 	type sample struct{ pause, harvest, copy, context, unpause, total time.Duration }
-	var samples []sample
+	var samples, inside []sample // wall times seen by the caller; times inside the libxc calls
 	var totalChanged, totalKnown, totalReported int
 	for e := 0; e <= epochs; e++ {
 		if e > 0 {
 			time.Sleep(sleeps[e%len(sleeps)])
 		}
 		ectx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		// Wall times as the caller sees them (a libxc call's own time is
+		// in LastTimings; the difference is the goroutine hand-off).
+		var w sample
 		start := time.Now()
 		if err := g.Pause(ectx); err != nil {
 			t.Fatal(err)
 		}
+		w.pause = time.Since(start)
 		bm.Reset()
+		t1 := time.Now()
 		if err := g.HarvestDirty(ectx, bm); err != nil {
 			t.Fatal(err)
 		}
+		w.harvest = time.Since(t1)
+		t1 = time.Now()
 		copied, err := g.CopyDirty(bm, staging)
 		if err != nil {
 			t.Fatal(err)
 		}
-		// Staging holds exactly the harvested pages' content at the copy.
-		afterCopy := stagingDiffers(bm, staging, mem)
-		if len(afterCopy) > 0 {
-			t.Errorf("epoch %d: staged pages differ from guest memory right after the copy: gpfns %#x", e, afterCopy)
-		}
+		w.copy = time.Since(t1)
+		t1 = time.Now()
 		if state, err = g.SaveDeviceState(ectx, state[:0]); err != nil {
 			t.Fatal(err)
 		}
-		// Xen itself may write guest frames while the guest is paused
-		// (e.g. its vCPU runstate and time areas): such pages were in the
-		// bitmap (LOGDIRTY_FINAL), and are reported again next epoch, which
-		// the hash check below proves.
-		if w := stagingDiffers(bm, staging, mem); len(w) > 0 {
-			xenWrites[fmt.Sprintf("%#x", w)]++
-		}
+		w.context = time.Since(t1)
 		paused := time.Since(start)
+		// A page whose staged copy was overtaken while the guest stayed
+		// paused (Xen writes some guest frames itself: the vCPU's
+		// registered areas) must be reported again at the next pause, or
+		// the replica would keep the stale copy.
+		for _, p := range stale {
+			if !bm.Test(p) {
+				t.Errorf("epoch %d: gpfn %#x, written during the previous pause after its copy, is not reported: the replica would keep a stale copy", e, p)
+			}
+		}
+		stale = stagingDiffers(bm, staging, mem)
+		if len(stale) > 0 {
+			xenWrites[fmt.Sprintf("%#x", stale)]++
+		}
 		// Checks, while still paused (not part of the timings).
 		hashPages(mem, mapped, cur)
 		if e > 0 {
@@ -410,19 +422,21 @@ func TestInDom0LogDirty(t *testing.T) {
 			totalChanged += changed
 			totalKnown += known
 			totalReported += bm.Count()
-			tm, _, err := g.LastTimings(ectx)
-			if err != nil {
-				t.Fatal(err)
-			}
 			t1 := time.Now()
 			if err := g.Resume(ectx); err != nil {
 				t.Fatal(err)
 			}
-			unpause := time.Since(t1)
-			samples = append(samples, sample{tm.Pause, tm.Harvest, tm.Copy, tm.Context, unpause, paused + unpause})
+			w.unpause = time.Since(t1)
+			w.total = paused + w.unpause
+			tm, _, err := g.LastTimings(ectx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			inside = append(inside, sample{tm.Pause, tm.Harvest, tm.Copy, tm.Context, tm.Unpause, tm.Pause + tm.Harvest + tm.Copy + tm.Context + tm.Unpause})
+			samples = append(samples, w)
 			t.Logf("epoch %2d after %-6s: reported %5d, copied %5d, changed %5d (dirtier %4d); pause %s harvest %s copy %s context %s (%d B) unpause %s",
 				e, sleeps[e%len(sleeps)], bm.Count(), copied, changed, known,
-				us(tm.Pause), us(tm.Harvest), us(tm.Copy), us(tm.Context), len(state), us(unpause))
+				us(w.pause), us(w.harvest), us(w.copy), us(w.context), len(state), us(w.unpause))
 		} else if err := g.Resume(ectx); err != nil {
 			t.Fatal(err)
 		}
@@ -446,21 +460,26 @@ func TestInDom0LogDirty(t *testing.T) {
 		t.Logf("NOT TRACKED BY LOG-DIRTY: pages changed only in a vcpu_time_info slot (Xen's vcpu_info writes), gpfn: epochs: %v", vcpuInfoMisses)
 	}
 	if len(xenWrites) > 0 {
-		t.Logf("pages written while paused, after the copy (gpfns: epochs): %v", xenWrites)
+		t.Logf("pages written while the guest was paused, after their copy (by Xen; all reported again next epoch), gpfns: epochs: %v", xenWrites)
 	}
 	t.Logf("%d epochs: %d changed pages (%d written by the dirtier), %d reported dirty; none missed", epochs, totalChanged, totalKnown, totalReported)
-	med := func(f func(sample) time.Duration) string {
-		v := make([]time.Duration, len(samples))
-		for i, s := range samples {
+	med := func(ss []sample, f func(sample) time.Duration) string {
+		v := make([]time.Duration, len(ss))
+		for i, s := range ss {
 			v[i] = f(s)
 		}
 		slices.Sort(v)
-		return fmt.Sprintf("median %s max %s", us(v[len(v)/2]), us(v[len(v)-1]))
+		return fmt.Sprintf("median %s p90 %s max %s", us(v[len(v)/2]), us(v[len(v)*9/10]), us(v[len(v)-1]))
 	}
-	t.Logf("timings per epoch: pause %s; harvest %s; copy %s; context %s; unpause %s; total paused %s",
-		med(func(s sample) time.Duration { return s.pause }), med(func(s sample) time.Duration { return s.harvest }),
-		med(func(s sample) time.Duration { return s.copy }), med(func(s sample) time.Duration { return s.context }),
-		med(func(s sample) time.Duration { return s.unpause }), med(func(s sample) time.Duration { return s.total }))
+	for _, set := range []struct {
+		name string
+		ss   []sample
+	}{{"wall (caller)", samples}, {"inside libxc calls", inside}} {
+		t.Logf("timings per epoch, %s: pause %s; harvest %s; copy %s; context %s; unpause %s; whole pause %s", set.name,
+			med(set.ss, func(s sample) time.Duration { return s.pause }), med(set.ss, func(s sample) time.Duration { return s.harvest }),
+			med(set.ss, func(s sample) time.Duration { return s.copy }), med(set.ss, func(s sample) time.Duration { return s.context }),
+			med(set.ss, func(s sample) time.Duration { return s.unpause }), med(set.ss, func(s sample) time.Duration { return s.total }))
+	}
 
 	st, err := ParseState(state)
 	if err != nil {
