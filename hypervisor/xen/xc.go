@@ -74,28 +74,44 @@ static int rx_getinfo(xc_interface *xch, uint32_t domid, xc_domaininfo_t *info) 
 	return 0;
 }
 
-// Map gpfns [0, n) read-only into one contiguous range whose holes (gpfns
-// without memory) read as zeros. Splitting a privcmd mapping to patch its
-// holes fails (ENOMEM), so: probe which gpfns map, reserve the range as
-// anonymous zero pages, and map each populated run over it with MAP_FIXED.
-// err[i] is left nonzero for holes. Returns the base, or NULL (errno set);
-// *runs is the number of populated runs.
-static void *rx_map_all(xenforeignmemory_handle *fmem, uint32_t domid, size_t n, int *err, long *runs) {
+// Exported by libxenctrl 4.17 (VERS_4.17.0) and used by libxenguest's
+// save code, but declared only in libxc's private header.
+int xc_get_pfn_type_batch(xc_interface *xch, uint32_t dom, unsigned int num, xen_pfn_t *arr);
+
+// Map gpfns [0, n) read-only into one contiguous range whose holes read as
+// zeros. Which gpfns hold guest memory is asked of Xen 1024 at a time
+// (XEN_DOMCTL_getpageframeinfo3, as xc_sr_save does): XTAB (no page, or a
+// Xen-owned page such as shared_info or grant frames) and BROKEN frames
+// are holes. The range is reserved as anonymous zero pages and each
+// populated run is mapped over it with MAP_FIXED (patching holes into one
+// big privcmd mapping fails with ENOMEM). err[i] is set nonzero for holes.
+// Returns the base, or NULL (errno set); *runs is the number of runs.
+static void *rx_map_all(xc_interface *xch, xenforeignmemory_handle *fmem, uint32_t domid,
+		size_t n, int *err, long *runs) {
 	xen_pfn_t *pfns = malloc(n * sizeof(*pfns));
+	xen_pfn_t *types = malloc(1024 * sizeof(*types));
 	int *err2 = NULL;
 	void *base = MAP_FAILED;
 	int e = 0;
 	*runs = 0;
-	if (!pfns)
-		return NULL;
-	for (size_t i = 0; i < n; i++)
-		pfns[i] = i;
-	void *probe = xenforeignmemory_map(fmem, domid, PROT_READ, n, pfns, err);
-	if (!probe) {
-		e = errno;
+	if (!pfns || !types) {
+		e = ENOMEM;
 		goto out;
 	}
-	xenforeignmemory_unmap(fmem, probe, n);
+	for (size_t i = 0; i < n; i++)
+		pfns[i] = i;
+	for (size_t i = 0; i < n; i += 1024) {
+		unsigned int k = n - i < 1024 ? n - i : 1024;
+		memcpy(types, pfns + i, k * sizeof(*types));
+		if (xc_get_pfn_type_batch(xch, domid, k, types) < 0) {
+			e = errno ? errno : EIO;
+			goto out;
+		}
+		for (unsigned int j = 0; j < k; j++) {
+			xen_pfn_t t = types[j] & XEN_DOMCTL_PFINFO_LTAB_MASK;
+			err[i + j] = t == XEN_DOMCTL_PFINFO_XTAB || t == XEN_DOMCTL_PFINFO_BROKEN;
+		}
+	}
 	base = mmap(NULL, n << XC_PAGE_SHIFT, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
 	if (base == MAP_FAILED) {
 		e = errno;
@@ -130,6 +146,7 @@ static void *rx_map_all(xenforeignmemory_handle *fmem, uint32_t domid, size_t n,
 	}
 out:
 	free(pfns);
+	free(types);
 	free(err2);
 	if (e) {
 		if (base != MAP_FAILED)
@@ -370,7 +387,7 @@ func (x *xc) mapAll(n int) (int, error) {
 	}
 	defer C.free(unsafe.Pointer(errs))
 	var runs C.long
-	p, err := C.rx_map_all(x.fmem, x.domid, C.size_t(n), errs, &runs)
+	p, err := C.rx_map_all(x.xch, x.fmem, x.domid, C.size_t(n), errs, &runs)
 	if p == nil {
 		return 0, errnoErr("xenforeignmemory_map", err)
 	}
