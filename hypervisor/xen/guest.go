@@ -21,7 +21,10 @@ var (
 	_ hypervisor.LiveReader = (*Guest)(nil)
 )
 
-const pageSize = hypervisor.PageSize
+const (
+	pageSize        = hypervisor.PageSize
+	shutdownSuspend = 2 // SHUTDOWN_suspend, xen/sched.h
+)
 
 // Options configure Open.
 type Options struct {
@@ -361,8 +364,10 @@ func (g *Guest) SaveDeviceState(ctx context.Context, dst []byte) ([]byte, error)
 		if err != nil {
 			return err
 		}
-		if info.shutdown || info.dying {
-			return fmt.Errorf("%w (domain shut down or crashed)", ErrGone)
+		// A guest suspended by SuspendCooperative is shut down with
+		// reason suspend; any other shutdown means it is gone.
+		if info.dying || info.shutdown && info.shutdownReason != shutdownSuspend {
+			return fmt.Errorf("%w (domain shut down or crashed, reason %d)", ErrGone, info.shutdownReason)
 		}
 		hvm, err := g.x.hvmContext()
 		if err != nil {

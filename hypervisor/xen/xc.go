@@ -274,6 +274,7 @@ func (x *xc) version() (string, error) {
 
 type domInfo struct {
 	hvm, pvh, hap, paused, shutdown, dying bool
+	shutdownReason                         uint32 // SHUTDOWN_* when shutdown
 	totPages, maxPages                     uint64
 	maxVCPUID                              uint32
 }
@@ -294,6 +295,7 @@ func (x *xc) info() (domInfo, error) {
 		maxPages:  uint64(C.rx_info_max_pages(&i)),
 		maxVCPUID: uint32(C.rx_info_max_vcpu_id(&i)),
 	}
+	d.shutdownReason = f >> C.XEN_DOMINF_shutdownshift & C.XEN_DOMINF_shutdownmask
 	// An HVM domain without the emulated PIC/IOAPIC/... is PVH.
 	d.pvh = d.hvm && uint32(C.rx_info_emu_flags(&i))&C.XEN_X86_EMU_ALL != C.XEN_X86_EMU_ALL
 	return d, nil
