@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime/debug"
 	"slices"
 	"strconv"
 	"strings"
@@ -52,12 +53,21 @@ func TestXenLogDirty(t *testing.T) {
 		t.Fatal(err)
 	}
 	var console bytes.Buffer
+	// Dom0 holds the test's staging and previous-content buffers (twice
+	// the guest's memory) besides its own 1 GiB working set.
+	dom0, machine := "", ""
+	if mib := guestMiB(); mib > 128 {
+		dom0 = fmt.Sprintf("%dM", 768+3*mib)
+		machine = fmt.Sprint(768 + 3*mib + mib + 768)
+	}
 	res, err := xentest.RunGoTest(ctx, ".", "^TestInDom0", []string{"xen"}, xentest.Config{
+		Dom0Mem: dom0,
+		Memory:  machine,
 		Files: []vmtest.File{
 			{Src: k.Image, Dst: domUKernel, Mode: 0o644},
 			{Src: ramdisk, Dst: domURamdisk, Mode: 0o644},
 		},
-		Env:     map[string]string{"XEN_EPOCHS": os.Getenv("XEN_EPOCHS"), "XEN_TEST_EARLY": os.Getenv("XEN_TEST_EARLY")},
+		Env:     map[string]string{"XEN_EPOCHS": os.Getenv("XEN_EPOCHS"), "XEN_TEST_EARLY": os.Getenv("XEN_TEST_EARLY"), "XEN_GUEST_MIB": os.Getenv("XEN_GUEST_MIB")},
 		Timeout: 420 * time.Second,
 		Console: &console,
 	})
@@ -105,6 +115,15 @@ func xl(ctx context.Context, t *testing.T, args ...string) string {
 	return string(out)
 }
 
+// guestMiB is the test guests' memory: $XEN_GUEST_MIB, default 128 (the
+// smallest a Debian kernel boots in here).
+func guestMiB() int {
+	if v, err := strconv.Atoi(os.Getenv("XEN_GUEST_MIB")); err == nil && v >= 128 {
+		return v
+	}
+	return 128
+}
+
 // createGuest starts a domain of type typ ("pvh", "pv") running the
 // dirtier and returns its domid; it is destroyed at cleanup.
 func createGuest(ctx context.Context, t *testing.T, name, typ string) uint32 {
@@ -113,19 +132,19 @@ func createGuest(ctx context.Context, t *testing.T, name, typ string) uint32 {
 type = %q
 kernel = %q
 ramdisk = %q
-memory = 128
+memory = %d
 vcpus = 1
 extra = "console=hvc0 rdinit=/init dirtier.mib=32 dirtier.every=7 dirtier.sleepms=5"
 on_crash = "preserve"
 on_reboot = "destroy"
-`, name, typ, domUKernel, domURamdisk)
+`, name, typ, domUKernel, domURamdisk, guestMiB())
 	p := filepath.Join(t.TempDir(), name+".cfg")
 	if err := os.WriteFile(p, []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	t0 := time.Now()
 	xl(ctx, t, "create", p)
-	t.Logf("xl create (%s, 128 MiB): %s", typ, time.Since(t0).Round(time.Millisecond))
+	t.Logf("xl create (%s, %d MiB): %s", typ, guestMiB(), time.Since(t0).Round(time.Millisecond))
 	t.Cleanup(func() {
 		if t.Failed() {
 			out, _ := exec.Command(filepath.Join(xentest.BinDir, "xl"), "list").CombinedOutput()
@@ -500,6 +519,7 @@ func TestInDom0LogDirty(t *testing.T) {
 // cannot enable, is refused with ErrLogDirtyUnsupported.
 func TestInDom0RefusesPV(t *testing.T) {
 	inDom0(t)
+	debug.FreeOSMemory() // the log-dirty test's buffers
 	ctx := context.Background()
 	domid := createGuest(ctx, t, "pvguest", "pv")
 	g, err := Open(ctx, domid, Options{Name: "pvguest", Logger: zaptest.NewLogger(t)})
