@@ -60,6 +60,35 @@ func TestXenLogDirty(t *testing.T) {
 		dom0 = fmt.Sprintf("%dM", 768+3*mib)
 		machine = fmt.Sprint(768 + 3*mib + mib + 768)
 	}
+	// A domU triple fault under TCG with log-dirty on (1 run in about 8
+	// attaching after boot; see the README's Xen section) is retried once
+	// with a fresh Xen, loudly; a second crash, and any failure that is
+	// not a crash, fails.
+	for attempt := 1; ; attempt++ {
+		console.Reset()
+		res, err := runInDom0(ctx, t, k, ramdisk, dom0, machine, &console)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, l := range strings.Split(res.Console, "\n") {
+			if strings.Contains(l, "xen_test.go") || strings.Contains(l, "--- ") || strings.Contains(l, "dom0:") {
+				t.Log(strings.TrimRight(l, "\r"))
+			}
+		}
+		t.Logf("attempt %d: verdict %q in %s", attempt, res.Verdict, res.Elapsed)
+		if res.Passed {
+			return
+		}
+		if attempt == 1 && strings.Contains(res.Console, crashMarker) {
+			t.Logf("RETRYING: the domU crashed (triple fault under TCG, an open problem); console tail:\n%s", tail(res.Console, 40))
+			continue
+		}
+		t.Fatalf("in-dom0 tests failed; console tail:\n%s", tail(res.Console, 80))
+	}
+}
+
+// runInDom0 boots Xen under QEMU and runs the TestInDom0 tests in dom0.
+func runInDom0(ctx context.Context, t *testing.T, k *vmtest.Kernel, ramdisk, dom0, machine string, console *bytes.Buffer) (*vmtest.Result, error) {
 	res, err := xentest.RunGoTest(ctx, ".", "^TestInDom0", []string{"xen"}, xentest.Config{
 		Dom0Mem: dom0,
 		Memory:  machine,
@@ -69,24 +98,12 @@ func TestXenLogDirty(t *testing.T) {
 		},
 		Env:     map[string]string{"XEN_EPOCHS": os.Getenv("XEN_EPOCHS"), "XEN_TEST_EARLY": os.Getenv("XEN_TEST_EARLY"), "XEN_GUEST_MIB": os.Getenv("XEN_GUEST_MIB")},
 		Timeout: 420 * time.Second,
-		Console: &console,
+		Console: console,
 	})
 	if errors.Is(err, xentest.ErrUnavailable) {
 		t.Skipf("needs QEMU, busybox-static and Debian's Xen packages: %v (run xentest/setup.sh)", err)
 	}
-	if err != nil {
-		t.Fatal(err)
-	}
-	// The in-dom0 test's own output (measurements, failures).
-	for _, l := range strings.Split(res.Console, "\n") {
-		if strings.Contains(l, "xen_test.go") || strings.Contains(l, "--- ") || strings.Contains(l, "dom0:") {
-			t.Log(strings.TrimRight(l, "\r"))
-		}
-	}
-	t.Logf("verdict %q in %s", res.Verdict, res.Elapsed)
-	if !res.Passed {
-		t.Fatalf("in-dom0 tests failed; console tail:\n%s", tail(res.Console, 80))
-	}
+	return res, err
 }
 
 func tail(s string, n int) string {
@@ -149,6 +166,11 @@ on_reboot = "destroy"
 		if t.Failed() {
 			out, _ := exec.Command(filepath.Join(xentest.BinDir, "xl"), "list").CombinedOutput()
 			t.Logf("xl list:\n%s", out)
+			if domainCrashed(string(out), name) {
+				// The host-side driver retries once on this marker (a
+				// domU triple fault under TCG, not a log-dirty miss).
+				t.Logf("%s %s", crashMarker, name)
+			}
 			if b, err := os.ReadFile("/var/log/xen/console/guest-" + name + ".log"); err == nil {
 				t.Logf("%s's console:\n%s", name, tail(string(b), 40))
 			}
@@ -160,6 +182,21 @@ on_reboot = "destroy"
 		t.Fatal(err)
 	}
 	return uint32(id)
+}
+
+// crashMarker is logged by an in-dom0 test whose guest crashed.
+const crashMarker = "XENTEST-DOMU-CRASHED"
+
+// domainCrashed reports whether `xl list` output shows domain name in the
+// crashed state (the "c" of its state column, e.g. "----c-").
+func domainCrashed(xlList, name string) bool {
+	for _, l := range strings.Split(xlList, "\n") {
+		f := strings.Fields(l)
+		if len(f) >= 5 && f[0] == name && len(f[4]) == 6 && f[4][4] == 'c' {
+			return true
+		}
+	}
+	return false
 }
 
 // waitConsole waits until domain name's console log (xenconsoled
@@ -534,3 +571,16 @@ func TestInDom0RefusesPV(t *testing.T) {
 }
 
 func us(d time.Duration) string { return fmt.Sprintf("%.2fms", float64(d.Microseconds())/1000) }
+
+func TestDomainCrashed(t *testing.T) {
+	list := "Name                                        ID   Mem VCPUs\tState\tTime(s)\n" +
+		"Domain-0                                     0  1024     2     r-----      12.1\n" +
+		"dirtier                                      1   128     1     ----c-       3.0\n" +
+		"other                                        2   128     1     -b----       1.0\n"
+	if !domainCrashed(list, "dirtier") {
+		t.Error("dirtier's ----c- not seen as crashed")
+	}
+	if domainCrashed(list, "other") || domainCrashed(list, "Domain-0") || domainCrashed(list, "absent") {
+		t.Error("a running, blocked or absent domain seen as crashed")
+	}
+}
