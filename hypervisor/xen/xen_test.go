@@ -555,4 +555,3 @@ func TestInDom0RefusesPV(t *testing.T) {
 }
 
 func us(d time.Duration) string { return fmt.Sprintf("%.2fms", float64(d.Microseconds())/1000) }
-
