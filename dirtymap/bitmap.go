@@ -118,6 +118,22 @@ func (b *Bitmap) Union(o *Bitmap) {
 	}
 }
 
+// OrWords ORs an external bitmap into b: bit j of w[k] marks page
+// 64*k+j (the layout of Xen's log-dirty bitmaps and of Linux's on
+// little-endian machines). Words beyond b and bits at or beyond Len() are
+// ignored, so a source rounded up to whole words or pages can be passed.
+func (b *Bitmap) OrWords(w []uint64) {
+	if len(w) > len(b.words) {
+		w = w[:len(b.words)]
+	}
+	for i, x := range w {
+		b.words[i] |= x
+	}
+	if r := b.n % wordBits; r != 0 && len(w) == len(b.words) {
+		b.words[len(b.words)-1] &= 1<<uint(r) - 1
+	}
+}
+
 // CopyFrom makes b equal to o. It panics if the lengths differ.
 func (b *Bitmap) CopyFrom(o *Bitmap) {
 	b.sameLen("CopyFrom", o)

@@ -253,3 +253,24 @@ func checkAgainst(t *testing.T, b *Bitmap, ref map[int]bool) {
 		}
 	}
 }
+
+func TestOrWords(t *testing.T) {
+	b := New(70)
+	b.Set(1)
+	b.OrWords([]uint64{1 << 3, 1<<5 | 1<<6 | 1<<7, 0xff})
+	want := []int{1, 3, 64 + 5}
+	var got []int
+	b.ForEach(func(i int) bool { got = append(got, i); return true })
+	if !slices.Equal(got, want) {
+		t.Fatalf("pages %v, want %v (bits beyond Len must be dropped)", got, want)
+	}
+	if b.Count() != 3 {
+		t.Fatalf("Count %d", b.Count())
+	}
+	b.OrWords(nil)
+	s := New(200)
+	s.OrWords([]uint64{1})
+	if !s.Test(0) || s.Count() != 1 {
+		t.Fatal("short source")
+	}
+}

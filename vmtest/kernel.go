@@ -229,3 +229,11 @@ func lastLines(s string, n int) string {
 	}
 	return strings.Join(ls, " | ")
 }
+
+// ExtractKernelDeb extracts a linux-image .deb (once) into
+// <cacheDir>/kernel/<deb name> and returns its kernel. It is how FindKernel
+// unpacks the cloud kernel, for harnesses that need another flavour (the
+// generic kernel, which can be a Xen dom0).
+func ExtractKernelDeb(ctx context.Context, cacheDir, deb string) (*Kernel, error) {
+	return extractDeb(ctx, cacheDir, deb)
+}

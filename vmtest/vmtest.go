@@ -111,12 +111,9 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	}
 	defer os.RemoveAll(tmp)
 	initrd := filepath.Join(tmp, "initrd.cpio")
-	if err := writeRunInitrd(initrd, base, cfg); err != nil {
+	if err := WriteRunInitrd(initrd, base, cfg.Files, cfg.Command, cfg.Env); err != nil {
 		return nil, err
 	}
-
-	ctx, cancel := context.WithTimeout(ctx, cfg.Timeout)
-	defer cancel()
 	args := []string{
 		"-accel", "tcg", "-machine", "q35", "-m", cfg.Memory, "-smp", "1",
 		"-nic", "none", "-display", "none", "-monitor", "none", "-serial", "stdio",
@@ -124,7 +121,35 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 		"-kernel", cfg.Kernel.Image, "-initrd", initrd,
 		"-append", "console=ttyS0 panic=-1 oops=panic loglevel=4 rdinit=/init remusd.vmtest=1",
 	}
-	cmd := exec.CommandContext(ctx, qemu, args...)
+	return RunQEMU(ctx, QEMURun{Binary: qemu, Args: args, Timeout: cfg.Timeout, Console: cfg.Console})
+}
+
+// QEMURun is one QEMU process whose serial console (on its stdout) carries
+// the verdict line (Marker).
+type QEMURun struct {
+	Binary  string        // qemu-system-x86_64 (FindQEMU)
+	Args    []string      // must route the serial console to stdout ("-serial stdio")
+	Timeout time.Duration // whole run; default 120s
+	Console io.Writer     // optional live copy of the console
+	// Grace is how long QEMU may take to exit after the verdict line
+	// before it is killed; default 10s. A guest that cannot power the
+	// machine off (Xen halts instead) wants a short one.
+	Grace time.Duration
+}
+
+// RunQEMU starts QEMU, copies its console, and returns once it exited (or
+// was killed Grace after printing the verdict, or at Timeout). An error is
+// returned when QEMU could not start or printed no verdict.
+func RunQEMU(ctx context.Context, r QEMURun) (*Result, error) {
+	if r.Timeout <= 0 {
+		r.Timeout = 120 * time.Second
+	}
+	if r.Grace <= 0 {
+		r.Grace = 10 * time.Second
+	}
+	ctx, cancel := context.WithTimeout(ctx, r.Timeout)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, r.Binary, r.Args...)
 	cmd.WaitDelay = 5 * time.Second
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
@@ -144,19 +169,20 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		r := bufio.NewReader(stdout)
+		rd := bufio.NewReader(stdout)
 		for {
-			line, err := r.ReadString('\n')
+			line, err := rd.ReadString('\n')
 			if len(line) > 0 {
 				mu.Lock()
 				console.WriteString(line)
-				if cfg.Console != nil {
-					_, _ = cfg.Console.Write([]byte(line))
+				if r.Console != nil {
+					_, _ = r.Console.Write([]byte(line))
 				}
-				if v, ok := strings.CutPrefix(strings.TrimRight(line, "\r\n"), Marker); ok && verdict == "" {
-					verdict = v
+				// Markers may follow a prefix (Xen's console timestamps).
+				if i := strings.Index(line, Marker); i >= 0 && verdict == "" {
+					verdict = strings.TrimRight(line[i+len(Marker):], "\r\n")
 					// The guest powers off right after; do not wait long for it.
-					time.AfterFunc(10*time.Second, cancel)
+					time.AfterFunc(r.Grace, cancel)
 				}
 				mu.Unlock()
 			}
@@ -175,7 +201,7 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	if res.Verdict == "" {
 		why := "qemu exited"
 		if ctx.Err() != nil {
-			why = fmt.Sprintf("timeout after %s (qemu killed)", cfg.Timeout)
+			why = fmt.Sprintf("timeout after %s (qemu killed)", r.Timeout)
 		}
 		return res, fmt.Errorf("vmtest: no verdict on the console: %s (%v; stderr: %s); console tail:\n%s",
 			why, werr, strings.TrimSpace(stderr.String()), lastLines(res.Console, 30))
@@ -184,7 +210,9 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 }
 
 // initScript is /init. /vmtest/modules lists "path params..." lines in load
-// order; /vmtest/run.sh (per run) runs the command.
+// order; /vmtest/setup.sh (optional, part of a base archive built with an
+// extra Tree) is sourced after the modules are loaded; /vmtest/run.sh (per
+// run) runs the command.
 const initScript = `#!/bin/busybox sh
 /bin/busybox mkdir -p /proc /sys /dev /tmp /run /bin /sbin /usr/bin /usr/sbin
 /bin/busybox mount -t proc proc /proc
@@ -199,6 +227,9 @@ while read -r mod params; do
 	[ -n "$mod" ] || continue
 	insmod "/lib/modules/$mod" $params || echo "REMUSD-VMTEST: insmod $mod failed"
 done < /vmtest/modules
+if [ -f /vmtest/setup.sh ]; then
+	. /vmtest/setup.sh || echo "REMUSD-VMTEST: /vmtest/setup.sh failed"
+fi
 ip link set lo up
 cd /tmp
 if [ -f /vmtest/run.sh ]; then
@@ -220,6 +251,13 @@ poweroff -f
 // BaseInitramfs returns the path of the cached base archive (busybox,
 // modules with dependencies, /init) for kernel k, building it if needed.
 func BaseInitramfs(cacheDir string, k *Kernel, modules []string, params map[string]string) (string, error) {
+	return BuildInitramfs(cacheDir, k, modules, params, nil)
+}
+
+// BuildInitramfs is BaseInitramfs with the files and links of extra added
+// (extra may replace /init or add /vmtest/setup.sh). The archive is cached
+// under a key hashing every input, extra included.
+func BuildInitramfs(cacheDir string, k *Kernel, modules []string, params map[string]string, extra *Tree) (string, error) {
 	bb, err := FindBusybox()
 	if err != nil {
 		return "", err
@@ -253,6 +291,13 @@ func BaseInitramfs(cacheDir string, k *Kernel, modules []string, params map[stri
 		list.WriteString("\n")
 	}
 	files["vmtest/modules"] = fileEntry{0o644, []byte(list.String())}
+	var links map[string]string
+	if extra != nil {
+		for n, e := range extra.files {
+			files[n] = e
+		}
+		links = extra.links
+	}
 
 	h := sha256.New()
 	names := make([]string, 0, len(files))
@@ -264,6 +309,14 @@ func BaseInitramfs(cacheDir string, k *Kernel, modules []string, params map[stri
 	for _, n := range names {
 		sum := sha256.Sum256(files[n].data)
 		fmt.Fprintf(h, "%s\x00%o\x00%x\x00", n, files[n].mode, sum)
+	}
+	linkNames := make([]string, 0, len(links))
+	for n := range links {
+		linkNames = append(linkNames, n)
+	}
+	sort.Strings(linkNames)
+	for _, n := range linkNames {
+		fmt.Fprintf(h, "link\x00%s\x00%s\x00", n, links[n])
 	}
 	key := hex.EncodeToString(h.Sum(nil))[:24]
 	out := filepath.Join(cacheDir, "initramfs", key+".cpio")
@@ -286,6 +339,9 @@ func BaseInitramfs(cacheDir string, k *Kernel, modules []string, params map[stri
 	w.mkdirAll("sys")
 	w.mkdirAll("tmp")
 	w.writeTree(files)
+	for _, n := range linkNames {
+		w.symlink(n, links[n])
+	}
 	if err := w.close(); err != nil {
 		f.Close()
 		return "", err
@@ -303,9 +359,9 @@ func BaseInitramfs(cacheDir string, k *Kernel, modules []string, params map[stri
 	return out, nil
 }
 
-// writeRunInitrd writes base followed by an archive of the run's files
-// and /vmtest/run.sh.
-func writeRunInitrd(dst, base string, cfg Config) error {
+// WriteRunInitrd writes base followed by an archive of the run's files
+// and /vmtest/run.sh, which exports env and execs command.
+func WriteRunInitrd(dst, base string, files []File, command []string, env map[string]string) error {
 	f, err := os.Create(dst)
 	if err != nil {
 		return err
@@ -322,7 +378,7 @@ func writeRunInitrd(dst, base string, cfg Config) error {
 	}
 	bw := bufio.NewWriter(f)
 	w := newCPIOWriter(bw)
-	for _, fl := range cfg.Files {
+	for _, fl := range files {
 		data, err := os.ReadFile(fl.Src)
 		if err != nil {
 			return err
@@ -334,16 +390,16 @@ func writeRunInitrd(dst, base string, cfg Config) error {
 		w.file(fl.Dst, mode, data)
 	}
 	var sh strings.Builder
-	envNames := make([]string, 0, len(cfg.Env))
-	for k := range cfg.Env {
+	envNames := make([]string, 0, len(env))
+	for k := range env {
 		envNames = append(envNames, k)
 	}
 	sort.Strings(envNames)
 	for _, k := range envNames {
-		fmt.Fprintf(&sh, "export %s=%s\n", k, shellQuote(cfg.Env[k]))
+		fmt.Fprintf(&sh, "export %s=%s\n", k, shellQuote(env[k]))
 	}
 	sh.WriteString("exec")
-	for _, a := range cfg.Command {
+	for _, a := range command {
 		sh.WriteString(" " + shellQuote(a))
 	}
 	sh.WriteString("\n")

@@ -1,0 +1,436 @@
+//go:build xen
+
+package xen
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"syscall"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/remusd/remusd/dirtymap"
+	"github.com/remusd/remusd/hypervisor"
+)
+
+var (
+	_ hypervisor.Guest      = (*Guest)(nil)
+	_ hypervisor.LiveReader = (*Guest)(nil)
+)
+
+const (
+	pageSize        = hypervisor.PageSize
+	shutdownSuspend = 2 // SHUTDOWN_suspend, xen/sched.h
+)
+
+// Options configure Open.
+type Options struct {
+	// Name is the VM's name as the operator knows it (default "domid-N").
+	Name string
+	// Logger receives the backend's logs (default: none).
+	Logger *zap.Logger
+}
+
+// Guest is a running HVM or PVH domain on the primary, driven from dom0.
+//
+// Every method that calls into libxc takes its context's deadline into
+// account (see the package comment); calls are serialised by sem, and
+// every field below sem is only touched while holding it.
+type Guest struct {
+	name    string
+	domid   uint32
+	log     *zap.Logger
+	version string
+	pvh     bool
+	pages   int // p2m size: max gpfn + 1
+	config  []byte
+
+	sem chan struct{} // holds the right to call into libxc
+
+	x         *xc
+	paused    bool // paused by us (we hold one pause reference)
+	logDirty  bool
+	closed    bool
+	last      Timings
+	lastDirty uint32 // Xen's dirty count of the last harvest
+}
+
+// Config is what Guest.Config returns (JSON).
+type Config struct {
+	DomID     uint32 `json:"domid"`
+	Type      string `json:"type"` // "pvh" or "hvm"
+	P2MSize   int    `json:"p2m_size"`
+	MaxPages  uint64 `json:"max_pages"`
+	MaxVCPUID uint32 `json:"max_vcpu_id"`
+	Version   string `json:"xen_version"`
+}
+
+// Open attaches to domain domid: it checks the domain is HVM or PVH,
+// enables log-dirty mode (refusing a domain where that is unsupported,
+// ErrLogDirtyUnsupported) and maps its memory read-only. The domain keeps
+// running.
+func Open(ctx context.Context, domid uint32, opts Options) (*Guest, error) {
+	log := opts.Logger
+	if log == nil {
+		log = zap.NewNop()
+	}
+	name := opts.Name
+	if name == "" {
+		name = fmt.Sprintf("domid-%d", domid)
+	}
+	g := &Guest{
+		name:  name,
+		domid: domid,
+		log:   log.With(zap.String("vm", name), zap.String("backend", BackendName), zap.Uint32("domid", domid)),
+		sem:   make(chan struct{}, 1),
+	}
+	err := g.call(ctx, "open", func() error {
+		x, err := openXC(domid)
+		if err != nil {
+			return err
+		}
+		if err := g.attach(x); err != nil {
+			x.close()
+			return err
+		}
+		g.x = x
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return g, nil
+}
+
+// attach runs under sem.
+func (g *Guest) attach(x *xc) error {
+	v, err := x.version()
+	if err != nil {
+		return err
+	}
+	g.version = v
+	info, err := x.info()
+	if err != nil {
+		return err
+	}
+	if info.dying || info.shutdown {
+		return fmt.Errorf("domain %d is shutting down", g.domid)
+	}
+	if !info.hvm {
+		// Find out whether log-dirty works at all, to say why we refuse.
+		if err := x.enableLogDirty(); err != nil {
+			if errors.Is(err, syscall.EOPNOTSUPP) {
+				return fmt.Errorf("%w: domain %d is a PV guest and this Xen cannot track its dirty pages "+
+					"(it was built without shadow paging, as Debian's is; run the guest as PVH or HVM): %w",
+					ErrLogDirtyUnsupported, g.domid, err)
+			}
+			return fmt.Errorf("domain %d is a PV guest: enabling log-dirty: %w", g.domid, err)
+		}
+		_ = x.disableLogDirty()
+		return fmt.Errorf("domain %d is a PV guest: this backend handles only PVH and HVM domains (no p2m translation)", g.domid)
+	}
+	g.pvh = info.pvh
+	maxGPFN, err := x.maxGPFN()
+	if err != nil {
+		return err
+	}
+	if maxGPFN >= 1<<32 {
+		return fmt.Errorf("domain %d: max gpfn %#x is implausibly large", g.domid, maxGPFN)
+	}
+	g.pages = int(maxGPFN) + 1
+	if err := x.enableLogDirty(); err != nil {
+		if errors.Is(err, syscall.EOPNOTSUPP) {
+			return fmt.Errorf("%w: domain %d: %w", ErrLogDirtyUnsupported, g.domid, err)
+		}
+		return err
+	}
+	g.logDirty = true
+	t0 := time.Now()
+	holes, err := x.mapAll(g.pages)
+	if err != nil {
+		_ = x.disableLogDirty()
+		g.logDirty = false
+		return err
+	}
+	typ := "hvm"
+	if g.pvh {
+		typ = "pvh"
+	}
+	g.config, _ = json.Marshal(Config{DomID: g.domid, Type: typ, P2MSize: g.pages, MaxPages: info.maxPages, MaxVCPUID: info.maxVCPUID, Version: g.version})
+	g.log.Info("attached",
+		zap.String("type", typ), zap.String("xen", g.version), zap.Int("p2m_size", g.pages),
+		zap.Uint64("tot_pages", info.totPages), zap.Int("holes", holes), zap.Int("runs", x.mapRuns), zap.Duration("map", time.Since(t0)))
+	return nil
+}
+
+// call runs fn (which calls into libxc) holding sem, on its own goroutine,
+// and returns early with ctx's error if ctx ends first; fn then finishes
+// in the background and releases sem when done.
+func (g *Guest) call(ctx context.Context, op string, fn func() error) error {
+	select {
+	case g.sem <- struct{}{}:
+	case <-ctx.Done():
+		return fmt.Errorf("xen: %s on domain %d: %w: %w", op, g.domid, ErrBusy, ctx.Err())
+	}
+	if err := ctx.Err(); err != nil {
+		<-g.sem
+		return fmt.Errorf("xen: %s on domain %d: %w", op, g.domid, err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		err := fn()
+		<-g.sem
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if err != nil {
+			return fmt.Errorf("xen: %s on domain %d: %w", op, g.domid, err)
+		}
+		return nil
+	case <-ctx.Done():
+		g.log.Warn("libxc call abandoned at its deadline; it completes in the background", zap.String("op", op))
+		return fmt.Errorf("xen: %s on domain %d: %w", op, g.domid, ctx.Err())
+	}
+}
+
+var errClosed = errors.New("guest closed")
+
+// Name returns the VM name.
+func (g *Guest) Name() string { return g.name }
+
+// DomID returns the domain id.
+func (g *Guest) DomID() uint32 { return g.domid }
+
+// Backend returns "xen".
+func (g *Guest) Backend() string { return BackendName }
+
+// BackendVersion returns the hypervisor's version, e.g. "xen-4.17.7".
+func (g *Guest) BackendVersion() string { return g.version }
+
+// Config returns the domain's description (JSON, see Config).
+func (g *Guest) Config() []byte { return g.config }
+
+// NumPages is the guest-physical frame count covered: max gpfn + 1. It
+// includes holes (read as zeros, never reported dirty) and the special
+// pages HVM/PVH domains keep below 4 GiB.
+func (g *Guest) NumPages() int { return g.pages }
+
+// PVH reports whether the domain is PVH (else HVM).
+func (g *Guest) PVH() bool { return g.pvh }
+
+// Pause pauses the domain (xc_domain_pause returns once no vCPU runs).
+func (g *Guest) Pause(ctx context.Context) error {
+	return g.call(ctx, "pause", func() error {
+		t0 := time.Now()
+		if g.closed {
+			return errClosed
+		}
+		if g.paused {
+			return nil
+		}
+		if err := g.x.pause(); err != nil {
+			return err
+		}
+		g.paused = true
+		g.last.Pause = time.Since(t0)
+		return nil
+	})
+}
+
+// Resume unpauses a domain paused by Pause.
+func (g *Guest) Resume(ctx context.Context) error {
+	return g.call(ctx, "unpause", func() error {
+		t0 := time.Now()
+		if g.closed {
+			return errClosed
+		}
+		if !g.paused {
+			return nil
+		}
+		if err := g.x.unpause(); err != nil {
+			return err
+		}
+		g.paused = false
+		g.last.Unpause = time.Since(t0)
+		return nil
+	})
+}
+
+// HarvestDirty ORs the pages Xen logged as written since the previous
+// harvest (or since Open) into dst and clears Xen's log. dst must have
+// NumPages pages.
+func (g *Guest) HarvestDirty(ctx context.Context, dst *dirtymap.Bitmap) error {
+	if dst.Len() != g.pages {
+		return fmt.Errorf("xen: harvest: bitmap of %d pages for a guest of %d", dst.Len(), g.pages)
+	}
+	return g.call(ctx, "harvest", func() error {
+		t0 := time.Now()
+		if g.closed {
+			return errClosed
+		}
+		if !g.paused {
+			return ErrNotPaused
+		}
+		words, dirty, err := g.x.cleanLogDirty(g.pages)
+		if err != nil {
+			return err
+		}
+		dst.OrWords(words)
+		g.lastDirty = dirty
+		g.last.Harvest = time.Since(t0)
+		return nil
+	})
+}
+
+// Memory is the read-only foreign mapping of guest frames [0, NumPages),
+// holes reading as zeros. It is consistent only while the guest is paused.
+// A page the guest gives back to Xen (ballooning) keeps its last content
+// here until Close.
+func (g *Guest) Memory() []byte {
+	if g.x == nil {
+		return nil
+	}
+	return g.x.memory()
+}
+
+// Mapped returns the gpfns that are backed by memory (the rest of
+// [0, NumPages) are holes), as found when Open mapped the guest.
+func (g *Guest) Mapped() *dirtymap.Bitmap {
+	b := dirtymap.New(g.pages)
+	if g.x != nil {
+		b.OrWords(g.x.mapped)
+	}
+	return b
+}
+
+// CopyDirty copies the pages set in bm from guest memory into dst, one
+// after another in ascending order, and returns how many it copied. dst
+// must hold bm.Count() pages. Only consistent while paused.
+func (g *Guest) CopyDirty(bm *dirtymap.Bitmap, dst []byte) (int, error) {
+	mem := g.Memory()
+	if mem == nil {
+		return 0, errClosed
+	}
+	t0 := time.Now()
+	n := 0
+	var err error
+	bm.Runs(func(start, cnt int) bool {
+		if (n+cnt)*pageSize > len(dst) {
+			err = fmt.Errorf("xen: copy: staging of %d bytes too small", len(dst))
+			return false
+		}
+		copy(dst[n*pageSize:(n+cnt)*pageSize], mem[start*pageSize:(start+cnt)*pageSize])
+		n += cnt
+		return true
+	})
+	g.last.Copy = time.Since(t0)
+	g.last.DirtyPages = n
+	return n, err
+}
+
+// ReadLive copies pages [first, first+n) into dst while the guest may run.
+func (g *Guest) ReadLive(ctx context.Context, first, n int, dst []byte) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	mem := g.Memory()
+	if mem == nil {
+		return errClosed
+	}
+	if first < 0 || n < 0 || first+n > g.pages || len(dst) < n*pageSize {
+		return fmt.Errorf("xen: read pages [%d, %d) of %d into %d bytes", first, first+n, g.pages, len(dst))
+	}
+	copy(dst[:n*pageSize], mem[first*pageSize:(first+n)*pageSize])
+	return nil
+}
+
+// SaveDeviceState appends the HVM context and every vCPU's context to dst
+// (format: see ParseState). Only valid while paused.
+func (g *Guest) SaveDeviceState(ctx context.Context, dst []byte) ([]byte, error) {
+	var out []byte
+	err := g.call(ctx, "save state", func() error {
+		t0 := time.Now()
+		if g.closed {
+			return errClosed
+		}
+		if !g.paused {
+			return ErrNotPaused
+		}
+		info, err := g.x.info()
+		if err != nil {
+			return err
+		}
+		// A guest suspended by SuspendCooperative is shut down with
+		// reason suspend; any other shutdown means it is gone.
+		if info.dying || info.shutdown && info.shutdownReason != shutdownSuspend {
+			return fmt.Errorf("%w (domain shut down or crashed, reason %d)", ErrGone, info.shutdownReason)
+		}
+		hvm, err := g.x.hvmContext()
+		if err != nil {
+			return err
+		}
+		s := State{PVH: g.pvh, HVM: hvm}
+		if info.maxVCPUID != ^uint32(0) {
+			for v := uint32(0); v <= info.maxVCPUID; v++ {
+				c, online, err := g.x.vcpuContext(v)
+				if err != nil {
+					return err
+				}
+				// c aliases a C buffer reused per vCPU: copy it.
+				s.VCPUs = append(s.VCPUs, VCPUState{ID: v, Online: online, Context: append([]byte(nil), c...)})
+			}
+		}
+		// hvm aliases a C buffer; AppendState copies it.
+		out = AppendState(nil, s)
+		g.last.Context = time.Since(t0)
+		return nil
+	})
+	if err != nil {
+		return dst, err
+	}
+	return append(dst, out...), nil
+}
+
+// LastTimings returns the time spent inside the libxc calls of the latest
+// Pause, HarvestDirty, SaveDeviceState and Resume (a caller also waits for
+// a goroutine hand-off per call), the latest CopyDirty's duration and page
+// count, and Xen's dirty count of the latest harvest.
+func (g *Guest) LastTimings(ctx context.Context) (Timings, uint32, error) {
+	var t Timings
+	var d uint32
+	err := g.call(ctx, "timings", func() error { t, d = g.last, g.lastDirty; return nil })
+	return t, d, err
+}
+
+// Close disables log-dirty mode, unmaps guest memory, unpauses the domain
+// if Pause left it paused, and closes the handles. The domain itself keeps
+// running: remusd does not own its lifecycle. Close waits for an abandoned
+// libxc call to finish.
+func (g *Guest) Close() error {
+	g.sem <- struct{}{}
+	defer func() { <-g.sem }()
+	if g.closed {
+		return nil
+	}
+	g.closed = true
+	var errs []error
+	if g.logDirty {
+		if err := g.x.disableLogDirty(); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if g.paused {
+		if err := g.x.unpause(); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	g.x.close()
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("xen: close domain %d: %w", g.domid, err)
+	}
+	return nil
+}

@@ -1,0 +1,109 @@
+//go:build xen
+
+package xen
+
+/*
+#cgo LDFLAGS: -lxenstore -lxenguest -lxenctrl
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <xenctrl.h>
+#include <xenguest.h>
+#include <xenstore.h>
+#include <xen/sched.h>
+
+// Ask the guest to suspend itself, as xl does: write "suspend" to its
+// xenstore control/shutdown node.
+static int rx_request_suspend(uint32_t domid) {
+	struct xs_handle *h = xs_open(0);
+	if (!h)
+		return -1;
+	char path[64];
+	snprintf(path, sizeof(path), "/local/domain/%u/control/shutdown", domid);
+	bool ok = xs_write(h, XBT_NULL, path, "suspend", strlen("suspend"));
+	int e = errno;
+	xs_close(h);
+	errno = e;
+	return ok ? 0 : -1;
+}
+
+// 1 if the domain has shut down for a suspend, 0 if not, -1 on error.
+static int rx_suspended(xc_interface *xch, uint32_t domid) {
+	xc_domaininfo_t info;
+	int n = xc_domain_getinfolist(xch, domid, 1, &info);
+	if (n < 0)
+		return -1;
+	if (n != 1 || info.domain != domid) {
+		errno = ESRCH;
+		return -1;
+	}
+	if (!(info.flags & XEN_DOMINF_shutdown))
+		return 0;
+	return ((info.flags >> XEN_DOMINF_shutdownshift) & XEN_DOMINF_shutdownmask) == SHUTDOWN_suspend;
+}
+*/
+import "C"
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+)
+
+// SuspendCooperative asks the guest to suspend itself (xenstore
+// control/shutdown = "suspend", as Xen's Remus does when the guest has no
+// suspend event channel) and waits until it has: the guest has quiesced
+// its PV frontends and called SCHEDOP_shutdown(SHUTDOWN_suspend). Undo it
+// with ResumeFast. The domain must not be paused by Pause (it could not
+// run its suspend path); Pause may follow.
+//
+// Experimental: it is measured by the in-dom0 tests, not yet used by the
+// epoch loop.
+func (g *Guest) SuspendCooperative(ctx context.Context) error {
+	return g.call(ctx, "suspend", func() error {
+		if g.closed {
+			return errClosed
+		}
+		if g.paused {
+			return errors.New("paused: a paused guest cannot run its suspend path")
+		}
+		if rc, err := C.rx_request_suspend(C.uint32_t(g.domid)); rc < 0 {
+			return errnoErr("xenstore write control/shutdown", err)
+		}
+		// Poll: a suspend takes milliseconds; no event tells dom0 except
+		// the VIRQ_DOM_EXC that xl's own watcher may consume.
+		for sleep := 50 * time.Microsecond; ; {
+			rc, err := C.rx_suspended(g.x.xch, g.x.domid)
+			if rc < 0 {
+				return errnoErr("xc_domain_getinfolist", err)
+			}
+			if rc == 1 {
+				return nil
+			}
+			if err := ctx.Err(); err != nil {
+				return fmt.Errorf("guest did not suspend: %w", err)
+			}
+			time.Sleep(sleep)
+			if sleep < time.Millisecond {
+				sleep *= 2
+			}
+		}
+	})
+}
+
+// ResumeFast cancels the guest's suspend (xc_domain_resume with fast=1:
+// the suspend hypercall returns 1, the guest carries on with its devices
+// connected). A pause taken with Pause still holds afterwards.
+func (g *Guest) ResumeFast(ctx context.Context) error {
+	return g.call(ctx, "resume", func() error {
+		if g.closed {
+			return errClosed
+		}
+		if rc, err := C.xc_domain_resume(g.x.xch, g.x.domid, 1); rc < 0 {
+			return errnoErr("xc_domain_resume(fast)", err)
+		}
+		return nil
+	})
+}

@@ -1,0 +1,453 @@
+//go:build xen
+
+package xen
+
+/*
+#cgo LDFLAGS: -lxenctrl -lxenforeignmemory -lxentoollog
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <xenctrl.h>
+#include <xenforeignmemory.h>
+#include <xen/version.h>
+
+// A log-dirty bitmap in hypercall-safe memory (as xc_sr_save keeps one).
+typedef struct {
+	xc_hypercall_buffer_t hbuf;
+	int nrpages;
+} rx_bitmap;
+
+static rx_bitmap *rx_bitmap_new(xc_interface *xch, int nrpages) {
+	rx_bitmap *b = calloc(1, sizeof(*b));
+	if (!b)
+		return NULL;
+	b->hbuf.ubuf = (void *)-1; // HYPERCALL_BUFFER_INIT_NO_BOUNCE
+	b->nrpages = nrpages;
+	if (!xc__hypercall_buffer_alloc_pages(xch, &b->hbuf, nrpages)) {
+		int e = errno;
+		free(b);
+		errno = e;
+		return NULL;
+	}
+	return b;
+}
+
+static void rx_bitmap_free(xc_interface *xch, rx_bitmap *b) {
+	if (!b)
+		return;
+	if (b->hbuf.hbuf)
+		xc__hypercall_buffer_free_pages(xch, &b->hbuf, b->nrpages);
+	free(b);
+}
+
+static void *rx_bitmap_data(rx_bitmap *b) { return b->hbuf.hbuf; }
+
+// Fetch-and-clear: returns the number of pages the bitmap covers (or -1,
+// errno set); *dirty is Xen's count of pages dirtied since the last clean.
+// XEN_DOMCTL_SHADOW_LOGDIRTY_FINAL makes Xen first mark the frames it
+// maps writably itself (vcpu_info, runstate areas, ...): without it their
+// writes are never logged. Every checkpoint of a paused guest is such a
+// final round (xc_sr_save passes it in suspend_and_send_dirty).
+static long long rx_logdirty_clean(xc_interface *xch, uint32_t domid, rx_bitmap *b,
+		unsigned long pages, uint32_t *dirty) {
+	xc_shadow_op_stats_t st;
+	memset(&st, 0, sizeof(st));
+	long long rc = xc_logdirty_control(xch, domid, XEN_DOMCTL_SHADOW_OP_CLEAN,
+		&b->hbuf, pages, XEN_DOMCTL_SHADOW_LOGDIRTY_FINAL, &st);
+	*dirty = st.dirty_count;
+	return rc;
+}
+
+static int rx_shadow_op(xc_interface *xch, uint32_t domid, unsigned int op) {
+	return xc_shadow_control(xch, domid, op, NULL, 0);
+}
+
+static int rx_getinfo(xc_interface *xch, uint32_t domid, xc_domaininfo_t *info) {
+	int n = xc_domain_getinfolist(xch, domid, 1, info);
+	if (n < 0)
+		return -1;
+	if (n != 1 || info->domain != domid) {
+		errno = ESRCH;
+		return -1;
+	}
+	return 0;
+}
+
+// Exported by libxenctrl 4.17 (VERS_4.17.0) and used by libxenguest's
+// save code, but declared only in libxc's private header.
+int xc_get_pfn_type_batch(xc_interface *xch, uint32_t dom, unsigned int num, xen_pfn_t *arr);
+
+// Map gpfns [0, n) read-only into one contiguous range whose holes read as
+// zeros. Which gpfns hold guest memory is asked of Xen 1024 at a time
+// (XEN_DOMCTL_getpageframeinfo3, as xc_sr_save does): XTAB (no page, or a
+// Xen-owned page such as shared_info or grant frames) and BROKEN frames
+// are holes. The range is reserved as anonymous zero pages and each
+// populated run is mapped over it with MAP_FIXED (patching holes into one
+// big privcmd mapping fails with ENOMEM). err[i] is set nonzero for holes.
+// Returns the base, or NULL (errno set); *runs is the number of runs.
+static void *rx_map_all(xc_interface *xch, xenforeignmemory_handle *fmem, uint32_t domid,
+		size_t n, int *err, long *runs) {
+	xen_pfn_t *pfns = malloc(n * sizeof(*pfns));
+	xen_pfn_t *types = malloc(1024 * sizeof(*types));
+	int *err2 = NULL;
+	void *base = MAP_FAILED;
+	int e = 0;
+	*runs = 0;
+	if (!pfns || !types) {
+		e = ENOMEM;
+		goto out;
+	}
+	for (size_t i = 0; i < n; i++)
+		pfns[i] = i;
+	for (size_t i = 0; i < n; i += 1024) {
+		unsigned int k = n - i < 1024 ? n - i : 1024;
+		memcpy(types, pfns + i, k * sizeof(*types));
+		if (xc_get_pfn_type_batch(xch, domid, k, types) < 0) {
+			e = errno ? errno : EIO;
+			goto out;
+		}
+		for (unsigned int j = 0; j < k; j++) {
+			xen_pfn_t t = types[j] & XEN_DOMCTL_PFINFO_LTAB_MASK;
+			err[i + j] = t == XEN_DOMCTL_PFINFO_XTAB || t == XEN_DOMCTL_PFINFO_BROKEN;
+		}
+	}
+	base = mmap(NULL, n << XC_PAGE_SHIFT, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+	if (base == MAP_FAILED) {
+		e = errno;
+		goto out;
+	}
+	err2 = malloc(n * sizeof(*err2));
+	if (!err2) {
+		e = ENOMEM;
+		goto out;
+	}
+	for (size_t i = 0; i < n;) {
+		if (err[i]) {
+			i++;
+			continue;
+		}
+		size_t j = i;
+		while (j < n && !err[j])
+			j++;
+		void *p = xenforeignmemory_map2(fmem, domid, (char *)base + (i << XC_PAGE_SHIFT),
+			PROT_READ, MAP_FIXED, j - i, pfns + i, err2 + i);
+		if (!p) {
+			e = errno;
+			goto out;
+		}
+		for (size_t k = i; k < j; k++)
+			if (err2[k]) {
+				e = -err2[k] > 0 ? -err2[k] : EFAULT;
+				goto out;
+			}
+		(*runs)++;
+		i = j;
+	}
+out:
+	free(pfns);
+	free(types);
+	free(err2);
+	if (e) {
+		if (base != MAP_FAILED)
+			munmap(base, n << XC_PAGE_SHIFT);
+		errno = e;
+		return NULL;
+	}
+	return base;
+}
+
+static int rx_version(xc_interface *xch, int *major, int *minor, char *extra) {
+	int v = xc_version(xch, XENVER_version, NULL);
+	if (v < 0)
+		return -1;
+	*major = v >> 16;
+	*minor = v & 0xffff;
+	xen_extraversion_t x;
+	memset(x, 0, sizeof(x));
+	if (xc_version(xch, XENVER_extraversion, &x) < 0)
+		return -1;
+	memcpy(extra, x, sizeof(x));
+	extra[sizeof(x) - 1] = 0;
+	return 0;
+}
+
+static uint32_t rx_info_flags(xc_domaininfo_t *i) { return i->flags; }
+static uint64_t rx_info_tot_pages(xc_domaininfo_t *i) { return i->tot_pages; }
+static uint64_t rx_info_max_pages(xc_domaininfo_t *i) { return i->max_pages; }
+static uint32_t rx_info_max_vcpu_id(xc_domaininfo_t *i) { return i->max_vcpu_id; }
+static uint32_t rx_info_emu_flags(xc_domaininfo_t *i) { return i->arch_config.emulation_flags; }
+
+static int rx_vcpu_online(xc_interface *xch, uint32_t domid, uint32_t vcpu, int *online) {
+	xc_vcpuinfo_t info;
+	memset(&info, 0, sizeof(info));
+	if (xc_vcpu_getinfo(xch, domid, vcpu, &info) < 0)
+		return -1;
+	*online = info.online;
+	return 0;
+}
+*/
+import "C"
+
+import (
+	"errors"
+	"fmt"
+	"syscall"
+	"unsafe"
+)
+
+// xc is one domain's libxc handles. It is not safe for concurrent use:
+// Guest serialises every call (see Guest.call).
+type xc struct {
+	xch   *C.xc_interface
+	fmem  *C.xenforeignmemory_handle
+	domid C.uint32_t
+
+	bitmap      *C.rx_bitmap
+	bitmapPages int // pages the bitmap covers
+
+	hvmBuf  unsafe.Pointer // C buffer for the HVM context
+	hvmCap  int
+	vcpuBuf *C.vcpu_guest_context_any_t
+
+	mem      unsafe.Pointer // foreign mapping of every gpfn, holes zero-filled
+	memPages int
+	mapped   []uint64 // bit p set: gpfn p is mapped (not a hole)
+	mapRuns  int      // populated runs, each its own privcmd mapping
+}
+
+func errnoErr(op string, err error) error {
+	if err == nil {
+		err = syscall.EIO
+	}
+	return fmt.Errorf("%s: %w", op, err)
+}
+
+func openXC(domid uint32) (*xc, error) {
+	x := &xc{domid: C.uint32_t(domid)}
+	var err error
+	x.xch, err = C.xc_interface_open(nil, nil, 0)
+	if x.xch == nil {
+		return nil, errnoErr("xc_interface_open (is this dom0 with privcmd loaded?)", err)
+	}
+	x.fmem, err = C.xenforeignmemory_open(nil, 0)
+	if x.fmem == nil {
+		C.xc_interface_close(x.xch)
+		return nil, errnoErr("xenforeignmemory_open", err)
+	}
+	x.vcpuBuf = (*C.vcpu_guest_context_any_t)(C.calloc(1, C.size_t(unsafe.Sizeof(C.vcpu_guest_context_any_t{}))))
+	return x, nil
+}
+
+func (x *xc) close() {
+	if x.mem != nil {
+		// One munmap releases the privcmd runs and the anonymous holes.
+		C.munmap(x.mem, C.size_t(x.memPages)*C.XC_PAGE_SIZE)
+		x.mem = nil
+	}
+	if x.bitmap != nil {
+		C.rx_bitmap_free(x.xch, x.bitmap)
+		x.bitmap = nil
+	}
+	C.free(x.hvmBuf)
+	x.hvmBuf = nil
+	C.free(unsafe.Pointer(x.vcpuBuf))
+	x.vcpuBuf = nil
+	if x.fmem != nil {
+		C.xenforeignmemory_close(x.fmem)
+		x.fmem = nil
+	}
+	if x.xch != nil {
+		C.xc_interface_close(x.xch)
+		x.xch = nil
+	}
+}
+
+func (x *xc) version() (string, error) {
+	var maj, min C.int
+	var extra [16]C.char
+	if rc, err := C.rx_version(x.xch, &maj, &min, &extra[0]); rc < 0 {
+		return "", errnoErr("xc_version", err)
+	}
+	return fmt.Sprintf("xen-%d.%d%s", maj, min, C.GoString(&extra[0])), nil
+}
+
+type domInfo struct {
+	hvm, pvh, hap, paused, shutdown, dying bool
+	shutdownReason                         uint32 // SHUTDOWN_* when shutdown
+	totPages, maxPages                     uint64
+	maxVCPUID                              uint32
+}
+
+func (x *xc) info() (domInfo, error) {
+	var i C.xc_domaininfo_t
+	if rc, err := C.rx_getinfo(x.xch, x.domid, &i); rc < 0 {
+		return domInfo{}, errnoErr("xc_domain_getinfolist", err)
+	}
+	f := uint32(C.rx_info_flags(&i))
+	d := domInfo{
+		hvm:       f&C.XEN_DOMINF_hvm_guest != 0,
+		hap:       f&C.XEN_DOMINF_hap != 0,
+		paused:    f&C.XEN_DOMINF_paused != 0,
+		shutdown:  f&C.XEN_DOMINF_shutdown != 0,
+		dying:     f&C.XEN_DOMINF_dying != 0,
+		totPages:  uint64(C.rx_info_tot_pages(&i)),
+		maxPages:  uint64(C.rx_info_max_pages(&i)),
+		maxVCPUID: uint32(C.rx_info_max_vcpu_id(&i)),
+	}
+	d.shutdownReason = f >> C.XEN_DOMINF_shutdownshift & C.XEN_DOMINF_shutdownmask
+	// An HVM domain without the emulated PIC/IOAPIC/... is PVH.
+	d.pvh = d.hvm && uint32(C.rx_info_emu_flags(&i))&C.XEN_X86_EMU_ALL != C.XEN_X86_EMU_ALL
+	return d, nil
+}
+
+func (x *xc) maxGPFN() (uint64, error) {
+	var g C.xen_pfn_t
+	if rc, err := C.xc_domain_maximum_gpfn(x.xch, x.domid, &g); rc < 0 {
+		return 0, errnoErr("xc_domain_maximum_gpfn", err)
+	}
+	return uint64(g), nil
+}
+
+func (x *xc) pause() error {
+	if rc, err := C.xc_domain_pause(x.xch, x.domid); rc < 0 {
+		return errnoErr("xc_domain_pause", err)
+	}
+	return nil
+}
+
+func (x *xc) unpause() error {
+	if rc, err := C.xc_domain_unpause(x.xch, x.domid); rc < 0 {
+		return errnoErr("xc_domain_unpause", err)
+	}
+	return nil
+}
+
+// enableLogDirty turns log-dirty mode on, the way xc_sr_save does: if the
+// first attempt fails (log-dirty already on, e.g. left by a crashed
+// process or for VRAM tracking), turn it off and on again.
+func (x *xc) enableLogDirty() error {
+	rc, err1 := C.rx_shadow_op(x.xch, x.domid, C.XEN_DOMCTL_SHADOW_OP_ENABLE_LOGDIRTY)
+	if rc >= 0 {
+		return nil
+	}
+	if errors.Is(err1, syscall.EOPNOTSUPP) {
+		return fmt.Errorf("xc_shadow_control(ENABLE_LOGDIRTY): %w", err1)
+	}
+	if rc, err := C.rx_shadow_op(x.xch, x.domid, C.XEN_DOMCTL_SHADOW_OP_OFF); rc < 0 {
+		return fmt.Errorf("xc_shadow_control(ENABLE_LOGDIRTY): %w; then OFF: %v", err1, err)
+	}
+	if rc, err := C.rx_shadow_op(x.xch, x.domid, C.XEN_DOMCTL_SHADOW_OP_ENABLE_LOGDIRTY); rc < 0 {
+		return fmt.Errorf("xc_shadow_control(ENABLE_LOGDIRTY) after OFF (first attempt: %v): %w", err1, err)
+	}
+	return nil
+}
+
+func (x *xc) disableLogDirty() error {
+	if rc, err := C.rx_shadow_op(x.xch, x.domid, C.XEN_DOMCTL_SHADOW_OP_OFF); rc < 0 {
+		return errnoErr("xc_shadow_control(OFF)", err)
+	}
+	return nil
+}
+
+// cleanLogDirty fetches and clears the log-dirty bitmap for pages pfns
+// and returns its words (valid until the next call) and Xen's dirty count.
+func (x *xc) cleanLogDirty(pages int) ([]uint64, uint32, error) {
+	words := (pages + 63) / 64
+	if x.bitmap == nil || x.bitmapPages < pages {
+		if x.bitmap != nil {
+			C.rx_bitmap_free(x.xch, x.bitmap)
+			x.bitmap = nil
+		}
+		nr := (words*8 + C.XC_PAGE_SIZE - 1) / C.XC_PAGE_SIZE
+		b, err := C.rx_bitmap_new(x.xch, C.int(nr))
+		if b == nil {
+			return nil, 0, errnoErr("xc_hypercall_buffer_alloc_pages", err)
+		}
+		x.bitmap, x.bitmapPages = b, pages
+	}
+	var dirty C.uint32_t
+	rc, err := C.rx_logdirty_clean(x.xch, x.domid, x.bitmap, C.ulong(pages), &dirty)
+	if rc < 0 {
+		return nil, 0, errnoErr("xc_logdirty_control(CLEAN)", err)
+	}
+	if int64(rc) != int64(pages) {
+		// Xen reports how many pages it covered; fewer means the p2m
+		// shrank below our size, which the caller must not ignore.
+		return nil, 0, fmt.Errorf("xc_logdirty_control(CLEAN) covered %d pages, asked %d", int64(rc), pages)
+	}
+	w := unsafe.Slice((*uint64)(C.rx_bitmap_data(x.bitmap)), words)
+	return w, uint32(dirty), nil
+}
+
+// mapAll maps gpfns [0, n) read-only; holes read as zeros. It returns the
+// number of holes.
+func (x *xc) mapAll(n int) (int, error) {
+	errs := (*C.int)(C.calloc(C.size_t(n), C.size_t(unsafe.Sizeof(C.int(0)))))
+	if errs == nil {
+		return 0, errors.New("calloc failed")
+	}
+	defer C.free(unsafe.Pointer(errs))
+	var runs C.long
+	p, err := C.rx_map_all(x.xch, x.fmem, x.domid, C.size_t(n), errs, &runs)
+	if p == nil {
+		return 0, errnoErr("xenforeignmemory_map", err)
+	}
+	holes := 0
+	x.mapped = make([]uint64, (n+63)/64)
+	for i, e := range unsafe.Slice(errs, n) {
+		if e == 0 {
+			x.mapped[i/64] |= 1 << (uint(i) % 64)
+		} else {
+			holes++
+		}
+	}
+	x.mem, x.memPages, x.mapRuns = p, n, int(runs)
+	return int(holes), nil
+}
+
+func (x *xc) memory() []byte {
+	if x.mem == nil {
+		return nil
+	}
+	return unsafe.Slice((*byte)(x.mem), x.memPages*C.XC_PAGE_SIZE)
+}
+
+// hvmContext returns the domain's HVM context record (valid until the next
+// call).
+func (x *xc) hvmContext() ([]byte, error) {
+	size, err := C.xc_domain_hvm_getcontext(x.xch, x.domid, nil, 0)
+	if size <= 0 {
+		return nil, errnoErr("xc_domain_hvm_getcontext(size)", err)
+	}
+	if int(size) > x.hvmCap {
+		C.free(x.hvmBuf)
+		x.hvmBuf = C.malloc(C.size_t(size))
+		if x.hvmBuf == nil {
+			x.hvmCap = 0
+			return nil, errors.New("malloc failed")
+		}
+		x.hvmCap = int(size)
+	}
+	n, err := C.xc_domain_hvm_getcontext(x.xch, x.domid, (*C.uint8_t)(x.hvmBuf), C.uint32_t(x.hvmCap))
+	if n < 0 {
+		return nil, errnoErr("xc_domain_hvm_getcontext", err)
+	}
+	return unsafe.Slice((*byte)(x.hvmBuf), int(n)), nil
+}
+
+// vcpuContext returns vCPU v's context (valid until the next call) and
+// whether it is online.
+func (x *xc) vcpuContext(v uint32) ([]byte, bool, error) {
+	var online C.int
+	if rc, err := C.rx_vcpu_online(x.xch, x.domid, C.uint32_t(v), &online); rc < 0 {
+		return nil, false, errnoErr(fmt.Sprintf("xc_vcpu_getinfo(%d)", v), err)
+	}
+	if online == 0 {
+		return nil, false, nil
+	}
+	if rc, err := C.xc_vcpu_getcontext(x.xch, x.domid, C.uint32_t(v), x.vcpuBuf); rc < 0 {
+		return nil, true, errnoErr(fmt.Sprintf("xc_vcpu_getcontext(%d)", v), err)
+	}
+	return unsafe.Slice((*byte)(unsafe.Pointer(x.vcpuBuf)), int(unsafe.Sizeof(*x.vcpuBuf))), true, nil
+}
