@@ -8,6 +8,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/remusd/remusd/checkpoint"
 	"github.com/remusd/remusd/failover/witness"
 	"github.com/remusd/remusd/failover/witness/etcdtest"
 )
@@ -100,4 +101,62 @@ func claimWith(t *testing.T, w *witness.Witness, claimFn func(context.Context, s
 	if _, won, err := claimFn(ctx, vm, holder, cur); err != nil || !won {
 		t.Fatalf("claim %s for %s: won %v, %v", vm, holder, won, err)
 	}
+}
+
+// TestRefreshViewAfterWitnessReturns: a primary whose last witness call
+// failed while its link was down, and whose link is back, re-reads its
+// record: still its own, status says holder again (it said "unreachable"
+// for good before: partition trials' kill-witness notes, and
+// TestWatchdogQEMUWatchdogRestarts waiting 60 s for it); another host's,
+// the copy is fenced.
+func TestRefreshViewAfterWitnessReturns(t *testing.T) {
+	srv := etcdtest.Start(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	w, err := witness.Dial(ctx, srv.WitnessConfig(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Close()
+	d := &Daemon{cfg: Config{Name: "hostA"}, log: zap.NewNop(), wit: w, vms: map[string]*vm{}}
+	for _, tc := range []struct {
+		vm     string
+		moved  bool
+		want   string
+		holder string
+	}{
+		{"vm-own", false, WitnessHolder, "hostA"},
+		{"vm-moved", true, WitnessFenced, "hostB"},
+	} {
+		rec, err := w.Init(ctx, tc.vm, "hostA")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if tc.moved {
+			claim(t, w, tc.vm, "hostB")
+		}
+		v := &vm{name: tc.vm, role: RolePrimary, primary: &checkpoint.Primary{}, guest: &fenceGuest{}, stop: func() {}}
+		v.w.rec, v.w.view, v.w.err = rec, WitnessUnreachable, "witness unreachable within 500ms"
+		d.mu.Lock()
+		d.vms[tc.vm] = v
+		d.mu.Unlock()
+		d.superviseWitness()
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			d.mu.Lock()
+			view, holder := v.w.view, v.w.rec.Holder
+			d.mu.Unlock()
+			if view == tc.want {
+				if tc.want == WitnessHolder && holder != tc.holder {
+					t.Fatalf("%s: holder %s, want %s", tc.vm, holder, tc.holder)
+				}
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: view %q, want %q", tc.vm, view, tc.want)
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	d.wg.Wait()
 }

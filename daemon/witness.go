@@ -83,6 +83,9 @@ type wstate struct {
 	claimTook time.Duration
 	// heldAt is when this side last won (or registered) the record.
 	heldAt time.Time
+	// refreshedAt is when a primary whose link is up last re-read its
+	// record after the witness had not answered (refreshView).
+	refreshedAt time.Time
 }
 
 // dialWitness connects to the configured witness (nil if none). Dial does
@@ -228,6 +231,12 @@ func (d *Daemon) superviseWitness() {
 	defer d.mu.Unlock()
 	now := time.Now()
 	for _, v := range d.vms {
+		if v.role == RolePrimary && v.primary != nil && v.w.since.IsZero() && v.w.view == WitnessUnreachable &&
+			!v.w.claiming && now.Sub(v.w.refreshedAt) >= time.Second {
+			// The backup is back, but the witness's last answer was none:
+			// ask it again, so that status says what holds now.
+			d.refreshView(v, now)
+		}
 		if v.role != RolePrimary || v.primary == nil || v.w.since.IsZero() || v.w.view == WitnessFenced {
 			continue
 		}
@@ -242,6 +251,42 @@ func (d *Daemon) superviseWitness() {
 			d.selfFence(v, out)
 		}
 	}
+}
+
+// refreshView reads v's record again for a primary whose link is up but
+// whose last witness call failed (d.mu held; the read runs on its own
+// goroutine, counted as the VM's one witness call in flight). The record
+// still this host's: holder again. Another host's: this copy is stale and
+// is fenced (a backup claims only once the link is gone; whoever wrote
+// it, it is not this side's any more).
+func (d *Daemon) refreshView(v *vm, now time.Time) {
+	v.w.claiming, v.w.refreshedAt = true, now
+	p := v.primary
+	d.wg.Add(1)
+	go func() {
+		defer d.wg.Done()
+		ctx, cancel := d.witnessCtx()
+		cur, held, err := d.wit.Get(ctx, v.name)
+		cancel()
+		d.mu.Lock()
+		defer d.mu.Unlock()
+		v.w.claiming = false
+		if v.primary != p || v.w.view != WitnessUnreachable {
+			return // protection ended, or a claim answered, meanwhile
+		}
+		switch {
+		case err != nil:
+			v.w.err = err.Error()
+		case held && cur.Holder == d.cfg.Name && cur.Generation >= v.w.rec.Generation:
+			v.w.rec, v.w.view, v.w.err = cur, WitnessHolder, ""
+			v.wgen.Store(cur.Generation)
+			d.log.Info("the witness answers again: this host holds the VM", zap.String("vm", v.name), zap.Stringer("record", cur))
+		default:
+			v.w.view, v.w.err = WitnessFenced, fmt.Sprintf("the witness record is %s", cur)
+			d.log.Error("the witness record is no longer this host's: fencing this copy", zap.String("vm", v.name), zap.Stringer("record", cur))
+			d.fenceLocked(v, "the witness record moved to "+cur.Holder)
+		}
+	}()
 }
 
 // selfFence pauses a primary's guest that has had neither its backup nor
