@@ -9,6 +9,7 @@ import (
 	"context"
 	"encoding/json"
 	"math/rand/v2"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -235,5 +236,35 @@ func TestNbdcopy(t *testing.T) {
 	}
 	if flushes == 0 {
 		t.Errorf("nbdcopy --flush: no flush observed")
+	}
+}
+
+// TestTCPLoopback serves on TCP (loopback) instead of a unix socket.
+func TestTCPLoopback(t *testing.T) {
+	qio := needTool(t, "qemu-io", "qemu-utils")
+	mem := disk.NewMemory(4 << 20)
+	srv, err := New(Config{}, mem, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(ctx, ln) }()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Error(err)
+		}
+	}()
+	out := run(t, qio, "-f", "raw", "nbd://"+ln.Addr().String(), "-c", "write -P 0x42 512k 1M", "-c", "read -P 0x42 512k 1M")
+	if strings.Contains(out, "Pattern verification failed") {
+		t.Fatal(out)
+	}
+	if img := mem.Bytes(); !bytes.Equal(img[512<<10:1536<<10], bytes.Repeat([]byte{0x42}, 1<<20)) {
+		t.Fatal("image lacks the write")
 	}
 }

@@ -61,7 +61,7 @@ type Config struct {
 	// space. Default 64 MiB; at least MaxPayload.
 	MaxInFlightBytes int64
 	// MaxConns bounds concurrent connections; more are closed at once.
-	// Default 8.
+	// Default 4 (QEMU uses one; nbdcopy up to four with multi-conn).
 	MaxConns int
 	// HandshakeTimeout bounds the handshake of a connection. Default 10 s.
 	HandshakeTimeout time.Duration
@@ -97,7 +97,7 @@ func (c Config) withDefaults() Config {
 		c.MaxInFlightBytes = 64 << 20
 	}
 	if c.MaxConns == 0 {
-		c.MaxConns = 8
+		c.MaxConns = 4
 	}
 	if c.HandshakeTimeout == 0 {
 		c.HandshakeTimeout = 10 * time.Second
