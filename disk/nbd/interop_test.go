@@ -34,6 +34,14 @@ func needTool(t *testing.T, name, pkg string) string {
 func fileExport(t *testing.T, size int64, obs disk.Observer) (uri, path string, b *disk.File) {
 	t.Helper()
 	path = filepath.Join(t.TempDir(), "export.raw")
+	b = newImage(t, path, size)
+	sock, _ := startServer(t, Config{Name: "vda", Description: "remusd test export"}, b, obs)
+	return "nbd+unix:///?socket=" + sock, path, b
+}
+
+// newImage creates a sparse raw image and opens it.
+func newImage(t *testing.T, path string, size int64) *disk.File {
+	t.Helper()
 	if err := os.WriteFile(path, nil, 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -45,8 +53,7 @@ func fileExport(t *testing.T, size int64, obs disk.Observer) (uri, path string, 
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { b.Close() })
-	sock, _ := startServer(t, Config{Name: "vda", Description: "remusd test export"}, b, obs)
-	return "nbd+unix:///?socket=" + sock, path, b
+	return b
 }
 
 func run(t *testing.T, name string, args ...string) string {
