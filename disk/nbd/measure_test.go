@@ -53,20 +53,24 @@ func TestMeasureWriteThroughput(t *testing.T) {
 		}},
 	}
 	benches := []struct {
-		name string
-		args func(img string) []string
-		tool string
-		rate func(out string, elapsed time.Duration) (float64, error)
+		name  string
+		args  func(img string) []string
+		tool  string
+		rate  func(out string, elapsed time.Duration) (float64, error)
+		opKiB float64 // request size, for the time per request (0: not reported)
 	}{
 		{"qemu-img bench 64k seq write qd16 (256 MiB)", func(img string) []string {
 			return []string{"bench", "-f", "raw", "-t", "writeback", "-w", "-d", "16", "-s", "65536", "-c", "4096", "--pattern=0x5a", img}
-		}, qimg, func(out string, _ time.Duration) (float64, error) { return benchRate(out, 256) }},
+		}, qimg, func(out string, _ time.Duration) (float64, error) { return benchRate(out, 256) }, 64},
 		{"qemu-img bench 4k seq write qd16 (64 MiB)", func(img string) []string {
 			return []string{"bench", "-f", "raw", "-t", "writeback", "-w", "-d", "16", "-s", "4096", "-c", "16384", "--pattern=0x5a", img}
-		}, qimg, func(out string, _ time.Duration) (float64, error) { return benchRate(out, 64) }},
+		}, qimg, func(out string, _ time.Duration) (float64, error) { return benchRate(out, 64) }, 4},
+		{"qemu-img bench 4k seq write qd1 (32 MiB)", func(img string) []string {
+			return []string{"bench", "-f", "raw", "-t", "writeback", "-w", "-d", "1", "-s", "4096", "-c", "8192", "--pattern=0x5a", img}
+		}, qimg, func(out string, _ time.Duration) (float64, error) { return benchRate(out, 32) }, 4},
 		{"qemu-io write 256 MiB + flush", func(img string) []string {
 			return []string{"-f", "raw", "-t", "writeback", "-c", "write -P 0x5a 0 256M", "-c", "flush", img}
-		}, qio, func(_ string, elapsed time.Duration) (float64, error) { return 256 / elapsed.Seconds(), nil }},
+		}, qio, func(_ string, elapsed time.Duration) (float64, error) { return 256 / elapsed.Seconds(), nil }, 0},
 	}
 	for _, b := range benches {
 		rates := map[string][]float64{}
@@ -88,7 +92,11 @@ func TestMeasureWriteThroughput(t *testing.T) {
 		base := median(rates["raw file"])
 		for _, tg := range targets {
 			m := median(rates[tg.name])
-			line = append(line, fmt.Sprintf("%s %.0f MiB/s (%.2f×)", tg.name, m, m/base))
+			l := fmt.Sprintf("%s %.0f MiB/s (%.2f×", tg.name, m, m/base)
+			if b.opKiB > 0 {
+				l += fmt.Sprintf(", %.1f µs per request", 1e6/(m*1024/b.opKiB))
+			}
+			line = append(line, l+")")
 		}
 		t.Logf("%s, median of %d: %s", b.name, rounds, strings.Join(line, "; "))
 	}

@@ -8,6 +8,7 @@ import (
 	"math"
 	"math/rand/v2"
 	"net"
+	"runtime"
 	"sync"
 	"testing"
 	"time"
@@ -452,6 +453,7 @@ func TestObserverBackpressure(t *testing.T) {
 }
 
 func TestShutdownClosesConnections(t *testing.T) {
+	before := runtime.NumGoroutine()
 	srv, err := New(Config{}, disk.NewMemory(testSize), nil, nil)
 	if err != nil {
 		t.Fatal(err)
@@ -477,6 +479,15 @@ func TestShutdownClosesConnections(t *testing.T) {
 	}
 	c.expectClosed()
 	half.expectClosed()
+	// Every goroutine the server started has ended.
+	deadline := time.Now().Add(5 * time.Second)
+	for runtime.NumGoroutine() > before {
+		if time.Now().After(deadline) {
+			buf := make([]byte, 1<<16)
+			t.Fatalf("%d goroutines, %d before:\n%s", runtime.NumGoroutine(), before, buf[:runtime.Stack(buf, true)])
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 }
 
 func TestMaxConns(t *testing.T) {
