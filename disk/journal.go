@@ -23,22 +23,27 @@ import (
 // cut, unreleased epochs) would exceed the limit, which stalls the guest's
 // writes until an ack frees space (backpressure: a guest that writes faster
 // than the link slows down instead of the buffer growing). Between
-// BeginPause and Cut nothing blocks: stopping the guest waits for its
-// requests in flight, and one of them waiting for the cut would deadlock
-// the checkpoint. Those requests are bounded by the server's in-flight
-// budget, so the journal holds at most its limit plus that budget.
+// BeginPause and Cut the limit grows by an overdraft: stopping the guest
+// waits for its requests in flight, and one of them waiting for the cut
+// would deadlock the checkpoint. QEMU stops the vCPUs before it drains, so
+// what it has in flight then is bounded: its NBD client keeps at most 16
+// requests in flight per connection (MAX_NBD_REQUESTS in block/nbd.c), each
+// at most the server's max payload. The overdraft is InFlight such writes;
+// a client with more in flight waits past it (and the engine's stop must
+// time out), so the journal never holds more than Limit + overdraft.
 type Journal struct {
-	mu       sync.Mutex
-	limit    int64
-	used     int64 // bytes held: open epoch plus cut, unreleased ones
-	epoch    uint64
-	open     []Change
-	openB    int64
-	sealed   []sealedEpoch // cut and unreleased, oldest first
-	pausing  bool
-	wake     chan struct{} // closed (and replaced) when waiters should look again
-	blocked  uint64
-	blockedD time.Duration
+	mu        sync.Mutex
+	limit     int64
+	overdraft int64
+	used      int64 // bytes held: open epoch plus cut, unreleased ones
+	epoch     uint64
+	open      []Change
+	openB     int64
+	sealed    []sealedEpoch // cut and unreleased, oldest first
+	pausing   bool
+	wake      chan struct{} // closed (and replaced) when waiters should look again
+	blocked   uint64
+	blockedD  time.Duration
 }
 
 type sealedEpoch struct {
@@ -57,6 +62,7 @@ type Epoch struct {
 // JournalStats are a Journal's counters.
 type JournalStats struct {
 	Limit, Used  int64
+	Overdraft    int64         // what a pause may add to Limit
 	Epoch        uint64        // the open epoch
 	Blocked      uint64        // Observe calls that had to wait
 	BlockedTotal time.Duration // their total wait
@@ -65,13 +71,37 @@ type JournalStats struct {
 // changeOverhead is what a change costs besides its data.
 const changeOverhead = 64
 
-// NewJournal returns a journal whose open epoch is first. limit must hold
-// at least one largest write (maxWrite bytes).
-func NewJournal(limit, maxWrite int64, first uint64) (*Journal, error) {
-	if maxWrite <= 0 || limit < maxWrite+changeOverhead {
-		return nil, fmt.Errorf("disk: journal limit %d is below one write of %d bytes", limit, maxWrite)
+// JournalConfig configures a Journal.
+type JournalConfig struct {
+	// Limit bounds the bytes held outside a pause; at least one MaxWrite.
+	Limit int64
+	// MaxWrite is the largest write the server admits (its max payload).
+	MaxWrite int64
+	// InFlight is how many requests the client may have in flight when the
+	// guest stops (default 16, QEMU's NBD client).
+	InFlight int
+}
+
+// NewJournal returns a journal whose open epoch is first.
+func NewJournal(cfg JournalConfig, first uint64) (*Journal, error) {
+	if cfg.InFlight == 0 {
+		cfg.InFlight = 16
 	}
-	return &Journal{limit: limit, epoch: first, wake: make(chan struct{})}, nil
+	if cfg.MaxWrite <= 0 || cfg.Limit < cfg.MaxWrite+changeOverhead || cfg.InFlight < 0 {
+		return nil, fmt.Errorf("disk: journal limit %d is below one write of %d bytes", cfg.Limit, cfg.MaxWrite)
+	}
+	return &Journal{
+		limit: cfg.Limit, overdraft: int64(cfg.InFlight) * (cfg.MaxWrite + changeOverhead),
+		epoch: first, wake: make(chan struct{}),
+	}, nil
+}
+
+// bound is what may be held now; j.mu is held.
+func (j *Journal) bound() int64 {
+	if j.pausing {
+		return j.limit + j.overdraft
+	}
+	return j.limit
 }
 
 // Observe implements Observer: it copies c into the open epoch, waiting
@@ -79,10 +109,10 @@ func NewJournal(limit, maxWrite int64, first uint64) (*Journal, error) {
 func (j *Journal) Observe(ctx context.Context, c Change) error {
 	cost := int64(len(c.Data)) + changeOverhead
 	j.mu.Lock()
-	if !j.pausing && j.used+cost > j.limit {
+	if j.used+cost > j.bound() {
 		start := time.Now()
 		j.blocked++
-		for !j.pausing && j.used+cost > j.limit {
+		for j.used+cost > j.bound() {
 			w := j.wake
 			j.mu.Unlock()
 			select {
@@ -107,7 +137,7 @@ func (j *Journal) Observe(ctx context.Context, c Change) error {
 	return nil
 }
 
-// BeginPause admits every change until Cut, whatever the limit.
+// BeginPause raises the bound by the overdraft until Cut.
 func (j *Journal) BeginPause() {
 	j.mu.Lock()
 	j.pausing = true
@@ -152,5 +182,5 @@ func (j *Journal) broadcast() {
 func (j *Journal) Stats() JournalStats {
 	j.mu.Lock()
 	defer j.mu.Unlock()
-	return JournalStats{Limit: j.limit, Used: j.used, Epoch: j.epoch, Blocked: j.blocked, BlockedTotal: j.blockedD}
+	return JournalStats{Limit: j.limit, Overdraft: j.overdraft, Used: j.used, Epoch: j.epoch, Blocked: j.blocked, BlockedTotal: j.blockedD}
 }

@@ -17,7 +17,7 @@ func write(off int64, n int, b byte) Change {
 
 func TestJournalEpochsInOrder(t *testing.T) {
 	ctx := context.Background()
-	j, err := NewJournal(1<<20, 4096, 7)
+	j, err := NewJournal(JournalConfig{Limit: 1 << 20, MaxWrite: 4096}, 7)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -48,7 +48,7 @@ func TestJournalEpochsInOrder(t *testing.T) {
 }
 
 func TestJournalLimit(t *testing.T) {
-	if _, err := NewJournal(4096, 4096, 1); err == nil {
+	if _, err := NewJournal(JournalConfig{Limit: 4096, MaxWrite: 4096}, 1); err == nil {
 		t.Fatal("a limit that cannot hold one write was accepted")
 	}
 }
@@ -85,7 +85,7 @@ func done(t *testing.T, ch chan error) {
 func TestJournalBackpressure(t *testing.T) {
 	ctx := context.Background()
 	limit := int64(2 * (4096 + changeOverhead))
-	j, _ := NewJournal(limit, 4096, 1)
+	j, _ := NewJournal(JournalConfig{Limit: limit, MaxWrite: 4096, InFlight: 2}, 1)
 	done(t, observeAsync(j, ctx, write(0, 4096, 1)))
 	done(t, observeAsync(j, ctx, write(4096, 4096, 2)))
 	third := observeAsync(j, ctx, write(8192, 4096, 3))
@@ -94,20 +94,21 @@ func TestJournalBackpressure(t *testing.T) {
 	j.BeginPause()
 	done(t, third) // admitted while pausing (QEMU drains it)
 	done(t, observeAsync(j, ctx, write(0, 4096, 4)))
+	over := observeAsync(j, ctx, write(0, 4096, 5))
+	blocked(t, over) // past the overdraft of two writes: waits even in a pause
 	e1 := j.Cut()
 	if len(e1.Changes) != 4 || j.Stats().Used != e1.Bytes {
 		t.Fatalf("epoch 1 has %d changes, used %d", len(e1.Changes), j.Stats().Used)
 	}
-	next := observeAsync(j, ctx, write(0, 1, 5))
-	blocked(t, next) // epoch 1 unacknowledged: still full
+	blocked(t, over) // epoch 1 unacknowledged: still full
 	j.Release(1)
-	done(t, next)
-	if s := j.Stats(); s.Blocked != 2 || s.Used != 1+changeOverhead {
+	done(t, over)
+	if s := j.Stats(); s.Blocked != 2 || s.Used != 4096+changeOverhead {
 		t.Fatalf("stats %+v", s)
 	}
 
 	// A waiter gives up with its context.
-	j2, _ := NewJournal(limit, 4096, 1)
+	j2, _ := NewJournal(JournalConfig{Limit: limit, MaxWrite: 4096}, 1)
 	j2.Observe(ctx, write(0, 4096, 1))
 	j2.Observe(ctx, write(0, 4096, 1))
 	cctx, cancel := context.WithCancel(ctx)
