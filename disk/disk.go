@@ -25,9 +25,12 @@
 // of the open epoch, though: stopping the guest waits for the requests in
 // flight, so a write blocked until the next checkpoint would deadlock the
 // checkpoint. Journal implements the rule: it blocks only until acknowledged
-// epochs free space, and admits everything while the engine pauses the
-// guest (BeginPause … Cut). The overshoot is bounded by what the server
-// lets be in flight (its per-connection byte budget).
+// epochs free space, and while the engine pauses the guest (BeginPause …
+// Cut) it admits an overdraft sized for what QEMU can have in flight.
+//
+// The NBD server applies one connection's changes in the order they
+// arrive, on the connection's reader: an observer that blocks stops that
+// connection from reading further requests.
 package disk
 
 import (

@@ -307,71 +307,96 @@ func (c *conn) transmit(ctx context.Context) (err error) {
 				return fmt.Errorf("nbd: read write payload: %w", err)
 			}
 		}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			defer c.budget.release(cost)
-			defer c.s.putBuf(buf)
-			c.do(ctx, req, buf)
-		}()
+		if req.typ == cmdRead || req.typ == cmdFlush {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				defer c.budget.release(cost)
+				c.do(ctx, req)
+			}()
+			continue
+		}
+		// Changes are applied here, in the order they arrive: no hand-off
+		// to another goroutine on the latency path, and a blocked observer
+		// stops this connection's reader (backpressure). Only the flush of
+		// a FUA change runs aside.
+		err = c.apply(ctx, req, buf)
+		c.s.putBuf(buf)
+		if err == nil && req.flags&cmdFlagFUA != 0 && req.length > 0 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				defer c.budget.release(cost)
+				c.finish(ctx, req, c.s.backend.Flush(ctx))
+			}()
+			continue
+		}
+		c.finish(ctx, req, err)
+		c.budget.release(cost)
 	}
 }
 
-// do carries out a checked request and replies.
-func (c *conn) do(ctx context.Context, req request, buf *[]byte) {
+// apply carries out a checked WRITE, TRIM or WRITE_ZEROES on the backend
+// and reports it to the observer.
+func (c *conn) apply(ctx context.Context, req request, buf *[]byte) error {
 	s := c.s
 	off, n := int64(req.offset), int64(req.length)
+	if n == 0 {
+		return nil
+	}
 	fua := req.flags&cmdFlagFUA != 0
-	var err error
 	switch req.typ {
-	case cmdRead:
-		rb := s.getBuf(int(n))
-		defer s.putBuf(rb)
-		if n > 0 {
-			err = s.backend.ReadAt(ctx, *rb, off)
-		}
-		if err != nil {
-			c.log.Warn("nbd: read failed", zap.Int64("offset", off), zap.Int64("length", n), zap.Error(err))
-			c.reply(req.cookie, errnoOf(ctx, err), nil)
-			return
-		}
-		c.reply(req.cookie, 0, *rb)
-		return
 	case cmdWrite:
-		if n > 0 {
-			data := *buf
-			err = s.change(ctx, disk.Change{Kind: disk.KindWrite, Offset: off, Length: n, Data: data, FUA: fua},
-				func() error { return s.backend.WriteAt(ctx, data, off) })
-		}
+		data := *buf
+		return s.change(ctx, disk.Change{Kind: disk.KindWrite, Offset: off, Length: n, Data: data, FUA: fua},
+			func() error { return s.backend.WriteAt(ctx, data, off) })
 	case cmdTrim:
-		if n > 0 {
-			err = s.change(ctx, disk.Change{Kind: disk.KindTrim, Offset: off, Length: n, FUA: fua},
-				func() error { return s.backend.Trim(ctx, off, n) })
-		}
+		return s.change(ctx, disk.Change{Kind: disk.KindTrim, Offset: off, Length: n, FUA: fua},
+			func() error { return s.backend.Trim(ctx, off, n) })
 	case cmdWriteZeroes:
 		noHole := req.flags&cmdFlagNoHole != 0
-		if n > 0 {
-			err = s.change(ctx, disk.Change{Kind: disk.KindZero, Offset: off, Length: n, FUA: fua, NoHole: noHole},
-				func() error { return s.backend.WriteZeroes(ctx, off, n, noHole) })
-		}
-	case cmdFlush:
-		err = s.backend.Flush(ctx)
-		if err == nil {
-			// Every write replied to before this flush was received was
-			// observed before this marker.
-			err = s.change(ctx, disk.Change{Kind: disk.KindFlush}, func() error { return nil })
-		}
-		fua = false
+		return s.change(ctx, disk.Change{Kind: disk.KindZero, Offset: off, Length: n, FUA: fua, NoHole: noHole},
+			func() error { return s.backend.WriteZeroes(ctx, off, n, noHole) })
 	}
-	if err == nil && fua && n > 0 {
-		err = s.backend.Flush(ctx)
-	}
+	return fmt.Errorf("nbd: apply command %d", req.typ)
+}
+
+// finish replies to a request without read data.
+func (c *conn) finish(ctx context.Context, req request, err error) {
 	if err != nil {
-		c.log.Warn("nbd: request failed", zap.Uint16("command", req.typ), zap.Int64("offset", off), zap.Int64("length", n), zap.Error(err))
+		c.log.Warn("nbd: request failed", zap.Uint16("command", req.typ), zap.Uint64("offset", req.offset), zap.Uint32("length", req.length), zap.Error(err))
 		c.reply(req.cookie, errnoOf(ctx, err), nil)
 		return
 	}
 	c.reply(req.cookie, 0, nil)
+}
+
+// do carries out a checked READ or FLUSH and replies.
+func (c *conn) do(ctx context.Context, req request) {
+	s := c.s
+	off, n := int64(req.offset), int64(req.length)
+	if req.typ == cmdFlush {
+		err := s.backend.Flush(ctx)
+		if err == nil {
+			// Every change replied to before this flush was received was
+			// observed before this marker.
+			err = s.change(ctx, disk.Change{Kind: disk.KindFlush}, func() error { return nil })
+		}
+		c.finish(ctx, req, err)
+		return
+	}
+	rb := s.getBuf(int(n))
+	defer s.putBuf(rb)
+	var err error
+	if n > 0 {
+		err = s.backend.ReadAt(ctx, *rb, off)
+	}
+	if err != nil {
+		c.log.Warn("nbd: read failed", zap.Int64("offset", off), zap.Int64("length", n), zap.Error(err))
+		c.reply(req.cookie, errnoOf(ctx, err), nil)
+		return
+	}
+	c.reply(req.cookie, 0, *rb)
 }
 
 // reply sends a simple reply (with data for a successful read). A failed

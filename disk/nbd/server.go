@@ -20,6 +20,11 @@
 // and the number of connections is bounded (MaxConns), so the server's
 // memory is bounded whatever clients send: at most about
 // MaxConns × MaxInFlightBytes of request buffers.
+//
+// A connection's reader applies WRITE, TRIM and WRITE_ZEROES itself, in
+// the order they arrive (the flush of a FUA change runs aside); READ and
+// FLUSH run in goroutines of their own, so replies may come out of order,
+// as the spec allows.
 package nbd
 
 import (
