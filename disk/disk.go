@@ -107,8 +107,9 @@ type Change struct {
 type Observer interface {
 	// Observe is called after c was applied to the Backend and before the
 	// guest is told. It may block to apply backpressure (see the package
-	// documentation); ctx ends when the connection or the server ends. An
-	// error fails the request with EIO: the change is on the local image
+	// documentation); ctx ends when the server stops (not when the client
+	// goes away: the change is on the image and must still be observed).
+	// An error fails the request with EIO: the change is on the local image
 	// but the observer does not have it, so protection must treat it as
 	// broken.
 	Observe(ctx context.Context, c Change) error
