@@ -21,15 +21,14 @@ type File struct {
 	size     int64
 	readOnly bool
 
-	mu      sync.Mutex // guards the fallback flags below
+	mu      sync.Mutex // guards the fields below
 	noPunch bool       // FALLOC_FL_PUNCH_HOLE unsupported here
 	noZero  bool       // FALLOC_FL_ZERO_RANGE unsupported here
+	zeroes  []byte     // zeroChunk zero bytes, made on first use, never written
 }
 
 // zeroChunk bounds the buffer used to write zeroes where fallocate cannot.
 const zeroChunk = 1 << 20
-
-var zeroBuf = make([]byte, zeroChunk) // read-only, never written
 
 // OpenFile opens the raw image at path. Its size is the export size.
 func OpenFile(path string, readOnly bool) (*File, error) {
@@ -108,6 +107,12 @@ func (b *File) WriteZeroes(ctx context.Context, off, length int64, noHole bool) 
 }
 
 func (b *File) writeZeroes(ctx context.Context, off, length int64) error {
+	b.mu.Lock()
+	if b.zeroes == nil {
+		b.zeroes = make([]byte, zeroChunk)
+	}
+	zeroBuf := b.zeroes
+	b.mu.Unlock()
 	for length > 0 {
 		if err := ctx.Err(); err != nil {
 			return fmt.Errorf("disk: write zeroes: %w", err)
