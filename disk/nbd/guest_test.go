@@ -113,3 +113,106 @@ func TestGuestVirtioDisk(t *testing.T) {
 		}
 	}
 }
+
+// TestGuestSurvivesServerRestart: with reconnect-delay on QEMU's NBD
+// client, the server can stop and a new one start on the same socket and
+// image while the guest writes with fsync; the guest sees no I/O error.
+// This is what a restart of remusd would do to a protected guest's disk.
+func TestGuestSurvivesServerRestart(t *testing.T) {
+	if testing.Short() {
+		t.Skip("boots a VM")
+	}
+	if _, err := vmtest.FindQEMU(); err != nil {
+		t.Skip(err)
+	}
+	const size = 16 << 20
+	dir := t.TempDir()
+	path, sock := dir+"/img.raw", dir+"/nbd.sock"
+	newImage(t, path, size).Close()
+	serve := func(rec *recorder) (stop func()) {
+		b, err := disk.OpenFile(path, false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		srv, err := New(Config{Name: "vda"}, b, rec, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ln, err := ListenUnix(sock)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan struct{})
+		go func() { srv.Serve(ctx, ln); close(done) }()
+		return func() { cancel(); <-done; b.Close() }
+	}
+	first, second := &recorder{}, &recorder{}
+	stop := serve(first)
+	defer func() { stop() }()
+	const script = `
+while [ ! -b /dev/vda ]; do sleep 0.1; done
+echo "REMUS-NBD writing"
+end=$(( $(date +%s) + 9 ))
+n=0 err=0
+while [ "$(date +%s)" -lt "$end" ]; do
+	printf 'REC%08d' "$n" | dd of=/dev/vda bs=512 seek=$((n % 1000)) conv=sync,fsync 2>/dev/null || err=$((err+1))
+	n=$((n+1))
+done
+echo "REMUS-NBD writes=$n errors=$err"
+[ "$err" = 0 ]
+`
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	cw := &consoleWatch{want: "REMUS-NBD writing", seen: make(chan struct{})}
+	type result struct {
+		res *vmtest.Result
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		res, err := vmtest.Run(ctx, vmtest.Config{
+			Modules: []string{"virtio_pci", "virtio_blk"},
+			Command: []string{"sh", "-c", script},
+			Memory:  "256M",
+			Timeout: 2 * time.Minute,
+			QEMUArgs: []string{
+				"-blockdev", "driver=nbd,node-name=nbd0,server.type=unix,server.path=" + sock + ",export=vda,reconnect-delay=10",
+				"-device", "virtio-blk-pci,drive=nbd0",
+			},
+			Console: cw,
+		})
+		done <- result{res, err}
+	}()
+	select {
+	case <-cw.seen:
+	case r := <-done:
+		if errors.Is(r.err, vmtest.ErrUnavailable) {
+			t.Skip(r.err)
+		}
+		t.Fatalf("guest ended before writing: %v", r.err)
+	}
+	time.Sleep(2 * time.Second)
+	stop()
+	down := time.Now()
+	time.Sleep(2 * time.Second)
+	stop = serve(second)
+	t.Logf("server down for %v", time.Since(down))
+	r := <-done
+	if r.err != nil {
+		t.Fatal(r.err)
+	}
+	line := ""
+	for _, l := range strings.Split(r.res.Console, "\n") {
+		if strings.Contains(l, "REMUS-NBD writes=") {
+			line = strings.TrimSpace(l)
+		}
+	}
+	t.Logf("guest: %s; changes observed by the first server %d, by the second %d", line, len(first.list()), len(second.list()))
+	if !r.res.Passed {
+		t.Fatalf("guest saw I/O errors: %s\n%s", line, r.res.Console)
+	}
+	if len(second.list()) == 0 {
+		t.Fatalf("the guest never reached the second server")
+	}
+}
