@@ -593,3 +593,34 @@ func TestJournalEndToEnd(t *testing.T) {
 	}
 	t.Logf("journal: %d writes waited %v in total; max held %d of %d", s.Blocked, s.BlockedTotal, maxUsed, limit)
 }
+
+// TestClientNotReadingIsBounded: a client that pipelines reads and never
+// reads the replies gets only MaxInFlightBytes of them in flight; the
+// server then stops reading its requests.
+func TestClientNotReadingIsBounded(t *testing.T) {
+	const size = 64 << 20
+	cfg := Config{MaxPayload: 1 << 20, MaxInFlightBytes: 4<<20 + 4*requestOverhead}
+	sock, _ := startServer(t, cfg, disk.NewMemory(size), nil)
+	c := connect(t, sock)
+	before := runtime.NumGoroutine()
+	sent := make(chan int, 1)
+	go func() {
+		n := 0
+		defer func() { sent <- n }()
+		c.nc.SetWriteDeadline(time.Now().Add(2 * time.Second))
+		for i := range 2000 {
+			if _, err := c.nc.Write(reqBytes(cmdRead, 0, uint64(i%64)<<20, 1<<20)); err != nil {
+				return
+			}
+			n++
+		}
+	}()
+	n := <-sent
+	if n == 2000 {
+		t.Fatalf("the server read all 2000 requests (2000 MiB of replies) from a client that reads nothing")
+	}
+	if g := runtime.NumGoroutine() - before; g > 8 {
+		t.Fatalf("%d more goroutines with replies stuck (budget allows 4)", g)
+	}
+	t.Logf("the server stopped reading after at most %d requests", n)
+}
