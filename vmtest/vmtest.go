@@ -66,6 +66,7 @@ type Config struct {
 	Memory       string            // default "512M"
 	Timeout      time.Duration     // whole run, boot included; default 120s
 	Console      io.Writer         // optional live copy of the serial console
+	QEMUArgs     []string          // extra QEMU arguments (devices, block nodes)
 }
 
 // Result is the outcome of one VM run.
@@ -121,6 +122,7 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 		"-kernel", cfg.Kernel.Image, "-initrd", initrd,
 		"-append", "console=ttyS0 panic=-1 oops=panic loglevel=4 rdinit=/init remusd.vmtest=1",
 	}
+	args = append(args, cfg.QEMUArgs...)
 	return RunQEMU(ctx, QEMURun{Binary: qemu, Args: args, Timeout: cfg.Timeout, Console: cfg.Console})
 }
 

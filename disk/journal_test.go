@@ -1,0 +1,121 @@
+package disk
+
+import (
+	"context"
+	"errors"
+	"testing"
+	"time"
+)
+
+func write(off int64, n int, b byte) Change {
+	d := make([]byte, n)
+	for i := range d {
+		d[i] = b
+	}
+	return Change{Kind: KindWrite, Offset: off, Length: int64(n), Data: d}
+}
+
+func TestJournalEpochsInOrder(t *testing.T) {
+	ctx := context.Background()
+	j, err := NewJournal(JournalConfig{Limit: 1 << 20, MaxWrite: 4096}, 7)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := write(0, 10, 1)
+	j.Observe(ctx, c)
+	c.Data[0] = 9 // the journal kept a copy
+	j.Observe(ctx, Change{Kind: KindTrim, Offset: 4096, Length: 4096})
+	e := j.Cut()
+	j.Observe(ctx, Change{Kind: KindFlush})
+	e2 := j.Cut()
+	if e.Number != 7 || len(e.Changes) != 2 || e.Changes[0].Data[0] != 1 || e.Changes[1].Kind != KindTrim {
+		t.Fatalf("epoch %+v", e)
+	}
+	if e2.Number != 8 || len(e2.Changes) != 1 || e2.Changes[0].Kind != KindFlush {
+		t.Fatalf("epoch %+v", e2)
+	}
+	if s := j.Stats(); s.Used != e.Bytes+e2.Bytes || s.Epoch != 9 {
+		t.Fatalf("stats %+v", s)
+	}
+	j.Release(7)
+	if s := j.Stats(); s.Used != e2.Bytes {
+		t.Fatalf("after releasing 7: %+v", s)
+	}
+	j.Release(100)
+	if s := j.Stats(); s.Used != 0 {
+		t.Fatalf("after releasing all: %+v", s)
+	}
+}
+
+func TestJournalLimit(t *testing.T) {
+	if _, err := NewJournal(JournalConfig{Limit: 4096, MaxWrite: 4096}, 1); err == nil {
+		t.Fatal("a limit that cannot hold one write was accepted")
+	}
+}
+
+func observeAsync(j *Journal, ctx context.Context, c Change) chan error {
+	ch := make(chan error, 1)
+	go func() { ch <- j.Observe(ctx, c) }()
+	return ch
+}
+
+func blocked(t *testing.T, ch chan error) {
+	t.Helper()
+	select {
+	case err := <-ch:
+		t.Fatalf("Observe returned (%v) though the journal is full", err)
+	case <-time.After(100 * time.Millisecond):
+	}
+}
+
+func done(t *testing.T, ch chan error) {
+	t.Helper()
+	select {
+	case err := <-ch:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Observe still blocked")
+	}
+}
+
+// TestJournalBackpressure: a full journal blocks until an ack frees space;
+// BeginPause admits everything so that the guest can be stopped.
+func TestJournalBackpressure(t *testing.T) {
+	ctx := context.Background()
+	limit := int64(2 * (4096 + changeOverhead))
+	j, _ := NewJournal(JournalConfig{Limit: limit, MaxWrite: 4096, InFlight: 2}, 1)
+	done(t, observeAsync(j, ctx, write(0, 4096, 1)))
+	done(t, observeAsync(j, ctx, write(4096, 4096, 2)))
+	third := observeAsync(j, ctx, write(8192, 4096, 3))
+	blocked(t, third) // full with the open epoch: waits for the pause
+
+	j.BeginPause()
+	done(t, third) // admitted while pausing (QEMU drains it)
+	done(t, observeAsync(j, ctx, write(0, 4096, 4)))
+	over := observeAsync(j, ctx, write(0, 4096, 5))
+	blocked(t, over) // past the overdraft of two writes: waits even in a pause
+	e1 := j.Cut()
+	if len(e1.Changes) != 4 || j.Stats().Used != e1.Bytes {
+		t.Fatalf("epoch 1 has %d changes, used %d", len(e1.Changes), j.Stats().Used)
+	}
+	blocked(t, over) // epoch 1 unacknowledged: still full
+	j.Release(1)
+	done(t, over)
+	if s := j.Stats(); s.Blocked != 2 || s.Used != 4096+changeOverhead {
+		t.Fatalf("stats %+v", s)
+	}
+
+	// A waiter gives up with its context.
+	j2, _ := NewJournal(JournalConfig{Limit: limit, MaxWrite: 4096}, 1)
+	j2.Observe(ctx, write(0, 4096, 1))
+	j2.Observe(ctx, write(0, 4096, 1))
+	cctx, cancel := context.WithCancel(ctx)
+	ch := observeAsync(j2, cctx, write(0, 4096, 1))
+	blocked(t, ch)
+	cancel()
+	if err := <-ch; !errors.Is(err, context.Canceled) {
+		t.Fatalf("err %v", err)
+	}
+}
