@@ -164,41 +164,14 @@ echo "REMUS-NBD writes=$n errors=$err"
 `
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	cw := &consoleWatch{want: "REMUS-NBD writing", seen: make(chan struct{})}
-	type result struct {
-		res *vmtest.Result
-		err error
-	}
-	done := make(chan result, 1)
-	go func() {
-		res, err := vmtest.Run(ctx, vmtest.Config{
-			Modules: []string{"virtio_pci", "virtio_blk"},
-			Command: []string{"sh", "-c", script},
-			Memory:  "256M",
-			Timeout: 2 * time.Minute,
-			QEMUArgs: []string{
-				"-blockdev", "driver=nbd,node-name=nbd0,server.type=unix,server.path=" + sock + ",export=vda,reconnect-delay=10",
-				"-device", "virtio-blk-pci,drive=nbd0",
-			},
-			Console: cw,
-		})
-		done <- result{res, err}
-	}()
-	select {
-	case <-cw.seen:
-	case r := <-done:
-		if errors.Is(r.err, vmtest.ErrUnavailable) {
-			t.Skip(r.err)
-		}
-		t.Fatalf("guest ended before writing: %v", r.err)
-	}
+	g := bootWritingGuest(ctx, t, sock, script, ",reconnect-delay=10")
 	time.Sleep(2 * time.Second)
 	stop()
 	down := time.Now()
 	time.Sleep(2 * time.Second)
 	stop = serve(second)
 	t.Logf("server down for %v", time.Since(down))
-	r := <-done
+	r := <-g.done
 	if r.err != nil {
 		t.Fatal(r.err)
 	}

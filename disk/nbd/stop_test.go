@@ -56,6 +56,50 @@ func (c *consoleWatch) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
+// guestRun is a guest booted with this server's socket as its virtio disk.
+type guestRun struct {
+	done chan guestResult
+}
+
+type guestResult struct {
+	res *vmtest.Result
+	err error
+}
+
+// bootWritingGuest boots a guest running script whose disk is the export
+// "vda" at sock (blockdevOpts appended to the -blockdev options, extra
+// QEMU arguments after) and returns once its console printed "REMUS-NBD
+// writing". It skips the test when QEMU or the kernel is unavailable.
+func bootWritingGuest(ctx context.Context, t *testing.T, sock, script, blockdevOpts string, extra ...string) *guestRun {
+	t.Helper()
+	cw := &consoleWatch{want: "REMUS-NBD writing", seen: make(chan struct{})}
+	g := &guestRun{done: make(chan guestResult, 1)}
+	args := append([]string{
+		"-blockdev", "driver=nbd,node-name=nbd0,server.type=unix,server.path=" + sock + ",export=vda" + blockdevOpts,
+		"-device", "virtio-blk-pci,drive=nbd0",
+	}, extra...)
+	go func() {
+		res, err := vmtest.Run(ctx, vmtest.Config{
+			Modules:  []string{"virtio_pci", "virtio_blk"},
+			Command:  []string{"sh", "-c", script},
+			Memory:   "256M",
+			Timeout:  2 * time.Minute,
+			QEMUArgs: args,
+			Console:  cw,
+		})
+		g.done <- guestResult{res, err}
+	}()
+	select {
+	case <-cw.seen:
+	case r := <-g.done:
+		if errors.Is(r.err, vmtest.ErrUnavailable) {
+			t.Skip(r.err)
+		}
+		t.Fatalf("guest ended before writing: %v", r.err)
+	}
+	return g
+}
+
 // TestMeasureStopFlushes measures what QMP "stop" costs a guest whose disk
 // is served by this server while the guest writes: QEMU's vm_stop drains
 // the requests in flight and then flushes every block node
@@ -88,35 +132,7 @@ echo "REMUS-NBD done"
 `
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	cw := &consoleWatch{want: "REMUS-NBD writing", seen: make(chan struct{})}
-	type result struct {
-		res *vmtest.Result
-		err error
-	}
-	done := make(chan result, 1)
-	go func() {
-		res, err := vmtest.Run(ctx, vmtest.Config{
-			Modules: []string{"virtio_pci", "virtio_blk"},
-			Command: []string{"sh", "-c", script},
-			Memory:  "256M",
-			Timeout: 2 * time.Minute,
-			QEMUArgs: []string{
-				"-blockdev", "driver=nbd,node-name=nbd0,server.type=unix,server.path=" + sock + ",export=vda",
-				"-device", "virtio-blk-pci,drive=nbd0",
-				"-qmp", "unix:" + qmpPath + ",server=on,wait=off",
-			},
-			Console: cw,
-		})
-		done <- result{res, err}
-	}()
-	select {
-	case <-cw.seen:
-	case r := <-done:
-		if errors.Is(r.err, vmtest.ErrUnavailable) {
-			t.Skip(r.err)
-		}
-		t.Fatalf("guest ended before writing: %v", r.err)
-	}
+	g := bootWritingGuest(ctx, t, sock, script, "", "-qmp", "unix:"+qmpPath+",server=on,wait=off")
 	time.Sleep(time.Second) // let the writes get going
 	q, err := qemu.DialQMP(ctx, qmpPath)
 	if err != nil {
@@ -139,7 +155,7 @@ echo "REMUS-NBD done"
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	r := <-done
+	r := <-g.done
 	if r.err != nil {
 		t.Fatal(r.err)
 	}
