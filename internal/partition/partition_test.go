@@ -9,6 +9,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -70,6 +71,19 @@ func envInt(t *testing.T, name string, def int) int {
 	return n
 }
 
+// profileTest is one of the two trial tests: the sim profile and the
+// QEMU one.
+type profileTest struct {
+	label       string  // "" for sim, "qemu" (log prefix)
+	prefix      string  // the lab's namespace prefix
+	trialsEnv   string  // trials per class
+	classesEnv  string  // comma-separated classes
+	classes     []Class // default classes
+	valid       []Class // the classes the env may name
+	qemu        bool
+	writeReport bool // PARTITION_REPORT
+}
+
 // TestPartitionTrials runs the sim profile: PARTITION_TRIALS trials of
 // each class (default 1: the quick profile CI runs). PARTITION_SEED fixes
 // the first seed (default: the time; it is logged), PARTITION_CLASSES
@@ -77,7 +91,34 @@ func envInt(t *testing.T, name string, def int) int {
 // one trial, PARTITION_REPORT=FILE writes the report as JSON.
 func TestPartitionTrials(t *testing.T) {
 	needLab(t)
-	per := envInt(t, "PARTITION_TRIALS", 1)
+	runProfileTest(t, profileTest{prefix: "pt", trialsEnv: "PARTITION_TRIALS", classesEnv: "PARTITION_CLASSES",
+		classes: Classes, valid: Classes, writeReport: true})
+}
+
+// TestPartitionQEMU runs trials on the QEMU guest (a Linux guest under
+// QEMU TCG serving guestsvc, NFQUEUE output buffering, a client on one
+// TCP connection): PARTITION_QEMU_TRIALS trials (default 1) of each of
+// PARTITION_QEMU_CLASSES (default: cut-replication, isolate-primary,
+// sigstop-primary). PARTITION_SEED and PARTITION_REPLAY (CLASS:SEED) as
+// for the sim trials.
+func TestPartitionQEMU(t *testing.T) {
+	needLab(t)
+	if testing.Short() {
+		t.Skip("boots QEMU guests (-short)")
+	}
+	if err := QEMUPrereqs(context.Background()); err != nil {
+		t.Skip(err)
+	}
+	if err := BuildGuest(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	runProfileTest(t, profileTest{label: "qemu", prefix: "pq", trialsEnv: "PARTITION_QEMU_TRIALS", classesEnv: "PARTITION_QEMU_CLASSES",
+		classes: []Class{CutReplication, IsolatePrimary, StopPrimary}, valid: QEMUClasses, qemu: true})
+}
+
+func runProfileTest(t *testing.T, pt profileTest) {
+	t.Helper()
+	per := envInt(t, pt.trialsEnv, 1)
 	seed := uint64(time.Now().UnixNano() % 1e9)
 	if v := os.Getenv("PARTITION_SEED"); v != "" {
 		s, err := strconv.ParseUint(v, 10, 64)
@@ -86,12 +127,16 @@ func TestPartitionTrials(t *testing.T) {
 		}
 		seed = s
 	}
-	classes := Classes
-	if v := os.Getenv("PARTITION_CLASSES"); v != "" {
+	known := func(c Class) bool {
+		_, ok := classes_(c)
+		return ok && slices.Contains(pt.valid, c)
+	}
+	classes := pt.classes
+	if v := os.Getenv(pt.classesEnv); v != "" {
 		classes = nil
 		for _, c := range strings.Split(v, ",") {
-			if _, ok := classes_(Class(c)); !ok {
-				t.Fatalf("PARTITION_CLASSES: unknown class %q (want one of %v)", c, Classes)
+			if !known(Class(c)) {
+				t.Fatalf("%s: unknown class %q (want one of %v)", pt.classesEnv, c, pt.valid)
 			}
 			classes = append(classes, Class(c))
 		}
@@ -105,17 +150,17 @@ func TestPartitionTrials(t *testing.T) {
 	if testing.Verbose() && os.Getenv("PARTITION_DEBUG") != "" {
 		log = zaptest.NewLogger(t)
 	}
-	lab, err := NewLab(ctx, exe, "pt", log)
+	lab, err := NewLab(ctx, exe, pt.prefix, log)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer lab.Close()
-	opts := Options{Log: log, Keep: os.Getenv("PARTITION_KEEP") != ""}
+	opts := Options{Log: log, Keep: os.Getenv("PARTITION_KEEP") != "", QEMU: pt.qemu}
 	if v := os.Getenv("PARTITION_REPLAY"); v != "" {
 		c, s, ok := strings.Cut(v, ":")
 		sd, err := strconv.ParseUint(s, 10, 64)
-		if _, known := classes_(Class(c)); !ok || err != nil || !known {
-			t.Fatalf("PARTITION_REPLAY=%q: want CLASS:SEED", v)
+		if !ok || err != nil || !known(Class(c)) {
+			t.Fatalf("PARTITION_REPLAY=%q: want CLASS:SEED with a class of %v", v, pt.valid)
 		}
 		res := RunTrial(ctx, lab, Class(c), sd, 1, opts)
 		t.Log(res.Summary())
@@ -125,9 +170,13 @@ func TestPartitionTrials(t *testing.T) {
 		}
 		return
 	}
-	t.Logf("seed %d, %d trial(s) per class, classes %v (replay one trial: PARTITION_REPLAY=CLASS:SEED)", seed, per, classes)
+	lp := "" // log prefix
+	if pt.label != "" {
+		lp = pt.label + " "
+	}
+	t.Logf("%sseed %d, %d trial(s) per class, classes %v (replay one trial: PARTITION_REPLAY=CLASS:SEED)", lp, seed, per, classes)
 	p := Profile{Classes: classes, PerClass: per, Seed: seed, Options: opts, Progress: func(r Result) {
-		t.Log(r.Summary())
+		t.Log(lp + r.Summary())
 		if !r.Passed() {
 			t.Log("\n" + r.TimelineString())
 		}
@@ -135,8 +184,8 @@ func TestPartitionTrials(t *testing.T) {
 	rp := p.Run(ctx, lab)
 	var b strings.Builder
 	rp.WriteTable(&b)
-	t.Log("\n" + b.String())
-	if path := os.Getenv("PARTITION_REPORT"); path != "" {
+	t.Log(lp + "\n" + b.String())
+	if path := os.Getenv("PARTITION_REPORT"); path != "" && pt.writeReport {
 		js, err := json.MarshalIndent(rp, "", "  ")
 		if err == nil {
 			err = os.WriteFile(path, js, 0o644)
@@ -153,89 +202,7 @@ func TestPartitionTrials(t *testing.T) {
 		t.Errorf("%d trials run, want %d", trials, per*len(classes))
 	}
 	if failed > 0 || errs > 0 || passed != trials {
-		t.Errorf("%d of %d trials failed, %d could not be run", failed, trials, errs)
-	}
-}
-
-// TestPartitionQEMU runs trials on the QEMU guest (a Linux guest under
-// QEMU TCG serving guestsvc, NFQUEUE output buffering, a client on one
-// TCP connection): PARTITION_QEMU_TRIALS trials (default 1) of each of
-// PARTITION_QEMU_CLASSES (default: cut-replication, isolate-primary,
-// sigstop-primary). PARTITION_SEED and PARTITION_REPLAY (CLASS:SEED) as
-// for the sim trials.
-func TestPartitionQEMU(t *testing.T) {
-	needLab(t)
-	if testing.Short() {
-		t.Skip("boots QEMU guests (-short)")
-	}
-	// Ctrl-C (or SIGTERM) ends the run cleanly: the trial in progress is
-	// abandoned (not counted), the lab's processes killed and its
-	// namespaces removed.
-	ctx, cancel := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer cancel()
-	if err := QEMUPrereqs(ctx); err != nil {
-		t.Skip(err)
-	}
-	if err := BuildGuest(ctx); err != nil {
-		t.Fatal(err)
-	}
-	per := envInt(t, "PARTITION_QEMU_TRIALS", 1)
-	seed := uint64(time.Now().UnixNano() % 1e9)
-	if v := os.Getenv("PARTITION_SEED"); v != "" {
-		s, err := strconv.ParseUint(v, 10, 64)
-		if err != nil {
-			t.Fatalf("PARTITION_SEED=%q: %v", v, err)
-		}
-		seed = s
-	}
-	classes := []Class{CutReplication, IsolatePrimary, StopPrimary}
-	if v := os.Getenv("PARTITION_QEMU_CLASSES"); v != "" {
-		classes = nil
-		for _, c := range strings.Split(v, ",") {
-			if _, ok := classes_(Class(c)); !ok {
-				t.Fatalf("PARTITION_QEMU_CLASSES: unknown class %q (want one of %v)", c, QEMUClasses)
-			}
-			classes = append(classes, Class(c))
-		}
-	}
-	log := zap.NewNop()
-	lab, err := NewLab(ctx, exe, "pq", log)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer lab.Close()
-	opts := Options{Log: log, Keep: os.Getenv("PARTITION_KEEP") != "", QEMU: true}
-	if v := os.Getenv("PARTITION_REPLAY"); v != "" {
-		c, s, _ := strings.Cut(v, ":")
-		sd, err := strconv.ParseUint(s, 10, 64)
-		if err != nil {
-			t.Fatalf("PARTITION_REPLAY=%q: want CLASS:SEED", v)
-		}
-		res := RunTrial(ctx, lab, Class(c), sd, 1, opts)
-		t.Log(res.Summary())
-		t.Log("\n" + res.TimelineString())
-		if !res.Passed() {
-			t.Fail()
-		}
-		return
-	}
-	t.Logf("QEMU: seed %d, %d trial(s) per class, classes %v", seed, per, classes)
-	p := Profile{Classes: classes, PerClass: per, Seed: seed, Options: opts, Progress: func(r Result) {
-		t.Log("qemu " + r.Summary())
-		if !r.Passed() {
-			t.Log("\n" + r.TimelineString())
-		}
-	}}
-	rp := p.Run(ctx, lab)
-	var b strings.Builder
-	rp.WriteTable(&b)
-	t.Log("QEMU guest:\n" + b.String())
-	trials, passed, failed, errs := rp.Total()
-	if trials != per*len(classes) {
-		t.Errorf("%d trials run, want %d", trials, per*len(classes))
-	}
-	if failed > 0 || errs > 0 || passed != trials {
-		t.Errorf("%d of %d QEMU trials failed, %d could not be run", failed, trials, errs)
+		t.Errorf("%d of %d %strials failed, %d could not be run", failed, trials, lp, errs)
 	}
 }
 
