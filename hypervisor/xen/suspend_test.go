@@ -5,19 +5,15 @@ package xen
 import (
 	"bytes"
 	"context"
-	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
 	"slices"
-	"strings"
 	"testing"
 	"time"
 
 	"go.uber.org/zap/zaptest"
 
 	"github.com/remusd/remusd/dirtymap"
-	"github.com/remusd/remusd/vmtest"
 	"github.com/remusd/remusd/xentest"
 )
 
@@ -25,46 +21,7 @@ import (
 // the cost of a cooperative suspend + fast resume per checkpoint, the way
 // Xen's Remus takes them, beside the bare pause.
 func TestXenSuspend(t *testing.T) {
-	if xentest.InDom0() {
-		t.Skip("host-side driver")
-	}
-	if testing.Short() {
-		t.Skip("boots Xen under QEMU")
-	}
-	ctx := context.Background()
-	k, err := vmtest.FindKernel(ctx, "")
-	if errors.Is(err, vmtest.ErrUnavailable) {
-		t.Skipf("needs the Debian cloud kernel for the domU: %v (run xentest/setup.sh)", err)
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
-	ramdisk := filepath.Join(t.TempDir(), "domU.cpio")
-	if err := xentest.BuildDirtierRamdisk(ctx, ramdisk); err != nil {
-		t.Fatal(err)
-	}
-	res, err := xentest.RunGoTest(ctx, ".", "^TestDom0Suspend$", []string{"xen"}, xentest.Config{
-		Files: []vmtest.File{
-			{Src: k.Image, Dst: domUKernel, Mode: 0o644},
-			{Src: ramdisk, Dst: domURamdisk, Mode: 0o644},
-		},
-		Timeout: 300 * time.Second,
-	})
-	if errors.Is(err, xentest.ErrUnavailable) {
-		t.Skipf("needs QEMU, busybox-static and Debian's Xen packages: %v (run xentest/setup.sh)", err)
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, l := range strings.Split(res.Console, "\n") {
-		if strings.Contains(l, "_test.go") || strings.Contains(l, "--- ") {
-			t.Log(strings.TrimRight(l, "\r"))
-		}
-	}
-	t.Logf("verdict %q in %s", res.Verdict, res.Elapsed)
-	if !res.Passed {
-		t.Fatalf("in-dom0 test failed; console tail:\n%s", tail(res.Console, 60))
-	}
+	runInDom0(t, "^TestDom0Suspend$", xentest.Config{Timeout: 300 * time.Second})
 }
 
 // TestDom0Suspend checkpoints a PVH guest by cooperative suspend (xenstore

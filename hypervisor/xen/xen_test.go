@@ -34,8 +34,31 @@ const (
 
 // TestXenLogDirty boots Xen under QEMU and runs TestInDom0* in dom0.
 func TestXenLogDirty(t *testing.T) {
+	// Dom0 holds the test's staging and previous-content buffers (twice
+	// the guest's memory) besides its own 1 GiB working set.
+	dom0, machine := "", ""
+	if mib := guestMiB(); mib > 128 {
+		dom0 = fmt.Sprintf("%dM", 768+3*mib)
+		machine = fmt.Sprint(768 + 3*mib + mib + 768)
+	}
+	runInDom0(t, "^TestInDom0", xentest.Config{
+		Dom0Mem: dom0,
+		Memory:  machine,
+		Env:     map[string]string{"XEN_EPOCHS": os.Getenv("XEN_EPOCHS"), "XEN_TEST_EARLY": os.Getenv("XEN_TEST_EARLY"), "XEN_GUEST_MIB": os.Getenv("XEN_GUEST_MIB")},
+		Timeout: 420 * time.Second,
+	})
+}
+
+// runInDom0 is the host-side driver of in-dom0 tests: it boots Xen under
+// QEMU with the domU's kernel and the dirtier's ramdisk, runs the tests
+// matching run in dom0, and logs their lines. A domU triple fault under
+// TCG with log-dirty on (1 run in about 8 attaching after boot; see the
+// README's Xen section) is retried once with a fresh Xen, loudly; a second
+// one, and any failure that is not one, fails.
+func runInDom0(t *testing.T, run string, cfg xentest.Config) {
+	t.Helper()
 	if xentest.InDom0() {
-		t.Skip("host-side driver; in dom0 the TestInDom0 tests run")
+		t.Skip("host-side driver; in dom0 the in-dom0 tests run")
 	}
 	if testing.Short() {
 		t.Skip("boots Xen under QEMU")
@@ -52,26 +75,22 @@ func TestXenLogDirty(t *testing.T) {
 	if err := xentest.BuildDirtierRamdisk(ctx, ramdisk); err != nil {
 		t.Fatal(err)
 	}
-	var console bytes.Buffer
-	// Dom0 holds the test's staging and previous-content buffers (twice
-	// the guest's memory) besides its own 1 GiB working set.
-	dom0, machine := "", ""
-	if mib := guestMiB(); mib > 128 {
-		dom0 = fmt.Sprintf("%dM", 768+3*mib)
-		machine = fmt.Sprint(768 + 3*mib + mib + 768)
-	}
-	// A domU triple fault under TCG with log-dirty on (1 run in about 8
-	// attaching after boot; see the README's Xen section) is retried once
-	// with a fresh Xen, loudly; a second crash, and any failure that is
-	// not a crash, fails.
+	cfg.Files = append(cfg.Files,
+		vmtest.File{Src: k.Image, Dst: domUKernel, Mode: 0o644},
+		vmtest.File{Src: ramdisk, Dst: domURamdisk, Mode: 0o644})
 	for attempt := 1; ; attempt++ {
-		console.Reset()
-		res, err := runInDom0(ctx, t, k, ramdisk, dom0, machine, &console)
+		var console bytes.Buffer
+		cfg.Console = &console
+		res, err := xentest.RunGoTest(ctx, ".", run, []string{"xen"}, cfg)
+		if errors.Is(err, xentest.ErrUnavailable) {
+			t.Skipf("needs QEMU, busybox-static and Debian's Xen packages: %v (run xentest/setup.sh)", err)
+		}
 		if err != nil {
 			t.Fatal(err)
 		}
+		// The in-dom0 tests' own output (measurements, failures).
 		for _, l := range strings.Split(res.Console, "\n") {
-			if strings.Contains(l, "xen_test.go") || strings.Contains(l, "--- ") || strings.Contains(l, "dom0:") {
+			if strings.Contains(l, "_test.go") || strings.Contains(l, "--- ") || strings.Contains(l, "dom0:") {
 				t.Log(strings.TrimRight(l, "\r"))
 			}
 		}
@@ -85,25 +104,6 @@ func TestXenLogDirty(t *testing.T) {
 		}
 		t.Fatalf("in-dom0 tests failed; console tail:\n%s", tail(res.Console, 80))
 	}
-}
-
-// runInDom0 boots Xen under QEMU and runs the TestInDom0 tests in dom0.
-func runInDom0(ctx context.Context, t *testing.T, k *vmtest.Kernel, ramdisk, dom0, machine string, console *bytes.Buffer) (*vmtest.Result, error) {
-	res, err := xentest.RunGoTest(ctx, ".", "^TestInDom0", []string{"xen"}, xentest.Config{
-		Dom0Mem: dom0,
-		Memory:  machine,
-		Files: []vmtest.File{
-			{Src: k.Image, Dst: domUKernel, Mode: 0o644},
-			{Src: ramdisk, Dst: domURamdisk, Mode: 0o644},
-		},
-		Env:     map[string]string{"XEN_EPOCHS": os.Getenv("XEN_EPOCHS"), "XEN_TEST_EARLY": os.Getenv("XEN_TEST_EARLY"), "XEN_GUEST_MIB": os.Getenv("XEN_GUEST_MIB")},
-		Timeout: 420 * time.Second,
-		Console: console,
-	})
-	if errors.Is(err, xentest.ErrUnavailable) {
-		t.Skipf("needs QEMU, busybox-static and Debian's Xen packages: %v (run xentest/setup.sh)", err)
-	}
-	return res, err
 }
 
 func tail(s string, n int) string {
