@@ -146,10 +146,8 @@ func TestRoutedPort(t *testing.T) {
 	tp := newRoutedTopo(t)
 	v4, v6 := tp.udp(t, "udp4"), tp.udp(t, "udp6")
 	// Warm up neighbour caches unbuffered.
-	v4.sendSeq(t, "w", 0, 1)
-	v6.sendSeq(t, "w", 0, 1)
-	v4.expect(t, []string{"w-0"}, 0)
-	v6.expect(t, []string{"w-0"}, 0)
+	v4.warm(t)
+	v6.warm(t)
 
 	b := tp.newBuffer(t, 13, 0)
 	v4.sendSeq(t, "a", 0, 10)

@@ -55,10 +55,8 @@ func TestDetachAndReopen(t *testing.T) {
 			}
 			v4, v6 := tp.udp(t, "udp4"), tp.udp(t, "udp6")
 			if routed { // neighbour caches, unbuffered (see TestRoutedPort)
-				v4.sendSeq(t, "w", 0, 1)
-				v6.sendSeq(t, "w", 0, 1)
-				v4.expect(t, []string{"w-0"}, 0)
-				v6.expect(t, []string{"w-0"}, 0)
+				v4.warm(t)
+				v6.warm(t)
 			}
 			b, err := tp.openBuffer(t, queue)
 			if err != nil {

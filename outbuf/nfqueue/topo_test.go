@@ -224,6 +224,37 @@ func (p *udpPair) sendSeq(tb testing.TB, tag string, from, to int) {
 	}
 }
 
+// warm sends unbuffered "w-0" until one reaches the client (a routed
+// path's neighbour entries resolve meanwhile; a first datagram can be lost
+// while they do), then drains the copies still on their way.
+func (p *udpPair) warm(tb testing.TB) {
+	tb.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		p.sendSeq(tb, "w", 0, 1)
+		select {
+		case g := <-p.got:
+			if g != "w-0" {
+				tb.Fatalf("warm-up: got %q, want \"w-0\"", g)
+			}
+			for {
+				select {
+				case g := <-p.got:
+					if g != "w-0" {
+						tb.Fatalf("warm-up: got %q, want \"w-0\"", g)
+					}
+				case <-time.After(300 * time.Millisecond):
+					return
+				}
+			}
+		case <-time.After(200 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			tb.Fatal("warm-up: no datagram reached the client in 10 s")
+		}
+	}
+}
+
 // expect reads exactly the messages want, in order, then checks that
 // nothing more arrives within quiet.
 func (p *udpPair) expect(tb testing.TB, want []string, quiet time.Duration) {
