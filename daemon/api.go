@@ -121,7 +121,9 @@ type VMStatus struct {
 	// QEMUPid is the guest's QEMU process (0: not known here);
 	// GuestState its run state: running, paused (QMP stop: an epoch's
 	// capture, self-fencing, fencing; QEMU's own status name for others),
-	// or stopped (SIGSTOP: the watchdog's stop); "" unknown.
+	// or stopped (SIGSTOP: the watchdog's stop); "" unknown (and for a
+	// guest driven through libvirt, whose connection a timed-out query
+	// would close).
 	QEMUPid    int    `json:"qemu_pid,omitempty"`
 	GuestState string `json:"guest_state,omitempty"`
 	// Watchdog is the watchdog's view of a protected guest: supervised,

@@ -711,11 +711,18 @@ func fillGuestStates(ctx context.Context, out []VMStatus, guests []any) {
 		if !ok {
 			continue
 		}
-		if pid := qg.Pid(); pid > 0 {
-			if st, err := watchdog.ProcState(pid); err == nil && (st == 'T' || st == 't') {
-				out[i].GuestState = GuestStopped
-				continue
-			}
+		pid := qg.Pid()
+		if pid <= 0 {
+			// Its monitor is libvirt's QMP passthrough: a go-libvirt
+			// call cannot be abandoned, so a query timing out here would
+			// close the connection the protection runs on (CI: a loaded
+			// libvirtd, the next checkpoint's pause failed for good).
+			// Status does not ask; the state stays unreported.
+			continue
+		}
+		if st, err := watchdog.ProcState(pid); err == nil && (st == 'T' || st == 't') {
+			out[i].GuestState = GuestStopped
+			continue
 		}
 		qctx, cancel := context.WithTimeout(ctx, guestStateTimeout)
 		var st qemu.Status
