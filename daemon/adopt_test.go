@@ -1,14 +1,7 @@
 package daemon
 
 import (
-	"context"
 	"testing"
-	"time"
-
-	"go.uber.org/zap"
-
-	"github.com/remusd/remusd/failover/witness"
-	"github.com/remusd/remusd/failover/witness/etcdtest"
 )
 
 // TestAdoptionExcludesTakeBack: a switchover on hostA writes the
@@ -20,15 +13,7 @@ import (
 // adoption by read (a5f9746) hostB "wins" without writing, and hostA's
 // take-back, from the unchanged record, wins too: two active copies.
 func TestAdoptionExcludesTakeBack(t *testing.T) {
-	srv := etcdtest.Start(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	w, err := witness.Dial(ctx, srv.WitnessConfig(), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer w.Close()
-	b := &Daemon{cfg: Config{Name: "hostB"}, log: zap.NewNop(), wit: w}
+	ctx, w, b := witnessDaemon(t, "hostB")
 	rec, err := w.Init(ctx, "vm", "hostA")
 	if err != nil {
 		t.Fatal(err)

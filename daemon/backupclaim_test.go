@@ -22,15 +22,7 @@ import (
 // (kill-during-takeover, seed 880137: the witness killed 37 ms after the
 // primary).
 func TestBackupClaimAdoptsItsAppliedClaim(t *testing.T) {
-	srv := etcdtest.Start(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	w, err := witness.Dial(ctx, srv.WitnessConfig(), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer w.Close()
-	d := &Daemon{cfg: Config{Name: "hostB"}, log: zap.NewNop(), wit: w}
+	ctx, w, d := witnessDaemon(t, "hostB")
 	i := 0
 
 	for _, tc := range []struct {
@@ -110,15 +102,7 @@ func claimWith(t *testing.T, w *witness.Witness, claimFn func(context.Context, s
 // TestWatchdogQEMUWatchdogRestarts waiting 60 s for it); another host's,
 // the copy is fenced.
 func TestRefreshViewAfterWitnessReturns(t *testing.T) {
-	srv := etcdtest.Start(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	w, err := witness.Dial(ctx, srv.WitnessConfig(), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer w.Close()
-	d := &Daemon{cfg: Config{Name: "hostA"}, log: zap.NewNop(), wit: w, vms: map[string]*vm{}}
+	ctx, w, d := witnessDaemon(t, "hostA")
 	for _, tc := range []struct {
 		vm     string
 		moved  bool
@@ -159,4 +143,20 @@ func TestRefreshViewAfterWitnessReturns(t *testing.T) {
 		}
 	}
 	d.wg.Wait()
+}
+
+// witnessDaemon starts an etcd member for the test and returns a context
+// for it (10 s), a witness client on it, and a daemon named name using
+// that witness (no VMs yet).
+func witnessDaemon(t *testing.T, name string) (context.Context, *witness.Witness, *Daemon) {
+	t.Helper()
+	srv := etcdtest.Start(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	t.Cleanup(cancel)
+	w, err := witness.Dial(ctx, srv.WitnessConfig(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { w.Close() })
+	return ctx, w, &Daemon{cfg: Config{Name: name}, log: zap.NewNop(), wit: w, vms: map[string]*vm{}}
 }
