@@ -222,12 +222,15 @@ func TestWatchdogQEMUIsolatedPrimary(t *testing.T) {
 		t.Fatalf("the guest was stopped by the watchdog after %v, never paused by its daemon", stopped)
 	}
 	fa, margin := p.acfg.FenceAfter.D(), p.a.wd.margin
+	const slack = 5 * time.Second
 	t.Logf("link and witness lost: guest paused by the daemon after %v (fence_after %v), stopped by the watchdog after %v (fence_after + margin %v)",
 		paused.Round(time.Millisecond), fa, stopped.Round(time.Millisecond), fa+margin)
-	if paused < fa || paused > fa+time.Second {
+	// Early is wrong; late is bounded loosely (a loaded 2-core machine
+	// delays timers): the figures are the logged values, not this check.
+	if paused < fa || paused > fa+slack {
 		t.Errorf("daemon paused the guest %v after the loss, want fence_after %v (+ detection)", paused, fa)
 	}
-	if stopped < fa+margin || stopped > fa+margin+time.Second {
+	if stopped < fa+margin || stopped > fa+margin+slack {
 		t.Errorf("watchdog stopped the guest %v after the loss, want fence_after + margin %v", stopped, fa+margin)
 	}
 	// The next pet's reply tells the daemon; status shows it.
