@@ -49,17 +49,18 @@ func TestReadOutputStream(t *testing.T) {
 // lost meanwhile: partition trials, sigstop-primary, seeds 5000028 and
 // 5000138); unbuffered output (epoch 0) and fresh releases are delivered.
 func TestOutputSinkDropsStaleReleases(t *testing.T) {
+	const maxAge = 200 * time.Millisecond
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
 	addr := ln.Addr().String()
 	ln.Close() // nothing listens yet: the sink holds what it is given
-	s := newOutputSink(addr, "hostA", "vm", 50*time.Millisecond, zap.NewNop())
+	s := newOutputSink(addr, "hostA", "vm", maxAge, zap.NewNop())
 	defer s.close()
 	s.send(0, []byte("unbuffered"))
 	s.send(7, []byte("stale"))
-	time.Sleep(250 * time.Millisecond) // the sink's dial retries meanwhile
+	time.Sleep(3 * maxAge) // the sink's dial retries meanwhile
 	if ln, err = net.Listen("tcp", addr); err != nil {
 		t.Skipf("cannot listen on %s again: %v", addr, err)
 	}
@@ -77,26 +78,23 @@ func TestOutputSinkDropsStaleReleases(t *testing.T) {
 		defer c.Close()
 		_ = ReadOutputStream(c, func(_ string, epoch uint64, m []byte) { got <- msg{epoch, string(m)} })
 	}()
-	time.Sleep(150 * time.Millisecond) // connected by now (100 ms retry)
-	s.send(8, []byte("fresh"))
-	var all []msg
-	timeout := time.After(5 * time.Second)
-	for len(all) < 2 {
+	next := func() msg {
 		select {
 		case m := <-got:
-			all = append(all, m)
-		case <-timeout:
-			t.Fatalf("delivered %v, want the unbuffered and the fresh message", all)
+			return m
+		case <-time.After(5 * time.Second):
+			t.Fatal("nothing delivered within 5 s")
+			return msg{}
 		}
 	}
-	select {
-	case m := <-got:
-		all = append(all, m)
-	case <-time.After(200 * time.Millisecond):
+	// The unbuffered message arrives once the sink is connected; the
+	// stale release queued with it must not.
+	if m := next(); m != (msg{0, "unbuffered"}) {
+		t.Fatalf("first delivered %v, want the unbuffered message", m)
 	}
-	want := []msg{{0, "unbuffered"}, {8, "fresh"}}
-	if fmt.Sprint(all) != fmt.Sprint(want) {
-		t.Fatalf("delivered %v, want %v (the stale release dropped)", all, want)
+	s.send(8, []byte("fresh")) // the sink is connected: delivered at once
+	if m := next(); m != (msg{8, "fresh"}) {
+		t.Fatalf("then delivered %v, want the fresh release (the stale one dropped)", m)
 	}
 	if n := s.stale.Load(); n != 1 {
 		t.Fatalf("stale drops %d, want 1", n)
