@@ -116,6 +116,11 @@ type Config struct {
 	// ReplicaBudgetMiB bounds the memory of all replicas this daemon keeps
 	// as a backup (0 = half of the host's memory).
 	ReplicaBudgetMiB int `json:"replica_budget_mib"`
+	// DiskJournalMiB bounds, per protected disk, the writes a primary keeps
+	// until the backup acknowledges their epoch (default 64). A guest that
+	// writes faster than the link waits for acks: its epochs grow longer
+	// and its writes slow down, the buffer does not grow.
+	DiskJournalMiB int `json:"disk_journal_mib"`
 	// RestartGrace is how long a backup keeps waiting for a primary whose
 	// daemon said it restarts before its silence counts as a lost primary.
 	RestartGrace Duration `json:"restart_grace"`
@@ -523,6 +528,11 @@ func (c Config) Validate() error {
 			bad("second_path.timeout", "%v is over 1m", to)
 		}
 	}
+	if c.DiskJournalMiB < 0 || c.DiskJournalMiB > 1<<16 {
+		bad("disk_journal_mib", "%d out of range [0, 65536] (0 = 64)", c.DiskJournalMiB)
+	} else if c.DiskJournalMiB != 0 && c.DiskJournalMiB < 4 {
+		bad("disk_journal_mib", "%d: at least 4 (two of the largest writes the disk server admits)", c.DiskJournalMiB)
+	}
 	if c.ReplicaBudgetMiB < 0 {
 		bad("replica_budget_mib", "must not be negative (0 = half of the host's memory)")
 	}
@@ -588,3 +598,6 @@ func (c Config) validateWatchdog() []error {
 	}
 	return errs
 }
+
+// diskJournalBytes is DiskJournalMiB in bytes (0: the backend's default).
+func (c Config) diskJournalBytes() int64 { return int64(c.DiskJournalMiB) << 20 }

@@ -72,6 +72,12 @@ type QemuVM struct {
 	// memory backing) that the daemon drives through libvirtd (config
 	// field libvirt) instead of launching QEMU; see daemon/libvirt.go.
 	Libvirt bool `json:"libvirt"`
+	// Disks are the VM's protected virtio-blk disks: remusd serves each
+	// raw image to QEMU over NBD and replicates its writes with the epoch
+	// in which they happened. On the backup, path is where the replica
+	// image is created (sparse). With use_guestimage the first disk is
+	// the guest's /dev/vda, an ext4 file system it mounts on /data.
+	Disks []QemuDisk `json:"disks,omitempty"`
 	// Autostart launches the VM when the daemon starts (default true),
 	// unless the state directory says it was protected or took over here
 	// and is gone (it may run on the other host now: `remusd start VM`
@@ -79,6 +85,17 @@ type QemuVM struct {
 	// this host to back it up (the standby is built from it) and to run it
 	// after a failover.
 	Autostart *bool `json:"autostart,omitempty"`
+}
+
+// QemuDisk is one protected disk of a qemu VM.
+type QemuDisk struct {
+	// ID names the disk (qemu.DiskIDPattern); equal on both hosts.
+	ID string `json:"id"`
+	// Path is the raw image on this host (absolute).
+	Path string `json:"path"`
+	// SizeMiB is the disk size; equal on both hosts. The primary's image
+	// must have exactly this size.
+	SizeMiB int64 `json:"size_mib"`
 }
 
 // autostart reports whether the VM launches at daemon start.
@@ -209,7 +226,35 @@ func (q QemuVM) validate(f string) []error {
 	if q.Binary != "" && strings.ContainsAny(q.Binary, "\n\x00") {
 		bad("binary", "%q is not a path", q.Binary)
 	}
+	if len(q.Disks) > 0 && (attach || q.Libvirt) {
+		bad("disks", "only for VMs this daemon launches (remusd must serve the disks to QEMU)")
+	}
+	for i, d := range q.Disks {
+		if !filepath.IsAbs(d.Path) || strings.ContainsAny(d.Path, ",\n\x00") {
+			bad(fmt.Sprintf("disks[%d].path", i), "%q must be an absolute path without ','", d.Path)
+		}
+		if d.SizeMiB <= 0 || d.SizeMiB > 16<<20 {
+			bad(fmt.Sprintf("disks[%d].size_mib", i), "%d out of range [1, 16777216]", d.SizeMiB)
+		}
+	}
+	if err := q.diskSpecsValid(); err != nil {
+		bad("disks", "%v", err)
+	}
 	return errs
+}
+
+// diskSpecs are the launch descriptions of the VM's disks.
+func (q QemuVM) diskSpecs() []qemu.DiskSpec {
+	var out []qemu.DiskSpec
+	for _, d := range q.Disks {
+		out = append(out, qemu.DiskSpec{ID: d.ID, SizeBytes: d.SizeMiB << 20, Path: d.Path})
+	}
+	return out
+}
+
+// diskSpecsValid checks the disks as the backend will (ids, sizes).
+func (q QemuVM) diskSpecsValid() error {
+	return qemu.ValidateDisks(q.diskSpecs())
 }
 
 func (s StandbyConfig) validate(f string) []error {
@@ -277,9 +322,13 @@ func (q QemuVM) qemuSpec(host string, img *guestimage.Image) qemu.Spec {
 		SerialPath: filepath.Join(dir, q.Name+".serial"),
 		Binary:     q.Binary,
 	}
+	s.Disks = q.diskSpecs()
 	if img != nil {
 		s.Kernel, s.Initrd = img.Kernel, img.Initrd
 		s.Append = guestimage.Append(q.GuestIP, q.GuestGateway, q.GuestPort)
+		if len(s.Disks) > 0 {
+			s.Append = guestimage.WithDisk(s.Append, "/dev/vda")
+		}
 	}
 	if q.QMP != "" {
 		s.QMPPath, s.RAMPath = q.QMP, q.RAM
@@ -342,7 +391,7 @@ func (d *Daemon) startQemu(ctx context.Context, q QemuVM) (*qemu.Guest, bool, er
 		return nil, false, fmt.Errorf("run dir: %w", err)
 	}
 	_ = os.Remove(spec.SerialPath)
-	g, err := qemu.Launch(ctx, spec, log)
+	g, err := qemu.LaunchWithDisks(ctx, spec, qemu.DiskOptions{JournalBytes: d.cfg.diskJournalBytes()}, log)
 	if err != nil {
 		return nil, false, err
 	}
@@ -518,7 +567,7 @@ func (d *Daemon) newQemuReplica(ctx context.Context, h *remuspb.Hello, identity 
 		return nil, fmt.Errorf("VM %s: standby run dir: %w", h.VmName, err)
 	}
 	_ = os.Remove(spec.SerialPath)
-	var opts []qemu.ReplicaOption
+	opts := []qemu.ReplicaOption{qemu.WithDiskJournal(d.cfg.diskJournalBytes())}
 	if d.cfg.Standby.Cold {
 		opts = append(opts, qemu.WithoutStandby())
 	}

@@ -13,6 +13,8 @@
 //	remus.ip=10.77.0.10/24   eth0's address (required for networking)
 //	remus.gw=10.77.0.1       default route (optional)
 //	remus.port=7000          remus-guestsvc's TCP port (default 7000)
+//	remus.disk=/dev/vda      an ext4 disk to mount on /data; remus-guestsvc
+//	                         then serves LOG records into /data/log
 //
 // The serial console (ttyS0) shows ReadyMarker once the service listens.
 //
@@ -40,8 +42,9 @@ import (
 )
 
 // Modules are the kernel modules the guest loads for a virtio-net-pci NIC
+// and a virtio-blk disk with an ext4 file system
 // (dependencies are added by vmtest; built-in ones are skipped).
-var Modules = []string{"virtio_pci", "virtio_net"}
+var Modules = []string{"virtio_pci", "virtio_net", "virtio_blk", "ext4"}
 
 // MinMemoryMiB is the smallest guest RAM the image is known to boot in.
 const MinMemoryMiB = 128
@@ -101,6 +104,16 @@ func Append(ip, gw string, port int) string {
 		a += " remus.gw=" + gw
 	}
 	return a
+}
+
+// WithDisk adds to a command line from Append the guest disk (e.g.
+// "/dev/vda", holding an ext4 file system) that /init mounts on /data for
+// remus-guestsvc's log commands.
+func WithDisk(appendLine, dev string) string {
+	if dev == "" {
+		return appendLine
+	}
+	return appendLine + " remus.disk=" + dev
 }
 
 // Build returns the guest image, building and caching it if needed.

@@ -16,12 +16,13 @@ while read -r mod params; do
 	insmod "/lib/modules/$mod" $params || echo "REMUS-GUEST: insmod $mod failed"
 done < /vmtest/modules
 ip link set lo up
-addr= gw= port=7000
+addr= gw= port=7000 disk=
 for a in $(cat /proc/cmdline); do
 	case "$a" in
 	remus.ip=*) addr="${a#remus.ip=}" ;;
 	remus.gw=*) gw="${a#remus.gw=}" ;;
 	remus.port=*) port="${a#remus.port=}" ;;
+	remus.disk=*) disk="${a#remus.disk=}" ;;
 	esac
 done
 if [ -n "$addr" ]; then
@@ -40,10 +41,29 @@ if [ -n "$addr" ]; then
 		ip route add default via "$gw" || echo "REMUS-GUEST-FAILED default route via $gw"
 	fi
 fi
+svcargs=
+if [ -n "$disk" ]; then
+	i=0
+	while [ ! -b "$disk" ]; do
+		i=$((i+1))
+		if [ "$i" -gt 100 ]; then
+			echo "REMUS-GUEST-FAILED no $disk after 10s"
+			break
+		fi
+		sleep 0.1
+	done
+	mkdir -p /data
+	if mount -t ext4 "$disk" /data; then
+		svcargs="-log /data/log -mount /data"
+		echo "REMUS-GUEST: $disk mounted on /data"
+	else
+		echo "REMUS-GUEST-FAILED mount $disk"
+	fi
+fi
 hexport=$(printf '%04X' "$port")
 run=0
 while true; do
-	/bin/remus-guestsvc -listen ":$port" &
+	/bin/remus-guestsvc -listen ":$port" $svcargs &
 	pid=$!
 	while kill -0 "$pid" 2>/dev/null && ! grep -q ":$hexport [0-9A-F]*:0000 0A" /proc/net/tcp /proc/net/tcp6 2>/dev/null; do
 		sleep 0.05

@@ -10,6 +10,20 @@
 //	GET <key>                →  VAL <key> <value> <ops> <chain>
 //	PING                     →  PONG <ops> <chain>
 //
+// With a log file (SetLog: the guest's disk), three more:
+//
+//	LOG <id> <word>          →  LOGGED <id> <records>
+//	LOGSUM                   →  LOGSUM <records> <sha>
+//	FREEZE                   →  FROZEN
+//
+// LOG appends the line "<id> <word>\n" to the file and fsyncs it before it
+// replies, so a reply means the record is durable on the guest's disk;
+// records is the number of lines the file holds then. LOGSUM gives that
+// number and the hex SHA-256 (first 16 bytes) of the whole file as read
+// back from it. FREEZE syncs every file system and remounts the log's
+// read-only (the file system is then clean on the disk: a host can fsck
+// the image); later LOGs fail.
+//
 // ops is the number of ADDs applied since the service started; chain is
 // the hex SHA-256 (first 16 bytes) of the previous chain followed by the
 // ADD line as received. A client that is the only writer can predict ops,
@@ -18,12 +32,14 @@ package guestsvc
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
 	"fmt"
 	"net"
+	"os"
 	"strconv"
 	"strings"
 	"sync"
@@ -35,6 +51,75 @@ type State struct {
 	values map[string]int64
 	ops    uint64
 	chain  [16]byte
+
+	log      *os.File // nil: no log commands
+	logPath  string
+	mount    string // the log's mount point, for FREEZE
+	records  uint64
+	freeze   func(mount string) error
+	logError error // a failed append: later LOGs fail (the file may be torn)
+}
+
+// SetLog enables the log commands on the file at path (created if absent;
+// its lines are counted), on the file system mounted at mount. freeze
+// remounts mount read-only (nil: FREEZE fails).
+func (s *State) SetLog(path, mount string, freeze func(mount string) error) error {
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_APPEND, 0o644)
+	if err != nil {
+		return fmt.Errorf("guestsvc: open log: %w", err)
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		f.Close()
+		return fmt.Errorf("guestsvc: read log: %w", err)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.log, s.logPath, s.mount, s.freeze = f, path, mount, freeze
+	s.records = uint64(bytes.Count(b, []byte{'\n'}))
+	return nil
+}
+
+func (s *State) handleLog(f []string) string {
+	if s.log == nil {
+		return "ERR no log file"
+	}
+	switch f[0] {
+	case "LOG":
+		if len(f) != 3 {
+			return "ERR usage: LOG <id> <word>"
+		}
+		if s.logError != nil {
+			return "ERR log failed earlier: " + s.logError.Error()
+		}
+		if _, err := s.log.WriteString(f[1] + " " + f[2] + "\n"); err != nil {
+			s.logError = err
+			return "ERR append: " + err.Error()
+		}
+		if err := s.log.Sync(); err != nil {
+			s.logError = err
+			return "ERR fsync: " + err.Error()
+		}
+		s.records++
+		return fmt.Sprintf("LOGGED %s %d", f[1], s.records)
+	case "LOGSUM":
+		b, err := os.ReadFile(s.logPath)
+		if err != nil {
+			return "ERR read log: " + err.Error()
+		}
+		sum := sha256.Sum256(b)
+		return fmt.Sprintf("LOGSUM %d %s", bytes.Count(b, []byte{'\n'}), hex.EncodeToString(sum[:16]))
+	case "FREEZE":
+		if s.freeze == nil {
+			return "ERR cannot freeze"
+		}
+		if err := s.freeze(s.mount); err != nil {
+			return "ERR freeze: " + err.Error()
+		}
+		s.logError = errors.New("frozen")
+		return "FROZEN"
+	}
+	return "ERR unknown command"
 }
 
 // NewState returns an empty state.
@@ -69,6 +154,8 @@ func (s *State) Handle(line string) string {
 		return fmt.Sprintf("VAL %s %d %d %s", f[1], s.values[f[1]], s.ops, hex.EncodeToString(s.chain[:]))
 	case "PING":
 		return fmt.Sprintf("PONG %d %s", s.ops, hex.EncodeToString(s.chain[:]))
+	case "LOG", "LOGSUM", "FREEZE":
+		return s.handleLog(f)
 	}
 	return "ERR unknown command " + strconv.Quote(f[0])
 }
@@ -146,6 +233,35 @@ func (m *Model) Add(id uint64, key string, delta int64) (request, want string) {
 	m.ops++
 	m.chain = next(m.chain, request)
 	return request, fmt.Sprintf("OK %d %d %d %s", id, m.ops, m.values[key], hex.EncodeToString(m.chain[:]))
+}
+
+// LogModel is a client's prediction of the log file, valid while the
+// client is its only writer and waits for each reply.
+type LogModel struct {
+	content []byte
+	records uint64
+}
+
+// Log returns the request line for a LOG of word and the reply the
+// service must give; Logged records it as durable once that reply came.
+func (m *LogModel) Log(id uint64, word string) (request, want string) {
+	return fmt.Sprintf("LOG %d %s", id, word), fmt.Sprintf("LOGGED %d %d", id, m.records+1)
+}
+
+// Logged records that the LOG of (id, word) was acknowledged.
+func (m *LogModel) Logged(id uint64, word string) {
+	m.content = fmt.Appendf(m.content, "%d %s\n", id, word)
+	m.records++
+}
+
+// Records is the number of acknowledged records.
+func (m *LogModel) Records() uint64 { return m.records }
+
+// Sum is the LOGSUM reply the service must give: exactly the
+// acknowledged records, in order, none twice.
+func (m *LogModel) Sum() string {
+	sum := sha256.Sum256(m.content)
+	return fmt.Sprintf("LOGSUM %d %s", m.records, hex.EncodeToString(sum[:16]))
 }
 
 // Check compares a reply with the predicted one.

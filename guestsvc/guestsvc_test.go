@@ -85,3 +85,51 @@ func TestServeOverTCP(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+func TestLogCommands(t *testing.T) {
+	dir := t.TempDir()
+	path := dir + "/log"
+	s := NewState()
+	if got := s.Handle("LOG 1 a"); !strings.HasPrefix(got, "ERR") {
+		t.Fatalf("LOG without a log file: %q", got)
+	}
+	froze := ""
+	if err := s.SetLog(path, dir, func(m string) error { froze = m; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	var m LogModel
+	for i, w := range []string{"alpha", "beta", "gamma"} {
+		req, want := m.Log(uint64(i+1), w)
+		if err := Check(s.Handle(req), want); err != nil {
+			t.Fatal(err)
+		}
+		m.Logged(uint64(i+1), w)
+	}
+	if err := Check(s.Handle("LOGSUM"), m.Sum()); err != nil {
+		t.Fatal(err)
+	}
+	// A record the model did not see acknowledged makes the sums differ.
+	var other LogModel
+	other.Logged(1, "alpha")
+	if s.Handle("LOGSUM") == other.Sum() {
+		t.Fatal("LOGSUM matches a model with fewer records")
+	}
+	// A restarted service counts the records already in the file.
+	s2 := NewState()
+	if err := s2.SetLog(path, dir, nil); err != nil {
+		t.Fatal(err)
+	}
+	req, want := m.Log(4, "delta")
+	if err := Check(s2.Handle(req), want); err != nil {
+		t.Fatal(err)
+	}
+	if got := s2.Handle("FREEZE"); !strings.HasPrefix(got, "ERR") {
+		t.Fatalf("FREEZE without a freeze function: %q", got)
+	}
+	if got := s.Handle("FREEZE"); got != "FROZEN" || froze != dir {
+		t.Fatalf("FREEZE: %q, froze %q", got, froze)
+	}
+	if got := s.Handle("LOG 9 late"); !strings.HasPrefix(got, "ERR") {
+		t.Fatalf("LOG after FREEZE: %q", got)
+	}
+}

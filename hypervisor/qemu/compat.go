@@ -47,7 +47,7 @@ func (e *IncompatibleError) Is(target error) bool { return target == ErrIncompat
 // of its handshake) with local, this backup's own Spec of the VM, on every
 // field QEMU's device model (and so a device-state load) depends on: name,
 // memory size, vCPUs, NIC present or not and its MAC, machine type,
-// accelerator and ExtraArgs (the same list in the same order: they come
+// accelerator, the disks (IDs and sizes) and ExtraArgs (the same list in the same order: they come
 // from each host's own configuration). Defaults are resolved first (0
 // vCPUs = 1, "" machine = "q35", "" accelerator = "tcg", MACs compared as
 // addresses), but the alias "q35" is not equated with a versioned
@@ -75,6 +75,9 @@ func CheckCompatible(primary, local Spec) error {
 	diff("mac", macString(primary.MAC), macString(local.MAC))
 	diff("machine", strconv.Quote(primary.machine()), strconv.Quote(local.machine()))
 	diff("accel", strconv.Quote(primary.accel()), strconv.Quote(local.accel()))
+	if p, l, same := diskDiff(primary.Disks, local.Disks); !same {
+		ms = append(ms, Mismatch{Field: "disks", Primary: p, Local: l})
+	}
 	if !slices.Equal(primary.ExtraArgs, local.ExtraArgs) {
 		ms = append(ms, Mismatch{Field: "extra_args", Primary: argsString(primary.ExtraArgs), Local: argsString(local.ExtraArgs)})
 	}

@@ -52,6 +52,7 @@ type Guest struct {
 	stateDir    string   // private dir for xen-save-devices-state
 	ownStateDir bool     // Close removes stateDir
 	removeRAM   bool     // Close removes spec.RAMPath
+	disks       *diskSet // the NBD servers of spec.Disks (nil: none)
 }
 
 func newGuest(ctx context.Context, spec Spec, q *QMP, ram *ramFile, p *process, log *zap.Logger) (*Guest, error) {
@@ -326,6 +327,9 @@ func (g *Guest) SaveDeviceState(ctx context.Context, dst []byte) ([]byte, error)
 	return dst, nil
 }
 
+// Disks returns the guest's protected disks (hypervisor.DiskGuest).
+func (g *Guest) Disks() []hypervisor.Disk { return g.disks.disks() }
+
 // Close quits QEMU (QMP quit, killed if it has not exited within a few
 // seconds), unmaps RAM and removes the files the backend created.
 func (g *Guest) Close() error {
@@ -358,6 +362,11 @@ func (g *Guest) close(stop bool) error {
 		g.proc.release() // an adopted QEMU: stop watching it
 	}
 	err := g.ram.unmap()
+	// The disks' servers stop with remusd's hold on the guest. A detached
+	// QEMU keeps running: its NBD client retries (reconnect-delay) until
+	// the next daemon serves the images again (Reattach), so its guest's
+	// I/O waits instead of failing.
+	err = errors.Join(err, g.disks.close())
 	g.tracker = nil
 	if g.ownStateDir {
 		os.RemoveAll(g.stateDir)

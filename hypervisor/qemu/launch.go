@@ -330,20 +330,39 @@ func (r *ramFile) unmap() error {
 // file is created (or resized) at spec.RAMPath and mapped; it is removed
 // by Close. log may be nil.
 func Launch(ctx context.Context, spec Spec, log *zap.Logger) (*Guest, error) {
+	return LaunchWithDisks(ctx, spec, DiskOptions{}, log)
+}
+
+// LaunchWithDisks is Launch with options for spec.Disks: remusd serves
+// each disk's image over NBD (it must exist with the configured size)
+// before QEMU starts, and the guest's Disks hands their journals to the
+// checkpoint engine.
+func LaunchWithDisks(ctx context.Context, spec Spec, dopts DiskOptions, log *zap.Logger) (*Guest, error) {
 	if err := spec.Validate(); err != nil {
+		return nil, err
+	}
+	if log == nil {
+		log = zap.NewNop()
+	}
+	dopts.Create = false
+	disks, err := startDisks(spec, dopts, log)
+	if err != nil {
 		return nil, err
 	}
 	ctx, cancel := withStartTimeout(ctx)
 	defer cancel()
 	start := time.Now()
 	if err := createRAM(spec.RAMPath, spec.MemoryBytes(), false); err != nil {
+		disks.close()
 		return nil, err
 	}
 	g, err := launch(ctx, spec, false, log)
 	if err != nil {
+		disks.close()
 		os.Remove(spec.RAMPath)
 		return nil, err
 	}
+	g.disks = disks
 	g.removeRAM = true
 	g.log.Info("qemu guest launched", zap.String("version", g.version), zap.Int("pid", g.proc.pid),
 		zap.Int("memory_mib", spec.MemoryMiB), zap.Duration("took", time.Since(start)))

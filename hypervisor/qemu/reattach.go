@@ -84,12 +84,24 @@ func Reattach(ctx context.Context, spec Spec, pid int, log *zap.Logger) (*Guest,
 	if err != nil {
 		return nil, fail(err)
 	}
-	g, err := newGuest(ctx, spec, q, ram, p, log)
+	if log == nil {
+		log = zap.NewNop()
+	}
+	// Serve the disks again: QEMU's NBD client has been retrying
+	// (reconnect-delay) since the previous daemon went away.
+	disks, err := startDisks(spec, DiskOptions{}, log)
 	if err != nil {
 		ram.unmap()
 		return nil, fail(err)
 	}
+	g, err := newGuest(ctx, spec, q, ram, p, log)
+	if err != nil {
+		disks.close()
+		ram.unmap()
+		return nil, fail(err)
+	}
 	ok = true
+	g.disks = disks
 	g.removeRAM = true
 	g.log.Info("qemu guest re-attached", zap.Int("pid", pid), zap.String("version", g.version), zap.Bool("paused", g.paused))
 	return g, nil

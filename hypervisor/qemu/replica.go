@@ -2,6 +2,7 @@ package qemu
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"sync"
@@ -34,7 +35,8 @@ type Replica struct {
 	base    *zap.Logger // for the QEMU processes the replica starts
 	log     *zap.Logger
 	ram     *ramFile
-	standby *Guest // nil: cold start on Activate
+	standby *Guest   // nil: cold start on Activate
+	disks   *diskSet // replica images served to the standby (nil after activation)
 
 	mu        sync.Mutex
 	epoch     uint64
@@ -47,7 +49,16 @@ type Replica struct {
 // ReplicaOption configures NewReplica.
 type ReplicaOption func(*replicaOptions)
 
-type replicaOptions struct{ noStandby bool }
+type replicaOptions struct {
+	noStandby   bool
+	diskJournal int64
+}
+
+// WithDiskJournal bounds the journal of each disk of the activated guest
+// (see DiskOptions.JournalBytes).
+func WithDiskJournal(bytes int64) ReplicaOption {
+	return func(o *replicaOptions) { o.diskJournal = bytes }
+}
 
 // WithoutStandby makes the replica start no standby: Activate cold-starts
 // QEMU on the replica RAM file.
@@ -83,8 +94,18 @@ func NewReplica(ctx context.Context, spec Spec, log *zap.Logger, opts ...Replica
 	if err := createRAM(spec.RAMPath, spec.MemoryBytes(), true); err != nil {
 		return nil, err
 	}
+	// The replica disks are served before the standby starts: its NBD
+	// client connects when QEMU opens the block nodes. The engine writes
+	// committed epochs to the images directly; the standby reads them only
+	// once activated.
+	disks, err := startDisks(spec, DiskOptions{JournalBytes: o.diskJournal, Create: true}, log)
+	if err != nil {
+		os.Remove(spec.RAMPath)
+		return nil, fmt.Errorf("qemu: replica %q: %w", spec.Name, err)
+	}
 	ram, err := mapRAM(spec.RAMPath, spec.MemoryBytes(), true)
 	if err != nil {
+		disks.close()
 		os.Remove(spec.RAMPath)
 		return nil, err
 	}
@@ -93,10 +114,11 @@ func NewReplica(ctx context.Context, spec Spec, log *zap.Logger, opts ...Replica
 		ram.mem[i] = 0
 	}
 	r := &Replica{
-		spec: spec,
-		base: log,
-		log:  log.With(zap.String("vm", spec.Name), zap.String("backend", BackendName)),
-		ram:  ram,
+		spec:  spec,
+		base:  log,
+		log:   log.With(zap.String("vm", spec.Name), zap.String("backend", BackendName)),
+		ram:   ram,
+		disks: disks,
 	}
 	if !o.noStandby {
 		start := time.Now()
@@ -110,6 +132,9 @@ func NewReplica(ctx context.Context, spec Spec, log *zap.Logger, opts ...Replica
 	}
 	return r, nil
 }
+
+// ReplicaDisks returns the replica's disk images (hypervisor.DiskReplica).
+func (r *Replica) ReplicaDisks() []hypervisor.ReplicaDisk { return r.disks.replicaDisks() }
 
 // NumPages returns the number of guest pages.
 func (r *Replica) NumPages() int { return len(r.ram.mem) / pageSize }
@@ -234,6 +259,9 @@ func (r *Replica) activate(ctx context.Context) (*Guest, error) {
 	g.ram = r.ram
 	r.ram = &ramFile{path: r.ram.path}
 	g.removeRAM = true
+	// ... and the disks' servers: its writes are journaled from now on,
+	// for a re-protection.
+	g.disks, r.disks = r.disks, nil
 	info.Total = time.Since(start)
 	r.lastAct = info
 	r.log.Info("qemu replica activated", zap.Uint64("epoch", epoch), zap.Bool("cold", info.Cold),
@@ -323,5 +351,5 @@ func (r *Replica) Close() error {
 		err = r.ram.unmap()
 		os.Remove(r.spec.RAMPath)
 	}
-	return err
+	return errors.Join(err, r.disks.close())
 }

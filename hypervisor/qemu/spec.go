@@ -60,6 +60,10 @@ type Spec struct {
 	// part of the device layout, so the backup's own configuration of the
 	// VM must list the same ones (CheckCompatible).
 	ExtraArgs []string `json:"extra_args,omitempty"`
+	// Disks are the guest's protected virtio-blk disks, served by remusd
+	// over NBD (see DiskSpec): their IDs and sizes are machine fields,
+	// their paths host-local.
+	Disks []DiskSpec `json:"disks,omitempty"`
 
 	// Host-local fields (not in Config).
 
@@ -146,6 +150,7 @@ func (s Spec) ValidateMachine() error {
 	if len(s.ExtraArgs) > maxExtraArgs {
 		bad("ExtraArgs", "%d arguments, at most %d", len(s.ExtraArgs), maxExtraArgs)
 	}
+	errs = append(errs, validateDisks(s.Disks)...)
 	for i, a := range s.ExtraArgs {
 		if len(a) > maxExtraArgBytes {
 			bad(fmt.Sprintf("ExtraArgs[%d]", i), "%d bytes, at most %d", len(a), maxExtraArgBytes)
@@ -186,6 +191,7 @@ func (s Spec) Validate() error {
 	} else if len(s.QMPPath) > 107 {
 		bad("QMPPath", "%q longer than a unix socket path may be (107)", s.QMPPath)
 	}
+	errs = append(errs, validateDiskPaths(s.Disks, s.QMPPath)...)
 	if s.Tap != "" {
 		if len(s.Tap) > 15 || strings.ContainsAny(s.Tap, ", /\x00") {
 			bad("Tap", "%q is not a valid interface name", s.Tap)
@@ -275,6 +281,7 @@ func (s Spec) Args(incoming bool) []string {
 			"-netdev", "tap,id=n0,ifname="+s.Tap+",script=no,downscript=no",
 			"-device", "virtio-net-pci,netdev=n0,mac="+s.MAC)
 	}
+	a = append(a, s.diskArgs()...)
 	a = append(a, s.ExtraArgs...)
 	if incoming {
 		// xen-save-devices-state writes no configuration section.

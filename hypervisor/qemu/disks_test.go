@@ -1,0 +1,147 @@
+package qemu
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+
+	"go.uber.org/zap/zaptest"
+
+	"github.com/remusd/remusd/disk"
+)
+
+func TestDiskSpecValidation(t *testing.T) {
+	s := testSpec(t, "d", 128)
+	s.Disks = []DiskSpec{{ID: "disk0", SizeBytes: 1 << 20, Path: "/x/a.img"}}
+	if err := s.Validate(); err != nil {
+		t.Fatalf("valid disk refused: %v", err)
+	}
+	for name, d := range map[string][]DiskSpec{
+		"bad id":        {{ID: "Disk0", SizeBytes: 1 << 20, Path: "/a"}},
+		"id with comma": {{ID: "d,x", SizeBytes: 1 << 20, Path: "/a"}},
+		"duplicate":     {{ID: "d", SizeBytes: 512, Path: "/a"}, {ID: "d", SizeBytes: 512, Path: "/b"}},
+		"odd size":      {{ID: "d", SizeBytes: 1000, Path: "/a"}},
+		"zero size":     {{ID: "d", Path: "/a"}},
+		"huge size":     {{ID: "d", SizeBytes: maxDiskBytes + 512, Path: "/a"}},
+		"relative path": {{ID: "d", SizeBytes: 512, Path: "a.img"}},
+		"long socket":   {{ID: "d", SizeBytes: 512, Path: "/a", Socket: "/" + strings.Repeat("s", 120)}},
+	} {
+		s.Disks = d
+		if err := s.Validate(); err == nil {
+			t.Errorf("%s: accepted", name)
+		}
+	}
+	// A peer's description is checked too (ids and sizes; no paths).
+	p := testSpec(t, "d", 128)
+	p.Disks = []DiskSpec{{ID: "bad id", SizeBytes: 512}}
+	if _, err := ParseConfig(p.Config()); err == nil {
+		t.Error("ParseConfig accepted a bad disk id")
+	}
+}
+
+func TestDiskConfigAndCompat(t *testing.T) {
+	p := testSpec(t, "d", 128)
+	p.Disks = []DiskSpec{{ID: "disk0", SizeBytes: 8 << 20, Path: "/primary/secret.img"}}
+	if strings.Contains(string(p.Config()), "secret") {
+		t.Fatalf("Config leaks the host-local image path: %s", p.Config())
+	}
+	got, err := ParseConfig(p.Config())
+	if err != nil {
+		t.Fatal(err)
+	}
+	local := testSpec(t, "d", 128)
+	local.Disks = []DiskSpec{{ID: "disk0", SizeBytes: 8 << 20, Path: "/backup/replica.img"}}
+	if err := CheckCompatible(got, local); err != nil {
+		t.Fatalf("same disks on another path: %v", err)
+	}
+	for name, d := range map[string][]DiskSpec{
+		"other size": {{ID: "disk0", SizeBytes: 16 << 20, Path: "/b"}},
+		"other id":   {{ID: "disk1", SizeBytes: 8 << 20, Path: "/b"}},
+		"no disk":    nil,
+	} {
+		local.Disks = d
+		err := CheckCompatible(got, local)
+		if !errors.Is(err, ErrIncompatible) || !strings.Contains(err.Error(), "disks") {
+			t.Errorf("%s: %v", name, err)
+		}
+	}
+}
+
+func TestDiskArgs(t *testing.T) {
+	s := testSpec(t, "d", 128)
+	s.Disks = []DiskSpec{{ID: "disk0", SizeBytes: 1 << 20, Path: "/a.img"}}
+	args := s.Args(false)
+	i := slices.Index(args, "-blockdev")
+	if i < 0 {
+		t.Fatalf("no -blockdev in %q", args)
+	}
+	want := "driver=nbd,node-name=disk0,server.type=unix,server.path=" + filepath.Join(filepath.Dir(s.QMPPath), "disk0.nbd") + ",export=disk0,reconnect-delay=10,discard=unmap"
+	if args[i+1] != want {
+		t.Errorf("blockdev %q, want %q", args[i+1], want)
+	}
+	if !slices.Contains(args, "virtio-blk-pci,drive=disk0,id=disk0") {
+		t.Errorf("no virtio-blk device in %q", args)
+	}
+}
+
+// TestLaunchWithDiskServesImage: QEMU reaches the image only through
+// remusd's NBD server; a write the guest's firmware cannot make is
+// simulated through QMP's human monitor (qemu-io on the node), and the
+// journal sees it before it completes.
+func TestLaunchWithDiskServesImage(t *testing.T) {
+	requireQEMU(t)
+	spec := testSpec(t, "d", 128)
+	img := filepath.Join(testDir(t), "disk.img")
+	if err := createImage(img, 4<<20); err != nil {
+		t.Fatal(err)
+	}
+	spec.Disks = []DiskSpec{{ID: "disk0", SizeBytes: 4 << 20, Path: img}}
+	ctx := testCtx(t)
+	g, err := LaunchWithDisks(ctx, spec, DiskOptions{JournalBytes: 8 << 20}, zaptest.NewLogger(t))
+	if err != nil {
+		t.Fatalf("LaunchWithDisks: %v", err)
+	}
+	defer g.Close()
+	ds := g.Disks()
+	if len(ds) != 1 || ds[0].ID != "disk0" || ds[0].Image.Size() != 4<<20 || ds[0].Journal == nil {
+		t.Fatalf("Disks: %+v", ds)
+	}
+	var out string
+	if err := g.QMP().Execute(ctx, "human-monitor-command", map[string]any{"command-line": `qemu-io -d /machine/peripheral/disk0/virtio-backend "write -P 0x5a 4096 8192"`}, &out); err != nil {
+		t.Fatalf("qemu-io: %v", err)
+	}
+	if strings.Contains(out, "error") || strings.Contains(out, "failed") {
+		t.Fatalf("qemu-io: %s", out)
+	}
+	t.Logf("qemu-io: %q", out)
+	ds[0].Journal.BeginPause()
+	ep := ds[0].Journal.Cut()
+	var wrote int64
+	for _, c := range ep.Changes {
+		if c.Kind == disk.KindWrite {
+			wrote += c.Length
+		}
+	}
+	if wrote != 8192 {
+		t.Fatalf("journal saw %d bytes written (%+v), want 8192", wrote, ep.Changes)
+	}
+	buf := make([]byte, 8192)
+	if err := ds[0].Image.ReadAt(context.Background(), buf, 4096); err != nil {
+		t.Fatal(err)
+	}
+	for i, b := range buf {
+		if b != 0x5a {
+			t.Fatalf("image byte %d = %#x, want 0x5a", 4096+i, b)
+		}
+	}
+	if err := g.Close(); err != nil {
+		t.Fatalf("Close: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(filepath.Dir(spec.QMPPath), "disk0.nbd")); err == nil {
+		t.Error("NBD socket left behind after Close")
+	}
+}
