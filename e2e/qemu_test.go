@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -64,10 +65,14 @@ func childPids(pid int) []int {
 }
 
 // client keeps one TCP connection to the guest service and issues ADDs
-// back to back, checking every reply against the model.
+// (or, with log set, LOG records to the guest's disk) back to back,
+// checking every reply against the model.
 type client struct {
 	conn net.Conn
 	m    *guestsvc.Model
+	log  *guestsvc.LogModel // LOG records instead of ADDs
+	// finish ends the loop after the request in flight got its reply.
+	finish atomic.Bool
 
 	mu       sync.Mutex
 	ok       int
@@ -79,8 +84,14 @@ type client struct {
 
 func (c *client) run(ctx context.Context) {
 	r := bufio.NewReader(c.conn)
-	for id := uint64(1); ctx.Err() == nil; id++ {
-		req, want := c.m.Add(id, "k"+strconv.FormatUint(id%4, 10), int64(id))
+	for id := uint64(1); ctx.Err() == nil && !c.finish.Load(); id++ {
+		var req, want, word string
+		if c.log != nil {
+			word = "r" + strconv.FormatUint(id*7919%100003, 36)
+			req, want = c.log.Log(id, word)
+		} else {
+			req, want = c.m.Add(id, "k"+strconv.FormatUint(id%4, 10), int64(id))
+		}
 		// A generous per-request bound: failover plus TCP retransmission.
 		_ = c.conn.SetDeadline(time.Now().Add(60 * time.Second))
 		var err error
@@ -95,6 +106,9 @@ func (c *client) run(ctx context.Context) {
 			c.err = fmt.Errorf("request %d: %w", id, err)
 			c.mu.Unlock()
 			return
+		}
+		if c.log != nil {
+			c.log.Logged(id, word)
 		}
 		now := time.Now()
 		if !c.lastAt.IsZero() && now.Sub(c.lastAt) > c.maxGap {
@@ -162,11 +176,40 @@ type qemuLab struct {
 	primary, backup *daemonProc
 	cl              *client
 	stopClient      func() // stops the client and waits for it
+	drainClient     func() // lets the client's request in flight finish, then stops it
+	aImage, bImage  string // disk images of hosts A and B (with a disk)
+}
+
+// makeExt4 creates a sparse image of mib MiB holding an empty ext4 file
+// system.
+func makeExt4(t *testing.T, path string, mib int64) {
+	t.Helper()
+	if err := os.WriteFile(path, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(path, mib<<20); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command("mkfs.ext4", "-q", "-F", "-E", "nodiscard", path).CombinedOutput(); err != nil {
+		t.Fatalf("mkfs.ext4: %v: %s", err, out)
+	}
+}
+
+// labOptions vary the QEMU lab.
+type labOptions struct {
+	// diskMiB > 0 gives the guest a protected ext4 disk of that size
+	// (host A's image made with mkfs.ext4; host B's replica image created
+	// by its daemon) and makes the client LOG records to it.
+	diskMiB int64
 }
 
 // newQemuLab boots the guest on host A, protects it to host B at 50 ms
 // epochs with mutual TLS, and starts the client.
 func newQemuLab(t *testing.T, ctx context.Context) *qemuLab {
+	return newQemuLabWith(t, ctx, labOptions{})
+}
+
+func newQemuLabWith(t *testing.T, ctx context.Context, o labOptions) *qemuLab {
 	t.Helper()
 	l := &qemuLab{n: newQNet(t), dir: shortTempDir(t)} // newQNet enables br_netfilter on the hosts (NFQUEUE output buffering)
 	shm, err := os.MkdirTemp("/dev/shm", "rq-")
@@ -188,6 +231,12 @@ func newQemuLab(t *testing.T, ctx context.Context) *qemuLab {
 	l.acfg.EpochInterval = daemon.Duration(50 * time.Millisecond)
 	l.acfg.QemuVMs = []daemon.QemuVM{{Name: "g", MemoryMiB: 128, UseGuestImage: true, GuestIP: guestIP + "/24",
 		Tap: "tapA", MAC: guestMAC, Bridge: "brA", RunDir: filepath.Join(shm, "a")}}
+	if o.diskMiB > 0 {
+		l.aImage, l.bImage = filepath.Join(l.dir, "a-disk0.img"), filepath.Join(l.dir, "b-disk0.img")
+		makeExt4(t, l.aImage, o.diskMiB)
+		l.acfg.QemuVMs[0].Disks = []daemon.QemuDisk{{ID: "disk0", Path: l.aImage, SizeMiB: o.diskMiB}}
+		l.bcfg.QemuVMs[0].Disks = []daemon.QemuDisk{{ID: "disk0", Path: l.bImage, SizeMiB: o.diskMiB}}
+	}
 	trust(&l.bcfg, &l.acfg)
 	l.backup = startDaemonIn(t, l.dir, "hostB", l.n.B, l.bcfg)
 	l.primary = startDaemonIn(t, l.dir, "hostA", l.n.A, l.acfg)
@@ -215,11 +264,22 @@ func newQemuLab(t *testing.T, ctx context.Context) *qemuLab {
 		t.Fatal(err)
 	}
 	l.cl = &client{conn: conn, m: guestsvc.NewModel()}
+	if o.diskMiB > 0 {
+		l.cl.log = &guestsvc.LogModel{}
+	}
 	cctx, ccancel := context.WithCancel(ctx)
 	cdone := make(chan struct{})
 	go func() { defer close(cdone); l.cl.run(cctx) }()
 	var once sync.Once
 	l.stopClient = func() { once.Do(func() { ccancel(); conn.Close(); <-cdone }) }
+	l.drainClient = func() {
+		l.cl.finish.Store(true)
+		select {
+		case <-cdone:
+		case <-time.After(2 * time.Minute):
+		}
+		l.stopClient()
+	}
 	t.Cleanup(l.stopClient)
 	return l
 }

@@ -113,6 +113,13 @@ func (s *State) handleLog(f []string) string {
 		if s.freeze == nil {
 			return "ERR cannot freeze"
 		}
+		// A file open for writing keeps the remount busy.
+		if s.logError == nil {
+			if err := s.log.Close(); err != nil {
+				return "ERR close log: " + err.Error()
+			}
+			s.logError = errors.New("log closed for FREEZE")
+		}
 		if err := s.freeze(s.mount); err != nil {
 			return "ERR freeze: " + err.Error()
 		}
@@ -253,6 +260,9 @@ func (m *LogModel) Logged(id uint64, word string) {
 	m.content = fmt.Appendf(m.content, "%d %s\n", id, word)
 	m.records++
 }
+
+// Content is what the log file must hold: the acknowledged records.
+func (m *LogModel) Content() []byte { return m.content }
 
 // Records is the number of acknowledged records.
 func (m *LogModel) Records() uint64 { return m.records }
