@@ -39,7 +39,21 @@ type DiskSpec struct {
 	// Socket is the NBD unix socket remusd serves the image on (default:
 	// ID.nbd beside the QMP socket).
 	Socket string `json:"-"`
+	// PCISlot, when not 0, is the slot on pcie.0 (function 0) of the
+	// disk's virtio-blk-pci device; 0 lets QEMU take the first free slot.
+	// A machine field: a standby loads a device state only with the
+	// device at the same PCI address (hypervisor/libvirt fixes it from the
+	// domain XML). Omitted from Config when 0, so that an older peer still
+	// parses a description without it.
+	PCISlot int `json:"pci_slot,omitempty"`
 }
+
+// Slots of pcie.0 a disk may take: 0x00 is the host bridge and 0x1f the
+// ICH9 functions of q35.
+const (
+	minDiskSlot = 1
+	maxDiskSlot = 0x1e
+)
 
 // DiskIDPattern is what a disk ID may look like: it becomes a QEMU id, an
 // NBD export name and a metric label.
@@ -70,6 +84,7 @@ func validateDisks(ds []DiskSpec) []error {
 		errs = append(errs, fmt.Errorf("qemu: spec Disks: %d disks, at most %d", len(ds), maxDisks))
 	}
 	seen := map[string]bool{}
+	slots := map[int]bool{}
 	for i, d := range ds {
 		f := fmt.Sprintf("qemu: spec Disks[%d]", i)
 		if !diskIDRE.MatchString(d.ID) {
@@ -81,6 +96,12 @@ func validateDisks(ds []DiskSpec) []error {
 		if d.SizeBytes <= 0 || d.SizeBytes > maxDiskBytes || d.SizeBytes%512 != 0 {
 			errs = append(errs, fmt.Errorf("%s: size_bytes %d is not a positive multiple of 512 up to %d", f, d.SizeBytes, int64(maxDiskBytes)))
 		}
+		if d.PCISlot != 0 && (d.PCISlot < minDiskSlot || d.PCISlot > maxDiskSlot) {
+			errs = append(errs, fmt.Errorf("%s: pci_slot %d not in [%d, %d] (0: QEMU's choice)", f, d.PCISlot, minDiskSlot, maxDiskSlot))
+		} else if d.PCISlot != 0 && slots[d.PCISlot] {
+			errs = append(errs, fmt.Errorf("%s: pci_slot %d is taken by another disk", f, d.PCISlot))
+		}
+		slots[d.PCISlot] = true
 	}
 	return errs
 }
@@ -109,14 +130,18 @@ func (d DiskSpec) socket(qmpPath string) string {
 
 // diskArgs are the QEMU options of the disks: an NBD client node per disk
 // (reconnecting for 10 s, so that a restarting remusd does not fail the
-// guest's I/O) under a virtio-blk device.
+// guest's I/O) under a virtio-blk device (at PCISlot of pcie.0 if set).
 func (s Spec) diskArgs() []string {
 	var a []string
 	for _, d := range s.Disks {
+		dev := "virtio-blk-pci,drive=" + d.ID + ",id=" + d.ID
+		if d.PCISlot != 0 {
+			dev += fmt.Sprintf(",bus=pcie.0,addr=0x%x", d.PCISlot)
+		}
 		a = append(a,
 			"-blockdev", "driver=nbd,node-name="+d.ID+",server.type=unix,server.path="+d.socket(s.QMPPath)+
 				",export="+d.ID+",reconnect-delay=10,discard=unmap",
-			"-device", "virtio-blk-pci,drive="+d.ID+",id="+d.ID)
+			"-device", dev)
 	}
 	return a
 }
@@ -129,7 +154,11 @@ func diskDiff(p, l []DiskSpec) (string, string, bool) {
 		}
 		var parts []string
 		for _, d := range ds {
-			parts = append(parts, d.ID+":"+strconv.FormatInt(d.SizeBytes, 10))
+			p := d.ID + ":" + strconv.FormatInt(d.SizeBytes, 10)
+			if d.PCISlot != 0 {
+				p += fmt.Sprintf("@00:%02x.0", d.PCISlot)
+			}
+			parts = append(parts, p)
 		}
 		return strings.Join(parts, ",")
 	}

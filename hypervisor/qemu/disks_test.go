@@ -29,6 +29,9 @@ func TestDiskSpecValidation(t *testing.T) {
 		"huge size":     {{ID: "d", SizeBytes: maxDiskBytes + 512, Path: "/a"}},
 		"relative path": {{ID: "d", SizeBytes: 512, Path: "a.img"}},
 		"long socket":   {{ID: "d", SizeBytes: 512, Path: "/a", Socket: "/" + strings.Repeat("s", 120)}},
+		"slot 0x1f":     {{ID: "d", SizeBytes: 512, Path: "/a", PCISlot: 0x1f}},
+		"slot -1":       {{ID: "d", SizeBytes: 512, Path: "/a", PCISlot: -1}},
+		"same slot":     {{ID: "d", SizeBytes: 512, Path: "/a", PCISlot: 2}, {ID: "e", SizeBytes: 512, Path: "/b", PCISlot: 2}},
 	} {
 		s.Disks = d
 		if err := s.Validate(); err == nil {
@@ -58,6 +61,30 @@ func TestDiskConfigAndCompat(t *testing.T) {
 	if err := CheckCompatible(got, local); err != nil {
 		t.Fatalf("same disks on another path: %v", err)
 	}
+	// Slot 0 is not sent: an older peer (which knows no pci_slot and
+	// refuses unknown fields) still parses a description without one.
+	if strings.Contains(string(p.Config()), "pci_slot") {
+		t.Fatalf("pci_slot 0 is sent: %s", p.Config())
+	}
+	slotted := p
+	slotted.Disks = []DiskSpec{{ID: "disk0", SizeBytes: 8 << 20, PCISlot: 5}}
+	gotSlot, err := ParseConfig(slotted.Config())
+	if err != nil || gotSlot.Disks[0].PCISlot != 5 {
+		t.Fatalf("pci_slot round trip: %+v %v", gotSlot.Disks, err)
+	}
+	local.Disks = []DiskSpec{{ID: "disk0", SizeBytes: 8 << 20, Path: "/b", PCISlot: 5}}
+	if err := CheckCompatible(gotSlot, local); err != nil {
+		t.Fatalf("same slot: %v", err)
+	}
+	for name, d := range map[string][]DiskSpec{
+		"other slot": {{ID: "disk0", SizeBytes: 8 << 20, Path: "/b", PCISlot: 6}},
+		"no slot":    {{ID: "disk0", SizeBytes: 8 << 20, Path: "/b"}},
+	} {
+		local.Disks = d
+		if err := CheckCompatible(gotSlot, local); !errors.Is(err, ErrIncompatible) || !strings.Contains(err.Error(), "disk0:8388608@00:05.0") {
+			t.Errorf("%s: %v", name, err)
+		}
+	}
 	for name, d := range map[string][]DiskSpec{
 		"other size": {{ID: "disk0", SizeBytes: 16 << 20, Path: "/b"}},
 		"other id":   {{ID: "disk1", SizeBytes: 8 << 20, Path: "/b"}},
@@ -85,6 +112,10 @@ func TestDiskArgs(t *testing.T) {
 	}
 	if !slices.Contains(args, "virtio-blk-pci,drive=disk0,id=disk0") {
 		t.Errorf("no virtio-blk device in %q", args)
+	}
+	s.Disks[0].PCISlot = 0x1e
+	if args := s.Args(false); !slices.Contains(args, "virtio-blk-pci,drive=disk0,id=disk0,bus=pcie.0,addr=0x1e") {
+		t.Errorf("no virtio-blk device at slot 0x1e in %q", args)
 	}
 }
 

@@ -53,6 +53,7 @@ type Guest struct {
 	ownStateDir bool     // Close removes stateDir
 	removeRAM   bool     // Close removes spec.RAMPath
 	disks       *diskSet // the NBD servers of spec.Disks (nil: none)
+	seam        DiskSeam // disks of an attached QEMU (MonitorGuestOptions.Disks)
 }
 
 func newGuest(ctx context.Context, spec Spec, q *QMP, ram *ramFile, p *process, log *zap.Logger) (*Guest, error) {
@@ -196,6 +197,11 @@ func (g *Guest) Pause(ctx context.Context) error {
 		return fmt.Errorf("qemu: pause %q: still running after stop (status %q)", g.spec.Name, st.Status)
 	}
 	g.paused = true
+	if g.seam != nil {
+		if err := g.seam.Check(ctx); err != nil {
+			return fmt.Errorf("qemu: pause %q: disks: %w", g.spec.Name, err)
+		}
+	}
 	return nil
 }
 
@@ -328,7 +334,13 @@ func (g *Guest) SaveDeviceState(ctx context.Context, dst []byte) ([]byte, error)
 }
 
 // Disks returns the guest's protected disks (hypervisor.DiskGuest).
-func (g *Guest) Disks() []hypervisor.Disk { return g.disks.disks() }
+func (g *Guest) Disks() []hypervisor.Disk {
+	d := g.disks.disks()
+	if g.seam != nil {
+		d = append(d, g.seam.Disks()...)
+	}
+	return d
+}
 
 // Close quits QEMU (QMP quit, killed if it has not exited within a few
 // seconds), unmaps RAM and removes the files the backend created.
@@ -367,6 +379,9 @@ func (g *Guest) close(stop bool) error {
 	// the next daemon serves the images again (Reattach), so its guest's
 	// I/O waits instead of failing.
 	err = errors.Join(err, g.disks.close())
+	if g.seam != nil {
+		err = errors.Join(err, g.seam.Close(stop))
+	}
 	g.tracker = nil
 	if g.ownStateDir {
 		os.RemoveAll(g.stateDir)

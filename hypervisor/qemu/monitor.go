@@ -7,6 +7,8 @@ import (
 	"path/filepath"
 
 	"go.uber.org/zap"
+
+	"github.com/remusd/remusd/hypervisor"
 )
 
 // Monitor is a QMP command channel to one QEMU: *QMP (its socket) or
@@ -51,7 +53,28 @@ type MonitorGuestOptions struct {
 	// writable by the QEMU process). Default: a private directory next to
 	// the RAM file. NewMonitorGuest does not remove a given StateDir.
 	StateDir string
-	Log      *zap.Logger
+	// Disks is the block seam of a QEMU someone else launched (nil: the
+	// guest has no protected disks): hypervisor/libvirt builds it live over
+	// QMP. The guest reports its disks (Disks), checks it at every Pause and
+	// closes it with the guest.
+	Disks DiskSeam
+	Log   *zap.Logger
+}
+
+// DiskSeam is the protected disks of a guest whose block seam was built
+// by someone other than Launch (e.g. a write-blocking mirror to remusd's
+// NBD server, set up over QMP on a running QEMU).
+type DiskSeam interface {
+	// Disks are the protected disks (hypervisor.DiskGuest).
+	Disks() []hypervisor.Disk
+	// Check is called by Pause once QEMU reports the guest stopped (its
+	// I/O drained). An error means some completed write may not have
+	// reached a Journal: Pause fails with it (the guest stays paused).
+	Check(ctx context.Context) error
+	// Close stops the seam with the guest: stop says QEMU is quit (Close),
+	// else it keeps running (Detach) and the seam must leave it able to
+	// do I/O, for the next daemon to take the seam over.
+	Close(stop bool) error
 }
 
 // NewMonitorGuest builds a Guest for a QEMU someone else launched, driven
@@ -80,6 +103,7 @@ func NewMonitorGuest(ctx context.Context, m Monitor, name, ramPath string, opts 
 		ram.unmap()
 		return nil, err
 	}
+	g.seam = opts.Disks
 	return g, nil
 }
 
