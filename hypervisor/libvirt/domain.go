@@ -35,6 +35,7 @@ type Domain struct {
 	// xmlFlags: 0 reads the live XML of a running domain,
 	// DomainXMLInactive its persistent definition.
 	xmlFlags golibvirt.DomainXMLFlags
+	seam     *DiskSeam // built by Attach for the domain's disks
 }
 
 // domainXML is the part of the domain XML remusd reads.
@@ -87,6 +88,7 @@ type domainXML struct {
 			} `xml:"model"`
 			Address *pciAddress `xml:"address"`
 		} `xml:"interface"`
+		Disks  []diskDef `xml:"disk"`
 		Others []struct {
 			XMLName xml.Name
 			Type    string `xml:"type,attr"`
@@ -286,8 +288,10 @@ func (d *Domain) RAMPath(ctx context.Context) (string, error) {
 // Spec is the domain as a hypervisor/qemu machine description (what the
 // directly launched standby of hypervisor/qemu runs): name, memory,
 // vCPUs, machine type (libvirt's versioned one, e.g. pc-q35-7.2),
-// accelerator (kvm for type='kvm'), direct kernel boot and the first
-// NIC's MAC and tap. Check StandbyProblems first: Spec does not say what
+// accelerator (kvm for type='kvm'), direct kernel boot, the first
+// NIC's MAC and tap, and the disks (ID the target dev, Path the source
+// file on this host, SizeBytes its size or 0 when it cannot be read,
+// PCISlot the slot of its address). Check StandbyProblems first: Spec does not say what
 // it leaves out.
 func (d *Domain) Spec() qemu.Spec {
 	s := qemu.Spec{
@@ -306,6 +310,7 @@ func (d *Domain) Spec() qemu.Spec {
 		s.MAC, s.Tap = strings.ToLower(nic.MAC.Address), nic.Target.Dev
 		break
 	}
+	s.Disks = d.diskSpecs()
 	return s
 }
 
@@ -315,12 +320,19 @@ type Options struct {
 	// directory next to the RAM file, owned by the RAM file's owner (the
 	// QEMU user). Attach removes the default one on Close/Detach.
 	StateDir string
+	// Disks configure the seam Attach builds for the domain's disks.
+	Disks DiskOptions
 }
 
 // Attach checks the domain (running, shared file memory), maps its RAM and
 // returns a qemu Guest driven through libvirt's QMP passthrough. The guest
 // owns the connection: Detach (leave the domain running) and Close (QMP
 // quit) close it.
+//
+// A domain with disks gets its block seam (see disks.go and DiskSeam): the
+// guest's Disks are their journals, its Pause checks the mirror jobs, and
+// (*Domain).DiskSeam returns the seam, whose Remove takes it out of the
+// domain (unprotect). Detach leaves the mirror jobs for the next daemon.
 func (c *Conn) Attach(ctx context.Context, name string, opts Options, gopts qemu.MonitorGuestOptions) (*qemu.Guest, *Domain, error) {
 	d, err := c.LookupDomain(ctx, name)
 	if err != nil {
@@ -355,9 +367,27 @@ func (c *Conn) Attach(ctx context.Context, name string, opts Options, gopts qemu
 	if spec.Name == "" {
 		spec = d.Spec()
 	}
+	if len(d.def.Devices.Disks) > 0 {
+		if opts.Disks.Log == nil {
+			opts.Disks.Log = gopts.Log
+		}
+		seam, err := startDiskSeam(ctx, d, m, ram, opts.Disks)
+		if err != nil {
+			m.closeOnly()
+			if own {
+				os.RemoveAll(stateDir)
+			}
+			return nil, nil, err
+		}
+		d.seam = seam
+		gopts.Disks = seam
+	}
 	gopts.Spec, gopts.StateDir = spec, stateDir
 	g, err := qemu.NewMonitorGuest(ctx, m, name, ram, gopts)
 	if err != nil {
+		if d.seam != nil {
+			d.seam.Remove(ctx)
+		}
 		m.closeOnly()
 		if own {
 			os.RemoveAll(stateDir)
@@ -366,6 +396,10 @@ func (c *Conn) Attach(ctx context.Context, name string, opts Options, gopts qemu
 	}
 	return g, d, nil
 }
+
+// DiskSeam is the block seam Attach built for the domain's disks (nil
+// without disks).
+func (d *Domain) DiskSeam() *DiskSeam { return d.seam }
 
 // qemuStateDir makes a private directory next to the RAM file that the
 // QEMU process (the RAM file's owner) can write.
@@ -564,7 +598,11 @@ func (d *Domain) CheckStandby() error {
 // runs. The domain must pass the checks a primary's does
 // (CheckSharedMemory: ErrNotSharedMemory; CheckStandby:
 // ErrStandbyIncompatible) and give a valid machine description
-// (qemu.Spec.ValidateMachine). Kernel, Initrd and Append are this
+// (qemu.Spec.ValidateMachine). Its disks (Spec.Disks) are this host's
+// images of the domain's disks: each <source file> must exist with the
+// primary's size (CheckCompatible compares the sizes); the standby's
+// remusd serves them to it over NBD and the engine writes the replica
+// there. Kernel, Initrd and Append are this
 // domain's; the host-local fields (Tap, RAMPath, QMPPath, SerialPath,
 // Binary) are empty for the caller to fill in. Compare the primary's
 // description with it (qemu.CheckCompatible) before starting a standby.
@@ -577,6 +615,9 @@ func (c *Conn) DefinedSpec(ctx context.Context, name string) (qemu.Spec, error) 
 		return qemu.Spec{}, err
 	}
 	if err := d.CheckStandby(); err != nil {
+		return qemu.Spec{}, err
+	}
+	if err := d.checkDiskFiles(); err != nil {
 		return qemu.Spec{}, err
 	}
 	s := d.Spec()
@@ -594,7 +635,7 @@ const StandbyNICAddress = "<address type='pci' domain='0x0000' bus='0x00' slot='
 
 // StandbyProblems lists what in the domain the backup's directly launched
 // standby (hypervisor/qemu: -machine q35 -nodefaults, one virtio-net-pci,
-// one isa-serial) would not have: device state saved by this domain's
+// one isa-serial, the disks' virtio-blk-pci at their fixed slots) would not have: device state saved by this domain's
 // QEMU would not load into it ("Unknown savevm section", measured with a
 // NIC behind a pcie-root-port). Empty means compatible. Conservative: it
 // may list things that would load.
@@ -624,6 +665,7 @@ func (d *Domain) StandbyProblems() []string {
 			p = append(p, "interface address: the standby's NIC is at 0000:00:01.0 on pcie.0; put "+StandbyNICAddress+" in the <interface> (libvirt's default puts it behind a pcie-root-port)")
 		}
 	}
+	p = append(p, d.diskProblems()...)
 	for _, o := range x.Devices.Others {
 		n := o.XMLName.Local
 		switch {
