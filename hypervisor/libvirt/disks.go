@@ -211,11 +211,13 @@ const (
 type DiskSeam struct {
 	d   *Domain
 	m   *Monitor
+	ram string
+	o   DiskOptions
 	log *zap.Logger
 
-	mu      sync.Mutex
-	disks   []*seamDisk
-	removed bool
+	op    sync.Mutex // serialises Start, Remove and Close
+	mu    sync.Mutex // guards disks
+	disks []*seamDisk
 }
 
 var _ qemu.DiskSeam = (*DiskSeam)(nil)
@@ -238,6 +240,11 @@ type DiskOptions struct {
 	JournalBytes int64
 	// Log receives the NBD servers' messages (default: none).
 	Log *zap.Logger
+	// Deferred: Attach only checks the disks; the seam is built by
+	// (*DiskSeam).Start (the daemon starts it when protection starts, and
+	// removes it at unprotect, so that an unprotected guest's writes pay
+	// nothing and fill no journal).
+	Deferred bool
 }
 
 // mirrorTarget is the Backend of the server the mirror copies to. QEMU's
@@ -307,11 +314,11 @@ func healthy(j jobInfo) bool {
 	return j.Type == "mirror" && (j.Status == "running" || j.Status == "ready") && !j.Paused && (j.IOStatus == "" || j.IOStatus == "ok")
 }
 
-// startDiskSeam builds the seam of every disk of the running domain d
-// (nil when it has none), through m. ram is the domain's RAM file: the
-// sockets go beside it, where the QEMU user can reach them. A job left by
-// a previous daemon is taken over when it is still healthy.
-func startDiskSeam(ctx context.Context, d *Domain, m *Monitor, ram string, o DiskOptions) (*DiskSeam, error) {
+// newDiskSeam checks the disks of the running domain d (nil seam when it
+// has none) and returns their seam, to be built by Start, through m. ram
+// is the domain's RAM file: the sockets go beside it, where the QEMU user
+// can reach them.
+func newDiskSeam(d *Domain, m *Monitor, ram string, o DiskOptions) (*DiskSeam, error) {
 	if len(d.def.Devices.Disks) == 0 {
 		return nil, nil
 	}
@@ -324,27 +331,50 @@ func startDiskSeam(ctx context.Context, d *Domain, m *Monitor, ram string, o Dis
 	if o.JournalBytes == 0 {
 		o.JournalBytes = DefaultDiskJournalBytes
 	}
+	if o.JournalBytes < diskMaxPayload+64 {
+		return nil, fmt.Errorf("libvirt: domain %q: disk journal of %d bytes is below one write of %d", d.name, o.JournalBytes, diskMaxPayload)
+	}
 	if o.Log == nil {
 		o.Log = zap.NewNop()
 	}
-	s := &DiskSeam{d: d, m: m, log: o.Log.With(zap.String("vm", d.name))}
+	return &DiskSeam{d: d, m: m, ram: ram, o: o, log: o.Log.With(zap.String("vm", d.name))}, nil
+}
+
+// Start builds the seam of every disk (nothing if it is up): an NBD server
+// and journal per disk, the nbd node and the write-blocking mirror job. A
+// job a previous daemon left is taken over when it still copies writes
+// (replaced otherwise). Protection counts from Start's return: every
+// write that completes afterwards reaches a journal first.
+func (s *DiskSeam) Start(ctx context.Context) error {
+	s.op.Lock()
+	defer s.op.Unlock()
+	s.mu.Lock()
+	up := len(s.disks) > 0
+	s.mu.Unlock()
+	if up {
+		return nil
+	}
 	var blocks []blockInfo
 	if err := s.exec(ctx, "query-block", nil, &blocks); err != nil {
-		return nil, fmt.Errorf("libvirt: domain %q: disks: %w", d.name, err)
+		return fmt.Errorf("libvirt: domain %q: disks: %w", s.d.name, err)
 	}
 	jobs, err := s.jobs(ctx)
 	if err != nil {
-		return nil, err
+		return err
 	}
-	for _, dd := range d.def.Devices.Disks {
-		sd, err := s.startDisk(ctx, dd, blocks, jobs, ram, o)
+	var disks []*seamDisk
+	for _, dd := range s.d.def.Devices.Disks {
+		sd, err := s.startDisk(ctx, dd, blocks, jobs, s.ram, s.o)
 		if err != nil {
-			s.Remove(ctx)
-			return nil, fmt.Errorf("libvirt: domain %q: disk %s: %w", d.name, dd.Target.Dev, err)
+			s.remove(ctx, disks)
+			return fmt.Errorf("libvirt: domain %q: disk %s: %w", s.d.name, dd.Target.Dev, err)
 		}
-		s.disks = append(s.disks, sd)
+		disks = append(disks, sd)
 	}
-	return s, nil
+	s.mu.Lock()
+	s.disks = disks
+	s.mu.Unlock()
+	return nil
 }
 
 func (s *DiskSeam) startDisk(ctx context.Context, dd diskDef, blocks []blockInfo, jobs map[string]jobInfo, ram string, o DiskOptions) (*seamDisk, error) {
@@ -538,13 +568,20 @@ func (s *DiskSeam) Check(ctx context.Context) error {
 
 // Remove takes the seam out of the running domain (unprotect): it cancels
 // each disk's mirror job (the guest keeps its disk and its node), deletes
-// the NBD node and stops the server. Disks is empty afterwards. Call it
-// before the guest's Close or Detach (it needs the monitor).
+// the NBD node and stops the server. Disks is empty afterwards; Start
+// builds it again. Call it before the guest's Close or Detach (it needs
+// the monitor).
 func (s *DiskSeam) Remove(ctx context.Context) error {
+	s.op.Lock()
+	defer s.op.Unlock()
 	s.mu.Lock()
 	disks := s.disks
-	s.disks, s.removed = nil, true
+	s.disks = nil
 	s.mu.Unlock()
+	return s.remove(ctx, disks)
+}
+
+func (s *DiskSeam) remove(ctx context.Context, disks []*seamDisk) error {
 	var errs []error
 	for _, sd := range disks {
 		if err := s.cancelJob(ctx, sd.id); err != nil {
@@ -566,6 +603,8 @@ func (s *DiskSeam) Remove(ctx context.Context) error {
 // stay: a detached domain's copies wait (reconnect-delay) for the next
 // daemon to serve the sockets again.
 func (s *DiskSeam) Close(stop bool) error {
+	s.op.Lock()
+	defer s.op.Unlock()
 	s.mu.Lock()
 	disks := s.disks
 	s.disks = nil

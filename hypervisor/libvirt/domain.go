@@ -332,7 +332,9 @@ type Options struct {
 // A domain with disks gets its block seam (see disks.go and DiskSeam): the
 // guest's Disks are their journals, its Pause checks the mirror jobs, and
 // (*Domain).DiskSeam returns the seam, whose Remove takes it out of the
-// domain (unprotect). Detach leaves the mirror jobs for the next daemon.
+// domain (unprotect) and Start builds it again. Detach leaves the mirror
+// jobs for the next daemon. With Options.Disks.Deferred, Attach only
+// checks the disks and Start builds the seam.
 func (c *Conn) Attach(ctx context.Context, name string, opts Options, gopts qemu.MonitorGuestOptions) (*qemu.Guest, *Domain, error) {
 	d, err := c.LookupDomain(ctx, name)
 	if err != nil {
@@ -371,7 +373,10 @@ func (c *Conn) Attach(ctx context.Context, name string, opts Options, gopts qemu
 		if opts.Disks.Log == nil {
 			opts.Disks.Log = gopts.Log
 		}
-		seam, err := startDiskSeam(ctx, d, m, ram, opts.Disks)
+		seam, err := newDiskSeam(d, m, ram, opts.Disks)
+		if err == nil && !opts.Disks.Deferred {
+			err = seam.Start(ctx)
+		}
 		if err != nil {
 			m.closeOnly()
 			if own {

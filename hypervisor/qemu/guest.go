@@ -342,6 +342,10 @@ func (g *Guest) Disks() []hypervisor.Disk {
 	return d
 }
 
+// DiskSeam returns the disk seam of a guest someone else launched
+// (MonitorGuestOptions.Disks), or nil.
+func (g *Guest) DiskSeam() DiskSeam { return g.seam }
+
 // Close quits QEMU (QMP quit, killed if it has not exited within a few
 // seconds), unmaps RAM and removes the files the backend created.
 func (g *Guest) Close() error {
