@@ -180,21 +180,6 @@ type qemuLab struct {
 	aImage, bImage  string // disk images of hosts A and B (with a disk)
 }
 
-// makeExt4 creates a sparse image of mib MiB holding an empty ext4 file
-// system.
-func makeExt4(t *testing.T, path string, mib int64) {
-	t.Helper()
-	if err := os.WriteFile(path, nil, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Truncate(path, mib<<20); err != nil {
-		t.Fatal(err)
-	}
-	if out, err := exec.Command("mkfs.ext4", "-q", "-F", "-E", "nodiscard", path).CombinedOutput(); err != nil {
-		t.Fatalf("mkfs.ext4: %v: %s", err, out)
-	}
-}
-
 // labOptions vary the QEMU lab.
 type labOptions struct {
 	// diskMiB > 0 gives the guest a protected ext4 disk of that size
@@ -233,7 +218,9 @@ func newQemuLabWith(t *testing.T, ctx context.Context, o labOptions) *qemuLab {
 		Tap: "tapA", MAC: guestMAC, Bridge: "brA", RunDir: filepath.Join(shm, "a")}}
 	if o.diskMiB > 0 {
 		l.aImage, l.bImage = filepath.Join(l.dir, "a-disk0.img"), filepath.Join(l.dir, "b-disk0.img")
-		makeExt4(t, l.aImage, o.diskMiB)
+		if err := guestimage.MakeDisk(ctx, l.aImage, o.diskMiB); err != nil {
+			t.Fatal(err)
+		}
 		l.acfg.QemuVMs[0].Disks = []daemon.QemuDisk{{ID: "disk0", Path: l.aImage, SizeMiB: o.diskMiB}}
 		l.bcfg.QemuVMs[0].Disks = []daemon.QemuDisk{{ID: "disk0", Path: l.bImage, SizeMiB: o.diskMiB}}
 	}
