@@ -1,16 +1,10 @@
 package bench
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"fmt"
-	"math/rand/v2"
 	"net"
-	"strconv"
-	"strings"
-	"sync"
-	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
@@ -227,9 +221,9 @@ func MeasureQEMU(ctx context.Context, cfg QEMUConfig) (res QEMUResult, err error
 		return res, cl.fail(&res, err)
 	}
 	res.UnprotectedBackToBack = latencyStats(lat, el)
-	cl.think.Store(int64(unprotectedThink))
+	cl.SetThink(unprotectedThink)
 	lat, el, err = cl.window(ctx, cfg.Duration, cfg.Requests)
-	cl.think.Store(0)
+	cl.SetThink(0)
 	if err != nil {
 		return res, cl.fail(&res, err)
 	}
@@ -322,9 +316,9 @@ func qemuPoint(ctx context.Context, cfg QEMUConfig, lab *demo.QEMULab, cl *qClie
 		return pt, err
 	}
 	t0 := time.Now()
-	cl.think.Store(int64(iv))
+	cl.SetThink(iv)
 	lat, el, err := cl.window(ctx, cfg.Duration, cfg.Requests)
-	cl.think.Store(0)
+	cl.SetThink(0)
 	if err != nil {
 		return pt, err
 	}
@@ -432,26 +426,17 @@ func qemuFailoverFresh(ctx context.Context, cfg QEMUConfig) (QEMUFailoverTrial, 
 // qClient is a closed-loop guestsvc client on one TCP connection: it
 // sends ADDs back to back and records each reply's latency and time.
 type qClient struct {
+	*guestsvc.Client
 	conn   net.Conn
 	cancel context.CancelFunc
 	done   chan struct{}
-
-	// think is the client's think time bound: it waits uniform [0,
-	// think) before each request (0: back to back).
-	think atomic.Int64
-
-	mu      sync.Mutex
-	cond    *sync.Cond
-	replies []qReply
-	e       error
-}
-
-type qReply struct {
-	at  time.Time
-	lat time.Duration
 }
 
 func startQClient(ctx context.Context, lab *demo.QEMULab) (*qClient, error) {
+	return startQClientWith(ctx, lab, guestsvc.ClientOptions{})
+}
+
+func startQClientWith(ctx context.Context, lab *demo.QEMULab, o guestsvc.ClientOptions) (*qClient, error) {
 	dctx, dcancel := context.WithTimeout(ctx, 30*time.Second)
 	conn, err := lab.Dial(dctx)
 	dcancel()
@@ -459,72 +444,19 @@ func startQClient(ctx context.Context, lab *demo.QEMULab) (*qClient, error) {
 		return nil, fmt.Errorf("qemu client: %w", err)
 	}
 	cctx, cancel := context.WithCancel(ctx)
-	c := &qClient{conn: conn, cancel: cancel, done: make(chan struct{})}
-	c.cond = sync.NewCond(&c.mu)
-	go c.run(cctx)
+	c := &qClient{Client: guestsvc.NewClient(conn, o), conn: conn, cancel: cancel, done: make(chan struct{})}
+	go func() { defer close(c.done); c.Run(cctx) }()
 	return c, nil
 }
 
-func (c *qClient) run(ctx context.Context) {
-	defer close(c.done)
-	m := guestsvc.NewModel()
-	r := bufio.NewReader(c.conn)
-	rng := rand.New(rand.NewPCG(1, 2))
-	for id := uint64(1); ctx.Err() == nil; id++ {
-		if th := c.think.Load(); th > 0 {
-			select {
-			case <-ctx.Done():
-				return
-			case <-time.After(time.Duration(rng.Int64N(th))):
-			}
-		}
-		req, want := m.Add(id, "k"+strconv.FormatUint(id%4, 10), int64(id))
-		// Generous: a failover plus TCP retransmission.
-		_ = c.conn.SetDeadline(time.Now().Add(60 * time.Second))
-		t0 := time.Now()
-		var err error
-		if _, err = fmt.Fprintf(c.conn, "%s\n", req); err == nil {
-			var got string
-			if got, err = r.ReadString('\n'); err == nil {
-				err = guestsvc.Check(strings.TrimRight(got, "\n"), want)
-			}
-		}
-		now := time.Now()
-		c.mu.Lock()
-		if ctx.Err() != nil {
-			c.mu.Unlock()
-			return
-		}
-		if err != nil {
-			c.e = fmt.Errorf("request %d: %w", id, err)
-			c.cond.Broadcast()
-			c.mu.Unlock()
-			return
-		}
-		c.replies = append(c.replies, qReply{at: now, lat: now.Sub(t0)})
-		c.cond.Broadcast()
-		c.mu.Unlock()
-	}
-}
+func (c *qClient) err() error { return c.Err() }
 
-func (c *qClient) err() error {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.e
-}
-
-func (c *qClient) count() int {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return len(c.replies)
-}
+func (c *qClient) count() int { return c.Count() }
 
 // window waits for d (or, if n > 0, for n more replies, at most 2 min) and
 // returns the latencies of the replies in it and its length.
 func (c *qClient) window(ctx context.Context, d time.Duration, n int) ([]time.Duration, time.Duration, error) {
-	c.mu.Lock()
-	i0 := len(c.replies)
-	c.mu.Unlock()
+	i0 := c.Count()
 	t0 := time.Now()
 	limit := d
 	if n > 0 {
@@ -532,9 +464,7 @@ func (c *qClient) window(ctx context.Context, d time.Duration, n int) ([]time.Du
 	}
 	deadline := t0.Add(limit)
 	for {
-		c.mu.Lock()
-		e, got := c.e, len(c.replies)-i0
-		c.mu.Unlock()
+		e, got := c.Err(), c.Count()-i0
 		if e != nil {
 			return nil, 0, e
 		}
@@ -553,19 +483,17 @@ func (c *qClient) window(ctx context.Context, d time.Duration, n int) ([]time.Du
 		case <-time.After(5 * time.Millisecond):
 		}
 	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	rs := c.replies[i0:]
+	rs := c.Replies(i0)
 	if n > 0 && len(rs) > n {
 		rs = rs[:n]
 	}
 	lat := make([]time.Duration, len(rs))
 	for i, r := range rs {
-		lat[i] = r.lat
+		lat[i] = r.Lat
 	}
 	el := time.Since(t0)
 	if n > 0 && len(rs) > 0 {
-		el = rs[len(rs)-1].at.Sub(t0)
+		el = rs[len(rs)-1].At.Sub(t0)
 	}
 	if len(lat) == 0 {
 		return nil, el, errors.New("no reply in the window")
@@ -577,15 +505,9 @@ func (c *qClient) window(ctx context.Context, d time.Duration, n int) ([]time.Du
 func (c *qClient) firstReplyAfter(ctx context.Context, t time.Time, limit time.Duration) (time.Time, error) {
 	deadline := time.Now().Add(limit)
 	for {
-		c.mu.Lock()
-		e := c.e
-		var at time.Time
-		for i := len(c.replies) - 1; i >= 0 && c.replies[i].at.After(t); i-- {
-			at = c.replies[i].at
-		}
-		c.mu.Unlock()
-		if !at.IsZero() {
-			return at, nil
+		e := c.Err()
+		if r, found := c.FirstAfter(t); found {
+			return r.At, nil
 		}
 		if e != nil {
 			return time.Time{}, e

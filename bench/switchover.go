@@ -84,15 +84,7 @@ func qemuSwitchovers(ctx context.Context, lab *demo.QEMULab, cl *qClient, n int)
 // maxGap is the longest time between consecutive replies from reply i0
 // on, only those received after since (zero: all).
 func (c *qClient) maxGap(i0 int, since time.Time) time.Duration {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	var gap time.Duration
-	for i := max(i0, 1); i < len(c.replies); i++ {
-		if !since.IsZero() && c.replies[i-1].at.Before(since) {
-			continue
-		}
-		gap = max(gap, c.replies[i].at.Sub(c.replies[i-1].at))
-	}
+	gap, _ := c.MaxGap(i0, since)
 	return gap
 }
 

@@ -57,6 +57,11 @@ type QEMULabConfig struct {
 	HeartbeatTimeout time.Duration
 	Takeover         string
 	Log              *zap.Logger
+	// DiskMiB > 0 gives the guest a protected virtio disk of that size
+	// holding ext4 (mounted on /data; remus-guestsvc's LOG and FILL write
+	// to it). Host A's image is made with mkfs.ext4; host B's daemon
+	// creates its replica image.
+	DiskMiB int64
 	// Tweak, if set, adjusts the two daemons' configurations (host A's,
 	// host B's) before they start.
 	Tweak func(a, b *daemon.Config)
@@ -75,6 +80,8 @@ type QEMULab struct {
 	Primary    daemon.ControlClient
 	Backup     daemon.ControlClient
 	BootTime   time.Duration
+	// DiskA and DiskB are the disk images of hosts A and B (DiskMiB > 0).
+	DiskA, DiskB string
 
 	q         *qrun
 	n         *netlab.Remus
@@ -154,6 +161,14 @@ func StartQEMULab(ctx context.Context, cfg QEMULabConfig) (l *QEMULab, err error
 	acfg, bcfg, err := qemuPairConfigs(l.q.dir, l.shm, cfg.MemoryMiB, cfg.EpochInterval, cfg.HeartbeatTimeout, cfg.Takeover, l.witness)
 	if err != nil {
 		return l, err
+	}
+	if cfg.DiskMiB > 0 {
+		l.DiskA, l.DiskB = filepath.Join(dir, "disk0-a.img"), filepath.Join(dir, "disk0-b.img")
+		if err := guestimage.MakeDisk(ctx, l.DiskA, cfg.DiskMiB); err != nil {
+			return l, err
+		}
+		acfg.QemuVMs[0].Disks = []daemon.QemuDisk{{ID: "disk0", Path: l.DiskA, SizeMiB: cfg.DiskMiB}}
+		bcfg.QemuVMs[0].Disks = []daemon.QemuDisk{{ID: "disk0", Path: l.DiskB, SizeMiB: cfg.DiskMiB}}
 	}
 	if cfg.Tweak != nil {
 		cfg.Tweak(&acfg, &bcfg)

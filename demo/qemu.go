@@ -1,7 +1,6 @@
 package demo
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"errors"
@@ -13,9 +12,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"time"
 
@@ -372,9 +369,9 @@ func (q *qrun) run(ctx context.Context) (*QEMUResult, error) {
 	if err != nil {
 		return nil, fmt.Errorf("demo: client: %w", err)
 	}
-	cl := &qclient{conn: conn, m: guestsvc.NewModel()}
+	cl := guestsvc.NewClient(conn, guestsvc.ClientOptions{})
 	cdone := make(chan struct{})
-	go func() { defer close(cdone); cl.run(cctx) }()
+	go func() { defer close(cdone); cl.Run(cctx) }()
 	stopClient := func() {
 		ccancel()
 		conn.Close()
@@ -400,7 +397,7 @@ func (q *qrun) run(ctx context.Context) (*QEMUResult, error) {
 			return nil, fmt.Errorf("demo: primary status: %w", err)
 		}
 		ps = st
-		ok, _, _, cerr := cl.state()
+		ok, _, _, cerr := cl.State()
 		if cerr != nil {
 			return nil, fmt.Errorf("demo: client failed under protection: %w", cerr)
 		}
@@ -410,7 +407,7 @@ func (q *qrun) run(ctx context.Context) (*QEMUResult, error) {
 			int(float64(ok-prevOK)/now.Sub(prevAt).Seconds()), ok)
 		prevOK, prevAt = ok, now
 	}
-	before, _, lastIDBefore, _ := cl.state()
+	before, _, lastIDBefore, _ := cl.State()
 	rate := float64(before) / time.Since(start).Seconds()
 
 	// The primary host dies: everything in its namespace (remusd and its
@@ -450,7 +447,7 @@ func (q *qrun) run(ctx context.Context) (*QEMUResult, error) {
 	// The client's next reply on the same connection.
 	var firstAfter time.Time
 	if err := waitUntil(ctx, 2*time.Minute, func() (bool, error) {
-		ok, last, _, cerr := cl.state()
+		ok, last, _, cerr := cl.State()
 		if cerr != nil {
 			return false, cerr
 		}
@@ -469,7 +466,7 @@ func (q *qrun) run(ctx context.Context) (*QEMUResult, error) {
 			return nil, ctx.Err()
 		case <-tick.C:
 		}
-		ok, _, _, cerr := cl.state()
+		ok, _, _, cerr := cl.State()
 		if cerr != nil {
 			break
 		}
@@ -484,19 +481,25 @@ func (q *qrun) run(ctx context.Context) (*QEMUResult, error) {
 }
 
 // finish stops the client and assembles the result.
-func (q *qrun) finish(cl *qclient, active, ps daemon.VMStatus, qver string,
+func (q *qrun) finish(cl *guestsvc.Client, active, ps daemon.VMStatus, qver string,
 	img *guestimage.Image, rate float64, killAt, firstAfter time.Time, vmActive time.Duration, before int, lastIDBefore uint64,
 	stopClient func(), ferr error) (*QEMUResult, error) {
 	stopClient()
-	ok, _, _, cerr := cl.state()
-	cl.mu.Lock()
-	failed, diverged, firstID, gap := cl.failed, cl.diverged, cl.firstIDAfter(killAt), cl.maxGap
-	if firstID > 0 {
+	ok, _, _, cerr := cl.State()
+	failed, diverged := 0, 0
+	if cerr != nil && cl.Diverged() {
+		diverged = 1
+	} else if cerr != nil {
+		failed = 1
+	}
+	var firstID uint64
+	if r, found := cl.FirstAfter(killAt); found {
 		// Replies are numbered from 1 in order: split them at the kill
 		// (one may land between the last status poll and the kill).
+		firstID = r.ID
 		before, lastIDBefore = int(firstID-1), firstID-1
 	}
-	cl.mu.Unlock()
+	gap, _ := cl.MaxGap(0, time.Time{})
 	if cerr != nil && (errors.Is(cerr, context.Canceled) || errors.Is(cerr, net.ErrClosed)) {
 		cerr = nil
 	}
@@ -654,77 +657,4 @@ func waitUntil(ctx context.Context, limit time.Duration, cond func() (bool, erro
 		case <-time.After(10 * time.Millisecond):
 		}
 	}
-}
-
-// qclient keeps one TCP connection to the guest service and issues ADDs
-// back to back, checking every reply against the model.
-type qclient struct {
-	conn net.Conn
-	m    *guestsvc.Model
-
-	mu       sync.Mutex
-	ok       int
-	failed   int
-	diverged int
-	lastID   uint64
-	lastAt   time.Time
-	err      error
-	maxGap   time.Duration
-	times    []time.Time // reply times, index = id-1
-}
-
-func (c *qclient) run(ctx context.Context) {
-	r := bufio.NewReader(c.conn)
-	for id := uint64(1); ctx.Err() == nil; id++ {
-		req, want := c.m.Add(id, "k"+strconv.FormatUint(id%4, 10), int64(id))
-		// A generous per-request bound: failover plus TCP retransmission.
-		_ = c.conn.SetDeadline(time.Now().Add(60 * time.Second))
-		var err, cerr error
-		if _, err = fmt.Fprintf(c.conn, "%s\n", req); err == nil {
-			var got string
-			if got, err = r.ReadString('\n'); err == nil {
-				cerr = guestsvc.Check(strings.TrimRight(got, "\n"), want)
-			}
-		}
-		now := time.Now()
-		c.mu.Lock()
-		switch {
-		case ctx.Err() != nil:
-			c.mu.Unlock()
-			return
-		case err != nil:
-			c.failed++
-			c.err = fmt.Errorf("request %d: %w", id, err)
-			c.mu.Unlock()
-			return
-		case cerr != nil:
-			c.diverged++
-			c.err = fmt.Errorf("request %d: %w", id, cerr)
-			c.mu.Unlock()
-			return
-		}
-		if !c.lastAt.IsZero() && now.Sub(c.lastAt) > c.maxGap {
-			c.maxGap = now.Sub(c.lastAt)
-		}
-		c.ok++
-		c.lastID, c.lastAt = id, now
-		c.times = append(c.times, now)
-		c.mu.Unlock()
-	}
-}
-
-func (c *qclient) state() (ok int, last time.Time, lastID uint64, err error) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.ok, c.lastAt, c.lastID, c.err
-}
-
-// firstIDAfter is the id of the first reply received after t (0 = none);
-// c.mu held.
-func (c *qclient) firstIDAfter(t time.Time) uint64 {
-	i, _ := slices.BinarySearchFunc(c.times, t, func(a, b time.Time) int { return a.Compare(b) })
-	if i < len(c.times) {
-		return uint64(i + 1)
-	}
-	return 0
 }

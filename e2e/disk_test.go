@@ -66,7 +66,7 @@ func qemuDiskFailoverRun(t *testing.T, killAfter int) {
 	if _, _, err := cl.state(); err != nil && !errors.Is(err, context.Canceled) && !strings.Contains(err.Error(), "closed") {
 		t.Fatalf("client: %v", err)
 	}
-	want := cl.log.Sum()
+	want := cl.LogModel().Sum()
 
 	// The guest's own view of its file, then a clean file system on disk.
 	conn, err := netlab.Dial(ctx, l.n.Client, guestIP+":"+guestPort)
@@ -100,9 +100,10 @@ func qemuDiskFailoverRun(t *testing.T, killAfter int) {
 	if err != nil {
 		t.Fatalf("debugfs: %v", err)
 	}
-	if !bytes.Equal(content, cl.log.Content()) {
-		t.Fatalf("/log on the backup's disk image: %d bytes, want the %d acknowledged records (%d bytes)", len(content), cl.log.Records(), len(cl.log.Content()))
+	if !bytes.Equal(content, cl.LogModel().Content()) {
+		t.Fatalf("/log on the backup's disk image: %d bytes, want the %d acknowledged records (%d bytes)", len(content), cl.LogModel().Records(), len(cl.LogModel().Content()))
 	}
+	gap, after := cl.gap()
 	t.Logf("%d records acknowledged on one TCP connection, all on the backup's disk once and in order; e2fsck clean; longest gap %v after record %d",
-		cl.log.Records(), cl.maxGap, cl.gapAfter)
+		cl.LogModel().Records(), gap, after)
 }

@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -12,7 +11,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -64,67 +62,22 @@ func childPids(pid int) []int {
 	return out
 }
 
-// client keeps one TCP connection to the guest service and issues ADDs
-// (or, with log set, LOG records to the guest's disk) back to back,
-// checking every reply against the model.
-type client struct {
-	conn net.Conn
-	m    *guestsvc.Model
-	log  *guestsvc.LogModel // LOG records instead of ADDs
-	// finish ends the loop after the request in flight got its reply.
-	finish atomic.Bool
+// client is guestsvc.Client with the e2e tests' view of its state.
+type client struct{ *guestsvc.Client }
 
-	mu       sync.Mutex
-	ok       int
-	lastAt   time.Time
-	err      error
-	maxGap   time.Duration
-	gapAfter int // replies before the longest gap
+func newClient(conn net.Conn, o guestsvc.ClientOptions) *client {
+	return &client{guestsvc.NewClient(conn, o)}
 }
 
-func (c *client) run(ctx context.Context) {
-	r := bufio.NewReader(c.conn)
-	for id := uint64(1); ctx.Err() == nil && !c.finish.Load(); id++ {
-		var req, want, word string
-		if c.log != nil {
-			word = "r" + strconv.FormatUint(id*7919%100003, 36)
-			req, want = c.log.Log(id, word)
-		} else {
-			req, want = c.m.Add(id, "k"+strconv.FormatUint(id%4, 10), int64(id))
-		}
-		// A generous per-request bound: failover plus TCP retransmission.
-		_ = c.conn.SetDeadline(time.Now().Add(60 * time.Second))
-		var err error
-		if _, err = fmt.Fprintf(c.conn, "%s\n", req); err == nil {
-			var got string
-			if got, err = r.ReadString('\n'); err == nil {
-				err = guestsvc.Check(strings.TrimRight(got, "\n"), want)
-			}
-		}
-		c.mu.Lock()
-		if err != nil {
-			c.err = fmt.Errorf("request %d: %w", id, err)
-			c.mu.Unlock()
-			return
-		}
-		if c.log != nil {
-			c.log.Logged(id, word)
-		}
-		now := time.Now()
-		if !c.lastAt.IsZero() && now.Sub(c.lastAt) > c.maxGap {
-			c.maxGap, c.gapAfter = now.Sub(c.lastAt), c.ok
-		}
-		c.ok++
-		c.lastAt = now
-		c.mu.Unlock()
-	}
-}
+func (c *client) run(ctx context.Context) { c.Run(ctx) }
 
 func (c *client) state() (ok int, last time.Time, err error) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.ok, c.lastAt, c.err
+	ok, last, _, err = c.State()
+	return ok, last, err
 }
+
+// gap is the longest time between two replies and the replies before it.
+func (c *client) gap() (time.Duration, int) { return c.MaxGap(0, time.Time{}) }
 
 // TestQEMUTCPSessionSurvivesFailover is the proof: a Linux guest under
 // QEMU serves one TCP connection; the primary's QEMU and remusd are
@@ -180,21 +133,6 @@ type qemuLab struct {
 	aImage, bImage  string // disk images of hosts A and B (with a disk)
 }
 
-// makeExt4 creates a sparse image of mib MiB holding an empty ext4 file
-// system.
-func makeExt4(t *testing.T, path string, mib int64) {
-	t.Helper()
-	if err := os.WriteFile(path, nil, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Truncate(path, mib<<20); err != nil {
-		t.Fatal(err)
-	}
-	if out, err := exec.Command("mkfs.ext4", "-q", "-F", "-E", "nodiscard", path).CombinedOutput(); err != nil {
-		t.Fatalf("mkfs.ext4: %v: %s", err, out)
-	}
-}
-
 // labOptions vary the QEMU lab.
 type labOptions struct {
 	// diskMiB > 0 gives the guest a protected ext4 disk of that size
@@ -233,7 +171,9 @@ func newQemuLabWith(t *testing.T, ctx context.Context, o labOptions) *qemuLab {
 		Tap: "tapA", MAC: guestMAC, Bridge: "brA", RunDir: filepath.Join(shm, "a")}}
 	if o.diskMiB > 0 {
 		l.aImage, l.bImage = filepath.Join(l.dir, "a-disk0.img"), filepath.Join(l.dir, "b-disk0.img")
-		makeExt4(t, l.aImage, o.diskMiB)
+		if err := guestimage.MakeDisk(ctx, l.aImage, o.diskMiB); err != nil {
+			t.Fatal(err)
+		}
 		l.acfg.QemuVMs[0].Disks = []daemon.QemuDisk{{ID: "disk0", Path: l.aImage, SizeMiB: o.diskMiB}}
 		l.bcfg.QemuVMs[0].Disks = []daemon.QemuDisk{{ID: "disk0", Path: l.bImage, SizeMiB: o.diskMiB}}
 	}
@@ -263,17 +203,14 @@ func newQemuLabWith(t *testing.T, ctx context.Context, o labOptions) *qemuLab {
 	if err != nil {
 		t.Fatal(err)
 	}
-	l.cl = &client{conn: conn, m: guestsvc.NewModel()}
-	if o.diskMiB > 0 {
-		l.cl.log = &guestsvc.LogModel{}
-	}
+	l.cl = newClient(conn, guestsvc.ClientOptions{Log: o.diskMiB > 0})
 	cctx, ccancel := context.WithCancel(ctx)
 	cdone := make(chan struct{})
 	go func() { defer close(cdone); l.cl.run(cctx) }()
 	var once sync.Once
 	l.stopClient = func() { once.Do(func() { ccancel(); conn.Close(); <-cdone }) }
 	l.drainClient = func() {
-		l.cl.finish.Store(true)
+		l.cl.Finish()
 		select {
 		case <-cdone:
 		case <-time.After(2 * time.Minute):
@@ -364,7 +301,8 @@ func qemuFailoverRun(t *testing.T, killAfter int) {
 	if cerr != nil && !errors.Is(cerr, context.Canceled) && !strings.Contains(cerr.Error(), "closed") {
 		t.Fatalf("client: %v", cerr)
 	}
-	t.Logf("client: %d replies, all consistent with the model, on one TCP connection; longest gap %v after reply %d", ok, cl.maxGap, cl.gapAfter)
+	gap, after := cl.gap()
+	t.Logf("client: %d replies, all consistent with the model, on one TCP connection; longest gap %v after reply %d", ok, gap, after)
 	if b := backup.logTail(400); !strings.Contains(b, "qemu replica activated") {
 		t.Errorf("backup log has no activation record")
 	}

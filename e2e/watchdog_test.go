@@ -70,7 +70,7 @@ func newWatchdogLab(t *testing.T, ctx context.Context, tweak func(a, b *daemon.C
 	if err != nil {
 		t.Fatal(err)
 	}
-	l.cl = &client{conn: conn, m: guestsvc.NewModel()}
+	l.cl = newClient(conn, guestsvc.ClientOptions{})
 	cctx, ccancel := context.WithCancel(ctx)
 	cdone := make(chan struct{})
 	go func() { defer close(cdone); l.cl.run(cctx) }()

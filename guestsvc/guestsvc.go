@@ -14,6 +14,7 @@
 //
 //	LOG <id> <word>          →  LOGGED <id> <records>
 //	LOGSUM                   →  LOGSUM <records> <sha>
+//	FILL <id> <kib>          →  FILLED <id> <bytes>
 //	FREEZE                   →  FROZEN
 //
 // LOG appends the line "<id> <word>\n" to the file and fsyncs it before it
@@ -22,7 +23,9 @@
 // number and the hex SHA-256 (first 16 bytes) of the whole file as read
 // back from it. FREEZE syncs every file system and remounts the log's
 // read-only (the file system is then clean on the disk: a host can fsck
-// the image); later LOGs fail.
+// the image); later LOGs fail. FILL (a write-heavy load) writes kib KiB
+// (1..8192) of pseudo-random data at the next offset of a 64 MiB ring file
+// beside the log, fsyncs it, and replies the bytes written so far.
 //
 // ops is the number of ADDs applied since the service started; chain is
 // the hex SHA-256 (first 16 bytes) of the previous chain followed by the
@@ -35,6 +38,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -58,7 +62,13 @@ type State struct {
 	records  uint64
 	freeze   func(mount string) error
 	logError error // a failed append: later LOGs fail (the file may be torn)
+	fill     *os.File
+	filled   int64
+	fillBuf  []byte
 }
+
+// fillRing is the size of FILL's ring file.
+const fillRing = 64 << 20
 
 // SetLog enables the log commands on the file at path (created if absent;
 // its lines are counted), on the file system mounted at mount. freeze
@@ -109,6 +119,46 @@ func (s *State) handleLog(f []string) string {
 		}
 		sum := sha256.Sum256(b)
 		return fmt.Sprintf("LOGSUM %d %s", bytes.Count(b, []byte{'\n'}), hex.EncodeToString(sum[:16]))
+	case "FILL":
+		if len(f) != 3 {
+			return "ERR usage: FILL <id> <kib>"
+		}
+		kib, err := strconv.Atoi(f[2])
+		if err != nil || kib < 1 || kib > 8192 {
+			return "ERR kib must be 1..8192"
+		}
+		if s.logError != nil {
+			return "ERR log failed earlier: " + s.logError.Error()
+		}
+		if s.fill == nil {
+			if s.fill, err = os.OpenFile(s.logPath+".fill", os.O_RDWR|os.O_CREATE, 0o644); err != nil {
+				return "ERR open fill: " + err.Error()
+			}
+		}
+		n := kib << 10
+		if len(s.fillBuf) < n {
+			s.fillBuf = make([]byte, n)
+		}
+		b := s.fillBuf[:n]
+		x := uint64(s.filled) | 1
+		for i := 0; i+8 <= len(b); i += 8 {
+			x ^= x << 13
+			x ^= x >> 7
+			x ^= x << 17
+			binary.LittleEndian.PutUint64(b[i:], x)
+		}
+		off := s.filled % fillRing
+		if off+int64(n) > fillRing {
+			off = 0
+		}
+		if _, err := s.fill.WriteAt(b, off); err != nil {
+			return "ERR fill: " + err.Error()
+		}
+		if err := s.fill.Sync(); err != nil {
+			return "ERR fsync fill: " + err.Error()
+		}
+		s.filled += int64(n)
+		return fmt.Sprintf("FILLED %s %d", f[1], s.filled)
 	case "FREEZE":
 		if s.freeze == nil {
 			return "ERR cannot freeze"
@@ -117,6 +167,9 @@ func (s *State) handleLog(f []string) string {
 		if s.logError == nil {
 			if err := s.log.Close(); err != nil {
 				return "ERR close log: " + err.Error()
+			}
+			if s.fill != nil {
+				s.fill.Close()
 			}
 			s.logError = errors.New("log closed for FREEZE")
 		}
@@ -161,7 +214,7 @@ func (s *State) Handle(line string) string {
 		return fmt.Sprintf("VAL %s %d %d %s", f[1], s.values[f[1]], s.ops, hex.EncodeToString(s.chain[:]))
 	case "PING":
 		return fmt.Sprintf("PONG %d %s", s.ops, hex.EncodeToString(s.chain[:]))
-	case "LOG", "LOGSUM", "FREEZE":
+	case "LOG", "LOGSUM", "FILL", "FREEZE":
 		return s.handleLog(f)
 	}
 	return "ERR unknown command " + strconv.Quote(f[0])

@@ -123,6 +123,15 @@ func TestLogCommands(t *testing.T) {
 	if err := Check(s2.Handle(req), want); err != nil {
 		t.Fatal(err)
 	}
+	if got := s2.Handle("FILL 5 64"); got != "FILLED 5 65536" {
+		t.Fatalf("FILL: %q", got)
+	}
+	if got := s2.Handle("FILL 6 64"); got != "FILLED 6 131072" {
+		t.Fatalf("second FILL: %q", got)
+	}
+	if got := s2.Handle("FILL 7 0"); !strings.HasPrefix(got, "ERR") {
+		t.Fatalf("FILL of 0 KiB: %q", got)
+	}
 	if got := s2.Handle("FREEZE"); !strings.HasPrefix(got, "ERR") {
 		t.Fatalf("FREEZE without a freeze function: %q", got)
 	}
