@@ -160,3 +160,194 @@ func TestLibvirtProtectFailover(t *testing.T) {
 		t.Fatalf("activated VM status %+v, %v", st, err)
 	}
 }
+
+func TestLibvirtDiskConfigValidation(t *testing.T) {
+	cfg := qemuCfg(QemuVM{Name: "web", Libvirt: true, Disks: []QemuDisk{{ID: "vda", Path: "/x.raw", SizeMiB: 16}}})
+	err := cfg.Validate()
+	if err == nil || !strings.Contains(err.Error(), "qemu_vms[0].disks: must not be set with libvirt") || !strings.Contains(err.Error(), "<disk type='file'") {
+		t.Fatalf("disks with libvirt: %v", err)
+	}
+}
+
+// TestLibvirtProtectDisk protects a libvirt domain with a file-backed raw
+// virtio disk between two daemons, each host with its own libvirtd (the
+// backup's definition names its own image of the disk): the seam is
+// built when protection starts (not at attach), guest writes reach the
+// journal, unprotect takes the seam out (the disk keeps working),
+// protection starts again, and after a failover the standby runs with the
+// backup's image as its virtio disk at the domain's PCI slot.
+func TestLibvirtProtectDisk(t *testing.T) {
+	if testing.Short() {
+		t.Skip("boots QEMU under libvirtd")
+	}
+	lvA := lvtest.Start(t)
+	lvB := lvtest.Start(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	defer cancel()
+	img, err := guestimage.Build(ctx, guestimage.Config{})
+	if errors.Is(err, guestimage.ErrUnavailable) {
+		t.Skip(err)
+	} else if err != nil {
+		t.Fatal(err)
+	}
+	const name, size = "ldisk", 16 << 20
+	mkImage := func(path string) {
+		f, err := os.Create(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := f.Truncate(size); err != nil {
+			t.Fatal(err)
+		}
+		f.Close()
+	}
+	imgA, imgB := filepath.Join(lvA.Dir, name+".raw"), filepath.Join(lvB.Dir, name+".raw")
+	mkImage(imgA)
+	serial := filepath.Join(lvA.Dir, name+".serial")
+	domXML := func(image string) string {
+		x := lvtest.Domain{Name: name, MemoryMiB: 128, Shared: true, Kernel: img.Kernel, Initrd: img.Initrd,
+			Cmdline: guestimage.Append("", "", 0), Serial: serial}.XML()
+		return strings.Replace(x, "  </devices>", "    "+libvirt.StandbyDiskXML("vda", image, 2)+"\n  </devices>", 1)
+	}
+	// The backup's definition before its image exists: refused, saying so.
+	if err := lvB.Define(ctx, name, domXML(imgB)); err != nil {
+		t.Fatalf("%v\n%s", err, lvB.Log())
+	}
+	conn, err := libvirt.Dial(ctx, libvirt.Config{Socket: lvB.Socket})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := conn.DefinedSpec(ctx, name); err == nil || !strings.Contains(err.Error(), imgB) {
+		t.Fatalf("backup without its image: %v", err)
+	}
+	conn.Close()
+	mkImage(imgB)
+	if err := lvA.DefineAndStart(ctx, name, domXML(imgA)); err != nil {
+		t.Fatalf("%v\n%s", err, lvA.Log())
+	}
+	for {
+		b, _ := os.ReadFile(serial)
+		if strings.Contains(string(b), "REMUS-GUEST") {
+			break
+		}
+		if ctx.Err() != nil {
+			t.Fatalf("guest did not start: %s", b)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	shm, err := os.MkdirTemp("/dev/shm", "rdd-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(shm) })
+	tmp := t.TempDir()
+	bcfg := DefaultConfig()
+	bcfg.Name, bcfg.Listen, bcfg.Control, bcfg.StateDir = "hostB", freePort(t), filepath.Join(tmp, "b.sock"), filepath.Join(tmp, "b")
+	bcfg.Standby = StandbyConfig{RunDir: filepath.Join(shm, "b")}
+	bcfg.Libvirt = libvirt.Config{URI: lvB.URI()}
+	bcfg.QemuVMs = []QemuVM{{Name: name, Libvirt: true, Autostart: boolp(false)}}
+	pcfg := DefaultConfig()
+	pcfg.Name, pcfg.Control, pcfg.StateDir = "hostA", filepath.Join(tmp, "a.sock"), filepath.Join(tmp, "a")
+	pcfg.EpochInterval = Duration(100 * time.Millisecond)
+	pcfg.Libvirt = libvirt.Config{URI: lvA.URI()}
+	pcfg.QemuVMs = []QemuVM{{Name: name, Libvirt: true}}
+	securePeers(t, &bcfg, &pcfg)
+	backup := startDaemon(t, bcfg)
+	primary := startDaemon(t, pcfg)
+
+	primary.mu.Lock()
+	pg := primary.vms[name].guest.(*qemu.Guest)
+	primary.mu.Unlock()
+	m := pg.Monitor()
+	jobs := func() int {
+		var j []struct{}
+		if err := m.Execute(ctx, "query-block-jobs", nil, &j); err != nil {
+			t.Fatal(err)
+		}
+		return len(j)
+	}
+	if len(pg.Disks()) != 0 || jobs() != 0 {
+		t.Fatal("the seam was built before protection")
+	}
+	protect := func() {
+		t.Helper()
+		if err := primary.Protect(ctx, ProtectRequest{VM: name, Peer: bcfg.Listen}); err != nil {
+			t.Fatal(err)
+		}
+		for {
+			s := vmStatus(t, primary, name)
+			if s.AckedEpoch >= 3 {
+				t.Logf("primary: acked %d, pause p50 %.1f ms p99 %.1f ms", s.AckedEpoch, s.PauseMsP50, s.PauseMsP99)
+				break
+			}
+			if ctx.Err() != nil {
+				t.Fatalf("epochs not acknowledged: %+v", s)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	protect()
+	if ds := pg.Disks(); len(ds) != 1 || ds[0].ID != "vda" || jobs() != 1 {
+		t.Fatalf("protected: disks %+v", ds)
+	}
+	qemuIO := func(cmd string) {
+		t.Helper()
+		var out string
+		if err := m.Execute(ctx, "human-monitor-command", map[string]any{"command-line": `qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend "` + cmd + `"`}, &out); err != nil || strings.Contains(out, "failed") {
+			t.Fatalf("qemu-io %s: %q %v", cmd, out, err)
+		}
+	}
+	j := pg.Disks()[0].Journal
+	before := j.Stats()
+	qemuIO("write -P 0x5c 1M 64k")
+	if after := j.Stats(); after.Used < before.Used+64<<10 && after.Epoch == before.Epoch {
+		t.Fatalf("the write is not in the journal: before %+v after %+v", before, after)
+	}
+
+	if err := primary.Unprotect(ctx, name); err != nil {
+		t.Fatal(err)
+	}
+	if len(pg.Disks()) != 0 || jobs() != 0 {
+		t.Fatal("the seam is still there after unprotect")
+	}
+	qemuIO("write -P 0x5d 2M 64k")
+	b, err := os.ReadFile(imgA)
+	if err != nil || b[2<<20] != 0x5d || b[1<<20] != 0x5c {
+		t.Fatalf("the guest's image misses its writes (%v)", err)
+	}
+
+	protect()
+	if len(pg.Disks()) != 1 || jobs() != 1 {
+		t.Fatal("the seam was not built again")
+	}
+	primary.mu.Lock()
+	pv := primary.vms[name]
+	primary.mu.Unlock()
+	pv.stop()
+	<-pv.done
+	if err := m.Execute(ctx, "stop", nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := backup.Failover(ctx, FailoverRequest{VM: name}); err != nil {
+		t.Fatal(err)
+	}
+	backup.mu.Lock()
+	g := backup.vms[name].guest.(*qemu.Guest)
+	backup.mu.Unlock()
+	if s := g.Spec(); len(s.Disks) != 1 || s.Disks[0].Path != imgB || s.Disks[0].PCISlot != 2 {
+		t.Fatalf("standby disks %+v", s.Disks)
+	}
+	time.Sleep(500 * time.Millisecond)
+	st, err := g.QMP().Status(ctx)
+	if err != nil || !st.Running {
+		t.Fatalf("activated VM status %+v, %v", st, err)
+	}
+	var out string
+	if err := g.QMP().Execute(ctx, "human-monitor-command", map[string]any{"command-line": `qemu-io -d /machine/peripheral/vda/virtio-backend "write -P 0x5e 3M 4k"`}, &out); err != nil || strings.Contains(out, "failed") {
+		t.Fatalf("activated standby's disk: %q %v", out, err)
+	}
+	if b, err := os.ReadFile(imgB); err != nil || b[3<<20] != 0x5e {
+		t.Fatalf("the activated standby's disk is not the backup's image (%v)", err)
+	}
+	t.Logf("failed over: the standby runs with %s as vda", imgB)
+}

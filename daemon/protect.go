@@ -158,6 +158,17 @@ func (d *Daemon) startProtection(v *vm, pr protectionRecord, resume bool) error 
 	if err := d.witnessInit(v); err != nil {
 		return err
 	}
+	if seam := guestDiskSeam(g); seam != nil {
+		// A libvirt domain's disks: from here on every write the guest
+		// completes is in a journal first (a previous daemon's mirror job
+		// is taken over).
+		sctx, cancel := context.WithTimeout(d.ctx, diskSeamTimeout)
+		err := seam.Start(sctx)
+		cancel()
+		if err != nil {
+			return fmt.Errorf("disks: %w", err)
+		}
+	}
 	interval, inflight := pr.EpochInterval.D(), pr.MaxInflight
 	var (
 		buf    outbuf.Buffer
@@ -354,7 +365,16 @@ func (d *Daemon) Unprotect(ctx context.Context, name string) error {
 	netOut := v.netOut
 	v.netOut = nil
 	mem := v.out.Load()
+	g := v.guest
 	d.mu.Unlock()
+	if seam := guestDiskSeam(g); seam != nil {
+		// The guest keeps its disks; its writes no longer wait for remusd.
+		sctx, cancel := context.WithTimeout(d.ctx, diskSeamTimeout)
+		if err := seam.Remove(sctx); err != nil {
+			d.log.Warn("unprotect: could not take the disk seam out of the domain", zap.String("vm", name), zap.Error(err))
+		}
+		cancel()
+	}
 	// The primary keeps running, so its held output is legitimate: let it
 	// go (outside d.mu: tearing a buffer down may take seconds).
 	err = nil

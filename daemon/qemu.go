@@ -76,7 +76,8 @@ type QemuVM struct {
 	// raw image to QEMU over NBD and replicates its writes with the epoch
 	// in which they happened. On the backup, path is where the replica
 	// image is created (sparse). With use_guestimage the first disk is
-	// the guest's /dev/vda, an ext4 file system it mounts on /data.
+	// the guest's /dev/vda, an ext4 file system it mounts on /data. Not
+	// with libvirt: a domain's disks come from its XML (daemon/libvirt.go).
 	Disks []QemuDisk `json:"disks,omitempty"`
 	// Autostart launches the VM when the daemon starts (default true),
 	// unless the state directory says it was protected or took over here
@@ -226,7 +227,7 @@ func (q QemuVM) validate(f string) []error {
 	if q.Binary != "" && strings.ContainsAny(q.Binary, "\n\x00") {
 		bad("binary", "%q is not a path", q.Binary)
 	}
-	if len(q.Disks) > 0 && (attach || q.Libvirt) {
+	if len(q.Disks) > 0 && attach {
 		bad("disks", "only for VMs this daemon launches (remusd must serve the disks to QEMU)")
 	}
 	for i, d := range q.Disks {
