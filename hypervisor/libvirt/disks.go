@@ -26,20 +26,24 @@ package libvirt
 //     flush makes the image durable; the backup makes each epoch durable
 //     before it acknowledges, so no flush needs to travel.
 //   - A failed target write does NOT fail the guest's write (the source
-//     write already succeeded): it marks the range dirty, and with
-//     on-target-error=report ends the job with the error, after which
-//     writes are no longer copied. That is why the guest checks the job at
-//     every pause (DiskSeam.Check): a missing or failed job means a write
-//     may have completed unobserved, and the pause fails.
+//     write already succeeded): it marks the range dirty and takes the
+//     job's error action (block_job_error_action) before the guest's write
+//     completes. remusd uses on-target-error=stop, which pauses the job and
+//     sets its io-status to failed right there, synchronously; with
+//     "report" the job would only end later, in its own coroutine, so a
+//     check could still see it running. That is why the guest checks the
+//     job at every pause (DiskSeam.Check, one query-block-jobs): a job
+//     that is gone, paused or failed means a write may have completed
+//     unobserved, and the pause fails.
 //   - QMP stop drains all I/O (bdrv_drain_all), including the mirror
 //     filter's active writes, so every write the guest saw complete before
 //     the pause has been observed by the Journal before the cut.
 //
 // The NBD client node reconnects for reconnectDelay: while a daemon
 // restarts, the mirror's copies (and so the guest's writes) wait; if no
-// server comes back in time the copies fail, the job ends, the guest's I/O
-// carries on, and the next daemon builds a new job (a fresh journal: the
-// engine copies the disk again).
+// server comes back in time the copies fail, the job stops with an error,
+// the guest's I/O carries on, and the next daemon replaces the job (a
+// fresh journal: the engine copies the disk again).
 
 import (
 	"context"
@@ -383,6 +387,21 @@ func (s *DiskSeam) startDisk(ctx context.Context, dd diskDef, blocks []blockInfo
 		return nil, errors.New("the live XML gives the disk no <alias> (is the domain running?)")
 	}
 	qdev := "/machine/peripheral/" + dd.Alias.Name + "/virtio-backend"
+	j, hasJob := jobs[jobID(dev)]
+	reuse := hasJob && healthy(j)
+	if hasJob && !reuse {
+		// Its copies failed (e.g. no server within the reconnect delay)
+		// or it was paused: writes may have gone unobserved. Replace it
+		// (the engine copies the disk again for the new journal).
+		s.log.Warn("mirror job left unhealthy by a previous daemon: replacing it", zap.String("disk", dev), zap.Any("job", j))
+		if err := s.cancelJob(ctx, dev); err != nil {
+			return nil, err
+		}
+		blocks = nil
+		if err := s.exec(ctx, "query-block", nil, &blocks); err != nil {
+			return nil, err
+		}
+	}
 	var b *blockInfo
 	for i := range blocks {
 		if blocks[i].Qdev == qdev || (blocks[i].Device != "" && blocks[i].Device == "drive-"+dd.Alias.Name) {
@@ -396,23 +415,15 @@ func (s *DiskSeam) startDisk(ctx context.Context, dd diskDef, blocks []blockInfo
 		return nil, errors.New("QEMU opened the disk read-only")
 	}
 	node := b.Inserted.NodeName
-	j, hasJob := jobs[jobID(dev)]
-	reuse := hasJob && healthy(j)
 	if !reuse && node == filterNode(dev) {
 		return nil, fmt.Errorf("the disk's node is remusd's mirror filter but its job is %+v", j)
 	}
 	if !reuse && b.Inserted.File != dd.source() {
 		return nil, fmt.Errorf("QEMU's node %s opens %q, the XML says %q", node, b.Inserted.File, dd.source())
 	}
-	if hasJob && !reuse {
-		s.log.Warn("mirror job left unhealthy by a previous daemon: replacing it", zap.String("disk", dev), zap.Any("job", j))
-		if err := s.cancelJob(ctx, dev); err != nil {
-			return nil, err
-		}
-	}
 	if !reuse {
 		// A target node left without its job (a daemon that died between
-		// blockdev-add and blockdev-mirror, or a failed job).
+		// blockdev-add and blockdev-mirror, or a replaced job).
 		if err := s.exec(ctx, "blockdev-del", map[string]any{"node-name": targetNode(dev)}, nil); err == nil {
 			s.log.Info("removed a stale nbd node", zap.String("disk", dev))
 		}
@@ -465,7 +476,7 @@ func (s *DiskSeam) startDisk(ctx context.Context, dd diskDef, blocks []blockInfo
 	}
 	err = s.exec(ctx, "blockdev-mirror", map[string]any{
 		"job-id": jobID(dev), "device": node, "target": targetNode(dev), "filter-node-name": filterNode(dev),
-		"sync": "none", "copy-mode": "write-blocking", "on-target-error": "report",
+		"sync": "none", "copy-mode": "write-blocking", "on-target-error": "stop",
 	}, nil)
 	if err != nil {
 		s.exec(ctx, "blockdev-del", map[string]any{"node-name": targetNode(dev)}, nil)
