@@ -174,7 +174,8 @@ func TestLibvirtDiskConfigValidation(t *testing.T) {
 // backup's definition names its own image of the disk): the seam is
 // built when protection starts (not at attach), guest writes reach the
 // journal, unprotect takes the seam out (the disk keeps working),
-// protection starts again, and after a failover the standby runs with the
+// protection starts again, the primary's daemon restarts (the next one
+// takes the mirror job over), and after a failover the standby runs with the
 // backup's image as its virtio disk at the domain's PCI slot.
 func TestLibvirtProtectDisk(t *testing.T) {
 	if testing.Short() {
@@ -253,7 +254,8 @@ func TestLibvirtProtectDisk(t *testing.T) {
 	pcfg.QemuVMs = []QemuVM{{Name: name, Libvirt: true}}
 	securePeers(t, &bcfg, &pcfg)
 	backup := startDaemon(t, bcfg)
-	primary := startDaemon(t, pcfg)
+	primary, stopPrimary := runDaemon(t, pcfg)
+	defer func() { stopPrimary() }()
 
 	primary.mu.Lock()
 	pg := primary.vms[name].guest.(*qemu.Guest)
@@ -320,6 +322,49 @@ func TestLibvirtProtectDisk(t *testing.T) {
 	if len(pg.Disks()) != 1 || jobs() != 1 {
 		t.Fatal("the seam was not built again")
 	}
+	// A write while protected: acknowledged epochs after it carry it.
+	qemuIO("write -P 0x5f 4M 64k")
+	acked := vmStatus(t, primary, name).AckedEpoch
+	for vmStatus(t, primary, name).AckedEpoch < acked+3 {
+		if ctx.Err() != nil {
+			t.Fatal("no epochs acknowledged after the write")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	// The primary's daemon restarts: the mirror job stays, the next daemon
+	// resumes the protection and takes the job over (its journal is new:
+	// what the old one held unacknowledged is the engine's to resend).
+	ackedBefore := vmStatus(t, primary, name).AckedEpoch
+	stopPrimary()
+	primary, stopPrimary = runDaemon(t, pcfg)
+	primary.mu.Lock()
+	pg, _ = primary.vms[name].guest.(*qemu.Guest)
+	primary.mu.Unlock()
+	if pg == nil {
+		t.Fatal("the restarted daemon did not re-attach to the domain")
+	}
+	m = pg.Monitor()
+	for {
+		s := vmStatus(t, primary, name)
+		if s.Role == RolePrimary && s.AckedEpoch >= ackedBefore+3 {
+			break
+		}
+		if ctx.Err() != nil {
+			t.Fatalf("protection did not resume: %+v", s)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if len(pg.Disks()) != 1 || jobs() != 1 {
+		t.Fatal("the resumed protection has no seam")
+	}
+	qemuIO("write -P 0x60 5M 64k")
+	acked = vmStatus(t, primary, name).AckedEpoch
+	for vmStatus(t, primary, name).AckedEpoch < acked+3 {
+		if ctx.Err() != nil {
+			t.Fatal("no epochs acknowledged after the write")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 	primary.mu.Lock()
 	pv := primary.vms[name]
 	primary.mu.Unlock()
@@ -346,8 +391,31 @@ func TestLibvirtProtectDisk(t *testing.T) {
 	if err := g.QMP().Execute(ctx, "human-monitor-command", map[string]any{"command-line": `qemu-io -d /machine/peripheral/vda/virtio-backend "write -P 0x5e 3M 4k"`}, &out); err != nil || strings.Contains(out, "failed") {
 		t.Fatalf("activated standby's disk: %q %v", out, err)
 	}
-	if b, err := os.ReadFile(imgB); err != nil || b[3<<20] != 0x5e {
+	b, err = os.ReadFile(imgB)
+	if err != nil || b[3<<20] != 0x5e {
 		t.Fatalf("the activated standby's disk is not the backup's image (%v)", err)
 	}
+
 	t.Logf("failed over: the standby runs with %s as vda", imgB)
+}
+
+// TestLibvirtRecordValid: a libvirt-driven guest's state record (no QMP
+// socket, no pid: remusd reaches it through libvirtd) is valid, so that a
+// restarted daemon re-attaches to it; a QMP-less record with a pid is not.
+func TestLibvirtRecordValid(t *testing.T) {
+	ok := vmRecord{Name: "web", Backend: qemu.BackendName, Role: RolePrimary, QEMU: &qemuRecord{RAM: "/dev/shm/libvirt/qemu/1-web/pc.ram"}}
+	if err := ok.validate(); err != nil {
+		t.Fatal(err)
+	}
+	for _, q := range []qemuRecord{
+		{Pid: 5, RAM: "/dev/shm/x.ram"},
+		{QMP: "rel.qmp", RAM: "/dev/shm/x.ram"},
+		{RAM: "x.ram"},
+	} {
+		r := ok
+		r.QEMU = &q
+		if err := r.validate(); err == nil {
+			t.Errorf("record %+v accepted", q)
+		}
+	}
 }

@@ -106,7 +106,10 @@ func (r *vmRecord) validate() error {
 		return fmt.Errorf("role %q", r.Role)
 	}
 	if q := r.QEMU; q != nil {
-		if q.Pid < 0 || !filepath.IsAbs(q.QMP) || !filepath.IsAbs(q.RAM) || (q.Serial != "" && !filepath.IsAbs(q.Serial)) {
+		// A libvirt-driven guest has no QMP socket of its own (remusd
+		// reaches it through libvirtd) and no pid: QMP "" with pid 0.
+		libvirtGuest := q.QMP == "" && q.Pid == 0
+		if q.Pid < 0 || (!libvirtGuest && !filepath.IsAbs(q.QMP)) || !filepath.IsAbs(q.RAM) || (q.Serial != "" && !filepath.IsAbs(q.Serial)) {
 			return fmt.Errorf("qemu pid %d, qmp %q, ram %q, serial %q", q.Pid, q.QMP, q.RAM, q.Serial)
 		}
 	}
