@@ -562,6 +562,8 @@ func TestDiskXMLRefusals(t *testing.T) {
 		{"lvt-qcow", strings.Replace(libvirt.StandbyDiskXML("vda", img, 2), "type='raw'", "type='qcow2'", 1), "type='raw'"},
 		{"lvt-sata", "<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='" + img + "'/><target dev='sda' bus='sata'/></disk>", "bus='virtio'"},
 		{"lvt-rport", "<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='" + img + "'/><target dev='vda' bus='virtio'/></disk>", libvirt.StandbyDiskXML("vda", img, 2)},
+		{"lvt-queues", strings.Replace(libvirt.StandbyDiskXML("vda", img, 2), "type='raw'/>", "type='raw' queues='2'/>", 1), "queues=\"2\""},
+		{"lvt-wt", strings.Replace(libvirt.StandbyDiskXML("vda", img, 2), "type='raw'/>", "type='raw' cache='writethrough'/>", 1), "write cache off"},
 		{"lvt-cdrom", "<disk type='file' device='cdrom'><driver name='qemu' type='raw'/><source file='" + img + "'/><target dev='sda' bus='sata'/><readonly/></disk>", "device \"cdrom\""},
 	}
 	conn, err := libvirt.Dial(ctx, libvirt.Config{Socket: lv.Socket})

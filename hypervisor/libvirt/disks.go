@@ -70,8 +70,11 @@ type diskDef struct {
 	Type   string `xml:"type,attr"`
 	Device string `xml:"device,attr"`
 	Driver *struct {
-		Name string `xml:"name,attr"`
-		Type string `xml:"type,attr"`
+		Name     string `xml:"name,attr"`
+		Type     string `xml:"type,attr"`
+		Cache    string `xml:"cache,attr"`
+		Queues   string `xml:"queues,attr"`
+		IOThread string `xml:"iothread,attr"`
 	} `xml:"driver"`
 	Source *struct {
 		File string `xml:"file,attr"`
@@ -135,6 +138,18 @@ func (d *Domain) diskProblems() []string {
 				got = dd.Driver.Type
 			}
 			bad("format %q: remusd replicates raw images (<driver name='qemu' type='raw'/>)", got)
+		}
+		if dv := dd.Driver; dv != nil {
+			// virtio-blk properties libvirt derives from these, which the
+			// standby's device would not have: its device state would not
+			// load (queues, iothread) or the guest's write cache would
+			// change under it (write-cache=off for these cache modes).
+			if dv.Queues != "" || dv.IOThread != "" {
+				bad("<driver queues=%q iothread=%q>: the standby's virtio-blk has QEMU's defaults (remove them)", dv.Queues, dv.IOThread)
+			}
+			if dv.Cache == "writethrough" || dv.Cache == "directsync" {
+				bad("<driver cache=%q> turns the device's write cache off; the standby's is on (use cache='none' or leave it out)", dv.Cache)
+			}
 		}
 		if dd.Target.Bus != "virtio" {
 			bad("bus %q: the standby's disks are virtio-blk (<target dev='vda' bus='virtio'/>)", dd.Target.Bus)
