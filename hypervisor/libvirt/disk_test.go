@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/remusd/remusd/dirtymap"
 	"github.com/remusd/remusd/disk"
 	"github.com/remusd/remusd/hypervisor/libvirt"
 	"github.com/remusd/remusd/hypervisor/libvirt/lvtest"
@@ -103,7 +104,8 @@ func hasNode(ctx context.Context, t *testing.T, m qemu.Monitor, name string) boo
 // virtio disk gets remusd's seam live (write-blocking mirror to remusd's
 // NBD server): writes reach the image and, in order and before they
 // complete, the disk's journal; a write waits while the journal is full; a
-// restarted daemon takes the job over; a job that is gone fails the pause;
+// restarted daemon takes the job over; a job that is gone or paused fails
+// the checkpoint;
 // Remove takes the seam out and the guest's disk keeps working.
 func TestLibvirtDiskSeam(t *testing.T) {
 	lv := lvtest.Start(t)
@@ -118,6 +120,19 @@ func TestLibvirtDiskSeam(t *testing.T) {
 	x := withDevices(lvtest.Domain{Name: name, MemoryMiB: 64, Shared: true}.XML(), dxml)
 	if err := lv.DefineAndStart(ctx, name, x); err != nil {
 		t.Fatalf("%v\n%s", err, lv.Log())
+	}
+	// checkpoint is the engine's use of the guest: pause, harvest, resume.
+	checkpoint := func(g *qemu.Guest) error {
+		t.Helper()
+		if err := g.Pause(ctx); err != nil {
+			t.Fatal(err)
+		}
+		defer func() {
+			if err := g.Resume(ctx); err != nil {
+				t.Fatal(err)
+			}
+		}()
+		return g.HarvestDirty(ctx, dirtymap.New(g.NumPages()))
 	}
 	attach := func(jb int64, deferred bool) (*qemu.Guest, *libvirt.Domain) {
 		t.Helper()
@@ -252,19 +267,28 @@ func TestLibvirtDiskSeam(t *testing.T) {
 		t.Fatalf("full journal's epoch: %+v", e.Changes)
 	}
 
-	// The checkpoint pause with the check: time it.
-	var pauses []time.Duration
+	// The per-checkpoint job check (HarvestDirty runs it): time it against
+	// the pause itself.
+	var pauses, checks []time.Duration
 	for range 20 {
 		start := time.Now()
 		if err := g.Pause(ctx); err != nil {
 			t.Fatal(err)
 		}
 		pauses = append(pauses, time.Since(start))
+		start = time.Now()
+		if err := dom.DiskSeam().Check(ctx); err != nil {
+			t.Fatal(err)
+		}
+		checks = append(checks, time.Since(start))
 		if err := g.Resume(ctx); err != nil {
 			t.Fatal(err)
 		}
 	}
-	t.Logf("Pause (stop, query-status, query-block-jobs): %s", durStats(pauses))
+	t.Logf("pause (stop, query-status): %s; the job check (query-block-jobs): %s", durStats(pauses), durStats(checks))
+	if err := checkpoint(g); err != nil {
+		t.Fatal(err)
+	}
 
 	// A restarting daemon: Detach leaves the job; the next attach takes it
 	// over and its journal gets the writes.
@@ -303,24 +327,17 @@ func TestLibvirtDiskSeam(t *testing.T) {
 	if b := readImage(t, img, 16<<10, 4096); !bytes.Equal(b, bytes.Repeat([]byte{0x77}, 4096)) {
 		t.Fatal("write after remove is not on the image")
 	}
-	pauses = pauses[:0]
-	for range 20 {
-		start := time.Now()
-		if err := g.Pause(ctx); err != nil {
-			t.Fatalf("pause without a seam: %v", err)
-		}
-		pauses = append(pauses, time.Since(start))
-		if err := g.Resume(ctx); err != nil {
-			t.Fatal(err)
-		}
+	if err := checkpoint(g); err != nil {
+		t.Fatalf("checkpoint without a seam: %v", err)
 	}
-	t.Logf("Pause without the seam (stop, query-status): %s", durStats(pauses))
 	if err := g.Detach(); err != nil {
 		t.Fatal(err)
 	}
 
 	// Deferred (the daemon's way): no seam until Start. A job that went
-	// away (here cancelled by hand) fails the pause.
+	// away (here cancelled by hand) fails the checkpoint's harvest (the
+	// pause itself succeeds: fencing and restarts only want the guest
+	// stopped).
 	g, dom = attach(0, true)
 	defer g.Close()
 	m = g.Monitor()
@@ -345,14 +362,11 @@ func TestLibvirtDiskSeam(t *testing.T) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	err := g.Pause(ctx)
+	err := checkpoint(g)
 	if err == nil || !strings.Contains(err.Error(), "remusd-vda is gone") {
-		t.Fatalf("pause with the job gone: %v", err)
+		t.Fatalf("checkpoint with the job gone: %v", err)
 	}
-	t.Logf("pause with the job gone: %v", err)
-	if err := g.Resume(ctx); err != nil {
-		t.Fatal(err)
-	}
+	t.Logf("checkpoint with the job gone: %v", err)
 	if err := dom.DiskSeam().Remove(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -362,18 +376,15 @@ func TestLibvirtDiskSeam(t *testing.T) {
 	io("discard 192k 64k")
 	t.Logf("discard without the seam changes the image: %v", !bytes.Equal(readImage(t, img, 192<<10, 64<<10), bytes.Repeat([]byte{0x99}, 64<<10)))
 
-	// A paused job (here by hand) fails the pause too.
+	// A paused job (here by hand) fails the checkpoint too.
 	if err := dom.DiskSeam().Start(ctx); err != nil {
 		t.Fatal(err)
 	}
 	if err := m.Execute(ctx, "block-job-pause", map[string]any{"device": "remusd-vda"}, nil); err != nil {
 		t.Fatal(err)
 	}
-	if err := g.Pause(ctx); err == nil || !strings.Contains(err.Error(), "not copying writes") {
-		t.Fatalf("pause with the job paused: %v", err)
-	}
-	if err := g.Resume(ctx); err != nil {
-		t.Fatal(err)
+	if err := checkpoint(g); err == nil || !strings.Contains(err.Error(), "not copying writes") {
+		t.Fatalf("checkpoint with the job paused: %v", err)
 	}
 
 	// A daemon away longer than the nbd node's reconnect-delay: the
@@ -418,11 +429,8 @@ func TestLibvirtDiskSeam(t *testing.T) {
 	g, _ = attach(0, false)
 	defer g.Close()
 	m = g.Monitor()
-	if err := g.Pause(ctx); err != nil {
-		t.Fatalf("pause after the job was replaced: %v", err)
-	}
-	if err := g.Resume(ctx); err != nil {
-		t.Fatal(err)
+	if err := checkpoint(g); err != nil {
+		t.Fatalf("checkpoint after the job was replaced: %v", err)
 	}
 	io("write -P 0x89 24k 4k")
 	if ch := g.Disks()[0].Journal; ch.Stats().Used == 0 {

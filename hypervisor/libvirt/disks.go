@@ -32,9 +32,10 @@ package libvirt
 //     sets its io-status to failed right there, synchronously; with
 //     "report" the job would only end later, in its own coroutine, so a
 //     check could still see it running. That is why the guest checks the
-//     job at every pause (DiskSeam.Check, one query-block-jobs): a job
-//     that is gone, paused or failed means a write may have completed
-//     unobserved, and the pause fails.
+//     job at every checkpoint while paused (DiskSeam.Check from
+//     qemu.Guest.HarvestDirty, one query-block-jobs): a job that is gone,
+//     paused or failed means a write may have completed unobserved, and
+//     the harvest fails (the engine resumes the guest and fails the epoch).
 //   - QMP stop drains all I/O (bdrv_drain_all), including the mirror
 //     filter's active writes, so every write the guest saw complete before
 //     the pause has been observed by the Journal before the cut.

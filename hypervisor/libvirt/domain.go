@@ -330,7 +330,7 @@ type Options struct {
 // quit) close it.
 //
 // A domain with disks gets its block seam (see disks.go and DiskSeam): the
-// guest's Disks are their journals, its Pause checks the mirror jobs, and
+// guest's Disks are their journals, its HarvestDirty checks the mirror jobs, and
 // (*Domain).DiskSeam returns the seam, whose Remove takes it out of the
 // domain (unprotect) and Start builds it again. Detach leaves the mirror
 // jobs for the next daemon. With Options.Disks.Deferred, Attach only

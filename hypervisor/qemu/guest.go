@@ -197,11 +197,6 @@ func (g *Guest) Pause(ctx context.Context) error {
 		return fmt.Errorf("qemu: pause %q: still running after stop (status %q)", g.spec.Name, st.Status)
 	}
 	g.paused = true
-	if g.seam != nil {
-		if err := g.seam.Check(ctx); err != nil {
-			return fmt.Errorf("qemu: pause %q: disks: %w", g.spec.Name, err)
-		}
-	}
 	return nil
 }
 
@@ -222,7 +217,9 @@ func (g *Guest) Resume(ctx context.Context) error {
 // HarvestDirty ORs into dst every page whose content changed since the
 // previous harvest, by comparing each page with a shadow copy (exact, see
 // tracker). The first harvest reports every page (initial sync). Only valid
-// while paused.
+// while paused. A guest with a disk seam (MonitorGuestOptions.Disks)
+// checks it first: an error means a disk write may have completed
+// unobserved, and the epoch must not be captured.
 func (g *Guest) HarvestDirty(ctx context.Context, dst *dirtymap.Bitmap) error {
 	g.mu.Lock()
 	defer g.mu.Unlock()
@@ -237,6 +234,14 @@ func (g *Guest) HarvestDirty(ctx context.Context, dst *dirtymap.Bitmap) error {
 	}
 	if err := ctx.Err(); err != nil {
 		return err
+	}
+	if g.seam != nil {
+		// The engine harvests once per pause: the disks' seam is checked
+		// here rather than in Pause, whose other callers (fencing, a
+		// restart's detach) only want the guest stopped.
+		if err := g.seam.Check(ctx); err != nil {
+			return fmt.Errorf("qemu: harvest %q: disks: %w", g.spec.Name, err)
+		}
 	}
 	if g.tracker == nil {
 		g.tracker = newTracker(len(g.ram.mem), g.tracking)

@@ -55,8 +55,8 @@ type MonitorGuestOptions struct {
 	StateDir string
 	// Disks is the block seam of a QEMU someone else launched (nil: the
 	// guest has no protected disks): hypervisor/libvirt builds it live over
-	// QMP. The guest reports its disks (Disks), checks it at every Pause and
-	// closes it with the guest.
+	// QMP. The guest reports its disks (Disks), checks it at every harvest
+	// and closes it with the guest.
 	Disks DiskSeam
 	Log   *zap.Logger
 }
@@ -67,9 +67,10 @@ type MonitorGuestOptions struct {
 type DiskSeam interface {
 	// Disks are the protected disks (hypervisor.DiskGuest).
 	Disks() []hypervisor.Disk
-	// Check is called by Pause once QEMU reports the guest stopped (its
-	// I/O drained). An error means some completed write may not have
-	// reached a Journal: Pause fails with it (the guest stays paused).
+	// Check is called by HarvestDirty, i.e. once per checkpoint while the
+	// guest is paused (its I/O drained). An error means some completed
+	// write may not have reached a Journal: the harvest fails with it, and
+	// the engine resumes the guest and fails the epoch.
 	Check(ctx context.Context) error
 	// Close stops the seam with the guest: stop says QEMU is quit (Close),
 	// else it keeps running (Detach) and the seam must leave it able to
