@@ -2,6 +2,10 @@ package xen
 
 import (
 	"bytes"
+	"encoding/binary"
+	"os"
+	"path/filepath"
+	"strings"
 	"testing"
 )
 
@@ -38,4 +42,116 @@ func FuzzParseState(f *testing.F) {
 			t.Fatalf("re-encoding differs")
 		}
 	})
+}
+
+func TestStateVersions(t *testing.T) {
+	s := State{PVH: true, Suspended: true, HVM: []byte{1}, VCPUs: []VCPUState{{Online: true, Context: []byte{2}}}}
+	got, err := ParseState(AppendState(nil, s))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.Version != stateVersion || !got.Suspended || !got.PVH {
+		t.Fatalf("v2: %+v", got)
+	}
+	// Version 1 (no flags word) still parses, as not suspended, and
+	// re-encodes as itself.
+	s.Version, s.Suspended = 1, false
+	v1 := AppendState(nil, s)
+	got, err = ParseState(v1)
+	if err != nil || got.Version != 1 || got.Suspended {
+		t.Fatalf("v1: %+v, %v", got, err)
+	}
+	if !bytes.Equal(AppendState(nil, got), v1) {
+		t.Fatal("v1 re-encoding differs")
+	}
+	// Unknown flags and versions are refused.
+	bad := AppendState(nil, State{PVH: true})
+	bad[12] = 2
+	if _, err := ParseState(bad); err == nil {
+		t.Fatal("unknown flag accepted")
+	}
+	bad = AppendState(nil, State{})
+	bad[4] = 3
+	if _, err := ParseState(bad); err == nil {
+		t.Fatal("version 3 accepted")
+	}
+}
+
+// hvmRecord appends one HVM context record.
+func hvmRecord(b []byte, code, inst uint16, body []byte) []byte {
+	b = binary.LittleEndian.AppendUint16(b, code)
+	b = binary.LittleEndian.AppendUint16(b, inst)
+	b = binary.LittleEndian.AppendUint32(b, uint32(len(body)))
+	return append(b, body...)
+}
+
+func testHVMContext(cpus int) []byte {
+	hdr := binary.LittleEndian.AppendUint32(nil, hvmFileMagic)
+	hdr = binary.LittleEndian.AppendUint32(hdr, hvmFileVersion)
+	hdr = append(hdr, make([]byte, 16)...)
+	b := hvmRecord(nil, hvmCodeHeader, 0, hdr)
+	for i := 0; i < cpus; i++ {
+		b = hvmRecord(b, hvmCodeCPU, uint16(i), make([]byte, 1024))
+	}
+	b = hvmRecord(b, 5, 0, make([]byte, 16)) // LAPIC
+	return hvmRecord(b, hvmCodeEnd, 0, nil)
+}
+
+func TestCheckHVMContext(t *testing.T) {
+	good := testHVMContext(2)
+	info, err := CheckHVMContext(good)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.CPUs != 2 || info.MaxCPU != 1 || info.Records != 5 {
+		t.Fatalf("info %+v", info)
+	}
+	for i := 0; i < len(good); i++ {
+		if _, err := CheckHVMContext(good[:i]); err == nil {
+			t.Fatalf("truncated to %d bytes: accepted", i)
+		}
+	}
+	cases := map[string][]byte{
+		"trailing byte":  append(append([]byte(nil), good...), 0),
+		"no header":      hvmRecord(hvmRecord(nil, hvmCodeCPU, 0, nil), hvmCodeEnd, 0, nil),
+		"unknown type":   append(append([]byte(nil), good[:len(good)-8]...), hvmRecord(hvmRecord(nil, 99, 0, nil), hvmCodeEnd, 0, nil)...),
+		"bad magic":      append([]byte{1, 0, 0, 0, 24, 0, 0, 0, 0, 0, 0, 0}, good[12:]...),
+		"huge length":    append(append([]byte(nil), good[:32]...), 2, 0, 0, 0, 0xff, 0xff, 0xff, 0xff),
+		"end with bytes": append(append([]byte(nil), good[:len(good)-8]...), hvmRecord(nil, hvmCodeEnd, 0, []byte{1})...),
+	}
+	for name, b := range cases {
+		if _, err := CheckHVMContext(b); err == nil {
+			t.Errorf("%s: accepted", name)
+		}
+	}
+}
+
+func TestStandbyOptionsValidate(t *testing.T) {
+	cfg := filepath.Join(t.TempDir(), "vm.cfg")
+	if err := os.WriteFile(cfg, []byte("name=\"vm\"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	ok := StandbyOptions{ConfigPath: cfg, DomainName: "vm-standby"}
+	if err := ok.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	if ok.Type != "pvh" || ok.XL != "xl" || ok.Name != "vm-standby" || ok.CreateTimeout <= 0 {
+		t.Fatalf("defaults: %+v", ok)
+	}
+	for name, o := range map[string]StandbyOptions{
+		"relative path":   {ConfigPath: "vm.cfg", DomainName: "x"},
+		"missing file":    {ConfigPath: cfg + ".nope", DomainName: "x"},
+		"directory":       {ConfigPath: filepath.Dir(cfg), DomainName: "x"},
+		"quote in name":   {ConfigPath: cfg, DomainName: `x"; kernel="y`},
+		"empty name":      {ConfigPath: cfg},
+		"leading dash":    {ConfigPath: cfg, DomainName: "-x"},
+		"long name":       {ConfigPath: cfg, DomainName: strings.Repeat("a", 65)},
+		"unknown type":    {ConfigPath: cfg, DomainName: "x", Type: "pv"},
+		"space in name":   {ConfigPath: cfg, DomainName: "a b"},
+		"newline in name": {ConfigPath: cfg, DomainName: "a\nb"},
+	} {
+		if err := o.Validate(); err == nil {
+			t.Errorf("%s: accepted", name)
+		}
+	}
 }

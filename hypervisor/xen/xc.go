@@ -78,60 +78,69 @@ static int rx_getinfo(xc_interface *xch, uint32_t domid, xc_domaininfo_t *info) 
 // save code, but declared only in libxc's private header.
 int xc_get_pfn_type_batch(xc_interface *xch, uint32_t dom, unsigned int num, xen_pfn_t *arr);
 
-// Map gpfns [0, n) read-only into one contiguous range whose holes read as
-// zeros. Which gpfns hold guest memory is asked of Xen 1024 at a time
+// Which of gpfns [0, n) hold guest memory, asked of Xen 1024 at a time
 // (XEN_DOMCTL_getpageframeinfo3, as xc_sr_save does): XTAB (no page, or a
 // Xen-owned page such as shared_info or grant frames) and BROKEN frames
-// are holes. The range is reserved as anonymous zero pages and each
-// populated run is mapped over it with MAP_FIXED (patching holes into one
-// big privcmd mapping fails with ENOMEM). err[i] is set nonzero for holes.
-// Returns the base, or NULL (errno set); *runs is the number of runs.
-static void *rx_map_all(xc_interface *xch, xenforeignmemory_handle *fmem, uint32_t domid,
-		size_t n, int *err, long *runs) {
-	xen_pfn_t *pfns = malloc(n * sizeof(*pfns));
+// are holes, hole[i] set nonzero. Returns 0, or -1 with errno set.
+static int rx_pfn_holes(xc_interface *xch, uint32_t domid, size_t n, int *hole) {
 	xen_pfn_t *types = malloc(1024 * sizeof(*types));
-	int *err2 = NULL;
+	if (!types) {
+		errno = ENOMEM;
+		return -1;
+	}
+	for (size_t i = 0; i < n; i += 1024) {
+		unsigned int k = n - i < 1024 ? n - i : 1024;
+		for (unsigned int j = 0; j < k; j++)
+			types[j] = i + j;
+		if (xc_get_pfn_type_batch(xch, domid, k, types) < 0) {
+			int e = errno ? errno : EIO;
+			free(types);
+			errno = e;
+			return -1;
+		}
+		for (unsigned int j = 0; j < k; j++) {
+			xen_pfn_t t = types[j] & XEN_DOMCTL_PFINFO_LTAB_MASK;
+			hole[i + j] = t == XEN_DOMCTL_PFINFO_XTAB || t == XEN_DOMCTL_PFINFO_BROKEN;
+		}
+	}
+	free(types);
+	return 0;
+}
+
+// Map gpfns [0, n) into one contiguous range whose holes (hole[i] != 0)
+// are anonymous private memory reading as zeros: the range is reserved as
+// anonymous pages and each populated run is mapped over it with MAP_FIXED
+// (patching holes into one big privcmd mapping fails with ENOMEM). prot is
+// PROT_READ, or PROT_READ|PROT_WRITE for a standby whose frames we write.
+// Returns the base, or NULL (errno set); *runs is the number of runs.
+static void *rx_map_runs(xenforeignmemory_handle *fmem, uint32_t domid,
+		size_t n, const int *hole, int prot, long *runs) {
+	xen_pfn_t *pfns = malloc(n * sizeof(*pfns));
+	int *err2 = malloc(n * sizeof(*err2));
 	void *base = MAP_FAILED;
 	int e = 0;
 	*runs = 0;
-	if (!pfns || !types) {
+	if (!pfns || !err2) {
 		e = ENOMEM;
 		goto out;
 	}
 	for (size_t i = 0; i < n; i++)
 		pfns[i] = i;
-	for (size_t i = 0; i < n; i += 1024) {
-		unsigned int k = n - i < 1024 ? n - i : 1024;
-		memcpy(types, pfns + i, k * sizeof(*types));
-		if (xc_get_pfn_type_batch(xch, domid, k, types) < 0) {
-			e = errno ? errno : EIO;
-			goto out;
-		}
-		for (unsigned int j = 0; j < k; j++) {
-			xen_pfn_t t = types[j] & XEN_DOMCTL_PFINFO_LTAB_MASK;
-			err[i + j] = t == XEN_DOMCTL_PFINFO_XTAB || t == XEN_DOMCTL_PFINFO_BROKEN;
-		}
-	}
-	base = mmap(NULL, n << XC_PAGE_SHIFT, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+	base = mmap(NULL, n << XC_PAGE_SHIFT, prot, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
 	if (base == MAP_FAILED) {
 		e = errno;
 		goto out;
 	}
-	err2 = malloc(n * sizeof(*err2));
-	if (!err2) {
-		e = ENOMEM;
-		goto out;
-	}
 	for (size_t i = 0; i < n;) {
-		if (err[i]) {
+		if (hole[i]) {
 			i++;
 			continue;
 		}
 		size_t j = i;
-		while (j < n && !err[j])
+		while (j < n && !hole[j])
 			j++;
 		void *p = xenforeignmemory_map2(fmem, domid, (char *)base + (i << XC_PAGE_SHIFT),
-			PROT_READ, MAP_FIXED, j - i, pfns + i, err2 + i);
+			prot, MAP_FIXED, j - i, pfns + i, err2 + i);
 		if (!p) {
 			e = errno;
 			goto out;
@@ -146,7 +155,6 @@ static void *rx_map_all(xc_interface *xch, xenforeignmemory_handle *fmem, uint32
 	}
 out:
 	free(pfns);
-	free(types);
 	free(err2);
 	if (e) {
 		if (base != MAP_FAILED)
@@ -380,30 +388,69 @@ func (x *xc) cleanLogDirty(pages int) ([]uint64, uint32, error) {
 	return w, uint32(dirty), nil
 }
 
-// mapAll maps gpfns [0, n) read-only; holes read as zeros. It returns the
-// number of holes.
-func (x *xc) mapAll(n int) (int, error) {
-	errs := (*C.int)(C.calloc(C.size_t(n), C.size_t(unsafe.Sizeof(C.int(0)))))
-	if errs == nil {
-		return 0, errors.New("calloc failed")
+// Special pages of HVM and PVH domains: libxenguest puts the ioreq server
+// pages and the special pages (xenstore and console rings, paging, access
+// and sharing rings, identity page table, ...) in the 16 frames below
+// X86_HVM_END_SPECIAL_REGION. They belong to the domain they were built
+// for: the backup's standby has its own rings, connected to its own
+// xenstored and xenconsoled connections (Xen's own restore clears them
+// rather than carrying them over), so they are not part of the replicated
+// memory: both sides treat them as holes.
+const (
+	specialRegionEnd   = 0xff000 // X86_HVM_END_SPECIAL_REGION
+	specialRegionStart = specialRegionEnd - 8 - 8
+)
+
+// mapAll finds which of gpfns [0, p2m) hold guest memory, and maps
+// [0, pages) where pages is one past the highest populated gpfn outside
+// the special region: read-only, or read-write for a standby. Holes read
+// as zeros (and take writes into private memory that Xen never sees). It
+// returns pages and the number of holes below it.
+func (x *xc) mapAll(p2m int, writable bool) (int, int, error) {
+	if p2m <= 0 {
+		return 0, 0, fmt.Errorf("p2m size %d", p2m)
 	}
-	defer C.free(unsafe.Pointer(errs))
+	holes := (*C.int)(C.calloc(C.size_t(p2m), C.size_t(unsafe.Sizeof(C.int(0)))))
+	if holes == nil {
+		return 0, 0, errors.New("calloc failed")
+	}
+	defer C.free(unsafe.Pointer(holes))
+	if rc, err := C.rx_pfn_holes(x.xch, x.domid, C.size_t(p2m), holes); rc < 0 {
+		return 0, 0, errnoErr("xc_get_pfn_type_batch", err)
+	}
+	h := unsafe.Slice(holes, p2m)
+	n := 0
+	for i := range h {
+		if i >= specialRegionStart && i < specialRegionEnd {
+			h[i] = 1
+		}
+		if h[i] == 0 {
+			n = i + 1
+		}
+	}
+	if n == 0 {
+		return 0, 0, errors.New("domain has no populated memory")
+	}
+	prot := C.int(C.PROT_READ)
+	if writable {
+		prot |= C.PROT_WRITE
+	}
 	var runs C.long
-	p, err := C.rx_map_all(x.xch, x.fmem, x.domid, C.size_t(n), errs, &runs)
+	p, err := C.rx_map_runs(x.fmem, x.domid, C.size_t(n), holes, prot, &runs)
 	if p == nil {
-		return 0, errnoErr("xenforeignmemory_map", err)
+		return 0, 0, errnoErr("xenforeignmemory_map", err)
 	}
-	holes := 0
+	nholes := 0
 	x.mapped = make([]uint64, (n+63)/64)
-	for i, e := range unsafe.Slice(errs, n) {
+	for i, e := range h[:n] {
 		if e == 0 {
 			x.mapped[i/64] |= 1 << (uint(i) % 64)
 		} else {
-			holes++
+			nholes++
 		}
 	}
 	x.mem, x.memPages, x.mapRuns = p, n, int(runs)
-	return int(holes), nil
+	return n, nholes, nil
 }
 
 func (x *xc) memory() []byte {
@@ -450,4 +497,18 @@ func (x *xc) vcpuContext(v uint32) ([]byte, bool, error) {
 		return nil, true, errnoErr(fmt.Sprintf("xc_vcpu_getcontext(%d)", v), err)
 	}
 	return unsafe.Slice((*byte)(unsafe.Pointer(x.vcpuBuf)), int(unsafe.Sizeof(*x.vcpuBuf))), true, nil
+}
+
+// setHVMContext loads an HVM context record (as hvmContext returns it)
+// into the domain, which must be paused.
+func (x *xc) setHVMContext(b []byte) error {
+	if len(b) == 0 {
+		return errors.New("empty HVM context")
+	}
+	p := C.CBytes(b)
+	defer C.free(p)
+	if rc, err := C.xc_domain_hvm_setcontext(x.xch, x.domid, (*C.uint8_t)(p), C.uint32_t(len(b))); rc < 0 {
+		return errnoErr("xc_domain_hvm_setcontext", err)
+	}
+	return nil
 }
