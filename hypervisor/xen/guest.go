@@ -32,7 +32,7 @@ const (
 // account (see the package comment); calls are serialised by sem, and
 // every field below sem is only touched while holding it.
 type Guest struct {
-	caller // sem, log, domid
+	caller  // sem, log, domid
 	name    string
 	version string
 	pvh     bool
@@ -52,7 +52,7 @@ type Guest struct {
 // Config is what Guest.Config returns (JSON).
 type Config struct {
 	DomID     uint32 `json:"domid"`
-	Type      string `json:"type"` // "pvh" or "hvm"
+	Type      string `json:"type"`  // "pvh" or "hvm"
 	Pages     int    `json:"pages"` // NumPages: gpfns [0, Pages) are replicated`
 	MaxPages  uint64 `json:"max_pages"`
 	MaxVCPUID uint32 `json:"max_vcpu_id"`
