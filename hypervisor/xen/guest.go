@@ -51,12 +51,13 @@ type Guest struct {
 
 // Config is what Guest.Config returns (JSON).
 type Config struct {
-	DomID     uint32 `json:"domid"`
-	Type      string `json:"type"`  // "pvh" or "hvm"
-	Pages     int    `json:"pages"` // NumPages: gpfns [0, Pages) are replicated`
-	MaxPages  uint64 `json:"max_pages"`
-	MaxVCPUID uint32 `json:"max_vcpu_id"`
-	Version   string `json:"xen_version"`
+	DomID     uint32    `json:"domid"`
+	Type      string    `json:"type"`  // "pvh" or "hvm"
+	Pages     int       `json:"pages"` // NumPages
+	Segments  []Segment `json:"segments"`
+	MaxPages  uint64    `json:"max_pages"`
+	MaxVCPUID uint32    `json:"max_vcpu_id"`
+	Version   string    `json:"xen_version"`
 }
 
 // Open attaches to domain domid: it checks the domain is HVM or PVH,
@@ -138,21 +139,22 @@ func (g *Guest) attach(x *xc) error {
 	}
 	g.logDirty = true
 	t0 := time.Now()
-	pages, holes, err := x.mapAll(int(maxGPFN)+1, false)
+	holes, err := x.mapAll(int(maxGPFN)+1, false)
 	if err != nil {
 		_ = x.disableLogDirty()
 		g.logDirty = false
 		return err
 	}
-	g.pages = pages
+	g.pages = x.memPages
+	g.version = layoutVersion(g.version, x.segs)
 	typ := "hvm"
 	if g.pvh {
 		typ = "pvh"
 	}
-	g.config, _ = json.Marshal(Config{DomID: g.domid, Type: typ, Pages: g.pages, MaxPages: info.maxPages, MaxVCPUID: info.maxVCPUID, Version: g.version})
+	g.config, _ = json.Marshal(Config{DomID: g.domid, Type: typ, Pages: g.pages, Segments: x.segs, MaxPages: info.maxPages, MaxVCPUID: info.maxVCPUID, Version: g.version})
 	g.log.Info("attached",
 		zap.String("type", typ), zap.String("xen", g.version), zap.Uint64("p2m_size", maxGPFN+1), zap.Int("pages", g.pages),
-		zap.Uint64("tot_pages", info.totPages), zap.Int("holes", holes), zap.Int("runs", x.mapRuns), zap.Duration("map", time.Since(t0)))
+		zap.Uint64("tot_pages", info.totPages), zap.Int("holes", holes), zap.Int("runs", x.mapRuns), zap.Any("segments", x.segs), zap.Duration("map", time.Since(t0)))
 	return nil
 }
 
@@ -211,18 +213,17 @@ func (g *Guest) DomID() uint32 { return g.domid }
 // Backend returns "xen".
 func (g *Guest) Backend() string { return BackendName }
 
-// BackendVersion returns the hypervisor's version, e.g. "xen-4.17.7".
+// BackendVersion returns the hypervisor's version and the memory
+// layout's hash, e.g. "xen-4.17.7/layout-1a2b3c4d": the backup's standby
+// must match both (see layoutOf).
 func (g *Guest) BackendVersion() string { return g.version }
 
 // Config returns the domain's description (JSON, see Config).
 func (g *Guest) Config() []byte { return g.config }
 
-// NumPages is the guest-physical frame count covered: one past the
-// highest populated gpfn outside the special region below 4 GiB (the
-// xenstore and console rings, ioreq pages: see specialRegionStart), whose
-// frames are not replicated. Holes below it read as zeros; Xen-owned
-// frames the guest maps there (grant table, shared_info) may be reported
-// dirty and then read as zeros too.
+// NumPages is the number of replicated pages: the guest's populated gfns
+// grouped into segments (see layoutOf), page index i of a Segment being
+// its gfn GFN+i. Holes inside segments read as zeros.
 func (g *Guest) NumPages() int { return g.pages }
 
 // PVH reports whether the domain is PVH (else HVM).
@@ -306,19 +307,19 @@ func (g *Guest) HarvestDirty(ctx context.Context, dst *dirtymap.Bitmap) error {
 		if !g.logDirty {
 			return ErrNotTracking
 		}
-		words, dirty, err := g.x.cleanLogDirty(g.pages)
+		words, dirty, err := g.x.cleanLogDirty(g.x.p2m)
 		if err != nil {
 			return err
 		}
-		dst.OrWords(words)
+		g.last.Outside = gfnsToIndexes(words, g.x.segs, dst)
 		g.lastDirty = dirty
 		g.last.Harvest = time.Since(t0)
 		return nil
 	})
 }
 
-// Memory is the read-only foreign mapping of guest frames [0, NumPages),
-// holes reading as zeros. It is consistent only while the guest is paused.
+// Memory is the read-only foreign mapping of the guest's segments, page
+// index i at offset i*PageSize, holes reading as zeros. It is consistent only while the guest is paused.
 // A page the guest gives back to Xen (ballooning) keeps its last content
 // here until Close.
 func (g *Guest) Memory() []byte {
@@ -328,7 +329,7 @@ func (g *Guest) Memory() []byte {
 	return g.x.memory()
 }
 
-// Mapped returns the gpfns that are backed by memory (the rest of
+// Mapped returns the page indexes that are backed by memory (the rest of
 // [0, NumPages) are holes), as found when Open mapped the guest.
 func (g *Guest) Mapped() *dirtymap.Bitmap {
 	b := dirtymap.New(g.pages)

@@ -28,12 +28,11 @@ var _ hypervisor.Replica = (*Standby)(nil)
 // checked record by record); Activate loads its HVM context into the
 // standby domain and unpauses it.
 //
-// The replicated range is gpfns [0, NumPages), NumPages being one past
-// the standby's highest populated gpfn outside the special region (as on
-// the primary, which must come out the same: the handshake compares the
-// sizes). Frames the standby lacks below it (holes) take writes into
-// private memory Xen never sees; the primary's holes are the same frames
-// for domains built from the same configuration.
+// The replicated pages are the standby's populated gfns grouped into
+// segments (see layoutOf), computed on the standby's own domain; the
+// primary's layout must be the same, which the handshake checks through
+// BackendVersion. Holes inside segments take writes into private memory
+// Xen never sees.
 //
 // Pairing: the engine calls CommitDeviceState and writes that epoch's
 // pages under one lock and Activate only after marking the replica
@@ -133,9 +132,11 @@ func (s *Standby) attach() error {
 	if maxGPFN >= 1<<32 {
 		return fail(fmt.Errorf("max gpfn %#x is implausibly large", maxGPFN))
 	}
-	if s.pages, _, err = x.mapAll(int(maxGPFN)+1, true); err != nil {
+	if _, err = x.mapAll(int(maxGPFN)+1, true); err != nil {
 		return fail(err)
 	}
+	s.pages = x.memPages
+	s.version = layoutVersion(s.version, x.segs)
 	s.x = x
 	return nil
 }
@@ -143,14 +144,15 @@ func (s *Standby) attach() error {
 // DomID is the standby domain's id.
 func (s *Standby) DomID() uint32 { return s.domid }
 
-// BackendVersion is this host's Xen version (the primary's must equal it).
+// BackendVersion is this host's Xen version and the standby's layout hash
+// (the primary's must equal it).
 func (s *Standby) BackendVersion() string { return s.version }
 
-// NumPages is the replicated gpfn range, [0, NumPages).
+// NumPages is the number of replicated pages.
 func (s *Standby) NumPages() int { return s.pages }
 
-// Memory is the writable foreign mapping of the standby's frames
-// [0, NumPages), holes backed by private memory. Nil after Activate (the
+// Memory is the writable foreign mapping of the standby's segments,
+// page index i at offset i*PageSize, holes backed by private memory. Nil after Activate (the
 // activated Guest owns it) or Close.
 func (s *Standby) Memory() []byte {
 	if s.x == nil {
@@ -305,7 +307,7 @@ func (s *Standby) ActivateGuest(ctx context.Context) (*Guest, error) {
 		pages:   s.pages,
 		x:       s.x,
 	}
-	g.config, _ = json.Marshal(Config{DomID: s.domid, Type: typ, Pages: s.pages, MaxVCPUID: s.maxVCPUID, Version: s.version})
+	g.config, _ = json.Marshal(Config{DomID: s.domid, Type: typ, Pages: s.pages, Segments: s.x.segs, MaxVCPUID: s.maxVCPUID, Version: s.version})
 	s.x = nil
 	info.Total = time.Since(start)
 	s.lastAct = info

@@ -3,10 +3,13 @@ package xen
 import (
 	"bytes"
 	"encoding/binary"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/remusd/remusd/dirtymap"
 )
 
 func TestStateRoundTrip(t *testing.T) {
@@ -153,5 +156,42 @@ func TestStandbyOptionsValidate(t *testing.T) {
 		if err := o.Validate(); err == nil {
 			t.Errorf("%s: accepted", name)
 		}
+	}
+}
+
+func TestLayout(t *testing.T) {
+	// RAM [0, 0x8000) with a hole at 0x100, ACPI tables [0xfbfc0, 0xfbfc8),
+	// the special region [0xfeff0, 0xff000): two segments.
+	p2m := 0xff000
+	populated := func(g int) bool {
+		return g < 0x8000 && g != 0x100 || g >= 0xfbfc0 && g < 0xfbfc8 || g >= 0xfeff0
+	}
+	segs := layoutOf(func(g int) bool { return !populated(g) }, p2m)
+	want := []Segment{{GFN: 0, Index: 0, Count: 0x8000}, {GFN: 0xfbfc0, Index: 0x8000, Count: 8}}
+	if len(segs) != len(want) || segs[0] != want[0] || segs[1] != want[1] {
+		t.Fatalf("segments %+v, want %+v", segs, want)
+	}
+	if n := layoutPages(segs); n != 0x8008 {
+		t.Fatalf("pages %d", n)
+	}
+	// A short gap joins runs; a long one does not.
+	segs2 := layoutOf(func(g int) bool { return !(g < 10 || g >= 20 && g < 30 || g >= 20+segmentGap+100 && g < 30+segmentGap+100) }, 0x10000+200)
+	if len(segs2) != 2 || segs2[0].Count != 30 || segs2[1].Index != 30 {
+		t.Fatalf("gaps: %+v", segs2)
+	}
+	if layoutHash(segs) == layoutHash(segs2) || layoutHash(segs) != layoutHash(append([]Segment(nil), segs...)) {
+		t.Fatal("layout hash")
+	}
+	// Dirty gfns land on their indexes; others are counted outside.
+	words := make([]uint64, (p2m+63)/64)
+	for _, g := range []int{0, 63, 64, 0x7fff, 0xfbfc0, 0xfbfc7, 0xfbfc8, 0xfeff5, 0x9000} {
+		words[g/64] |= 1 << (g % 64)
+	}
+	dst := dirtymap.New(layoutPages(segs))
+	out := gfnsToIndexes(words, segs, dst)
+	var got []int
+	dst.ForEach(func(i int) bool { got = append(got, i); return true })
+	if fmt.Sprint(got) != fmt.Sprint([]int{0, 63, 64, 0x7fff, 0x8000, 0x8007}) || out != 3 {
+		t.Fatalf("indexes %#x, outside %d", got, out)
 	}
 }

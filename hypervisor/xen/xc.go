@@ -107,62 +107,46 @@ static int rx_pfn_holes(xc_interface *xch, uint32_t domid, size_t n, int *hole) 
 	return 0;
 }
 
-// Map gpfns [0, n) into one contiguous range whose holes (hole[i] != 0)
-// are anonymous private memory reading as zeros: the range is reserved as
-// anonymous pages and each populated run is mapped over it with MAP_FIXED
-// (patching holes into one big privcmd mapping fails with ENOMEM). prot is
-// PROT_READ, or PROT_READ|PROT_WRITE for a standby whose frames we write.
-// Returns the base, or NULL (errno set); *runs is the number of runs.
-static void *rx_map_runs(xenforeignmemory_handle *fmem, uint32_t domid,
-		size_t n, const int *hole, int prot, long *runs) {
-	xen_pfn_t *pfns = malloc(n * sizeof(*pfns));
-	int *err2 = malloc(n * sizeof(*err2));
-	void *base = MAP_FAILED;
+// Reserve n pages of anonymous private memory (reading as zeros) for a
+// mapping of guest frames to be laid over; prot is PROT_READ, or
+// PROT_READ|PROT_WRITE for a standby whose frames we write.
+static void *rx_reserve(size_t n, int prot) {
+	void *p = mmap(NULL, n << XC_PAGE_SHIFT, prot, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+	return p == MAP_FAILED ? NULL : p;
+}
+
+// Map gfns [gfn, gfn+cnt) over the reserved range at page idx (MAP_FIXED:
+// patching holes into one big privcmd mapping fails with ENOMEM). Returns
+// 0, or -1 with errno set.
+static int rx_map_run(xenforeignmemory_handle *fmem, uint32_t domid, void *base,
+		size_t idx, xen_pfn_t gfn, size_t cnt, int prot) {
+	xen_pfn_t *pfns = malloc(cnt * sizeof(*pfns));
+	int *err = malloc(cnt * sizeof(*err));
 	int e = 0;
-	*runs = 0;
-	if (!pfns || !err2) {
+	if (!pfns || !err) {
 		e = ENOMEM;
 		goto out;
 	}
-	for (size_t i = 0; i < n; i++)
-		pfns[i] = i;
-	base = mmap(NULL, n << XC_PAGE_SHIFT, prot, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-	if (base == MAP_FAILED) {
-		e = errno;
+	for (size_t i = 0; i < cnt; i++)
+		pfns[i] = gfn + i;
+	if (!xenforeignmemory_map2(fmem, domid, (char *)base + (idx << XC_PAGE_SHIFT),
+			prot, MAP_FIXED, cnt, pfns, err)) {
+		e = errno ? errno : EIO;
 		goto out;
 	}
-	for (size_t i = 0; i < n;) {
-		if (hole[i]) {
-			i++;
-			continue;
+	for (size_t k = 0; k < cnt; k++)
+		if (err[k]) {
+			e = -err[k] > 0 ? -err[k] : EFAULT;
+			break;
 		}
-		size_t j = i;
-		while (j < n && !hole[j])
-			j++;
-		void *p = xenforeignmemory_map2(fmem, domid, (char *)base + (i << XC_PAGE_SHIFT),
-			prot, MAP_FIXED, j - i, pfns + i, err2 + i);
-		if (!p) {
-			e = errno;
-			goto out;
-		}
-		for (size_t k = i; k < j; k++)
-			if (err2[k]) {
-				e = -err2[k] > 0 ? -err2[k] : EFAULT;
-				goto out;
-			}
-		(*runs)++;
-		i = j;
-	}
 out:
 	free(pfns);
-	free(err2);
+	free(err);
 	if (e) {
-		if (base != MAP_FAILED)
-			munmap(base, n << XC_PAGE_SHIFT);
 		errno = e;
-		return NULL;
+		return -1;
 	}
-	return base;
+	return 0;
 }
 
 static int rx_version(xc_interface *xch, int *major, int *minor, char *extra) {
@@ -220,8 +204,10 @@ type xc struct {
 
 	mem      unsafe.Pointer // foreign mapping of every gpfn, holes zero-filled
 	memPages int
-	mapped   []uint64 // bit p set: gpfn p is mapped (not a hole)
-	mapRuns  int      // populated runs, each its own privcmd mapping
+	mapped   []uint64  // bit p set: page index p is mapped (not a hole)
+	mapRuns  int       // populated runs, each its own privcmd mapping
+	segs     []Segment // page index -> gfn (see layoutOf)
+	p2m      int       // gfns [0, p2m) were scanned; log-dirty covers them
 }
 
 func errnoErr(op string, err error) error {
@@ -388,69 +374,67 @@ func (x *xc) cleanLogDirty(pages int) ([]uint64, uint32, error) {
 	return w, uint32(dirty), nil
 }
 
-// Special pages of HVM and PVH domains: libxenguest puts the ioreq server
-// pages and the special pages (xenstore and console rings, paging, access
-// and sharing rings, identity page table, ...) in the 16 frames below
-// X86_HVM_END_SPECIAL_REGION. They belong to the domain they were built
-// for: the backup's standby has its own rings, connected to its own
-// xenstored and xenconsoled connections (Xen's own restore clears them
-// rather than carrying them over), so they are not part of the replicated
-// memory: both sides treat them as holes.
-const (
-	specialRegionEnd   = 0xff000 // X86_HVM_END_SPECIAL_REGION
-	specialRegionStart = specialRegionEnd - 8 - 8
-)
-
-// mapAll finds which of gpfns [0, p2m) hold guest memory, and maps
-// [0, pages) where pages is one past the highest populated gpfn outside
-// the special region: read-only, or read-write for a standby. Holes read
-// as zeros (and take writes into private memory that Xen never sees). It
-// returns pages and the number of holes below it.
-func (x *xc) mapAll(p2m int, writable bool) (int, int, error) {
+// mapAll finds which of gfns [0, p2m) hold guest memory, groups them
+// into segments (see layoutOf) and maps the segments one after another,
+// read-only or read-write (a standby). Holes inside segments read as
+// zeros (and take writes into private memory that Xen never sees). It
+// returns the number of holes inside the segments.
+func (x *xc) mapAll(p2m int, writable bool) (int, error) {
 	if p2m <= 0 {
-		return 0, 0, fmt.Errorf("p2m size %d", p2m)
+		return 0, fmt.Errorf("p2m size %d", p2m)
 	}
 	holes := (*C.int)(C.calloc(C.size_t(p2m), C.size_t(unsafe.Sizeof(C.int(0)))))
 	if holes == nil {
-		return 0, 0, errors.New("calloc failed")
+		return 0, errors.New("calloc failed")
 	}
 	defer C.free(unsafe.Pointer(holes))
 	if rc, err := C.rx_pfn_holes(x.xch, x.domid, C.size_t(p2m), holes); rc < 0 {
-		return 0, 0, errnoErr("xc_get_pfn_type_batch", err)
+		return 0, errnoErr("xc_get_pfn_type_batch", err)
 	}
 	h := unsafe.Slice(holes, p2m)
-	n := 0
-	for i := range h {
-		if i >= specialRegionStart && i < specialRegionEnd {
-			h[i] = 1
-		}
-		if h[i] == 0 {
-			n = i + 1
-		}
-	}
+	isHole := func(g int) bool { return h[g] != 0 }
+	segs := layoutOf(isHole, p2m)
+	n := layoutPages(segs)
 	if n == 0 {
-		return 0, 0, errors.New("domain has no populated memory")
+		return 0, errors.New("domain has no populated memory")
 	}
 	prot := C.int(C.PROT_READ)
 	if writable {
 		prot |= C.PROT_WRITE
 	}
-	var runs C.long
-	p, err := C.rx_map_runs(x.fmem, x.domid, C.size_t(n), holes, prot, &runs)
-	if p == nil {
-		return 0, 0, errnoErr("xenforeignmemory_map", err)
+	base, err := C.rx_reserve(C.size_t(n), prot)
+	if base == nil {
+		return 0, errnoErr("mmap", err)
 	}
-	nholes := 0
-	x.mapped = make([]uint64, (n+63)/64)
-	for i, e := range h[:n] {
-		if e == 0 {
-			x.mapped[i/64] |= 1 << (uint(i) % 64)
-		} else {
-			nholes++
+	fail := func(err error) (int, error) {
+		C.munmap(base, C.size_t(n)*C.XC_PAGE_SIZE)
+		return 0, err
+	}
+	nholes, runs := 0, 0
+	mapped := make([]uint64, (n+63)/64)
+	for _, s := range segs {
+		for i := uint64(0); i < s.Count; {
+			g := s.GFN + i
+			if isHole(int(g)) {
+				nholes++
+				i++
+				continue
+			}
+			j := i
+			for j < s.Count && !isHole(int(s.GFN+j)) {
+				idx := s.Index + j
+				mapped[idx/64] |= 1 << (idx % 64)
+				j++
+			}
+			if rc, err := C.rx_map_run(x.fmem, x.domid, base, C.size_t(s.Index+i), C.xen_pfn_t(g), C.size_t(j-i), prot); rc < 0 {
+				return fail(errnoErr(fmt.Sprintf("xenforeignmemory_map2(gfn %#x, %d frames)", g, j-i), err))
+			}
+			runs++
+			i = j
 		}
 	}
-	x.mem, x.memPages, x.mapRuns = p, n, int(runs)
-	return n, nholes, nil
+	x.mem, x.memPages, x.mapRuns, x.mapped, x.segs, x.p2m = base, n, runs, mapped, segs, p2m
+	return nholes, nil
 }
 
 func (x *xc) memory() []byte {

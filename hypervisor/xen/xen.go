@@ -76,6 +76,10 @@ type Timings struct {
 	// the cooperative steps, zero for a bare pause.
 	Suspend, ResumeFast time.Duration
 	DirtyPages          int
+	// Outside: gfns the last harvest reported dirty outside the layout
+	// (Xen-owned frames the guest maps, the special region, or memory
+	// populated after Open: not replicated).
+	Outside int
 }
 
 // State format written by SaveDeviceState (little-endian):

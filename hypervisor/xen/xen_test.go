@@ -145,16 +145,30 @@ func guestMiB() int {
 // dirtier and returns its domid; it is destroyed at cleanup.
 func createGuest(ctx context.Context, t *testing.T, name, typ string) uint32 {
 	t.Helper()
-	cfg := fmt.Sprintf(`name = %q
+	domid, _ := createGuestWith(ctx, t, name, typ, "")
+	return domid
+}
+
+// guestConfig is the xl configuration of a dirtier domain (extra: more
+// kernel parameters).
+func guestConfig(name, typ, extra string) string {
+	return fmt.Sprintf(`name = %q
 type = %q
 kernel = %q
 ramdisk = %q
 memory = %d
 vcpus = 1
-extra = "console=hvc0 rdinit=/init dirtier.mib=32 dirtier.every=7 dirtier.sleepms=5"
+extra = "console=hvc0 rdinit=/init dirtier.mib=32 dirtier.every=7 dirtier.sleepms=5 %s"
 on_crash = "preserve"
 on_reboot = "destroy"
-`, name, typ, domUKernel, domURamdisk, guestMiB())
+`, name, typ, domUKernel, domURamdisk, guestMiB(), extra)
+}
+
+// createGuestWith is createGuest with extra kernel parameters; it also
+// returns the path of the xl configuration it wrote.
+func createGuestWith(ctx context.Context, t *testing.T, name, typ, extra string) (uint32, string) {
+	t.Helper()
+	cfg := guestConfig(name, typ, extra)
 	p := filepath.Join(t.TempDir(), name+".cfg")
 	if err := os.WriteFile(p, []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)
@@ -176,7 +190,7 @@ on_reboot = "destroy"
 	if err != nil {
 		t.Fatal(err)
 	}
-	return uint32(id)
+	return uint32(id), p
 }
 
 // tripleFault is what Xen prints on its console when an HVM/PVH guest
