@@ -27,10 +27,15 @@ import (
 	"github.com/remusd/remusd/xentest"
 )
 
-// TestXenRoundTrip boots Xen under QEMU and runs TestDom0RoundTrip in dom0.
+// TestXenRoundTrip boots Xen under QEMU and runs TestDom0RoundTrip in
+// dom0 (and, with XEN_RT_BARE=1, TestDom0BareActivation too).
 func TestXenRoundTrip(t *testing.T) {
-	runInDom0(t, "^TestDom0RoundTrip$", xentest.Config{
-		Timeout: 360 * time.Second,
+	run := "^TestDom0RoundTrip$"
+	if os.Getenv("XEN_RT_BARE") != "" {
+		run = "^TestDom0(RoundTrip|BareActivation)$"
+	}
+	runInDom0(t, run, xentest.Config{
+		Timeout: 480 * time.Second,
 		Env:     map[string]string{"XEN_RT_EPOCHS": os.Getenv("XEN_RT_EPOCHS")},
 	})
 }
@@ -128,14 +133,51 @@ var roundLine = regexp.MustCompile(`dirtier: round (\d+)`)
 // reboot, no going back), and it runs on.
 func TestDom0RoundTrip(t *testing.T) {
 	inDom0(t)
+	epochs := uint64(30)
+	if v, err := strconv.Atoi(os.Getenv("XEN_RT_EPOCHS")); err == nil && v > 0 {
+		epochs = uint64(v)
+	}
+	roundTrip(t, "rt", true, epochs)
+}
+
+// TestDom0BareActivation is the same round trip with checkpoints taken by
+// a bare pause (no cooperative suspend): it reports what the activated
+// guest does (XEN_RT_BARE=1; not run by default).
+func TestDom0BareActivation(t *testing.T) {
+	inDom0(t)
+	roundTrip(t, "bare", false, 10)
+}
+
+// domainGone returns why g's domain no longer runs ("" if it does).
+func domainGone(ctx context.Context, g *Guest) string {
+	var why string
+	err := g.call(ctx, "info", func() error {
+		info, err := g.x.info()
+		switch {
+		case err != nil:
+			why = err.Error()
+		case info.dying:
+			why = "dying"
+		case info.shutdown && info.shutdownReason != shutdownSuspend:
+			why = fmt.Sprintf("shut down, reason %d", info.shutdownReason)
+		}
+		return nil
+	})
+	if err != nil {
+		return ""
+	}
+	return why
+}
+
+func roundTrip(t *testing.T, name string, coop bool, epochs uint64) {
 	ctx := context.Background()
 	log := zaptest.NewLogger(t, zaptest.Level(zap.InfoLevel))
-	const name, standbyName = "rt", "rt-standby"
+	standbyName := name + "-standby"
 	domid, cfgPath := createGuestWith(ctx, t, name, "pvh", "dirtier.printevery=50")
 	waitConsole(t, name, "dirtier: 8192 pages", 150*time.Second)
 
 	t0 := time.Now()
-	g, err := Open(ctx, domid, Options{Name: name, Logger: log, Cooperative: true})
+	g, err := Open(ctx, domid, Options{Name: name, Logger: log, Cooperative: coop})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -239,21 +281,26 @@ func TestDom0RoundTrip(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	epochs := uint64(30)
-	if v, err := strconv.Atoi(os.Getenv("XEN_RT_EPOCHS")); err == nil && v > 0 {
-		epochs = uint64(v)
-	}
 	runCtx, stopPrimary := context.WithCancel(ctx)
 	runDone := make(chan error, 1)
 	start := time.Now()
 	go func() { runDone <- primary.Run(runCtx) }()
 	deadline := time.Now().Add(180 * time.Second)
+	lastCheck := time.Now()
 	for {
 		mu.Lock()
 		a := acked
 		mu.Unlock()
 		if a >= epochs {
 			break
+		}
+		if time.Since(lastCheck) > time.Second {
+			lastCheck = time.Now()
+			if why := domainGone(ctx, g); why != "" {
+				stopPrimary()
+				b, _ := readConsole(name)
+				t.Fatalf("the primary domain is gone after ack %d (%s); its console:\n%s", a, why, tail(b, 20))
+			}
 		}
 		select {
 		case err := <-runDone:
@@ -340,8 +387,8 @@ func TestDom0RoundTrip(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !st.Suspended {
-		t.Fatal("the committed state was not taken with the guest suspended")
+	if st.Suspended != coop {
+		t.Fatalf("the committed state's suspended flag is %v for cooperative=%v", st.Suspended, coop)
 	}
 	ai := sb.LastActivation()
 	t.Logf("activated epoch %d in %s (setcontext %s, unpause %s, standby's own %s)", ai.Epoch, act.Round(time.Microsecond),
@@ -356,11 +403,24 @@ func TestDom0RoundTrip(t *testing.T) {
 	// The guest carries on from the committed round: its memory shows
 	// later rounds, and its console prints them, without a reboot.
 	amem := g2.Memory()
+	if !coop {
+		// Observe what a bare-pause activation does.
+		time.Sleep(20 * time.Second)
+		dirtierRounds(amem, sbMapped, sbRounds)
+		b, _ := readConsole(standbyName)
+		out, _ := xlRun(ctx, xentest.BinDir+"/xl", "list")
+		t.Logf("BARE-PAUSE ACTIVATION, 20 s later: dirtier at round %d (committed %d); xl list:\n%s\nstandby console:\n%s", slices.Max(sbRounds), snap.round, out, tail(b, 30))
+		return
+	}
 	deadline = time.Now().Add(90 * time.Second)
-	var firstSeen time.Duration
+	var firstSeen, progress time.Duration
 	for {
 		dirtierRounds(amem, sbMapped, sbRounds)
-		if r := slices.Max(sbRounds); r > snap.round+100 {
+		r := slices.Max(sbRounds)
+		if r > snap.round && progress == 0 {
+			progress = time.Since(t0)
+		}
+		if r > snap.round+100 {
 			if firstSeen == 0 {
 				firstSeen = time.Since(t0)
 			}
@@ -374,7 +434,8 @@ func TestDom0RoundTrip(t *testing.T) {
 				if strings.Contains(b, "pages of") || strings.Contains(b, "Linux version") {
 					t.Fatalf("the standby rebooted; console:\n%s", tail(b, 30))
 				}
-				t.Logf("activated guest runs on: memory at round %d (%s after activation), console rounds %d..%d (committed %d)", r, firstSeen.Round(time.Millisecond), first, last, snap.round)
+				t.Logf("activated guest runs on: first new round in memory %s after Activate began, round %d after %s; console rounds %d..%d (committed %d)",
+					progress.Round(time.Millisecond), r, firstSeen.Round(time.Millisecond), first, last, snap.round)
 				t.Logf("standby console (tail):\n%s", tail(b, 12))
 				break
 			}
@@ -384,7 +445,11 @@ func TestDom0RoundTrip(t *testing.T) {
 			info, _ := xlRun(ctx, xentest.BinDir+"/xl", "list")
 			t.Fatalf("the activated guest did not carry on from round %d within 90 s (memory at round %d); xl list:\n%s\nconsole:\n%s", snap.round, slices.Max(sbRounds), info, tail(b, 30))
 		}
-		time.Sleep(100 * time.Millisecond)
+		if progress == 0 {
+			time.Sleep(5 * time.Millisecond)
+		} else {
+			time.Sleep(100 * time.Millisecond)
+		}
 	}
 
 	// Per-epoch figures of the cooperative epoch path.

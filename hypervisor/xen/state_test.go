@@ -175,7 +175,9 @@ func TestLayout(t *testing.T) {
 		t.Fatalf("pages %d", n)
 	}
 	// A short gap joins runs; a long one does not.
-	segs2 := layoutOf(func(g int) bool { return !(g < 10 || g >= 20 && g < 30 || g >= 20+segmentGap+100 && g < 30+segmentGap+100) }, 0x10000+200)
+	segs2 := layoutOf(func(g int) bool {
+		return !(g < 10 || g >= 20 && g < 30 || g >= 20+segmentGap+100 && g < 30+segmentGap+100)
+	}, 0x10000+200)
 	if len(segs2) != 2 || segs2[0].Count != 30 || segs2[1].Index != 30 {
 		t.Fatalf("gaps: %+v", segs2)
 	}
