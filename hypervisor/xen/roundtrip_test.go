@@ -137,7 +137,7 @@ func TestDom0RoundTrip(t *testing.T) {
 	if v, err := strconv.Atoi(os.Getenv("XEN_RT_EPOCHS")); err == nil && v > 0 {
 		epochs = uint64(v)
 	}
-	roundTrip(t, "rt", true, epochs)
+	roundTripWith(t, rtOptions{name: "rt", coop: true, epochs: epochs})
 }
 
 // TestDom0BareActivation is the same round trip with checkpoints taken by
@@ -145,7 +145,14 @@ func TestDom0RoundTrip(t *testing.T) {
 // guest does (XEN_RT_BARE=1; not run by default).
 func TestDom0BareActivation(t *testing.T) {
 	inDom0(t)
-	roundTrip(t, "bare", false, 10)
+	roundTripWith(t, rtOptions{name: "bare", coop: false, epochs: 10})
+}
+
+type rtOptions struct {
+	name   string
+	coop   bool // Options.Cooperative
+	epochs uint64
+	net    bool // a vif on a dom0 bridge, a TCP echo client
 }
 
 // domainGone returns why g's domain no longer runs ("" if it does).
@@ -169,12 +176,35 @@ func domainGone(ctx context.Context, g *Guest) string {
 	return why
 }
 
-func roundTrip(t *testing.T, name string, coop bool, epochs uint64) {
+func roundTripWith(t *testing.T, o rtOptions) {
+	name, coop, epochs := o.name, o.coop, o.epochs
+	if v, err := strconv.Atoi(os.Getenv("XEN_RT_EPOCHS")); err == nil && v > 0 {
+		epochs = uint64(v)
+	}
 	ctx := context.Background()
 	log := zaptest.NewLogger(t, zaptest.Level(zap.InfoLevel))
 	standbyName := name + "-standby"
-	domid, cfgPath := createGuestWith(ctx, t, name, "pvh", "dirtier.printevery=50")
+	ramdisk, lines := domURamdisk, ""
+	if o.net {
+		script := setupBridge(t)
+		ramdisk, lines = domUNetRD, fmt.Sprintf("vif = ['mac=%s,bridge=%s,script=%s']", netGuestMAC, netBridge, script)
+	}
+	domid, cfgPath := createGuestWith(ctx, t, name, "pvh", "dirtier.printevery=50", ramdisk, lines)
+	if o.net {
+		attachVif(t, domid)
+	}
 	waitConsole(t, name, "dirtier: 8192 pages", 150*time.Second)
+	var echo *echoClient
+	if o.net {
+		d, ok := waitPing(t, 60*time.Second)
+		if !ok {
+			b, _ := readConsole(name)
+			t.Fatalf("the guest does not answer ping; console:\n%s", tail(b, 30))
+		}
+		t.Logf("guest answers ping (%s)", d.Round(time.Millisecond))
+		echo = startEcho(t)
+		defer echo.stop()
+	}
 
 	t0 := time.Now()
 	g, err := Open(ctx, domid, Options{Name: name, Logger: log, Cooperative: coop})
@@ -201,6 +231,9 @@ func roundTrip(t *testing.T, name string, coop bool, epochs uint64) {
 	})
 	defer sb.Close()
 	t.Logf("standby: domid %d created and mapped in %s (xl create -p %s), %d pages", sb.DomID(), time.Since(t0).Round(time.Millisecond), sb.created.Round(time.Millisecond), sb.NumPages())
+	if o.net {
+		attachVif(t, sb.DomID())
+	}
 	if sb.NumPages() != g.NumPages() {
 		t.Fatalf("standby has %d pages, primary %d", sb.NumPages(), g.NumPages())
 	}
@@ -318,6 +351,13 @@ func roundTrip(t *testing.T, name string, coop bool, epochs uint64) {
 	mu.Unlock()
 	t.Logf("%d epochs acked in %s", lastAcked, time.Since(start).Round(time.Millisecond))
 
+	if o.net {
+		ok, _, err := echo.state()
+		t.Logf("echo client before the failover: %d exchanges, error %v", ok, err)
+		if ok == 0 || err != nil {
+			t.Fatalf("the TCP echo did not work under protection: %d exchanges, %v", ok, err)
+		}
+	}
 	// The primary host dies: its domain is destroyed while the engine
 	// runs, then the engine stops.
 	t0 = time.Now()
@@ -450,6 +490,10 @@ func roundTrip(t *testing.T, name string, coop bool, epochs uint64) {
 		} else {
 			time.Sleep(100 * time.Millisecond)
 		}
+	}
+
+	if o.net {
+		checkNetAfterFailover(t, echo, t0, standbyName)
 	}
 
 	// Per-epoch figures of the cooperative epoch path.

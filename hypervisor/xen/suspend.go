@@ -28,6 +28,18 @@ static int rx_request_suspend(uint32_t domid) {
 	return ok ? 0 : -1;
 }
 
+// Write a xenstore node (dom0's connection).
+static int rx_xs_write(const char *path, const char *val) {
+	struct xs_handle *h = xs_open(0);
+	if (!h)
+		return -1;
+	bool ok = xs_write(h, XBT_NULL, path, val, strlen(val));
+	int e = errno;
+	xs_close(h);
+	errno = e;
+	return ok ? 0 : -1;
+}
+
 // 1 if the domain has shut down for a suspend, 0 if not, -1 on error.
 static int rx_suspended(xc_interface *xch, uint32_t domid) {
 	xc_domaininfo_t info;
@@ -50,7 +62,20 @@ import (
 	"errors"
 	"fmt"
 	"time"
+	"unsafe"
 )
+
+// xsWrite writes a xenstore node as dom0 (for tests standing in for a
+// hotplug script).
+func xsWrite(path, val string) error {
+	p, v := C.CString(path), C.CString(val)
+	defer C.free(unsafe.Pointer(p))
+	defer C.free(unsafe.Pointer(v))
+	if rc, err := C.rx_xs_write(p, v); rc < 0 {
+		return errnoErr("xs_write "+path, err)
+	}
+	return nil
+}
 
 // SuspendCooperative asks the guest to suspend itself (xenstore
 // control/shutdown = "suspend", as Xen's Remus does when the guest has no

@@ -145,13 +145,13 @@ func guestMiB() int {
 // dirtier and returns its domid; it is destroyed at cleanup.
 func createGuest(ctx context.Context, t *testing.T, name, typ string) uint32 {
 	t.Helper()
-	domid, _ := createGuestWith(ctx, t, name, typ, "")
+	domid, _ := createGuestWith(ctx, t, name, typ, "", domURamdisk, "")
 	return domid
 }
 
 // guestConfig is the xl configuration of a dirtier domain (extra: more
-// kernel parameters).
-func guestConfig(name, typ, extra string) string {
+// kernel parameters; lines: more configuration).
+func guestConfig(name, typ, extra, ramdisk, lines string) string {
 	return fmt.Sprintf(`name = %q
 type = %q
 kernel = %q
@@ -161,14 +161,15 @@ vcpus = 1
 extra = "console=hvc0 rdinit=/init dirtier.mib=32 dirtier.every=7 dirtier.sleepms=5 %s"
 on_crash = "preserve"
 on_reboot = "destroy"
-`, name, typ, domUKernel, domURamdisk, guestMiB(), extra)
+%s
+`, name, typ, domUKernel, ramdisk, guestMiB(), extra, lines)
 }
 
 // createGuestWith is createGuest with extra kernel parameters; it also
 // returns the path of the xl configuration it wrote.
-func createGuestWith(ctx context.Context, t *testing.T, name, typ, extra string) (uint32, string) {
+func createGuestWith(ctx context.Context, t *testing.T, name, typ, extra, ramdisk, lines string) (uint32, string) {
 	t.Helper()
-	cfg := guestConfig(name, typ, extra)
+	cfg := guestConfig(name, typ, extra, ramdisk, lines)
 	p := filepath.Join(t.TempDir(), name+".cfg")
 	if err := os.WriteFile(p, []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)
