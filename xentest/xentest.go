@@ -71,8 +71,10 @@ var Packages = []string{
 const DomKernelPackage = "linux-image-amd64"
 
 // Dom0Modules are the modules dom0 loads (dependencies are added):
-// Xen's device files, and netback and the bridge for guests with a vif.
-var Dom0Modules = []string{"xenfs", "xen-evtchn", "xen-gntdev", "xen-gntalloc", "xen-privcmd", "xen-netback", "bridge"}
+// Xen's device files, netback and the bridge for guests with a vif, and
+// what the plug output buffer needs on a vif (vmtest.NetModules' qdiscs).
+var Dom0Modules = []string{"xenfs", "xen-evtchn", "xen-gntdev", "xen-gntalloc", "xen-privcmd", "xen-netback", "bridge",
+	"sch_plug", "ifb", "act_mirred", "cls_u32", "sch_ingress"}
 
 // Tools are the programs of BinDir put in dom0, with their libraries.
 var Tools = []string{"xl", "xenstored", "xen-init-dom0", "xenconsoled", "xenconsole", "xenstore-control", "xen-hvmctx", "xenctx"}

@@ -22,6 +22,7 @@ import (
 	"github.com/remusd/remusd/checkpoint"
 	"github.com/remusd/remusd/dirtymap"
 	"github.com/remusd/remusd/outbuf"
+	"github.com/remusd/remusd/outbuf/plug"
 	remuspb "github.com/remusd/remusd/proto"
 	"github.com/remusd/remusd/transport"
 	"github.com/remusd/remusd/xentest"
@@ -248,6 +249,17 @@ func roundTripWith(t *testing.T, o rtOptions) {
 	n := g.NumPages()
 	rec := &recorder{Guest: g, mapped: g.Mapped(), priv: dirtymap.New(n), hashes: make([]uint64, n), rounds: make([]int64, n), snaps: map[uint64]rtSnapshot{}}
 
+	// Output commit: on a guest with a vif, the plug qdisc on the
+	// primary's vif holds the guest's output until its epoch is acked.
+	var out outbuf.Buffer = outbuf.NewMemory(0, func(uint64, []byte) {})
+	if o.net {
+		pb, err := plug.New(ctx, plug.Config{Interface: fmt.Sprintf("vif%d.0", domid)}, log)
+		if err != nil {
+			t.Fatalf("plug on the primary's vif: %v", err)
+		}
+		defer pb.Close()
+		out = pb
+	}
 	var committedDev []byte
 	backup := checkpoint.NewBackup(checkpoint.BackupOptions{
 		VMName: name, Replica: sb, Owner: "host-a", Backend: BackendName, BackendVersion: sb.BackendVersion(),
@@ -289,7 +301,7 @@ func roundTripWith(t *testing.T, o rtOptions) {
 		samples []epochTimes
 	)
 	primary, err := checkpoint.NewPrimary(checkpoint.PrimaryOptions{
-		Guest: rec, Out: outbuf.NewMemory(0, func(uint64, []byte) {}), Dial: dial, ProtectionID: "xen-rt", Host: "host-a",
+		Guest: rec, Out: out, Dial: dial, ProtectionID: "xen-rt", Host: "host-a",
 		Core:              checkpoint.PrimaryConfig{Interval: 50 * time.Millisecond},
 		HeartbeatInterval: 100 * time.Millisecond, HeartbeatTimeout: 20 * time.Second, Log: log,
 		OnCapture: func(ci checkpoint.CaptureInfo) {
