@@ -28,19 +28,6 @@ import (
 	"github.com/remusd/remusd/xentest"
 )
 
-// TestXenRoundTrip boots Xen under QEMU and runs TestDom0RoundTrip in
-// dom0 (and, with XEN_RT_BARE=1, TestDom0BareActivation too).
-func TestXenRoundTrip(t *testing.T) {
-	run := "^TestDom0RoundTrip$"
-	if os.Getenv("XEN_RT_BARE") != "" {
-		run = "^TestDom0(RoundTrip|BareActivation)$"
-	}
-	runInDom0(t, run, xentest.Config{
-		Timeout: 480 * time.Second,
-		Env:     map[string]string{"XEN_RT_EPOCHS": os.Getenv("XEN_RT_EPOCHS")},
-	})
-}
-
 // rtSnapshot is what the primary held at one capture: the hash of every
 // mapped page as the engine copied it, and the dirtier's highest round.
 type rtSnapshot struct {

@@ -203,6 +203,7 @@ const tripleFault = "Triple fault - invoking HVM shutdown action"
 func waitConsole(t *testing.T, name, want string, timeout time.Duration) {
 	t.Helper()
 	deadline := time.Now().Add(timeout)
+	lastCheck := time.Now()
 	for {
 		b, _ := os.ReadFile("/var/log/xen/console/guest-" + name + ".log")
 		if bytes.Contains(b, []byte(want)) {
@@ -210,6 +211,14 @@ func waitConsole(t *testing.T, name, want string, timeout time.Duration) {
 		}
 		if time.Now().After(deadline) {
 			t.Fatalf("%s's console did not show %q within %s", name, want, timeout)
+		}
+		// A guest that crashed and was destroyed (on_reboot) fails now,
+		// not at the deadline.
+		if time.Since(lastCheck) > 2*time.Second {
+			lastCheck = time.Now()
+			if err := exec.Command(filepath.Join(xentest.BinDir, "xl"), "domid", name).Run(); err != nil {
+				t.Fatalf("%s is gone while waiting for %q on its console; console:\n%s", name, want, tail(string(b), 20))
+			}
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
