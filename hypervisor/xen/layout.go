@@ -136,3 +136,40 @@ func gfnsToIndexes(words []uint64, segs []Segment, dst *dirtymap.Bitmap) int {
 func layoutVersion(xen string, segs []Segment) string {
 	return xen + "/layout-" + layoutHash(segs)
 }
+
+// CheckStateFor checks that a state blob from the primary fits a standby
+// of the given type and vCPU count: well formed (ParseState), the same
+// domain type, a well-formed HVM context (CheckHVMContext) with one CPU
+// record per vCPU, and one vCPU context entry per vCPU, in order.
+func CheckStateFor(b []byte, pvh bool, vcpus int) (State, error) {
+	st, err := ParseState(b)
+	if err != nil {
+		return st, err
+	}
+	if st.PVH != pvh {
+		return st, fmt.Errorf("xen: state of a %s domain for a %s standby", typeName(st.PVH), typeName(pvh))
+	}
+	hi, err := CheckHVMContext(st.HVM)
+	if err != nil {
+		return st, err
+	}
+	if hi.CPUs != vcpus || hi.MaxCPU != vcpus-1 {
+		return st, fmt.Errorf("xen: state: hvm context has %d cpu records (highest %d), standby has %d vcpus", hi.CPUs, hi.MaxCPU, vcpus)
+	}
+	if len(st.VCPUs) != vcpus {
+		return st, fmt.Errorf("xen: state: %d vcpu contexts, standby has %d vcpus", len(st.VCPUs), vcpus)
+	}
+	for i, v := range st.VCPUs {
+		if v.ID != uint32(i) {
+			return st, fmt.Errorf("xen: state: vcpu entry %d has id %d", i, v.ID)
+		}
+	}
+	return st, nil
+}
+
+func typeName(pvh bool) string {
+	if pvh {
+		return "pvh"
+	}
+	return "hvm"
+}

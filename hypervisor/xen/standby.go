@@ -81,6 +81,14 @@ func NewStandby(ctx context.Context, o StandbyOptions) (*Standby, error) {
 	}
 	domid, err := xlDomid(ctx, o.XL, o.DomainName)
 	if err != nil {
+		// The name is ours (it did not exist before the create): do not
+		// leave a paused domain behind.
+		dctx, dcancel := context.WithTimeout(context.Background(), o.DestroyTimeout)
+		out, derr := xlRun(dctx, o.XL, "destroy", o.DomainName)
+		dcancel()
+		if derr != nil {
+			log.Error("destroying the standby after a failed lookup failed", zap.Error(derr), zap.String("xl", lastLine(out)))
+		}
 		return nil, fmt.Errorf("xen: standby: created %q but cannot find it: %w", o.DomainName, err)
 	}
 	s := &Standby{caller: newCaller(domid, log.With(zap.Uint32("domid", domid))), o: o, created: time.Since(t0)}
@@ -175,42 +183,10 @@ func (s *Standby) LastActivation() ActivationInfo {
 	return s.lastAct
 }
 
-// CheckState checks that a state blob from the primary fits this standby:
-// well formed (ParseState), the same domain type, a well-formed HVM
-// context (CheckHVMContext) with one CPU record per vCPU of the standby,
-// and one vCPU context entry per vCPU, in order.
+// CheckState checks that a state blob from the primary fits this standby
+// (see CheckStateFor).
 func (s *Standby) CheckState(b []byte) (State, error) {
-	st, err := ParseState(b)
-	if err != nil {
-		return st, err
-	}
-	if st.PVH != s.pvh {
-		return st, fmt.Errorf("xen: state of a %s domain for a %s standby", typeName(st.PVH), typeName(s.pvh))
-	}
-	hi, err := CheckHVMContext(st.HVM)
-	if err != nil {
-		return st, err
-	}
-	n := int(s.maxVCPUID) + 1
-	if hi.CPUs != n || hi.MaxCPU != n-1 {
-		return st, fmt.Errorf("xen: state: hvm context has %d cpu records (highest %d), standby has %d vcpus", hi.CPUs, hi.MaxCPU, n)
-	}
-	if len(st.VCPUs) != n {
-		return st, fmt.Errorf("xen: state: %d vcpu contexts, standby has %d vcpus", len(st.VCPUs), n)
-	}
-	for i, v := range st.VCPUs {
-		if v.ID != uint32(i) {
-			return st, fmt.Errorf("xen: state: vcpu entry %d has id %d", i, v.ID)
-		}
-	}
-	return st, nil
-}
-
-func typeName(pvh bool) string {
-	if pvh {
-		return "pvh"
-	}
-	return "hvm"
+	return CheckStateFor(b, s.pvh, int(s.maxVCPUID)+1)
 }
 
 // CommitDeviceState records a copy of state (a SaveDeviceState blob) as

@@ -197,3 +197,27 @@ func TestLayout(t *testing.T) {
 		t.Fatalf("indexes %#x, outside %d", got, out)
 	}
 }
+
+func TestCheckStateFor(t *testing.T) {
+	good := AppendState(nil, State{PVH: true, Suspended: true, HVM: testHVMContext(2),
+		VCPUs: []VCPUState{{ID: 0, Online: true, Context: []byte{1}}, {ID: 1, Online: true, Context: []byte{2}}}})
+	if _, err := CheckStateFor(good, true, 2); err != nil {
+		t.Fatal(err)
+	}
+	for name, c := range map[string]struct {
+		b     []byte
+		pvh   bool
+		vcpus int
+	}{
+		"hvm standby":       {good, false, 2},
+		"fewer vcpus":       {good, true, 1},
+		"more vcpus":        {good, true, 3},
+		"bad hvm context":   {AppendState(nil, State{PVH: true, HVM: []byte("junk"), VCPUs: []VCPUState{{ID: 0}}}), true, 1},
+		"vcpu ids shuffled": {AppendState(nil, State{PVH: true, HVM: testHVMContext(2), VCPUs: []VCPUState{{ID: 1}, {ID: 0}}}), true, 2},
+		"junk":              {[]byte("RXEN junk"), true, 1},
+	} {
+		if _, err := CheckStateFor(c.b, c.pvh, c.vcpus); err == nil {
+			t.Errorf("%s: accepted", name)
+		}
+	}
+}
