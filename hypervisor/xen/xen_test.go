@@ -52,10 +52,13 @@ func TestXenLogDirty(t *testing.T) {
 // runInDom0 is the host-side driver of in-dom0 tests: it boots Xen under
 // QEMU with the domU's kernel and the dirtier's ramdisk, runs the tests
 // matching run in dom0, and logs their lines. A domU triple fault under
-// TCG with log-dirty on (1 run in about 8 attaching after boot; see the
-// README's Xen section) is retried once with a fresh Xen, loudly; a second
-// one, and any failure that is not one, fails.
+// TCG (see the README's Xen section: about 1 run in 8 with log-dirty
+// alone, up to one attempt in two with a cooperative suspend per epoch on
+// a busy machine, and once during a boot without log-dirty) is retried
+// with a fresh Xen, loudly, up to maxTripleFaultRetries times; one more,
+// and any failure that is not one, fails.
 func runInDom0(t *testing.T, run string, cfg xentest.Config) {
+	const maxTripleFaultRetries = 2
 	t.Helper()
 	if xentest.InDom0() {
 		t.Skip("host-side driver; in dom0 the in-dom0 tests run")
@@ -98,8 +101,8 @@ func runInDom0(t *testing.T, run string, cfg xentest.Config) {
 		if res.Passed {
 			return
 		}
-		if attempt == 1 && strings.Contains(res.Console, tripleFault) {
-			t.Logf("RETRYING: the domU crashed (triple fault under TCG, an open problem); console tail:\n%s", tail(res.Console, 40))
+		if attempt <= maxTripleFaultRetries && strings.Contains(res.Console, tripleFault) {
+			t.Logf("RETRYING (attempt %d failed): the domU crashed (triple fault under TCG, an open problem); console tail:\n%s", attempt, tail(res.Console, 40))
 			continue
 		}
 		t.Fatalf("in-dom0 tests failed; console tail:\n%s", tail(res.Console, 80))
