@@ -29,14 +29,14 @@ const (
 // Guest is a running HVM or PVH domain on the primary, driven from dom0.
 //
 // Every method that calls into libxc takes its context's deadline into
-// account (see the package comment); calls are serialised by sem, and
-// every field below sem is only touched while holding it.
+// account (see the package comment); calls are serialised by the caller's
+// sem, and every field from x on is only touched while holding it.
 type Guest struct {
 	caller  // sem, log, domid
 	name    string
 	version string
 	pvh     bool
-	pages   int // p2m size: max gpfn + 1
+	pages   int // replicated pages (see layoutOf)
 	config  []byte
 
 	x         *xc
