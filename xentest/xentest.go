@@ -523,8 +523,8 @@ func BuildDirtierRamdisk(ctx context.Context, dst string) error {
 // BuildNetGuestRamdisk writes to dst a domU initramfs for kernel k (the
 // cloud kernel vmtest uses): vmtest's busybox /init, the xen-netfront
 // module, the dirtier as /dirtier, and a run script that gives eth0 the
-// address addr (CIDR), serves TCP echo on port 7 (busybox nc) and then
-// runs the dirtier.
+// address addr (CIDR), serves a counting echo on TCP port 7 (busybox nc
+// running counterScript per connection) and then runs the dirtier.
 func BuildNetGuestRamdisk(ctx context.Context, cacheDir string, k *vmtest.Kernel, dst, addr string) error {
 	if cacheDir == "" {
 		cacheDir = vmtest.DefaultCacheDir()
@@ -542,9 +542,26 @@ func BuildNetGuestRamdisk(ctx context.Context, cacheDir string, k *vmtest.Kernel
 	if err := buildDirtier(ctx, bin); err != nil {
 		return err
 	}
-	script := "ip link set eth0 up && ip addr add " + addr + " dev eth0 && (nc -ll -p 7 -e cat &) && echo netguest: up && exec /dirtier"
-	return vmtest.WriteRunInitrd(dst, base, []vmtest.File{{Src: bin, Dst: "dirtier", Mode: 0o755}}, []string{"sh", "-c", script}, nil)
+	counter := filepath.Join(tmp, "counter")
+	if err := os.WriteFile(counter, []byte(counterScript), 0o755); err != nil {
+		return err
+	}
+	script := "ip link set eth0 up && ip addr add " + addr + " dev eth0 && (nc -ll -p 7 -e /counter &) && echo netguest: up && exec /dirtier"
+	return vmtest.WriteRunInitrd(dst, base, []vmtest.File{{Src: bin, Dst: "dirtier", Mode: 0o755}, {Src: counter, Dst: "counter", Mode: 0o755}},
+		[]string{"sh", "-c", script}, nil)
 }
+
+// counterScript answers each line L of a connection with "N L", N counting
+// the connection's lines from 1: state in guest memory a client can check
+// for continuity (a restored copy that lost a reply the client saw would
+// repeat or skip a number).
+const counterScript = `#!/bin/sh
+n=0
+while read -r l; do
+	n=$((n+1))
+	echo "$n $l"
+done
+`
 
 // buildDirtier builds the dirtier (static) into out.
 func buildDirtier(ctx context.Context, out string) error {

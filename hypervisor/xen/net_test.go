@@ -138,9 +138,10 @@ func waitPing(t *testing.T, within time.Duration) (time.Duration, bool) {
 	return time.Since(t0), false
 }
 
-// echoClient keeps one TCP connection to the guest's echo service and
-// exchanges a numbered line every interval, until stopped or an exchange
-// fails.
+// echoClient keeps one TCP connection to the guest's counting echo
+// service and exchanges a numbered line every 100 ms, until stopped or an
+// exchange fails: reply i must be "i+1 line i", so a guest whose state
+// went back (or forward) across the failover fails it.
 type echoClient struct {
 	mu      sync.Mutex
 	ok      int
@@ -166,15 +167,16 @@ func startEcho(t *testing.T) *echoClient {
 			if stop {
 				return
 			}
-			want := fmt.Sprintf("line %d", i)
+			req := fmt.Sprintf("line %d", i)
+			want := fmt.Sprintf("%d %s\n", i+1, req) // the guest counts the connection's lines
 			_ = c.SetDeadline(time.Now().Add(20 * time.Second))
-			_, err := fmt.Fprintln(c, want)
+			_, err := fmt.Fprintln(c, req)
 			var got string
 			if err == nil {
 				got, err = r.ReadString('\n')
 			}
-			if err == nil && got != want+"\n" {
-				err = fmt.Errorf("echo %q, want %q", got, want)
+			if err == nil && got != want {
+				err = fmt.Errorf("reply %q, want %q", got, want)
 			}
 			e.mu.Lock()
 			if err != nil {
@@ -220,8 +222,8 @@ func echoOnce() error {
 	if err != nil {
 		return err
 	}
-	if got != "hello\n" {
-		return fmt.Errorf("echo %q", got)
+	if got != "1 hello\n" {
+		return fmt.Errorf("reply %q, want %q", got, "1 hello\n")
 	}
 	return nil
 }
