@@ -39,14 +39,15 @@ type Guest struct {
 	pages   int // replicated pages (see layoutOf)
 	config  []byte
 
-	x         *xc
-	coop      bool // Options.Cooperative
-	paused    bool // paused by us (we hold one pause reference)
-	suspended bool // a suspend we asked for is in effect (or may be: asked, not seen)
-	logDirty  bool
-	closed    bool
-	last      Timings
-	lastDirty uint32 // Xen's dirty count of the last harvest
+	x              *xc
+	coop           bool // Options.Cooperative
+	suspendTimeout time.Duration
+	paused         bool // paused by us (we hold one pause reference)
+	suspended      bool // a suspend we asked for is in effect (or may be: asked, not seen)
+	logDirty       bool
+	closed         bool
+	last           Timings
+	lastDirty      uint32 // Xen's dirty count of the last harvest
 }
 
 // Config is what Guest.Config returns (JSON).
@@ -74,9 +75,13 @@ func Open(ctx context.Context, domid uint32, opts Options) (*Guest, error) {
 		name = fmt.Sprintf("domid-%d", domid)
 	}
 	g := &Guest{
-		caller: newCaller(domid, log.With(zap.String("vm", name), zap.String("backend", BackendName), zap.Uint32("domid", domid))),
-		name:   name,
-		coop:   opts.Cooperative,
+		caller:         newCaller(domid, log.With(zap.String("vm", name), zap.String("backend", BackendName), zap.Uint32("domid", domid))),
+		name:           name,
+		coop:           opts.Cooperative,
+		suspendTimeout: opts.SuspendTimeout,
+	}
+	if g.suspendTimeout <= 0 {
+		g.suspendTimeout = 30 * time.Second
 	}
 	err := g.call(ctx, "open", func() error {
 		x, err := openXC(domid)
@@ -237,7 +242,10 @@ func (g *Guest) PVH() bool { return g.pvh }
 func (g *Guest) Pause(ctx context.Context) error {
 	if g.coop {
 		t0 := time.Now()
-		if err := g.SuspendCooperative(ctx); err != nil {
+		sctx, cancel := context.WithTimeout(ctx, g.suspendTimeout)
+		err := g.SuspendCooperative(sctx)
+		cancel()
+		if err != nil {
 			return err
 		}
 		d := time.Since(t0)
