@@ -225,6 +225,13 @@ func roundTripWith(t *testing.T, o rtOptions) {
 	if sb.NumPages() != g.NumPages() {
 		t.Fatalf("standby has %d pages, primary %d", sb.NumPages(), g.NumPages())
 	}
+	// A second standby of the same name is refused, and the first stays.
+	if dup, err := NewStandby(ctx, StandbyOptions{Name: name, ConfigPath: cfgPath, DomainName: standbyName, XL: xentest.BinDir + "/xl", Logger: log}); err == nil {
+		dup.Close()
+		t.Fatal("a second standby with the name of an existing domain was created")
+	} else {
+		t.Logf("second standby refused: %v", err)
+	}
 	// Refused states leave the standby untouched.
 	if err := sb.CommitDeviceState(1, []byte("RXEN junk")); err == nil {
 		t.Fatal("junk state committed")
