@@ -171,7 +171,9 @@ func startEcho(t *testing.T) *echoClient {
 			}
 			req := fmt.Sprintf("line %d", i)
 			want := fmt.Sprintf("%d %s\n", i+1, req) // the guest counts the connection's lines
-			_ = c.SetDeadline(time.Now().Add(20 * time.Second))
+			// Generous: an exchange waits for an epoch to be acked, and epochs
+			// took seconds when another engineer's tests loaded the machine.
+			_ = c.SetDeadline(time.Now().Add(60 * time.Second))
 			_, err := fmt.Fprintln(c, req)
 			var got string
 			if err == nil {
@@ -258,7 +260,7 @@ func checkNetAfterFailover(t *testing.T, echo *echoClient, activated time.Time, 
 	// was held on the primary's vif until acked, so the standby's state
 	// includes everything the client saw.
 	before, _, _ := echo.state()
-	deadline := time.Now().Add(30 * time.Second)
+	deadline := time.Now().Add(120 * time.Second)
 	for {
 		n, last, eerr := echo.state()
 		if eerr != nil {
@@ -271,7 +273,7 @@ func checkNetAfterFailover(t *testing.T, echo *echoClient, activated time.Time, 
 			return
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("the connection opened before the failover did not carry on within 30 s: %d exchanges, %d before activation", n, before)
+			t.Fatalf("the connection opened before the failover did not carry on within 120 s: %d exchanges, %d before activation", n, before)
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
