@@ -70,8 +70,11 @@ var Packages = []string{
 // DomKernelPackage is the metapackage whose dependency is the dom0 kernel.
 const DomKernelPackage = "linux-image-amd64"
 
-// Dom0Modules are the modules dom0 loads (dependencies are added).
-var Dom0Modules = []string{"xenfs", "xen-evtchn", "xen-gntdev", "xen-gntalloc", "xen-privcmd"}
+// Dom0Modules are the modules dom0 loads (dependencies are added):
+// Xen's device files, netback and the bridge for guests with a vif, and
+// what the plug output buffer needs on a vif (vmtest.NetModules' qdiscs).
+var Dom0Modules = []string{"xenfs", "xen-evtchn", "xen-gntdev", "xen-gntalloc", "xen-privcmd", "xen-netback", "bridge",
+	"sch_plug", "ifb", "act_mirred", "cls_u32", "sch_ingress"}
 
 // Tools are the programs of BinDir put in dom0, with their libraries.
 var Tools = []string{"xl", "xenstored", "xen-init-dom0", "xenconsoled", "xenconsole", "xenstore-control", "xen-hvmctx", "xenctx"}
@@ -497,11 +500,8 @@ func BuildDirtierRamdisk(ctx context.Context, dst string) error {
 	}
 	defer os.RemoveAll(tmp)
 	bin := filepath.Join(tmp, "init")
-	cmd := exec.CommandContext(ctx, "go", "build", "-o", bin, ".")
-	cmd.Dir = filepath.Join(filepath.Dir(self), "dirtier")
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH=amd64")
-	if out, err := cmd.CombinedOutput(); err != nil {
-		return fmt.Errorf("xentest: build dirtier: %v: %s", err, out)
+	if err := buildDirtierAt(ctx, filepath.Join(filepath.Dir(self), "dirtier"), bin); err != nil {
+		return err
 	}
 	data, err := os.ReadFile(bin)
 	if err != nil {
@@ -518,4 +518,66 @@ func BuildDirtierRamdisk(ctx context.Context, dst string) error {
 		return err
 	}
 	return f.Close()
+}
+
+// BuildNetGuestRamdisk writes to dst a domU initramfs for kernel k (the
+// cloud kernel vmtest uses): vmtest's busybox /init, the xen-netfront
+// module, the dirtier as /dirtier, and a run script that gives eth0 the
+// address addr (CIDR), serves a counting echo on TCP port 7 (busybox nc
+// running counterScript per connection) and then runs the dirtier.
+func BuildNetGuestRamdisk(ctx context.Context, cacheDir string, k *vmtest.Kernel, dst, addr string) error {
+	if cacheDir == "" {
+		cacheDir = vmtest.DefaultCacheDir()
+	}
+	base, err := vmtest.BuildInitramfs(cacheDir, k, []string{"xen-netfront"}, nil, nil)
+	if err != nil {
+		return err
+	}
+	tmp, err := os.MkdirTemp("", "xentest-netguest-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(tmp)
+	bin := filepath.Join(tmp, "dirtier")
+	if err := buildDirtier(ctx, bin); err != nil {
+		return err
+	}
+	counter := filepath.Join(tmp, "counter")
+	if err := os.WriteFile(counter, []byte(counterScript), 0o755); err != nil {
+		return err
+	}
+	script := "ip link set eth0 up && ip addr add " + addr + " dev eth0 && (nc -ll -p 7 -e /counter &) && echo netguest: up && exec /dirtier"
+	return vmtest.WriteRunInitrd(dst, base, []vmtest.File{{Src: bin, Dst: "dirtier", Mode: 0o755}, {Src: counter, Dst: "counter", Mode: 0o755}},
+		[]string{"sh", "-c", script}, nil)
+}
+
+// counterScript answers each line L of a connection with "N L", N counting
+// the connection's lines from 1: state in guest memory a client can check
+// for continuity (a restored copy that lost a reply the client saw would
+// repeat or skip a number).
+const counterScript = `#!/bin/sh
+n=0
+while read -r l; do
+	n=$((n+1))
+	echo "$n $l"
+done
+`
+
+// buildDirtier builds the dirtier (static) into out.
+func buildDirtier(ctx context.Context, out string) error {
+	_, self, _, ok := runtime.Caller(0)
+	if !ok {
+		return errors.New("xentest: cannot locate the dirtier sources")
+	}
+	return buildDirtierAt(ctx, filepath.Join(filepath.Dir(self), "dirtier"), out)
+}
+
+func buildDirtierAt(ctx context.Context, dir, out string) error {
+	cmd := exec.CommandContext(ctx, "go", "build", "-o", out, ".")
+	cmd.Dir = dir
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH=amd64")
+	if b, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("xentest: build dirtier: %v: %s", err, b)
+	}
+	return nil
 }

@@ -26,46 +26,39 @@ const (
 	shutdownSuspend = 2 // SHUTDOWN_suspend, xen/sched.h
 )
 
-// Options configure Open.
-type Options struct {
-	// Name is the VM's name as the operator knows it (default "domid-N").
-	Name string
-	// Logger receives the backend's logs (default: none).
-	Logger *zap.Logger
-}
-
 // Guest is a running HVM or PVH domain on the primary, driven from dom0.
 //
 // Every method that calls into libxc takes its context's deadline into
-// account (see the package comment); calls are serialised by sem, and
-// every field below sem is only touched while holding it.
+// account (see the package comment); calls are serialised by the caller's
+// sem, and every field from x on is only touched while holding it.
 type Guest struct {
+	caller  // sem, log, domid
 	name    string
-	domid   uint32
-	log     *zap.Logger
 	version string
 	pvh     bool
-	pages   int // p2m size: max gpfn + 1
+	pages   int // replicated pages (see layoutOf)
 	config  []byte
 
-	sem chan struct{} // holds the right to call into libxc
-
-	x         *xc
-	paused    bool // paused by us (we hold one pause reference)
-	logDirty  bool
-	closed    bool
-	last      Timings
-	lastDirty uint32 // Xen's dirty count of the last harvest
+	x              *xc
+	coop           bool // Options.Cooperative
+	suspendTimeout time.Duration
+	paused         bool // paused by us (we hold one pause reference)
+	suspended      bool // a suspend we asked for is in effect (or may be: asked, not seen)
+	logDirty       bool
+	closed         bool
+	last           Timings
+	lastDirty      uint32 // Xen's dirty count of the last harvest
 }
 
 // Config is what Guest.Config returns (JSON).
 type Config struct {
-	DomID     uint32 `json:"domid"`
-	Type      string `json:"type"` // "pvh" or "hvm"
-	P2MSize   int    `json:"p2m_size"`
-	MaxPages  uint64 `json:"max_pages"`
-	MaxVCPUID uint32 `json:"max_vcpu_id"`
-	Version   string `json:"xen_version"`
+	DomID     uint32    `json:"domid"`
+	Type      string    `json:"type"`  // "pvh" or "hvm"
+	Pages     int       `json:"pages"` // NumPages
+	Segments  []Segment `json:"segments"`
+	MaxPages  uint64    `json:"max_pages"`
+	MaxVCPUID uint32    `json:"max_vcpu_id"`
+	Version   string    `json:"xen_version"`
 }
 
 // Open attaches to domain domid: it checks the domain is HVM or PVH,
@@ -82,10 +75,13 @@ func Open(ctx context.Context, domid uint32, opts Options) (*Guest, error) {
 		name = fmt.Sprintf("domid-%d", domid)
 	}
 	g := &Guest{
-		name:  name,
-		domid: domid,
-		log:   log.With(zap.String("vm", name), zap.String("backend", BackendName), zap.Uint32("domid", domid)),
-		sem:   make(chan struct{}, 1),
+		caller:         newCaller(domid, log.With(zap.String("vm", name), zap.String("backend", BackendName), zap.Uint32("domid", domid))),
+		name:           name,
+		coop:           opts.Cooperative,
+		suspendTimeout: opts.SuspendTimeout,
+	}
+	if g.suspendTimeout <= 0 {
+		g.suspendTimeout = 30 * time.Second
 	}
 	err := g.call(ctx, "open", func() error {
 		x, err := openXC(domid)
@@ -140,7 +136,6 @@ func (g *Guest) attach(x *xc) error {
 	if maxGPFN >= 1<<32 {
 		return fmt.Errorf("domain %d: max gpfn %#x is implausibly large", g.domid, maxGPFN)
 	}
-	g.pages = int(maxGPFN) + 1
 	if err := x.enableLogDirty(); err != nil {
 		if errors.Is(err, syscall.EOPNOTSUPP) {
 			return fmt.Errorf("%w: domain %d: %w", ErrLogDirtyUnsupported, g.domid, err)
@@ -149,27 +144,42 @@ func (g *Guest) attach(x *xc) error {
 	}
 	g.logDirty = true
 	t0 := time.Now()
-	holes, err := x.mapAll(g.pages)
+	holes, err := x.mapAll(int(maxGPFN)+1, false)
 	if err != nil {
 		_ = x.disableLogDirty()
 		g.logDirty = false
 		return err
 	}
+	g.pages = x.memPages
+	g.version = layoutVersion(g.version, x.segs)
 	typ := "hvm"
 	if g.pvh {
 		typ = "pvh"
 	}
-	g.config, _ = json.Marshal(Config{DomID: g.domid, Type: typ, P2MSize: g.pages, MaxPages: info.maxPages, MaxVCPUID: info.maxVCPUID, Version: g.version})
+	g.config, _ = json.Marshal(Config{DomID: g.domid, Type: typ, Pages: g.pages, Segments: x.segs, MaxPages: info.maxPages, MaxVCPUID: info.maxVCPUID, Version: g.version})
 	g.log.Info("attached",
-		zap.String("type", typ), zap.String("xen", g.version), zap.Int("p2m_size", g.pages),
-		zap.Uint64("tot_pages", info.totPages), zap.Int("holes", holes), zap.Int("runs", x.mapRuns), zap.Duration("map", time.Since(t0)))
+		zap.String("type", typ), zap.String("xen", g.version), zap.Uint64("p2m_size", maxGPFN+1), zap.Int("pages", g.pages),
+		zap.Uint64("tot_pages", info.totPages), zap.Int("holes", holes), zap.Int("runs", x.mapRuns), zap.Any("segments", x.segs), zap.Duration("map", time.Since(t0)))
 	return nil
+}
+
+// caller runs libxc calls for one domain with deadlines: calls are
+// serialised by sem, and every field of its owner that libxc calls touch
+// is only touched while holding it.
+type caller struct {
+	domid uint32
+	log   *zap.Logger
+	sem   chan struct{} // holds the right to call into libxc
+}
+
+func newCaller(domid uint32, log *zap.Logger) caller {
+	return caller{domid: domid, log: log, sem: make(chan struct{}, 1)}
 }
 
 // call runs fn (which calls into libxc) holding sem, on its own goroutine,
 // and returns early with ctx's error if ctx ends first; fn then finishes
 // in the background and releases sem when done.
-func (g *Guest) call(ctx context.Context, op string, fn func() error) error {
+func (g *caller) call(ctx context.Context, op string, fn func() error) error {
 	select {
 	case g.sem <- struct{}{}:
 	case <-ctx.Done():
@@ -208,22 +218,41 @@ func (g *Guest) DomID() uint32 { return g.domid }
 // Backend returns "xen".
 func (g *Guest) Backend() string { return BackendName }
 
-// BackendVersion returns the hypervisor's version, e.g. "xen-4.17.7".
+// BackendVersion returns the hypervisor's version and the memory
+// layout's hash, e.g. "xen-4.17.7/layout-1a2b3c4d": the backup's standby
+// must match both (see layoutOf).
 func (g *Guest) BackendVersion() string { return g.version }
 
 // Config returns the domain's description (JSON, see Config).
 func (g *Guest) Config() []byte { return g.config }
 
-// NumPages is the guest-physical frame count covered: max gpfn + 1. It
-// includes holes (read as zeros, never reported dirty) and the special
-// pages HVM/PVH domains keep below 4 GiB.
+// NumPages is the number of replicated pages: the guest's populated gfns
+// grouped into segments (see layoutOf), page index i of a Segment being
+// its gfn GFN+i. Holes inside segments read as zeros.
 func (g *Guest) NumPages() int { return g.pages }
 
 // PVH reports whether the domain is PVH (else HVM).
 func (g *Guest) PVH() bool { return g.pvh }
 
 // Pause pauses the domain (xc_domain_pause returns once no vCPU runs).
+// With Options.Cooperative it first has the guest suspend itself (see
+// SuspendCooperative); a suspend the guest did not finish within ctx
+// fails Pause, and the next Pause or Resume finds out whether it happened
+// late.
 func (g *Guest) Pause(ctx context.Context) error {
+	if g.coop {
+		t0 := time.Now()
+		sctx, cancel := context.WithTimeout(ctx, g.suspendTimeout)
+		err := g.SuspendCooperative(sctx)
+		cancel()
+		if err != nil {
+			return err
+		}
+		d := time.Since(t0)
+		if err := g.call(ctx, "pause", func() error { g.last.Suspend = d; return nil }); err != nil {
+			return err
+		}
+	}
 	return g.call(ctx, "pause", func() error {
 		t0 := time.Now()
 		if g.closed {
@@ -241,13 +270,21 @@ func (g *Guest) Pause(ctx context.Context) error {
 	})
 }
 
-// Resume unpauses a domain paused by Pause.
+// Resume unpauses a domain paused by Pause; a suspend Pause asked for is
+// cancelled first (xc_domain_resume fast).
 func (g *Guest) Resume(ctx context.Context) error {
 	return g.call(ctx, "unpause", func() error {
-		t0 := time.Now()
 		if g.closed {
 			return errClosed
 		}
+		if g.suspended {
+			t0 := time.Now()
+			if err := g.cancelSuspend(); err != nil {
+				return err
+			}
+			g.last.ResumeFast = time.Since(t0)
+		}
+		t0 := time.Now()
 		if !g.paused {
 			return nil
 		}
@@ -275,19 +312,22 @@ func (g *Guest) HarvestDirty(ctx context.Context, dst *dirtymap.Bitmap) error {
 		if !g.paused {
 			return ErrNotPaused
 		}
-		words, dirty, err := g.x.cleanLogDirty(g.pages)
+		if !g.logDirty {
+			return ErrNotTracking
+		}
+		words, dirty, err := g.x.cleanLogDirty(g.x.p2m)
 		if err != nil {
 			return err
 		}
-		dst.OrWords(words)
+		g.last.Outside = gfnsToIndexes(words, g.x.segs, dst)
 		g.lastDirty = dirty
 		g.last.Harvest = time.Since(t0)
 		return nil
 	})
 }
 
-// Memory is the read-only foreign mapping of guest frames [0, NumPages),
-// holes reading as zeros. It is consistent only while the guest is paused.
+// Memory is the read-only foreign mapping of the guest's segments, page
+// index i at offset i*PageSize, holes reading as zeros. It is consistent only while the guest is paused.
 // A page the guest gives back to Xen (ballooning) keeps its last content
 // here until Close.
 func (g *Guest) Memory() []byte {
@@ -297,7 +337,7 @@ func (g *Guest) Memory() []byte {
 	return g.x.memory()
 }
 
-// Mapped returns the gpfns that are backed by memory (the rest of
+// Mapped returns the page indexes that are backed by memory (the rest of
 // [0, NumPages) are holes), as found when Open mapped the guest.
 func (g *Guest) Mapped() *dirtymap.Bitmap {
 	b := dirtymap.New(g.pages)
@@ -373,7 +413,10 @@ func (g *Guest) SaveDeviceState(ctx context.Context, dst []byte) ([]byte, error)
 		if err != nil {
 			return err
 		}
-		s := State{PVH: g.pvh, HVM: hvm}
+		// Suspended: the guest stopped in its suspend hypercall, whose
+		// return value a standby's activation leaves at 0 ("resumed on
+		// a new host").
+		s := State{Version: stateVersion, PVH: g.pvh, Suspended: info.shutdown && info.shutdownReason == shutdownSuspend, HVM: hvm}
 		if info.maxVCPUID != ^uint32(0) {
 			for v := uint32(0); v <= info.maxVCPUID; v++ {
 				c, online, err := g.x.vcpuContext(v)
@@ -406,8 +449,8 @@ func (g *Guest) LastTimings(ctx context.Context) (Timings, uint32, error) {
 	return t, d, err
 }
 
-// Close disables log-dirty mode, unmaps guest memory, unpauses the domain
-// if Pause left it paused, and closes the handles. The domain itself keeps
+// Close disables log-dirty mode, unmaps guest memory, cancels a suspend
+// and unpauses the domain if Pause left it so, and closes the handles. The domain itself keeps
 // running: remusd does not own its lifecycle. Close waits for an abandoned
 // libxc call to finish.
 func (g *Guest) Close() error {
@@ -420,6 +463,11 @@ func (g *Guest) Close() error {
 	var errs []error
 	if g.logDirty {
 		if err := g.x.disableLogDirty(); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if g.suspended {
+		if err := g.cancelSuspend(); err != nil {
 			errs = append(errs, err)
 		}
 	}

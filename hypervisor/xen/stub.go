@@ -2,17 +2,7 @@
 
 package xen
 
-import (
-	"context"
-
-	"go.uber.org/zap"
-)
-
-// Options configure Open.
-type Options struct {
-	Name   string
-	Logger *zap.Logger
-}
+import "context"
 
 // Guest is the Xen guest type; without the "xen" build tag it cannot be
 // opened.
@@ -20,5 +10,15 @@ type Guest struct{}
 
 // Open returns ErrNotBuilt: this binary was built without the "xen" tag.
 func Open(ctx context.Context, domid uint32, opts Options) (*Guest, error) {
+	return nil, ErrNotBuilt
+}
+
+// Standby is the Xen standby type; without the "xen" build tag it cannot
+// be created.
+type Standby struct{}
+
+// NewStandby returns ErrNotBuilt: this binary was built without the "xen"
+// tag.
+func NewStandby(ctx context.Context, opts StandbyOptions) (*Standby, error) {
 	return nil, ErrNotBuilt
 }

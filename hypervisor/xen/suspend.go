@@ -28,6 +28,18 @@ static int rx_request_suspend(uint32_t domid) {
 	return ok ? 0 : -1;
 }
 
+// Write a xenstore node (dom0's connection).
+static int rx_xs_write(const char *path, const char *val) {
+	struct xs_handle *h = xs_open(0);
+	if (!h)
+		return -1;
+	bool ok = xs_write(h, XBT_NULL, path, val, strlen(val));
+	int e = errno;
+	xs_close(h);
+	errno = e;
+	return ok ? 0 : -1;
+}
+
 // 1 if the domain has shut down for a suspend, 0 if not, -1 on error.
 static int rx_suspended(xc_interface *xch, uint32_t domid) {
 	xc_domaininfo_t info;
@@ -50,17 +62,29 @@ import (
 	"errors"
 	"fmt"
 	"time"
+	"unsafe"
 )
+
+// xsWrite writes a xenstore node as dom0 (for tests standing in for a
+// hotplug script).
+func xsWrite(path, val string) error {
+	p, v := C.CString(path), C.CString(val)
+	defer C.free(unsafe.Pointer(p))
+	defer C.free(unsafe.Pointer(v))
+	if rc, err := C.rx_xs_write(p, v); rc < 0 {
+		return errnoErr("xs_write "+path, err)
+	}
+	return nil
+}
 
 // SuspendCooperative asks the guest to suspend itself (xenstore
 // control/shutdown = "suspend", as Xen's Remus does when the guest has no
 // suspend event channel) and waits until it has: the guest has quiesced
 // its PV frontends and called SCHEDOP_shutdown(SHUTDOWN_suspend). Undo it
-// with ResumeFast. The domain must not be paused by Pause (it could not
-// run its suspend path); Pause may follow.
-//
-// Experimental: it is measured by the in-dom0 tests, not yet used by the
-// epoch loop.
+// with ResumeFast (or Resume). The domain must not be paused by Pause (it
+// could not run its suspend path); Pause may follow. A guest found already
+// suspended (a request that timed out earlier and took effect late) is
+// not asked again.
 func (g *Guest) SuspendCooperative(ctx context.Context) error {
 	return g.call(ctx, "suspend", func() error {
 		if g.closed {
@@ -69,9 +93,20 @@ func (g *Guest) SuspendCooperative(ctx context.Context) error {
 		if g.paused {
 			return errors.New("paused: a paused guest cannot run its suspend path")
 		}
+		rc, err := C.rx_suspended(g.x.xch, g.x.domid)
+		if rc < 0 {
+			return errnoErr("xc_domain_getinfolist", err)
+		}
+		if rc == 1 {
+			g.suspended = true
+			return nil
+		}
 		if rc, err := C.rx_request_suspend(C.uint32_t(g.domid)); rc < 0 {
 			return errnoErr("xenstore write control/shutdown", err)
 		}
+		// From here on the guest may suspend at any time: Resume and
+		// Close check and cancel it.
+		g.suspended = true
 		// Poll: a suspend takes milliseconds; no event tells dom0 except
 		// the VIRQ_DOM_EXC that xl's own watcher may consume.
 		for sleep := 50 * time.Microsecond; ; {
@@ -93,6 +128,26 @@ func (g *Guest) SuspendCooperative(ctx context.Context) error {
 	})
 }
 
+// cancelSuspend resumes a guest that suspended for us (xc_domain_resume
+// fast); if it has not suspended (yet), nothing is done and the request
+// stays pending: a guest that suspends later is resumed by the next call.
+// Runs under sem.
+func (g *Guest) cancelSuspend() error {
+	rc, err := C.rx_suspended(g.x.xch, g.x.domid)
+	if rc < 0 {
+		return errnoErr("xc_domain_getinfolist", err)
+	}
+	if rc == 0 {
+		g.log.Warn("a suspend was asked for but the guest has not suspended; it will be cancelled when it does")
+		return nil
+	}
+	if rc, err := C.xc_domain_resume(g.x.xch, g.x.domid, 1); rc < 0 {
+		return errnoErr("xc_domain_resume(fast)", err)
+	}
+	g.suspended = false
+	return nil
+}
+
 // ResumeFast cancels the guest's suspend (xc_domain_resume with fast=1:
 // the suspend hypercall returns 1, the guest carries on with its devices
 // connected). A pause taken with Pause still holds afterwards.
@@ -101,9 +156,6 @@ func (g *Guest) ResumeFast(ctx context.Context) error {
 		if g.closed {
 			return errClosed
 		}
-		if rc, err := C.xc_domain_resume(g.x.xch, g.x.domid, 1); rc < 0 {
-			return errnoErr("xc_domain_resume(fast)", err)
-		}
-		return nil
+		return g.cancelSuspend()
 	})
 }

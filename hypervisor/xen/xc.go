@@ -78,83 +78,75 @@ static int rx_getinfo(xc_interface *xch, uint32_t domid, xc_domaininfo_t *info) 
 // save code, but declared only in libxc's private header.
 int xc_get_pfn_type_batch(xc_interface *xch, uint32_t dom, unsigned int num, xen_pfn_t *arr);
 
-// Map gpfns [0, n) read-only into one contiguous range whose holes read as
-// zeros. Which gpfns hold guest memory is asked of Xen 1024 at a time
+// Which of gpfns [0, n) hold guest memory, asked of Xen 1024 at a time
 // (XEN_DOMCTL_getpageframeinfo3, as xc_sr_save does): XTAB (no page, or a
 // Xen-owned page such as shared_info or grant frames) and BROKEN frames
-// are holes. The range is reserved as anonymous zero pages and each
-// populated run is mapped over it with MAP_FIXED (patching holes into one
-// big privcmd mapping fails with ENOMEM). err[i] is set nonzero for holes.
-// Returns the base, or NULL (errno set); *runs is the number of runs.
-static void *rx_map_all(xc_interface *xch, xenforeignmemory_handle *fmem, uint32_t domid,
-		size_t n, int *err, long *runs) {
-	xen_pfn_t *pfns = malloc(n * sizeof(*pfns));
+// are holes, hole[i] set nonzero. Returns 0, or -1 with errno set.
+static int rx_pfn_holes(xc_interface *xch, uint32_t domid, size_t n, int *hole) {
 	xen_pfn_t *types = malloc(1024 * sizeof(*types));
-	int *err2 = NULL;
-	void *base = MAP_FAILED;
-	int e = 0;
-	*runs = 0;
-	if (!pfns || !types) {
-		e = ENOMEM;
-		goto out;
+	if (!types) {
+		errno = ENOMEM;
+		return -1;
 	}
-	for (size_t i = 0; i < n; i++)
-		pfns[i] = i;
 	for (size_t i = 0; i < n; i += 1024) {
 		unsigned int k = n - i < 1024 ? n - i : 1024;
-		memcpy(types, pfns + i, k * sizeof(*types));
+		for (unsigned int j = 0; j < k; j++)
+			types[j] = i + j;
 		if (xc_get_pfn_type_batch(xch, domid, k, types) < 0) {
-			e = errno ? errno : EIO;
-			goto out;
+			int e = errno ? errno : EIO;
+			free(types);
+			errno = e;
+			return -1;
 		}
 		for (unsigned int j = 0; j < k; j++) {
 			xen_pfn_t t = types[j] & XEN_DOMCTL_PFINFO_LTAB_MASK;
-			err[i + j] = t == XEN_DOMCTL_PFINFO_XTAB || t == XEN_DOMCTL_PFINFO_BROKEN;
+			hole[i + j] = t == XEN_DOMCTL_PFINFO_XTAB || t == XEN_DOMCTL_PFINFO_BROKEN;
 		}
 	}
-	base = mmap(NULL, n << XC_PAGE_SHIFT, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-	if (base == MAP_FAILED) {
-		e = errno;
-		goto out;
-	}
-	err2 = malloc(n * sizeof(*err2));
-	if (!err2) {
+	free(types);
+	return 0;
+}
+
+// Reserve n pages of anonymous private memory (reading as zeros) for a
+// mapping of guest frames to be laid over; prot is PROT_READ, or
+// PROT_READ|PROT_WRITE for a standby whose frames we write.
+static void *rx_reserve(size_t n, int prot) {
+	void *p = mmap(NULL, n << XC_PAGE_SHIFT, prot, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+	return p == MAP_FAILED ? NULL : p;
+}
+
+// Map gfns [gfn, gfn+cnt) over the reserved range at page idx (MAP_FIXED:
+// patching holes into one big privcmd mapping fails with ENOMEM). Returns
+// 0, or -1 with errno set.
+static int rx_map_run(xenforeignmemory_handle *fmem, uint32_t domid, void *base,
+		size_t idx, xen_pfn_t gfn, size_t cnt, int prot) {
+	xen_pfn_t *pfns = malloc(cnt * sizeof(*pfns));
+	int *err = malloc(cnt * sizeof(*err));
+	int e = 0;
+	if (!pfns || !err) {
 		e = ENOMEM;
 		goto out;
 	}
-	for (size_t i = 0; i < n;) {
-		if (err[i]) {
-			i++;
-			continue;
-		}
-		size_t j = i;
-		while (j < n && !err[j])
-			j++;
-		void *p = xenforeignmemory_map2(fmem, domid, (char *)base + (i << XC_PAGE_SHIFT),
-			PROT_READ, MAP_FIXED, j - i, pfns + i, err2 + i);
-		if (!p) {
-			e = errno;
-			goto out;
-		}
-		for (size_t k = i; k < j; k++)
-			if (err2[k]) {
-				e = -err2[k] > 0 ? -err2[k] : EFAULT;
-				goto out;
-			}
-		(*runs)++;
-		i = j;
+	for (size_t i = 0; i < cnt; i++)
+		pfns[i] = gfn + i;
+	if (!xenforeignmemory_map2(fmem, domid, (char *)base + (idx << XC_PAGE_SHIFT),
+			prot, MAP_FIXED, cnt, pfns, err)) {
+		e = errno ? errno : EIO;
+		goto out;
 	}
+	for (size_t k = 0; k < cnt; k++)
+		if (err[k]) {
+			e = -err[k] > 0 ? -err[k] : EFAULT;
+			break;
+		}
 out:
 	free(pfns);
-	free(types);
-	free(err2);
+	free(err);
 	if (e) {
-		if (base != MAP_FAILED)
-			munmap(base, n << XC_PAGE_SHIFT);
 		errno = e;
-		return NULL;
+		return -1;
 	}
-	return base;
+	return 0;
 }
 
 static int rx_version(xc_interface *xch, int *major, int *minor, char *extra) {
@@ -212,8 +204,10 @@ type xc struct {
 
 	mem      unsafe.Pointer // foreign mapping of every gpfn, holes zero-filled
 	memPages int
-	mapped   []uint64 // bit p set: gpfn p is mapped (not a hole)
-	mapRuns  int      // populated runs, each its own privcmd mapping
+	mapped   []uint64  // bit p set: page index p is mapped (not a hole)
+	mapRuns  int       // populated runs, each its own privcmd mapping
+	segs     []Segment // page index -> gfn (see layoutOf)
+	p2m      int       // gfns [0, p2m) were scanned; log-dirty covers them
 }
 
 func errnoErr(op string, err error) error {
@@ -380,30 +374,67 @@ func (x *xc) cleanLogDirty(pages int) ([]uint64, uint32, error) {
 	return w, uint32(dirty), nil
 }
 
-// mapAll maps gpfns [0, n) read-only; holes read as zeros. It returns the
-// number of holes.
-func (x *xc) mapAll(n int) (int, error) {
-	errs := (*C.int)(C.calloc(C.size_t(n), C.size_t(unsafe.Sizeof(C.int(0)))))
-	if errs == nil {
+// mapAll finds which of gfns [0, p2m) hold guest memory, groups them
+// into segments (see layoutOf) and maps the segments one after another,
+// read-only or read-write (a standby). Holes inside segments read as
+// zeros (and take writes into private memory that Xen never sees). It
+// returns the number of holes inside the segments.
+func (x *xc) mapAll(p2m int, writable bool) (int, error) {
+	if p2m <= 0 {
+		return 0, fmt.Errorf("p2m size %d", p2m)
+	}
+	holes := (*C.int)(C.calloc(C.size_t(p2m), C.size_t(unsafe.Sizeof(C.int(0)))))
+	if holes == nil {
 		return 0, errors.New("calloc failed")
 	}
-	defer C.free(unsafe.Pointer(errs))
-	var runs C.long
-	p, err := C.rx_map_all(x.xch, x.fmem, x.domid, C.size_t(n), errs, &runs)
-	if p == nil {
-		return 0, errnoErr("xenforeignmemory_map", err)
+	defer C.free(unsafe.Pointer(holes))
+	if rc, err := C.rx_pfn_holes(x.xch, x.domid, C.size_t(p2m), holes); rc < 0 {
+		return 0, errnoErr("xc_get_pfn_type_batch", err)
 	}
-	holes := 0
-	x.mapped = make([]uint64, (n+63)/64)
-	for i, e := range unsafe.Slice(errs, n) {
-		if e == 0 {
-			x.mapped[i/64] |= 1 << (uint(i) % 64)
-		} else {
-			holes++
+	h := unsafe.Slice(holes, p2m)
+	isHole := func(g int) bool { return h[g] != 0 }
+	segs := layoutOf(isHole, p2m)
+	n := layoutPages(segs)
+	if n == 0 {
+		return 0, errors.New("domain has no populated memory")
+	}
+	prot := C.int(C.PROT_READ)
+	if writable {
+		prot |= C.PROT_WRITE
+	}
+	base, err := C.rx_reserve(C.size_t(n), prot)
+	if base == nil {
+		return 0, errnoErr("mmap", err)
+	}
+	fail := func(err error) (int, error) {
+		C.munmap(base, C.size_t(n)*C.XC_PAGE_SIZE)
+		return 0, err
+	}
+	nholes, runs := 0, 0
+	mapped := make([]uint64, (n+63)/64)
+	for _, s := range segs {
+		for i := uint64(0); i < s.Count; {
+			g := s.GFN + i
+			if isHole(int(g)) {
+				nholes++
+				i++
+				continue
+			}
+			j := i
+			for j < s.Count && !isHole(int(s.GFN+j)) {
+				idx := s.Index + j
+				mapped[idx/64] |= 1 << (idx % 64)
+				j++
+			}
+			if rc, err := C.rx_map_run(x.fmem, x.domid, base, C.size_t(s.Index+i), C.xen_pfn_t(g), C.size_t(j-i), prot); rc < 0 {
+				return fail(errnoErr(fmt.Sprintf("xenforeignmemory_map2(gfn %#x, %d frames)", g, j-i), err))
+			}
+			runs++
+			i = j
 		}
 	}
-	x.mem, x.memPages, x.mapRuns = p, n, int(runs)
-	return int(holes), nil
+	x.mem, x.memPages, x.mapRuns, x.mapped, x.segs, x.p2m = base, n, runs, mapped, segs, p2m
+	return nholes, nil
 }
 
 func (x *xc) memory() []byte {
@@ -450,4 +481,18 @@ func (x *xc) vcpuContext(v uint32) ([]byte, bool, error) {
 		return nil, true, errnoErr(fmt.Sprintf("xc_vcpu_getcontext(%d)", v), err)
 	}
 	return unsafe.Slice((*byte)(unsafe.Pointer(x.vcpuBuf)), int(unsafe.Sizeof(*x.vcpuBuf))), true, nil
+}
+
+// setHVMContext loads an HVM context record (as hvmContext returns it)
+// into the domain, which must be paused.
+func (x *xc) setHVMContext(b []byte) error {
+	if len(b) == 0 {
+		return errors.New("empty HVM context")
+	}
+	p := C.CBytes(b)
+	defer C.free(p)
+	if rc, err := C.xc_domain_hvm_setcontext(x.xch, x.domid, (*C.uint8_t)(p), C.uint32_t(len(b))); rc < 0 {
+		return errnoErr("xc_domain_hvm_setcontext", err)
+	}
+	return nil
 }

@@ -22,10 +22,17 @@
 // background, and the Guest's next call waits for it (calls on one Guest
 // never overlap).
 //
-// Not done here: the cooperative suspend Xen's Remus uses (suspend event
-// channel, then xc_domain_resume fast) so that PV frontends survive a
-// checkpoint and reconnect on the backup; a bare pause is what this
-// backend does. The backup side (a standby domain) is not implemented.
+// A checkpoint is a bare pause unless Options.Cooperative: then the guest
+// suspends itself for each checkpoint and the suspend is cancelled after
+// it (xc_domain_resume fast), as Xen's Remus does, so that a standby
+// activated from that state resumes as "moved" and re-establishes what a
+// bare pause cannot carry (shared_info and vcpu_info registrations, event
+// channels, timers, frontends).
+//
+// The backup side is a Standby (hypervisor.Replica): a paused domain
+// created from the backup's own xl configuration of the VM, whose frames
+// the engine writes through a writable foreign mapping; Activate loads
+// the committed HVM context and unpauses it.
 package xen
 
 import (
@@ -54,6 +61,10 @@ var ErrNotPaused = errors.New("xen: domain not paused")
 // is being destroyed.
 var ErrGone = errors.New("xen: domain gone")
 
+// ErrNotTracking is returned by HarvestDirty on a guest opened without
+// log-dirty tracking (an activated standby).
+var ErrNotTracking = errors.New("xen: dirty tracking is not enabled for this guest")
+
 // ErrBusy is returned (wrapped with the context's error) when a call's
 // deadline expired while it waited for an earlier, abandoned libxc call.
 var ErrBusy = errors.New("xen: an earlier libxc call is still running")
@@ -61,24 +72,38 @@ var ErrBusy = errors.New("xen: an earlier libxc call is still running")
 // Timings are the durations of the last epoch's steps, for benchmarks.
 type Timings struct {
 	Pause, Harvest, Copy, Context, Unpause time.Duration
-	DirtyPages                             int
+	// Suspend (as the caller waits) and ResumeFast (inside the call):
+	// the cooperative steps, zero for a bare pause.
+	Suspend, ResumeFast time.Duration
+	DirtyPages          int
+	// Outside: gfns the last harvest reported dirty outside the layout
+	// (Xen-owned frames the guest maps, the special region, or memory
+	// populated after Open: not replicated).
+	Outside int
 }
 
 // State format written by SaveDeviceState (little-endian):
 //
-//	magic "RXEN", version u32, domain type u32 (1 HVM, 2 PVH), hvm length u32,
+//	magic "RXEN", version u32, domain type u32 (1 HVM, 2 PVH),
+//	[version 2: flags u32, bit 0: suspended], hvm length u32,
 //	hvm context bytes, vcpu count u32, then per vCPU: id u32, online u32,
 //	length u32, vcpu_guest_context bytes.
 const (
 	stateMagic   = "RXEN"
-	stateVersion = 1
+	stateVersion = 2
 )
 
 // State is a parsed SaveDeviceState blob.
 type State struct {
-	PVH   bool
-	HVM   []byte
-	VCPUs []VCPUState
+	// Version is the format version (1 or 2; AppendState writes 2 when 0).
+	Version uint32
+	PVH     bool
+	// Suspended: the guest was stopped in its suspend hypercall
+	// (Options.Cooperative), so a standby activated from this state runs
+	// the guest's resume path.
+	Suspended bool
+	HVM       []byte
+	VCPUs     []VCPUState
 }
 
 // VCPUState is one vCPU's context.
@@ -90,13 +115,24 @@ type VCPUState struct {
 
 // AppendState appends s's encoding to dst.
 func AppendState(dst []byte, s State) []byte {
+	v := s.Version
+	if v == 0 {
+		v = stateVersion
+	}
 	dst = append(dst, stateMagic...)
-	dst = binary.LittleEndian.AppendUint32(dst, stateVersion)
+	dst = binary.LittleEndian.AppendUint32(dst, v)
 	typ := uint32(1)
 	if s.PVH {
 		typ = 2
 	}
 	dst = binary.LittleEndian.AppendUint32(dst, typ)
+	if v >= 2 {
+		flags := uint32(0)
+		if s.Suspended {
+			flags |= stateSuspended
+		}
+		dst = binary.LittleEndian.AppendUint32(dst, flags)
+	}
 	dst = binary.LittleEndian.AppendUint32(dst, uint32(len(s.HVM)))
 	dst = append(dst, s.HVM...)
 	dst = binary.LittleEndian.AppendUint32(dst, uint32(len(s.VCPUs)))
@@ -113,6 +149,8 @@ func AppendState(dst []byte, s State) []byte {
 	return dst
 }
 
+const stateSuspended = 1
+
 // Limits for ParseState: a blob from a peer is never trusted for sizes.
 const (
 	maxHVMContext  = 16 << 20
@@ -127,8 +165,9 @@ func ParseState(b []byte) (State, error) {
 	if string(r.bytes(4)) != stateMagic {
 		return s, errors.New("xen: state: bad magic")
 	}
-	if v := r.u32(); v != stateVersion {
-		return s, fmt.Errorf("xen: state: version %d, want %d", v, stateVersion)
+	s.Version = r.u32()
+	if s.Version != 1 && s.Version != stateVersion {
+		return s, fmt.Errorf("xen: state: version %d, want 1 or %d", s.Version, stateVersion)
 	}
 	switch r.u32() {
 	case 1:
@@ -136,6 +175,13 @@ func ParseState(b []byte) (State, error) {
 		s.PVH = true
 	default:
 		return s, errors.New("xen: state: bad domain type")
+	}
+	if s.Version >= 2 {
+		f := r.u32()
+		if f&^stateSuspended != 0 {
+			return s, fmt.Errorf("xen: state: unknown flags %#x", f)
+		}
+		s.Suspended = f&stateSuspended != 0
 	}
 	n := r.u32()
 	if n > maxHVMContext {
@@ -198,4 +244,82 @@ func (r *stateReader) u32() uint32 {
 		return 0
 	}
 	return binary.LittleEndian.Uint32(b)
+}
+
+// HVM context records (xen/include/public/arch-x86/hvm/save.h): a
+// sequence of descriptors {typecode u16, instance u16, length u32} each
+// followed by length bytes, starting with a HEADER record and ending with
+// an END record.
+const (
+	hvmCodeEnd    = 0
+	hvmCodeHeader = 1
+	hvmCodeCPU    = 2
+	hvmCodeMax    = 20 // HVM_SAVE_CODE_MAX in Xen 4.17 (hvm_load accepts up to it)
+
+	hvmFileMagic   = 0x54381286
+	hvmFileVersion = 1
+	hvmHeaderLen   = 24 // struct hvm_save_header
+)
+
+// HVMInfo is what CheckHVMContext found in an HVM context.
+type HVMInfo struct {
+	Records int
+	// CPUs is the number of CPU records; MaxCPU the highest instance.
+	CPUs   int
+	MaxCPU int
+}
+
+// CheckHVMContext walks an HVM context record by record and checks that
+// it is well formed: a HEADER of this Xen's format first, every record
+// within bounds and of a known type, an END record last and nothing after
+// it. It does not interpret the records' contents (Xen's hvm_load does).
+func CheckHVMContext(b []byte) (HVMInfo, error) {
+	var info HVMInfo
+	info.MaxCPU = -1
+	for off := 0; ; {
+		if len(b)-off < 8 {
+			return info, fmt.Errorf("xen: hvm context: truncated descriptor at %d", off)
+		}
+		code := binary.LittleEndian.Uint16(b[off:])
+		inst := binary.LittleEndian.Uint16(b[off+2:])
+		n := binary.LittleEndian.Uint32(b[off+4:])
+		off += 8
+		if uint64(n) > uint64(len(b)-off) {
+			return info, fmt.Errorf("xen: hvm context: record %d (type %d) of %d bytes overruns the %d left", info.Records, code, n, len(b)-off)
+		}
+		body := b[off : off+int(n)]
+		off += int(n)
+		switch {
+		case info.Records == 0 && code != hvmCodeHeader:
+			return info, fmt.Errorf("xen: hvm context: first record is type %d, not a header", code)
+		case code == hvmCodeHeader:
+			if info.Records != 0 {
+				return info, errors.New("xen: hvm context: second header record")
+			}
+			if n != hvmHeaderLen {
+				return info, fmt.Errorf("xen: hvm context: header of %d bytes", n)
+			}
+			if m := binary.LittleEndian.Uint32(body); m != hvmFileMagic {
+				return info, fmt.Errorf("xen: hvm context: header magic %#x", m)
+			}
+			if v := binary.LittleEndian.Uint32(body[4:]); v != hvmFileVersion {
+				return info, fmt.Errorf("xen: hvm context: header version %d", v)
+			}
+		case code == hvmCodeEnd:
+			if n != 0 {
+				return info, fmt.Errorf("xen: hvm context: end record of %d bytes", n)
+			}
+			if off != len(b) {
+				return info, fmt.Errorf("xen: hvm context: %d bytes after the end record", len(b)-off)
+			}
+			info.Records++
+			return info, nil
+		case code > hvmCodeMax:
+			return info, fmt.Errorf("xen: hvm context: unknown record type %d", code)
+		case code == hvmCodeCPU:
+			info.CPUs++
+			info.MaxCPU = max(info.MaxCPU, int(inst))
+		}
+		info.Records++
+	}
 }

@@ -7,7 +7,9 @@
 // index, round), then in round r rewrites the header and one word at a
 // round-dependent offset of every page whose index i has
 // (i*2654435761 + r*40503) mod -every == 0, sleeping -sleep between
-// rounds. Flags come from the kernel command line as dirtier.mib=N etc.
+// rounds. With -printevery N > 0 it prints "dirtier: round R" on its
+// console every N rounds (a running counter a failover test can watch).
+// Flags come from the kernel command line as dirtier.mib=N etc.
 package main
 
 import (
@@ -44,6 +46,7 @@ func main() {
 	mib := param(string(cmdline), "mib", 32)
 	every := param(string(cmdline), "every", 7)
 	sleep := time.Duration(param(string(cmdline), "sleepms", 5)) * time.Millisecond
+	printEvery := uint32(param(string(cmdline), "printevery", 0))
 	const page = 4096
 	buf := make([]byte, mib<<20)
 	n := len(buf) / page
@@ -63,6 +66,9 @@ func main() {
 			binary.LittleEndian.PutUint32(p[12:], r)
 			off := 16 + int(r*64)%(page-24)
 			binary.LittleEndian.PutUint64(p[off&^7:], uint64(r)<<32|uint64(i))
+		}
+		if printEvery > 0 && r%printEvery == 0 {
+			fmt.Printf("dirtier: round %d\n", r)
 		}
 		time.Sleep(sleep)
 	}

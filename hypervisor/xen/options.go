@@ -1,0 +1,116 @@
+package xen
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"regexp"
+	"time"
+
+	"go.uber.org/zap"
+)
+
+// Options configure Open.
+type Options struct {
+	// Name is the VM's name as the operator knows it (default "domid-N").
+	Name string
+	// Logger receives the backend's logs (default: none).
+	Logger *zap.Logger
+	// Cooperative makes every checkpoint suspend the guest the way Xen's
+	// Remus does: Pause first asks the guest to suspend itself
+	// (SuspendCooperative: it quiesces its PV frontends and stops in its
+	// suspend hypercall) and then pauses it; Resume cancels the suspend
+	// (xc_domain_resume fast: the hypercall returns 1, the guest carries
+	// on with its devices connected) and unpauses. The state saved while
+	// suspended is what a standby can be activated from: there the same
+	// hypercall returns 0 and the guest runs its resume path (re-maps
+	// shared_info, re-registers vcpu_info, rebinds its event channels and
+	// timers, reconnects its frontends to the new host's backends). A bare
+	// pause leaves all that bound to this host's Xen.
+	Cooperative bool
+	// SuspendTimeout bounds each cooperative suspend (default 30 s; the
+	// caller's deadline applies if it is earlier): a guest that does not
+	// suspend in time fails that checkpoint instead of stalling the epoch
+	// loop. Under TCG on a busy machine suspends took up to 6.3 s.
+	SuspendTimeout time.Duration
+}
+
+// StandbyOptions configure NewStandby. Everything here comes from the
+// backup's own configuration, never from the primary.
+type StandbyOptions struct {
+	// Name is the VM's name as the operator knows it (for logs).
+	Name string
+	// ConfigPath is the backup host's xl configuration file of the VM
+	// (absolute path of a regular file). The standby is created from it
+	// with `xl create -p`, so it has the memory size, type and devices
+	// this host gives the VM.
+	ConfigPath string
+	// DomainName names the standby domain (overrides the file's name=,
+	// so that a standby and the VM's primary can share a host in tests).
+	// Letters, digits, '.', '_' and '-', at most 64, starting with a
+	// letter or digit.
+	DomainName string
+	// XL is the xl binary (default "xl", looked up in PATH).
+	XL string
+	// Type is the domain type the standby must have: "pvh" (default) or
+	// "hvm". A standby of another type is destroyed and refused.
+	Type string
+	// CreateTimeout bounds `xl create -p` and mapping the standby
+	// (default 90 s); DestroyTimeout bounds `xl destroy` (default 30 s).
+	CreateTimeout, DestroyTimeout time.Duration
+	Logger                        *zap.Logger
+}
+
+var domainNameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`)
+
+// Validate checks the options and fills in defaults.
+func (o *StandbyOptions) Validate() error {
+	if o.Name == "" {
+		o.Name = o.DomainName
+	}
+	if !domainNameRE.MatchString(o.DomainName) {
+		return fmt.Errorf("xen: standby: domain name %q: want 1-64 letters, digits, '.', '_' or '-'", o.DomainName)
+	}
+	if o.ConfigPath == "" || !filepath.IsAbs(o.ConfigPath) {
+		return fmt.Errorf("xen: standby: config path %q is not absolute", o.ConfigPath)
+	}
+	fi, err := os.Stat(o.ConfigPath)
+	if err != nil {
+		return fmt.Errorf("xen: standby: config: %w", err)
+	}
+	if !fi.Mode().IsRegular() {
+		return fmt.Errorf("xen: standby: config %s is not a regular file", o.ConfigPath)
+	}
+	switch o.Type {
+	case "":
+		o.Type = "pvh"
+	case "pvh", "hvm":
+	default:
+		return fmt.Errorf("xen: standby: type %q: want pvh or hvm", o.Type)
+	}
+	if o.XL == "" {
+		o.XL = "xl"
+	}
+	if o.CreateTimeout <= 0 {
+		o.CreateTimeout = 90 * time.Second
+	}
+	if o.DestroyTimeout <= 0 {
+		o.DestroyTimeout = 30 * time.Second
+	}
+	if o.Logger == nil {
+		o.Logger = zap.NewNop()
+	}
+	return nil
+}
+
+// ActivationInfo describes a standby's activation.
+type ActivationInfo struct {
+	Epoch     uint64
+	Suspended bool          // the state was taken with the guest suspended
+	Context   time.Duration // xc_domain_hvm_setcontext
+	Unpause   time.Duration
+	Total     time.Duration
+}
+
+var errStandbyDone = errors.New("standby already activated or closed")
