@@ -69,6 +69,7 @@ type Journal struct {
 	dirty     []uint64 // tracking bitmap, one bit per TrackBlock
 	tracks    uint64   // switches to tracking mode so far
 	trackedCh uint64   // changes observed in tracking mode
+	copies    uint64   // StartCopy calls
 }
 
 // TrackBlock is the granularity of tracking mode: a change marks every
@@ -97,6 +98,10 @@ type Epoch struct {
 	// image while the guest is paused.
 	Tracked bool
 	Dirty   []Extent
+	// Copies is how many times StartCopy was called before this cut: a
+	// cut with fewer copies than the journal's Copies is superseded by
+	// the copy of the image that began after it.
+	Copies uint64
 }
 
 // JournalStats are a Journal's counters.
@@ -213,7 +218,7 @@ func (j *Journal) Cut() Epoch {
 	j.mu.Lock()
 	defer j.mu.Unlock()
 	if j.tracking {
-		e := Epoch{Number: j.epoch, Tracked: true, Dirty: j.extents()}
+		e := Epoch{Number: j.epoch, Tracked: true, Dirty: j.extents(), Copies: j.copies}
 		clear(j.dirty)
 		j.tracking = false
 		j.epoch++
@@ -221,7 +226,7 @@ func (j *Journal) Cut() Epoch {
 		j.broadcast()
 		return e
 	}
-	e := Epoch{Number: j.epoch, Changes: j.open, Bytes: j.openB}
+	e := Epoch{Number: j.epoch, Changes: j.open, Bytes: j.openB, Copies: j.copies}
 	j.sealed = append(j.sealed, sealedEpoch{n: j.epoch, bytes: j.openB})
 	j.open, j.openB = nil, 0
 	j.epoch++
@@ -263,6 +268,14 @@ func (j *Journal) StartCopy() {
 	defer j.mu.Unlock()
 	j.trackLocked()
 	clear(j.dirty)
+	j.copies++
+}
+
+// Copies is how many times StartCopy was called.
+func (j *Journal) Copies() uint64 {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	return j.copies
 }
 
 // SetSpill sets whether an Observe that would have to wait switches the
