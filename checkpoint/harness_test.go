@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/remusd/remusd/disk"
 	"github.com/remusd/remusd/hypervisor/sim"
 	"github.com/remusd/remusd/outbuf"
 	"github.com/remusd/remusd/outbuf/plug"
@@ -66,6 +67,11 @@ type pairOptions struct {
 	// liveStart: PrimaryOptions.LiveStart (output passes until the first
 	// checkpoint; memory preloaded before it).
 	liveStart bool
+	// journal, if set, configures the sim guest's disk journal (the
+	// guest has a disk when cfg.DiskBytes > 0).
+	journal *disk.JournalConfig
+	// backup adjusts the backup's options.
+	backup func(o *BackupOptions)
 }
 
 func newPair(t *testing.T, cfg sim.Config, pc PrimaryConfig) *pair {
@@ -84,7 +90,11 @@ func newPairWith(t *testing.T, cfg sim.Config, pc PrimaryConfig, po pairOptions)
 	if po.plug {
 		pc.MaxInflight = 1
 	}
-	g, err := sim.New("vm", cfg, nil, sim.WithOutput(emit))
+	gopts := []sim.Option{sim.WithOutput(emit)}
+	if po.journal != nil {
+		gopts = append(gopts, sim.WithJournal(*po.journal))
+	}
+	g, err := sim.New("vm", cfg, nil, gopts...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -93,10 +103,14 @@ func newPairWith(t *testing.T, cfg sim.Config, pc PrimaryConfig, po pairOptions)
 		t.Fatal(err)
 	}
 	p.guest, p.replica = g, rep
-	p.backup = NewBackup(BackupOptions{
+	bo := BackupOptions{
 		VMName: "vm", Replica: rep, Backend: sim.BackendName, BackendVersion: sim.BackendVersion, Owner: "host-a",
 		HeartbeatInterval: 20 * time.Millisecond, HeartbeatTimeout: 2 * time.Second,
-	})
+	}
+	if po.backup != nil {
+		po.backup(&bo)
+	}
+	p.backup = NewBackup(bo)
 	pr, err := NewPrimary(PrimaryOptions{
 		Guest: g, Out: spyBuffer{p.out, p.check}, Dial: p.dial, ProtectionID: "test",
 		Core:              pc,
@@ -416,6 +430,25 @@ func (p *pair) checkReplica() {
 	}
 	if !bytes.Equal(wantDev, dev) {
 		p.t.Fatalf("replica device state at epoch %d differs", committed)
+	}
+	if p.cfg.DiskBytes > 0 {
+		// The disk is the primary's at the same epoch: its op count agrees
+		// with memory's, and no acknowledged write is missing.
+		wantDisk, err := sim.ReplayDisk(p.cfg, ops)
+		if err != nil {
+			p.t.Fatal(err)
+		}
+		got := p.replica.Disk().Bytes()
+		if !bytes.Equal(wantDisk, got) {
+			p.t.Fatalf("replica disk at epoch %d (ops %d) differs from the primary's (disk op count %d, memory's %d)", committed, ops,
+				binary.LittleEndian.Uint64(got), binary.LittleEndian.Uint64(p.replica.Memory()[16:]))
+		}
+		if mem, d := binary.LittleEndian.Uint64(p.replica.Memory()[16:]), binary.LittleEndian.Uint64(got); mem != ops || d != ops {
+			p.t.Fatalf("replica at epoch %d: op count %d in memory, %d on disk, %d captured", committed, mem, d, ops)
+		}
+		if st := p.backup.Stats(); st.DiskTorn {
+			p.t.Fatalf("replica's disks marked torn at a committed epoch: %+v", st)
+		}
 	}
 	if err := p.check.err(); err != nil {
 		p.t.Fatal(err)
