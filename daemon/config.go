@@ -121,6 +121,12 @@ type Config struct {
 	// writes faster than the link waits for acks: its epochs grow longer
 	// and its writes slow down, the buffer does not grow.
 	DiskJournalMiB int `json:"disk_journal_mib"`
+	// DiskSync (backup, default true) makes every replica disk an epoch
+	// changed durable (fdatasync) before the epoch is acknowledged.
+	// false is faster and unsafe: a crash of the backup's host (not just
+	// its daemon) can lose acknowledged writes, and a failover after that
+	// resumes a guest whose disk lacks writes its clients were told about.
+	DiskSync *bool `json:"disk_sync,omitempty"`
 	// RestartGrace is how long a backup keeps waiting for a primary whose
 	// daemon said it restarts before its silence counts as a lost primary.
 	RestartGrace Duration `json:"restart_grace"`
@@ -598,6 +604,9 @@ func (c Config) validateWatchdog() []error {
 	}
 	return errs
 }
+
+// diskSync is DiskSync with its default (true).
+func (c Config) diskSync() bool { return c.DiskSync == nil || *c.DiskSync }
 
 // diskJournalBytes is DiskJournalMiB in bytes (0: the backend's default).
 func (c Config) diskJournalBytes() int64 { return int64(c.DiskJournalMiB) << 20 }

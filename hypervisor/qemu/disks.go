@@ -194,7 +194,9 @@ func startDisk(d DiskSpec, qmpPath string, o DiskOptions, log *zap.Logger) (*dis
 		img.Close()
 		return nil, fmt.Errorf("image %s holds %d bytes, the disk is configured with %d", d.Path, img.Size(), d.SizeBytes)
 	}
-	j, err := disk.NewJournal(disk.JournalConfig{Limit: o.JournalBytes, MaxWrite: diskMaxPayload}, 1)
+	// Tracking: the journal is fed from the guest's boot, before any
+	// protection releases its epochs (the engine journals once protected).
+	j, err := disk.NewJournal(disk.JournalConfig{Limit: o.JournalBytes, MaxWrite: diskMaxPayload, Tracking: true}, 1)
 	if err != nil {
 		img.Close()
 		return nil, err
