@@ -9,6 +9,7 @@ import (
 	"math/rand/v2"
 	"os/exec"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -87,6 +88,12 @@ func needDiskTools(t *testing.T) {
 // clean and /log on it holds the same records.
 func (l *qemuLab) checkBackupDisk(t *testing.T, ctx context.Context) {
 	t.Helper()
+	l.checkDiskImage(t, ctx, l.bImage)
+}
+
+// checkDiskImage is checkBackupDisk for the image where the guest now runs.
+func (l *qemuLab) checkDiskImage(t *testing.T, ctx context.Context, image string) {
+	t.Helper()
 	cl := l.cl
 	want := cl.LogModel().Sum()
 	conn, err := netlab.Dial(ctx, l.n.Client, guestIP+":"+guestPort)
@@ -112,15 +119,77 @@ func (l *qemuLab) checkBackupDisk(t *testing.T, ctx context.Context) {
 	if got := ask("FREEZE"); got != "FROZEN" {
 		t.Fatalf("FREEZE: %q", got)
 	}
-	out, err := exec.CommandContext(ctx, "e2fsck", "-fn", l.bImage).CombinedOutput()
+	out, err := exec.CommandContext(ctx, "e2fsck", "-fn", image).CombinedOutput()
 	if err != nil {
 		t.Fatalf("e2fsck -fn of the backup's disk: %v\n%s", err, out)
 	}
-	content, err := exec.CommandContext(ctx, "debugfs", "-R", "cat /log", l.bImage).Output()
+	content, err := exec.CommandContext(ctx, "debugfs", "-R", "cat /log", image).Output()
 	if err != nil {
 		t.Fatalf("debugfs: %v", err)
 	}
 	if !bytes.Equal(content, cl.LogModel().Content()) {
 		t.Fatalf("/log on the backup's disk image: %d bytes, want the %d acknowledged records (%d bytes)", len(content), cl.LogModel().Records(), len(cl.LogModel().Content()))
 	}
+}
+
+// TestQEMUDiskReprotect: after a failover to host B, the VM (memory and
+// disk) is protected back to host A's restarted daemon, whose replica disk
+// is the old primary image, rewritten by a full copy; host B dies, host A
+// takes over, and the same TCP connection still carries on with every
+// acknowledged record on host A's disk.
+func TestQEMUDiskReprotect(t *testing.T) {
+	needQEMULab(t)
+	needDiskTools(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
+	defer cancel()
+	l := newQemuLabWith(t, ctx, labOptions{diskMiB: 64})
+	l.waitReplies(t, 30, "records logged under protection")
+	l.killPrimary(t)
+	if r := runCLI(t, "failover", "g", "--control", l.bcfg.Control); r.code != 0 {
+		t.Fatalf("failover to B: %s", r)
+	}
+	n, _, _ := l.cl.state()
+	l.waitReplies(t, n+20, "records on host B")
+
+	// Host A comes back (same configuration and state: it does not start
+	// the VM, which runs on B now) and B protects the VM to it.
+	l.primary = startDaemonIn(t, l.dir, "hostA-back", l.n.A, l.acfg)
+	if r := runCLI(t, "protect", "g", "--peer", l.acfg.Listen, "--control", l.bcfg.Control); r.code != 0 {
+		t.Fatalf("protect B→A: %s", r)
+	}
+	waitFor(t, 2*time.Minute, "B's epochs acknowledged by A", func() (bool, string) {
+		s, ok := vmStatus(t, l.bcfg.Control, "g")
+		return ok && s.Role == daemon.RolePrimary && s.AckedEpoch >= 10, fmt.Sprintf("%+v", s)
+	})
+	s, _ := vmStatus(t, l.bcfg.Control, "g")
+	if s.DiskBytesCopied == 0 {
+		t.Errorf("protection back to A copied no disk data: %+v", s)
+	}
+	t.Logf("re-protected to A: the disk copy moved %d bytes in %.0f ms", s.DiskBytesCopied, s.DiskCopyMs)
+	n, _, _ = l.cl.state()
+	l.waitReplies(t, n+30, "records protected to A")
+
+	// Host B dies; A takes over.
+	before, _, _ := l.cl.state()
+	killAt := time.Now()
+	for _, p := range childPids(l.backup.cmd.Process.Pid) {
+		_ = syscall.Kill(p, syscall.SIGKILL)
+	}
+	l.backup.kill(t)
+	if r := runCLI(t, "failover", "g", "--control", l.acfg.Control); r.code != 0 {
+		t.Fatalf("failover to A: %s", r)
+	}
+	waitFor(t, 2*time.Minute, "the client carries on on A", func() (bool, string) {
+		ok, last, err := l.cl.state()
+		if err != nil {
+			t.Fatalf("client after the second failover: %v", err)
+		}
+		return ok >= before+20 && last.After(killAt), fmt.Sprintf("%d records", ok)
+	})
+	l.drainClient()
+	if _, _, err := l.cl.state(); err != nil && !errors.Is(err, context.Canceled) && !strings.Contains(err.Error(), "closed") {
+		t.Fatalf("client: %v", err)
+	}
+	l.checkDiskImage(t, ctx, l.aImage)
+	t.Logf("%d records on one TCP connection through A → B → A; all on A's disk once and in order; e2fsck clean", l.cl.LogModel().Records())
 }
