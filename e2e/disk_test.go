@@ -1,8 +1,6 @@
 package e2e
 
 import (
-	"bufio"
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -14,6 +12,8 @@ import (
 	"time"
 
 	"github.com/remusd/remusd/daemon"
+	"github.com/remusd/remusd/guestimage"
+	"github.com/remusd/remusd/guestsvc"
 	"github.com/remusd/remusd/netlab"
 )
 
@@ -94,41 +94,21 @@ func (l *qemuLab) checkBackupDisk(t *testing.T, ctx context.Context) {
 // checkDiskImage is checkBackupDisk for the image where the guest now runs.
 func (l *qemuLab) checkDiskImage(t *testing.T, ctx context.Context, image string) {
 	t.Helper()
-	cl := l.cl
-	want := cl.LogModel().Sum()
+	want := l.cl.LogModel().Sum()
 	conn, err := netlab.Dial(ctx, l.n.Client, guestIP+":"+guestPort)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer conn.Close()
-	r := bufio.NewReader(conn)
-	ask := func(req string) string {
-		_ = conn.SetDeadline(time.Now().Add(30 * time.Second))
-		if _, err := fmt.Fprintf(conn, "%s\n", req); err != nil {
-			t.Fatalf("%s: %v", req, err)
-		}
-		got, err := r.ReadString('\n')
-		if err != nil {
-			t.Fatalf("%s: %v", req, err)
-		}
-		return strings.TrimRight(got, "\n")
+	got, err := guestsvc.SumAndFreeze(ctx, conn)
+	if err != nil {
+		t.Fatal(err)
 	}
-	if got := ask("LOGSUM"); got != want {
+	if got != want {
 		t.Fatalf("the guest's log after failover: %q, want %q (every acknowledged record, once, in order)", got, want)
 	}
-	if got := ask("FREEZE"); got != "FROZEN" {
-		t.Fatalf("FREEZE: %q", got)
-	}
-	out, err := exec.CommandContext(ctx, "e2fsck", "-fn", image).CombinedOutput()
-	if err != nil {
-		t.Fatalf("e2fsck -fn of the backup's disk: %v\n%s", err, out)
-	}
-	content, err := exec.CommandContext(ctx, "debugfs", "-R", "cat /log", image).Output()
-	if err != nil {
-		t.Fatalf("debugfs: %v", err)
-	}
-	if !bytes.Equal(content, cl.LogModel().Content()) {
-		t.Fatalf("/log on the backup's disk image: %d bytes, want the %d acknowledged records (%d bytes)", len(content), cl.LogModel().Records(), len(cl.LogModel().Content()))
+	if err := guestimage.CheckDisk(ctx, image, l.cl.LogModel().Content()); err != nil {
+		t.Fatal(err)
 	}
 }
 

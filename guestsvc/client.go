@@ -258,3 +258,38 @@ func (c *Client) WaitReplies(ctx context.Context, n int) error {
 		}
 	}
 }
+
+// SumAndFreeze asks the service on conn (a connection of its own, not a
+// running Client's) for LOGSUM, then FREEZE, and returns the LOGSUM
+// reply: the guest's own view of its log, then its file system made
+// clean on the disk for a host to check.
+func SumAndFreeze(ctx context.Context, conn net.Conn) (string, error) {
+	r := bufio.NewReader(conn)
+	ask := func(req string) (string, error) {
+		dl := time.Now().Add(30 * time.Second)
+		if d, ok := ctx.Deadline(); ok && d.Before(dl) {
+			dl = d
+		}
+		_ = conn.SetDeadline(dl)
+		if _, err := fmt.Fprintf(conn, "%s\n", req); err != nil {
+			return "", fmt.Errorf("guestsvc: %s: %w", req, err)
+		}
+		got, err := r.ReadString('\n')
+		if err != nil {
+			return "", fmt.Errorf("guestsvc: %s: %w", req, err)
+		}
+		return strings.TrimRight(got, "\n"), nil
+	}
+	sum, err := ask("LOGSUM")
+	if err != nil {
+		return "", err
+	}
+	got, err := ask("FREEZE")
+	if err != nil {
+		return sum, err
+	}
+	if got != "FROZEN" {
+		return sum, fmt.Errorf("guestsvc: FREEZE: %q", got)
+	}
+	return sum, nil
+}
