@@ -152,7 +152,7 @@ func (d *Daemon) reattach(q QemuVM, rec *vmRecord) (*qemu.Guest, int, bool, erro
 		g.SetSpec(spec)
 		return g, r.Pid, true, nil
 	}
-	g, err := qemu.Reattach(ctx, spec, r.Pid, d.log)
+	g, err := qemu.ReattachWithDisks(ctx, spec, r.Pid, qemu.DiskOptions{JournalBytes: d.cfg.diskJournalBytes()}, d.log)
 	if err != nil {
 		return nil, 0, false, err
 	}
