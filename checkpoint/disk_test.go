@@ -1,10 +1,20 @@
 package checkpoint
 
 import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
+	"github.com/remusd/remusd/disk"
 	"github.com/remusd/remusd/hypervisor/sim"
+	"github.com/remusd/remusd/transport"
 )
 
 func diskGuest(workload string, seed uint64) sim.Config {
@@ -33,5 +43,241 @@ func TestDiskEndToEnd(t *testing.T) {
 	}
 	if f := p.replica.Disk().Flushes(); uint64(f) != bs.DiskFlushes {
 		t.Fatalf("replica disk flushed %d times, stats say %d", f, bs.DiskFlushes)
+	}
+}
+
+// TestDiskResyncCarriesUnackedEpochs: acks stop on the first link, so
+// that epochs pile up unacknowledged until the ack timeout drops it; the
+// resync epoch on the next link must carry those epochs' disk changes, in
+// order, followed by its own, from the journal (no re-read, no new copy):
+// the replica's disk ends equal to the primary's.
+func TestDiskResyncCarriesUnackedEpochs(t *testing.T) {
+	cfg := diskGuest("hotset", 21)
+	cfg.Rate = 5000
+	p := newPairWith(t, cfg, PrimaryConfig{Interval: 3 * time.Millisecond, MaxInflight: 3, AckTimeout: 200 * time.Millisecond},
+		pairOptions{journal: &disk.JournalConfig{Limit: 64 << 20, MaxWrite: 4096, Tracking: true}})
+	var mu sync.Mutex
+	var caps []CaptureInfo
+	p.primary.o.OnCapture = chain(p.primary.o.OnCapture, func(ci CaptureInfo) {
+		mu.Lock()
+		caps = append(caps, CaptureInfo{Epoch: ci.Epoch, Base: ci.Base, Full: ci.Full})
+		mu.Unlock()
+	})
+	// From some frame on, the first link loses every epoch record (the
+	// backup waits inside a torn epoch, heartbeats still flow): epochs
+	// pile up unacknowledged until the ack timeout drops the link.
+	stall := func(link, i int, b []byte) transport.Fault {
+		if k, ok := transport.FrameKind(b); ok && k.IsEpochRecord() && link == 1 && i > 30 {
+			return transport.Fault{Action: transport.Drop}
+		}
+		return transport.Fault{}
+	}
+	p.hook.Store(&stall)
+	stop := p.run()
+	p.waitAcked(30, 20*time.Second)
+	stop()
+	p.checkReplica()
+	j := p.guest.Disks()[0].Journal
+	if p.links < 2 {
+		t.Fatalf("links %d: the stall did not drop the first link", p.links)
+	}
+	if j.Copies() != 1 || j.Stats().Tracks != 0 {
+		t.Fatalf("journal copied %d times, switched to tracking %d times: the resync did not come from the journal", j.Copies(), j.Stats().Tracks)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	resync := 0
+	for i, c := range caps {
+		if i > 0 && !c.Full && c.Base != c.Epoch-1 && c.Epoch-c.Base > 1 {
+			resync++
+		}
+	}
+	if resync == 0 {
+		t.Fatalf("no resync epoch over unacked epochs: %+v", caps)
+	}
+}
+
+// TestDiskUnprotectedTracksAndResyncs: with the unprotect policy the
+// journal switches to tracking dirty blocks (it does not hold data no
+// ack will release); when the backup is back, the full epoch reads the
+// dirty blocks while the guest is paused: no new copy of the disk.
+func TestDiskUnprotectedTracksAndResyncs(t *testing.T) {
+	p := newPairWith(t, diskGuest("uniform", 22), PrimaryConfig{Interval: 3 * time.Millisecond, MaxInflight: 2, AckTimeout: 150 * time.Millisecond, UnprotectOnAckTimeout: true},
+		pairOptions{})
+	stall := func(link, i int, b []byte) transport.Fault {
+		if k, ok := transport.FrameKind(b); ok && k == transport.KindAck && link == 1 && i > 8 {
+			return transport.Fault{Action: transport.Drop}
+		}
+		return transport.Fault{}
+	}
+	p.backHook.Store(&stall)
+	stop := p.run()
+	p.waitAcked(30, 20*time.Second)
+	stop()
+	p.checkReplica()
+	j := p.guest.Disks()[0].Journal
+	if _, _, windows := p.check.counts(); windows == 0 {
+		t.Fatal("never ran unprotected")
+	}
+	if j.Stats().Tracks == 0 || j.Copies() != 1 {
+		t.Fatalf("journal: %+v, copies %d", j.Stats(), j.Copies())
+	}
+}
+
+// TestDiskBackpressure: a guest writing faster than acks come is
+// throttled: its writes wait in the journal, which never holds more than
+// its limit plus the pause overdraft (asserted on Journal.Stats, sampled
+// at every capture and while acks are held back).
+func TestDiskBackpressure(t *testing.T) {
+	jc := disk.JournalConfig{Limit: 32 << 10, MaxWrite: 4096, InFlight: 2, Tracking: true}
+	cfg := diskGuest("uniform", 23)
+	cfg.Rate = 50000
+	p := newPairWith(t, cfg, PrimaryConfig{Interval: 2 * time.Millisecond, MaxInflight: 1, AckTimeout: 10 * time.Second}, pairOptions{journal: &jc})
+	j := p.guest.Disks()[0].Journal
+	var over atomic.Int64
+	check := func() {
+		if s := j.Stats(); s.Used > s.Limit+s.Overdraft {
+			over.Store(s.Used)
+		}
+	}
+	p.primary.o.OnCapture = chain(p.primary.o.OnCapture, func(CaptureInfo) { check() })
+	// Acks wait (the backup's writer blocks) until the guest is throttled.
+	gate := make(chan struct{})
+	var once sync.Once
+	hold := func(link, i int, b []byte) transport.Fault {
+		if k, ok := transport.FrameKind(b); ok && k == transport.KindAck && i > 5 {
+			<-gate
+		}
+		return transport.Fault{}
+	}
+	p.backHook.Store(&hold)
+	stop := p.run()
+	defer stop()
+	defer once.Do(func() { close(gate) })
+	for j.Stats().Blocked == 0 {
+		if err := p.runFailed(); err != nil {
+			t.Fatal(err)
+		}
+		check()
+		time.Sleep(time.Millisecond)
+	}
+	check()
+	once.Do(func() { close(gate) })
+	p.waitAcked(20, 20*time.Second)
+	stop()
+	p.checkReplica()
+	if v := over.Load(); v != 0 {
+		t.Fatalf("journal held %d bytes, beyond limit %d + overdraft %d", v, jc.Limit, j.Stats().Overdraft)
+	}
+	if s := j.Stats(); s.Blocked == 0 || s.Tracks != 0 {
+		t.Fatalf("journal %+v: the guest was not throttled, or the journal gave up on backpressure", s)
+	}
+}
+
+// TestDiskFullSyncKeepsHoles: the initial copy of a sparse raw image
+// (disk.File) skips what reads as zeroes and sends it as zero changes, so
+// the replica's image (a fresh sparse file) stays sparse, with the same
+// content.
+func TestDiskFullSyncKeepsHoles(t *testing.T) {
+	const size = 64 << 20
+	dir := t.TempDir()
+	mk := func(name string) *disk.File {
+		path := filepath.Join(dir, name)
+		f, err := os.Create(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := f.Truncate(size); err != nil {
+			t.Fatal(err)
+		}
+		f.Close()
+		img, err := disk.OpenFile(path, false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { img.Close() })
+		return img
+	}
+	src, dst := mk("primary.raw"), mk("replica.raw")
+	ctx := context.Background()
+	for i, off := range []int64{0, 5 << 20, 40<<20 + 12345, size - 70000} {
+		b := bytes.Repeat([]byte{byte(i + 1), 0xa5}, 35000)
+		if err := src.WriteAt(ctx, b, off); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cfg := sim.Config{MemoryBytes: 256 << 10, Workload: "idle", Rate: sim.Disabled, Seed: 9, OutputEvery: sim.Disabled, DiskBytes: size}
+	p := newPairWith(t, cfg, PrimaryConfig{Interval: 3 * time.Millisecond, MaxInflight: 1, AckTimeout: 5 * time.Second},
+		pairOptions{guestDisk: src, replicaDisk: dst})
+	stop := p.run()
+	p.waitAcked(3, 20*time.Second)
+	stop()
+	a, b := make([]byte, size), make([]byte, size)
+	if err := src.ReadAt(ctx, a, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := dst.ReadAt(ctx, b, 0); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(a, b) {
+		t.Fatal("replica image differs from the primary's")
+	}
+	blocks := func(f *disk.File, name string) int64 {
+		var st syscall.Stat_t
+		if err := syscall.Stat(filepath.Join(dir, name), &st); err != nil {
+			t.Fatal(err)
+		}
+		return st.Blocks * 512
+	}
+	sb, db := blocks(src, "primary.raw"), blocks(dst, "replica.raw")
+	t.Logf("allocated: primary %d bytes, replica %d bytes of %d; copied %d bytes", sb, db, size, p.primary.Stats().DiskBytesCopied)
+	if db > sb+1<<20 || db > 4<<20 {
+		t.Fatalf("replica image allocates %d bytes (primary %d): holes were filled", db, sb)
+	}
+	if c := p.primary.Stats().DiskBytesCopied; c > 1<<20 {
+		t.Fatalf("copied %d bytes of data for 140 KB written: zero ranges were sent as data", c)
+	}
+}
+
+// TestDiskFailoverAgrees: the primary is killed mid-epoch at random
+// frames; the replica's memory and disk are of the same epoch (the op
+// count in page 0 and on the disk agree with the device state), and the
+// activated guest runs on from there with that disk.
+func TestDiskFailoverAgrees(t *testing.T) {
+	for trial := 0; trial < trials(4, 3); trial++ {
+		p := newPair(t, diskGuest("sequential", uint64(40+trial)), PrimaryConfig{Interval: 2 * time.Millisecond, MaxInflight: 2, AckTimeout: 5 * time.Second})
+		cutAt := 15 + trial*11
+		hook := func(link, i int, b []byte) transport.Fault {
+			if i == cutAt {
+				return transport.Fault{Action: transport.Truncate, N: len(b) / 2}
+			}
+			return transport.Fault{}
+		}
+		p.hook.Store(&hook)
+		stop := p.run()
+		p.waitAcked(5, 20*time.Second)
+		stop()
+		p.close()
+		p.checkReplica()
+		g, err := p.backup.Activate(t.Context())
+		if err != nil {
+			t.Fatal(err)
+		}
+		sg := g.(*sim.Guest)
+		for sg.Ops() < 50 {
+			time.Sleep(time.Millisecond)
+		}
+		if err := sg.Pause(t.Context()); err != nil {
+			t.Fatal(err)
+		}
+		mem := binary.LittleEndian.Uint64(sg.Memory()[16:])
+		rec := make([]byte, 8)
+		if err := sg.Disks()[0].Image.ReadAt(t.Context(), rec, 0); err != nil {
+			t.Fatal(err)
+		}
+		if d := binary.LittleEndian.Uint64(rec); d != mem || mem != sg.Ops() {
+			t.Fatalf("activated guest: ops %d, %d in memory, %d on disk", sg.Ops(), mem, d)
+		}
+		sg.Close()
 	}
 }
