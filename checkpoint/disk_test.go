@@ -293,4 +293,3 @@ func (p *pair) ackedAtLeast(n uint64) bool {
 	defer p.mu.Unlock()
 	return p.acked >= n
 }
-
