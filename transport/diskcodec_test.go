@@ -141,15 +141,19 @@ func TestDiskWritesHostile(t *testing.T) {
 			h.Kinds, h.Offsets, h.Lengths, h.RawLength = nil, nil, nil, 0
 			return nil
 		},
-		"counts":       func(h *remuspb.DiskWrites) []byte { h.Lengths = append(h.Lengths, 1); return payload },
-		"kind 0":       func(h *remuspb.DiskWrites) []byte { h.Kinds[0] = 0; return payload },
-		"flag":         func(h *remuspb.DiskWrites) []byte { h.Kinds[0] |= 0x40; return payload },
-		"raw length":   func(h *remuspb.DiskWrites) []byte { h.RawLength = 4; return payload },
-		"short":        func(h *remuspb.DiskWrites) []byte { return payload[:4] },
-		"crc":          func(h *remuspb.DiskWrites) []byte { h.PayloadCrc32C++; return payload },
-		"lz4 garbage":  func(h *remuspb.DiskWrites) []byte { h.Lz4 = true; return payload },
-		"over limit":   func(h *remuspb.DiskWrites) []byte { h.RawLength = 1 << 30; h.Lengths[0] = 1 << 30; return payload },
-		"too many":     func(h *remuspb.DiskWrites) []byte { n := lim.MaxDiskBatchChanges + 1; h.Kinds = make([]byte, n); return payload },
+		"counts":      func(h *remuspb.DiskWrites) []byte { h.Lengths = append(h.Lengths, 1); return payload },
+		"kind 0":      func(h *remuspb.DiskWrites) []byte { h.Kinds[0] = 0; return payload },
+		"flag":        func(h *remuspb.DiskWrites) []byte { h.Kinds[0] |= 0x40; return payload },
+		"raw length":  func(h *remuspb.DiskWrites) []byte { h.RawLength = 4; return payload },
+		"short":       func(h *remuspb.DiskWrites) []byte { return payload[:4] },
+		"crc":         func(h *remuspb.DiskWrites) []byte { h.PayloadCrc32C++; return payload },
+		"lz4 garbage": func(h *remuspb.DiskWrites) []byte { h.Lz4 = true; return payload },
+		"over limit":  func(h *remuspb.DiskWrites) []byte { h.RawLength = 1 << 30; h.Lengths[0] = 1 << 30; return payload },
+		"too many": func(h *remuspb.DiskWrites) []byte {
+			n := lim.MaxDiskBatchChanges + 1
+			h.Kinds = make([]byte, n)
+			return payload
+		},
 		"flush ranged": func(h *remuspb.DiskWrites) []byte { h.Kinds[0] = 4; h.RawLength = 0; return nil },
 	} {
 		h := proto.Clone(good).(*remuspb.DiskWrites)
