@@ -127,6 +127,55 @@ func TestDiskUnprotectedTracksAndResyncs(t *testing.T) {
 	}
 }
 
+// TestDiskLongAbsenceCopiesAgain: while the backup is away the guest
+// dirties more distinct blocks than one epoch may carry
+// (MaxEpochDiskBytes): rather than an epoch the backup must refuse, the
+// primary copies the disk again on a new link (with passes over the
+// blocks dirtied during the copy), and the pair converges.
+func TestDiskLongAbsenceCopiesAgain(t *testing.T) {
+	cfg := diskGuest("uniform", 24)
+	cfg.DiskBytes = 8 << 20
+	cfg.Rate = 1000 // 250 writes a second to random 64 KiB blocks
+	lim := transport.DefaultLimits()
+	lim.MaxEpochDiskBytes = 1 << 20
+	p := newPairWith(t, cfg, PrimaryConfig{Interval: 3 * time.Millisecond, MaxInflight: 1, AckTimeout: 5 * time.Second},
+		pairOptions{limits: &lim, journal: &disk.JournalConfig{Limit: 64 << 10, MaxWrite: 4096, InFlight: 2, Tracking: true}})
+	var away atomic.Bool
+	refuse := func(link, i int, b []byte) transport.Fault {
+		if link >= 2 && away.Load() {
+			return transport.Fault{Action: transport.Cut}
+		}
+		return transport.Fault{}
+	}
+	p.hook.Store(&refuse)
+	stop := p.run()
+	p.waitAcked(5, 20*time.Second)
+	away.Store(true)
+	if !p.primary.Unprotect(t.Context()) {
+		t.Fatal("runner not running")
+	}
+	j := p.guest.Disks()[0].Journal
+	for j.Stats().DirtyBlocks*disk.TrackBlock <= int(lim.MaxEpochDiskBytes) {
+		if err := p.runFailed(); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	away.Store(false)
+	p.mu.Lock()
+	next := p.acked + 10
+	p.mu.Unlock()
+	p.waitAcked(next, 20*time.Second)
+	stop()
+	p.checkReplica()
+	if c := j.Copies(); c < 2 || c > 4 {
+		t.Fatalf("disk copied %d times, want 2 (a few more if the guest dirtied much during a copy)", c)
+	}
+	if st := p.backup.Stats(); st.Rejected != 0 {
+		t.Fatalf("the backup rejected %d links: %s", st.Rejected, st.LastError)
+	}
+}
+
 // TestDiskBackpressure: a guest writing faster than acks come is
 // throttled: its writes wait in the journal, which never holds more than
 // its limit plus the pause overdraft (asserted on Journal.Stats, sampled

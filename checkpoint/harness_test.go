@@ -76,6 +76,8 @@ type pairOptions struct {
 	// guestDisk and replicaDisk, if set, replace the sim guest's and the
 	// replica's disk images (e.g. disk.File on sparse files).
 	guestDisk, replicaDisk disk.Backend
+	// limits, if set, are both sides' transport limits.
+	limits *transport.Limits
 }
 
 // replicaWithDisk is a sim replica whose disk is another image.
@@ -128,12 +130,19 @@ func newPairWith(t *testing.T, cfg sim.Config, pc PrimaryConfig, po pairOptions)
 		VMName: "vm", Replica: brep, Backend: sim.BackendName, BackendVersion: sim.BackendVersion, Owner: "host-a",
 		HeartbeatInterval: 20 * time.Millisecond, HeartbeatTimeout: 2 * time.Second,
 	}
+	if po.limits != nil {
+		bo.Limits = *po.limits
+	}
 	if po.backup != nil {
 		po.backup(&bo)
 	}
 	p.backup = NewBackup(bo)
+	var plim transport.Limits
+	if po.limits != nil {
+		plim = *po.limits
+	}
 	pr, err := NewPrimary(PrimaryOptions{
-		Guest: g, Out: spyBuffer{p.out, p.check}, Dial: p.dial, ProtectionID: "test",
+		Guest: g, Out: spyBuffer{p.out, p.check}, Dial: p.dial, ProtectionID: "test", Limits: plim,
 		Core:              pc,
 		Encoder:           transport.EncoderConfig{CachePages: 64},
 		HeartbeatInterval: 20 * time.Millisecond, HeartbeatTimeout: 2 * time.Second,

@@ -688,6 +688,20 @@ func (p *Primary) perform(ctx context.Context, acts []Action, link *primaryLink)
 		acts = acts[1:]
 		switch a.Kind {
 		case ActCheckpoint:
+			if p.disks != nil && link != nil {
+				fold := a.Full || a.Rebuild || a.ResyncTo != 0 || a.Base != a.Epoch-1
+				if est, lim := p.disks.estimate(fold), p.o.Limits.WithDefaults().MaxEpochDiskBytes; est > lim {
+					// The blocks tracked while the backup was away would
+					// not fit one epoch on the backup: copy the images
+					// again instead (on a new link, while the guest runs).
+					p.log.Warn("disk changes to resend exceed what one epoch may carry: copying the disks again", zap.Int64("estimate_bytes", est), zap.Int64("limit", lim))
+					p.core.CheckpointFailed()
+					p.diskKnown.Store(false)
+					p.diskSyncedAt.Store(0)
+					link.close()
+					continue
+				}
+			}
 			st, err := p.capture(ctx, a)
 			if err != nil {
 				p.core.CheckpointFailed()

@@ -111,6 +111,7 @@ type Epoch struct {
 // JournalStats are a Journal's counters.
 type JournalStats struct {
 	Limit, Used  int64
+	OpenBytes    int64         // of Used, the open epoch's
 	Overdraft    int64         // what a pause may add to Limit
 	Epoch        uint64        // the open epoch
 	Blocked      uint64        // Observe calls that had to wait
@@ -281,6 +282,21 @@ func (j *Journal) StartCopy() {
 	j.copies++
 }
 
+// TakeDirty returns the blocks marked since StartCopy (or the previous
+// TakeDirty) and clears them, staying in tracking mode: a copy's next pass
+// re-reads them while the guest runs, and the blocks changed meanwhile are
+// marked again (nil if the journal is not tracking).
+func (j *Journal) TakeDirty() []Extent {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	if !j.tracking {
+		return nil
+	}
+	e := j.extents()
+	clear(j.dirty)
+	return e
+}
+
 // Copies is how many times StartCopy was called.
 func (j *Journal) Copies() uint64 {
 	j.mu.Lock()
@@ -374,6 +390,6 @@ func (j *Journal) Stats() JournalStats {
 	for _, w := range j.dirty {
 		n += bits.OnesCount64(w)
 	}
-	return JournalStats{Limit: j.limit, Overdraft: j.overdraft, Used: j.used, Epoch: j.epoch, Blocked: j.blocked, BlockedTotal: j.blockedD,
+	return JournalStats{Limit: j.limit, Overdraft: j.overdraft, Used: j.used, OpenBytes: j.openB, Epoch: j.epoch, Blocked: j.blocked, BlockedTotal: j.blockedD,
 		Tracking: j.tracking, Tracks: j.tracks, DirtyBlocks: n, BitmapBytes: 8 * len(j.dirty)}
 }
