@@ -289,6 +289,11 @@ func TestDiskFullSyncKeepsHoles(t *testing.T) {
 	if c := p.primary.Stats().DiskBytesCopied; c > 1<<20 {
 		t.Fatalf("copied %d bytes of data for 140 KB written: zero ranges were sent as data", c)
 	}
+	// disk.File finds its data by SEEK_DATA: the copy skips the holes.
+	var _ disk.DataFinder = src
+	if st, ok, _ := firstData(src); ok && st != 0 {
+		t.Fatalf("first data at %d", st)
+	}
 }
 
 // TestDiskFailoverAgrees: the primary is killed mid-epoch at random
@@ -339,4 +344,9 @@ func (p *pair) ackedAtLeast(n uint64) bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	return p.acked >= n
+}
+
+func firstData(f *disk.File) (int64, bool, error) {
+	st, _, ok, err := f.NextData(context.Background(), 0)
+	return st, ok, err
 }

@@ -394,19 +394,42 @@ func (p *Primary) copyDisks(ctx context.Context, conn net.Conn, w *transport.Wri
 	for i, d := range s.disks {
 		d.Journal.StartCopy()
 		size := d.Image.Size()
-		for off := int64(0); off < size; off += copyChunk {
-			n := min(int64(copyChunk), size-off)
-			chunk := buf[:n]
-			if err := d.Image.ReadAt(ctx, chunk, off); err != nil {
-				return fmt.Errorf("copy disk %s: read at %d: %w", d.ID, off, err)
+		// A sparse image says where its data is: holes travel as zero
+		// changes without being read.
+		finder, _ := d.Image.(disk.DataFinder)
+		for off := int64(0); off < size; {
+			end := size
+			if finder != nil {
+				start, dend, ok, err := finder.NextData(ctx, off)
+				if err != nil {
+					return fmt.Errorf("copy disk %s: %w", d.ID, err)
+				}
+				if !ok {
+					start, dend = size, size
+				}
+				if start > off {
+					if err := send(i, []disk.Change{{Kind: disk.KindZero, Offset: off, Length: start - off}}); err != nil {
+						return err
+					}
+					off = start
+				}
+				end = dend
 			}
-			var changes []disk.Change
-			for b := int64(0); b < n; b += disk.TrackBlock {
-				changes, _ = appendBlock(changes, 0, chunk[b:min(b+disk.TrackBlock, n)], off+b)
+			for ; off < end; off += copyChunk {
+				n := min(int64(copyChunk), end-off)
+				chunk := buf[:n]
+				if err := d.Image.ReadAt(ctx, chunk, off); err != nil {
+					return fmt.Errorf("copy disk %s: read at %d: %w", d.ID, off, err)
+				}
+				var changes []disk.Change
+				for b := int64(0); b < n; b += disk.TrackBlock {
+					changes, _ = appendBlock(changes, 0, chunk[b:min(b+disk.TrackBlock, n)], off+b)
+				}
+				if err := send(i, changes); err != nil {
+					return err
+				}
 			}
-			if err := send(i, changes); err != nil {
-				return err
-			}
+			off = end
 		}
 	}
 	budget := p.o.Limits.WithDefaults().MaxEpochDiskBytes / 4
