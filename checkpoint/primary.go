@@ -865,9 +865,8 @@ func (p *Primary) capture(ctx context.Context, a Action) (*staged, error) {
 			return nil, err
 		}
 		st.disks = disks
-		built := true
 		defer func() {
-			if built && !captured {
+			if !captured {
 				p.disks.dropFailed(a.Epoch) // carried by the next epoch
 				st.disks = nil
 			}
