@@ -350,3 +350,36 @@ func firstData(f *disk.File) (int64, bool, error) {
 	st, _, ok, err := f.NextData(context.Background(), 0)
 	return st, ok, err
 }
+
+// TestDiskResumedProtectionCopiesDisks: a primary that resumes a
+// protection (its daemon restarted while the guest ran on) has no record
+// of what the disk did meanwhile: it copies the disk again (the replica is
+// not activatable during the copy) and the rebuild epoch makes replica
+// memory and disk whole again.
+func TestDiskResumedProtectionCopiesDisks(t *testing.T) {
+	p := newPair(t, diskGuest("hotset", 25), PrimaryConfig{Interval: 3 * time.Millisecond, MaxInflight: 1, AckTimeout: 5 * time.Second})
+	stop := p.run()
+	p.waitAcked(10, 20*time.Second)
+	p.primary.StopForRestart()
+	stop()
+	o := p.primary.o
+	o.Core.Resume = true
+	pr, err := NewPrimary(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.primary = pr
+	p.mu.Lock()
+	next := p.acked + 10
+	p.mu.Unlock()
+	stop = p.run()
+	p.waitAcked(next, 20*time.Second)
+	stop()
+	p.checkReplica()
+	if c := p.guest.Disks()[0].Journal.Copies(); c != 2 {
+		t.Fatalf("disk copied %d times, want 2 (once per protection run)", c)
+	}
+	if st := p.backup.Stats(); st.DiskTorn || st.Rejected != 0 {
+		t.Fatalf("backup %+v", st)
+	}
+}
