@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
+	"errors"
 	"os"
 	"path/filepath"
 	"sync"
@@ -382,4 +383,55 @@ func TestDiskResumedProtectionCopiesDisks(t *testing.T) {
 	if st := p.backup.Stats(); st.DiskTorn || st.Rejected != 0 {
 		t.Fatalf("backup %+v", st)
 	}
+}
+
+// flakyGuest fails the fail-th SaveDeviceState (counting down), after the
+// journals were cut.
+type flakyGuest struct {
+	*sim.Guest
+	fail atomic.Int32
+}
+
+func (g *flakyGuest) SaveDeviceState(ctx context.Context, dst []byte) ([]byte, error) {
+	if g.fail.Add(-1) == 0 {
+		return dst, errInjected
+	}
+	return g.Guest.SaveDeviceState(ctx, dst)
+}
+
+// TestDiskFailedCaptureCarriesItsCut: a capture that fails after the
+// journals were cut (here: the device state cannot be saved) ends Run;
+// run again, the next epoch carries that cut before its own: no write is
+// lost.
+func TestDiskFailedCaptureCarriesItsCut(t *testing.T) {
+	p := newPair(t, diskGuest("uniform", 26), PrimaryConfig{Interval: 3 * time.Millisecond, MaxInflight: 1, AckTimeout: 5 * time.Second})
+	fg := &flakyGuest{Guest: p.guest}
+	fg.fail.Store(8)
+	o := p.primary.o
+	o.Guest = fg
+	pr, err := NewPrimary(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.primary = pr
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	errc := make(chan error, 1)
+	go func() { errc <- pr.Run(ctx) }()
+	select {
+	case err := <-errc:
+		if !errors.Is(err, errInjected) {
+			t.Fatalf("Run: %v", err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("the injected failure did not end Run")
+	}
+	p.wg.Wait()
+	p.mu.Lock()
+	next := p.acked + 10
+	p.mu.Unlock()
+	stop := p.run()
+	p.waitAcked(next, 20*time.Second)
+	stop()
+	p.checkReplica()
 }

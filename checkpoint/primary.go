@@ -182,6 +182,10 @@ type Primary struct {
 	// engine-goroutine state
 	harvest    *dirtymap.Bitmap
 	scratch    *dirtymap.Bitmap
+	// carry holds the pages harvested by a capture that failed afterwards
+	// (the guest's dirty map no longer has them): the next capture
+	// includes them.
+	carry *dirtymap.Bitmap
 	epochDirty map[uint64]*dirtymap.Bitmap // own dirty set of each unacked epoch
 	freeMaps   []*dirtymap.Bitmap
 	pool       chan *staged
@@ -439,6 +443,7 @@ func NewPrimary(o PrimaryOptions) (*Primary, error) {
 		enc:        enc,
 		harvest:    dirtymap.New(n),
 		scratch:    dirtymap.New(n),
+		carry:      dirtymap.New(n),
 		epochDirty: map[uint64]*dirtymap.Bitmap{},
 		pool:       make(chan *staged, o.Core.MaxInflight+1),
 		captured:   map[uint64]time.Time{},
@@ -823,6 +828,13 @@ func (p *Primary) capture(ctx context.Context, a Action) (*staged, error) {
 		p.freeMaps = append(p.freeMaps, mine)
 		return nil, fmt.Errorf("harvest: %w", err)
 	}
+	mine.Union(p.carry)
+	p.carry.Reset()
+	defer func() {
+		if !captured {
+			p.carry.Union(mine) // harvested, not captured: the next epoch's
+		}
+	}()
 	send := mine
 	switch {
 	case preloaded:
