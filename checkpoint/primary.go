@@ -180,12 +180,12 @@ type Primary struct {
 	enc  *transport.Encoder
 
 	// engine-goroutine state
-	harvest    *dirtymap.Bitmap
-	scratch    *dirtymap.Bitmap
+	harvest *dirtymap.Bitmap
+	scratch *dirtymap.Bitmap
 	// carry holds the pages harvested by a capture that failed afterwards
 	// (the guest's dirty map no longer has them): the next capture
 	// includes them.
-	carry *dirtymap.Bitmap
+	carry      *dirtymap.Bitmap
 	epochDirty map[uint64]*dirtymap.Bitmap // own dirty set of each unacked epoch
 	freeMaps   []*dirtymap.Bitmap
 	pool       chan *staged
