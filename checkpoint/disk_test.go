@@ -361,8 +361,20 @@ func TestDiskResumedProtectionCopiesDisks(t *testing.T) {
 	p := newPair(t, diskGuest("hotset", 25), PrimaryConfig{Interval: 3 * time.Millisecond, MaxInflight: 1, AckTimeout: 5 * time.Second})
 	stop := p.run()
 	p.waitAcked(10, 20*time.Second)
+	// Stop at an acknowledged epoch (the output buffer then holds no
+	// captured, unacknowledged epoch the resumed engine would number
+	// again), and let the guest run on while no engine runs.
+	if _, err := p.primary.Drain(t.Context()); err != nil {
+		t.Fatal(err)
+	}
 	p.primary.StopForRestart()
 	stop()
+	if err := p.guest.Resume(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	for ops := p.guest.Ops(); p.guest.Ops() < ops+50; {
+		time.Sleep(time.Millisecond)
+	}
 	o := p.primary.o
 	o.Core.Resume = true
 	pr, err := NewPrimary(o)
