@@ -219,6 +219,42 @@ func (s *diskState) build(ctx context.Context, epoch uint64, fold bool) ([]stage
 	return out, nil
 }
 
+// estimate is about how much write data the next epoch would carry
+// (build with fold): journaled data plus every tracked block, held and
+// pending cuts and the journals' open epochs (the guest runs: writes
+// after this estimate add to it).
+func (s *diskState) estimate(fold bool) int64 {
+	s.convert()
+	var n int64
+	add := func(c diskCut, gen uint64) {
+		if c.ep.Copies < gen {
+			return
+		}
+		for _, ch := range c.ep.Changes {
+			n += int64(len(ch.Data))
+		}
+		for _, e := range c.ep.Dirty {
+			n += e.Length
+		}
+	}
+	for i, d := range s.disks {
+		gen := d.Journal.Copies()
+		if fold {
+			for _, h := range s.held {
+				for _, c := range h.cuts[i] {
+					add(c, gen)
+				}
+			}
+		}
+		for _, c := range s.pending[i] {
+			add(c, gen)
+		}
+		st := d.Journal.Stats()
+		n += st.OpenBytes + int64(st.DirtyBlocks)*disk.TrackBlock
+	}
+	return n
+}
+
 // readExtents appends the content of ext (clamped to the image) as
 // changes: zero blocks as zero changes (no NO_HOLE: the replica may punch
 // them), others as writes.
@@ -324,47 +360,105 @@ func (s *diskState) track() {
 // copyChunk is how much of an image the copy reads at a time.
 const copyChunk = 1 << 20
 
+// maxCopyPasses bounds the passes over blocks dirtied during a copy.
+const maxCopyPasses = 8
+
 // copyDisks streams every image to the backup while the guest runs
-// (DiskSync records), each journal tracking from the copy's start. It
-// runs on the link goroutine before the link is handed to the engine.
+// (DiskSync records), each journal tracking from the copy's start; then,
+// as live migration does, it copies again the blocks dirtied meanwhile,
+// pass after pass, until what is left fits a quarter of an epoch's disk
+// budget (or maxCopyPasses): the first epoch reads the rest while the
+// guest is paused. It runs on the link goroutine before the link is
+// handed to the engine.
 func (p *Primary) copyDisks(ctx context.Context, conn net.Conn, w *transport.Writer) error {
 	s := p.disks
 	enc := transport.NewDiskEncoder(p.o.Limits)
 	start := time.Now()
 	var copied int64
+	idx := make([]uint32, len(s.disks))
+	send := func(i int, changes []disk.Change) error {
+		d := s.disks[i]
+		st, err := enc.Encode(0, d.ID, idx[i], changes, func(hdr *remuspb.DiskWrites, payload []byte) error {
+			_ = conn.SetWriteDeadline(time.Now().Add(p.o.HeartbeatTimeout))
+			return w.WriteFrame(transport.KindDiskSync, hdr, payload)
+		})
+		if err != nil {
+			return fmt.Errorf("copy disk %s: %w", d.ID, err)
+		}
+		idx[i] += uint32(len(changes))
+		copied += st.RawBytes
+		p.update(func(s *PrimaryStats) { s.DiskBytesCopied += uint64(st.RawBytes) })
+		return ctx.Err()
+	}
 	buf := make([]byte, copyChunk)
-	for _, d := range s.disks {
+	for i, d := range s.disks {
 		d.Journal.StartCopy()
 		size := d.Image.Size()
-		var idx uint32
-		for off := int64(0); off < size; off += copyChunk {
-			n := min(int64(copyChunk), size-off)
-			chunk := buf[:n]
-			if err := d.Image.ReadAt(ctx, chunk, off); err != nil {
-				return fmt.Errorf("copy disk %s: read at %d: %w", d.ID, off, err)
+		// A sparse image says where its data is: holes travel as zero
+		// changes without being read.
+		finder, _ := d.Image.(disk.DataFinder)
+		for off := int64(0); off < size; {
+			end := size
+			if finder != nil {
+				start, dend, ok, err := finder.NextData(ctx, off)
+				if err != nil {
+					return fmt.Errorf("copy disk %s: %w", d.ID, err)
+				}
+				if !ok {
+					start, dend = size, size
+				}
+				if start > off {
+					if err := send(i, []disk.Change{{Kind: disk.KindZero, Offset: off, Length: start - off}}); err != nil {
+						return err
+					}
+					off = start
+				}
+				end = dend
 			}
-			var changes []disk.Change
-			for b := int64(0); b < n; b += disk.TrackBlock {
-				changes, _ = appendBlock(changes, 0, chunk[b:min(b+disk.TrackBlock, n)], off+b)
+			for ; off < end; off += copyChunk {
+				n := min(int64(copyChunk), end-off)
+				chunk := buf[:n]
+				if err := d.Image.ReadAt(ctx, chunk, off); err != nil {
+					return fmt.Errorf("copy disk %s: read at %d: %w", d.ID, off, err)
+				}
+				var changes []disk.Change
+				for b := int64(0); b < n; b += disk.TrackBlock {
+					changes, _ = appendBlock(changes, 0, chunk[b:min(b+disk.TrackBlock, n)], off+b)
+				}
+				if err := send(i, changes); err != nil {
+					return err
+				}
 			}
-			st, err := enc.Encode(0, d.ID, idx, changes, func(hdr *remuspb.DiskWrites, payload []byte) error {
-				_ = conn.SetWriteDeadline(time.Now().Add(p.o.HeartbeatTimeout))
-				return w.WriteFrame(transport.KindDiskSync, hdr, payload)
-			})
-			if err != nil {
-				return fmt.Errorf("copy disk %s at %d: %w", d.ID, off, err)
-			}
-			idx += uint32(len(changes))
-			copied += st.RawBytes
-			p.update(func(s *PrimaryStats) { s.DiskBytesCopied += uint64(st.RawBytes) })
-			if err := ctx.Err(); err != nil {
-				return fmt.Errorf("copy disk %s: %w", d.ID, err)
+			off = end
+		}
+	}
+	budget := p.o.Limits.WithDefaults().MaxEpochDiskBytes / 4
+	passes := 0
+	for ; passes < maxCopyPasses; passes++ {
+		var dirty int64
+		for _, d := range s.disks {
+			dirty += int64(d.Journal.Stats().DirtyBlocks) * disk.TrackBlock
+		}
+		if dirty <= budget {
+			break
+		}
+		for i, d := range s.disks {
+			ext := d.Journal.TakeDirty()
+			for _, e := range ext {
+				changes, _, err := readExtents(ctx, d.Image, []disk.Extent{e}, nil, 0)
+				if err != nil {
+					return fmt.Errorf("copy disk %s: %w", d.ID, err)
+				}
+				if err := send(i, changes); err != nil {
+					return err
+				}
 			}
 		}
 	}
 	_ = conn.SetWriteDeadline(time.Time{})
 	took := time.Since(start)
 	p.update(func(s *PrimaryStats) { s.DiskCopy = took })
-	p.log.Info("copied the disks to the backup while the guest ran", zap.Int("disks", len(s.disks)), zap.Int64("data_bytes", copied), zap.Duration("took", took))
+	p.log.Info("copied the disks to the backup while the guest ran", zap.Int("disks", len(s.disks)), zap.Int64("data_bytes", copied),
+		zap.Int("passes", passes), zap.Duration("took", took))
 	return nil
 }

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/remusd/remusd/disk"
+	"github.com/remusd/remusd/hypervisor"
 	"github.com/remusd/remusd/hypervisor/sim"
 	"github.com/remusd/remusd/outbuf"
 	"github.com/remusd/remusd/outbuf/plug"
@@ -72,6 +73,21 @@ type pairOptions struct {
 	journal *disk.JournalConfig
 	// backup adjusts the backup's options.
 	backup func(o *BackupOptions)
+	// guestDisk and replicaDisk, if set, replace the sim guest's and the
+	// replica's disk images (e.g. disk.File on sparse files).
+	guestDisk, replicaDisk disk.Backend
+	// limits, if set, are both sides' transport limits.
+	limits *transport.Limits
+}
+
+// replicaWithDisk is a sim replica whose disk is another image.
+type replicaWithDisk struct {
+	*sim.Replica
+	img disk.Backend
+}
+
+func (r replicaWithDisk) ReplicaDisks() []hypervisor.ReplicaDisk {
+	return []hypervisor.ReplicaDisk{{ID: sim.DiskID, Image: r.img}}
 }
 
 func newPair(t *testing.T, cfg sim.Config, pc PrimaryConfig) *pair {
@@ -94,6 +110,9 @@ func newPairWith(t *testing.T, cfg sim.Config, pc PrimaryConfig, po pairOptions)
 	if po.journal != nil {
 		gopts = append(gopts, sim.WithJournal(*po.journal))
 	}
+	if po.guestDisk != nil {
+		gopts = append(gopts, sim.WithDiskImage(po.guestDisk))
+	}
 	g, err := sim.New("vm", cfg, nil, gopts...)
 	if err != nil {
 		t.Fatal(err)
@@ -103,16 +122,27 @@ func newPairWith(t *testing.T, cfg sim.Config, pc PrimaryConfig, po pairOptions)
 		t.Fatal(err)
 	}
 	p.guest, p.replica = g, rep
+	var brep hypervisor.Replica = rep
+	if po.replicaDisk != nil {
+		brep = replicaWithDisk{rep, po.replicaDisk}
+	}
 	bo := BackupOptions{
-		VMName: "vm", Replica: rep, Backend: sim.BackendName, BackendVersion: sim.BackendVersion, Owner: "host-a",
+		VMName: "vm", Replica: brep, Backend: sim.BackendName, BackendVersion: sim.BackendVersion, Owner: "host-a",
 		HeartbeatInterval: 20 * time.Millisecond, HeartbeatTimeout: 2 * time.Second,
+	}
+	if po.limits != nil {
+		bo.Limits = *po.limits
 	}
 	if po.backup != nil {
 		po.backup(&bo)
 	}
 	p.backup = NewBackup(bo)
+	var plim transport.Limits
+	if po.limits != nil {
+		plim = *po.limits
+	}
 	pr, err := NewPrimary(PrimaryOptions{
-		Guest: g, Out: spyBuffer{p.out, p.check}, Dial: p.dial, ProtectionID: "test",
+		Guest: g, Out: spyBuffer{p.out, p.check}, Dial: p.dial, ProtectionID: "test", Limits: plim,
 		Core:              pc,
 		Encoder:           transport.EncoderConfig{CachePages: 64},
 		HeartbeatInterval: 20 * time.Millisecond, HeartbeatTimeout: 2 * time.Second,

@@ -180,8 +180,12 @@ type Primary struct {
 	enc  *transport.Encoder
 
 	// engine-goroutine state
-	harvest    *dirtymap.Bitmap
-	scratch    *dirtymap.Bitmap
+	harvest *dirtymap.Bitmap
+	scratch *dirtymap.Bitmap
+	// carry holds the pages harvested by a capture that failed afterwards
+	// (the guest's dirty map no longer has them): the next capture
+	// includes them.
+	carry      *dirtymap.Bitmap
 	epochDirty map[uint64]*dirtymap.Bitmap // own dirty set of each unacked epoch
 	freeMaps   []*dirtymap.Bitmap
 	pool       chan *staged
@@ -237,6 +241,11 @@ type Primary struct {
 	// its committed epoch (an epoch was acknowledged after a copy); else
 	// the next link copies the images first.
 	diskKnown atomic.Bool
+	// diskCopied: a link copied the images since the last capture;
+	// diskSyncedAt: the first epoch captured after the last copy (a
+	// backup that committed it or a later epoch holds the disks).
+	diskCopied   atomic.Bool
+	diskSyncedAt atomic.Uint64
 	// diskEnc encodes DiskWrites on the sender (one link at a time).
 	diskEnc *transport.DiskEncoder
 }
@@ -434,6 +443,7 @@ func NewPrimary(o PrimaryOptions) (*Primary, error) {
 		enc:        enc,
 		harvest:    dirtymap.New(n),
 		scratch:    dirtymap.New(n),
+		carry:      dirtymap.New(n),
 		epochDirty: map[uint64]*dirtymap.Bitmap{},
 		pool:       make(chan *staged, o.Core.MaxInflight+1),
 		captured:   map[uint64]time.Time{},
@@ -683,6 +693,20 @@ func (p *Primary) perform(ctx context.Context, acts []Action, link *primaryLink)
 		acts = acts[1:]
 		switch a.Kind {
 		case ActCheckpoint:
+			if p.disks != nil && link != nil {
+				fold := a.Full || a.Rebuild || a.ResyncTo != 0 || a.Base != a.Epoch-1
+				if est, lim := p.disks.estimate(fold), p.o.Limits.WithDefaults().MaxEpochDiskBytes; est > lim {
+					// The blocks tracked while the backup was away would
+					// not fit one epoch on the backup: copy the images
+					// again instead (on a new link, while the guest runs).
+					p.log.Warn("disk changes to resend exceed what one epoch may carry: copying the disks again", zap.Int64("estimate_bytes", est), zap.Int64("limit", lim))
+					p.core.CheckpointFailed()
+					p.diskKnown.Store(false)
+					p.diskSyncedAt.Store(0)
+					link.close()
+					continue
+				}
+			}
 			st, err := p.capture(ctx, a)
 			if err != nil {
 				p.core.CheckpointFailed()
@@ -804,6 +828,13 @@ func (p *Primary) capture(ctx context.Context, a Action) (*staged, error) {
 		p.freeMaps = append(p.freeMaps, mine)
 		return nil, fmt.Errorf("harvest: %w", err)
 	}
+	mine.Union(p.carry)
+	p.carry.Reset()
+	defer func() {
+		if !captured {
+			p.carry.Union(mine) // harvested, not captured: the next epoch's
+		}
+	}()
 	send := mine
 	switch {
 	case preloaded:
@@ -846,9 +877,8 @@ func (p *Primary) capture(ctx context.Context, a Action) (*staged, error) {
 			return nil, err
 		}
 		st.disks = disks
-		built := true
 		defer func() {
-			if built && !captured {
+			if !captured {
 				p.disks.dropFailed(a.Epoch) // carried by the next epoch
 				st.disks = nil
 			}
@@ -914,6 +944,9 @@ func (p *Primary) capture(ctx context.Context, a Action) (*staged, error) {
 	p.epochDirty[a.Epoch] = mine
 	p.everCaptured.Store(true)
 	captured = true
+	if p.disks != nil && p.diskCopied.Swap(false) {
+		p.diskSyncedAt.Store(a.Epoch)
+	}
 	if p.disks != nil {
 		n, b := st.diskChanges()
 		p.update(func(s *PrimaryStats) { s.DiskChangesLast, s.DiskBytesLast = uint64(n), uint64(b) })
@@ -1110,15 +1143,20 @@ func (p *Primary) connect(ctx context.Context) (*primaryLink, uint64, []uint64, 
 			}
 		}
 	}
+	if s := p.diskSyncedAt.Load(); p.disks != nil && !p.diskCopied.Load() && s != 0 && committed >= s {
+		p.diskKnown.Store(true) // its acks were lost, but it committed past the copy
+	}
 	if p.disks != nil && (committed == 0 || committed < p.acked.Load() || !p.diskKnown.Load()) {
 		// The backup's disks are not known to be the primary's at its
 		// committed epoch: copy the images while the guest runs; the
 		// journals track what changes meanwhile for the next epoch.
 		p.diskKnown.Store(false)
+		p.diskSyncedAt.Store(0)
 		if err := p.copyDisks(ctx, conn, w); err != nil {
 			conn.Close()
 			return nil, 0, nil, nil, err
 		}
+		p.diskCopied.Store(true)
 	}
 	p.heard.Store(p.o.Now().UnixNano())
 	// The backup's wait for the handshake (it may build a standby first)

@@ -29,9 +29,13 @@ import (
 // would deadlock the checkpoint. QEMU stops the vCPUs before it drains, so
 // what it has in flight then is bounded: its NBD client keeps at most 16
 // requests in flight per connection (MAX_NBD_REQUESTS in block/nbd.c), each
-// at most the server's max payload. The overdraft is InFlight such writes;
-// a client with more in flight waits past it (and the engine's stop must
-// time out), so the journal never holds more than Limit + overdraft.
+// at most the server's max payload. The overdraft is InFlight such writes.
+// Between BeginPause and the stop, though, the vCPUs still run and may
+// issue more writes as earlier ones complete: a change that would exceed
+// the overdraft during a pause does not wait (its wait could hold the stop
+// forever) but switches the journal to tracking mode (below), so the
+// journal never holds more than Limit + overdraft and never deadlocks a
+// pause.
 //
 // # Tracking mode
 //
@@ -107,6 +111,7 @@ type Epoch struct {
 // JournalStats are a Journal's counters.
 type JournalStats struct {
 	Limit, Used  int64
+	OpenBytes    int64         // of Used, the open epoch's
 	Overdraft    int64         // what a pause may add to Limit
 	Epoch        uint64        // the open epoch
 	Blocked      uint64        // Observe calls that had to wait
@@ -163,7 +168,10 @@ func (j *Journal) bound() int64 {
 func (j *Journal) Observe(ctx context.Context, c Change) error {
 	cost := int64(len(c.Data)) + changeOverhead
 	j.mu.Lock()
-	if !j.tracking && j.spill && j.used+cost > j.bound() {
+	if !j.tracking && (j.spill || j.pausing) && j.used+cost > j.bound() {
+		// Spilling (nobody acknowledges), or a pause whose overdraft is
+		// used up: waiting could hold the guest's stop (which drains
+		// this request) forever; track dirty blocks instead.
 		j.trackLocked()
 	}
 	if j.tracking {
@@ -186,6 +194,9 @@ func (j *Journal) Observe(ctx context.Context, c Change) error {
 				return fmt.Errorf("disk: journal full: %w", ctx.Err())
 			}
 			j.mu.Lock()
+			if !j.tracking && (j.spill || j.pausing) && j.used+cost > j.bound() {
+				j.trackLocked() // see above
+			}
 		}
 		j.blockedD += time.Since(start)
 		if j.tracking { // switched while we waited
@@ -269,6 +280,21 @@ func (j *Journal) StartCopy() {
 	j.trackLocked()
 	clear(j.dirty)
 	j.copies++
+}
+
+// TakeDirty returns the blocks marked since StartCopy (or the previous
+// TakeDirty) and clears them, staying in tracking mode: a copy's next pass
+// re-reads them while the guest runs, and the blocks changed meanwhile are
+// marked again (nil if the journal is not tracking).
+func (j *Journal) TakeDirty() []Extent {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	if !j.tracking {
+		return nil
+	}
+	e := j.extents()
+	clear(j.dirty)
+	return e
 }
 
 // Copies is how many times StartCopy was called.
@@ -364,6 +390,6 @@ func (j *Journal) Stats() JournalStats {
 	for _, w := range j.dirty {
 		n += bits.OnesCount64(w)
 	}
-	return JournalStats{Limit: j.limit, Overdraft: j.overdraft, Used: j.used, Epoch: j.epoch, Blocked: j.blocked, BlockedTotal: j.blockedD,
+	return JournalStats{Limit: j.limit, Overdraft: j.overdraft, Used: j.used, OpenBytes: j.openB, Epoch: j.epoch, Blocked: j.blocked, BlockedTotal: j.blockedD,
 		Tracking: j.tracking, Tracks: j.tracks, DirtyBlocks: n, BitmapBytes: 8 * len(j.dirty)}
 }

@@ -61,8 +61,8 @@ type Config struct {
 	// DiskBytes, if positive, gives the guest one protected disk
 	// ("disk0") of this size (a multiple of 4096, at most 1 GiB): every op
 	// writes its op count at the disk's offset 0 and at byte 16 of page 0
-	// (the same step), and one more change (a write, trim, zeroes or a
-	// flush) derived from the op count. 0: no disk.
+	// (the same step), and every fourth op one more change (a write, trim,
+	// zeroes or a flush) derived from the op count. 0: no disk.
 	DiskBytes int64 `json:"disk_bytes,omitempty"`
 }
 

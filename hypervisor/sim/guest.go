@@ -72,6 +72,11 @@ type Guest struct {
 	output  atomic.Pointer[outputFn]
 	ops     atomic.Uint64
 	outSeq  atomic.Uint64
+	// stopReq: a Pause waits for the run lock; the workload ends its batch
+	// after the op in progress, as QEMU stops its vCPUs before it drains
+	// I/O (so that what is in flight at a pause stays bounded: one op's
+	// disk changes).
+	stopReq atomic.Bool
 
 	ctl    sync.Mutex
 	paused bool
@@ -262,10 +267,11 @@ func (g *Guest) workload() {
 			if g.output.Load() == nil {
 				emit = nil
 			}
-			for range n {
+			done := 0
+			for ; done < n && !g.stopReq.Load(); done++ {
 				g.m.step(emit)
 			}
-			tokens -= float64(n)
+			tokens -= float64(done)
 			g.ops.Store(g.m.ops)
 			g.outSeq.Store(g.m.outSeq)
 		}
@@ -346,6 +352,8 @@ func (g *Guest) Pause(ctx context.Context) error {
 	if g.paused {
 		return nil
 	}
+	g.stopReq.Store(true)
+	defer g.stopReq.Store(false)
 	select {
 	case g.run <- struct{}{}:
 	case <-ctx.Done():
