@@ -50,6 +50,29 @@ func TestDiskEndToEnd(t *testing.T) {
 	}
 }
 
+// TestDiskJournalFreeAfterRun: once the engine stopped (unprotect, a
+// fence, a restart), nothing cuts or releases the journals: the guest's
+// writes must still never wait (the journal tracks dirty blocks).
+func TestDiskJournalFreeAfterRun(t *testing.T) {
+	p := newPairWith(t, diskGuest("uniform", 5), PrimaryConfig{Interval: 3 * time.Millisecond, MaxInflight: 2, AckTimeout: 5 * time.Second},
+		pairOptions{journal: &disk.JournalConfig{Limit: 1 << 20, MaxWrite: 4096, Tracking: true}})
+	stop := p.run()
+	p.waitAcked(10, 20*time.Second)
+	stop()
+	j := p.guest.Disks()[0].Journal
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	data := make([]byte, 4096)
+	for i := range 2000 { // 8 MiB: far past the 1 MiB limit
+		if err := j.Observe(ctx, disk.Change{Kind: disk.KindWrite, Offset: int64(i%64) * 4096, Length: 4096, Data: data}); err != nil {
+			t.Fatalf("write %d after the engine stopped: %v (journal %+v)", i, err, j.Stats())
+		}
+	}
+	if st := j.Stats(); !st.Tracking {
+		t.Fatalf("journal after Run: %+v, want tracking", st)
+	}
+}
+
 // TestDiskResyncCarriesUnackedEpochs: acks stop on the first link, so
 // that epochs pile up unacknowledged until the ack timeout drops it; the
 // resync epoch on the next link must carry those epochs' disk changes, in

@@ -488,6 +488,10 @@ func (p *Primary) update(f func(s *PrimaryStats)) {
 // still holds whatever was not acknowledged (the caller decides whether to
 // release it, e.g. on a clean unprotect, or to drop it by closing it).
 func (p *Primary) Run(ctx context.Context) error {
+	// Last, once the engine and its link are gone: nothing will cut or
+	// release the journals any more, so they must not wait for acks (the
+	// guest may run on unprotected, e.g. after unprotect).
+	defer p.journalsTrack()
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	if p.o.LiveStart && !p.o.Core.Resume && !p.everCaptured.Load() {
@@ -552,6 +556,13 @@ func (p *Primary) Run(ctx context.Context) error {
 		} else {
 			due.Stop()
 		}
+	}
+}
+
+// journalsTrack puts every disk journal in tracking mode for good.
+func (p *Primary) journalsTrack() {
+	if p.disks != nil {
+		p.disks.track()
 	}
 }
 
