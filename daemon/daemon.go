@@ -631,9 +631,16 @@ func (v *vm) detectorCopy() *failover.Detector {
 	return &c
 }
 
-// observe is what the detector sees of v's primary. d.mu held.
+// observe is what the detector sees of v's primary. d.mu held. A replica
+// whose disks are being copied again matches no committed epoch: like one
+// that never committed, it has nothing to take over with (so it does not
+// race for the witness).
 func observe(v *vm, st checkpoint.BackupStats) failover.Observation {
-	return failover.Observation{Connected: st.Connected, LastHeard: st.LastHeard, Committed: st.Committed, Goodbye: st.Goodbye,
+	committed := st.Committed
+	if st.DiskTorn {
+		committed = 0
+	}
+	return failover.Observation{Connected: st.Connected, LastHeard: st.LastHeard, Committed: committed, Goodbye: st.Goodbye,
 		Restarting: st.Restarting, RestartingSince: st.RestartingSince, DisconnectedAt: st.DisconnectedAt, PeerClosed: st.PeerClosed,
 		AltHeard: v.altHeard}
 }
