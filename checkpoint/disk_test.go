@@ -5,8 +5,11 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"github.com/remusd/remusd/outbuf"
+	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -102,14 +105,17 @@ func TestDiskResyncCarriesUnackedEpochs(t *testing.T) {
 	p.hook.Store(&stall)
 	stop := p.run()
 	p.waitAcked(30, 20*time.Second)
+	j := p.guest.Disks()[0].Journal
+	// Read before stop: a stopped engine puts its journals in tracking
+	// mode for good (TestDiskJournalFreeAfterRun).
+	copies, tracks := j.Copies(), j.Stats().Tracks
 	stop()
 	p.checkReplica()
-	j := p.guest.Disks()[0].Journal
 	if p.links < 2 {
 		t.Fatalf("links %d: the stall did not drop the first link", p.links)
 	}
-	if j.Copies() != 1 || j.Stats().Tracks != 0 {
-		t.Fatalf("journal copied %d times, switched to tracking %d times: the resync did not come from the journal", j.Copies(), j.Stats().Tracks)
+	if copies != 1 || tracks != 0 {
+		t.Fatalf("journal copied %d times, switched to tracking %d times: the resync did not come from the journal", copies, tracks)
 	}
 	mu.Lock()
 	defer mu.Unlock()
@@ -469,4 +475,35 @@ func TestDiskFailedCaptureCarriesItsCut(t *testing.T) {
 	p.waitAcked(next, 20*time.Second)
 	stop()
 	p.checkReplica()
+}
+
+// TestDiskJournalsBoundedInChanges: a journal holds at most
+// (Limit+overdraft)/disk.ChangeOverhead changes; journals that could hold
+// more than one epoch may carry (MaxEpochDiskChanges) are refused up
+// front, so a guest issuing many small trims cannot build an epoch the
+// backup would refuse on every link.
+func TestDiskJournalsBoundedInChanges(t *testing.T) {
+	cfg := diskGuest("uniform", 9).WithDefaults()
+	jc := disk.JournalConfig{Limit: 1 << 20, MaxWrite: 4096, Tracking: true}
+	g, err := sim.New("vm", cfg, nil, sim.WithJournal(jc))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	st := g.Disks()[0].Journal.Stats()
+	fits := int((st.Limit + st.Overdraft) / disk.ChangeOverhead)
+	mk := func(maxChanges int) error {
+		lim := transport.DefaultLimits()
+		lim.MaxEpochDiskChanges = maxChanges
+		_, err := NewPrimary(PrimaryOptions{Guest: g, Out: outbuf.NewMemory(0, nil), ProtectionID: "x",
+			Dial:   func(context.Context) (net.Conn, error) { return nil, errors.New("no") },
+			Limits: lim, Core: PrimaryConfig{Interval: time.Millisecond, MaxInflight: 1}})
+		return err
+	}
+	if err := mk(fits); err != nil {
+		t.Fatalf("journals of %d changes at a limit of %d: %v", fits, fits, err)
+	}
+	if err := mk(fits - 1); err == nil || !strings.Contains(err.Error(), "changes") {
+		t.Fatalf("journals of %d changes at a limit of %d: %v, want refused", fits, fits-1, err)
+	}
 }

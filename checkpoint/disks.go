@@ -219,13 +219,14 @@ func (s *diskState) build(ctx context.Context, epoch uint64, fold bool) ([]stage
 	return out, nil
 }
 
-// estimate is about how much write data the next epoch would carry
-// (build with fold): journaled data plus every tracked block, held and
+// estimate is about how much write data, and how many changes, the next
+// epoch would carry
+// (built with fold): journaled data plus every tracked block, held and
 // pending cuts and the journals' open epochs (the guest runs: writes
 // after this estimate add to it).
-func (s *diskState) estimate(fold bool) int64 {
+func (s *diskState) estimate(fold bool) (bytes, changes int64) {
 	s.convert()
-	var n int64
+	var n, k int64
 	add := func(c diskCut, gen uint64) {
 		if c.ep.Copies < gen {
 			return
@@ -233,8 +234,10 @@ func (s *diskState) estimate(fold bool) int64 {
 		for _, ch := range c.ep.Changes {
 			n += int64(len(ch.Data))
 		}
+		k += int64(len(c.ep.Changes))
 		for _, e := range c.ep.Dirty {
 			n += e.Length
+			k += (e.Length + disk.TrackBlock - 1) / disk.TrackBlock
 		}
 	}
 	for i, d := range s.disks {
@@ -251,8 +254,9 @@ func (s *diskState) estimate(fold bool) int64 {
 		}
 		st := d.Journal.Stats()
 		n += st.OpenBytes + int64(st.DirtyBlocks)*disk.TrackBlock
+		k += st.OpenBytes/disk.ChangeOverhead + int64(st.DirtyBlocks)
 	}
-	return n
+	return n, k
 }
 
 // readExtents appends the content of ext (clamped to the image) as

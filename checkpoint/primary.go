@@ -15,6 +15,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/remusd/remusd/dirtymap"
+	"github.com/remusd/remusd/disk"
 	"github.com/remusd/remusd/hypervisor"
 	"github.com/remusd/remusd/outbuf"
 	remuspb "github.com/remusd/remusd/proto"
@@ -435,6 +436,9 @@ func NewPrimary(o PrimaryOptions) (*Primary, error) {
 	if lim := o.Limits.WithDefaults().MaxEpochDiskBytes; journals > lim {
 		return nil, fmt.Errorf("checkpoint: the disk journals may hold %d bytes (limits plus overdraft), more than an epoch may carry (%d, transport.Limits.MaxEpochDiskBytes)", journals, lim)
 	}
+	if n, lim := journals/disk.ChangeOverhead, int64(o.Limits.WithDefaults().MaxEpochDiskChanges); n > lim {
+		return nil, fmt.Errorf("checkpoint: the disk journals may hold %d changes (limits plus overdraft at %d bytes each), more than an epoch may carry (%d, transport.Limits.MaxEpochDiskChanges)", n, disk.ChangeOverhead, lim)
+	}
 	n := o.Guest.NumPages()
 	p := &Primary{
 		o:          o,
@@ -706,11 +710,14 @@ func (p *Primary) perform(ctx context.Context, acts []Action, link *primaryLink)
 		case ActCheckpoint:
 			if p.disks != nil && link != nil {
 				fold := a.Full || a.Rebuild || a.ResyncTo != 0 || a.Base != a.Epoch-1
-				if est, lim := p.disks.estimate(fold), p.o.Limits.WithDefaults().MaxEpochDiskBytes; est > lim {
-					// The blocks tracked while the backup was away would
-					// not fit one epoch on the backup: copy the images
-					// again instead (on a new link, while the guest runs).
-					p.log.Warn("disk changes to resend exceed what one epoch may carry: copying the disks again", zap.Int64("estimate_bytes", est), zap.Int64("limit", lim))
+				lims := p.o.Limits.WithDefaults()
+				if est, changes := p.disks.estimate(fold); est > lims.MaxEpochDiskBytes || changes > int64(lims.MaxEpochDiskChanges) {
+					// The blocks tracked while the backup was away (or the
+					// changes held) would not fit one epoch on the backup:
+					// copy the images again instead (on a new link, while
+					// the guest runs).
+					p.log.Warn("disk changes to resend exceed what one epoch may carry: copying the disks again", zap.Int64("estimate_bytes", est), zap.Int64("estimate_changes", changes),
+						zap.Int64("limit_bytes", lims.MaxEpochDiskBytes), zap.Int("limit_changes", lims.MaxEpochDiskChanges))
 					p.core.CheckpointFailed()
 					p.diskKnown.Store(false)
 					p.diskSyncedAt.Store(0)

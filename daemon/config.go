@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/remusd/remusd/hypervisor/qemu"
 	"net"
 	"net/netip"
 	"os"
@@ -561,6 +562,19 @@ func (c Config) Validate() error {
 		}
 		seen[q.Name] = true
 		errs = append(errs, q.validate(f)...)
+		if n := int64(len(q.Disks)); n > 0 {
+			// Each journal may hold its bound plus the pause allowance;
+			// together they must fit the disk part of one epoch a backup
+			// stages (or protect would be refused).
+			per := c.diskJournalBytes()
+			if per == 0 {
+				per = qemu.DefaultDiskJournalBytes
+			}
+			if need := n * (per + qemu.DiskPauseAllowance); need > replicaDiskStaging {
+				bad(f+".disks", "%d disks of disk_journal_mib %d need %d MiB of a backup's %d MiB staging per epoch (each journal plus %d MiB of writes in flight at a pause): lower disk_journal_mib",
+					n, per>>20, need>>20, replicaDiskStaging>>20, qemu.DiskPauseAllowance>>20)
+			}
+		}
 	}
 	errs = append(errs, c.Standby.validate("standby")...)
 	errs = append(errs, validateLibvirtConfig(c.Libvirt, "libvirt")...)

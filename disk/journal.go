@@ -122,8 +122,14 @@ type JournalStats struct {
 	BitmapBytes  int           // memory of the tracking bitmap
 }
 
-// changeOverhead is what a change costs besides its data.
-const changeOverhead = 64
+// ChangeOverhead is what a change costs of a journal's limit besides its
+// data. It also bounds the number of changes a journal holds: at most
+// (Limit + overdraft) / ChangeOverhead, which the engine checks against
+// what one epoch may carry (transport.Limits.MaxEpochDiskChanges): a
+// guest issuing many small trims cannot build an epoch the backup refuses.
+const ChangeOverhead = 256
+
+const changeOverhead = ChangeOverhead
 
 // JournalConfig configures a Journal.
 type JournalConfig struct {

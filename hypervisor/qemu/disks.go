@@ -65,6 +65,11 @@ const reconnectDelay = 60
 const (
 	DefaultDiskJournalBytes = 64 << 20
 	diskMaxPayload          = 2 << 20
+	// DiskPauseAllowance is what a journal may hold beyond its bound
+	// while the guest stops: QEMU's 16 NBD requests in flight of at most
+	// diskMaxPayload each, plus each change's accounting
+	// (disk.ChangeOverhead).
+	DiskPauseAllowance = 16 * (diskMaxPayload + disk.ChangeOverhead)
 )
 
 // ValidateDisks checks disk IDs (unique, DiskIDPattern), sizes and count.
