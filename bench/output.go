@@ -121,6 +121,7 @@ func (r *Report) tables() []table {
 	}
 	ts = append(ts, t)
 	ts = append(ts, r.qemuTables()...)
+	ts = append(ts, r.diskTables()...)
 	return ts
 }
 

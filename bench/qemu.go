@@ -542,9 +542,9 @@ func (c *qClient) stop() {
 func (r *Report) backends() string {
 	sim := r.Pause.MemoryBytes > 0 || len(r.Encode) > 0 || r.Pipeline.Workload != "" || r.Latency != nil || r.Failover != nil || len(r.Sweep) > 0 || len(r.DirtyScale) > 0 || len(r.MultiVM) > 0
 	switch {
-	case r.QEMU != nil && sim:
+	case (r.QEMU != nil || r.Disk != nil) && sim:
 		return "sim and qemu backends"
-	case r.QEMU != nil:
+	case r.QEMU != nil || r.Disk != nil:
 		return "qemu backend"
 	}
 	return "sim backend"

@@ -57,6 +57,8 @@ type Report struct {
 	MultiVM        []MultiVMPoint    `json:"multi_vm"`
 	// QEMU is the QEMU backend's section (--backend qemu|all).
 	QEMU *QEMUResult `json:"qemu,omitempty"`
+	// Disk is the QEMU guest with a protected disk (backend qemu or all).
+	Disk *DiskResult `json:"disk,omitempty"`
 	// Soak is the QEMU soak (--soak DURATION).
 	Soak *SoakResult `json:"soak,omitempty"`
 	// Errors lists the sections that failed (the others are reported).
@@ -77,7 +79,7 @@ type Goal struct {
 const CPUNote = "CPU is process CPU (getrusage user+sys) ÷ wall time in % of one core. The sim guest, the primary and the backup run in one process, so per-side CPU is not separable: the pair figure is reported beside the same guest running alone, and their difference is the cost of protection on both sides together."
 
 // Sections are the names of RunWith's sections, in run order.
-var Sections = []string{"pause", "encode", "pipeline", "latency", "failover", "sweep", "scale", "multivm", "qemu", "soak"}
+var Sections = []string{"pause", "encode", "pipeline", "latency", "failover", "sweep", "scale", "multivm", "qemu", "disk", "soak"}
 
 // Backends of RunWith: sim (the default), qemu, all.
 var Backends = []string{"sim", "qemu", "all"}
@@ -142,10 +144,10 @@ func RunWith(ctx context.Context, o Options) (Report, error) {
 	}
 	switch o.Backend {
 	case "", "sim":
-		skip["qemu"], skip["soak"] = true, true
+		skip["qemu"], skip["disk"], skip["soak"] = true, true, true
 	case "qemu":
 		for _, s := range Sections {
-			if s != "qemu" && s != "soak" {
+			if s != "qemu" && s != "disk" && s != "soak" {
 				skip[s] = true
 			}
 		}
@@ -269,6 +271,14 @@ func RunWith(ctx context.Context, o Options) (Report, error) {
 		r.QEMU = &q
 		if q.Skipped != "" {
 			progress("qemu skipped: %s", q.Skipped)
+		}
+		return err
+	})
+	section("disk", func() error {
+		d, err := MeasureDisk(ctx, DiskConfig{Exe: o.Exe, Log: log, Progress: progress})
+		r.Disk = &d
+		if d.Skipped != "" {
+			progress("disk skipped: %s", d.Skipped)
 		}
 		return err
 	})
@@ -448,6 +458,7 @@ func (r Report) Write(w io.Writer) error {
 		}
 	}
 	r.writeQEMU(ew)
+	r.writeDisk(ew)
 	if s := r.Soak; s != nil {
 		if s.Skipped != "" {
 			ew.printf("\n## 11. QEMU soak\n\nSkipped: %s\n", s.Skipped)

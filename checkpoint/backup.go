@@ -14,6 +14,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/remusd/remusd/dirtymap"
+	"github.com/remusd/remusd/disk"
 	"github.com/remusd/remusd/hypervisor"
 	remuspb "github.com/remusd/remusd/proto"
 	"github.com/remusd/remusd/transport"
@@ -71,6 +72,13 @@ type BackupOptions struct {
 	// locks) when the owner's current link ended, after Stats shows it:
 	// a watcher can react at once instead of at its next poll.
 	OnLinkDown func()
+	// NoDiskSync skips the Flush of the replica's disks before an epoch
+	// is acknowledged (by default every disk an epoch changed is flushed
+	// first). Risk: an acknowledged epoch's disk writes may be lost if the
+	// backup's host crashes (not merely its daemon), and a failover after
+	// that would resume a guest whose disk lacks writes whose output its
+	// clients saw (invariant 4).
+	NoDiskSync bool
 }
 
 // BackupStats are a Backup's counters.
@@ -112,6 +120,17 @@ type BackupStats struct {
 	// host or daemon is gone) rather than a timeout.
 	DisconnectedAt time.Time
 	PeerClosed     bool
+
+	// Disks (hypervisor.DiskReplica): changes and write data applied by
+	// committed epochs, data written by DiskSync copies, flushes made
+	// before acks. DiskTorn: the replica's disks are not at its committed
+	// epoch (a copy of a new protection over an older replica, or a
+	// failed disk write): it cannot be activated until an epoch commits.
+	DiskChangesApplied uint64
+	DiskBytesApplied   uint64
+	DiskBytesSynced    uint64
+	DiskFlushes        uint64
+	DiskTorn           bool
 }
 
 // Backup holds the replica of one protected VM and applies the epochs a
@@ -142,6 +161,17 @@ type Backup struct {
 	// committedDev is the device state of the committed epoch.
 	committedDev []byte
 
+	// disks are the replica's disks (hypervisor.DiskReplica), diskIdx
+	// their index by id; the rest is the staging of one epoch's changes
+	// (link goroutine) and diskTorn/diskDirty (b.mu).
+	disks     []hypervisor.ReplicaDisk
+	diskIdx   map[string]int
+	diskStage []stagedChange
+	diskData  []byte // the staged writes' data, concatenated
+	diskBuf   []byte // decode scratch
+	diskTorn  bool
+	diskDirty []bool // written since the last flush
+
 	committedA atomic.Uint64
 }
 
@@ -162,12 +192,51 @@ func NewBackup(o BackupOptions) *Backup {
 	if o.HeartbeatTimeout <= 0 {
 		o.HeartbeatTimeout = 10 * o.HeartbeatInterval
 	}
-	return &Backup{
+	b := &Backup{
 		o:    o,
 		log:  o.Log.With(zap.String("vm", o.VMName), zap.String("role", "backup")),
 		core: NewBackupCore(0),
 		dec:  transport.NewDecoder(hypervisor.PageSize, o.Replica.NumPages()),
 	}
+	if dr, ok := o.Replica.(hypervisor.DiskReplica); ok {
+		b.disks = dr.ReplicaDisks()
+		b.diskIdx = map[string]int{}
+		for i, d := range b.disks {
+			b.diskIdx[d.ID] = i
+		}
+		b.diskDirty = make([]bool, len(b.disks))
+	}
+	return b
+}
+
+// stagedChange is one staged disk change: Data is nil, its bytes are
+// diskData[data : data+Length] for a write.
+type stagedChange struct {
+	disk int
+	c    disk.Change
+	data int64
+}
+
+// checkDisks compares the primary's disks with the replica's; "" means
+// they match.
+func (b *Backup) checkDisks(ds []*remuspb.DiskInfo) string {
+	if len(ds) != len(b.disks) {
+		return fmt.Sprintf("primary has %d disks, replica has %d", len(ds), len(b.disks))
+	}
+	seen := map[string]bool{}
+	for _, d := range ds {
+		i, ok := b.diskIdx[d.GetId()]
+		switch {
+		case !ok:
+			return fmt.Sprintf("primary's disk %q is not among the replica's", d.GetId())
+		case seen[d.GetId()]:
+			return fmt.Sprintf("primary lists disk %q twice", d.GetId())
+		case d.GetSize() != uint64(b.disks[i].Image.Size()):
+			return fmt.Sprintf("disk %q has %d bytes on the primary, %d on the replica", d.GetId(), d.GetSize(), b.disks[i].Image.Size())
+		}
+		seen[d.GetId()] = true
+	}
+	return ""
 }
 
 // Stats returns a snapshot of the counters.
@@ -206,7 +275,7 @@ func (b *Backup) check(h *remuspb.Hello) string {
 	case h.BackendVersion != b.o.BackendVersion:
 		return fmt.Sprintf("backend version %q differs from backup's %q", h.BackendVersion, b.o.BackendVersion)
 	}
-	return ""
+	return b.checkDisks(h.Disks)
 }
 
 // ErrNotOwner is returned when a peer other than the replica's owner tries
@@ -398,6 +467,9 @@ func (b *Backup) receive(conn net.Conn, r *transport.Reader, w *transport.Writer
 		return b.pages[o : o+hypervisor.PageSize]
 	}
 	var counted uint64 // of r.BytesRead(); the first frame's share includes the Hello read before Serve
+	lim := b.o.Limits.WithDefaults()
+	began := false                  // an epoch began on this link: no more DiskSync
+	syncNext := map[string]uint32{} // next DiskSync change index per disk
 	for {
 		_ = conn.SetReadDeadline(time.Now().Add(b.o.HeartbeatTimeout))
 		f, err := r.ReadFrame()
@@ -424,6 +496,11 @@ func (b *Backup) receive(conn net.Conn, r *transport.Reader, w *transport.Writer
 				return err
 			}
 			pre = nil // no preload once an epoch began
+			began = true
+			if err := sess.Disks(h.Epoch, h.DiskChanges, lim.MaxEpochDiskChanges); err != nil {
+				return err
+			}
+			b.diskStage, b.diskData = b.diskStage[:0], b.diskData[:0]
 			need := int(h.PageCount) * hypervisor.PageSize
 			if cap(b.pages) < need {
 				b.pages = make([]byte, need)
@@ -455,6 +532,19 @@ func (b *Backup) receive(conn net.Conn, r *transport.Reader, w *transport.Writer
 			if len(h.Pfns) > 0 {
 				b.lastPfn = int64(h.Pfns[len(h.Pfns)-1])
 			}
+		case *remuspb.DiskWrites:
+			if f.Kind == transport.KindDiskSync {
+				if began {
+					return fmt.Errorf("%w: disk copy record after an epoch began on this link", ErrProtocol)
+				}
+				if err := b.diskSync(h, f.Payload, lim, syncNext); err != nil {
+					return err
+				}
+				continue
+			}
+			if err := b.stageDisk(sess, h, f.Payload, lim); err != nil {
+				return err
+			}
 		case *remuspb.DeviceState:
 			if err := sess.DeviceState(h.Epoch); err != nil {
 				return err
@@ -471,7 +561,13 @@ func (b *Backup) receive(conn net.Conn, r *transport.Reader, w *transport.Writer
 			for i, pfn := range b.pfns {
 				d.AddPage(pfn, b.hashes[i])
 			}
+			for _, sc := range b.diskStage {
+				d.AddDiskChange(b.disks[sc.disk].ID, b.stagedData(sc))
+			}
 			ok := d.Sum(b.dev) == h.Digest
+			if err := sess.DiskEnd(h.Epoch, h.DiskChanges); err != nil {
+				return err
+			}
 			if err := sess.End(h.Epoch, h.PageCount, ok); err != nil {
 				return err
 			}
@@ -615,6 +711,16 @@ func (b *Backup) apply(epoch uint64, mem []byte, sess *BackupCore, protectionID 
 		o := int(pfn) * hypervisor.PageSize
 		copy(mem[o:o+hypervisor.PageSize], b.pages[i*hypervisor.PageSize:(i+1)*hypervisor.PageSize])
 	}
+	if err := b.applyDisks(epoch); err != nil {
+		// Memory and device state are this epoch's, the disks are not
+		// (or not durably): the replica must not be activated before an
+		// epoch commits whole.
+		b.diskTorn = true
+		b.stats.DiskTorn = true
+		return err
+	}
+	b.diskTorn = false
+	b.stats.DiskTorn = false
 	c := sess.Applied()
 	// The first epoch applied for a new protection makes it the replica's.
 	b.core, b.protectionID = sess, protectionID
@@ -678,6 +784,9 @@ func (b *Backup) ActivateFromLink(ctx context.Context) (hypervisor.Guest, error)
 	case b.core.Committed() == 0:
 		b.mu.Unlock()
 		return nil, fmt.Errorf("replica of %s holds no committed epoch: nothing to activate", b.o.VMName)
+	case b.diskTorn:
+		b.mu.Unlock()
+		return nil, fmt.Errorf("replica of %s: its disks are not at the committed epoch %d (a disk copy or write since): not activatable until an epoch commits", b.o.VMName, b.core.Committed())
 	}
 	b.activated = true
 	b.mu.Unlock()
@@ -706,6 +815,10 @@ func (b *Backup) Activate(ctx context.Context) (hypervisor.Guest, error) {
 		b.mu.Unlock()
 		return nil, fmt.Errorf("replica of %s holds no committed epoch: nothing to activate", b.o.VMName)
 	}
+	if b.diskTorn {
+		b.mu.Unlock()
+		return nil, fmt.Errorf("replica of %s: its disks are not at the committed epoch %d (a disk copy or write since): not activatable until an epoch commits", b.o.VMName, b.core.Committed())
+	}
 	b.activated = true
 	if b.conn != nil {
 		b.conn.Close()
@@ -732,4 +845,138 @@ func (b *Backup) activate(ctx context.Context, start time.Time) (hypervisor.Gues
 	b.mu.Unlock()
 	b.log.Info("replica activated", zap.Uint64("epoch", b.Committed()), zap.Duration("took", time.Since(start)))
 	return g, nil
+}
+
+// stagedData returns sc's change with its data.
+func (b *Backup) stagedData(sc stagedChange) disk.Change {
+	c := sc.c
+	if c.Kind == disk.KindWrite {
+		c.Data = b.diskData[sc.data : sc.data+c.Length]
+	}
+	return c
+}
+
+// stageDisk validates a DiskWrites record of the epoch being staged and
+// stages its changes, within the epoch's disk budget
+// (Limits.MaxEpochDiskBytes), checked before anything is allocated.
+func (b *Backup) stageDisk(sess *BackupCore, h *remuspb.DiskWrites, payload []byte, lim transport.Limits) error {
+	i, ok := b.diskIdx[h.DiskId]
+	if !ok {
+		return fmt.Errorf("%w: epoch %d: changes for unknown disk %q", ErrProtocol, h.Epoch, boundMsg(h.DiskId))
+	}
+	if err := sess.DiskBatch(h.Epoch, h.FirstIndex, len(h.Kinds)); err != nil {
+		return err
+	}
+	if int64(len(b.diskData))+int64(h.RawLength) > lim.MaxEpochDiskBytes {
+		return fmt.Errorf("%w: epoch %d carries more than %d bytes of disk writes", ErrProtocol, h.Epoch, lim.MaxEpochDiskBytes)
+	}
+	changes, buf, err := transport.DecodeDiskWrites(h, payload, b.disks[i].Image.Size(), lim, b.diskBuf)
+	b.diskBuf = buf
+	if err != nil {
+		return fmt.Errorf("epoch %d: %w", h.Epoch, err)
+	}
+	for _, c := range changes {
+		sc := stagedChange{disk: i, c: c, data: int64(len(b.diskData))}
+		if c.Kind == disk.KindWrite {
+			b.diskData = append(b.diskData, c.Data...)
+		}
+		sc.c.Data = nil
+		b.diskStage = append(b.diskStage, sc)
+	}
+	return nil
+}
+
+// applyDisks applies the staged disk changes in order and flushes every
+// disk changed (unless NoDiskSync); b.mu held.
+func (b *Backup) applyDisks(epoch uint64) error {
+	ctx := context.Background()
+	var bytes uint64
+	for _, sc := range b.diskStage {
+		d := b.disks[sc.disk]
+		if err := applyChange(ctx, d.Image, b.stagedData(sc)); err != nil {
+			return fmt.Errorf("epoch %d: disk %s: %w", epoch, d.ID, err)
+		}
+		if sc.c.Kind != disk.KindFlush {
+			b.diskDirty[sc.disk] = true
+		}
+		if sc.c.Kind == disk.KindWrite {
+			bytes += uint64(sc.c.Length)
+		}
+	}
+	b.stats.DiskChangesApplied += uint64(len(b.diskStage))
+	b.stats.DiskBytesApplied += bytes
+	if b.o.NoDiskSync {
+		return nil
+	}
+	for i, d := range b.disks {
+		if !b.diskDirty[i] {
+			continue
+		}
+		if err := d.Image.Flush(ctx); err != nil {
+			return fmt.Errorf("epoch %d: flush disk %s: %w", epoch, d.ID, err)
+		}
+		b.diskDirty[i] = false
+		b.stats.DiskFlushes++
+	}
+	return nil
+}
+
+// applyChange applies one validated change to img.
+func applyChange(ctx context.Context, img disk.Backend, c disk.Change) error {
+	switch c.Kind {
+	case disk.KindWrite:
+		return img.WriteAt(ctx, c.Data, c.Offset)
+	case disk.KindTrim:
+		return img.Trim(ctx, c.Offset, c.Length)
+	case disk.KindZero:
+		return img.WriteZeroes(ctx, c.Offset, c.Length, c.NoHole)
+	case disk.KindFlush:
+		return nil // the epoch's disks are flushed before its ack
+	}
+	return fmt.Errorf("unknown change kind %v", c.Kind)
+}
+
+// diskSync writes a DiskSync record (the primary's image copied while its
+// guest runs, before this link's first epoch) straight to the replica's
+// disk. A replica that holds a committed epoch loses its disks' match
+// with it: it is not activatable until the next epoch commits.
+func (b *Backup) diskSync(h *remuspb.DiskWrites, payload []byte, lim transport.Limits, next map[string]uint32) error {
+	i, ok := b.diskIdx[h.DiskId]
+	switch {
+	case !ok:
+		return fmt.Errorf("%w: disk copy for unknown disk %q", ErrProtocol, boundMsg(h.DiskId))
+	case h.Epoch != 0:
+		return fmt.Errorf("%w: disk copy record for epoch %d (want 0)", ErrProtocol, h.Epoch)
+	case h.FirstIndex != next[h.DiskId]:
+		return fmt.Errorf("%w: disk %s copy record at change %d, expected %d", ErrProtocol, h.DiskId, h.FirstIndex, next[h.DiskId])
+	}
+	changes, buf, err := transport.DecodeDiskWrites(h, payload, b.disks[i].Image.Size(), lim, b.diskBuf)
+	b.diskBuf = buf
+	if err != nil {
+		return fmt.Errorf("disk copy: %w", err)
+	}
+	next[h.DiskId] += uint32(len(changes))
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.activated {
+		return ErrActivated
+	}
+	if b.closed {
+		return ErrClosed
+	}
+	if b.core.Committed() != 0 && !b.diskTorn {
+		b.log.Warn("a disk copy overwrites the replica's disks: not activatable until the next epoch commits", zap.String("disk", h.DiskId), zap.Uint64("committed", b.core.Committed()))
+	}
+	b.diskTorn, b.stats.DiskTorn = b.core.Committed() != 0, b.core.Committed() != 0
+	ctx := context.Background()
+	for _, c := range changes {
+		if err := applyChange(ctx, b.disks[i].Image, c); err != nil {
+			return fmt.Errorf("disk copy: disk %s: %w", h.DiskId, err)
+		}
+		if c.Kind == disk.KindWrite {
+			b.stats.DiskBytesSynced += uint64(c.Length)
+		}
+	}
+	b.diskDirty[i] = true
+	return nil
 }

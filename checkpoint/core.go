@@ -506,6 +506,8 @@ type BackupCore struct {
 	want      uint32 // pages announced
 	got       uint32 // pages received
 	haveDev   bool
+	diskWant  uint32 // disk changes announced
+	diskGot   uint32 // disk changes received
 }
 
 // NewBackupCore starts from the replica's committed epoch.
@@ -536,6 +538,7 @@ func (b *BackupCore) Begin(epoch, base uint64, pages uint32, full bool, numPages
 		return fmt.Errorf("%w: full epoch %d announces %d pages, guest has %d", ErrProtocol, epoch, pages, numPages)
 	}
 	b.inEpoch, b.epoch, b.base, b.full, b.want, b.got, b.haveDev = true, epoch, base, full, pages, 0, false
+	b.diskWant, b.diskGot = 0, 0
 	return nil
 }
 
@@ -556,6 +559,7 @@ func (b *BackupCore) BeginPreloaded(epoch uint64, pages uint32, numPages int) er
 		return fmt.Errorf("%w: epoch %d announces %d pages, guest has %d", ErrProtocol, epoch, pages, numPages)
 	}
 	b.inEpoch, b.epoch, b.base, b.full, b.want, b.got, b.haveDev = true, epoch, 0, true, pages, 0, false
+	b.diskWant, b.diskGot = 0, 0
 	return nil
 }
 
@@ -575,6 +579,49 @@ func (b *BackupCore) Batch(epoch uint64, first uint32, n int) error {
 	return nil
 }
 
+// Disks records how many disk changes the epoch just begun announced
+// (EpochBegin.disk_changes), at most max.
+func (b *BackupCore) Disks(epoch uint64, n uint32, max int) error {
+	switch {
+	case !b.inEpoch || epoch != b.epoch || b.got != 0 || b.diskGot != 0:
+		return fmt.Errorf("%w: disk change count for epoch %d outside its beginning", ErrProtocol, epoch)
+	case int64(n) > int64(max):
+		return fmt.Errorf("%w: epoch %d announces %d disk changes, the limit is %d", ErrProtocol, epoch, n, max)
+	}
+	b.diskWant = n
+	return nil
+}
+
+// DiskBatch accounts for a DiskWrites record of n changes of epoch
+// starting at change index first. Disk changes follow every page of the
+// epoch and precede its device state.
+func (b *BackupCore) DiskBatch(epoch uint64, first uint32, n int) error {
+	switch {
+	case !b.inEpoch:
+		return fmt.Errorf("%w: disk changes for epoch %d outside an epoch", ErrProtocol, epoch)
+	case epoch != b.epoch:
+		return fmt.Errorf("%w: disk changes for epoch %d inside epoch %d", ErrProtocol, epoch, b.epoch)
+	case b.got != b.want:
+		return fmt.Errorf("%w: epoch %d disk changes before its last page (%d of %d received)", ErrProtocol, epoch, b.got, b.want)
+	case b.haveDev:
+		return fmt.Errorf("%w: epoch %d disk changes after its device state", ErrProtocol, epoch)
+	case first != b.diskGot:
+		return fmt.Errorf("%w: epoch %d disk record starts at change %d, expected %d", ErrProtocol, epoch, first, b.diskGot)
+	case int64(b.diskGot)+int64(n) > int64(b.diskWant):
+		return fmt.Errorf("%w: epoch %d carries more than the %d disk changes announced", ErrProtocol, epoch, b.diskWant)
+	}
+	b.diskGot += uint32(n)
+	return nil
+}
+
+// DiskEnd checks the disk change count of the epoch's end record.
+func (b *BackupCore) DiskEnd(epoch uint64, n uint32) error {
+	if !b.inEpoch || epoch != b.epoch || n != b.diskWant || b.diskGot != b.diskWant {
+		return fmt.Errorf("%w: epoch %d ends with %d disk changes received, %d announced, %d in end record", ErrProtocol, epoch, b.diskGot, b.diskWant, n)
+	}
+	return nil
+}
+
 // DeviceState accounts for the epoch's device state record.
 func (b *BackupCore) DeviceState(epoch uint64) error {
 	switch {
@@ -582,6 +629,8 @@ func (b *BackupCore) DeviceState(epoch uint64) error {
 		return fmt.Errorf("%w: device state for epoch %d outside it (staging %d, in epoch %v)", ErrProtocol, epoch, b.epoch, b.inEpoch)
 	case b.haveDev:
 		return fmt.Errorf("%w: epoch %d carries two device states", ErrProtocol, epoch)
+	case b.diskGot != b.diskWant:
+		return fmt.Errorf("%w: epoch %d device state before its last disk change (%d of %d)", ErrProtocol, epoch, b.diskGot, b.diskWant)
 	}
 	b.haveDev = true
 	return nil

@@ -14,6 +14,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/remusd/remusd/disk"
+	"github.com/remusd/remusd/hypervisor"
 	"github.com/remusd/remusd/hypervisor/sim"
 	"github.com/remusd/remusd/outbuf"
 	"github.com/remusd/remusd/outbuf/plug"
@@ -66,6 +68,26 @@ type pairOptions struct {
 	// liveStart: PrimaryOptions.LiveStart (output passes until the first
 	// checkpoint; memory preloaded before it).
 	liveStart bool
+	// journal, if set, configures the sim guest's disk journal (the
+	// guest has a disk when cfg.DiskBytes > 0).
+	journal *disk.JournalConfig
+	// backup adjusts the backup's options.
+	backup func(o *BackupOptions)
+	// guestDisk and replicaDisk, if set, replace the sim guest's and the
+	// replica's disk images (e.g. disk.File on sparse files).
+	guestDisk, replicaDisk disk.Backend
+	// limits, if set, are both sides' transport limits.
+	limits *transport.Limits
+}
+
+// replicaWithDisk is a sim replica whose disk is another image.
+type replicaWithDisk struct {
+	*sim.Replica
+	img disk.Backend
+}
+
+func (r replicaWithDisk) ReplicaDisks() []hypervisor.ReplicaDisk {
+	return []hypervisor.ReplicaDisk{{ID: sim.DiskID, Image: r.img}}
 }
 
 func newPair(t *testing.T, cfg sim.Config, pc PrimaryConfig) *pair {
@@ -84,7 +106,14 @@ func newPairWith(t *testing.T, cfg sim.Config, pc PrimaryConfig, po pairOptions)
 	if po.plug {
 		pc.MaxInflight = 1
 	}
-	g, err := sim.New("vm", cfg, nil, sim.WithOutput(emit))
+	gopts := []sim.Option{sim.WithOutput(emit)}
+	if po.journal != nil {
+		gopts = append(gopts, sim.WithJournal(*po.journal))
+	}
+	if po.guestDisk != nil {
+		gopts = append(gopts, sim.WithDiskImage(po.guestDisk))
+	}
+	g, err := sim.New("vm", cfg, nil, gopts...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -93,12 +122,27 @@ func newPairWith(t *testing.T, cfg sim.Config, pc PrimaryConfig, po pairOptions)
 		t.Fatal(err)
 	}
 	p.guest, p.replica = g, rep
-	p.backup = NewBackup(BackupOptions{
-		VMName: "vm", Replica: rep, Backend: sim.BackendName, BackendVersion: sim.BackendVersion, Owner: "host-a",
+	var brep hypervisor.Replica = rep
+	if po.replicaDisk != nil {
+		brep = replicaWithDisk{rep, po.replicaDisk}
+	}
+	bo := BackupOptions{
+		VMName: "vm", Replica: brep, Backend: sim.BackendName, BackendVersion: sim.BackendVersion, Owner: "host-a",
 		HeartbeatInterval: 20 * time.Millisecond, HeartbeatTimeout: 2 * time.Second,
-	})
+	}
+	if po.limits != nil {
+		bo.Limits = *po.limits
+	}
+	if po.backup != nil {
+		po.backup(&bo)
+	}
+	p.backup = NewBackup(bo)
+	var plim transport.Limits
+	if po.limits != nil {
+		plim = *po.limits
+	}
 	pr, err := NewPrimary(PrimaryOptions{
-		Guest: g, Out: spyBuffer{p.out, p.check}, Dial: p.dial, ProtectionID: "test",
+		Guest: g, Out: spyBuffer{p.out, p.check}, Dial: p.dial, ProtectionID: "test", Limits: plim,
 		Core:              pc,
 		Encoder:           transport.EncoderConfig{CachePages: 64},
 		HeartbeatInterval: 20 * time.Millisecond, HeartbeatTimeout: 2 * time.Second,
@@ -416,6 +460,25 @@ func (p *pair) checkReplica() {
 	}
 	if !bytes.Equal(wantDev, dev) {
 		p.t.Fatalf("replica device state at epoch %d differs", committed)
+	}
+	if p.cfg.DiskBytes > 0 {
+		// The disk is the primary's at the same epoch: its op count agrees
+		// with memory's, and no acknowledged write is missing.
+		wantDisk, err := sim.ReplayDisk(p.cfg, ops)
+		if err != nil {
+			p.t.Fatal(err)
+		}
+		got := p.replica.Disk().Bytes()
+		if !bytes.Equal(wantDisk, got) {
+			p.t.Fatalf("replica disk at epoch %d (ops %d) differs from the primary's (disk op count %d, memory's %d)", committed, ops,
+				binary.LittleEndian.Uint64(got), binary.LittleEndian.Uint64(p.replica.Memory()[16:]))
+		}
+		if mem, d := binary.LittleEndian.Uint64(p.replica.Memory()[16:]), binary.LittleEndian.Uint64(got); mem != ops || d != ops {
+			p.t.Fatalf("replica at epoch %d: op count %d in memory, %d on disk, %d captured", committed, mem, d, ops)
+		}
+		if st := p.backup.Stats(); st.DiskTorn {
+			p.t.Fatalf("replica's disks marked torn at a committed epoch: %+v", st)
+		}
 	}
 	if err := p.check.err(); err != nil {
 		p.t.Fatal(err)

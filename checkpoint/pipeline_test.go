@@ -63,15 +63,22 @@ func TestPipelinedInflight(t *testing.T) {
 }
 
 // linkClasses are the link-fault trial classes: output buffer × ack-timeout
-// policy.
+// policy, and two with a disk model (the sim guest writes its op count to
+// page 0 and to its disk in the same step, plus writes, trims, zeroes and
+// flushes): torn, corrupted and dropped records, kills and reconnects
+// must never leave the replica's disk and memory at different epochs,
+// nor miss an acknowledged write (checkReplica compares both with the
+// primary's replayed state at the committed epoch).
 var linkClasses = []struct {
-	name            string
-	plug, unprotect bool
+	name                  string
+	plug, unprotect, disk bool
 }{
-	{"link/memory/hold", false, false},
-	{"link/plug/hold", true, false},
-	{"link/memory/unprotect", false, true},
-	{"link/plug/unprotect", true, true},
+	{"link/memory/hold", false, false, false},
+	{"link/plug/hold", true, false, false},
+	{"link/memory/unprotect", false, true, false},
+	{"link/plug/unprotect", true, true, false},
+	{"disk/memory/hold", false, false, true},
+	{"disk/plug/unprotect", true, true, true},
 }
 
 // TestFaultsRandomized kills links at random points (mid-epoch included),
@@ -89,7 +96,7 @@ func TestFaultsRandomized(t *testing.T) {
 		t.Run(strings.ReplaceAll(class.name, "/", "-"), func(t *testing.T) {
 			var sum linkSummary
 			for trial := 0; trial < per; trial++ {
-				faultTrial(t, class.plug, class.unprotect, uint64(ci)<<32|uint64(trial+1), per <= 10, &sum)
+				faultTrial(t, class.plug, class.unprotect, class.disk, uint64(ci)<<32|uint64(trial+1), per <= 10, &sum)
 				if t.Failed() {
 					return
 				}
@@ -106,7 +113,7 @@ type linkSummary struct{ links, torn, rejected, windows, released, passed int }
 // fault but its acks stop at a random point, so that the ack-timeout
 // policy acts in every trial; links 2..8 get random faults in both
 // directions; later links none, so that the pair converges.
-func faultTrial(t *testing.T, usePlug, unprotect bool, seed uint64, verbose bool, sum *linkSummary) {
+func faultTrial(t *testing.T, usePlug, unprotect, withDisk bool, seed uint64, verbose bool, sum *linkSummary) {
 	t.Helper()
 	rng := rand.New(rand.NewPCG(seed, 99))
 	var rmu sync.Mutex // hooks run on the links' goroutines
@@ -121,6 +128,9 @@ func faultTrial(t *testing.T, usePlug, unprotect bool, seed uint64, verbose bool
 		rate = min(rate, 15000)
 	}
 	cfg := sim.Config{MemoryBytes: 1 << 20, Workload: wl, Rate: rate, Seed: seed, OutputEvery: []int{2, 4, 16}[intn(3)]}
+	if withDisk {
+		cfg.DiskBytes = 256 << 10
+	}
 	pc := PrimaryConfig{Interval: 3 * time.Millisecond, MaxInflight: 1 + intn(3), AckTimeout: 150 * time.Millisecond, UnprotectOnAckTimeout: unprotect}
 	p := newPairWith(t, cfg, pc, pairOptions{plug: usePlug})
 	defer p.close()

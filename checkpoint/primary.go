@@ -15,6 +15,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/remusd/remusd/dirtymap"
+	"github.com/remusd/remusd/disk"
 	"github.com/remusd/remusd/hypervisor"
 	"github.com/remusd/remusd/outbuf"
 	remuspb "github.com/remusd/remusd/proto"
@@ -22,7 +23,9 @@ import (
 )
 
 // ProtocolVersion is the replication protocol spoken by this build.
-const ProtocolVersion = 1
+// Version 2: disks (DiskWrites and DiskSync records, Hello.disks, disk
+// change counts in EpochBegin/EpochEnd, disk changes in the digest).
+const ProtocolVersion = 2
 
 var crcTable = crc32.MakeTable(crc32.Castagnoli)
 
@@ -118,6 +121,21 @@ type PrimaryStats struct {
 	// Preload is how long that took.
 	PagesPreloaded uint64
 	Preload        time.Duration
+
+	// Disks (hypervisor.DiskGuest). DiskBytesLast and DiskChangesLast:
+	// the write data and changes the last captured epoch carries;
+	// DiskBytesSent and DiskChangesSent: of the epochs sent (write data,
+	// uncompressed; also counted in RawBytes); DiskWireBytes: the
+	// DiskWrites and DiskSync payloads as sent (after lz4). DiskBytesCopied
+	// is the data of the full copies of the images (DiskSync, while the
+	// guest ran), DiskCopy how long the last one took.
+	DiskBytesLast   uint64
+	DiskChangesLast uint64
+	DiskBytesSent   uint64
+	DiskChangesSent uint64
+	DiskWireBytes   uint64
+	DiskBytesCopied uint64
+	DiskCopy        time.Duration
 }
 
 // staged is one captured epoch waiting to be sent.
@@ -128,6 +146,17 @@ type staged struct {
 	pfns        []uint64
 	pages       []byte
 	dev         []byte
+	// disks are the epoch's disk changes, per disk, sent after the pages.
+	disks []stagedDisk
+}
+
+// diskChanges is how many disk changes st carries.
+func (st *staged) diskChanges() (n int, bytes int64) {
+	for _, d := range st.disks {
+		n += len(d.changes)
+		bytes += d.bytes
+	}
+	return n, bytes
 }
 
 // reserve makes room for n pages, touching new memory so that its page
@@ -152,8 +181,12 @@ type Primary struct {
 	enc  *transport.Encoder
 
 	// engine-goroutine state
-	harvest    *dirtymap.Bitmap
-	scratch    *dirtymap.Bitmap
+	harvest *dirtymap.Bitmap
+	scratch *dirtymap.Bitmap
+	// carry holds the pages harvested by a capture that failed afterwards
+	// (the guest's dirty map no longer has them): the next capture
+	// includes them.
+	carry      *dirtymap.Bitmap
 	epochDirty map[uint64]*dirtymap.Bitmap // own dirty set of each unacked epoch
 	freeMaps   []*dirtymap.Bitmap
 	pool       chan *staged
@@ -201,6 +234,21 @@ type Primary struct {
 	needHashes atomic.Bool
 	// progress is the unix-nano time the sender last wrote a frame.
 	progress atomic.Int64
+
+	// disks is the disk engine (nil: memory-only guest); engine
+	// goroutine, see disks.go.
+	disks *diskState
+	// diskKnown: the backup's disks are known to equal the primary's at
+	// its committed epoch (an epoch was acknowledged after a copy); else
+	// the next link copies the images first.
+	diskKnown atomic.Bool
+	// diskCopied: a link copied the images since the last capture;
+	// diskSyncedAt: the first epoch captured after the last copy (a
+	// backup that committed it or a later epoch holds the disks).
+	diskCopied   atomic.Bool
+	diskSyncedAt atomic.Uint64
+	// diskEnc encodes DiskWrites on the sender (one link at a time).
+	diskEnc *transport.DiskEncoder
 }
 
 // StopWithGoodbye makes the next stop of Run (its ctx being cancelled)
@@ -376,6 +424,21 @@ func NewPrimary(o PrimaryOptions) (*Primary, error) {
 	if _, ok := o.Guest.(hypervisor.Rebaseliner); o.Core.Resume && !ok {
 		return nil, fmt.Errorf("checkpoint: cannot resume protection of %s: backend %s cannot compare its pages with the replica (start a new protection)", o.Guest.Name(), o.Guest.Backend())
 	}
+	disks, err := guestDisks(o.Guest)
+	if err != nil {
+		return nil, fmt.Errorf("checkpoint: %w", err)
+	}
+	var journals int64
+	for _, d := range disks {
+		st := d.Journal.Stats()
+		journals += st.Limit + st.Overdraft
+	}
+	if lim := o.Limits.WithDefaults().MaxEpochDiskBytes; journals > lim {
+		return nil, fmt.Errorf("checkpoint: the disk journals may hold %d bytes (limits plus overdraft), more than an epoch may carry (%d, transport.Limits.MaxEpochDiskBytes)", journals, lim)
+	}
+	if n, lim := journals/disk.ChangeOverhead, int64(o.Limits.WithDefaults().MaxEpochDiskChanges); n > lim {
+		return nil, fmt.Errorf("checkpoint: the disk journals may hold %d changes (limits plus overdraft at %d bytes each), more than an epoch may carry (%d, transport.Limits.MaxEpochDiskChanges)", n, disk.ChangeOverhead, lim)
+	}
 	n := o.Guest.NumPages()
 	p := &Primary{
 		o:          o,
@@ -384,6 +447,7 @@ func NewPrimary(o PrimaryOptions) (*Primary, error) {
 		enc:        enc,
 		harvest:    dirtymap.New(n),
 		scratch:    dirtymap.New(n),
+		carry:      dirtymap.New(n),
 		epochDirty: map[uint64]*dirtymap.Bitmap{},
 		pool:       make(chan *staged, o.Core.MaxInflight+1),
 		captured:   map[uint64]time.Time{},
@@ -396,6 +460,10 @@ func NewPrimary(o PrimaryOptions) (*Primary, error) {
 	}
 	p.stats.Link = "connecting"
 	p.needHashes.Store(o.Core.Resume)
+	if len(disks) > 0 {
+		p.disks = newDiskState(disks)
+		p.diskEnc = transport.NewDiskEncoder(o.Limits)
+	}
 	return p, nil
 }
 
@@ -424,6 +492,10 @@ func (p *Primary) update(f func(s *PrimaryStats)) {
 // still holds whatever was not acknowledged (the caller decides whether to
 // release it, e.g. on a clean unprotect, or to drop it by closing it).
 func (p *Primary) Run(ctx context.Context) error {
+	// Last, once the engine and its link are gone: nothing will cut or
+	// release the journals any more, so they must not wait for acks (the
+	// guest may run on unprotected, e.g. after unprotect).
+	defer p.journalsTrack()
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	if p.o.LiveStart && !p.o.Core.Resume && !p.everCaptured.Load() {
@@ -491,6 +563,13 @@ func (p *Primary) Run(ctx context.Context) error {
 	}
 }
 
+// journalsTrack puts every disk journal in tracking mode for good.
+func (p *Primary) journalsTrack() {
+	if p.disks != nil {
+		p.disks.track()
+	}
+}
+
 func (p *Primary) tickPeriod() time.Duration {
 	t := p.o.Core.Interval / 5
 	return max(t, 500*time.Microsecond)
@@ -520,6 +599,10 @@ func (p *Primary) handle(ev event, link *primaryLink) ([]Action, *primaryLink, e
 			return nil, ev.link, err
 		}
 		p.dropDirtyThrough(p.core.Acked())
+		if p.disks != nil {
+			p.disks.spill(false) // acks can come again: back to backpressure
+			p.disks.ack(p.core.Acked())
+		}
 		p.acked.Store(p.core.Acked())
 		p.linkMu.Lock()
 		p.curLink = ev.link
@@ -536,6 +619,11 @@ func (p *Primary) handle(ev event, link *primaryLink) ([]Action, *primaryLink, e
 		p.curLink = nil
 		p.linkMu.Unlock()
 		p.core.LinkDown(now)
+		if p.disks != nil {
+			// Nobody acknowledges now: a journal that would make the guest
+			// wait switches to tracking dirty blocks instead.
+			p.disks.spill(true)
+		}
 		p.update(func(s *PrimaryStats) { s.Link = "connecting" })
 		if ev.err != nil {
 			p.setErr(ev.err)
@@ -580,6 +668,10 @@ func (p *Primary) handle(ev event, link *primaryLink) ([]Action, *primaryLink, e
 			p.o.OnAck(ev.epoch)
 		}
 		p.dropDirtyThrough(ev.epoch)
+		if p.disks != nil {
+			p.disks.ack(ev.epoch)
+			p.diskKnown.Store(true)
+		}
 		p.acked.Store(ev.epoch)
 		p.update(func(s *PrimaryStats) { s.Acked = ev.epoch; s.EpochsCommitted++ })
 		if p.drainReply != nil && ev.epoch >= p.drainEpoch {
@@ -616,6 +708,23 @@ func (p *Primary) perform(ctx context.Context, acts []Action, link *primaryLink)
 		acts = acts[1:]
 		switch a.Kind {
 		case ActCheckpoint:
+			if p.disks != nil && link != nil {
+				fold := a.Full || a.Rebuild || a.ResyncTo != 0 || a.Base != a.Epoch-1
+				lims := p.o.Limits.WithDefaults()
+				if est, changes := p.disks.estimate(fold); est > lims.MaxEpochDiskBytes || changes > int64(lims.MaxEpochDiskChanges) {
+					// The blocks tracked while the backup was away (or the
+					// changes held) would not fit one epoch on the backup:
+					// copy the images again instead (on a new link, while
+					// the guest runs).
+					p.log.Warn("disk changes to resend exceed what one epoch may carry: copying the disks again", zap.Int64("estimate_bytes", est), zap.Int64("estimate_changes", changes),
+						zap.Int64("limit_bytes", lims.MaxEpochDiskBytes), zap.Int("limit_changes", lims.MaxEpochDiskChanges))
+					p.core.CheckpointFailed()
+					p.diskKnown.Store(false)
+					p.diskSyncedAt.Store(0)
+					link.close()
+					continue
+				}
+			}
 			st, err := p.capture(ctx, a)
 			if err != nil {
 				p.core.CheckpointFailed()
@@ -649,6 +758,9 @@ func (p *Primary) perform(ctx context.Context, acts []Action, link *primaryLink)
 			p.log.Error("backup unreachable beyond ack timeout: releasing held output and running UNPROTECTED", zap.String("reason", a.Reason))
 			if err := p.o.Out.ReleaseAll(); err != nil {
 				return fmt.Errorf("checkpoint: release all: %w", err)
+			}
+			if p.disks != nil {
+				p.disks.track() // nothing will be acknowledged: track dirty blocks
 			}
 			p.update(func(s *PrimaryStats) { s.Unprotected = true })
 		case ActDropLink:
@@ -708,11 +820,22 @@ func (p *Primary) capture(ctx context.Context, a Action) (*staged, error) {
 	}
 	st.reserve(want)
 	start := time.Now()
+	if p.disks != nil {
+		p.disks.beginPause()
+	}
 	if err := g.Pause(ctx); err != nil {
+		if p.disks != nil {
+			// The journals admitted an overdraft for the pause: cut them
+			// anyway (which ends it); the next epoch carries the cut.
+			p.disks.cut()
+		}
 		p.pool <- st
 		return nil, fmt.Errorf("pause: %w", err)
 	}
-	resumed := false
+	if p.disks != nil {
+		p.disks.cut()
+	}
+	resumed, captured := false, false
 	defer func() {
 		if !resumed {
 			_ = g.Resume(context.WithoutCancel(ctx))
@@ -723,6 +846,13 @@ func (p *Primary) capture(ctx context.Context, a Action) (*staged, error) {
 		p.freeMaps = append(p.freeMaps, mine)
 		return nil, fmt.Errorf("harvest: %w", err)
 	}
+	mine.Union(p.carry)
+	p.carry.Reset()
+	defer func() {
+		if !captured {
+			p.carry.Union(mine) // harvested, not captured: the next epoch's
+		}
+	}()
 	send := mine
 	switch {
 	case preloaded:
@@ -755,6 +885,23 @@ func (p *Primary) capture(ctx context.Context, a Action) (*staged, error) {
 		off += copy(st.pages[off:], mem[b:b+n*hypervisor.PageSize])
 		return true
 	})
+	st.disks = nil
+	if p.disks != nil {
+		fold := a.Full || a.Rebuild || a.ResyncTo != 0 || a.Base != a.Epoch-1
+		disks, err := p.disks.build(ctx, a.Epoch, fold)
+		if err != nil {
+			p.pool <- st
+			p.freeMaps = append(p.freeMaps, mine)
+			return nil, err
+		}
+		st.disks = disks
+		defer func() {
+			if !captured {
+				p.disks.dropFailed(a.Epoch) // carried by the next epoch
+				st.disks = nil
+			}
+		}()
+	}
 	dev, err := g.SaveDeviceState(ctx, st.dev[:0])
 	if err != nil {
 		p.pool <- st
@@ -814,6 +961,14 @@ func (p *Primary) capture(ctx context.Context, a Action) (*staged, error) {
 	}
 	p.epochDirty[a.Epoch] = mine
 	p.everCaptured.Store(true)
+	captured = true
+	if p.disks != nil && p.diskCopied.Swap(false) {
+		p.diskSyncedAt.Store(a.Epoch)
+	}
+	if p.disks != nil {
+		n, b := st.diskChanges()
+		p.update(func(s *PrimaryStats) { s.DiskChangesLast, s.DiskBytesLast = uint64(n), uint64(b) })
+	}
 	now := p.o.Now()
 	p.captured[a.Epoch] = now
 	p.update(func(s *PrimaryStats) { s.Epoch = a.Epoch; s.DirtyPagesLast = dirtyN })
@@ -925,6 +1080,9 @@ func (p *Primary) connect(ctx context.Context) (*primaryLink, uint64, []uint64, 
 			if k.IsEpochRecord() {
 				s.EpochWireBytes += uint64(n)
 			}
+			if k == transport.KindDiskWrites || k == transport.KindDiskSync {
+				s.DiskWireBytes += uint64(n)
+			}
 		})
 	})
 	r := transport.NewReader(conn, p.o.Limits)
@@ -940,6 +1098,9 @@ func (p *Primary) connect(ctx context.Context) (*primaryLink, uint64, []uint64, 
 		PrimaryAckedEpoch: p.acked.Load(),
 		Host:              p.o.Host,
 		NeedReplicaHashes: needHashes,
+	}
+	if p.disks != nil {
+		hello.Disks = p.disks.hello()
 	}
 	if p.o.Generation != nil {
 		hello.Generation = p.o.Generation()
@@ -999,6 +1160,21 @@ func (p *Primary) connect(ctx context.Context) (*primaryLink, uint64, []uint64, 
 				return nil, 0, nil, nil, err
 			}
 		}
+	}
+	if s := p.diskSyncedAt.Load(); p.disks != nil && !p.diskCopied.Load() && s != 0 && committed >= s {
+		p.diskKnown.Store(true) // its acks were lost, but it committed past the copy
+	}
+	if p.disks != nil && (committed == 0 || committed < p.acked.Load() || !p.diskKnown.Load()) {
+		// The backup's disks are not known to be the primary's at its
+		// committed epoch: copy the images while the guest runs; the
+		// journals track what changes meanwhile for the next epoch.
+		p.diskKnown.Store(false)
+		p.diskSyncedAt.Store(0)
+		if err := p.copyDisks(ctx, conn, w); err != nil {
+			conn.Close()
+			return nil, 0, nil, nil, err
+		}
+		p.diskCopied.Store(true)
 	}
 	p.heard.Store(p.o.Now().UnixNano())
 	// The backup's wait for the handshake (it may build a standby first)
@@ -1246,7 +1422,9 @@ func (l *primaryLink) sendLoop(ctx context.Context) error {
 		}
 		err := l.sendEpoch(ctx, st)
 		// Once on the wire the staging copy is not needed again: a resync
-		// after a lost link re-reads guest memory.
+		// after a lost link re-reads guest memory (and the engine keeps
+		// the disk cuts until the ack).
+		st.disks = nil
 		p.pool <- st
 		if err != nil {
 			return err
@@ -1256,7 +1434,8 @@ func (l *primaryLink) sendLoop(ctx context.Context) error {
 
 func (l *primaryLink) sendEpoch(ctx context.Context, st *staged) error {
 	p := l.p
-	begin := &remuspb.EpochBegin{Epoch: st.epoch, BaseEpoch: st.base, PageCount: uint32(len(st.pfns)), Full: st.full, Preloaded: st.preloaded}
+	nDisk, diskBytes := st.diskChanges()
+	begin := &remuspb.EpochBegin{Epoch: st.epoch, BaseEpoch: st.base, PageCount: uint32(len(st.pfns)), Full: st.full, Preloaded: st.preloaded, DiskChanges: uint32(nDisk)}
 	if err := l.w.WriteFrame(transport.KindEpochBegin, begin, nil); err != nil {
 		return fmt.Errorf("send epoch %d begin: %w", st.epoch, err)
 	}
@@ -1270,6 +1449,19 @@ func (l *primaryLink) sendEpoch(ctx context.Context, st *staged) error {
 	if err != nil {
 		return fmt.Errorf("send epoch %d pages: %w", st.epoch, err)
 	}
+	var idx uint32
+	for _, sd := range st.disks {
+		if _, err := p.diskEnc.Encode(st.epoch, sd.id, idx, sd.changes, func(hdr *remuspb.DiskWrites, payload []byte) error {
+			if err := l.w.WriteFrame(transport.KindDiskWrites, hdr, payload); err != nil {
+				return err
+			}
+			p.progress.Store(p.o.Now().UnixNano())
+			return nil
+		}); err != nil {
+			return fmt.Errorf("send epoch %d disk %s: %w", st.epoch, sd.id, err)
+		}
+		idx += uint32(len(sd.changes))
+	}
 	ds := &remuspb.DeviceState{Epoch: st.epoch, PayloadCrc32C: crc32.Checksum(st.dev, crcTable)}
 	if err := l.w.WriteFrame(transport.KindDeviceState, ds, st.dev); err != nil {
 		return fmt.Errorf("send epoch %d device state: %w", st.epoch, err)
@@ -1278,13 +1470,20 @@ func (l *primaryLink) sendEpoch(ctx context.Context, st *staged) error {
 	for i, pfn := range st.pfns {
 		d.AddPage(pfn, sum.PageHashes[i])
 	}
-	end := &remuspb.EpochEnd{Epoch: st.epoch, PageCount: uint32(len(st.pfns)), Digest: d.Sum(st.dev)}
+	for _, sd := range st.disks {
+		for _, c := range sd.changes {
+			d.AddDiskChange(sd.id, c)
+		}
+	}
+	end := &remuspb.EpochEnd{Epoch: st.epoch, PageCount: uint32(len(st.pfns)), Digest: d.Sum(st.dev), DiskChanges: uint32(nDisk)}
 	if err := l.w.WriteFrame(transport.KindEpochEnd, end, nil); err != nil {
 		return fmt.Errorf("send epoch %d end: %w", st.epoch, err)
 	}
 	p.update(func(s *PrimaryStats) {
 		s.PagesSent += uint64(len(st.pfns))
-		s.RawBytes += uint64(len(st.pages) + len(st.dev))
+		s.RawBytes += uint64(len(st.pages)+len(st.dev)) + uint64(diskBytes)
+		s.DiskBytesSent += uint64(diskBytes)
+		s.DiskChangesSent += uint64(nDisk)
 	})
 	return nil
 }

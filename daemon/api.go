@@ -155,6 +155,22 @@ type VMStatus struct {
 	RawBytes       uint64 `json:"raw_bytes"`
 	// CompressionRatio is RawBytes ÷ EpochWireBytes (higher is better).
 	CompressionRatio float64 `json:"compression_ratio"`
+	// Disks (primary): write data and changes of the last epoch and of
+	// every epoch sent (uncompressed), the DiskWrites/DiskSync payloads as
+	// sent, the data of the full copies made while the guest ran and how
+	// long the last one took. Disks (backup): data applied by committed
+	// epochs, written by the copies, and the flushes made before acks.
+	// Only set for VMs with disks.
+	DiskBytesLast    uint64  `json:"disk_bytes_last,omitempty"`
+	DiskChangesLast  uint64  `json:"disk_changes_last,omitempty"`
+	DiskBytesSent    uint64  `json:"disk_bytes_sent,omitempty"`
+	DiskChangesSent  uint64  `json:"disk_changes_sent,omitempty"`
+	DiskWireBytes    uint64  `json:"disk_wire_bytes,omitempty"`
+	DiskBytesCopied  uint64  `json:"disk_bytes_copied,omitempty"`
+	DiskCopyMs       float64 `json:"disk_copy_ms,omitempty"`
+	DiskBytesApplied uint64  `json:"disk_bytes_applied,omitempty"`
+	DiskBytesSynced  uint64  `json:"disk_bytes_synced,omitempty"`
+	DiskFlushes      uint64  `json:"disk_flushes,omitempty"`
 	// Backup only: pages of the epochs received, and every byte of the
 	// frames read from the primary, headers included.
 	PagesReceived     uint64 `json:"pages_received"`

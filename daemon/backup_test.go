@@ -81,7 +81,7 @@ func TestUnprotectFreesReplica(t *testing.T) {
 	backup.mu.Lock()
 	used := backup.replicaBytes()
 	backup.mu.Unlock()
-	if want := replicaCost(4<<20, "sim"); used != want {
+	if want := replicaCost(4<<20, "sim", false); used != want {
 		t.Fatalf("replica budget in use %d, want %d (memory, staging, link buffers)", used, want)
 	}
 	if err := primary.Unprotect(context.Background(), "vm"); err != nil {

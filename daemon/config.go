@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/remusd/remusd/hypervisor/qemu"
 	"net"
 	"net/netip"
 	"os"
@@ -121,6 +122,12 @@ type Config struct {
 	// writes faster than the link waits for acks: its epochs grow longer
 	// and its writes slow down, the buffer does not grow.
 	DiskJournalMiB int `json:"disk_journal_mib"`
+	// DiskSync (backup, default true) makes every replica disk an epoch
+	// changed durable (fdatasync) before the epoch is acknowledged.
+	// false is faster and unsafe: a crash of the backup's host (not just
+	// its daemon) can lose acknowledged writes, and a failover after that
+	// resumes a guest whose disk lacks writes its clients were told about.
+	DiskSync *bool `json:"disk_sync,omitempty"`
 	// RestartGrace is how long a backup keeps waiting for a primary whose
 	// daemon said it restarts before its silence counts as a lost primary.
 	RestartGrace Duration `json:"restart_grace"`
@@ -555,6 +562,19 @@ func (c Config) Validate() error {
 		}
 		seen[q.Name] = true
 		errs = append(errs, q.validate(f)...)
+		if n := int64(len(q.Disks)); n > 0 {
+			// Each journal may hold its bound plus the pause allowance;
+			// together they must fit the disk part of one epoch a backup
+			// stages (or protect would be refused).
+			per := c.diskJournalBytes()
+			if per == 0 {
+				per = qemu.DefaultDiskJournalBytes
+			}
+			if need := n * (per + qemu.DiskPauseAllowance); need > replicaDiskStaging {
+				bad(f+".disks", "%d disks of disk_journal_mib %d need %d MiB of a backup's %d MiB staging per epoch (each journal plus %d MiB of writes in flight at a pause): lower disk_journal_mib",
+					n, per>>20, need>>20, replicaDiskStaging>>20, qemu.DiskPauseAllowance>>20)
+			}
+		}
 	}
 	errs = append(errs, c.Standby.validate("standby")...)
 	errs = append(errs, validateLibvirtConfig(c.Libvirt, "libvirt")...)
@@ -598,6 +618,9 @@ func (c Config) validateWatchdog() []error {
 	}
 	return errs
 }
+
+// diskSync is DiskSync with its default (true).
+func (c Config) diskSync() bool { return c.DiskSync == nil || *c.DiskSync }
 
 // diskJournalBytes is DiskJournalMiB in bytes (0: the backend's default).
 func (c Config) diskJournalBytes() int64 { return int64(c.DiskJournalMiB) << 20 }

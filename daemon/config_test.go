@@ -1,6 +1,7 @@
 package daemon
 
 import (
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -112,5 +113,28 @@ func TestConfigSecondPath(t *testing.T) {
 		if err := c.Validate(); err == nil || !strings.Contains(err.Error(), "config field "+tc.field+":") {
 			t.Errorf("%s: %v (want %s)", name, err, tc.field)
 		}
+	}
+}
+
+func TestConfigDiskJournalsFitStaging(t *testing.T) {
+	mk := func(disks, journalMiB int) Config {
+		c := DefaultConfig()
+		c.Insecure = true
+		c.DiskJournalMiB = journalMiB
+		q := QemuVM{Name: "g", MemoryMiB: 128, Kernel: "/k"}
+		for i := range disks {
+			q.Disks = append(q.Disks, QemuDisk{ID: fmt.Sprintf("d%d", i), Path: fmt.Sprintf("/img/%d", i), SizeMiB: 64})
+		}
+		c.QemuVMs = []QemuVM{q}
+		return c
+	}
+	if err := mk(2, 0).Validate(); err != nil {
+		t.Fatalf("two disks at the default journal: %v", err)
+	}
+	if err := mk(3, 0).Validate(); err == nil || !strings.Contains(err.Error(), "disk_journal_mib") {
+		t.Fatalf("three disks at the default journal: %v, want refused naming disk_journal_mib", err)
+	}
+	if err := mk(3, 32).Validate(); err != nil {
+		t.Fatalf("three disks at 32 MiB journals: %v", err)
 	}
 }

@@ -570,6 +570,8 @@ func (d *Daemon) statusOf(v *vm) VMStatus {
 		s.AckMsLast, s.AckMsP50, s.AckMsP99 = checkpoint.Ms(p.AckLast), checkpoint.Ms(p.AckP50), checkpoint.Ms(p.AckP99)
 		s.DirtyPagesLast, s.PagesSent, s.RawBytes = p.DirtyPagesLast, p.PagesSent, p.RawBytes
 		s.WireBytesSent, s.EpochWireBytes = p.WireBytesSent, p.EpochWireBytes
+		s.DiskBytesLast, s.DiskChangesLast, s.DiskBytesSent, s.DiskChangesSent = p.DiskBytesLast, p.DiskChangesLast, p.DiskBytesSent, p.DiskChangesSent
+		s.DiskWireBytes, s.DiskBytesCopied, s.DiskCopyMs = p.DiskWireBytes, p.DiskBytesCopied, checkpoint.Ms(p.DiskCopy)
 		if p.EpochWireBytes > 0 {
 			s.CompressionRatio = float64(p.RawBytes) / float64(p.EpochWireBytes)
 		}
@@ -583,6 +585,7 @@ func (d *Daemon) statusOf(v *vm) VMStatus {
 		s.PeerName = v.backup.Owner()
 		s.Epoch, s.AckedEpoch, s.EpochsCommitted = b.Committed, b.Committed, b.EpochsCommitted
 		s.PagesReceived, s.WireBytesReceived = b.PagesReceived, b.WireBytesReceived
+		s.DiskBytesApplied, s.DiskBytesSynced, s.DiskFlushes = b.DiskBytesApplied, b.DiskBytesSynced, b.DiskFlushes
 		s.TornEpochsDiscarded, s.LastError, s.LinksRefused = b.TornEpochsDiscarded, b.LastError, b.Refused
 		if !b.LastHeard.IsZero() {
 			s.HeartbeatAgeMs = checkpoint.Ms(time.Since(b.LastHeard))
@@ -628,9 +631,16 @@ func (v *vm) detectorCopy() *failover.Detector {
 	return &c
 }
 
-// observe is what the detector sees of v's primary. d.mu held.
+// observe is what the detector sees of v's primary. d.mu held. A replica
+// whose disks are being copied again matches no committed epoch: like one
+// that never committed, it has nothing to take over with (so it does not
+// race for the witness).
 func observe(v *vm, st checkpoint.BackupStats) failover.Observation {
-	return failover.Observation{Connected: st.Connected, LastHeard: st.LastHeard, Committed: st.Committed, Goodbye: st.Goodbye,
+	committed := st.Committed
+	if st.DiskTorn {
+		committed = 0
+	}
+	return failover.Observation{Connected: st.Connected, LastHeard: st.LastHeard, Committed: committed, Goodbye: st.Goodbye,
 		Restarting: st.Restarting, RestartingSince: st.RestartingSince, DisconnectedAt: st.DisconnectedAt, PeerClosed: st.PeerClosed,
 		AltHeard: v.altHeard}
 }

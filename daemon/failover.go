@@ -133,6 +133,12 @@ func (d *Daemon) Failover(ctx context.Context, req FailoverRequest) error {
 		}
 		d.mu.Lock()
 	}
+	if st := v.backup.Stats(); st.DiskTorn {
+		// Activate would refuse it anyway; refusing before the witness
+		// claim keeps a living primary from being fenced for nothing.
+		d.mu.Unlock()
+		return fmt.Errorf("failover %s: its replica disks are being copied again (a full copy over the committed replica, after the primary restarted or was away long): they match no epoch until the next one commits, so there is nothing to activate", name)
+	}
 	if req.Force && !req.fromLink && d.primaryConnected(v) {
 		d.log.Error("FORCED FAILOVER while the primary is connected and healthy: two copies of the VM may now run", zap.String("vm", name), zap.String("owner", v.backup.Owner()))
 	}

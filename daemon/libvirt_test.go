@@ -1,6 +1,7 @@
 package daemon
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"os"
@@ -176,7 +177,8 @@ func TestLibvirtDiskConfigValidation(t *testing.T) {
 // journal, unprotect takes the seam out (the disk keeps working),
 // protection starts again, the primary's daemon restarts (the next one
 // takes the mirror job over), and after a failover the standby runs with the
-// backup's image as its virtio disk at the domain's PCI slot.
+// backup's image as its virtio disk at the domain's PCI slot, holding what
+// the guest wrote on the primary.
 func TestLibvirtProtectDisk(t *testing.T) {
 	if testing.Short() {
 		t.Skip("boots QEMU under libvirtd")
@@ -395,7 +397,16 @@ func TestLibvirtProtectDisk(t *testing.T) {
 	if err != nil || b[3<<20] != 0x5e {
 		t.Fatalf("the activated standby's disk is not the backup's image (%v)", err)
 	}
-
+	// The backup's image has the primary's data: written in the first
+	// protection (0x5c), unprotected (0x5d: the second protection's copy
+	// of the disk), protected (0x5f: an epoch's writes) and after the
+	// daemon's restart (0x60: the resumed protection copies the disk
+	// again, then epochs).
+	for off, want := range map[int]byte{1 << 20: 0x5c, 2 << 20: 0x5d, 4 << 20: 0x5f, 5 << 20: 0x60} {
+		if !bytes.Equal(b[off:off+64<<10], bytes.Repeat([]byte{want}, 64<<10)) {
+			t.Errorf("backup's image at %d: %#x..., want %#x", off, b[off], want)
+		}
+	}
 	t.Logf("failed over: the standby runs with %s as vda", imgB)
 }
 

@@ -66,6 +66,18 @@ func (d *Daemon) bringUpQemu(q QemuVM) error {
 			return nil
 		}
 		d.log.Warn("a guest recorded in the state directory is gone", zap.String("vm", q.Name), zap.String("role", rec.Role), zap.Error(err))
+		if p := rec.Protection; p != nil && p.OutBuf != "" {
+			// The guest is dead, so it has no output to hold; its dead
+			// daemon's queue rules would drop the next guest's.
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			rerr := removeStaleNetBuffer(ctx, p.OutBuf, netBufferSpec{Interface: v.qnet.tap, Bridged: v.qnet.bridged, QueueNum: p.Queue})
+			cancel()
+			if rerr != nil {
+				d.log.Error("cannot remove a dead guest's output buffer rules: a guest started on its tap may be cut off", zap.String("vm", q.Name), zap.Error(rerr))
+			} else {
+				d.log.Info("removed the output buffer rules a dead guest's daemon left", zap.String("vm", q.Name), zap.String("kind", p.OutBuf), zap.String("tap", v.qnet.tap))
+			}
+		}
 		if rec.Role == RolePrimary || rec.Role == RoleActive {
 			v.stoppedWhy = fmt.Sprintf("it was %s here when the daemon stopped and is gone (%v); it may run on the other host now, so it is not started automatically: `remusd start %s` if it runs nowhere",
 				rec.Role, err, q.Name)
@@ -140,7 +152,7 @@ func (d *Daemon) reattach(q QemuVM, rec *vmRecord) (*qemu.Guest, int, bool, erro
 		g.SetSpec(spec)
 		return g, r.Pid, true, nil
 	}
-	g, err := qemu.Reattach(ctx, spec, r.Pid, d.log)
+	g, err := qemu.ReattachWithDisks(ctx, spec, r.Pid, qemu.DiskOptions{JournalBytes: d.cfg.diskJournalBytes()}, d.log)
 	if err != nil {
 		return nil, 0, false, err
 	}

@@ -82,3 +82,17 @@ func openNetBuffer(ctx context.Context, kind string, spec netBufferSpec, log *za
 	}
 	return nil, fmt.Errorf("output buffer kind %q unknown", kind)
 }
+
+// removeStaleNetBuffer removes what a dead daemon's output buffer of kind
+// left on a port whose guest is gone: NFQUEUE rules (they name the port,
+// so they would drop the output of the next guest on a port of that name,
+// e.g. a standby started here). A plug qdisc went with its tap.
+func removeStaleNetBuffer(ctx context.Context, kind string, spec netBufferSpec) error {
+	if kind != "nfqueue" || spec.Interface == "" {
+		return nil
+	}
+	if err := nfqueue.RemoveRules(ctx, nfqueue.Config{QueueNum: spec.QueueNum, Interface: spec.Interface, Bridged: spec.Bridged}); err != nil {
+		return fmt.Errorf("remove the NFQUEUE rules a previous daemon left on %s: %w", spec.Interface, err)
+	}
+	return nil
+}

@@ -46,16 +46,30 @@ func replicaLimits(backend string) transport.Limits {
 		dev = 1 << 20
 	}
 	const batch = 4096
-	return transport.Limits{MaxFrame: max(batch*hypervisor.PageSize, dev) + 2<<20, MaxHeader: 1 << 20, MaxBatchPages: batch, MaxDeviceState: dev}
+	return transport.Limits{MaxFrame: max(batch*hypervisor.PageSize, dev) + 2<<20, MaxHeader: 1 << 20, MaxBatchPages: batch, MaxDeviceState: dev,
+		MaxEpochDiskBytes: replicaDiskStaging, MaxEpochDiskChanges: replicaDiskChanges}
 }
+
+// The disk part of an epoch a backup stages at most: the write data and
+// the changes (each held as a small struct besides its data). A primary's
+// journals (disk_journal_mib plus the pause overdraft, per disk) must fit.
+const (
+	replicaDiskStaging = 256 << 20
+	replicaDiskChanges = 1 << 20
+	diskChangeCost     = 96
+)
 
 // replicaCost is what a replica may hold at most: its memory, a staging
 // area as large (a full epoch is staged whole before it is applied), a
 // link's frame buffer and three copies of a device state (staged,
 // committed, the replica's own).
-func replicaCost(memory int64, backend string) int64 {
+func replicaCost(memory int64, backend string, disks bool) int64 {
 	l := replicaLimits(backend)
-	return 2*memory + int64(l.MaxFrame) + 3*int64(l.MaxDeviceState)
+	c := 2*memory + int64(l.MaxFrame) + 3*int64(l.MaxDeviceState)
+	if disks {
+		c += l.MaxEpochDiskBytes + int64(l.MaxEpochDiskChanges)*diskChangeCost
+	}
+	return c
 }
 
 // helloLimits bounds what a peer may send before it is known to be a
@@ -336,7 +350,7 @@ func (d *Daemon) backupFor(ctx context.Context, h *remuspb.Hello, identity strin
 		d.mu.Unlock()
 		return nil, fmt.Errorf("VM %s: memory size %d is not a positive multiple of the page size (at most 1 TiB)", h.VmName, h.MemoryBytes)
 	}
-	cost := replicaCost(int64(h.MemoryBytes), h.Backend)
+	cost := replicaCost(int64(h.MemoryBytes), h.Backend, len(h.Disks) > 0)
 	if used := d.replicaBytes(); used+cost > d.budget {
 		d.mu.Unlock()
 		return nil, fmt.Errorf("VM %s needs %d MiB for its replica (%d MiB of memory, as much again to stage a full epoch, and link buffers) but %s has %d MiB of its %d MiB replica budget left (config replica_budget_mib)",
@@ -458,6 +472,7 @@ func (d *Daemon) attachBackup(v *vm, rep hypervisor.Replica, identity, version s
 		HeartbeatInterval: d.cfg.HeartbeatInterval.D(),
 		HeartbeatTimeout:  d.cfg.HeartbeatTimeout.D(),
 		Limits:            replicaLimits(v.backend),
+		NoDiskSync:        !d.cfg.diskSync(),
 		Log:               d.log,
 		OnCommit:          func(epoch uint64, dev []byte) { v.audit.record(commit(epoch, dev)) },
 		BeforeActivate:    func(epoch uint64, mem, dev []byte) { v.audit.record(activate(epoch, mem, dev)) },

@@ -245,7 +245,10 @@ func (d *Daemon) startProtection(v *vm, pr protectionRecord, resume bool) error 
 		OnLink: func(up bool, err error, _ bool) {
 			d.onPrimaryLink(v, up, err)
 		},
-		Encoder:           transport.EncoderConfig{PageSize: hypervisor.PageSize, CachePages: d.cfg.DeltaCachePages},
+		Encoder: transport.EncoderConfig{PageSize: hypervisor.PageSize, CachePages: d.cfg.DeltaCachePages},
+		// The backup's limits: the engine refuses disks whose journals
+		// could make an epoch the backup would not stage.
+		Limits:            replicaLimits(g.Backend()),
 		HeartbeatInterval: d.cfg.HeartbeatInterval.D(),
 		HeartbeatTimeout:  d.cfg.HeartbeatTimeout.D(),
 		ReconnectBackoff:  d.cfg.ReconnectBackoff.D(),

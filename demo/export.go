@@ -163,12 +163,9 @@ func StartQEMULab(ctx context.Context, cfg QEMULabConfig) (l *QEMULab, err error
 		return l, err
 	}
 	if cfg.DiskMiB > 0 {
-		l.DiskA, l.DiskB = filepath.Join(dir, "disk0-a.img"), filepath.Join(dir, "disk0-b.img")
-		if err := guestimage.MakeDisk(ctx, l.DiskA, cfg.DiskMiB); err != nil {
+		if l.DiskA, l.DiskB, err = addGuestDisk(ctx, dir, cfg.DiskMiB, &acfg, &bcfg); err != nil {
 			return l, err
 		}
-		acfg.QemuVMs[0].Disks = []daemon.QemuDisk{{ID: "disk0", Path: l.DiskA, SizeMiB: cfg.DiskMiB}}
-		bcfg.QemuVMs[0].Disks = []daemon.QemuDisk{{ID: "disk0", Path: l.DiskB, SizeMiB: cfg.DiskMiB}}
 	}
 	if cfg.Tweak != nil {
 		cfg.Tweak(&acfg, &bcfg)
@@ -333,6 +330,18 @@ const witnessPort = 2379
 // topology, shared by the QEMU demo and the lab: host A runs the guest,
 // host B backs it up from its own description of it; mutual TLS with a
 // throw-away CA; the witness when takeover is auto.
+// addGuestDisk gives the pair's guest a protected disk: host A's image (an
+// empty ext4 made in dir) and host B's replica image path.
+func addGuestDisk(ctx context.Context, dir string, mib int64, acfg, bcfg *daemon.Config) (a, b string, err error) {
+	a, b = filepath.Join(dir, "disk0-a.img"), filepath.Join(dir, "disk0-b.img")
+	if err := guestimage.MakeDisk(ctx, a, mib); err != nil {
+		return "", "", err
+	}
+	acfg.QemuVMs[0].Disks = []daemon.QemuDisk{{ID: "disk0", Path: a, SizeMiB: mib}}
+	bcfg.QemuVMs[0].Disks = []daemon.QemuDisk{{ID: "disk0", Path: b, SizeMiB: mib}}
+	return a, b, nil
+}
+
 func qemuPairConfigs(dir, shm string, memMiB int, interval, hbTO time.Duration, takeover string, w *WitnessProc) (acfg, bcfg daemon.Config, err error) {
 	common := func(name string) daemon.Config {
 		c := daemon.DefaultConfig()

@@ -99,7 +99,15 @@ type QEMUResult struct {
 	LastRequestBeforeKill   uint64  `json:"last_request_id_before_kill"`
 	FirstRequestAfterKill   uint64  `json:"first_request_id_after_kill"`
 	LongestGapMs            float64 `json:"client_longest_gap_ms"`
-	Passed                  bool    `json:"passed"`
+	// With a disk (--disk-mib): records the second client logged (each
+	// appended and fsynced in the guest before its reply), whether the
+	// backup's disk holds exactly them after the failover (and e2fsck
+	// finds it clean), and why not.
+	DiskMiB     int64  `json:"disk_mib,omitempty"`
+	DiskRecords int    `json:"disk_records,omitempty"`
+	DiskIntact  bool   `json:"disk_intact,omitempty"`
+	DiskDetail  string `json:"disk_detail,omitempty"`
+	Passed      bool   `json:"passed"`
 }
 
 type qemuOptions struct {
@@ -112,6 +120,7 @@ type qemuOptions struct {
 	hbTO     time.Duration
 	keep     bool
 	dir      string
+	diskMiB  int64
 }
 
 // splitBackend removes --backend/-backend (with "=" or a separate value)
@@ -161,6 +170,7 @@ func RunQEMUDemo(ctx context.Context, args []string, stdout io.Writer, log *zap.
 	fs.IntVar(&o.memMiB, "memory-mib", 128, "guest memory in MiB")
 	fs.StringVar(&o.takeover, "takeover", daemon.TakeoverAuto, "backup takeover: auto (a witness on a third host decides; the default), auto-unsafe (activates when heartbeats stop; unsafe under partition) or manual (the demo runs `remusd failover`)")
 	fs.DurationVar(&o.hbTO, "heartbeat-timeout", time.Second, "backup's heartbeat timeout (auto-unsafe takeover fires after it)")
+	fs.Int64Var(&o.diskMiB, "disk-mib", 64, "size of the guest's protected ext4 disk, which a second client fills with fsynced records (0: no disk)")
 	fs.BoolVar(&o.keep, "keep", false, "keep the working directory (daemon logs, audit logs, console)")
 	fs.StringVar(&o.dir, "dir", "", "working directory (default: a new temporary directory)")
 	fs.Usage = func() {
@@ -184,6 +194,9 @@ flags:
 	}
 	if fs.NArg() > 0 {
 		return fmt.Errorf("demo: unexpected argument %q", fs.Arg(0))
+	}
+	if o.diskMiB < 0 || o.diskMiB > 4096 {
+		return fmt.Errorf("demo: --disk-mib %d out of range [0, 4096]", o.diskMiB)
 	}
 	switch o.takeover {
 	case daemon.TakeoverAuto, daemon.TakeoverAutoUnsafe, daemon.TakeoverManual:
@@ -225,6 +238,13 @@ type qrun struct {
 	out io.Writer
 	dir string
 	t0  time.Time
+
+	// With a disk: the images, the client that logs records to it, and
+	// the client namespace to check the guest from.
+	diskA, diskB string
+	logc         *guestsvc.Client
+	logDone      chan struct{}
+	clientNS     string
 }
 
 func (q *qrun) say(format string, a ...any) {
@@ -314,6 +334,13 @@ func (q *qrun) run(ctx context.Context) (*QEMUResult, error) {
 	if err != nil {
 		return nil, fmt.Errorf("demo: %w", err)
 	}
+	if q.o.diskMiB > 0 {
+		if q.diskA, q.diskB, err = addGuestDisk(ctx, q.dir, q.o.diskMiB, &acfg, &bcfg); err != nil {
+			return nil, fmt.Errorf("demo: %w", err)
+		}
+		q.say("guest disk: %d MiB of ext4 (%s), served to QEMU by remusd over NBD; its writes travel with the epoch they happened in, and the backup's copy (%s) commits with that epoch's memory",
+			q.o.diskMiB, q.diskA, q.diskB)
+	}
 
 	backup, err := StartDaemon(ctx, StartOptions{Exe: exe, Dir: q.dir, Netns: n.B, Wait: 3 * time.Minute}, bcfg)
 	if err != nil {
@@ -380,6 +407,17 @@ func (q *qrun) run(ctx context.Context) (*QEMUResult, error) {
 	defer stopClient()
 	q.say("client in %s: one TCP connection %s → %s:%s, ADD requests back to back, each reply checked against the model of the service",
 		n.Client, conn.LocalAddr(), netlab.GuestIP, qemuPort)
+	q.clientNS = n.Client
+	if q.diskA != "" {
+		lconn, err := netlab.Dial(cctx, n.Client, netlab.GuestIP+":"+qemuPort)
+		if err != nil {
+			return nil, fmt.Errorf("demo: disk client: %w", err)
+		}
+		defer lconn.Close()
+		q.logc, q.logDone = guestsvc.NewClient(lconn, guestsvc.ClientOptions{Log: true}), make(chan struct{})
+		go func() { defer close(q.logDone); q.logc.Run(cctx) }()
+		q.say("second connection %s: LOG records, each appended to /data/log on the guest's disk and fsynced before its reply", lconn.LocalAddr())
+	}
 
 	// Under protection.
 	start := time.Now()
@@ -402,9 +440,9 @@ func (q *qrun) run(ctx context.Context) (*QEMUResult, error) {
 			return nil, fmt.Errorf("demo: client failed under protection: %w", cerr)
 		}
 		now := time.Now()
-		q.say("epoch %5d acked %5d  pause last %5.1f ms p50 %5.1f p99 %5.1f  dirty %5d pages  ack p50 %5.1f ms  held %d  client %4d req/s (%d ok)",
+		q.say("epoch %5d acked %5d  pause last %5.1f ms p50 %5.1f p99 %5.1f  dirty %5d pages  ack p50 %5.1f ms  held %d  client %4d req/s (%d ok)%s",
 			st.Epoch, st.AckedEpoch, st.PauseMsLast, st.PauseMsP50, st.PauseMsP99, st.DirtyPagesLast, st.AckMsP50, st.OutputHeld,
-			int(float64(ok-prevOK)/now.Sub(prevAt).Seconds()), ok)
+			int(float64(ok-prevOK)/now.Sub(prevAt).Seconds()), ok, q.diskProgress(st))
 		prevOK, prevAt = ok, now
 	}
 	before, _, lastIDBefore, _ := cl.State()
@@ -540,7 +578,10 @@ func (q *qrun) finish(cl *guestsvc.Client, active, ps daemon.VMStatus, qver stri
 		res.ReplicaDetail = fmt.Sprintf("replica activated at epoch %d (%s); every one of the %d replies, before and after the kill, matches the service model",
 			res.ReplicaEpoch, rel, ok)
 	}
-	res.Passed = res.TCPSessionSurvived && res.ReplicaAtOrAfterLastAck && diverged == 0
+	if ferr == nil {
+		q.checkDisk(context.Background(), res)
+	}
+	res.Passed = res.TCPSessionSurvived && res.ReplicaAtOrAfterLastAck && diverged == 0 && (q.logc == nil || res.DiskIntact)
 	if q.o.takeover == daemon.TakeoverAuto && res.WitnessHolder != "hostB" {
 		// The backup may run the guest only while it holds the record.
 		res.Passed = false
@@ -619,6 +660,9 @@ summary (%s) — qemu backend, %s, guest %s, %d MiB, takeover %s
 		r.WireBytesSent, r.EpochWireBytes, r.RawBytes, r.CompressionRatio, r.TornEpochsDiscarded, r.OutBuf, r.ReplicaDetail)
 	if r.WitnessHolder != "" {
 		fmt.Fprintf(w, "  witness                   record held by %s at generation %d (its winning claim took %.1f ms)\n", r.WitnessHolder, r.WitnessGeneration, r.WitnessClaimMs)
+	}
+	if r.DiskMiB > 0 {
+		fmt.Fprintf(w, "  disk                      %d MiB ext4; %d records fsynced on a second connection; %s\n", r.DiskMiB, r.DiskRecords, r.DiskDetail)
 	}
 }
 

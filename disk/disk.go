@@ -62,6 +62,16 @@ type Backend interface {
 	Close() error
 }
 
+// DataFinder is implemented by Backends that know where their data is
+// (a sparse file): a copy of the image skips the rest, which reads as
+// zeroes.
+type DataFinder interface {
+	// NextData returns the first extent [start, end) at or after off that
+	// may hold data (ok false: none up to the end of the image). What
+	// lies between off and start reads as zeroes.
+	NextData(ctx context.Context, off int64) (start, end int64, ok bool, err error)
+}
+
 // Kind is the kind of a Change.
 type Kind uint8
 

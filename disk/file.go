@@ -127,6 +127,31 @@ func (b *File) writeZeroes(ctx context.Context, off, length int64) error {
 	return nil
 }
 
+// NextData implements DataFinder with lseek(2) SEEK_DATA and SEEK_HOLE.
+// A filesystem without them reports the whole rest as data.
+func (b *File) NextData(_ context.Context, off int64) (start, end int64, ok bool, err error) {
+	if off >= b.size {
+		return 0, 0, false, nil
+	}
+	start, err = unix.Seek(b.fd, off, unix.SEEK_DATA)
+	switch {
+	case errors.Is(err, unix.ENXIO):
+		return 0, 0, false, nil // only a hole from off on
+	case errors.Is(err, unix.EINVAL) || errors.Is(err, unix.EOPNOTSUPP):
+		return off, b.size, true, nil
+	case err != nil:
+		return 0, 0, false, fmt.Errorf("disk: seek data from %d: %w", off, err)
+	}
+	if start >= b.size {
+		return 0, 0, false, nil
+	}
+	end, err = unix.Seek(b.fd, start, unix.SEEK_HOLE)
+	if err != nil {
+		return 0, 0, false, fmt.Errorf("disk: seek hole from %d: %w", start, err)
+	}
+	return start, min(end, b.size), true, nil
+}
+
 // Flush implements Backend with fdatasync(2).
 func (b *File) Flush(context.Context) error {
 	if err := unix.Fdatasync(b.fd); err != nil {

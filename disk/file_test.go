@@ -133,3 +133,44 @@ func TestCheckRange(t *testing.T) {
 		}
 	}
 }
+
+// TestFileNextData: a sparse image reports its data extents (SEEK_DATA,
+// SEEK_HOLE); the ranges between read as zeroes.
+func TestFileNextData(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "img")
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.Truncate(16 << 20)
+	f.Close()
+	img, err := OpenFile(path, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer img.Close()
+	ctx := context.Background()
+	if _, _, ok, err := img.NextData(ctx, 0); err != nil || ok {
+		t.Fatalf("empty image: data %v, %v", ok, err)
+	}
+	img.WriteAt(ctx, []byte("x"), 5<<20)
+	img.WriteAt(ctx, []byte("y"), 9<<20)
+	var found []int64
+	for off := int64(0); ; {
+		st, end, ok, err := img.NextData(ctx, off)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !ok {
+			break
+		}
+		if end <= st {
+			t.Fatalf("extent [%d, %d)", st, end)
+		}
+		found = append(found, st)
+		off = end
+	}
+	if len(found) != 2 || found[0] > 5<<20 || found[1] > 9<<20 || found[1] <= 5<<20 {
+		t.Fatalf("data extents at %v", found)
+	}
+}

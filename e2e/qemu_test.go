@@ -166,6 +166,10 @@ func newQemuLabWith(t *testing.T, ctx context.Context, o labOptions) *qemuLab {
 	l.bcfg.QemuVMs = []daemon.QemuVM{{Name: "g", MemoryMiB: 128, UseGuestImage: true, GuestIP: guestIP + "/24",
 		Tap: "tapB", MAC: guestMAC, Bridge: "brB", RunDir: filepath.Join(shm, "b-run"), Autostart: &off}}
 	l.acfg = baseConfig(t, l.dir, "hostA")
+	// Host A listens too, and builds standbys in its own dir: it can back
+	// the VM up once it runs on B (re-protection).
+	l.acfg.Listen = hostAIP + ":" + replPort
+	l.acfg.Standby = daemon.StandbyConfig{RunDir: filepath.Join(shm, "a-standby")}
 	l.acfg.EpochInterval = daemon.Duration(50 * time.Millisecond)
 	l.acfg.QemuVMs = []daemon.QemuVM{{Name: "g", MemoryMiB: 128, UseGuestImage: true, GuestIP: guestIP + "/24",
 		Tap: "tapA", MAC: guestMAC, Bridge: "brA", RunDir: filepath.Join(shm, "a")}}

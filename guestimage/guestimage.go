@@ -370,3 +370,23 @@ func MakeDisk(ctx context.Context, path string, mib int64) error {
 	}
 	return nil
 }
+
+// CheckDisk checks a disk made by MakeDisk whose guest froze its file
+// system (guestsvc FREEZE) or stopped: e2fsck -fn finds it clean, and
+// /log on it holds exactly want (the records the client saw acknowledged).
+func CheckDisk(ctx context.Context, path string, want []byte) error {
+	ctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	if out, err := exec.CommandContext(ctx, "e2fsck", "-fn", path).CombinedOutput(); err != nil {
+		return fmt.Errorf("guestimage: e2fsck -fn %s: %w\n%s", path, err, out)
+	}
+	got, err := exec.CommandContext(ctx, "debugfs", "-R", "cat /log", path).Output()
+	if err != nil {
+		return fmt.Errorf("guestimage: debugfs cat /log of %s: %w", path, err)
+	}
+	if !bytes.Equal(got, want) {
+		return fmt.Errorf("guestimage: /log on %s holds %d bytes (%d lines), want the %d acknowledged bytes (%d lines)",
+			path, len(got), bytes.Count(got, []byte{'\n'}), len(want), bytes.Count(want, []byte{'\n'}))
+	}
+	return nil
+}

@@ -27,6 +27,8 @@ type Client struct {
 	fillKiB int
 	rng     *rand.Rand
 
+	logAppend bool
+
 	think  atomic.Int64 // bound of the uniform think time, ns (0: none)
 	finish atomic.Bool
 
@@ -47,6 +49,10 @@ type Reply struct {
 type ClientOptions struct {
 	// Log sends LOG records (the service needs a log file) instead of ADDs.
 	Log bool
+	// LogAppend: the log may hold other clients' records; the client
+	// reads their number (LOGSUM) before its first record and checks its
+	// replies' counts from there (its LogModel's Sum is then "").
+	LogAppend bool
 	// FillKiB > 0 sends FILL requests of that size (a write-heavy load).
 	FillKiB int
 	// Seed of the think-time generator (0: 1).
@@ -63,6 +69,7 @@ func NewClient(conn net.Conn, o ClientOptions) *Client {
 	if o.Log {
 		c.log = &LogModel{}
 	}
+	c.logAppend = o.Log && o.LogAppend
 	return c
 }
 
@@ -82,6 +89,27 @@ func (c *Client) LogModel() *LogModel { return c.log }
 // short by ctx is not an error.
 func (c *Client) Run(ctx context.Context) {
 	r := bufio.NewReader(c.conn)
+	if c.logAppend {
+		_ = c.conn.SetDeadline(time.Now().Add(RequestTimeout))
+		var got string
+		_, err := fmt.Fprintf(c.conn, "LOGSUM\n")
+		if err == nil {
+			got, err = r.ReadString('\n')
+		}
+		var n uint64
+		if err == nil {
+			_, err = fmt.Sscanf(got, "LOGSUM %d", &n)
+		}
+		if err != nil {
+			c.mu.Lock()
+			if ctx.Err() == nil {
+				c.err = fmt.Errorf("LOGSUM before the first record: %w", err)
+			}
+			c.mu.Unlock()
+			return
+		}
+		c.log.base = n
+	}
 	for id := uint64(1); ctx.Err() == nil && !c.finish.Load(); id++ {
 		if th := c.think.Load(); th > 0 {
 			select {
@@ -229,4 +257,39 @@ func (c *Client) WaitReplies(ctx context.Context, n int) error {
 		case <-time.After(5 * time.Millisecond):
 		}
 	}
+}
+
+// SumAndFreeze asks the service on conn (a connection of its own, not a
+// running Client's) for LOGSUM, then FREEZE, and returns the LOGSUM
+// reply: the guest's own view of its log, then its file system made
+// clean on the disk for a host to check.
+func SumAndFreeze(ctx context.Context, conn net.Conn) (string, error) {
+	r := bufio.NewReader(conn)
+	ask := func(req string) (string, error) {
+		dl := time.Now().Add(30 * time.Second)
+		if d, ok := ctx.Deadline(); ok && d.Before(dl) {
+			dl = d
+		}
+		_ = conn.SetDeadline(dl)
+		if _, err := fmt.Fprintf(conn, "%s\n", req); err != nil {
+			return "", fmt.Errorf("guestsvc: %s: %w", req, err)
+		}
+		got, err := r.ReadString('\n')
+		if err != nil {
+			return "", fmt.Errorf("guestsvc: %s: %w", req, err)
+		}
+		return strings.TrimRight(got, "\n"), nil
+	}
+	sum, err := ask("LOGSUM")
+	if err != nil {
+		return "", err
+	}
+	got, err := ask("FREEZE")
+	if err != nil {
+		return sum, err
+	}
+	if got != "FROZEN" {
+		return sum, fmt.Errorf("guestsvc: FREEZE: %q", got)
+	}
+	return sum, nil
 }

@@ -29,7 +29,7 @@ func TestClientModes(t *testing.T) {
 		t.Fatal(err)
 	}
 	addr := serveLoopback(t, s)
-	for _, o := range []ClientOptions{{}, {Log: true}, {FillKiB: 4}} {
+	for _, o := range []ClientOptions{{}, {Log: true}, {FillKiB: 4}, {Log: true, LogAppend: true}} {
 		t.Run(fmt.Sprintf("%+v", o), func(t *testing.T) {
 			conn, err := net.Dial("tcp", addr.String())
 			if err != nil {
@@ -50,7 +50,7 @@ func TestClientModes(t *testing.T) {
 			if err != nil || ok < 50 || lastID != uint64(ok) {
 				t.Fatalf("state: %d replies, last id %d, err %v", ok, lastID, err)
 			}
-			if o.Log {
+			if o.Log && !o.LogAppend {
 				if got, want := s.Handle("LOGSUM"), c.LogModel().Sum(); got != want {
 					t.Fatalf("LOGSUM %q, want %q", got, want)
 				}

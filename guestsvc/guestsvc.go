@@ -300,12 +300,13 @@ func (m *Model) Add(id uint64, key string, delta int64) (request, want string) {
 type LogModel struct {
 	content []byte
 	records uint64
+	base    uint64 // records in the file before this client's
 }
 
 // Log returns the request line for a LOG of word and the reply the
 // service must give; Logged records it as durable once that reply came.
 func (m *LogModel) Log(id uint64, word string) (request, want string) {
-	return fmt.Sprintf("LOG %d %s", id, word), fmt.Sprintf("LOGGED %d %d", id, m.records+1)
+	return fmt.Sprintf("LOG %d %s", id, word), fmt.Sprintf("LOGGED %d %d", id, m.base+m.records+1)
 }
 
 // Logged records that the LOG of (id, word) was acknowledged.
@@ -321,8 +322,12 @@ func (m *LogModel) Content() []byte { return m.content }
 func (m *LogModel) Records() uint64 { return m.records }
 
 // Sum is the LOGSUM reply the service must give: exactly the
-// acknowledged records, in order, none twice.
+// acknowledged records, in order, none twice. Only for a client that
+// started on an empty log ("" otherwise).
 func (m *LogModel) Sum() string {
+	if m.base > 0 {
+		return ""
+	}
 	sum := sha256.Sum256(m.content)
 	return fmt.Sprintf("LOGSUM %d %s", m.records, hex.EncodeToString(sum[:16]))
 }

@@ -130,7 +130,11 @@ type Hello struct {
 	// this primary runs it (0: no witness). A backup refuses a generation
 	// older than one it has seen: a fenced old primary that wakes up can
 	// never resync into, or release output over, the new active copy.
-	Generation    uint64 `protobuf:"varint,12,opt,name=generation,proto3" json:"generation,omitempty"`
+	Generation uint64 `protobuf:"varint,12,opt,name=generation,proto3" json:"generation,omitempty"`
+	// disks are the primary's protected disks (ids and sizes, in the order
+	// the primary's guest lists them). The backup refuses a Hello whose
+	// disks differ from its replica's in ids or sizes.
+	Disks         []*DiskInfo `protobuf:"bytes,13,rep,name=disks,proto3" json:"disks,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -249,6 +253,66 @@ func (x *Hello) GetGeneration() uint64 {
 	return 0
 }
 
+func (x *Hello) GetDisks() []*DiskInfo {
+	if x != nil {
+		return x.Disks
+	}
+	return nil
+}
+
+// DiskInfo names one protected disk.
+type DiskInfo struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	Size          uint64                 `protobuf:"varint,2,opt,name=size,proto3" json:"size,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DiskInfo) Reset() {
+	*x = DiskInfo{}
+	mi := &file_remus_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DiskInfo) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DiskInfo) ProtoMessage() {}
+
+func (x *DiskInfo) ProtoReflect() protoreflect.Message {
+	mi := &file_remus_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DiskInfo.ProtoReflect.Descriptor instead.
+func (*DiskInfo) Descriptor() ([]byte, []int) {
+	return file_remus_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *DiskInfo) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *DiskInfo) GetSize() uint64 {
+	if x != nil {
+		return x.Size
+	}
+	return 0
+}
+
 // Welcome answers Hello (backup -> primary).
 type Welcome struct {
 	state           protoimpl.MessageState `protogen:"open.v1"`
@@ -276,7 +340,7 @@ type Welcome struct {
 
 func (x *Welcome) Reset() {
 	*x = Welcome{}
-	mi := &file_remus_proto_msgTypes[1]
+	mi := &file_remus_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -288,7 +352,7 @@ func (x *Welcome) String() string {
 func (*Welcome) ProtoMessage() {}
 
 func (x *Welcome) ProtoReflect() protoreflect.Message {
-	mi := &file_remus_proto_msgTypes[1]
+	mi := &file_remus_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -301,7 +365,7 @@ func (x *Welcome) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Welcome.ProtoReflect.Descriptor instead.
 func (*Welcome) Descriptor() ([]byte, []int) {
-	return file_remus_proto_rawDescGZIP(), []int{1}
+	return file_remus_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *Welcome) GetProtocolVersion() uint32 {
@@ -367,7 +431,7 @@ type ReplicaHashes struct {
 
 func (x *ReplicaHashes) Reset() {
 	*x = ReplicaHashes{}
-	mi := &file_remus_proto_msgTypes[2]
+	mi := &file_remus_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -379,7 +443,7 @@ func (x *ReplicaHashes) String() string {
 func (*ReplicaHashes) ProtoMessage() {}
 
 func (x *ReplicaHashes) ProtoReflect() protoreflect.Message {
-	mi := &file_remus_proto_msgTypes[2]
+	mi := &file_remus_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -392,7 +456,7 @@ func (x *ReplicaHashes) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplicaHashes.ProtoReflect.Descriptor instead.
 func (*ReplicaHashes) Descriptor() ([]byte, []int) {
-	return file_remus_proto_rawDescGZIP(), []int{2}
+	return file_remus_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *ReplicaHashes) GetFirstPfn() uint64 {
@@ -423,14 +487,17 @@ type EpochBegin struct {
 	// Preload records before this epoch; the epoch carries only the pages
 	// that differ from what was preloaded, and applied over the preload it
 	// makes the replica whole.
-	Preloaded     bool `protobuf:"varint,5,opt,name=preloaded,proto3" json:"preloaded,omitempty"`
+	Preloaded bool `protobuf:"varint,5,opt,name=preloaded,proto3" json:"preloaded,omitempty"`
+	// disk_changes is how many disk changes (DiskWrites entries, all disks)
+	// the epoch carries, after its page batches and before its device state.
+	DiskChanges   uint32 `protobuf:"varint,6,opt,name=disk_changes,json=diskChanges,proto3" json:"disk_changes,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *EpochBegin) Reset() {
 	*x = EpochBegin{}
-	mi := &file_remus_proto_msgTypes[3]
+	mi := &file_remus_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -442,7 +509,7 @@ func (x *EpochBegin) String() string {
 func (*EpochBegin) ProtoMessage() {}
 
 func (x *EpochBegin) ProtoReflect() protoreflect.Message {
-	mi := &file_remus_proto_msgTypes[3]
+	mi := &file_remus_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -455,7 +522,7 @@ func (x *EpochBegin) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EpochBegin.ProtoReflect.Descriptor instead.
 func (*EpochBegin) Descriptor() ([]byte, []int) {
-	return file_remus_proto_rawDescGZIP(), []int{3}
+	return file_remus_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *EpochBegin) GetEpoch() uint64 {
@@ -493,6 +560,13 @@ func (x *EpochBegin) GetPreloaded() bool {
 	return false
 }
 
+func (x *EpochBegin) GetDiskChanges() uint32 {
+	if x != nil {
+		return x.DiskChanges
+	}
+	return 0
+}
+
 // PageBatch carries a run of pages of the current epoch. (A Preload
 // frame carries a PageBatch header too: pages streamed before the first
 // epoch, epoch 0, first_index counting from 0 in each run of batches.)
@@ -517,7 +591,7 @@ type PageBatch struct {
 
 func (x *PageBatch) Reset() {
 	*x = PageBatch{}
-	mi := &file_remus_proto_msgTypes[4]
+	mi := &file_remus_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -529,7 +603,7 @@ func (x *PageBatch) String() string {
 func (*PageBatch) ProtoMessage() {}
 
 func (x *PageBatch) ProtoReflect() protoreflect.Message {
-	mi := &file_remus_proto_msgTypes[4]
+	mi := &file_remus_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -542,7 +616,7 @@ func (x *PageBatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PageBatch.ProtoReflect.Descriptor instead.
 func (*PageBatch) Descriptor() ([]byte, []int) {
-	return file_remus_proto_rawDescGZIP(), []int{4}
+	return file_remus_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *PageBatch) GetEpoch() uint64 {
@@ -594,6 +668,129 @@ func (x *PageBatch) GetPayloadCrc32C() uint32 {
 	return 0
 }
 
+// DiskWrites carries a run of disk changes of one disk. In an epoch
+// (epoch > 0) they follow the page batches and precede DeviceState, and
+// the backup applies them, in order, with the epoch's memory. A DiskSync
+// frame carries a DiskWrites header too, epoch 0: the image copied while
+// the guest runs, before the first epoch of a link, written straight to
+// the replica's disk (the epoch that follows carries every change made
+// since the copy began).
+//
+// kinds[i] is the change's kind (1 write, 2 trim, 3 zero, 4 flush) in the
+// low 4 bits, plus 0x10 for FUA and 0x20 for NO_HOLE. offsets[i] and
+// lengths[i] are its range (0, 0 for a flush). The payload is the data of
+// the writes, concatenated in order (raw_length bytes), lz4-compressed as
+// one block when lz4 is set; payload_crc32c covers the payload as sent.
+type DiskWrites struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Epoch  uint64                 `protobuf:"varint,1,opt,name=epoch,proto3" json:"epoch,omitempty"`
+	DiskId string                 `protobuf:"bytes,2,opt,name=disk_id,json=diskId,proto3" json:"disk_id,omitempty"`
+	// first_index is the index of the first change of this record among the
+	// epoch's disk changes (all disks; 0 in each run of DiskSync records).
+	FirstIndex    uint32   `protobuf:"varint,3,opt,name=first_index,json=firstIndex,proto3" json:"first_index,omitempty"`
+	Kinds         []byte   `protobuf:"bytes,4,opt,name=kinds,proto3" json:"kinds,omitempty"`
+	Offsets       []uint64 `protobuf:"varint,5,rep,packed,name=offsets,proto3" json:"offsets,omitempty"`
+	Lengths       []uint64 `protobuf:"varint,6,rep,packed,name=lengths,proto3" json:"lengths,omitempty"`
+	Lz4           bool     `protobuf:"varint,7,opt,name=lz4,proto3" json:"lz4,omitempty"`
+	RawLength     uint32   `protobuf:"varint,8,opt,name=raw_length,json=rawLength,proto3" json:"raw_length,omitempty"`
+	PayloadCrc32C uint32   `protobuf:"varint,9,opt,name=payload_crc32c,json=payloadCrc32c,proto3" json:"payload_crc32c,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DiskWrites) Reset() {
+	*x = DiskWrites{}
+	mi := &file_remus_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DiskWrites) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DiskWrites) ProtoMessage() {}
+
+func (x *DiskWrites) ProtoReflect() protoreflect.Message {
+	mi := &file_remus_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DiskWrites.ProtoReflect.Descriptor instead.
+func (*DiskWrites) Descriptor() ([]byte, []int) {
+	return file_remus_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *DiskWrites) GetEpoch() uint64 {
+	if x != nil {
+		return x.Epoch
+	}
+	return 0
+}
+
+func (x *DiskWrites) GetDiskId() string {
+	if x != nil {
+		return x.DiskId
+	}
+	return ""
+}
+
+func (x *DiskWrites) GetFirstIndex() uint32 {
+	if x != nil {
+		return x.FirstIndex
+	}
+	return 0
+}
+
+func (x *DiskWrites) GetKinds() []byte {
+	if x != nil {
+		return x.Kinds
+	}
+	return nil
+}
+
+func (x *DiskWrites) GetOffsets() []uint64 {
+	if x != nil {
+		return x.Offsets
+	}
+	return nil
+}
+
+func (x *DiskWrites) GetLengths() []uint64 {
+	if x != nil {
+		return x.Lengths
+	}
+	return nil
+}
+
+func (x *DiskWrites) GetLz4() bool {
+	if x != nil {
+		return x.Lz4
+	}
+	return false
+}
+
+func (x *DiskWrites) GetRawLength() uint32 {
+	if x != nil {
+		return x.RawLength
+	}
+	return 0
+}
+
+func (x *DiskWrites) GetPayloadCrc32C() uint32 {
+	if x != nil {
+		return x.PayloadCrc32C
+	}
+	return 0
+}
+
 // DeviceState carries the CPU/device state of the epoch as the payload.
 type DeviceState struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -605,7 +802,7 @@ type DeviceState struct {
 
 func (x *DeviceState) Reset() {
 	*x = DeviceState{}
-	mi := &file_remus_proto_msgTypes[5]
+	mi := &file_remus_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -617,7 +814,7 @@ func (x *DeviceState) String() string {
 func (*DeviceState) ProtoMessage() {}
 
 func (x *DeviceState) ProtoReflect() protoreflect.Message {
-	mi := &file_remus_proto_msgTypes[5]
+	mi := &file_remus_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -630,7 +827,7 @@ func (x *DeviceState) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeviceState.ProtoReflect.Descriptor instead.
 func (*DeviceState) Descriptor() ([]byte, []int) {
-	return file_remus_proto_rawDescGZIP(), []int{5}
+	return file_remus_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *DeviceState) GetEpoch() uint64 {
@@ -648,20 +845,23 @@ func (x *DeviceState) GetPayloadCrc32C() uint32 {
 }
 
 // EpochEnd closes epoch `epoch`. digest is xxhash64 over, for every page in
-// epoch order, [pfn u64 LE][xxhash64(page) u64 LE], followed by
+// epoch order, [pfn u64 LE][xxhash64(page) u64 LE], then for every disk
+// change in epoch order [xxhash64(disk id) u64 LE][kind|flags u64 LE]
+// [offset u64 LE][length u64 LE][xxhash64(data) u64 LE], followed by
 // [xxhash64(device state) u64 LE] (transport.Digest).
 type EpochEnd struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Epoch         uint64                 `protobuf:"varint,1,opt,name=epoch,proto3" json:"epoch,omitempty"`
 	PageCount     uint32                 `protobuf:"varint,2,opt,name=page_count,json=pageCount,proto3" json:"page_count,omitempty"`
 	Digest        uint64                 `protobuf:"varint,3,opt,name=digest,proto3" json:"digest,omitempty"`
+	DiskChanges   uint32                 `protobuf:"varint,4,opt,name=disk_changes,json=diskChanges,proto3" json:"disk_changes,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *EpochEnd) Reset() {
 	*x = EpochEnd{}
-	mi := &file_remus_proto_msgTypes[6]
+	mi := &file_remus_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -673,7 +873,7 @@ func (x *EpochEnd) String() string {
 func (*EpochEnd) ProtoMessage() {}
 
 func (x *EpochEnd) ProtoReflect() protoreflect.Message {
-	mi := &file_remus_proto_msgTypes[6]
+	mi := &file_remus_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -686,7 +886,7 @@ func (x *EpochEnd) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EpochEnd.ProtoReflect.Descriptor instead.
 func (*EpochEnd) Descriptor() ([]byte, []int) {
-	return file_remus_proto_rawDescGZIP(), []int{6}
+	return file_remus_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *EpochEnd) GetEpoch() uint64 {
@@ -710,6 +910,13 @@ func (x *EpochEnd) GetDigest() uint64 {
 	return 0
 }
 
+func (x *EpochEnd) GetDiskChanges() uint32 {
+	if x != nil {
+		return x.DiskChanges
+	}
+	return 0
+}
+
 // Ack says the backup committed `epoch` (backup -> primary).
 type Ack struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -720,7 +927,7 @@ type Ack struct {
 
 func (x *Ack) Reset() {
 	*x = Ack{}
-	mi := &file_remus_proto_msgTypes[7]
+	mi := &file_remus_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -732,7 +939,7 @@ func (x *Ack) String() string {
 func (*Ack) ProtoMessage() {}
 
 func (x *Ack) ProtoReflect() protoreflect.Message {
-	mi := &file_remus_proto_msgTypes[7]
+	mi := &file_remus_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -745,7 +952,7 @@ func (x *Ack) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Ack.ProtoReflect.Descriptor instead.
 func (*Ack) Descriptor() ([]byte, []int) {
-	return file_remus_proto_rawDescGZIP(), []int{7}
+	return file_remus_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *Ack) GetEpoch() uint64 {
@@ -769,7 +976,7 @@ type Heartbeat struct {
 
 func (x *Heartbeat) Reset() {
 	*x = Heartbeat{}
-	mi := &file_remus_proto_msgTypes[8]
+	mi := &file_remus_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -781,7 +988,7 @@ func (x *Heartbeat) String() string {
 func (*Heartbeat) ProtoMessage() {}
 
 func (x *Heartbeat) ProtoReflect() protoreflect.Message {
-	mi := &file_remus_proto_msgTypes[8]
+	mi := &file_remus_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -794,7 +1001,7 @@ func (x *Heartbeat) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Heartbeat.ProtoReflect.Descriptor instead.
 func (*Heartbeat) Descriptor() ([]byte, []int) {
-	return file_remus_proto_rawDescGZIP(), []int{8}
+	return file_remus_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *Heartbeat) GetSeq() uint64 {
@@ -841,7 +1048,7 @@ type Activate struct {
 
 func (x *Activate) Reset() {
 	*x = Activate{}
-	mi := &file_remus_proto_msgTypes[9]
+	mi := &file_remus_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -853,7 +1060,7 @@ func (x *Activate) String() string {
 func (*Activate) ProtoMessage() {}
 
 func (x *Activate) ProtoReflect() protoreflect.Message {
-	mi := &file_remus_proto_msgTypes[9]
+	mi := &file_remus_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -866,7 +1073,7 @@ func (x *Activate) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Activate.ProtoReflect.Descriptor instead.
 func (*Activate) Descriptor() ([]byte, []int) {
-	return file_remus_proto_rawDescGZIP(), []int{9}
+	return file_remus_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *Activate) GetReason() string {
@@ -902,7 +1109,7 @@ type Activated struct {
 
 func (x *Activated) Reset() {
 	*x = Activated{}
-	mi := &file_remus_proto_msgTypes[10]
+	mi := &file_remus_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -914,7 +1121,7 @@ func (x *Activated) String() string {
 func (*Activated) ProtoMessage() {}
 
 func (x *Activated) ProtoReflect() protoreflect.Message {
-	mi := &file_remus_proto_msgTypes[10]
+	mi := &file_remus_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -927,7 +1134,7 @@ func (x *Activated) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Activated.ProtoReflect.Descriptor instead.
 func (*Activated) Descriptor() ([]byte, []int) {
-	return file_remus_proto_rawDescGZIP(), []int{10}
+	return file_remus_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *Activated) GetEpoch() uint64 {
@@ -959,7 +1166,7 @@ type Goodbye struct {
 
 func (x *Goodbye) Reset() {
 	*x = Goodbye{}
-	mi := &file_remus_proto_msgTypes[11]
+	mi := &file_remus_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -971,7 +1178,7 @@ func (x *Goodbye) String() string {
 func (*Goodbye) ProtoMessage() {}
 
 func (x *Goodbye) ProtoReflect() protoreflect.Message {
-	mi := &file_remus_proto_msgTypes[11]
+	mi := &file_remus_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -984,7 +1191,7 @@ func (x *Goodbye) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Goodbye.ProtoReflect.Descriptor instead.
 func (*Goodbye) Descriptor() ([]byte, []int) {
-	return file_remus_proto_rawDescGZIP(), []int{11}
+	return file_remus_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *Goodbye) GetReason() string {
@@ -1005,7 +1212,7 @@ var File_remus_proto protoreflect.FileDescriptor
 
 const file_remus_proto_rawDesc = "" +
 	"\n" +
-	"\vremus.proto\x12\bremus.v1\"\xae\x03\n" +
+	"\vremus.proto\x12\bremus.v1\"\xd8\x03\n" +
 	"\x05Hello\x12)\n" +
 	"\x10protocol_version\x18\x01 \x01(\rR\x0fprotocolVersion\x12\x17\n" +
 	"\avm_name\x18\x02 \x01(\tR\x06vmName\x12#\n" +
@@ -1021,7 +1228,11 @@ const file_remus_proto_rawDesc = "" +
 	"\x13need_replica_hashes\x18\v \x01(\bR\x11needReplicaHashes\x12\x1e\n" +
 	"\n" +
 	"generation\x18\f \x01(\x04R\n" +
-	"generation\"\x88\x02\n" +
+	"generation\x12(\n" +
+	"\x05disks\x18\r \x03(\v2\x12.remus.v1.DiskInfoR\x05disks\".\n" +
+	"\bDiskInfo\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
+	"\x04size\x18\x02 \x01(\x04R\x04size\"\x88\x02\n" +
 	"\aWelcome\x12)\n" +
 	"\x10protocol_version\x18\x01 \x01(\rR\x0fprotocolVersion\x12'\n" +
 	"\x0fcommitted_epoch\x18\x02 \x01(\x04R\x0ecommittedEpoch\x12#\n" +
@@ -1034,7 +1245,7 @@ const file_remus_proto_rawDesc = "" +
 	"\x0faccepts_preload\x18\a \x01(\bR\x0eacceptsPreload\"B\n" +
 	"\rReplicaHashes\x12\x1b\n" +
 	"\tfirst_pfn\x18\x01 \x01(\x04R\bfirstPfn\x12\x14\n" +
-	"\x05count\x18\x02 \x01(\rR\x05count\"\x92\x01\n" +
+	"\x05count\x18\x02 \x01(\rR\x05count\"\xb5\x01\n" +
 	"\n" +
 	"EpochBegin\x12\x14\n" +
 	"\x05epoch\x18\x01 \x01(\x04R\x05epoch\x12\x1d\n" +
@@ -1043,7 +1254,8 @@ const file_remus_proto_rawDesc = "" +
 	"\n" +
 	"page_count\x18\x03 \x01(\rR\tpageCount\x12\x12\n" +
 	"\x04full\x18\x04 \x01(\bR\x04full\x12\x1c\n" +
-	"\tpreloaded\x18\x05 \x01(\bR\tpreloaded\"\xd5\x01\n" +
+	"\tpreloaded\x18\x05 \x01(\bR\tpreloaded\x12!\n" +
+	"\fdisk_changes\x18\x06 \x01(\rR\vdiskChanges\"\xd5\x01\n" +
 	"\tPageBatch\x12\x14\n" +
 	"\x05epoch\x18\x01 \x01(\x04R\x05epoch\x12\x1f\n" +
 	"\vfirst_index\x18\x02 \x01(\rR\n" +
@@ -1052,15 +1264,29 @@ const file_remus_proto_rawDesc = "" +
 	"\tencodings\x18\x04 \x01(\fR\tencodings\x12\x1c\n" +
 	"\alengths\x18\x05 \x03(\rB\x02\x10\x01R\alengths\x12\x16\n" +
 	"\x04refs\x18\x06 \x03(\rB\x02\x10\x01R\x04refs\x12%\n" +
-	"\x0epayload_crc32c\x18\a \x01(\rR\rpayloadCrc32c\"J\n" +
+	"\x0epayload_crc32c\x18\a \x01(\rR\rpayloadCrc32c\"\x86\x02\n" +
+	"\n" +
+	"DiskWrites\x12\x14\n" +
+	"\x05epoch\x18\x01 \x01(\x04R\x05epoch\x12\x17\n" +
+	"\adisk_id\x18\x02 \x01(\tR\x06diskId\x12\x1f\n" +
+	"\vfirst_index\x18\x03 \x01(\rR\n" +
+	"firstIndex\x12\x14\n" +
+	"\x05kinds\x18\x04 \x01(\fR\x05kinds\x12\x1c\n" +
+	"\aoffsets\x18\x05 \x03(\x04B\x02\x10\x01R\aoffsets\x12\x1c\n" +
+	"\alengths\x18\x06 \x03(\x04B\x02\x10\x01R\alengths\x12\x10\n" +
+	"\x03lz4\x18\a \x01(\bR\x03lz4\x12\x1d\n" +
+	"\n" +
+	"raw_length\x18\b \x01(\rR\trawLength\x12%\n" +
+	"\x0epayload_crc32c\x18\t \x01(\rR\rpayloadCrc32c\"J\n" +
 	"\vDeviceState\x12\x14\n" +
 	"\x05epoch\x18\x01 \x01(\x04R\x05epoch\x12%\n" +
-	"\x0epayload_crc32c\x18\x02 \x01(\rR\rpayloadCrc32c\"W\n" +
+	"\x0epayload_crc32c\x18\x02 \x01(\rR\rpayloadCrc32c\"z\n" +
 	"\bEpochEnd\x12\x14\n" +
 	"\x05epoch\x18\x01 \x01(\x04R\x05epoch\x12\x1d\n" +
 	"\n" +
 	"page_count\x18\x02 \x01(\rR\tpageCount\x12\x16\n" +
-	"\x06digest\x18\x03 \x01(\x04R\x06digest\"\x1b\n" +
+	"\x06digest\x18\x03 \x01(\x04R\x06digest\x12!\n" +
+	"\fdisk_changes\x18\x04 \x01(\rR\vdiskChanges\"\x1b\n" +
 	"\x03Ack\x12\x14\n" +
 	"\x05epoch\x18\x01 \x01(\x04R\x05epoch\"\x82\x01\n" +
 	"\tHeartbeat\x12\x10\n" +
@@ -1103,28 +1329,31 @@ func file_remus_proto_rawDescGZIP() []byte {
 }
 
 var file_remus_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_remus_proto_msgTypes = make([]protoimpl.MessageInfo, 12)
+var file_remus_proto_msgTypes = make([]protoimpl.MessageInfo, 14)
 var file_remus_proto_goTypes = []any{
 	(PageEncoding)(0),     // 0: remus.v1.PageEncoding
 	(*Hello)(nil),         // 1: remus.v1.Hello
-	(*Welcome)(nil),       // 2: remus.v1.Welcome
-	(*ReplicaHashes)(nil), // 3: remus.v1.ReplicaHashes
-	(*EpochBegin)(nil),    // 4: remus.v1.EpochBegin
-	(*PageBatch)(nil),     // 5: remus.v1.PageBatch
-	(*DeviceState)(nil),   // 6: remus.v1.DeviceState
-	(*EpochEnd)(nil),      // 7: remus.v1.EpochEnd
-	(*Ack)(nil),           // 8: remus.v1.Ack
-	(*Heartbeat)(nil),     // 9: remus.v1.Heartbeat
-	(*Activate)(nil),      // 10: remus.v1.Activate
-	(*Activated)(nil),     // 11: remus.v1.Activated
-	(*Goodbye)(nil),       // 12: remus.v1.Goodbye
+	(*DiskInfo)(nil),      // 2: remus.v1.DiskInfo
+	(*Welcome)(nil),       // 3: remus.v1.Welcome
+	(*ReplicaHashes)(nil), // 4: remus.v1.ReplicaHashes
+	(*EpochBegin)(nil),    // 5: remus.v1.EpochBegin
+	(*PageBatch)(nil),     // 6: remus.v1.PageBatch
+	(*DiskWrites)(nil),    // 7: remus.v1.DiskWrites
+	(*DeviceState)(nil),   // 8: remus.v1.DeviceState
+	(*EpochEnd)(nil),      // 9: remus.v1.EpochEnd
+	(*Ack)(nil),           // 10: remus.v1.Ack
+	(*Heartbeat)(nil),     // 11: remus.v1.Heartbeat
+	(*Activate)(nil),      // 12: remus.v1.Activate
+	(*Activated)(nil),     // 13: remus.v1.Activated
+	(*Goodbye)(nil),       // 14: remus.v1.Goodbye
 }
 var file_remus_proto_depIdxs = []int32{
-	0, // [0:0] is the sub-list for method output_type
-	0, // [0:0] is the sub-list for method input_type
-	0, // [0:0] is the sub-list for extension type_name
-	0, // [0:0] is the sub-list for extension extendee
-	0, // [0:0] is the sub-list for field type_name
+	2, // 0: remus.v1.Hello.disks:type_name -> remus.v1.DiskInfo
+	1, // [1:1] is the sub-list for method output_type
+	1, // [1:1] is the sub-list for method input_type
+	1, // [1:1] is the sub-list for extension type_name
+	1, // [1:1] is the sub-list for extension extendee
+	0, // [0:1] is the sub-list for field type_name
 }
 
 func init() { file_remus_proto_init() }
@@ -1138,7 +1367,7 @@ func file_remus_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_remus_proto_rawDesc), len(file_remus_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   12,
+			NumMessages:   14,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

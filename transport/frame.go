@@ -52,6 +52,12 @@ const (
 	// yet, while the guest runs, before the first epoch (PageBatch header,
 	// epoch 0).
 	KindPreload
+	// KindDiskWrites carries disk changes of an epoch (DiskWrites header,
+	// the writes' data as payload), after its page batches.
+	KindDiskWrites
+	// KindDiskSync carries a disk image copied while the guest runs,
+	// before a link's first epoch (DiskWrites header, epoch 0).
+	KindDiskSync
 )
 
 var kindNames = [...]string{
@@ -69,10 +75,12 @@ var kindNames = [...]string{
 	KindReplicaHashes: "ReplicaHashes",
 	KindActivated:     "Activated",
 	KindPreload:       "Preload",
+	KindDiskWrites:    "DiskWrites",
+	KindDiskSync:      "DiskSync",
 }
 
 // Valid reports whether k is a known frame kind.
-func (k Kind) Valid() bool { return k >= KindHello && k <= KindPreload }
+func (k Kind) Valid() bool { return k >= KindHello && k <= KindDiskSync }
 
 // String returns the name of the kind ("PageBatch"), or "Kind(77)" for an
 // unknown kind.
@@ -85,14 +93,15 @@ func (k Kind) String() string {
 
 // HasPayload reports whether frames of kind k may carry a payload.
 func (k Kind) HasPayload() bool {
-	return k == KindPageBatch || k == KindPreload || k == KindDeviceState || k == KindReplicaHashes
+	return k == KindPageBatch || k == KindPreload || k == KindDeviceState || k == KindReplicaHashes ||
+		k == KindDiskWrites || k == KindDiskSync
 }
 
 // IsEpochRecord reports whether frames of kind k belong to an epoch's
-// stream: EpochBegin, PageBatch, DeviceState and EpochEnd, and Preload
-// (the first epoch's pages, streamed ahead of it).
+// stream: EpochBegin, PageBatch, DiskWrites, DeviceState and EpochEnd,
+// and Preload and DiskSync (memory and disks streamed ahead of the first).
 func (k Kind) IsEpochRecord() bool {
-	return k >= KindEpochBegin && k <= KindEpochEnd || k == KindPreload
+	return k >= KindEpochBegin && k <= KindEpochEnd || k == KindPreload || k == KindDiskWrites || k == KindDiskSync
 }
 
 // NewHeader returns a new, empty header message of the type kind k carries,
@@ -123,6 +132,8 @@ func (k Kind) NewHeader() proto.Message {
 		return new(remuspb.ReplicaHashes)
 	case KindActivated:
 		return new(remuspb.Activated)
+	case KindDiskWrites, KindDiskSync:
+		return new(remuspb.DiskWrites)
 	}
 	return nil
 }
@@ -154,6 +165,8 @@ func headerMatches(k Kind, hdr proto.Message) bool {
 		return k == KindReplicaHashes
 	case *remuspb.Activated:
 		return k == KindActivated
+	case *remuspb.DiskWrites:
+		return k == KindDiskWrites || k == KindDiskSync
 	}
 	return false
 }
@@ -183,6 +196,21 @@ type Limits struct {
 	// MaxDeviceState bounds the payload of a DeviceState frame. Default 64 MiB
 	// (the frame must also fit MaxFrame).
 	MaxDeviceState int
+	// MaxDiskBatchChanges bounds the changes of one DiskWrites record.
+	// Default 4096.
+	MaxDiskBatchChanges int
+	// MaxDiskBatchBytes bounds the write data of one DiskWrites record
+	// (its raw_length, after decompression). Default 48 MiB: one NBD
+	// write of the largest payload (32 MiB) fits.
+	MaxDiskBatchBytes int
+	// MaxEpochDiskBytes bounds the disk data one epoch carries (all
+	// disks): what the backup stages for it besides its pages. The
+	// primary must keep its journals' limits (plus overdraft) below it.
+	// Default 512 MiB.
+	MaxEpochDiskBytes int64
+	// MaxEpochDiskChanges bounds the disk changes of one epoch. Default
+	// 1 << 20.
+	MaxEpochDiskChanges int
 }
 
 // DefaultLimits returns the default limits.
@@ -192,6 +220,11 @@ func DefaultLimits() Limits {
 		MaxHeader:      1 << 20,
 		MaxBatchPages:  4096,
 		MaxDeviceState: 64 << 20,
+
+		MaxDiskBatchChanges: 4096,
+		MaxDiskBatchBytes:   48 << 20,
+		MaxEpochDiskBytes:   512 << 20,
+		MaxEpochDiskChanges: 1 << 20,
 	}
 }
 
@@ -209,6 +242,18 @@ func (l Limits) withDefaults() Limits {
 	}
 	if l.MaxDeviceState <= 0 {
 		l.MaxDeviceState = d.MaxDeviceState
+	}
+	if l.MaxDiskBatchChanges <= 0 {
+		l.MaxDiskBatchChanges = d.MaxDiskBatchChanges
+	}
+	if l.MaxDiskBatchBytes <= 0 {
+		l.MaxDiskBatchBytes = d.MaxDiskBatchBytes
+	}
+	if l.MaxEpochDiskBytes <= 0 {
+		l.MaxEpochDiskBytes = d.MaxEpochDiskBytes
+	}
+	if l.MaxEpochDiskChanges <= 0 {
+		l.MaxEpochDiskChanges = d.MaxEpochDiskChanges
 	}
 	if l.MaxFrame > math.MaxUint32 {
 		l.MaxFrame = math.MaxUint32
@@ -446,6 +491,9 @@ func (r *Reader) readFrame() (Frame, error) {
 	if pb, ok := hdr.(*remuspb.PageBatch); ok && len(pb.Pfns) > r.lim.MaxBatchPages {
 		return Frame{}, &FrameError{Kind: kind, Reason: fmt.Sprintf("PageBatch of %d pages exceeds limit %d", len(pb.Pfns), r.lim.MaxBatchPages)}
 	}
+	if dw, ok := hdr.(*remuspb.DiskWrites); ok && (len(dw.Kinds) > r.lim.MaxDiskBatchChanges || len(dw.Offsets) > r.lim.MaxDiskBatchChanges || len(dw.Lengths) > r.lim.MaxDiskBatchChanges) {
+		return Frame{}, &FrameError{Kind: kind, Reason: fmt.Sprintf("DiskWrites of %d changes exceeds limit %d", max(len(dw.Kinds), len(dw.Offsets), len(dw.Lengths)), r.lim.MaxDiskBatchChanges)}
+	}
 	var payload []byte
 	if payLen > 0 {
 		payload = body[hdrLen:]
@@ -494,3 +542,7 @@ func noEOF(err error) error {
 	}
 	return err
 }
+
+// WithDefaults returns l with zero or negative fields replaced by their
+// defaults, as a Reader applies them.
+func (l Limits) WithDefaults() Limits { return l.withDefaults() }

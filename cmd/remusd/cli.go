@@ -607,7 +607,8 @@ func runBench(ctx context.Context, c *command, args []string, stdout, stderr io.
 			o.Skip = append(o.Skip, sec)
 		}
 	}
-	needExe := *backend != "sim" && (!strings.Contains(","+*skipList+",", ",qemu,") || *soak > 0)
+	skipped := func(sec string) bool { return strings.Contains(","+*skipList+",", ","+sec+",") }
+	needExe := *backend != "sim" && (!skipped("qemu") || !skipped("disk") || *soak > 0)
 	if *noFailover || strings.Contains(","+*skipList+",", ",failover,") {
 		o.Skip = append(o.Skip, "failover")
 	} else {

@@ -13,7 +13,6 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/remusd/remusd/hypervisor/qemu"
 	"github.com/remusd/remusd/vmtest"
 )
 
@@ -105,7 +104,7 @@ func TestMeasureGuestDiskDesigns(t *testing.T) {
 	type design struct {
 		name  string
 		args  func(t *testing.T) (args []string, mirrorTo string)
-		setup func(ctx context.Context, q *qemu.QMP, mirrorTo string) error
+		setup func(ctx context.Context, q *testQMP, mirrorTo string) error
 	}
 	localFile := func(t *testing.T) string {
 		p := filepath.Join(t.TempDir(), "local.raw")
@@ -125,7 +124,7 @@ func TestMeasureGuestDiskDesigns(t *testing.T) {
 			uri, _, _ := fileExport(t, size, nil)
 			return []string{"-blockdev", "driver=file,filename=" + localFile(t) + ",node-name=f0",
 				"-blockdev", "driver=raw,file=f0,node-name=disk0"}, uri[len("nbd+unix:///?socket="):]
-		}, func(ctx context.Context, q *qemu.QMP, sock string) error {
+		}, func(ctx context.Context, q *testQMP, sock string) error {
 			if err := q.Execute(ctx, "blockdev-add", map[string]any{
 				"driver": "nbd", "node-name": "target0", "export": "vda",
 				"server": map[string]any{"type": "unix", "path": sock},
@@ -170,9 +169,9 @@ func TestMeasureGuestDiskDesigns(t *testing.T) {
 			done <- res
 			errc <- err
 		}()
-		var q *qemu.QMP
+		var q *testQMP
 		for i := 0; ; i++ {
-			if q, err = qemu.DialQMP(ctx, qmpPath); err == nil {
+			if q, err = dialTestQMP(ctx, qmpPath); err == nil {
 				break
 			}
 			if i > 100 {

@@ -11,7 +11,6 @@ import (
 	"time"
 
 	"github.com/remusd/remusd/disk"
-	"github.com/remusd/remusd/hypervisor/qemu"
 	"github.com/remusd/remusd/vmtest"
 )
 
@@ -134,7 +133,7 @@ echo "REMUS-NBD done"
 	defer cancel()
 	g := bootWritingGuest(ctx, t, sock, script, "", "-qmp", "unix:"+qmpPath+",server=on,wait=off")
 	time.Sleep(time.Second) // let the writes get going
-	q, err := qemu.DialQMP(ctx, qmpPath)
+	q, err := dialTestQMP(ctx, qmpPath)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -220,6 +220,10 @@ const (
 	diskMaxPayload          = 2 << 20
 	// reconnectDelay is how long the NBD client node waits for a server
 	// that went away (a restarting daemon) before the mirror's copies fail.
+	// Shorter than the qemu backend's (there the NBD node is the disk, and
+	// giving up fails the guest's I/O): here giving up only stops the job
+	// (the next daemon copies the disk again), while waiting stalls the
+	// guest's writes, so a short wait bounds the stall when remusd is gone.
 	reconnectDelay = 10
 	// jobWait bounds the wait for a cancelled job to go away.
 	jobWait = 10 * time.Second
@@ -351,7 +355,7 @@ func newDiskSeam(d *Domain, m *Monitor, ram string, o DiskOptions) (*DiskSeam, e
 	if o.JournalBytes == 0 {
 		o.JournalBytes = DefaultDiskJournalBytes
 	}
-	if o.JournalBytes < diskMaxPayload+64 {
+	if o.JournalBytes < diskMaxPayload+disk.ChangeOverhead {
 		return nil, fmt.Errorf("libvirt: domain %q: disk journal of %d bytes is below one write of %d", d.name, o.JournalBytes, diskMaxPayload)
 	}
 	if o.Log == nil {
@@ -449,7 +453,9 @@ func (s *DiskSeam) startDisk(ctx context.Context, dd diskDef, blocks []blockInfo
 	if err != nil {
 		return nil, err
 	}
-	jr, err := disk.NewJournal(disk.JournalConfig{Limit: o.JournalBytes, MaxWrite: diskMaxPayload}, 1)
+	// Tracking until the engine takes the journal (its first act is
+	// Track too): a journal nobody cuts must never block the guest.
+	jr, err := disk.NewJournal(disk.JournalConfig{Limit: o.JournalBytes, MaxWrite: diskMaxPayload, Tracking: true}, 1)
 	if err != nil {
 		img.Close()
 		return nil, err

@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"time"
 
 	"go.uber.org/zap"
 
@@ -67,12 +68,22 @@ const (
 	maxDiskBytes = 16 << 40 // 16 TiB
 )
 
+// reconnectDelay is how long (seconds) QEMU's NBD client keeps a guest's
+// disk requests waiting for remusd's disk server to come back (a daemon
+// restart or upgrade) before it fails them with EIO.
+const reconnectDelay = 60
+
 // Defaults of the disk server. MaxPayload bounds one NBD write (QEMU
 // splits larger ones), which bounds the journal's pause overdraft (16
 // requests in flight of at most this size, see disk.Journal).
 const (
 	DefaultDiskJournalBytes = 64 << 20
 	diskMaxPayload          = 2 << 20
+	// DiskPauseAllowance is what a journal may hold beyond its bound
+	// while the guest stops: QEMU's 16 NBD requests in flight of at most
+	// diskMaxPayload each, plus each change's accounting
+	// (disk.ChangeOverhead).
+	DiskPauseAllowance = 16 * (diskMaxPayload + disk.ChangeOverhead)
 )
 
 // ValidateDisks checks disk IDs (unique, DiskIDPattern), sizes and count.
@@ -129,8 +140,9 @@ func (d DiskSpec) socket(qmpPath string) string {
 }
 
 // diskArgs are the QEMU options of the disks: an NBD client node per disk
-// (reconnecting for 10 s, so that a restarting remusd does not fail the
-// guest's I/O) under a virtio-blk device (at PCISlot of pcie.0 if set).
+// (reconnecting for reconnectDelay, so that a restarting remusd does not
+// fail the guest's I/O: its requests wait instead) under a virtio-blk
+// device (at PCISlot of pcie.0 if set).
 func (s Spec) diskArgs() []string {
 	var a []string
 	for _, d := range s.Disks {
@@ -140,7 +152,7 @@ func (s Spec) diskArgs() []string {
 		}
 		a = append(a,
 			"-blockdev", "driver=nbd,node-name="+d.ID+",server.type=unix,server.path="+d.socket(s.QMPPath)+
-				",export="+d.ID+",reconnect-delay=10,discard=unmap",
+				",export="+d.ID+",reconnect-delay="+strconv.Itoa(reconnectDelay)+",discard=unmap",
 			"-device", dev)
 	}
 	return a
@@ -211,7 +223,12 @@ func startDisks(spec Spec, o DiskOptions, log *zap.Logger) (*diskSet, error) {
 
 func startDisk(d DiskSpec, qmpPath string, o DiskOptions, log *zap.Logger) (*diskServer, error) {
 	if o.Create {
-		if err := createImage(d.Path, d.SizeBytes); err != nil {
+		aside, err := createImage(d.Path, d.SizeBytes)
+		if aside != "" {
+			log.Warn("an image was already at the replica's path: kept, renamed aside (remove it once the VM's disk is known to be elsewhere)",
+				zap.String("disk", d.ID), zap.String("path", d.Path), zap.String("moved_to", aside))
+		}
+		if err != nil {
 			return nil, err
 		}
 	}
@@ -223,7 +240,9 @@ func startDisk(d DiskSpec, qmpPath string, o DiskOptions, log *zap.Logger) (*dis
 		img.Close()
 		return nil, fmt.Errorf("image %s holds %d bytes, the disk is configured with %d", d.Path, img.Size(), d.SizeBytes)
 	}
-	j, err := disk.NewJournal(disk.JournalConfig{Limit: o.JournalBytes, MaxWrite: diskMaxPayload}, 1)
+	// Tracking: the journal is fed from the guest's boot, before any
+	// protection releases its epochs (the engine journals once protected).
+	j, err := disk.NewJournal(disk.JournalConfig{Limit: o.JournalBytes, MaxWrite: diskMaxPayload, Tracking: true}, 1)
 	if err != nil {
 		img.Close()
 		return nil, err
@@ -244,21 +263,35 @@ func startDisk(d DiskSpec, qmpPath string, o DiskOptions, log *zap.Logger) (*dis
 	return ds, nil
 }
 
-// createImage makes a sparse image of size bytes at path, replacing one
-// that is there (a replica image is rewritten by the full sync).
-func createImage(path string, size int64) error {
+// createImage makes a sparse image of size bytes at path for a replica
+// (rewritten by the full copy that follows). An image already at path is
+// never overwritten: it may hold the newest disk of the VM (it ran here
+// before a failover, or the operator put it there), so it is renamed
+// aside to PATH.superseded-UNIXTIME and the caller logs it.
+func createImage(path string, size int64) (aside string, err error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
-		return fmt.Errorf("replica image dir: %w", err)
+		return "", fmt.Errorf("replica image dir: %w", err)
 	}
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
+	if fi, err := os.Lstat(path); err == nil {
+		if !fi.Mode().IsRegular() {
+			return "", fmt.Errorf("replica image %s exists and is not a regular file", path)
+		}
+		aside = fmt.Sprintf("%s.superseded-%d", path, time.Now().UnixNano())
+		if err := os.Rename(path, aside); err != nil {
+			return "", fmt.Errorf("move the existing image %s aside: %w", path, err)
+		}
+	} else if !errors.Is(err, os.ErrNotExist) {
+		return "", fmt.Errorf("replica image %s: %w", path, err)
+	}
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
-		return fmt.Errorf("create replica image: %w", err)
+		return aside, fmt.Errorf("create replica image: %w", err)
 	}
 	if err := f.Truncate(size); err != nil {
 		f.Close()
-		return fmt.Errorf("size replica image: %w", err)
+		return aside, fmt.Errorf("size replica image: %w", err)
 	}
-	return f.Close()
+	return aside, f.Close()
 }
 
 // disks is the engine's view of the set.

@@ -98,6 +98,40 @@ func TestDiskConfigAndCompat(t *testing.T) {
 	}
 }
 
+// TestCreateImageKeepsAnExistingOne: a replica image is never created
+// over an existing file (it may be the VM's newest disk): that file is
+// renamed aside with its content, and the new image is sparse and empty.
+func TestCreateImageKeepsAnExistingOne(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "disk.img")
+	if err := os.WriteFile(path, []byte("the only good copy"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	aside, err := createImage(path, 1<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b, err := os.ReadFile(aside); err != nil || string(b) != "the only good copy" {
+		t.Fatalf("the existing image moved to %q holds %q (%v)", aside, b, err)
+	}
+	fi, err := os.Stat(path)
+	if err != nil || fi.Size() != 1<<20 {
+		t.Fatalf("new image: %v %v", fi, err)
+	}
+	if b, _ := os.ReadFile(path); strings.Trim(string(b), "\x00") != "" {
+		t.Fatal("new image is not empty")
+	}
+	if aside2, err := createImage(path, 1<<20); err != nil || aside2 == "" || aside2 == aside {
+		t.Fatalf("second create: %q %v", aside2, err)
+	}
+	if err := os.Mkdir(filepath.Join(dir, "d.img"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := createImage(filepath.Join(dir, "d.img"), 1<<20); err == nil {
+		t.Fatal("a directory at the image path was accepted")
+	}
+}
+
 func TestDiskArgs(t *testing.T) {
 	s := testSpec(t, "d", 128)
 	s.Disks = []DiskSpec{{ID: "disk0", SizeBytes: 1 << 20, Path: "/a.img"}}
@@ -106,7 +140,7 @@ func TestDiskArgs(t *testing.T) {
 	if i < 0 {
 		t.Fatalf("no -blockdev in %q", args)
 	}
-	want := "driver=nbd,node-name=disk0,server.type=unix,server.path=" + filepath.Join(filepath.Dir(s.QMPPath), "disk0.nbd") + ",export=disk0,reconnect-delay=10,discard=unmap"
+	want := "driver=nbd,node-name=disk0,server.type=unix,server.path=" + filepath.Join(filepath.Dir(s.QMPPath), "disk0.nbd") + ",export=disk0,reconnect-delay=60,discard=unmap"
 	if args[i+1] != want {
 		t.Errorf("blockdev %q, want %q", args[i+1], want)
 	}
@@ -127,7 +161,7 @@ func TestLaunchWithDiskServesImage(t *testing.T) {
 	requireQEMU(t)
 	spec := testSpec(t, "d", 128)
 	img := filepath.Join(testDir(t), "disk.img")
-	if err := createImage(img, 4<<20); err != nil {
+	if _, err := createImage(img, 4<<20); err != nil {
 		t.Fatal(err)
 	}
 	spec.Disks = []DiskSpec{{ID: "disk0", SizeBytes: 4 << 20, Path: img}}
@@ -140,6 +174,12 @@ func TestLaunchWithDiskServesImage(t *testing.T) {
 	ds := g.Disks()
 	if len(ds) != 1 || ds[0].ID != "disk0" || ds[0].Image.Size() != 4<<20 || ds[0].Journal == nil {
 		t.Fatalf("Disks: %+v", ds)
+	}
+	// The journal starts in tracking mode (nothing releases its epochs
+	// before protection): the first cut returns to journaling.
+	ds[0].Journal.BeginPause()
+	if ep := ds[0].Journal.Cut(); !ep.Tracked {
+		t.Fatalf("a new disk's journal is not in tracking mode: %+v", ep)
 	}
 	var out string
 	if err := g.QMP().Execute(ctx, "human-monitor-command", map[string]any{"command-line": `qemu-io -d /machine/peripheral/disk0/virtio-backend "write -P 0x5a 4096 8192"`}, &out); err != nil {

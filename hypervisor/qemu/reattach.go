@@ -34,6 +34,12 @@ import (
 // afresh: the next HarvestDirty reports every page, unless Rebaseline
 // runs first. log may be nil.
 func Reattach(ctx context.Context, spec Spec, pid int, log *zap.Logger) (*Guest, error) {
+	return ReattachWithDisks(ctx, spec, pid, DiskOptions{}, log)
+}
+
+// ReattachWithDisks is Reattach with the options of spec.Disks' servers
+// (the journal bound the daemon is configured with).
+func ReattachWithDisks(ctx context.Context, spec Spec, pid int, dopts DiskOptions, log *zap.Logger) (*Guest, error) {
 	if err := spec.Validate(); err != nil {
 		return nil, err
 	}
@@ -89,7 +95,8 @@ func Reattach(ctx context.Context, spec Spec, pid int, log *zap.Logger) (*Guest,
 	}
 	// Serve the disks again: QEMU's NBD client has been retrying
 	// (reconnect-delay) since the previous daemon went away.
-	disks, err := startDisks(spec, DiskOptions{}, log)
+	dopts.Create = false
+	disks, err := startDisks(spec, dopts, log)
 	if err != nil {
 		ram.unmap()
 		return nil, fail(err)

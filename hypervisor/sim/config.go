@@ -58,7 +58,19 @@ type Config struct {
 	// OutputEvery emits one output message every OutputEvery ops.
 	// Default 64; negative (Disabled) means no output.
 	OutputEvery int `json:"output_every"`
+	// DiskBytes, if positive, gives the guest one protected disk
+	// ("disk0") of this size (a multiple of 4096, at most 1 GiB): every op
+	// writes its op count at the disk's offset 0 and at byte 16 of page 0
+	// (the same step), and every fourth op one more change (a write, trim,
+	// zeroes or a flush) derived from the op count. 0: no disk.
+	DiskBytes int64 `json:"disk_bytes,omitempty"`
 }
+
+// DiskID is the id of the simulated guest's disk.
+const DiskID = "disk0"
+
+// maxDiskBytes bounds a simulated disk.
+const maxDiskBytes = 1 << 30
 
 // WithDefaults returns c with zero-valued fields set to their defaults. It
 // is idempotent.
@@ -88,6 +100,9 @@ func (c Config) Validate() error {
 	if c.MemoryBytes < 0 || c.MemoryBytes%hypervisor.PageSize != 0 || c.MemoryBytes > maxMemoryBytes {
 		errs = append(errs, fmt.Errorf("sim: memory_bytes %d invalid (want a positive multiple of %d, at most %d)",
 			c.MemoryBytes, hypervisor.PageSize, int64(maxMemoryBytes)))
+	}
+	if c.DiskBytes < 0 || c.DiskBytes%4096 != 0 || c.DiskBytes > maxDiskBytes || (c.DiskBytes > 0 && c.DiskBytes < 2*diskSector) {
+		errs = append(errs, fmt.Errorf("sim: disk_bytes %d invalid (want 0 or a multiple of 4096 up to %d)", c.DiskBytes, int64(maxDiskBytes)))
 	}
 	if workloadIndex(c.Workload) < 0 {
 		errs = append(errs, fmt.Errorf("sim: workload %q unknown (want uniform|hotset|sequential|sparse|idle)", c.Workload))

@@ -23,6 +23,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/remusd/remusd/dirtymap"
+	"github.com/remusd/remusd/disk"
 	"github.com/remusd/remusd/hypervisor"
 )
 
@@ -47,6 +48,8 @@ var (
 	_ hypervisor.Guest       = (*Guest)(nil)
 	_ hypervisor.Rebaseliner = (*Guest)(nil)
 	_ hypervisor.Replica     = (*Replica)(nil)
+	_ hypervisor.DiskGuest   = (*Guest)(nil)
+	_ hypervisor.DiskReplica = (*Replica)(nil)
 )
 
 // outputFn boxes the output callback for atomic swapping.
@@ -69,6 +72,11 @@ type Guest struct {
 	output  atomic.Pointer[outputFn]
 	ops     atomic.Uint64
 	outSeq  atomic.Uint64
+	// stopReq: a Pause waits for the run lock; the workload ends its batch
+	// after the op in progress, as QEMU stops its vCPUs before it drains
+	// I/O (so that what is in flight at a pause stays bounded: one op's
+	// disk changes).
+	stopReq atomic.Bool
 
 	ctl    sync.Mutex
 	paused bool
@@ -76,6 +84,17 @@ type Guest struct {
 
 	done chan struct{}
 	wg   sync.WaitGroup
+
+	// The disk (Config.DiskBytes): image, its journal (fed by every
+	// change the workload makes, as the NBD server feeds it), the
+	// journal's configuration and the context its Observe calls wait
+	// under (ended by Close).
+	dimg     disk.Backend
+	journal  *disk.Journal
+	jcfg     disk.JournalConfig
+	dctx     context.Context
+	dcancel  context.CancelFunc
+	diskErrs atomic.Uint64
 }
 
 // New creates a guest with deterministic initial memory and starts its
@@ -86,7 +105,10 @@ func New(name string, cfg Config, log *zap.Logger, opts ...Option) (*Guest, erro
 		return nil, err
 	}
 	m := newMachine(cfg)
-	g := start(name, cfg, m, log, false, opts)
+	g, err := start(name, cfg, m, log, false, opts)
+	if err != nil {
+		return nil, err
+	}
 	g.log.Info("sim guest started", zap.Int64("memory_bytes", cfg.MemoryBytes),
 		zap.String("workload", cfg.Workload), zap.Int("rate", cfg.Rate), zap.Uint64("seed", cfg.Seed))
 	return g, nil
@@ -110,6 +132,31 @@ func WithOutput(fn func(seq uint64, msg []byte)) Option {
 	return func(g *Guest) { g.SetOutput(fn) }
 }
 
+// WithDiskImage gives a guest with a disk (Config.DiskBytes) its image:
+// Restore needs the replica's disk; New uses it instead of a zeroed one.
+func WithDiskImage(img disk.Backend) Option {
+	return func(g *Guest) { g.dimg = img }
+}
+
+// WithJournal configures the disk's journal (default: Limit 4 MiB,
+// MaxWrite 4096, starting in tracking mode, as a journal fed from the
+// guest's boot must).
+func WithJournal(cfg disk.JournalConfig) Option {
+	return func(g *Guest) { g.jcfg = cfg }
+}
+
+// Disks implements hypervisor.DiskGuest: the guest's disk, if it has one.
+func (g *Guest) Disks() []hypervisor.Disk {
+	if g.journal == nil {
+		return nil
+	}
+	return []hypervisor.Disk{{ID: DiskID, Image: g.dimg, Journal: g.journal}}
+}
+
+// DiskErrors counts disk changes the journal refused (its Observe
+// failed: the guest was closing).
+func (g *Guest) DiskErrors() uint64 { return g.diskErrs.Load() }
+
 // restore is Restore, optionally starting paused (so that tests can install
 // an output callback before the first op).
 func restore(name string, cfg Config, mem []byte, devState []byte, log *zap.Logger, paused bool, opts ...Option) (*Guest, error) {
@@ -129,14 +176,17 @@ func restore(name string, cfg Config, mem []byte, devState []byte, log *zap.Logg
 	}
 	m := newMachineWith(cfg, mem)
 	m.ops, m.rng, m.outSeq, m.cursor = info.Ops, info.RNG, info.OutputSeq, info.Cursor
-	g := start(name, cfg, m, log, paused, opts)
+	g, err := start(name, cfg, m, log, paused, opts)
+	if err != nil {
+		return nil, fmt.Errorf("sim: restore %q: %w", name, err)
+	}
 	g.log.Info("sim guest restored", zap.Uint64("ops", info.Ops), zap.Uint64("output_seq", info.OutputSeq))
 	return g, nil
 }
 
 // start wraps m in a Guest and starts its workload goroutine, paused if
 // asked.
-func start(name string, cfg Config, m *machine, log *zap.Logger, paused bool, opts []Option) *Guest {
+func start(name string, cfg Config, m *machine, log *zap.Logger, paused bool, opts []Option) (*Guest, error) {
 	if log == nil {
 		log = zap.NewNop()
 	}
@@ -155,14 +205,38 @@ func start(name string, cfg Config, m *machine, log *zap.Logger, paused bool, op
 		g.run <- struct{}{}
 		g.paused = true
 	}
+	g.jcfg = disk.JournalConfig{Limit: 4 << 20, MaxWrite: 4096, Tracking: true}
 	for _, o := range opts {
 		o(g)
+	}
+	if cfg.DiskBytes > 0 {
+		if g.dimg == nil {
+			if m.ops != 0 {
+				return nil, errors.New("a restored guest with a disk needs its image (WithDiskImage)")
+			}
+			g.dimg = disk.NewMemory(int(cfg.DiskBytes))
+		}
+		if g.dimg.Size() != cfg.DiskBytes {
+			return nil, fmt.Errorf("disk image has %d bytes, config says %d", g.dimg.Size(), cfg.DiskBytes)
+		}
+		j, err := disk.NewJournal(g.jcfg, 1)
+		if err != nil {
+			return nil, err
+		}
+		g.journal = j
+		g.dctx, g.dcancel = context.WithCancel(context.Background())
+		m.dimg = g.dimg
+		m.observe = func(c disk.Change) {
+			if err := j.Observe(g.dctx, c); err != nil {
+				g.diskErrs.Add(1)
+			}
+		}
 	}
 	if cfg.rate() > 0 && m.workload != wlIdle {
 		g.wg.Add(1)
 		go g.workload()
 	}
-	return g
+	return g, nil
 }
 
 // workload runs ops paced by a token bucket on the wall clock, in batches of
@@ -193,10 +267,11 @@ func (g *Guest) workload() {
 			if g.output.Load() == nil {
 				emit = nil
 			}
-			for range n {
+			done := 0
+			for ; done < n && !g.stopReq.Load(); done++ {
 				g.m.step(emit)
 			}
-			tokens -= float64(n)
+			tokens -= float64(done)
 			g.ops.Store(g.m.ops)
 			g.outSeq.Store(g.m.outSeq)
 		}
@@ -277,6 +352,8 @@ func (g *Guest) Pause(ctx context.Context) error {
 	if g.paused {
 		return nil
 	}
+	g.stopReq.Store(true)
+	defer g.stopReq.Store(false)
 	select {
 	case g.run <- struct{}{}:
 	case <-ctx.Done():
@@ -434,6 +511,9 @@ func (g *Guest) Close() error {
 	}
 	g.closed = true
 	close(g.done)
+	if g.dcancel != nil {
+		g.dcancel() // a change waiting for the journal gives up
+	}
 	g.ctl.Unlock()
 	g.wg.Wait()
 	g.log.Info("sim guest closed", zap.Uint64("ops", g.ops.Load()))
@@ -456,4 +536,23 @@ func Replay(cfg Config, ops uint64) (mem []byte, devState []byte, err error) {
 		m.step(nil)
 	}
 	return m.mem, m.appendState(nil), nil
+}
+
+// ReplayDisk recomputes the disk of a guest with cfg (DiskBytes > 0)
+// after exactly ops ops, as Replay does its memory.
+func ReplayDisk(cfg Config, ops uint64) ([]byte, error) {
+	cfg = cfg.WithDefaults()
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if cfg.DiskBytes <= 0 {
+		return nil, errors.New("sim: replay disk: the config has no disk")
+	}
+	m := newMachine(cfg)
+	img := disk.NewMemory(int(cfg.DiskBytes))
+	m.dimg = img
+	for range ops {
+		m.step(nil)
+	}
+	return img.Bytes(), nil
 }

@@ -1,12 +1,14 @@
 package sim
 
 import (
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"hash/crc32"
 
 	"github.com/remusd/remusd/dirtymap"
+	"github.com/remusd/remusd/disk"
 	"github.com/remusd/remusd/hypervisor"
 )
 
@@ -79,6 +81,91 @@ type machine struct {
 	rng    uint64 // splitmix64 state
 	outSeq uint64
 	cursor uint64
+
+	// dimg is the guest's disk (nil: none); observe, if set, sees every
+	// change after it was applied (the block seam's Observer path).
+	hasDisk bool // Config.DiskBytes > 0: page 0 carries the op count
+	dimg    disk.Backend
+	observe func(c disk.Change)
+	dbuf    []byte
+}
+
+// Disk layout of a simulated guest: the first diskSector bytes hold the op
+// count (u64 LE) and the output sequence (u64 LE) written by the last op;
+// the rest takes one derived change per op.
+const (
+	diskSector   = 512
+	diskOpSalt   = 0xd15c_0b5e_0000_0004
+	diskRecBytes = 16
+)
+
+// diskStep makes the op's disk changes: the op count at offset 0 (as in
+// memory at byte 16 of page 0, same step) and, every fourth op, one change
+// derived from the op count alone (so that the device state needs nothing
+// more).
+func (m *machine) diskStep() {
+	if m.dimg == nil {
+		return
+	}
+	if m.dbuf == nil {
+		m.dbuf = make([]byte, 4096)
+	}
+	ctx := context.Background()
+	apply := func(c disk.Change) {
+		var err error
+		switch c.Kind {
+		case disk.KindWrite:
+			err = m.dimg.WriteAt(ctx, c.Data, c.Offset)
+		case disk.KindTrim:
+			err = m.dimg.Trim(ctx, c.Offset, c.Length)
+		case disk.KindZero:
+			err = m.dimg.WriteZeroes(ctx, c.Offset, c.Length, c.NoHole)
+		case disk.KindFlush:
+			err = m.dimg.Flush(ctx)
+		}
+		if err != nil {
+			panic(fmt.Sprintf("sim: disk change %v at %d: %v", c.Kind, c.Offset, err)) // ranges are ours: a bug
+		}
+		if m.observe != nil {
+			m.observe(c)
+		}
+	}
+	rec := m.dbuf[:diskRecBytes]
+	binary.LittleEndian.PutUint64(rec[0:], m.ops)
+	binary.LittleEndian.PutUint64(rec[8:], m.outSeq)
+	apply(disk.Change{Kind: disk.KindWrite, Offset: 0, Length: diskRecBytes, Data: rec})
+	if m.ops%4 != 0 {
+		return // one op in four makes a second change
+	}
+	s := m.seed ^ diskOpSalt ^ m.ops*0x9e3779b97f4a7c15
+	h := splitmix64(&s)
+	size := m.dimg.Size()
+	blocks := (size - 4096) / 4096 // 4 KiB units after the first
+	switch h % 16 {
+	case 0:
+		if blocks >= 2 {
+			off := 4096 * (1 + int64((h>>8)%uint64(blocks-1)))
+			apply(disk.Change{Kind: disk.KindTrim, Offset: off, Length: 8192})
+			return
+		}
+	case 1:
+		if blocks >= 1 {
+			off := 4096 * (1 + int64((h>>8)%uint64(blocks)))
+			apply(disk.Change{Kind: disk.KindZero, Offset: off, Length: 4096, NoHole: h&(1<<40) != 0})
+			return
+		}
+	case 2:
+		apply(disk.Change{Kind: disk.KindFlush})
+		return
+	}
+	sectors := (size - diskSector) / diskSector
+	off := diskSector * (1 + int64((h>>8)%uint64(sectors)))
+	d := m.dbuf[diskRecBytes : diskRecBytes+diskSector]
+	for i := 0; i < diskSector; i += 8 {
+		binary.LittleEndian.PutUint64(d[i:], splitmix64(&s))
+	}
+	binary.LittleEndian.PutUint64(d[0:], m.ops)
+	apply(disk.Change{Kind: disk.KindWrite, Offset: off, Length: diskSector, Data: d})
 }
 
 // splitmix64 advances *s and returns the next output.
@@ -112,6 +199,7 @@ func newMachineWith(cfg Config, mem []byte) *machine {
 		memBytes: cfg.MemoryBytes,
 		seed:     cfg.Seed,
 		outEvery: cfg.outputEvery(),
+		hasDisk:  cfg.DiskBytes > 0,
 	}
 	m.dirty.SetRange(0, pages)
 	return m
@@ -194,6 +282,10 @@ func (m *machine) step(emit func(seq uint64, msg []byte)) {
 		}
 	}
 	m.ops++
+	if m.hasDisk {
+		binary.LittleEndian.PutUint64(m.mem[16:], m.ops)
+		m.dirty.Set(0)
+	}
 	if m.outEvery != 0 && m.ops%m.outEvery == 0 {
 		m.outSeq++
 		binary.LittleEndian.PutUint64(m.mem[0:], m.outSeq)
@@ -206,6 +298,7 @@ func (m *machine) step(emit func(seq uint64, msg []byte)) {
 			emit(m.outSeq, msg)
 		}
 	}
+	m.diskStep()
 }
 
 // appendState appends the device-state blob to dst.

@@ -8,6 +8,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/remusd/remusd/disk"
 	"github.com/remusd/remusd/hypervisor"
 )
 
@@ -18,6 +19,7 @@ type Replica struct {
 	cfg  Config
 	log  *zap.Logger
 	mem  []byte
+	disk *disk.Memory // Config.DiskBytes; nil: none
 
 	mu        sync.Mutex
 	epoch     uint64
@@ -48,13 +50,28 @@ func NewReplica(name string, cfg Config, log *zap.Logger) (*Replica, error) {
 	for i := 0; i < len(mem); i += pageSize {
 		mem[i] = 0 // take first-touch faults now, not during apply
 	}
-	return &Replica{
+	r := &Replica{
 		name: name,
 		cfg:  cfg,
 		log:  log.With(zap.String("vm", name), zap.String("backend", BackendName)),
 		mem:  mem,
-	}, nil
+	}
+	if cfg.DiskBytes > 0 {
+		r.disk = disk.NewMemory(int(cfg.DiskBytes))
+	}
+	return r, nil
 }
+
+// ReplicaDisks implements hypervisor.DiskReplica.
+func (r *Replica) ReplicaDisks() []hypervisor.ReplicaDisk {
+	if r.disk == nil {
+		return nil
+	}
+	return []hypervisor.ReplicaDisk{{ID: DiskID, Image: r.disk}}
+}
+
+// Disk returns the replica's disk (nil: none).
+func (r *Replica) Disk() *disk.Memory { return r.disk }
 
 // NumPages returns the number of guest pages.
 func (r *Replica) NumPages() int { return len(r.mem) / pageSize }
@@ -110,7 +127,11 @@ func (r *Replica) Activate(ctx context.Context) (hypervisor.Guest, error) {
 	if r.state == nil {
 		return nil, fmt.Errorf("sim: replica %q: activate: no device state committed", r.name)
 	}
-	g, err := Restore(r.name, r.cfg, r.mem, r.state, r.log, WithOutput(r.output))
+	opts := []Option{WithOutput(r.output)}
+	if r.disk != nil {
+		opts = append(opts, WithDiskImage(r.disk))
+	}
+	g, err := Restore(r.name, r.cfg, r.mem, r.state, r.log, opts...)
 	if err != nil {
 		return nil, fmt.Errorf("sim: replica %q: activate epoch %d: %w", r.name, r.epoch, err)
 	}

@@ -212,6 +212,20 @@ func (r *ruleSet) undoInstall(ctx context.Context) error {
 	return r.remove(ctx)
 }
 
+// RemoveRules deletes every copy of the rules a Buffer with cfg installs
+// (IPv4 and IPv6; only QueueNum, Interface, Bridged, NetnsPath and the
+// binaries matter). It is for a port whose guest is known to be gone and
+// whose Buffer died without closing: its rules would drop everything a
+// later guest on a port of that name sends.
+func RemoveRules(ctx context.Context, cfg Config) error {
+	if err := cfg.setDefaults(); err != nil {
+		return err
+	}
+	r := newRuleSet(cfg)
+	r.installed = []string{cfg.IPTables, cfg.IP6Tables}
+	return r.remove(ctx)
+}
+
 // remove deletes every copy of the rule from the chains it was installed
 // in.
 func (r *ruleSet) remove(ctx context.Context) error {

@@ -159,3 +159,30 @@ func TestReopenFailureKeepsAdoptedRules(t *testing.T) {
 	must(t, b2.Close())
 	assertRulesGone(t, tp)
 }
+
+// TestRemoveRulesOfADeadBuffer: the rules a buffer left when its process
+// died (Detach, with a stray duplicate) drop the port's traffic until
+// RemoveRules deletes every copy; then traffic flows unbuffered.
+func TestRemoveRulesOfADeadBuffer(t *testing.T) {
+	tp := newTopo(t)
+	const queue = 16
+	v4 := tp.udp(t, "udp4")
+	b, err := tp.openBuffer(t, queue)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = b.Close() })
+	must(t, b.Detach())
+	run(t, append([]string{"ip", "netns", "exec", tp.host, "iptables", "-I", "FORWARD", "1"}, newRuleSet(b.cfg).spec()...)...)
+	v4.sendSeq(t, "a", 0, 5)
+	v4.expectNone(t, quiet)
+	if err := RemoveRules(context.Background(), b.cfg); err != nil {
+		t.Fatalf("RemoveRules: %v", err)
+	}
+	assertRulesGone(t, tp)
+	v4.sendSeq(t, "b", 0, 5)
+	v4.expect(t, seq("b", 0, 5), quiet)
+	if err := RemoveRules(context.Background(), Config{Interface: "bad/name"}); err == nil {
+		t.Fatal("RemoveRules accepted an invalid interface name")
+	}
+}
