@@ -51,6 +51,9 @@ func TestDiskEndToEnd(t *testing.T) {
 	if f := p.replica.Disk().Flushes(); uint64(f) != bs.DiskFlushes {
 		t.Fatalf("replica disk flushed %d times, stats say %d", f, bs.DiskFlushes)
 	}
+	if size := uint64(p.guest.Disks()[0].Image.Size()); ps.DiskCopying || ps.DiskCopyTotal != size || ps.DiskCopyDone != size {
+		t.Fatalf("copy progress after the copy: copying %v, %d of %d (image %d bytes)", ps.DiskCopying, ps.DiskCopyDone, ps.DiskCopyTotal, size)
+	}
 }
 
 // TestDiskJournalFreeAfterRun: once the engine stopped (unprotect, a

@@ -394,6 +394,24 @@ func (p *Primary) copyDisks(ctx context.Context, conn net.Conn, w *transport.Wri
 		p.update(func(s *PrimaryStats) { s.DiskBytesCopied += uint64(st.RawBytes) })
 		return ctx.Err()
 	}
+	// Progress for status and the log: image space covered (holes
+	// included) of the images' total, logged at every tenth.
+	var total, base int64
+	for _, d := range s.disks {
+		total += d.Image.Size()
+	}
+	p.update(func(s *PrimaryStats) { s.DiskCopying, s.DiskCopyDone, s.DiskCopyTotal = true, 0, uint64(total) })
+	defer p.update(func(s *PrimaryStats) { s.DiskCopying = false })
+	tenth := int64(0)
+	progress := func(off int64) {
+		done := base + off
+		p.update(func(s *PrimaryStats) { s.DiskCopyDone = uint64(done) })
+		if total > 0 && done*10/total > tenth {
+			tenth = done * 10 / total
+			p.log.Info("copying the disks to the backup", zap.Int64("done_bytes", done), zap.Int64("total_bytes", total),
+				zap.Int64("percent", done*100/total), zap.Int64("data_bytes_sent", copied), zap.Duration("elapsed", time.Since(start)))
+		}
+	}
 	buf := make([]byte, copyChunk)
 	for i, d := range s.disks {
 		d.Journal.StartCopy()
@@ -432,9 +450,12 @@ func (p *Primary) copyDisks(ctx context.Context, conn net.Conn, w *transport.Wri
 				if err := send(i, changes); err != nil {
 					return err
 				}
+				progress(off + n)
 			}
 			off = end
+			progress(off)
 		}
+		base += size
 	}
 	budget := p.o.Limits.WithDefaults().MaxEpochDiskBytes / 4
 	passes := 0

@@ -136,6 +136,10 @@ type PrimaryStats struct {
 	DiskWireBytes   uint64
 	DiskBytesCopied uint64
 	DiskCopy        time.Duration
+	// DiskCopying: a copy of the images runs now, DiskCopyDone of
+	// DiskCopyTotal bytes of image space covered (holes included).
+	DiskCopying                 bool
+	DiskCopyDone, DiskCopyTotal uint64
 }
 
 // staged is one captured epoch waiting to be sent.

@@ -161,16 +161,21 @@ type VMStatus struct {
 	// long the last one took. Disks (backup): data applied by committed
 	// epochs, written by the copies, and the flushes made before acks.
 	// Only set for VMs with disks.
-	DiskBytesLast    uint64  `json:"disk_bytes_last,omitempty"`
-	DiskChangesLast  uint64  `json:"disk_changes_last,omitempty"`
-	DiskBytesSent    uint64  `json:"disk_bytes_sent,omitempty"`
-	DiskChangesSent  uint64  `json:"disk_changes_sent,omitempty"`
-	DiskWireBytes    uint64  `json:"disk_wire_bytes,omitempty"`
-	DiskBytesCopied  uint64  `json:"disk_bytes_copied,omitempty"`
-	DiskCopyMs       float64 `json:"disk_copy_ms,omitempty"`
-	DiskBytesApplied uint64  `json:"disk_bytes_applied,omitempty"`
-	DiskBytesSynced  uint64  `json:"disk_bytes_synced,omitempty"`
-	DiskFlushes      uint64  `json:"disk_flushes,omitempty"`
+	DiskBytesLast   uint64  `json:"disk_bytes_last,omitempty"`
+	DiskChangesLast uint64  `json:"disk_changes_last,omitempty"`
+	DiskBytesSent   uint64  `json:"disk_bytes_sent,omitempty"`
+	DiskChangesSent uint64  `json:"disk_changes_sent,omitempty"`
+	DiskWireBytes   uint64  `json:"disk_wire_bytes,omitempty"`
+	DiskBytesCopied uint64  `json:"disk_bytes_copied,omitempty"`
+	DiskCopyMs      float64 `json:"disk_copy_ms,omitempty"`
+	// DiskCopying: the primary copies its disks to the backup now (the
+	// guest runs), DiskCopyDoneBytes of DiskCopyTotalBytes covered.
+	DiskCopying        bool   `json:"disk_copying,omitempty"`
+	DiskCopyDoneBytes  uint64 `json:"disk_copy_done_bytes,omitempty"`
+	DiskCopyTotalBytes uint64 `json:"disk_copy_total_bytes,omitempty"`
+	DiskBytesApplied   uint64 `json:"disk_bytes_applied,omitempty"`
+	DiskBytesSynced    uint64 `json:"disk_bytes_synced,omitempty"`
+	DiskFlushes        uint64 `json:"disk_flushes,omitempty"`
 	// Backup only: pages of the epochs received, and every byte of the
 	// frames read from the primary, headers included.
 	PagesReceived     uint64 `json:"pages_received"`

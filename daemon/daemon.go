@@ -572,6 +572,7 @@ func (d *Daemon) statusOf(v *vm) VMStatus {
 		s.WireBytesSent, s.EpochWireBytes = p.WireBytesSent, p.EpochWireBytes
 		s.DiskBytesLast, s.DiskChangesLast, s.DiskBytesSent, s.DiskChangesSent = p.DiskBytesLast, p.DiskChangesLast, p.DiskBytesSent, p.DiskChangesSent
 		s.DiskWireBytes, s.DiskBytesCopied, s.DiskCopyMs = p.DiskWireBytes, p.DiskBytesCopied, checkpoint.Ms(p.DiskCopy)
+		s.DiskCopying, s.DiskCopyDoneBytes, s.DiskCopyTotalBytes = p.DiskCopying, p.DiskCopyDone, p.DiskCopyTotal
 		if p.EpochWireBytes > 0 {
 			s.CompressionRatio = float64(p.RawBytes) / float64(p.EpochWireBytes)
 		}

@@ -49,6 +49,10 @@ func RenderStatus(w io.Writer, st []VMStatus) error {
 		if s.StoppedWhy != "" {
 			notes = append(notes, "not running here: "+s.StoppedWhy)
 		}
+		if s.DiskCopying && s.DiskCopyTotalBytes > 0 {
+			notes = append(notes, fmt.Sprintf("copying its disks to the backup: %.1f of %.1f MiB (%d%%)",
+				float64(s.DiskCopyDoneBytes)/(1<<20), float64(s.DiskCopyTotalBytes)/(1<<20), s.DiskCopyDoneBytes*100/s.DiskCopyTotalBytes))
+		}
 		if s.LinksRefused > 0 {
 			notes = append(notes, fmt.Sprintf("%d links refused", s.LinksRefused))
 		}

@@ -120,3 +120,22 @@ func TestRenderStatusTrustNotes(t *testing.T) {
 		t.Errorf("INSECURE shown for a secure daemon:\n%s", b.String())
 	}
 }
+
+func TestRenderStatusDiskCopyProgress(t *testing.T) {
+	var b strings.Builder
+	st := []VMStatus{{VM: "web", Role: RolePrimary, DiskCopying: true, DiskCopyDoneBytes: 16 << 20, DiskCopyTotalBytes: 64 << 20}}
+	if err := RenderStatus(&b, st); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(b.String(), "copying its disks to the backup: 16.0 of 64.0 MiB (25%)") {
+		t.Fatalf("no copy progress in:\n%s", b.String())
+	}
+	b.Reset()
+	st[0].DiskCopying = false
+	if err := RenderStatus(&b, st); err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(b.String(), "copying") {
+		t.Fatalf("copy progress shown after the copy:\n%s", b.String())
+	}
+}

@@ -24,7 +24,7 @@
 // back from it. FREEZE syncs every file system and remounts the log's
 // read-only (the file system is then clean on the disk: a host can fsck
 // the image); later LOGs fail. FILL (a write-heavy load) writes kib KiB
-// (1..8192) of pseudo-random data at the next offset of a 64 MiB ring file
+// (1..8192) of pseudo-random data at the next offset of a 16 MiB ring file
 // beside the log, fsyncs it, and replies the bytes written so far.
 //
 // ops is the number of ADDs applied since the service started; chain is
@@ -68,7 +68,7 @@ type State struct {
 }
 
 // fillRing is the size of FILL's ring file.
-const fillRing = 64 << 20
+const fillRing = 16 << 20
 
 // SetLog enables the log commands on the file at path (created if absent;
 // its lines are counted), on the file system mounted at mount. freeze

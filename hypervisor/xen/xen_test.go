@@ -58,7 +58,7 @@ func TestXenLogDirty(t *testing.T) {
 // with a fresh Xen, loudly, up to maxTripleFaultRetries times; one more,
 // and any failure that is not one, fails.
 func runInDom0(t *testing.T, run string, cfg xentest.Config) {
-	const maxTripleFaultRetries = 2
+	const maxTripleFaultRetries = 3
 	t.Helper()
 	if xentest.InDom0() {
 		t.Skip("host-side driver; in dom0 the in-dom0 tests run")
