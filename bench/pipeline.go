@@ -132,9 +132,10 @@ func MeasurePipeline(ctx context.Context, cfg PipelineConfig) (PipelineResult, e
 		return res, err
 	}
 	_, pages1, eps1 := p.counts()
-	// A slow machine (or -race) may ack nothing within Duration: extend
-	// the window, up to 20 times, until an epoch is acknowledged.
-	for ext := 0; eps1 == eps0 && ext < 20; ext++ {
+	// A slow machine (or -race) may ack nothing within Duration, or only
+	// epochs the starved guest dirtied nothing in: extend the window, up
+	// to 20 times, until an epoch with pages is acknowledged.
+	for ext := 0; (eps1 == eps0 || pages1 == pages0) && ext < 20; ext++ {
 		if err := sleep(ctx, cfg.Duration); err != nil {
 			return res, err
 		}
