@@ -81,16 +81,7 @@ func TestLibvirtProtectFailover(t *testing.T) {
 	if err := lv.DefineAndStart(ctx, dom.Name, dom.XML()); err != nil {
 		t.Fatalf("%v\n%s", err, lv.Log())
 	}
-	for {
-		b, _ := os.ReadFile(serial)
-		if strings.Contains(string(b), "REMUS-GUEST") {
-			break
-		}
-		if ctx.Err() != nil {
-			t.Fatalf("guest did not start: %s", b)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	waitGuestConsole(t, ctx, serial)
 	shm, err := os.MkdirTemp("/dev/shm", "rdl-")
 	if err != nil {
 		t.Fatal(err)
@@ -228,16 +219,7 @@ func TestLibvirtProtectDisk(t *testing.T) {
 	if err := lvA.DefineAndStart(ctx, name, domXML(imgA)); err != nil {
 		t.Fatalf("%v\n%s", err, lvA.Log())
 	}
-	for {
-		b, _ := os.ReadFile(serial)
-		if strings.Contains(string(b), "REMUS-GUEST") {
-			break
-		}
-		if ctx.Err() != nil {
-			t.Fatalf("guest did not start: %s", b)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	waitGuestConsole(t, ctx, serial)
 	shm, err := os.MkdirTemp("/dev/shm", "rdd-")
 	if err != nil {
 		t.Fatal(err)
@@ -428,5 +410,21 @@ func TestLibvirtRecordValid(t *testing.T) {
 		if err := r.validate(); err == nil {
 			t.Errorf("record %+v accepted", q)
 		}
+	}
+}
+
+// waitGuestConsole waits until the guest's serial console shows its init
+// ran (the guest image's REMUS-GUEST lines).
+func waitGuestConsole(t *testing.T, ctx context.Context, serial string) {
+	t.Helper()
+	for {
+		b, _ := os.ReadFile(serial)
+		if strings.Contains(string(b), "REMUS-GUEST") {
+			return
+		}
+		if ctx.Err() != nil {
+			t.Fatalf("guest did not start: %s", b)
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 }
