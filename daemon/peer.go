@@ -67,7 +67,10 @@ func replicaCost(memory int64, backend string, disks bool) int64 {
 	l := replicaLimits(backend)
 	c := 2*memory + int64(l.MaxFrame) + 3*int64(l.MaxDeviceState)
 	if disks {
-		c += l.MaxEpochDiskBytes + int64(l.MaxEpochDiskChanges)*diskChangeCost
+		// The staged data grows by appending (up to twice its bound in
+		// capacity), plus one record's decompression scratch.
+		l = l.WithDefaults()
+		c += 2*l.MaxEpochDiskBytes + int64(l.MaxDiskBatchBytes) + int64(l.MaxEpochDiskChanges)*diskChangeCost
 	}
 	return c
 }
