@@ -428,3 +428,20 @@ func waitGuestConsole(t *testing.T, ctx context.Context, serial string) {
 		time.Sleep(50 * time.Millisecond)
 	}
 }
+
+// TestLibvirtGuestNeverProvedGone: a recorded libvirt guest the restarted
+// daemon cannot re-attach to (libvirtd restarting, a timeout) is not
+// taken for dead: its output rules must stay (review finding: they were
+// removed, releasing a running guest's held output).
+func TestLibvirtGuestNeverProvedGone(t *testing.T) {
+	lv := QemuVM{Name: "web", Libvirt: true}
+	if !unprovable(lv, &vmRecord{QEMU: &qemuRecord{RAM: "/dev/shm/x.ram"}}) {
+		t.Error("a libvirt record was taken as provably gone")
+	}
+	if !unprovable(QemuVM{Name: "g"}, &vmRecord{QEMU: &qemuRecord{RAM: "/dev/shm/x.ram"}}) {
+		t.Error("a record without a pid was taken as provably gone")
+	}
+	if unprovable(QemuVM{Name: "g"}, &vmRecord{QEMU: &qemuRecord{Pid: 1234, QMP: "/run/g.qmp", RAM: "/dev/shm/g.ram"}}) {
+		t.Error("a launched QEMU's record (pid recorded) cannot be proved gone")
+	}
+}

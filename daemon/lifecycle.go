@@ -58,6 +58,15 @@ func (d *Daemon) bringUpQemu(q QemuVM) error {
 			d.log.Warn("re-attached to a guest a previous daemon left running", zap.String("vm", q.Name), zap.String("role", rec.Role), zap.Int("pid", pid))
 			return nil
 		}
+		if unprovable(q, rec) {
+			// A libvirt domain has no QEMU pid of ours to check: failing
+			// to re-attach (libvirtd restarting, a timeout) does not prove
+			// it gone. It may run on with its output held by the rules a
+			// previous daemon left: leave it, and them, alone.
+			v.stoppedWhy = fmt.Sprintf("this daemon cannot re-attach to it (%v) and cannot tell whether it still runs (no QEMU pid recorded: a libvirt domain); it is left alone, its output held as it was: restart remusd once libvirtd answers", err)
+			d.log.Error("cannot re-attach to a recorded libvirt guest, which may still run: leaving it and its output rules alone", zap.String("vm", q.Name), zap.Error(err))
+			return nil
+		}
 		if rec.QEMU != nil && processAlive(rec.QEMU.Pid, rec.QEMU.QMP) == nil {
 			// Alive but unreachable (QMP busy, another client, a hung
 			// QEMU): never launch a second one on its RAM file.
@@ -180,6 +189,13 @@ func (d *Daemon) cachedImage(ctx context.Context, q QemuVM) *guestimage.Image {
 		return nil
 	}
 	return img
+}
+
+// unprovable reports whether a recorded guest that could not be
+// re-attached cannot be proved gone: no QEMU pid was recorded (a libvirt
+// domain). Only a recorded pid that is no longer that QEMU proves it.
+func unprovable(q QemuVM, rec *vmRecord) bool {
+	return q.Libvirt || rec.QEMU == nil || rec.QEMU.Pid <= 0
 }
 
 // processAlive checks that pid runs and is the QEMU serving qmpPath (a

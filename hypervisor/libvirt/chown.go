@@ -5,7 +5,11 @@ import (
 	"syscall"
 )
 
-// chownLike gives path the owner and group of like.
+// chownLike gives path the owner and group of like. It never follows a
+// symbolic link at path: path lies in a directory the QEMU user owns, and
+// a compromised QEMU that swapped it for a link to a root file would
+// otherwise be given that file (Lchown on a link changes only the link;
+// protected_hardlinks stops the same trick with a hard link).
 func chownLike(path, like string) error {
 	st, err := os.Stat(like)
 	if err != nil {
@@ -15,5 +19,5 @@ func chownLike(path, like string) error {
 	if !ok {
 		return nil
 	}
-	return os.Chown(path, int(sys.Uid), int(sys.Gid))
+	return os.Lchown(path, int(sys.Uid), int(sys.Gid))
 }
