@@ -142,16 +142,17 @@ func TestStandbyOptionsValidate(t *testing.T) {
 		t.Fatalf("defaults: %+v", ok)
 	}
 	for name, o := range map[string]StandbyOptions{
-		"relative path":   {ConfigPath: "vm.cfg", DomainName: "x"},
-		"missing file":    {ConfigPath: cfg + ".nope", DomainName: "x"},
-		"directory":       {ConfigPath: filepath.Dir(cfg), DomainName: "x"},
-		"quote in name":   {ConfigPath: cfg, DomainName: `x"; kernel="y`},
-		"empty name":      {ConfigPath: cfg},
-		"leading dash":    {ConfigPath: cfg, DomainName: "-x"},
-		"long name":       {ConfigPath: cfg, DomainName: strings.Repeat("a", 65)},
-		"unknown type":    {ConfigPath: cfg, DomainName: "x", Type: "pv"},
-		"space in name":   {ConfigPath: cfg, DomainName: "a b"},
-		"newline in name": {ConfigPath: cfg, DomainName: "a\nb"},
+		"relative path":                   {ConfigPath: "vm.cfg", DomainName: "x"},
+		"missing file":                    {ConfigPath: cfg + ".nope", DomainName: "x"},
+		"directory":                       {ConfigPath: filepath.Dir(cfg), DomainName: "x"},
+		"quote in name":                   {ConfigPath: cfg, DomainName: `x"; kernel="y`},
+		"empty name":                      {ConfigPath: cfg},
+		"leading dash":                    {ConfigPath: cfg, DomainName: "-x"},
+		"long name":                       {ConfigPath: cfg, DomainName: strings.Repeat("a", 65)},
+		"unknown type":                    {ConfigPath: cfg, DomainName: "x", Type: "pv"},
+		"hvm (no device model state yet)": {ConfigPath: cfg, DomainName: "x", Type: "hvm"},
+		"space in name":                   {ConfigPath: cfg, DomainName: "a b"},
+		"newline in name":                 {ConfigPath: cfg, DomainName: "a\nb"},
 	} {
 		if err := o.Validate(); err == nil {
 			t.Errorf("%s: accepted", name)
