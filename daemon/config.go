@@ -576,6 +576,19 @@ func (c Config) Validate() error {
 			}
 		}
 	}
+	// Two entries must not share a disk image: each would serve (and a
+	// backup would create over) the other's disk.
+	images := map[string]string{}
+	for i, q := range c.QemuVMs {
+		for k, d := range q.Disks {
+			f := fmt.Sprintf("qemu_vms[%d].disks[%d].path", i, k)
+			p := filepath.Clean(d.Path)
+			if other, ok := images[p]; ok {
+				bad(f, "%q is also %s", d.Path, other)
+			}
+			images[p] = f
+		}
+	}
 	errs = append(errs, c.Standby.validate("standby")...)
 	errs = append(errs, validateLibvirtConfig(c.Libvirt, "libvirt")...)
 	for i, vm := range c.SimVMs {

@@ -138,3 +138,19 @@ func TestConfigDiskJournalsFitStaging(t *testing.T) {
 		t.Fatalf("three disks at 32 MiB journals: %v", err)
 	}
 }
+
+func TestConfigDiskImagesDistinct(t *testing.T) {
+	c := DefaultConfig()
+	c.Insecure = true
+	c.QemuVMs = []QemuVM{
+		{Name: "a", MemoryMiB: 128, Kernel: "/k", Disks: []QemuDisk{{ID: "disk0", Path: "/img/shared.img", SizeMiB: 64}}},
+		{Name: "b", MemoryMiB: 128, Kernel: "/k", Disks: []QemuDisk{{ID: "disk0", Path: "/img/../img/shared.img", SizeMiB: 64}}},
+	}
+	if err := c.Validate(); err == nil || !strings.Contains(err.Error(), "qemu_vms[1].disks[0].path") {
+		t.Fatalf("two VMs on one image: %v", err)
+	}
+	c.QemuVMs[1].Disks[0].Path = "/img/b.img"
+	if err := c.Validate(); err != nil {
+		t.Fatalf("distinct images (same disk id in two VMs): %v", err)
+	}
+}

@@ -38,7 +38,7 @@ type DiskSpec struct {
 	// there, sparse.
 	Path string `json:"-"`
 	// Socket is the NBD unix socket remusd serves the image on (default:
-	// ID.nbd beside the QMP socket).
+	// the QMP socket's path without ".qmp", then ".ID.nbd").
 	Socket string `json:"-"`
 	// PCISlot, when not 0, is the slot on pcie.0 (function 0) of the
 	// disk's virtio-blk-pci device; 0 lets QEMU take the first free slot.
@@ -132,11 +132,14 @@ func validateDiskPaths(ds []DiskSpec, qmpPath string) []error {
 	return errs
 }
 
+// socket is the disk's NBD socket: Socket, or QMPPATH-without-.qmp.ID.nbd
+// (VMs sharing a run directory have their own QMP sockets, so two VMs'
+// disks of the same ID never share a socket).
 func (d DiskSpec) socket(qmpPath string) string {
 	if d.Socket != "" {
 		return d.Socket
 	}
-	return filepath.Join(filepath.Dir(qmpPath), d.ID+".nbd")
+	return strings.TrimSuffix(qmpPath, ".qmp") + "." + d.ID + ".nbd"
 }
 
 // diskArgs are the QEMU options of the disks: an NBD client node per disk

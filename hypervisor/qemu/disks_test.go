@@ -140,7 +140,7 @@ func TestDiskArgs(t *testing.T) {
 	if i < 0 {
 		t.Fatalf("no -blockdev in %q", args)
 	}
-	want := "driver=nbd,node-name=disk0,server.type=unix,server.path=" + filepath.Join(filepath.Dir(s.QMPPath), "disk0.nbd") + ",export=disk0,reconnect-delay=60,discard=unmap"
+	want := "driver=nbd,node-name=disk0,server.type=unix,server.path=" + strings.TrimSuffix(s.QMPPath, ".qmp") + ".disk0.nbd,export=disk0,reconnect-delay=60,discard=unmap"
 	if args[i+1] != want {
 		t.Errorf("blockdev %q, want %q", args[i+1], want)
 	}
@@ -212,7 +212,7 @@ func TestLaunchWithDiskServesImage(t *testing.T) {
 	if err := g.Close(); err != nil {
 		t.Fatalf("Close: %v", err)
 	}
-	if _, err := os.Stat(filepath.Join(filepath.Dir(spec.QMPPath), "disk0.nbd")); err == nil {
+	if _, err := os.Stat(strings.TrimSuffix(spec.QMPPath, ".qmp") + ".disk0.nbd"); err == nil {
 		t.Error("NBD socket left behind after Close")
 	}
 }
