@@ -73,21 +73,7 @@ func TestStandbyCompatNIC(t *testing.T) {
 	}
 
 	// The primary's view: the same domain running.
-	if _, err := lv.Virsh(ctx, "start", name); err != nil {
-		t.Fatalf("%v\n%s", err, lv.Log())
-	}
-	conn2, err := libvirt.Dial(ctx, libvirt.Config{Socket: lv.Socket})
-	if err != nil {
-		t.Fatal(err)
-	}
-	g, dom, err := conn2.Attach(ctx, name, libvirt.Options{}, qemu.MonitorGuestOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer g.Close()
-	if err := dom.CheckStandby(); err != nil {
-		t.Fatal(err)
-	}
+	g, _ := startAttached(ctx, t, lv, name)
 	// A running domain's DefinedSpec is its definition too.
 	if again, err := conn.DefinedSpec(ctx, name); err != nil || qemu.CheckCompatible(again, local) != nil {
 		t.Fatalf("DefinedSpec of the running domain: %+v, %v", again, err)
@@ -185,4 +171,27 @@ func TestDefinedSpecRefusals(t *testing.T) {
 			t.Errorf("name %q: %v", bad, err)
 		}
 	}
+}
+
+// startAttached starts the defined domain name, attaches to it as a
+// primary would (closed when the test ends) and checks that a standby
+// built from its definition could load its state.
+func startAttached(ctx context.Context, t *testing.T, lv *lvtest.Libvirtd, name string) (*qemu.Guest, *libvirt.Domain) {
+	t.Helper()
+	if _, err := lv.Virsh(ctx, "start", name); err != nil {
+		t.Fatalf("%v\n%s", err, lv.Log())
+	}
+	conn, err := libvirt.Dial(ctx, libvirt.Config{Socket: lv.Socket})
+	if err != nil {
+		t.Fatal(err)
+	}
+	g, dom, err := conn.Attach(ctx, name, libvirt.Options{}, qemu.MonitorGuestOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { g.Close() })
+	if err := dom.CheckStandby(); err != nil {
+		t.Fatal(err)
+	}
+	return g, dom
 }

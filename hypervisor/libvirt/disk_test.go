@@ -480,21 +480,7 @@ func TestStandbyCompatDisk(t *testing.T) {
 	if len(local.Disks) != 1 || local.Disks[0].ID != "vda" || local.Disks[0].Path != img || local.Disks[0].SizeBytes != diskMiB<<20 || local.Disks[0].PCISlot != 3 {
 		t.Fatalf("defined spec disks %+v", local.Disks)
 	}
-	if _, err := lv.Virsh(ctx, "start", name); err != nil {
-		t.Fatalf("%v\n%s", err, lv.Log())
-	}
-	conn2, err := libvirt.Dial(ctx, libvirt.Config{Socket: lv.Socket})
-	if err != nil {
-		t.Fatal(err)
-	}
-	g, dom, err := conn2.Attach(ctx, name, libvirt.Options{}, qemu.MonitorGuestOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer g.Close()
-	if err := dom.CheckStandby(); err != nil {
-		t.Fatal(err)
-	}
+	g, dom := startAttached(ctx, t, lv, name)
 	hmp(ctx, t, g.Monitor(), fmt.Sprintf("qemu-io -d %s %q", dom.DiskSeam().Qdev("vda"), "write -P 0x5a 0 64k"))
 	time.Sleep(300 * time.Millisecond)
 	if err := g.Pause(ctx); err != nil {
