@@ -129,8 +129,6 @@ type JournalStats struct {
 // guest issuing many small trims cannot build an epoch the backup refuses.
 const ChangeOverhead = 256
 
-const changeOverhead = ChangeOverhead
-
 // JournalConfig configures a Journal.
 type JournalConfig struct {
 	// Limit bounds the bytes held outside a pause; at least one MaxWrite.
@@ -152,11 +150,11 @@ func NewJournal(cfg JournalConfig, first uint64) (*Journal, error) {
 	if cfg.InFlight == 0 {
 		cfg.InFlight = 16
 	}
-	if cfg.MaxWrite <= 0 || cfg.Limit < cfg.MaxWrite+changeOverhead || cfg.InFlight < 0 {
+	if cfg.MaxWrite <= 0 || cfg.Limit < cfg.MaxWrite+ChangeOverhead || cfg.InFlight < 0 {
 		return nil, fmt.Errorf("disk: journal limit %d is below one write of %d bytes", cfg.Limit, cfg.MaxWrite)
 	}
 	return &Journal{
-		limit: cfg.Limit, overdraft: int64(cfg.InFlight) * (cfg.MaxWrite + changeOverhead),
+		limit: cfg.Limit, overdraft: int64(cfg.InFlight) * (cfg.MaxWrite + ChangeOverhead),
 		epoch: first, wake: make(chan struct{}), tracking: cfg.Tracking,
 	}, nil
 }
@@ -172,7 +170,7 @@ func (j *Journal) bound() int64 {
 // Observe implements Observer: it copies c into the open epoch, waiting
 // first while the journal is full (see Journal).
 func (j *Journal) Observe(ctx context.Context, c Change) error {
-	cost := int64(len(c.Data)) + changeOverhead
+	cost := int64(len(c.Data)) + ChangeOverhead
 	j.mu.Lock()
 	if !j.tracking && (j.spill || j.pausing) && j.used+cost > j.bound() {
 		// Spilling (nobody acknowledges), or a pause whose overdraft is

@@ -86,7 +86,7 @@ func done(t *testing.T, ch chan error) {
 // the stop forever) but switches the journal to tracking mode.
 func TestJournalBackpressure(t *testing.T) {
 	ctx := context.Background()
-	limit := int64(2 * (4096 + changeOverhead))
+	limit := int64(2 * (4096 + ChangeOverhead))
 	j, _ := NewJournal(JournalConfig{Limit: limit, MaxWrite: 4096, InFlight: 2}, 1)
 	done(t, observeAsync(j, ctx, write(0, 4096, 1)))
 	done(t, observeAsync(j, ctx, write(4096, 4096, 2)))
@@ -104,7 +104,7 @@ func TestJournalBackpressure(t *testing.T) {
 	blocked(t, over) // epoch 1 unacknowledged: full
 	j.Release(1)
 	done(t, over)
-	if s := j.Stats(); s.Blocked != 2 || s.Used != 4096+changeOverhead {
+	if s := j.Stats(); s.Blocked != 2 || s.Used != 4096+ChangeOverhead {
 		t.Fatalf("stats %+v", s)
 	}
 
@@ -141,7 +141,7 @@ func TestJournalBackpressure(t *testing.T) {
 // will read and counts copies.
 func TestJournalTracking(t *testing.T) {
 	ctx := context.Background()
-	j, err := NewJournal(JournalConfig{Limit: 2 * (4096 + changeOverhead), MaxWrite: 4096, Tracking: true}, 1)
+	j, err := NewJournal(JournalConfig{Limit: 2 * (4096 + ChangeOverhead), MaxWrite: 4096, Tracking: true}, 1)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -159,7 +159,7 @@ func TestJournalTracking(t *testing.T) {
 	}
 	// Journaling again.
 	j.Observe(ctx, write(3*TrackBlock, 100, 1))
-	if s := j.Stats(); s.Tracking || s.Used != 100+changeOverhead {
+	if s := j.Stats(); s.Tracking || s.Used != 100+ChangeOverhead {
 		t.Fatalf("after the cut %+v", s)
 	}
 	j.Track()
