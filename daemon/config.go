@@ -148,6 +148,13 @@ type Config struct {
 	// (qemu backend, role local until protected).
 	QemuVMs []QemuVM `json:"qemu_vms"`
 
+	// XenVMs are Xen domains of this host (xen backend, built with -tags
+	// xen): on a primary, domains the daemon finds running and protects;
+	// on a backup, how it creates their standbys (daemon/xen.go).
+	XenVMs []XenVM `json:"xen_vms,omitempty"`
+	// Xen holds the Xen backend's settings.
+	Xen XenConfig `json:"xen,omitempty"`
+
 	// Libvirt is where libvirtd listens, for qemu_vms with libvirt set.
 	Libvirt libvirt.Config `json:"libvirt"`
 
@@ -589,6 +596,20 @@ func (c Config) Validate() error {
 			images[p] = f
 		}
 	}
+	domains := map[string]string{}
+	for i, x := range c.XenVMs {
+		f := fmt.Sprintf("xen_vms[%d]", i)
+		if x.Name != "" && seen[x.Name] {
+			bad(f+".name", "%q defined twice", x.Name)
+		}
+		seen[x.Name] = true
+		if other, ok := domains[x.domain()]; ok {
+			bad(f+".domain", "%q is also %s's domain", x.domain(), other)
+		}
+		domains[x.domain()] = f
+		errs = append(errs, x.validate(f)...)
+	}
+	errs = append(errs, c.Xen.validate("xen")...)
 	errs = append(errs, c.Standby.validate("standby")...)
 	errs = append(errs, validateLibvirtConfig(c.Libvirt, "libvirt")...)
 	for i, vm := range c.SimVMs {

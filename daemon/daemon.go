@@ -27,6 +27,7 @@ import (
 	"github.com/remusd/remusd/hypervisor"
 	"github.com/remusd/remusd/hypervisor/qemu"
 	"github.com/remusd/remusd/hypervisor/sim"
+	"github.com/remusd/remusd/hypervisor/xen"
 	"github.com/remusd/remusd/outbuf"
 )
 
@@ -147,6 +148,14 @@ type vm struct {
 	attached bool          // attached to a QEMU launched by someone else
 	netOut   outbuf.Buffer // the NIC's output buffer while protected
 	qreplica *qemu.Replica // backup role: the replica and hot standby
+
+	// xen backend (daemon/xen.go)
+	xcfg     *XenVM       // this host's configuration of the VM
+	xnet     xenNet       // the domain and its vif (qnet.tap names the vif too)
+	xstandby *xen.Standby // backup role: the hot standby domain
+	// leftoverStandby is a never-run standby domain of this VM a previous
+	// daemon left (0: none); the next replica replaces it.
+	leftoverStandby uint32
 }
 
 // simSpec is what a sim VM's backend config carries between hosts: the
@@ -220,6 +229,12 @@ func New(cfg Config, log *zap.Logger, opts ...Option) (*Daemon, error) {
 			return nil, fmt.Errorf("config field qemu_vms[%d] (%s): start: %w", i, q.Name, err)
 		}
 	}
+	for i := range cfg.XenVMs {
+		if err := d.bringUpXen(cfg.XenVMs[i]); err != nil {
+			d.closeAll()
+			return nil, fmt.Errorf("config field xen_vms[%d] (%s): %w", i, cfg.XenVMs[i].Name, err)
+		}
+	}
 	d.log.Info("replica memory budget", zap.Int64("mib", d.budget>>20))
 	return d, nil
 }
@@ -280,21 +295,26 @@ func (v *vm) setPassThrough() {
 // record is what the state directory keeps of v (nil for VMs that do not
 // outlive the daemon: sim guests, replicas). d.mu held.
 func (d *Daemon) record(v *vm) *vmRecord {
-	qg, ok := v.guest.(*qemu.Guest)
-	if !ok || v.backend != qemu.BackendName {
-		return nil
-	}
 	switch v.role {
 	case RoleLocal, RolePrimary, RoleActive:
 	default:
 		return nil
 	}
-	sp := qg.Spec()
-	if p := qg.Pid(); p > 0 {
-		v.pid = p
+	var r *vmRecord
+	switch g := v.guest.(type) {
+	case *qemu.Guest:
+		sp := g.Spec()
+		if p := g.Pid(); p > 0 {
+			v.pid = p
+		}
+		r = &vmRecord{Name: v.name, Backend: v.backend, Role: v.role,
+			QEMU: &qemuRecord{Pid: v.pid, QMP: sp.QMPPath, RAM: sp.RAMPath, Serial: sp.SerialPath, Launched: !v.attached}}
+	case *xen.Guest:
+		r = &vmRecord{Name: v.name, Backend: v.backend, Role: v.role,
+			Xen: &xenRecord{DomID: v.xnet.domid, Vif: v.xnet.vif, Bridged: v.xnet.bridged}}
+	default:
+		return nil
 	}
-	r := &vmRecord{Name: v.name, Backend: v.backend, Role: v.role,
-		QEMU: &qemuRecord{Pid: v.pid, QMP: sp.QMPPath, RAM: sp.RAMPath, Serial: sp.SerialPath, Launched: !v.attached}}
 	if v.role == RolePrimary && v.primary == nil && v.resume != nil {
 		pr := *v.resume
 		r.Protection = &pr
@@ -351,6 +371,10 @@ func (d *Daemon) closeVM(v *vm) {
 	if v.qreplica != nil {
 		v.qreplica.Close()
 		v.qreplica = nil
+	}
+	if v.xstandby != nil {
+		v.xstandby.Close()
+		v.xstandby = nil
 	}
 	switch g := v.guest.(type) {
 	case *qemu.Guest:
@@ -495,7 +519,8 @@ func (d *Daemon) shutdown() {
 func (d *Daemon) stopPrimaryForRestart(v *vm) {
 	d.mu.Lock()
 	g, p, stop, done, netOut := v.guest, v.primary, v.stop, v.done, v.netOut
-	isQemu := v.backend == qemu.BackendName
+	// A QEMU or Xen guest outlives the daemon; a sim guest does not.
+	isQemu := v.backend != sim.BackendName
 	d.mu.Unlock()
 	if isQemu {
 		p.StopForRestart()

@@ -9,6 +9,7 @@ import (
 
 	"github.com/remusd/remusd/hypervisor/qemu"
 	"github.com/remusd/remusd/hypervisor/sim"
+	"github.com/remusd/remusd/hypervisor/xen"
 )
 
 // watchBackups reports primaries that fell silent and, when the operator
@@ -173,6 +174,12 @@ func (d *Daemon) Failover(ctx context.Context, req FailoverRequest) error {
 		activate = b.ActivateFromLink
 	}
 	g, err := activate(ctx)
+	var xnet xenNet
+	if xg, ok := g.(*xen.Guest); ok && err == nil {
+		// Where the activated domain's output leaves (its own vif on this
+		// host): recorded for a restarted daemon, held when re-protected.
+		xnet = d.xenNetOf(ctx, name, xg.DomID())
+	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	v.busy = ""
@@ -212,6 +219,16 @@ func (d *Daemon) Failover(ctx context.Context, req FailoverRequest) error {
 			zap.Duration("announce", a.Announce), zap.Duration("total", a.Total))
 		// The activated standby is this host's guest now.
 		v.qreplica = nil
+	}
+	if v.xstandby != nil {
+		a := v.xstandby.LastActivation()
+		v.xnet = xnet
+		v.qnet = qemuNet{tap: xnet.vif, bridged: xnet.bridged}
+		d.log.Warn("xen VM activated", zap.String("vm", name), zap.Uint64("epoch", a.Epoch), zap.Bool("suspended", a.Suspended),
+			zap.Uint32("domid", xnet.domid), zap.String("vif", xnet.vif), zap.Duration("setcontext", a.Context), zap.Duration("unpause", a.Unpause), zap.Duration("total", a.Total))
+		// The activated standby is this host's domain now (Close of the
+		// standby would leave it running anyway).
+		v.xstandby = nil
 	}
 	d.saveRecord(v)
 	d.log.Warn("VM took over on this host", zap.String("vm", name), zap.Uint64("epoch", b.Committed()), zap.Duration("activation", v.activation))

@@ -22,6 +22,8 @@ import (
 
 	"github.com/remusd/remusd/guestimage"
 	"github.com/remusd/remusd/hypervisor/qemu"
+	"github.com/remusd/remusd/hypervisor/sim"
+	"github.com/remusd/remusd/hypervisor/xen"
 )
 
 // reattachTimeout bounds re-attaching to one running QEMU.
@@ -233,13 +235,20 @@ func (d *Daemon) Start(ctx context.Context, name string) error {
 	case v.role != RoleStopped:
 		d.mu.Unlock()
 		return fmt.Errorf("start %s: already running here (role %s)", name, v.role)
-	case v.qcfg == nil:
+	case v.qcfg == nil && v.xcfg == nil:
 		d.mu.Unlock()
-		return fmt.Errorf("start %s: no qemu_vms entry describes it on %s", name, d.cfg.Name)
+		return fmt.Errorf("start %s: no qemu_vms or xen_vms entry describes it on %s", name, d.cfg.Name)
+	case v.leftoverStandby != 0:
+		d.mu.Unlock()
+		return fmt.Errorf("start %s: its domain is a standby a previous backup daemon left (paused, never ran): it holds no running VM; `xl destroy %d` first if this host should start the VM afresh", name, v.leftoverStandby)
 	}
 	v.busy = "starting"
 	d.mu.Unlock()
-	err = d.launch(v)
+	if v.xcfg != nil {
+		err = d.startXen(ctx, v)
+	} else {
+		err = d.launch(v)
+	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	v.busy = ""
@@ -269,14 +278,19 @@ func (d *Daemon) Stop(ctx context.Context, name string) error {
 	case v.role != RoleLocal && v.role != RoleActive:
 		d.mu.Unlock()
 		return fmt.Errorf("stop %s: it does not run here (role %s)", name, v.role)
-	case v.backend != qemu.BackendName:
+	case v.backend == sim.BackendName:
 		d.mu.Unlock()
 		return fmt.Errorf("stop %s: a %s guest runs as long as its daemon", name, v.backend)
 	}
 	g := v.guest
 	v.busy = "stopping"
 	d.mu.Unlock()
-	err = g.Close()
+	if xg, ok := g.(*xen.Guest); ok {
+		// Xen: the domain is destroyed (as QEMU is quit).
+		err = d.stopXen(ctx, xg)
+	} else {
+		err = g.Close()
+	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	v.busy, v.guest, v.role, v.stoppedWhy = "", nil, RoleStopped, "stopped by the operator"
@@ -284,7 +298,7 @@ func (d *Daemon) Stop(ctx context.Context, name string) error {
 	if rerr := d.records.remove(name); rerr != nil {
 		d.log.Error("remove state record", zap.String("vm", name), zap.Error(rerr))
 	}
-	if v.qcfg == nil {
+	if v.qcfg == nil && v.xcfg == nil {
 		delete(d.vms, name)
 	}
 	d.log.Warn("VM stopped by the operator", zap.String("vm", name), zap.Error(err))

@@ -33,6 +33,7 @@ import (
 	"github.com/remusd/remusd/hypervisor"
 	"github.com/remusd/remusd/hypervisor/qemu"
 	"github.com/remusd/remusd/hypervisor/sim"
+	"github.com/remusd/remusd/hypervisor/xen"
 	remuspb "github.com/remusd/remusd/proto"
 	"github.com/remusd/remusd/transport"
 )
@@ -359,11 +360,15 @@ func (d *Daemon) backupFor(ctx context.Context, h *remuspb.Hello, identity strin
 		return nil, fmt.Errorf("VM %s needs %d MiB for its replica (%d MiB of memory, as much again to stage a full epoch, and link buffers) but %s has %d MiB of its %d MiB replica budget left (config replica_budget_mib)",
 			h.VmName, cost>>20, h.MemoryBytes>>20, d.cfg.Name, (d.budget-used)>>20, d.budget>>20)
 	}
-	var local *QemuVM
+	var (
+		local    *QemuVM
+		xlocal   *XenVM
+		leftover uint32
+	)
 	if prev, ok := d.vms[h.VmName]; ok {
-		local = prev.qcfg
+		local, xlocal, leftover = prev.qcfg, prev.xcfg, prev.leftoverStandby
 	} else {
-		local = d.qemuConfig(h.VmName)
+		local, xlocal = d.qemuConfig(h.VmName), d.xenConfig(h.VmName)
 	}
 	switch h.Backend {
 	case qemu.BackendName:
@@ -371,13 +376,18 @@ func (d *Daemon) backupFor(ctx context.Context, h *remuspb.Hello, identity strin
 			d.mu.Unlock()
 			return nil, fmt.Errorf("VM %s: %s has no configuration of this QEMU VM to build its standby from; add a qemu_vms entry named %s (autostart false) describing it", h.VmName, d.cfg.Name, h.VmName)
 		}
+	case xen.BackendName:
+		if xlocal == nil {
+			d.mu.Unlock()
+			return nil, fmt.Errorf("VM %s: %s has no configuration of this Xen VM to build its standby from; add a xen_vms entry named %s with its xl_config", h.VmName, d.cfg.Name, h.VmName)
+		}
 	case sim.BackendName:
 	default:
 		d.mu.Unlock()
-		return nil, fmt.Errorf("backend %q is not supported by this daemon (have: sim, qemu)", printable(h.Backend))
+		return nil, fmt.Errorf("backend %q is not supported by this daemon (have: sim, qemu, xen)", printable(h.Backend))
 	}
 	// Reserve the name (and the budget) while the replica is built.
-	placeholder := &vm{name: h.VmName, backend: h.Backend, role: RoleStarting, busy: "starting a replica", qcfg: local, replicaSize: cost, peerName: identity}
+	placeholder := &vm{name: h.VmName, backend: h.Backend, role: RoleStarting, busy: "starting a replica", qcfg: local, xcfg: xlocal, replicaSize: cost, peerName: identity}
 	prev := d.vms[h.VmName]
 	d.vms[h.VmName] = placeholder
 	d.mu.Unlock()
@@ -386,9 +396,12 @@ func (d *Daemon) backupFor(ctx context.Context, h *remuspb.Hello, identity strin
 		v   *vm
 		err error
 	)
-	if h.Backend == qemu.BackendName {
+	switch h.Backend {
+	case qemu.BackendName:
 		v, err = d.newQemuReplica(ctx, h, identity, *local)
-	} else {
+	case xen.BackendName:
+		v, err = d.newXenReplica(ctx, h, identity, *xlocal, leftover)
+	default:
 		v, err = d.newSimReplica(h, identity)
 	}
 	d.mu.Lock()
@@ -401,7 +414,7 @@ func (d *Daemon) backupFor(ctx context.Context, h *remuspb.Hello, identity strin
 		}
 		return nil, err
 	}
-	v.qcfg = local
+	v.qcfg, v.xcfg = local, xlocal
 	v.replicaSize = cost
 	d.vms[h.VmName] = v
 	return v.backup, nil
@@ -533,9 +546,9 @@ func (d *Daemon) onGoodbye(v *vm, restart bool) {
 // the replica's links (waiting until none uses its memory), then stops
 // the standby and unmaps the replica.
 func (d *Daemon) dropReplica(v *vm) (release func()) {
-	b, rep, audit := v.backup, v.qreplica, v.audit
-	v.backup, v.qreplica, v.audit, v.replicaSize = nil, nil, nil, 0
-	if v.qcfg != nil {
+	b, rep, xsb, audit := v.backup, v.qreplica, v.xstandby, v.audit
+	v.backup, v.qreplica, v.xstandby, v.audit, v.replicaSize = nil, nil, nil, nil, 0
+	if v.qcfg != nil || v.xcfg != nil {
 		// This host still knows the VM (it may run it later).
 		v.role, v.stoppedWhy = RoleStopped, "replica released"
 	} else {
@@ -547,6 +560,9 @@ func (d *Daemon) dropReplica(v *vm) (release func()) {
 		}
 		if rep != nil {
 			rep.Close()
+		}
+		if xsb != nil {
+			xsb.Close()
 		}
 		if audit != nil {
 			audit.close()

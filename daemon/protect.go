@@ -14,6 +14,8 @@ import (
 	"github.com/remusd/remusd/failover/witness"
 	"github.com/remusd/remusd/hypervisor"
 	"github.com/remusd/remusd/hypervisor/qemu"
+	"github.com/remusd/remusd/hypervisor/sim"
+	"github.com/remusd/remusd/hypervisor/xen"
 	"github.com/remusd/remusd/outbuf"
 	"github.com/remusd/remusd/transport"
 )
@@ -144,8 +146,11 @@ func (d *Daemon) resumeProtections() {
 func (d *Daemon) startProtection(v *vm, pr protectionRecord, resume bool) error {
 	d.mu.Lock()
 	g, backend, dctx := v.guest, v.backend, d.ctx
+	// QEMU and Xen guests send through a host interface (tap, vif) where
+	// their output is held; a sim guest's output is the daemon's own.
+	hostNIC := backend != sim.BackendName
 	queue := pr.Queue
-	if backend == qemu.BackendName && queue == 0 {
+	if hostNIC && queue == 0 {
 		queue = d.nextQueue
 		d.nextQueue++
 	} else if queue >= d.nextQueue {
@@ -154,6 +159,14 @@ func (d *Daemon) startProtection(v *vm, pr protectionRecord, resume bool) error 
 	d.mu.Unlock()
 	if g == nil {
 		return errors.New("the VM does not run here")
+	}
+	if backend == xen.BackendName {
+		if err := d.prepareXenProtection(dctx, v); err != nil {
+			return err
+		}
+		d.mu.Lock()
+		g = v.guest
+		d.mu.Unlock()
 	}
 	if err := d.witnessInit(v); err != nil {
 		return err
@@ -174,7 +187,7 @@ func (d *Daemon) startProtection(v *vm, pr protectionRecord, resume bool) error 
 		buf    outbuf.Buffer
 		memBuf *outbuf.Memory
 	)
-	if backend == qemu.BackendName {
+	if hostNIC {
 		recorded := ""
 		if resume {
 			recorded = pr.OutBuf
@@ -404,7 +417,7 @@ func (d *Daemon) Unprotect(ctx context.Context, name string) error {
 // releaseLeftover takes over the output buffer a previous daemon left on
 // a VM's tap (protection pr) and lets the guest's output go.
 func (d *Daemon) releaseLeftover(ctx context.Context, v *vm, pr protectionRecord) error {
-	if v.backend != qemu.BackendName || pr.OutBuf == "" || pr.OutBuf == "memory" || pr.OutBuf == "none" {
+	if v.backend == sim.BackendName || pr.OutBuf == "" || pr.OutBuf == "memory" || pr.OutBuf == "none" {
 		return nil
 	}
 	buf, _, err := d.openQemuBuffer(ctx, v, pr.EpochInterval.D(), pr.Queue, pr.OutBuf)

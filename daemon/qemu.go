@@ -19,6 +19,7 @@ import (
 	"github.com/remusd/remusd/guestimage"
 	"github.com/remusd/remusd/hypervisor"
 	"github.com/remusd/remusd/hypervisor/qemu"
+	"github.com/remusd/remusd/hypervisor/xen"
 	"github.com/remusd/remusd/outbuf"
 	remuspb "github.com/remusd/remusd/proto"
 	"github.com/remusd/remusd/transport"
@@ -483,12 +484,12 @@ func (d *Daemon) openQemuBuffer(ctx context.Context, v *vm, interval time.Durati
 	if v.qnet.tap == "" {
 		// No tap to hold output on: only a guest without a network card
 		// may be protected so (its output cannot reach a client).
-		nics, err := guestNICs(ctx, v.guest)
+		nics, err := d.guestNICs(ctx, v)
 		if err != nil {
 			return nil, false, fmt.Errorf("cannot tell whether the guest has a network card (so whether it has output to hold): %w", err)
 		}
 		if nics > 0 && d.cfg.OutputBuffer != OutputNoneUnsafe {
-			return nil, false, fmt.Errorf("the guest has %d network card(s) but its qemu_vms entry names no tap: its output could not be held; set tap (for libvirt, the domain's <target dev=.../>), or output_buffer %s to protect without output commit", nics, OutputNoneUnsafe)
+			return nil, false, fmt.Errorf("the guest has %d network card(s) but its configuration names no tap: its output could not be held; set tap (for libvirt, the domain's <target dev=.../>), or output_buffer %s to protect without output commit", nics, OutputNoneUnsafe)
 		}
 		if nics > 0 {
 			d.log.Warn("protecting WITHOUT output commit (output_buffer none-unsafe): the guest's NIC has no tap configured", zap.String("vm", v.name))
@@ -617,7 +618,14 @@ func (d *Daemon) localStandbySpec(ctx context.Context, q QemuVM) (qemu.Spec, err
 
 // guestNICs counts the guest's network cards (PCI class 0x0200, Ethernet
 // controller) through QMP query-pci.
-func guestNICs(ctx context.Context, g hypervisor.Guest) (int, error) {
+func (d *Daemon) guestNICs(ctx context.Context, v *vm) (int, error) {
+	d.mu.Lock()
+	g := v.guest
+	xnics := v.xnet.nics
+	d.mu.Unlock()
+	if _, ok := g.(*xen.Guest); ok {
+		return xnics, nil
+	}
 	qg, ok := g.(*qemu.Guest)
 	if !ok {
 		return 0, fmt.Errorf("not a QEMU guest")

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/remusd/remusd/hypervisor"
+	"github.com/remusd/remusd/hypervisor/xen"
 )
 
 // vmRecord is what the daemon keeps in its state directory about a VM
@@ -26,6 +27,8 @@ type vmRecord struct {
 	Role string `json:"role"`
 	// QEMU is where the guest's QEMU runs (launched or attached).
 	QEMU *qemuRecord `json:"qemu,omitempty"`
+	// Xen is the domain a xen VM ran as.
+	Xen *xenRecord `json:"xen,omitempty"`
 	// Protection is set while the VM is protected from this host.
 	Protection *protectionRecord `json:"protection,omitempty"`
 	UpdatedAt  time.Time         `json:"updated_at"`
@@ -39,6 +42,15 @@ type qemuRecord struct {
 	// Launched: this daemon launched the QEMU (it is ours to stop on
 	// `remusd stop`); false for a QEMU someone else launched.
 	Launched bool `json:"launched"`
+}
+
+// xenRecord is the Xen domain a record's VM ran as: a restarted daemon
+// re-attaches only to that same domain (id), and the vif is where its
+// output was held.
+type xenRecord struct {
+	DomID   uint32 `json:"domid"`
+	Vif     string `json:"vif,omitempty"`
+	Bridged bool   `json:"bridged,omitempty"`
 }
 
 type protectionRecord struct {
@@ -112,6 +124,14 @@ func (r *vmRecord) validate() error {
 		if q.Pid < 0 || (!libvirtGuest && !filepath.IsAbs(q.QMP)) || !filepath.IsAbs(q.RAM) || (q.Serial != "" && !filepath.IsAbs(q.Serial)) {
 			return fmt.Errorf("qemu pid %d, qmp %q, ram %q, serial %q", q.Pid, q.QMP, q.RAM, q.Serial)
 		}
+	}
+	if x := r.Xen; x != nil {
+		if x.DomID == 0 || x.DomID >= 0x7ff0 || (x.Vif != "" && !validIfName(x.Vif)) {
+			return fmt.Errorf("xen domid %d, vif %q", x.DomID, x.Vif)
+		}
+	}
+	if (r.Backend == xen.BackendName) != (r.Xen != nil) || (r.Xen != nil && r.QEMU != nil) {
+		return fmt.Errorf("backend %q with qemu %v and xen %v", r.Backend, r.QEMU != nil, r.Xen != nil)
 	}
 	if p := r.Protection; p != nil {
 		if p.ID == "" || len(p.ID) > 64 {

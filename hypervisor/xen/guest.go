@@ -50,17 +50,6 @@ type Guest struct {
 	lastDirty      uint32 // Xen's dirty count of the last harvest
 }
 
-// Config is what Guest.Config returns (JSON).
-type Config struct {
-	DomID     uint32    `json:"domid"`
-	Type      string    `json:"type"`  // "pvh" or "hvm"
-	Pages     int       `json:"pages"` // NumPages
-	Segments  []Segment `json:"segments"`
-	MaxPages  uint64    `json:"max_pages"`
-	MaxVCPUID uint32    `json:"max_vcpu_id"`
-	Version   string    `json:"xen_version"`
-}
-
 // Open attaches to domain domid: it checks the domain is HVM or PVH,
 // enables log-dirty mode (refusing a domain where that is unsupported,
 // ErrLogDirtyUnsupported) and maps its memory read-only. The domain keeps

@@ -34,6 +34,9 @@ type Options struct {
 	// suspend in time fails that checkpoint instead of stalling the epoch
 	// loop. Under TCG on a busy machine suspends took up to 6.3 s.
 	SuspendTimeout time.Duration
+	// Recover: the domain may have been left suspended or paused in a
+	// checkpoint by a remusd that died; Open resumes it.
+	Recover bool
 }
 
 // StandbyOptions configure NewStandby. Everything here comes from the

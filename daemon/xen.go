@@ -1,0 +1,483 @@
+package daemon
+
+// The Xen backend in the daemon (issue 10 item 3).
+//
+// A xen_vms entry names a domain of this host's Xen (dom0). remusd does
+// not create or own the domain on the primary: the operator starts it
+// (`xl create`), the daemon finds it by name (`xl domid`) at start and at
+// `remusd start`, and `remusd protect NAME --peer HOST:PORT` protects it
+// like a QEMU VM: every epoch the guest suspends cooperatively, the
+// daemon harvests Xen's log-dirty bitmap, copies the dirty frames and the
+// vCPU/HVM context, and cancels the suspend (hypervisor/xen). Its output
+// is held on its vif in dom0 (the plug, or NFQUEUE; the vif's name comes
+// from xenstore). On exit the daemon lets go of the domain (log-dirty off,
+// mappings dropped, a suspend cancelled): it runs on, with its output held
+// until the next daemon resumes the protection.
+//
+// On the backup the same entry describes the VM: its xl_config is the
+// backup's own configuration of the domain, from which the hot standby is
+// created paused (`xl create -p`, named by the entry's domain), never from
+// anything the primary sends. The primary's layout (populated memory
+// segments and Xen version) must equal the standby's, which the handshake
+// checks through the backend version. Activation loads the committed
+// vCPU/HVM context and unpauses it: the guest resumes as "moved" and
+// reconnects its frontends to this host's backends.
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
+
+	"github.com/remusd/remusd/hypervisor"
+	"github.com/remusd/remusd/hypervisor/xen"
+	remuspb "github.com/remusd/remusd/proto"
+	"github.com/remusd/remusd/transport"
+)
+
+// XenVM describes one Xen domain on this host.
+type XenVM struct {
+	// Name is the VM's name (equal on both hosts: it names the protection).
+	Name string `json:"name"`
+	// Domain is the domain's name on this host (default Name). On the
+	// backup the standby is created under this name; a primary and a
+	// backup sharing one Xen (a test) need different ones.
+	Domain string `json:"domain,omitempty"`
+	// XLConfig is this host's xl configuration file of the VM (absolute).
+	// Required on a backup: the standby is created from it. On the
+	// primary `remusd start NAME` creates the domain from it.
+	XLConfig string `json:"xl_config,omitempty"`
+	// Type is the domain type: "pvh" (the default and the only one
+	// supported: an HVM guest's device model state is not replicated).
+	Type string `json:"type,omitempty"`
+}
+
+// XenConfig holds the settings of the Xen backend.
+type XenConfig struct {
+	// XL is the xl binary (default "xl", looked up in PATH).
+	XL string `json:"xl,omitempty"`
+	// SuspendTimeout bounds each cooperative suspend (default 30s).
+	SuspendTimeout Duration `json:"suspend_timeout,omitempty"`
+}
+
+func (x XenVM) domain() string {
+	if x.Domain != "" {
+		return x.Domain
+	}
+	return x.Name
+}
+
+func (c XenConfig) xl() string {
+	if c.XL != "" {
+		return c.XL
+	}
+	return "xl"
+}
+
+// validate returns one error per bad field, named with prefix f.
+func (x XenVM) validate(f string) []error {
+	var errs []error
+	bad := func(field, format string, a ...any) {
+		errs = append(errs, fmt.Errorf("config field %s.%s: %s", f, field, fmt.Sprintf(format, a...)))
+	}
+	if err := hypervisor.ValidateVMName(x.Name); err != nil {
+		bad("name", "%v", err)
+	}
+	if x.Domain != "" {
+		if err := xen.ValidDomainName(x.Domain); err != nil {
+			bad("domain", "%v", err)
+		}
+	} else if err := xen.ValidDomainName(x.Name); err != nil {
+		bad("name", "%v: set domain", err)
+	}
+	if x.XLConfig != "" && (!filepath.IsAbs(x.XLConfig) || strings.ContainsAny(x.XLConfig, "\n\x00")) {
+		bad("xl_config", "%q must be an absolute path", x.XLConfig)
+	}
+	switch x.Type {
+	case "", "pvh":
+	case "hvm":
+		bad("type", "hvm is not supported: the device model's (QEMU's) state of an HVM guest is not replicated, so an activated standby would lose its emulated devices; run the guest as PVH")
+	default:
+		bad("type", "%q: want pvh", x.Type)
+	}
+	return errs
+}
+
+func (c XenConfig) validate(f string) []error {
+	var errs []error
+	if c.XL != "" && (strings.ContainsAny(c.XL, "\n\x00") || (strings.Contains(c.XL, "/") && !filepath.IsAbs(c.XL))) {
+		errs = append(errs, fmt.Errorf("config field %s.xl: %q must be a program name or an absolute path", f, c.XL))
+	}
+	if d := c.SuspendTimeout.D(); d < 0 || d > 10*time.Minute {
+		errs = append(errs, fmt.Errorf("config field %s.suspend_timeout: %v out of range [0, 10m]", f, d))
+	}
+	return errs
+}
+
+// xenCallTimeout bounds one discovery call (xl domid, xenstore, netlink).
+const xenCallTimeout = 30 * time.Second
+
+// xenOpenTimeout bounds opening a domain: mapping its memory takes 2 s for
+// 128 MiB under TCG, more for larger guests.
+const xenOpenTimeout = 2 * time.Minute
+
+// bringUpXen makes a configured Xen VM known at daemon start: its domain
+// found running here (re-attached, with its protection resumed if a
+// previous daemon ran one), or stopped.
+func (d *Daemon) bringUpXen(x XenVM) error {
+	v := &vm{name: x.Name, backend: xen.BackendName, role: RoleStopped, xcfg: &x}
+	d.vms[x.Name] = v
+	rec, err := d.records.load(x.Name)
+	if err != nil {
+		v.stoppedWhy = fmt.Sprintf("its state record is unreadable (%v): left alone; check whether it runs, then fix or remove the file", err)
+		d.log.Error("unreadable state record: the VM is left alone", zap.String("vm", x.Name), zap.Error(err))
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), xenOpenTimeout)
+	defer cancel()
+	domid, st, err := d.findXenDomain(ctx, x)
+	switch {
+	case errors.Is(err, xen.ErrNotBuilt):
+		v.stoppedWhy = "this remusd was built without Xen support (build it with -tags xen on a host with libxen-dev)"
+		return nil
+	case errors.Is(err, xen.ErrNoDomain):
+		if rec != nil && rec.Xen != nil {
+			d.forgetGoneXen(v, rec, err)
+			return nil
+		}
+		v.stoppedWhy = fmt.Sprintf("domain %s is not running on this host (start it with xl create, or `remusd start %s` with xl_config set)", x.domain(), x.Name)
+		return nil
+	case err != nil:
+		// Unknown: it may run. Leave it (and any output rules) alone.
+		v.stoppedWhy = fmt.Sprintf("cannot tell whether domain %s runs here (%v): left alone; restart remusd once xl answers", x.domain(), err)
+		d.log.Error("cannot look the Xen domain up: leaving it alone", zap.String("vm", x.Name), zap.Error(err))
+		return nil
+	}
+	if rec != nil && rec.Xen != nil && rec.Xen.DomID != domid {
+		// Another instance of the domain: the recorded one is gone.
+		d.forgetGoneXen(v, rec, fmt.Errorf("the recorded domain %d is gone; domain %s is now %d", rec.Xen.DomID, x.domain(), domid))
+		rec = nil
+	}
+	if rec == nil && st.NeverRan() {
+		// `xl create -p` and never unpaused: a standby a backup daemon
+		// left behind (killed before it could destroy it). It holds no
+		// state anyone saw; the next replica of this VM replaces it.
+		v.leftoverStandby = domid
+		v.stoppedWhy = fmt.Sprintf("domain %s (%d) is paused and has never run: a standby a previous backup daemon left; it is replaced when the VM's primary connects (or `xl destroy %d`)", x.domain(), domid, domid)
+		d.log.Warn("found a standby domain a previous daemon left", zap.String("vm", x.Name), zap.Uint32("domid", domid))
+		return nil
+	}
+	recover := rec != nil && rec.Role == RolePrimary
+	g, n, err := d.openXen(ctx, v.name, domid, recover)
+	if err == nil {
+		v.installXen(g, n)
+	}
+	if err != nil {
+		v.stoppedWhy = fmt.Sprintf("domain %s (%d) runs but cannot be attached (%v): left alone, its output held as it was", x.domain(), domid, err)
+		d.log.Error("cannot attach to a running Xen domain: leaving it alone", zap.String("vm", x.Name), zap.Uint32("domid", domid), zap.Error(err))
+		return nil
+	}
+	v.role = RoleLocal
+	if rec != nil {
+		v.role = rec.Role
+		if rec.Role == RolePrimary && rec.Protection != nil {
+			p := *rec.Protection
+			v.resume = &p
+			v.busy = "resuming protection"
+		}
+		d.log.Warn("re-attached to a Xen domain a previous daemon left running", zap.String("vm", x.Name), zap.String("role", rec.Role), zap.Uint32("domid", domid))
+	}
+	d.saveRecord(v)
+	return nil
+}
+
+// forgetGoneXen handles a recorded domain that is gone: its dead daemon's
+// NFQUEUE rules on its vif are removed (they would drop the output of a
+// later guest on an interface of that name), and a VM that was protected
+// or active here is not looked for again automatically.
+func (d *Daemon) forgetGoneXen(v *vm, rec *vmRecord, why error) {
+	d.log.Warn("a Xen domain recorded in the state directory is gone", zap.String("vm", v.name), zap.String("role", rec.Role), zap.Error(why))
+	if p := rec.Protection; p != nil && p.OutBuf != "" && rec.Xen.Vif != "" {
+		ctx, cancel := context.WithTimeout(context.Background(), xenCallTimeout)
+		err := removeStaleNetBuffer(ctx, p.OutBuf, netBufferSpec{Interface: rec.Xen.Vif, Bridged: rec.Xen.Bridged, QueueNum: p.Queue})
+		cancel()
+		if err != nil {
+			d.log.Error("cannot remove a dead guest's output buffer rules: a guest started on its vif may be cut off", zap.String("vm", v.name), zap.Error(err))
+		}
+	}
+	if rec.Role == RolePrimary || rec.Role == RoleActive {
+		v.stoppedWhy = fmt.Sprintf("it was %s here when the daemon stopped and its domain is gone (%v); it may run on the other host now", rec.Role, why)
+		// The record stays until the VM runs here again: `remusd start`
+		// or a replica replaces it.
+		return
+	}
+	_ = d.records.remove(v.name)
+}
+
+// findXenDomain looks the entry's domain up: its id and state.
+func (d *Daemon) findXenDomain(ctx context.Context, x XenVM) (uint32, xen.DomainStatus, error) {
+	cctx, cancel := context.WithTimeout(ctx, xenCallTimeout)
+	defer cancel()
+	domid, err := xen.DomainID(cctx, d.cfg.Xen.xl(), x.domain())
+	if err != nil {
+		return 0, xen.DomainStatus{}, err
+	}
+	st, err := xen.DomainState(cctx, domid)
+	if err != nil {
+		return 0, xen.DomainStatus{}, err
+	}
+	if st.Dying || (st.Shutdown && !st.Suspended) {
+		return 0, st, fmt.Errorf("%w: domain %s (%d) is shutting down", xen.ErrNoDomain, x.domain(), domid)
+	}
+	return domid, st, nil
+}
+
+// openXen attaches to domain domid: dirty tracking on, memory mapped,
+// checkpoints cooperative; its vif found. recover resumes a domain a dead
+// daemon left suspended or paused in a checkpoint (its output is held on
+// the vif, so it may run). Runs without d.mu (it takes seconds).
+func (d *Daemon) openXen(ctx context.Context, name string, domid uint32, recover bool) (*xen.Guest, xenNet, error) {
+	vctx, cancel := context.WithTimeout(ctx, xenCallTimeout)
+	vifs, err := xen.Vifs(vctx, domid)
+	cancel()
+	if err != nil {
+		return nil, xenNet{}, err
+	}
+	n := xenNet{domid: domid, nics: len(vifs)}
+	if len(vifs) > 0 {
+		n.vif = vifs[0].Name
+		n.bridged, err = isBridgePort(ctx, n.vif)
+		if err != nil {
+			return nil, xenNet{}, err
+		}
+	}
+	g, err := xen.Open(ctx, domid, xen.Options{Name: name, Logger: d.log, Cooperative: true,
+		SuspendTimeout: d.cfg.Xen.SuspendTimeout.D(), Recover: recover})
+	if err != nil {
+		return nil, xenNet{}, err
+	}
+	if r := g.Recovered(); r != "" {
+		d.log.Warn("a previous daemon left the domain in a checkpoint: resumed it (its output stays held)", zap.String("vm", name), zap.String("done", r))
+	}
+	d.log.Info("xen domain attached", zap.String("vm", name), zap.Uint32("domid", domid), zap.Int("vifs", len(vifs)), zap.String("vif", n.vif),
+		zap.Bool("bridged", n.bridged), zap.Int("pages", g.NumPages()))
+	return g, n, nil
+}
+
+// installXen makes g (on n) v's guest, closing the one it held. d.mu held
+// (or v not yet shared).
+func (v *vm) installXen(g *xen.Guest, n xenNet) {
+	if old, ok := v.guest.(*xen.Guest); ok && old != nil && old != g {
+		old.Close()
+	}
+	v.guest, v.xnet = g, n
+	v.qnet = qemuNet{tap: n.vif, bridged: n.bridged}
+}
+
+// xenNetOf finds domain domid's vif (a failure is logged: the domain runs
+// on, and protect finds its vif again).
+func (d *Daemon) xenNetOf(ctx context.Context, name string, domid uint32) xenNet {
+	n := xenNet{domid: domid}
+	ctx, cancel := context.WithTimeout(ctx, xenCallTimeout)
+	defer cancel()
+	vifs, err := xen.Vifs(ctx, domid)
+	if err == nil && len(vifs) > 0 {
+		n.nics, n.vif = len(vifs), vifs[0].Name
+		n.bridged, err = isBridgePort(ctx, n.vif)
+	}
+	if err != nil {
+		d.log.Warn("cannot find the activated domain's vif yet", zap.String("vm", name), zap.Uint32("domid", domid), zap.Error(err))
+	}
+	return n
+}
+
+// xenNet is where a Xen VM's first vif meets dom0.
+type xenNet struct {
+	domid   uint32
+	vif     string
+	bridged bool
+	nics    int // the domain's vifs (only the first can be held: more are refused at protect)
+}
+
+// isBridgePort reports whether interface name is a bridge port.
+func isBridgePort(ctx context.Context, name string) (bool, error) {
+	if err := ctx.Err(); err != nil {
+		return false, err
+	}
+	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
+	if err != nil {
+		return false, fmt.Errorf("vif %s: netlink: %w", name, err)
+	}
+	defer h.Close()
+	if err := h.SetSocketTimeout(netlinkTimeout); err != nil {
+		return false, fmt.Errorf("vif %s: netlink timeout: %w", name, err)
+	}
+	l, err := h.LinkByName(name)
+	if err != nil {
+		return false, fmt.Errorf("vif %s: %w", name, err)
+	}
+	return l.Attrs().MasterIndex != 0, nil
+}
+
+// prepareXenProtection makes sure v's guest tracks dirty pages (an
+// activated standby does not: it is opened again) and that its output
+// can be held (one vif at most). Called with v busy and d.mu free.
+func (d *Daemon) prepareXenProtection(ctx context.Context, v *vm) error {
+	d.mu.Lock()
+	g, _ := v.guest.(*xen.Guest)
+	n := v.xnet
+	d.mu.Unlock()
+	if g == nil {
+		return errors.New("the domain is not attached")
+	}
+	if g.Tracking() && n.nics <= 1 {
+		return nil
+	}
+	if !g.Tracking() {
+		// Closed first: one handle per domain enables and disables its
+		// log-dirty mode.
+		octx, cancel := context.WithTimeout(ctx, xenOpenTimeout)
+		defer cancel()
+		domid := g.DomID()
+		g.Close()
+		ng, nn, err := d.openXen(octx, v.name, domid, false)
+		if err != nil {
+			return fmt.Errorf("attach the domain for protection: %w", err)
+		}
+		d.mu.Lock()
+		v.installXen(ng, nn)
+		d.mu.Unlock()
+		n = nn
+	}
+	if n.nics > 1 {
+		return fmt.Errorf("domain %d has %d vifs: remusd holds the output of one (the first); give the guest one network interface", n.domid, n.nics)
+	}
+	return nil
+}
+
+// xenConfig returns this host's configuration of a Xen VM. d.mu held.
+func (d *Daemon) xenConfig(name string) *XenVM {
+	for i := range d.cfg.XenVMs {
+		if d.cfg.XenVMs[i].Name == name {
+			x := d.cfg.XenVMs[i]
+			return &x
+		}
+	}
+	return nil
+}
+
+// newXenReplica creates the hot standby of a primary's Xen VM from this
+// host's own configuration of it (local): `xl create -p` of its
+// xl_config under its domain name. The primary's description is only
+// checked; the layouts are compared at the handshake (backend version).
+// leftover is a never-run standby of that name a previous daemon left
+// (destroyed first). Runs without d.mu.
+func (d *Daemon) newXenReplica(ctx context.Context, h *remuspb.Hello, identity string, local XenVM, leftover uint32) (*vm, error) {
+	var cfg xen.Config
+	if err := unmarshalStrict(h.BackendConfig, &cfg); err != nil {
+		return nil, fmt.Errorf("VM %s: bad xen backend config: %w", h.VmName, err)
+	}
+	if cfg.Type != "pvh" {
+		return nil, fmt.Errorf("VM %s: the primary's domain is of type %q: only pvh is supported", h.VmName, printable(cfg.Type))
+	}
+	if uint64(cfg.Pages)*hypervisor.PageSize != h.MemoryBytes {
+		return nil, fmt.Errorf("VM %s: hello says %d bytes of memory, backend config %d pages", h.VmName, h.MemoryBytes, cfg.Pages)
+	}
+	if local.XLConfig == "" {
+		return nil, fmt.Errorf("VM %s: %s's xen_vms entry has no xl_config to create the standby from", h.VmName, d.cfg.Name)
+	}
+	if leftover != 0 {
+		if err := d.destroyLeftoverStandby(ctx, local, leftover); err != nil {
+			return nil, fmt.Errorf("VM %s: %w", h.VmName, err)
+		}
+	}
+	sb, err := xen.NewStandby(ctx, xen.StandbyOptions{Name: h.VmName, ConfigPath: local.XLConfig, DomainName: local.domain(),
+		XL: d.cfg.Xen.xl(), Type: local.Type, Logger: d.log})
+	if err != nil {
+		return nil, fmt.Errorf("VM %s: standby: %w", h.VmName, err)
+	}
+	if sb.BackendVersion() != h.BackendVersion {
+		sb.Close()
+		return nil, fmt.Errorf("VM %s: the primary's domain (%s) and this host's standby (%s) differ in Xen version or memory layout: give both the same memory size and type in their xl configurations and run the same Xen",
+			h.VmName, printable(h.BackendVersion), sb.BackendVersion())
+	}
+	v := &vm{name: h.VmName, backend: xen.BackendName, role: RoleBackup, xstandby: sb}
+	d.attachBackup(v, sb, identity, sb.BackendVersion(),
+		func(epoch uint64, _ []byte) auditRecord { return auditRecord{Event: "commit", Epoch: epoch} },
+		func(epoch uint64, _, dev []byte) auditRecord {
+			return auditRecord{Event: "activate", Epoch: epoch, DeviceXXH: transport.PageHash(dev)}
+		})
+	d.log.Info("new xen replica", zap.String("vm", h.VmName), zap.String("owner", identity), zap.Uint32("standby_domid", sb.DomID()),
+		zap.String("domain", local.domain()), zap.Int("pages", sb.NumPages()))
+	return v, nil
+}
+
+// destroyLeftoverStandby destroys the never-run standby domain a previous
+// daemon left, after checking it is still that: paused, never ran.
+func (d *Daemon) destroyLeftoverStandby(ctx context.Context, x XenVM, domid uint32) error {
+	cctx, cancel := context.WithTimeout(ctx, xenCallTimeout)
+	defer cancel()
+	id, st, err := d.findXenDomain(cctx, x)
+	if errors.Is(err, xen.ErrNoDomain) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	if id != domid || !st.NeverRan() {
+		return fmt.Errorf("domain %s (%d) exists and is not the never-run standby found at start: not replacing it", x.domain(), id)
+	}
+	if err := xen.Destroy(cctx, d.cfg.Xen.xl(), domid); err != nil {
+		return fmt.Errorf("destroy the standby a previous daemon left: %w", err)
+	}
+	d.log.Warn("destroyed the standby domain a previous daemon left", zap.String("vm", x.Name), zap.Uint32("domid", domid))
+	return nil
+}
+
+// startXen creates the VM's domain from its xl_config (`remusd start`)
+// and attaches to it. Called with v busy and d.mu free.
+func (d *Daemon) startXen(ctx context.Context, v *vm) error {
+	x := *v.xcfg
+	if x.XLConfig == "" {
+		return fmt.Errorf("its xen_vms entry has no xl_config to create the domain from (or start it with xl create)")
+	}
+	ctx, cancel := context.WithTimeout(ctx, xenOpenTimeout)
+	defer cancel()
+	// The domain may have been started by hand meanwhile: attach to it.
+	domid, _, err := d.findXenDomain(ctx, x)
+	if errors.Is(err, xen.ErrNoDomain) {
+		domid, err = xen.Create(ctx, d.cfg.Xen.xl(), x.XLConfig, x.domain())
+	}
+	if err != nil {
+		return err
+	}
+	g, n, err := d.openXen(ctx, v.name, domid, false)
+	if err != nil {
+		return err
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	v.installXen(g, n)
+	v.role, v.stoppedWhy = RoleLocal, ""
+	d.saveRecord(v)
+	d.log.Info("xen VM running", zap.String("vm", v.name), zap.Uint32("domid", domid), zap.String("vif", n.vif))
+	return nil
+}
+
+// stopXen lets go of g and destroys its domain (`remusd stop`).
+func (d *Daemon) stopXen(ctx context.Context, g *xen.Guest) error {
+	domid := g.DomID()
+	cerr := g.Close()
+	ctx, cancel := context.WithTimeout(ctx, xenCallTimeout)
+	defer cancel()
+	if err := xen.Destroy(ctx, d.cfg.Xen.xl(), domid); err != nil {
+		return err
+	}
+	return cerr
+}

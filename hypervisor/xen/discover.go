@@ -1,0 +1,277 @@
+//go:build xen
+
+package xen
+
+/*
+#cgo LDFLAGS: -lxenstore -lxenctrl
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <xenctrl.h>
+#include <xenstore.h>
+
+// Read a xenstore node as dom0 into buf (NUL-terminated, at most cap-1
+// bytes). Returns the length, or -1 with errno (ENOENT: no such node).
+static int rx_xs_read(const char *path, char *buf, int cap) {
+	struct xs_handle *h = xs_open(0);
+	if (!h)
+		return -1;
+	unsigned int len = 0;
+	char *v = xs_read(h, XBT_NULL, path, &len);
+	int e = errno;
+	xs_close(h);
+	if (!v) {
+		errno = e;
+		return -1;
+	}
+	if ((int)len >= cap)
+		len = cap - 1;
+	memcpy(buf, v, len);
+	buf[len] = 0;
+	free(v);
+	return (int)len;
+}
+
+// List a xenstore directory as dom0: the names, NUL-separated, into buf.
+// Returns the number of entries, or -1 with errno.
+static int rx_xs_directory(const char *path, char *buf, int cap) {
+	struct xs_handle *h = xs_open(0);
+	if (!h)
+		return -1;
+	unsigned int num = 0;
+	char **d = xs_directory(h, XBT_NULL, path, &num);
+	int e = errno;
+	xs_close(h);
+	if (!d) {
+		errno = e;
+		return -1;
+	}
+	int off = 0;
+	for (unsigned int i = 0; i < num; i++) {
+		int l = strlen(d[i]);
+		if (off + l + 1 > cap) {
+			free(d);
+			errno = E2BIG;
+			return -1;
+		}
+		memcpy(buf + off, d[i], l + 1);
+		off += l + 1;
+	}
+	free(d);
+	return (int)num;
+}
+
+// The facts DomainState reports; -1 with errno if the domain is unknown.
+static int rx_domain_state(uint32_t domid, unsigned int *flags, uint64_t *cpu_time) {
+	xc_interface *xch = xc_interface_open(NULL, NULL, 0);
+	if (!xch)
+		return -1;
+	xc_domaininfo_t info;
+	int n = xc_domain_getinfolist(xch, domid, 1, &info);
+	int e = errno;
+	xc_interface_close(xch);
+	if (n < 0) {
+		errno = e;
+		return -1;
+	}
+	if (n != 1 || info.domain != domid) {
+		errno = ESRCH;
+		return -1;
+	}
+	*flags = info.flags;
+	*cpu_time = info.cpu_time;
+	return 0;
+}
+*/
+import "C"
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"syscall"
+	"unsafe"
+)
+
+// DomainID returns the id of the domain named name on this host (`xl
+// domid`, under ctx's deadline). name must be a valid domain name.
+func DomainID(ctx context.Context, xl, name string) (uint32, error) {
+	if !domainNameRE.MatchString(name) {
+		return 0, fmt.Errorf("xen: domain name %q: want 1-64 letters, digits, '.', '_' or '-'", name)
+	}
+	if xl == "" {
+		xl = "xl"
+	}
+	id, err := xlDomid(ctx, xl, name)
+	if err != nil {
+		return 0, fmt.Errorf("%w: %w", ErrNoDomain, err)
+	}
+	return id, nil
+}
+
+// DomainState returns what Xen says about domain domid right now.
+func DomainState(ctx context.Context, domid uint32) (DomainStatus, error) {
+	var st DomainStatus
+	err := offload(ctx, "domain state", func() error {
+		var flags C.uint
+		var cpu C.uint64_t
+		if rc, err := C.rx_domain_state(C.uint32_t(domid), &flags, &cpu); rc < 0 {
+			if errors.Is(err, syscall.ESRCH) {
+				return fmt.Errorf("%w: domain %d: %w", ErrNoDomain, domid, err)
+			}
+			return errnoErr("xc_domain_getinfolist", err)
+		}
+		f := uint32(flags)
+		st = DomainStatus{
+			Paused:         f&C.XEN_DOMINF_paused != 0,
+			Shutdown:       f&C.XEN_DOMINF_shutdown != 0,
+			Dying:          f&C.XEN_DOMINF_dying != 0,
+			ShutdownReason: f >> C.XEN_DOMINF_shutdownshift & C.XEN_DOMINF_shutdownmask,
+			CPUTimeNs:      uint64(cpu),
+		}
+		st.Suspended = st.Shutdown && st.ShutdownReason == shutdownSuspend
+		return nil
+	})
+	return st, err
+}
+
+// Vifs lists domain domid's network interfaces as dom0's xenstore
+// describes their backends (/local/domain/0/backend/vif/DOMID/DEVID):
+// the interface name in dom0 is the backend's vifname node when the
+// domain's configuration set one, else vifDOMID.DEVID, as libxl names
+// them. Every name and address is checked before it is returned.
+func Vifs(ctx context.Context, domid uint32) ([]Vif, error) {
+	var out []Vif
+	err := offload(ctx, "list vifs", func() error {
+		base := fmt.Sprintf("/local/domain/0/backend/vif/%d", domid)
+		ids, err := xsDirectory(base)
+		if errors.Is(err, syscall.ENOENT) {
+			return nil // no vif
+		}
+		if err != nil {
+			return err
+		}
+		for _, s := range ids {
+			var dev int
+			if _, err := fmt.Sscanf(s, "%d", &dev); err != nil || fmt.Sprint(dev) != s || dev < 0 || dev > 1023 {
+				return fmt.Errorf("xenstore %s lists device %q", base, s)
+			}
+			v := Vif{DevID: dev, Name: fmt.Sprintf("vif%d.%d", domid, dev)}
+			name, err := xsRead(base + "/" + s + "/vifname")
+			switch {
+			case err == nil && name != "":
+				v.Name = name
+			case err != nil && !errors.Is(err, syscall.ENOENT):
+				return err
+			}
+			if !ifNameRE.MatchString(v.Name) {
+				return fmt.Errorf("xenstore %s/%s: vif name %q is not a valid interface name", base, s, v.Name)
+			}
+			mac, err := xsRead(base + "/" + s + "/mac")
+			if err != nil && !errors.Is(err, syscall.ENOENT) {
+				return err
+			}
+			if mac != "" && !macRE.MatchString(mac) {
+				return fmt.Errorf("xenstore %s/%s: mac %q is not a MAC address", base, s, mac)
+			}
+			v.MAC = strings.ToLower(mac)
+			out = append(out, v)
+		}
+		return nil
+	})
+	return out, err
+}
+
+func xsRead(path string) (string, error) {
+	p := C.CString(path)
+	defer C.free(unsafe.Pointer(p))
+	buf := make([]byte, 256)
+	n, err := C.rx_xs_read(p, (*C.char)(unsafe.Pointer(&buf[0])), C.int(len(buf)))
+	if n < 0 {
+		return "", errnoErr("xs_read "+path, err)
+	}
+	return string(buf[:n]), nil
+}
+
+func xsDirectory(path string) ([]string, error) {
+	p := C.CString(path)
+	defer C.free(unsafe.Pointer(p))
+	buf := make([]byte, 16<<10)
+	n, err := C.rx_xs_directory(p, (*C.char)(unsafe.Pointer(&buf[0])), C.int(len(buf)))
+	if n < 0 {
+		return nil, errnoErr("xs_directory "+path, err)
+	}
+	var out []string
+	for i, rest := 0, buf; i < int(n); i++ {
+		j := strings.IndexByte(string(rest), 0)
+		if j < 0 {
+			return nil, fmt.Errorf("xs_directory %s: malformed answer", path)
+		}
+		out = append(out, string(rest[:j]))
+		rest = rest[j+1:]
+	}
+	return out, nil
+}
+
+// offload runs fn (a libxc or xenstore call that may block) on its own
+// goroutine and returns early with ctx's error; fn then finishes in the
+// background.
+func offload(ctx context.Context, op string, fn func() error) error {
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("xen: %s: %w", op, err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- fn() }()
+	select {
+	case err := <-done:
+		if err != nil {
+			return fmt.Errorf("xen: %s: %w", op, err)
+		}
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("xen: %s: %w", op, ctx.Err())
+	}
+}
+
+// Tracking reports whether g tracks dirty pages (false for a guest an
+// activated Standby returned: protect it again through a new Open).
+func (g *Guest) Tracking() bool {
+	g.sem <- struct{}{}
+	defer func() { <-g.sem }()
+	return g.logDirty && !g.closed
+}
+
+// Create creates and starts a domain from the xl configuration file
+// configPath, named domain (`xl create`), and returns its id.
+func Create(ctx context.Context, xl, configPath, domain string) (uint32, error) {
+	if !domainNameRE.MatchString(domain) {
+		return 0, fmt.Errorf("xen: domain name %q: want 1-64 letters, digits, '.', '_' or '-'", domain)
+	}
+	if xl == "" {
+		xl = "xl"
+	}
+	if id, err := xlDomid(ctx, xl, domain); err == nil {
+		return 0, fmt.Errorf("xen: a domain named %q exists already (domid %d)", domain, id)
+	}
+	if out, err := xlRun(ctx, xl, "create", configPath, fmt.Sprintf("name=%q", domain)); err != nil {
+		return 0, fmt.Errorf("xen: xl create %s: %w: %s", configPath, err, lastLine(out))
+	}
+	return xlDomid(ctx, xl, domain)
+}
+
+// Destroy destroys domain domid (`xl destroy`).
+func Destroy(ctx context.Context, xl string, domid uint32) error {
+	if xl == "" {
+		xl = "xl"
+	}
+	if out, err := xlRun(ctx, xl, "destroy", fmt.Sprint(domid)); err != nil {
+		return fmt.Errorf("xen: xl destroy %d: %w: %s", domid, err, lastLine(out))
+	}
+	return nil
+}
+
+// Recovered says what Open did to a domain left in a checkpoint ("" if
+// nothing). (Placeholder until the recovery lands.)
+func (g *Guest) Recovered() string { return "" }
