@@ -17,7 +17,7 @@ mkdir -p "$cache/xen/debs"
 cd "$cache/xen/debs"
 for p in xen-hypervisor-4.17-amd64 xen-utils-4.17 xen-utils-common libxenmisc4.17 \
 	libxenstore4 libxencall1 libxenevtchn1 libxenforeignmemory1 libxengnttab1 \
-	libxentoollog1 libxentoolcore1 libxenhypfs1 libxendevicemodel1 libyajl2 "$kpkg"; do
+	libxentoollog1 libxentoolcore1 libxenhypfs1 libxendevicemodel1 libyajl2 xenstore-utils "$kpkg"; do
 	ls "${p}_"*.deb >/dev/null 2>&1 || apt-get download -q "$p"
 done
 ls -l

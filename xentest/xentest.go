@@ -65,6 +65,7 @@ var Packages = []string{
 	"libxenmisc4.17", "libxenstore4", "libxencall1", "libxenevtchn1",
 	"libxenforeignmemory1", "libxengnttab1", "libxentoollog1",
 	"libxentoolcore1", "libxenhypfs1", "libxendevicemodel1", "libyajl2",
+	"xenstore-utils", // xenstore-write for the vif hotplug script (NetVifScript)
 }
 
 // DomKernelPackage is the metapackage whose dependency is the dom0 kernel.
@@ -312,6 +313,13 @@ func Dom0Tree(x *Xen) (*vmtest.Tree, error) {
 	}
 	if err := t.AddLib("libgcc_s.so.1", dirs); err != nil {
 		return nil, err
+	}
+	// xenstore-utils' one binary answers to the name it is called by.
+	if err := t.AddELF("usr/bin/xenstore", filepath.Join(x.Root, "usr/bin/xenstore"), dirs); err != nil {
+		return nil, err
+	}
+	for _, n := range []string{"xenstore-read", "xenstore-write", "xenstore-ls", "xenstore-rm"} {
+		t.Symlink("usr/bin/"+n, "xenstore")
 	}
 	t.AddFile("etc/xen/xl.conf", 0o644, []byte(xlConf))
 	t.Symlink("var/run", "/run")

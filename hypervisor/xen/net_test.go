@@ -3,16 +3,13 @@
 package xen
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -20,14 +17,11 @@ import (
 	"github.com/remusd/remusd/xentest"
 )
 
-// The network round trip's addresses: dom0 on the bridge, the guest.
-const (
-	netBridge   = "xenbr0"
-	netDom0Addr = "10.99.0.1/24"
-	netGuestIP  = "10.99.0.2"
-	netGuestMAC = "00:16:3e:52:4d:01"
-	domUNetRD   = "/vmtest/domU-net.cpio"
-)
+// domUNetRD is the network guest's initramfs in dom0.
+const domUNetRD = "/vmtest/domU-net.cpio"
+
+// netEcho is the guest's counting echo service.
+var netEcho = xentest.NetGuestIP + ":7"
 
 // TestXenRoundTrip boots Xen under QEMU and runs TestDom0NetRoundTrip in
 // dom0: the round trip of a guest with a vif, output held on the
@@ -47,7 +41,7 @@ func TestXenRoundTrip(t *testing.T) {
 		t.Fatal(err)
 	}
 	rd := filepath.Join(t.TempDir(), "domU-net.cpio")
-	if err := xentest.BuildNetGuestRamdisk(ctx, "", k, rd, netGuestIP+"/24"); err != nil {
+	if err := xentest.BuildNetGuestRamdisk(ctx, "", k, rd, xentest.NetGuestIP+"/24"); err != nil {
 		t.Fatal(err)
 	}
 	tests := []string{"NetRoundTrip"}
@@ -83,31 +77,6 @@ func sh(t *testing.T, args ...string) {
 	}
 }
 
-// vifScript is the vif hotplug script (libxl runs it; Xen's vif-bridge
-// needs more than the initramfs has): it puts the backend vif on the
-// bridge. The test writes hotplug-status itself (no xenstore-write here).
-const vifScript = `#!/bin/sh
-v=${vif:-$netdev}
-echo "vif-script $1 $v $XENBUS_PATH" >>/tmp/vif-script.log
-case "$1" in
-online|add)
-	ip link set "$v" up && brctl addif ` + netBridge + ` "$v"
-	;;
-esac
-exit 0
-`
-
-func setupBridge(t *testing.T) string {
-	sh(t, "brctl", "addbr", netBridge)
-	sh(t, "ip", "addr", "add", netDom0Addr, "dev", netBridge)
-	sh(t, "ip", "link", "set", netBridge, "up")
-	p := filepath.Join(t.TempDir(), "vif-script")
-	if err := os.WriteFile(p, []byte(vifScript), 0o755); err != nil {
-		t.Fatal(err)
-	}
-	return p
-}
-
 // attachVif finishes what the vif hotplug script does: once the backend
 // vif of domid exists (the script put it on the bridge), netback is told
 // hotplug is done.
@@ -129,116 +98,13 @@ func attachVif(t *testing.T, domid uint32) {
 	}
 }
 
-// waitPing waits until the guest answers ICMP echo and returns how long it took.
-func waitPing(t *testing.T, within time.Duration) (time.Duration, bool) {
-	t0 := time.Now()
-	for time.Since(t0) < within {
-		if exec.Command("ping", "-c", "1", "-W", "1", netGuestIP).Run() == nil {
-			return time.Since(t0), true
-		}
-	}
-	return time.Since(t0), false
-}
-
-// echoClient keeps one TCP connection to the guest's counting echo
-// service and exchanges a numbered line every 100 ms, until stopped or an
-// exchange fails: reply i must be "i+1 line i", so a guest whose state
-// went back (or forward) across the failover fails it.
-type echoClient struct {
-	mu      sync.Mutex
-	ok      int
-	lastOK  time.Time
-	times   []time.Time // of every successful exchange
-	err     error
-	stopped bool
-	conn    net.Conn
-}
-
-func startEcho(t *testing.T) *echoClient {
-	c, err := net.DialTimeout("tcp", netGuestIP+":7", 10*time.Second)
-	if err != nil {
-		t.Fatalf("connect to the guest's echo service: %v", err)
-	}
-	e := &echoClient{conn: c}
-	go func() {
-		r := bufio.NewReader(c)
-		for i := 0; ; i++ {
-			e.mu.Lock()
-			stop := e.stopped
-			e.mu.Unlock()
-			if stop {
-				return
-			}
-			req := fmt.Sprintf("line %d", i)
-			want := fmt.Sprintf("%d %s\n", i+1, req) // the guest counts the connection's lines
-			// Generous: an exchange waits for an epoch to be acked, and epochs
-			// took seconds when another engineer's tests loaded the machine.
-			_ = c.SetDeadline(time.Now().Add(60 * time.Second))
-			_, err := fmt.Fprintln(c, req)
-			var got string
-			if err == nil {
-				got, err = r.ReadString('\n')
-			}
-			if err == nil && got != want {
-				err = fmt.Errorf("reply %q, want %q", got, want)
-			}
-			e.mu.Lock()
-			if err != nil {
-				e.err = err
-				e.mu.Unlock()
-				return
-			}
-			e.ok++
-			e.lastOK = time.Now()
-			e.times = append(e.times, e.lastOK)
-			e.mu.Unlock()
-			time.Sleep(100 * time.Millisecond)
-		}
-	}()
-	return e
-}
-
-func (e *echoClient) state() (int, time.Time, error) {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	return e.ok, e.lastOK, e.err
-}
-
-func (e *echoClient) stop() {
-	e.mu.Lock()
-	e.stopped = true
-	e.mu.Unlock()
-	e.conn.Close()
-}
-
-// echoOnce opens a new connection and exchanges one line.
-func echoOnce() error {
-	c, err := net.DialTimeout("tcp", netGuestIP+":7", 5*time.Second)
-	if err != nil {
-		return err
-	}
-	defer c.Close()
-	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
-	if _, err := fmt.Fprintln(c, "hello"); err != nil {
-		return err
-	}
-	got, err := bufio.NewReader(c).ReadString('\n')
-	if err != nil {
-		return err
-	}
-	if got != "1 hello\n" {
-		return fmt.Errorf("reply %q, want %q", got, "1 hello\n")
-	}
-	return nil
-}
-
 // checkNetAfterFailover checks the activated guest's network: its netfront
 // reconnected to the standby's backend (ping, a new TCP connection), and
 // reports what became of the connection opened before the failover (no
 // output commit on the vif yet: it may hang).
-func checkNetAfterFailover(t *testing.T, echo *echoClient, activated time.Time, standbyName string) {
+func checkNetAfterFailover(t *testing.T, echo *xentest.EchoClient, activated time.Time, standbyName string) {
 	t.Helper()
-	d, ok := waitPing(t, 60*time.Second)
+	d, ok := xentest.WaitPing(xentest.NetGuestIP, 60*time.Second)
 	out, _ := exec.Command(filepath.Join(xentest.BinDir, "xl"), "network-list", standbyName).CombinedOutput()
 	if !ok {
 		b, _ := readConsole(standbyName)
@@ -247,7 +113,7 @@ func checkNetAfterFailover(t *testing.T, echo *echoClient, activated time.Time, 
 	t.Logf("activated guest answers ping %s after activation (waited %s); xl network-list:\n%s", time.Since(activated).Round(time.Millisecond), d.Round(time.Millisecond), out)
 	var err error
 	for i := 0; i < 5; i++ {
-		if err = echoOnce(); err == nil {
+		if err = xentest.EchoOnce(netEcho); err == nil {
 			break
 		}
 		time.Sleep(time.Second)
@@ -259,16 +125,16 @@ func checkNetAfterFailover(t *testing.T, echo *echoClient, activated time.Time, 
 	// The connection opened before the failover carries on: its output
 	// was held on the primary's vif until acked, so the standby's state
 	// includes everything the client saw.
-	before, _, _ := echo.state()
+	before, _, _ := echo.State()
 	deadline := time.Now().Add(120 * time.Second)
 	for {
-		n, last, eerr := echo.state()
+		n, last, eerr := echo.State()
 		if eerr != nil {
 			t.Fatalf("the connection opened before the failover broke: %v (%d exchanges, %d before activation)", eerr, n, before)
 		}
 		if n >= before+5 {
 			t.Logf("the connection opened before the failover carries on: %d exchanges, %d of them after activation; first one %s after activation",
-				n, n-before, echo.firstAfter(activated))
+				n, n-before, echo.FirstAfter(activated))
 			_ = last
 			return
 		}
@@ -277,16 +143,4 @@ func checkNetAfterFailover(t *testing.T, echo *echoClient, activated time.Time, 
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-}
-
-// firstAfter is how long after t the first exchange completed (-1 if none).
-func (e *echoClient) firstAfter(t time.Time) time.Duration {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	for _, x := range e.times {
-		if x.After(t) {
-			return x.Sub(t).Round(time.Millisecond)
-		}
-	}
-	return -1
 }

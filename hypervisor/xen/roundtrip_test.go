@@ -174,24 +174,30 @@ func roundTripWith(t *testing.T, o rtOptions) {
 	standbyName := name + "-standby"
 	ramdisk, lines := domURamdisk, ""
 	if o.net {
-		script := setupBridge(t)
-		ramdisk, lines = domUNetRD, fmt.Sprintf("vif = ['mac=%s,bridge=%s,script=%s']", netGuestMAC, netBridge, script)
+		script, err := xentest.SetupNet(ctx, t.TempDir())
+		if err != nil {
+			t.Fatal(err)
+		}
+		ramdisk, lines = domUNetRD, xentest.NetVifLine(script)
 	}
 	domid, cfgPath := createGuestWith(ctx, t, name, "pvh", "dirtier.printevery=50", ramdisk, lines)
 	if o.net {
 		attachVif(t, domid)
 	}
 	waitConsole(t, name, "dirtier: 8192 pages", 150*time.Second)
-	var echo *echoClient
+	var echo *xentest.EchoClient
 	if o.net {
-		d, ok := waitPing(t, 60*time.Second)
+		d, ok := xentest.WaitPing(xentest.NetGuestIP, 60*time.Second)
 		if !ok {
 			b, _ := readConsole(name)
 			t.Fatalf("the guest does not answer ping; console:\n%s", tail(b, 30))
 		}
 		t.Logf("guest answers ping (%s)", d.Round(time.Millisecond))
-		echo = startEcho(t)
-		defer echo.stop()
+		var err error
+		if echo, err = xentest.StartEcho(netEcho); err != nil {
+			t.Fatal(err)
+		}
+		defer echo.Stop()
 	}
 
 	t0 := time.Now()
@@ -358,7 +364,7 @@ func roundTripWith(t *testing.T, o rtOptions) {
 	t.Logf("%d epochs acked in %s", lastAcked, time.Since(start).Round(time.Millisecond))
 
 	if o.net {
-		ok, _, err := echo.state()
+		ok, _, err := echo.State()
 		t.Logf("echo client before the failover: %d exchanges, error %v", ok, err)
 		if ok == 0 || err != nil {
 			t.Fatalf("the TCP echo did not work under protection: %d exchanges, %v", ok, err)

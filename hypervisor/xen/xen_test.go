@@ -49,16 +49,11 @@ func TestXenLogDirty(t *testing.T) {
 	})
 }
 
-// runInDom0 is the host-side driver of in-dom0 tests: it boots Xen under
-// QEMU with the domU's kernel and the dirtier's ramdisk, runs the tests
-// matching run in dom0, and logs their lines. A domU triple fault under
-// TCG (see the README's Xen section: about 1 run in 8 with log-dirty
-// alone, up to one attempt in two with a cooperative suspend per epoch on
-// a busy machine, and once during a boot without log-dirty) is retried
-// with a fresh Xen, loudly, up to maxTripleFaultRetries times; one more,
-// and any failure that is not one, fails.
+// runInDom0 is the host-side driver of this package's in-dom0 tests: it
+// adds the domU's kernel and the dirtier's ramdisk to cfg and runs the
+// tests matching run in dom0 (xentest.RunInDom0: a domU triple fault
+// under TCG is retried).
 func runInDom0(t *testing.T, run string, cfg xentest.Config) {
-	const maxTripleFaultRetries = 3
 	t.Helper()
 	if xentest.InDom0() {
 		t.Skip("host-side driver; in dom0 the in-dom0 tests run")
@@ -81,41 +76,10 @@ func runInDom0(t *testing.T, run string, cfg xentest.Config) {
 	cfg.Files = append(cfg.Files,
 		vmtest.File{Src: k.Image, Dst: domUKernel, Mode: 0o644},
 		vmtest.File{Src: ramdisk, Dst: domURamdisk, Mode: 0o644})
-	for attempt := 1; ; attempt++ {
-		var console bytes.Buffer
-		cfg.Console = &console
-		res, err := xentest.RunGoTest(ctx, ".", run, []string{"xen"}, cfg)
-		if errors.Is(err, xentest.ErrUnavailable) {
-			t.Skipf("needs QEMU, busybox-static and Debian's Xen packages: %v (run xentest/setup.sh)", err)
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
-		// The in-dom0 tests' own output (measurements, failures).
-		for _, l := range strings.Split(res.Console, "\n") {
-			if strings.Contains(l, "_test.go") || strings.Contains(l, "--- ") || strings.Contains(l, "dom0:") {
-				t.Log(strings.TrimRight(l, "\r"))
-			}
-		}
-		t.Logf("attempt %d: verdict %q in %s", attempt, res.Verdict, res.Elapsed)
-		if res.Passed {
-			return
-		}
-		if attempt <= maxTripleFaultRetries && strings.Contains(res.Console, tripleFault) {
-			t.Logf("RETRYING (attempt %d failed): the domU crashed (triple fault under TCG, an open problem); console tail:\n%s", attempt, tail(res.Console, 40))
-			continue
-		}
-		t.Fatalf("in-dom0 tests failed; console tail:\n%s", tail(res.Console, 80))
-	}
+	xentest.RunInDom0(t, ".", run, []string{"xen"}, cfg)
 }
 
-func tail(s string, n int) string {
-	ls := strings.Split(s, "\n")
-	if len(ls) > n {
-		ls = ls[len(ls)-n:]
-	}
-	return strings.Join(ls, "\n")
-}
+func tail(s string, n int) string { return xentest.Tail(s, n) }
 
 func inDom0(t *testing.T) {
 	t.Helper()
@@ -197,9 +161,7 @@ func createGuestWith(ctx context.Context, t *testing.T, name, typ, extra, ramdis
 	return uint32(id), p
 }
 
-// tripleFault is what Xen prints on its console when an HVM/PVH guest
-// triple-faults (hvm_triple_fault), before the domain reboots.
-const tripleFault = "Triple fault - invoking HVM shutdown action"
+const tripleFault = xentest.TripleFault
 
 // waitConsole waits until domain name's console log (xenconsoled
 // --log=guest) contains want.

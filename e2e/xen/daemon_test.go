@@ -1,0 +1,280 @@
+//go:build xen
+
+// Package xene2e runs two remusd daemons inside one Xen dom0 (booted under
+// QEMU by xentest) and fails a protected PVH domain over from one to the
+// other while a client keeps a TCP connection to it: `remusd protect` for
+// a Xen domain, end to end.
+package xene2e
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/remusd/remusd/daemon"
+	"github.com/remusd/remusd/demo"
+	"github.com/remusd/remusd/vmtest"
+	"github.com/remusd/remusd/xentest"
+)
+
+// Files the host-side driver puts into dom0.
+const (
+	remusdBin = "/vmtest/remusd"
+	domUKern  = "/vmtest/domU-vmlinuz"
+	domUNetRD = "/vmtest/domU-net.cpio"
+)
+
+// TestXenDaemonFailover boots Xen under QEMU with a remusd built with the
+// xen tag and runs TestDom0DaemonFailover in dom0.
+func TestXenDaemonFailover(t *testing.T) {
+	if xentest.InDom0() || testing.Short() {
+		t.Skip("host-side driver that boots Xen")
+	}
+	ctx := context.Background()
+	k, err := vmtest.FindKernel(ctx, "")
+	if errors.Is(err, vmtest.ErrUnavailable) {
+		t.Skipf("needs the Debian cloud kernel for the domU: %v (run xentest/setup.sh)", err)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmp := t.TempDir()
+	rd := filepath.Join(tmp, "domU-net.cpio")
+	if err := xentest.BuildNetGuestRamdisk(ctx, "", k, rd, xentest.NetGuestIP+"/24"); err != nil {
+		t.Fatal(err)
+	}
+	x, err := xentest.FindXen(ctx, "")
+	if errors.Is(err, xentest.ErrUnavailable) {
+		t.Skipf("needs Debian's Xen packages: %v (run xentest/setup.sh)", err)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	bin := filepath.Join(tmp, "remusd")
+	if err := buildRemusd(ctx, bin); err != nil {
+		t.Fatal(err)
+	}
+	files, err := xentest.ELFFiles(x, bin, remusdBin, tmp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	files = append(files,
+		vmtest.File{Src: k.Image, Dst: domUKern, Mode: 0o644},
+		vmtest.File{Src: rd, Dst: domUNetRD, Mode: 0o644})
+	xentest.RunInDom0(t, ".", "^TestDom0DaemonFailover$", []string{"xen"}, xentest.Config{
+		Files:   files,
+		Timeout: 480 * time.Second,
+	})
+}
+
+// buildRemusd builds cmd/remusd with the xen tag (cgo) into out.
+func buildRemusd(ctx context.Context, out string) error {
+	_, self, _, ok := runtime.Caller(0)
+	if !ok {
+		return errors.New("cannot locate the module")
+	}
+	root := filepath.Join(filepath.Dir(self), "..", "..")
+	cmd := exec.CommandContext(ctx, "go", "build", "-tags", "xen", "-o", out, "./cmd/remusd")
+	cmd.Dir = root
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=1")
+	if b, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("go build -tags xen ./cmd/remusd: %v: %s", err, b)
+	}
+	return nil
+}
+
+// TestDom0DaemonFailover, in dom0: a PVH domain "web" with a vif on the
+// dom0 bridge serves a counting TCP echo; daemon hosta finds it by name
+// (xen_vms), daemon hostb backs it up into a standby domain "web-sb" it
+// creates from its own xl configuration (the same file here: one Xen
+// plays both hosts). A client keeps one TCP connection to the guest.
+// `remusd protect web --peer` protects it (cooperative checkpoints, plug
+// on its vif); after ten acknowledged epochs hosta's daemon is SIGKILLed
+// and the domain destroyed (the primary host dies), and `remusd failover
+// web` on hostb activates the standby. The connection opened before the
+// failover must carry on with every reply correct (its output was held
+// until acknowledged, so the standby's state includes all the client
+// saw), and a new connection must work.
+func TestDom0DaemonFailover(t *testing.T) {
+	if !xentest.InDom0() {
+		t.Skip("runs in a xentest dom0 (TestXenDaemonFailover boots one)")
+	}
+	ctx := context.Background()
+	dir := t.TempDir()
+	script, err := xentest.SetupNet(ctx, dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	xlCfg := filepath.Join(dir, "web.cfg")
+	if err := os.WriteFile(xlCfg, []byte(fmt.Sprintf(`name = "web"
+type = "pvh"
+memory = 128
+vcpus = 1
+kernel = %q
+ramdisk = %q
+extra = "console=hvc0 rdinit=/init dirtier.printevery=50"
+%s
+on_crash = "preserve"
+on_reboot = "destroy"
+`, domUKern, domUNetRD, xentest.NetVifLine(script))), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	xl(t, "create", xlCfg)
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("xl list:\n%s", xlOut("list"))
+			for _, d := range []string{"web", "web-sb"} {
+				b, _ := os.ReadFile("/var/log/xen/console/guest-" + d + ".log")
+				t.Logf("%s's console:\n%s", d, xentest.Tail(string(b), 30))
+			}
+		}
+		xlOut("destroy", "web")
+		xlOut("destroy", "web-sb")
+	})
+	if d, ok := xentest.WaitPing(xentest.NetGuestIP, 150*time.Second); !ok {
+		t.Fatalf("the guest does not answer ping within %v", d)
+	}
+	addr := xentest.NetGuestIP + ":7"
+	echo, err := xentest.StartEcho(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer echo.Stop()
+
+	const repl = "127.0.0.1:17801"
+	bcfg := daemon.DefaultConfig()
+	bcfg.Name, bcfg.Control, bcfg.StateDir = "hostb", filepath.Join(dir, "b.sock"), filepath.Join(dir, "b-state")
+	bcfg.Insecure, bcfg.Listen = true, repl // loopback: both daemons share dom0
+	bcfg.Peers = []daemon.Peer{{Name: "hosta", VMs: []string{"web"}}}
+	bcfg.XenVMs = []daemon.XenVM{{Name: "web", Domain: "web-sb", XLConfig: xlCfg}}
+	acfg := daemon.DefaultConfig()
+	acfg.Name, acfg.Control, acfg.StateDir = "hosta", filepath.Join(dir, "a.sock"), filepath.Join(dir, "a-state")
+	acfg.Insecure = true
+	acfg.Peers = []daemon.Peer{{Name: "hostb", Address: repl}}
+	acfg.XenVMs = []daemon.XenVM{{Name: "web", XLConfig: xlCfg}}
+	acfg.OutputBuffer = daemon.OutputPlug
+	// A cooperative checkpoint takes ~100 ms under TCG (README).
+	acfg.EpochInterval = daemon.Duration(200 * time.Millisecond)
+	b, err := demo.StartDaemon(ctx, demo.StartOptions{Exe: remusdBin, Dir: dir, Wait: time.Minute}, bcfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.StopKeepGuests()
+	a, err := demo.StartDaemon(ctx, demo.StartOptions{Exe: remusdBin, Dir: dir, Wait: 2 * time.Minute}, acfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.StopKeepGuests()
+	defer func() {
+		if t.Failed() {
+			t.Logf("hosta's log:\n%s", demo.LogTail(a.LogPath, 40))
+			t.Logf("hostb's log:\n%s", demo.LogTail(b.LogPath, 40))
+		}
+	}()
+	ac := daemon.ControlClient{Path: acfg.Control, Timeout: 10 * time.Second}
+	bc := daemon.ControlClient{Path: bcfg.Control, Timeout: 10 * time.Second}
+	if s, err := ac.VMStatus(ctx, "web"); err != nil || s.Role != daemon.RoleLocal || s.Backend != "xen" {
+		t.Fatalf("hosta's status of web: %+v, %v (want a local xen VM)", s, err)
+	}
+	if s, err := bc.VMStatus(ctx, "web"); err != nil || s.Role != daemon.RoleStopped {
+		t.Fatalf("hostb's status of web: %+v, %v (want stopped: its domain web-sb does not exist yet)", s, err)
+	}
+
+	t0 := time.Now()
+	cli(t, "protect", "web", "--peer", repl, "--control", acfg.Control)
+	var ps daemon.VMStatus
+	waitFor(t, 4*time.Minute, "ten acknowledged epochs", func() (bool, string) {
+		ps, err = ac.VMStatus(ctx, "web")
+		return err == nil && ps.AckedEpoch >= 10, fmt.Sprintf("%+v %v", ps, err)
+	})
+	if ps.OutBuf != daemon.OutputPlug {
+		t.Fatalf("output buffer %q, want plug on the vif", ps.OutBuf)
+	}
+	bs, err := bc.VMStatus(ctx, "web")
+	if err != nil || bs.Role != daemon.RoleBackup {
+		t.Fatalf("hostb's status of web: %+v, %v (want backup)", bs, err)
+	}
+	t.Logf("dom0: protected in %s: epoch %d acked, pause p50 %.1f ms p99 %.1f ms, ack p50 %.1f ms, %d pages sent; backup committed %d",
+		time.Since(t0).Round(time.Millisecond), ps.AckedEpoch, ps.PauseMsP50, ps.PauseMsP99, ps.AckMsP50, ps.PagesSent, bs.Epoch)
+	if err := echo.WaitCarriesOn(3, 2*time.Minute); err != nil {
+		t.Fatalf("under protection: %v", err)
+	}
+
+	// The primary host dies: its daemon and its domain.
+	if err := a.Cmd.Process.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	<-a.Done()
+	xl(t, "destroy", "web")
+	killed := time.Now()
+	before, _, _ := echo.State()
+	cli(t, "failover", "web", "--control", bcfg.Control)
+	bs, err = bc.VMStatus(ctx, "web")
+	if err != nil || bs.Role != daemon.RoleActive {
+		t.Fatalf("hostb's status of web after failover: %+v, %v (want active)", bs, err)
+	}
+	t.Logf("dom0: failover: epoch %d committed, activation %.1f ms, active %s after the kill",
+		bs.Epoch, bs.ActivationMs, time.Since(killed).Round(time.Millisecond))
+	if err := echo.WaitCarriesOn(5, 2*time.Minute); err != nil {
+		t.Fatalf("the connection opened before the failover: %v", err)
+	}
+	n, _, _ := echo.State()
+	t.Logf("dom0: the connection opened before the failover carries on: %d exchanges, %d after the kill; first %s after the kill",
+		n, n-before, echo.FirstAfter(killed))
+	if err := xentest.EchoOnce(addr); err != nil {
+		t.Fatalf("a new connection to the activated guest: %v", err)
+	}
+	if !strings.Contains(xlOut("list"), "web-sb") {
+		t.Fatal("xl list does not show web-sb")
+	}
+}
+
+func xlOut(args ...string) string {
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	out, _ := exec.CommandContext(ctx, filepath.Join(xentest.BinDir, "xl"), args...).CombinedOutput()
+	return string(out)
+}
+
+func xl(t *testing.T, args ...string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	if out, err := exec.CommandContext(ctx, filepath.Join(xentest.BinDir, "xl"), args...).CombinedOutput(); err != nil {
+		t.Fatalf("xl %v: %v: %s", args, err, out)
+	}
+}
+
+// cli runs the remusd CLI in dom0 and fails on a non-zero exit.
+func cli(t *testing.T, args ...string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, remusdBin, args...)
+	cmd.Env = append(os.Environ(), "REMUSD_CONTROL=")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("remusd %v: %v: %s", args, err, out)
+	}
+}
+
+func waitFor(t *testing.T, d time.Duration, what string, cond func() (bool, string)) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for {
+		ok, state := cond()
+		if ok {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s did not happen within %v: %s", what, d, state)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
