@@ -257,6 +257,12 @@ func (d *Daemon) openXen(ctx context.Context, name string, domid uint32, recover
 			return nil, xenNet{}, err
 		}
 	}
+	dctx, cancel := context.WithTimeout(ctx, xenCallTimeout)
+	n.disks, err = xen.Disks(dctx, domid)
+	cancel()
+	if err != nil {
+		return nil, xenNet{}, err
+	}
 	g, err := xen.Open(ctx, domid, xen.Options{Name: name, Logger: d.log, Cooperative: true,
 		SuspendTimeout: d.cfg.Xen.SuspendTimeout.D(), Recover: recover})
 	if err != nil {
@@ -303,6 +309,9 @@ type xenNet struct {
 	vif     string
 	bridged bool
 	nics    int // the domain's vifs (only the first can be held: more are refused at protect)
+	// disks are the domain's block devices ("vbd/51712"): their writes
+	// are not replicated, so such a domain is refused at protect.
+	disks []string
 }
 
 // isBridgePort reports whether interface name is a bridge port.
@@ -336,7 +345,7 @@ func (d *Daemon) prepareXenProtection(ctx context.Context, v *vm) error {
 	if g == nil {
 		return errors.New("the domain is not attached")
 	}
-	if g.Tracking() && n.nics <= 1 {
+	if g.Tracking() && n.nics <= 1 && len(n.disks) == 0 {
 		return nil
 	}
 	if !g.Tracking() {
@@ -354,6 +363,10 @@ func (d *Daemon) prepareXenProtection(ctx context.Context, v *vm) error {
 		v.installXen(ng, nn)
 		d.mu.Unlock()
 		n = nn
+	}
+	if len(n.disks) > 0 {
+		return fmt.Errorf("domain %d has block devices (%s): remusd does not replicate a Xen domain's disks yet, so a standby would resume with a disk that lacks the primary's writes (shared storage is no better: it holds writes the standby's memory never saw); protect Xen domains without disks, or run the VM on the qemu backend, whose disks are replicated with each epoch",
+			n.domid, strings.Join(n.disks, ", "))
 	}
 	if n.nics > 1 {
 		return fmt.Errorf("domain %d has %d vifs: remusd holds the output of one (the first); give the guest one network interface", n.domid, n.nics)

@@ -184,6 +184,29 @@ func Vifs(ctx context.Context, domid uint32) ([]Vif, error) {
 	return out, err
 }
 
+// Disks lists domain domid's block devices as dom0's xenstore describes
+// their backends (vbd, vbd3 and qdisk: blkback, tapdisk, QEMU), as
+// "KIND/DEVID".
+func Disks(ctx context.Context, domid uint32) ([]string, error) {
+	var out []string
+	err := offload(ctx, "list disks", func() error {
+		for _, kind := range []string{"vbd", "vbd3", "qdisk"} {
+			ids, err := xsDirectory(fmt.Sprintf("/local/domain/0/backend/%s/%d", kind, domid))
+			if errors.Is(err, syscall.ENOENT) {
+				continue
+			}
+			if err != nil {
+				return err
+			}
+			for _, id := range ids {
+				out = append(out, kind+"/"+id)
+			}
+		}
+		return nil
+	})
+	return out, err
+}
+
 func xsRead(path string) (string, error) {
 	p := C.CString(path)
 	defer C.free(unsafe.Pointer(p))

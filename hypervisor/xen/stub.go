@@ -37,6 +37,9 @@ func DomainState(ctx context.Context, domid uint32) (DomainStatus, error) {
 	return DomainStatus{}, ErrNotBuilt
 }
 
+// Disks returns ErrNotBuilt.
+func Disks(ctx context.Context, domid uint32) ([]string, error) { return nil, ErrNotBuilt }
+
 // Vifs returns ErrNotBuilt.
 func Vifs(ctx context.Context, domid uint32) ([]Vif, error) { return nil, ErrNotBuilt }
 
