@@ -94,14 +94,24 @@ func buildRemusd(ctx context.Context, out string) error {
 // dom0 bridge serves a counting TCP echo; daemon hosta finds it by name
 // (xen_vms), daemon hostb backs it up into a standby domain "web-sb" it
 // creates from its own xl configuration (the same file here: one Xen
-// plays both hosts). A client keeps one TCP connection to the guest.
-// `remusd protect web --peer` protects it (cooperative checkpoints, plug
-// on its vif); after ten acknowledged epochs hosta's daemon is SIGKILLed
-// and the domain destroyed (the primary host dies), and `remusd failover
-// web` on hostb activates the standby. The connection opened before the
-// failover must carry on with every reply correct (its output was held
-// until acknowledged, so the standby's state includes all the client
-// saw), and a new connection must work.
+// plays both hosts). A client keeps one TCP connection to the guest
+// throughout, every reply checked against the count.
+//
+//  1. `remusd protect web --peer` protects it (cooperative checkpoints,
+//     plug on its vif) until ten epochs are acknowledged.
+//  2. hosta's daemon is restarted twice, once stopped (SIGTERM) and once
+//     killed (SIGKILL, possibly inside a checkpoint): each time the domain
+//     runs on, the next daemon re-attaches to it and resumes the
+//     protection, and the connection carries on.
+//  3. The primary host dies: hosta's daemon is killed and the domain
+//     destroyed; `remusd failover web` on hostb activates the standby.
+//     The connection must carry on (its output was held until
+//     acknowledged, so the standby's state includes all the client saw),
+//     and a new connection must work.
+//  4. hosta's daemon comes back (web is gone there: it is not looked for
+//     again) and hostb protects the activated domain back to it: hosta
+//     creates its standby (named web) and acknowledges epochs, while the
+//     connection carries on.
 func TestDom0DaemonFailover(t *testing.T) {
 	if !xentest.InDom0() {
 		t.Skip("runs in a xentest dom0 (TestXenDaemonFailover boots one)")
@@ -148,30 +158,37 @@ on_reboot = "destroy"
 	}
 	defer echo.Stop()
 
-	const repl = "127.0.0.1:17801"
+	const replA, replB = "127.0.0.1:17802", "127.0.0.1:17801"
+	// Loopback, plaintext: both daemons share dom0.
 	bcfg := daemon.DefaultConfig()
 	bcfg.Name, bcfg.Control, bcfg.StateDir = "hostb", filepath.Join(dir, "b.sock"), filepath.Join(dir, "b-state")
-	bcfg.Insecure, bcfg.Listen = true, repl // loopback: both daemons share dom0
-	bcfg.Peers = []daemon.Peer{{Name: "hosta", VMs: []string{"web"}}}
+	bcfg.Insecure, bcfg.Listen = true, replB
+	bcfg.Peers = []daemon.Peer{{Name: "hosta", Address: replA, VMs: []string{"web"}}}
 	bcfg.XenVMs = []daemon.XenVM{{Name: "web", Domain: "web-sb", XLConfig: xlCfg}}
 	acfg := daemon.DefaultConfig()
 	acfg.Name, acfg.Control, acfg.StateDir = "hosta", filepath.Join(dir, "a.sock"), filepath.Join(dir, "a-state")
-	acfg.Insecure = true
-	acfg.Peers = []daemon.Peer{{Name: "hostb", Address: repl}}
+	acfg.Insecure, acfg.Listen = true, replA
+	acfg.Peers = []daemon.Peer{{Name: "hostb", Address: replB, VMs: []string{"web"}}}
 	acfg.XenVMs = []daemon.XenVM{{Name: "web", XLConfig: xlCfg}}
-	acfg.OutputBuffer = daemon.OutputPlug
-	// A cooperative checkpoint takes ~100 ms under TCG (README).
-	acfg.EpochInterval = daemon.Duration(200 * time.Millisecond)
+	for _, c := range []*daemon.Config{&acfg, &bcfg} {
+		c.OutputBuffer = daemon.OutputPlug
+		// A cooperative checkpoint takes ~100 ms under TCG (README).
+		c.EpochInterval = daemon.Duration(200 * time.Millisecond)
+	}
 	b, err := demo.StartDaemon(ctx, demo.StartOptions{Exe: remusdBin, Dir: dir, Wait: time.Minute}, bcfg)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer b.StopKeepGuests()
-	a, err := demo.StartDaemon(ctx, demo.StartOptions{Exe: remusdBin, Dir: dir, Wait: 2 * time.Minute}, acfg)
-	if err != nil {
-		t.Fatal(err)
+	var a *demo.DaemonProc
+	startA := func() {
+		t.Helper()
+		if a, err = demo.StartDaemon(ctx, demo.StartOptions{Exe: remusdBin, Dir: dir, Wait: 2 * time.Minute}, acfg); err != nil {
+			t.Fatal(err)
+		}
 	}
-	defer a.StopKeepGuests()
+	startA()
+	defer func() { a.StopKeepGuests() }()
 	defer func() {
 		if t.Failed() {
 			t.Logf("hosta's log:\n%s", demo.LogTail(a.LogPath, 40))
@@ -188,12 +205,16 @@ on_reboot = "destroy"
 	}
 
 	t0 := time.Now()
-	cli(t, "protect", "web", "--peer", repl, "--control", acfg.Control)
+	cli(t, "protect", "web", "--peer", replB, "--control", acfg.Control)
 	var ps daemon.VMStatus
-	waitFor(t, 4*time.Minute, "ten acknowledged epochs", func() (bool, string) {
-		ps, err = ac.VMStatus(ctx, "web")
-		return err == nil && ps.AckedEpoch >= 10, fmt.Sprintf("%+v %v", ps, err)
-	})
+	acked := func(c daemon.ControlClient, n uint64, within time.Duration) {
+		t.Helper()
+		waitFor(t, within, fmt.Sprintf("epoch %d acknowledged", n), func() (bool, string) {
+			ps, err = c.VMStatus(ctx, "web")
+			return err == nil && ps.Role == daemon.RolePrimary && ps.AckedEpoch >= n, fmt.Sprintf("%+v %v", ps, err)
+		})
+	}
+	acked(ac, 10, 4*time.Minute)
 	if ps.OutBuf != daemon.OutputPlug {
 		t.Fatalf("output buffer %q, want plug on the vif", ps.OutBuf)
 	}
@@ -205,6 +226,31 @@ on_reboot = "destroy"
 		time.Since(t0).Round(time.Millisecond), ps.AckedEpoch, ps.PauseMsP50, ps.PauseMsP99, ps.AckMsP50, ps.PagesSent, bs.Epoch)
 	if err := echo.WaitCarriesOn(3, 2*time.Minute); err != nil {
 		t.Fatalf("under protection: %v", err)
+	}
+
+	// Restarts of the primary's daemon: the domain runs on, the next
+	// daemon resumes the protection.
+	for _, kill := range []bool{false, true} {
+		last := ps.AckedEpoch
+		t1 := time.Now()
+		if kill {
+			if err := a.Cmd.Process.Kill(); err != nil {
+				t.Fatal(err)
+			}
+			<-a.Done()
+		} else {
+			a.StopKeepGuests()
+		}
+		startA()
+		acked(ac, last+5, 3*time.Minute)
+		if !strings.Contains(xlOut("list", "web"), "web") {
+			t.Fatal("the domain is gone after a daemon restart")
+		}
+		if err := echo.WaitCarriesOn(3, 2*time.Minute); err != nil {
+			t.Fatalf("after a daemon restart (kill %v): %v", kill, err)
+		}
+		t.Logf("dom0: daemon restart (SIGKILL %v): protection resumed, epoch %d acked %s after the stop (last acked before: %d)",
+			kill, ps.AckedEpoch, time.Since(t1).Round(time.Millisecond), last)
 	}
 
 	// The primary host dies: its daemon and its domain.
@@ -234,6 +280,24 @@ on_reboot = "destroy"
 	if !strings.Contains(xlOut("list"), "web-sb") {
 		t.Fatal("xl list does not show web-sb")
 	}
+
+	// hosta comes back: web is gone there. hostb protects it back to
+	// hosta, which creates its standby under the name web.
+	startA()
+	if s, err := ac.VMStatus(ctx, "web"); err != nil || s.Role != daemon.RoleStopped {
+		t.Fatalf("hosta's status of web after it came back: %+v, %v (want stopped: it may run elsewhere)", s, err)
+	}
+	t2 := time.Now()
+	cli(t, "protect", "web", "--peer", replA, "--control", bcfg.Control)
+	acked(bc, 5, 4*time.Minute)
+	if s, err := ac.VMStatus(ctx, "web"); err != nil || s.Role != daemon.RoleBackup {
+		t.Fatalf("hosta's status of web: %+v, %v (want backup)", s, err)
+	}
+	if err := echo.WaitCarriesOn(3, 2*time.Minute); err != nil {
+		t.Fatalf("after protecting it back: %v", err)
+	}
+	t.Logf("dom0: protected back from hostb to hosta: epoch %d acked %s after protect, pause p50 %.1f ms",
+		ps.AckedEpoch, time.Since(t2).Round(time.Millisecond), ps.PauseMsP50)
 }
 
 func xlOut(args ...string) string {
