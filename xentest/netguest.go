@@ -37,9 +37,14 @@ esac
 exit 0
 `
 
-// SetupNet creates the bridge with dom0's address on it and writes the
-// vif hotplug script into dir; its path is the script= of a guest's vif.
+// SetupNet creates the bridge with dom0's address on it (once) and writes
+// the vif hotplug script into dir; its path is the script= of a guest's
+// vif.
 func SetupNet(ctx context.Context, dir string) (string, error) {
+	if _, err := os.Stat("/sys/class/net/" + NetBridge); err == nil {
+		p := filepath.Join(dir, "vif-script")
+		return p, os.WriteFile(p, []byte(netVifScript), 0o755)
+	}
 	for _, args := range [][]string{
 		{"brctl", "addbr", NetBridge},
 		{"ip", "addr", "add", NetDom0Addr, "dev", NetBridge},

@@ -75,7 +75,17 @@ const DomKernelPackage = "linux-image-amd64"
 // Xen's device files, netback and the bridge for guests with a vif, and
 // what the plug output buffer needs on a vif (vmtest.NetModules' qdiscs).
 var Dom0Modules = []string{"xenfs", "xen-evtchn", "xen-gntdev", "xen-gntalloc", "xen-privcmd", "xen-netback", "bridge",
-	"sch_plug", "ifb", "act_mirred", "cls_u32", "sch_ingress"}
+	"sch_plug", "ifb", "act_mirred", "cls_u32", "sch_ingress",
+	// The NFQUEUE output buffer on a bridged vif (iptables-nft).
+	"nf_tables", "nft_compat", "br_netfilter", "xt_physdev", "xt_comment", "xt_NFQUEUE", "nfnetlink_queue"}
+
+// hostIPTables is the host's iptables (Debian 12: iptables-nft's
+// multi-call binary) and the extensions the NFQUEUE output buffer's rules
+// use; dom0 gets them for the NFQUEUE tests (the host and the dom0 tree
+// are both Debian 12).
+const hostIPTables = "/usr/sbin/xtables-nft-multi"
+
+var hostXTables = []string{"libxt_NFQUEUE.so", "libxt_comment.so", "libxt_physdev.so", "libxt_standard.so"}
 
 // Tools are the programs of BinDir put in dom0, with their libraries.
 var Tools = []string{"xl", "xenstored", "xen-init-dom0", "xenconsoled", "xenconsole", "xenstore-control", "xen-hvmctx", "xenctx"}
@@ -320,6 +330,19 @@ func Dom0Tree(x *Xen) (*vmtest.Tree, error) {
 	}
 	for _, n := range []string{"xenstore-read", "xenstore-write", "xenstore-ls", "xenstore-rm"} {
 		t.Symlink("usr/bin/"+n, "xenstore")
+	}
+	if _, err := os.Stat(hostIPTables); err == nil {
+		if err := t.AddELF("usr/sbin/xtables-nft-multi", hostIPTables, dirs); err != nil {
+			return nil, err
+		}
+		t.Symlink("usr/sbin/iptables", "xtables-nft-multi")
+		t.Symlink("usr/sbin/ip6tables", "xtables-nft-multi")
+		for _, x := range hostXTables {
+			src := filepath.Join("/usr/lib/x86_64-linux-gnu/xtables", x)
+			if err := t.AddELF("usr/lib/x86_64-linux-gnu/xtables/"+x, src, dirs); err != nil {
+				return nil, err
+			}
+		}
 	}
 	t.AddFile("etc/xen/xl.conf", 0o644, []byte(xlConf))
 	t.Symlink("var/run", "/run")
