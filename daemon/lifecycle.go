@@ -23,7 +23,6 @@ import (
 	"github.com/remusd/remusd/guestimage"
 	"github.com/remusd/remusd/hypervisor/qemu"
 	"github.com/remusd/remusd/hypervisor/sim"
-	"github.com/remusd/remusd/hypervisor/xen"
 )
 
 // reattachTimeout bounds re-attaching to one running QEMU.
@@ -285,12 +284,7 @@ func (d *Daemon) Stop(ctx context.Context, name string) error {
 	g := v.guest
 	v.busy = "stopping"
 	d.mu.Unlock()
-	if xg, ok := g.(*xen.Guest); ok {
-		// Xen: the domain is destroyed (as QEMU is quit).
-		err = d.stopXen(ctx, xg)
-	} else {
-		err = g.Close()
-	}
+	err = d.stopGuest(ctx, g)
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	v.busy, v.guest, v.role, v.stoppedWhy = "", nil, RoleStopped, "stopped by the operator"

@@ -125,7 +125,7 @@ func (d *Daemon) resumeProtections() {
 			go func() {
 				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 				defer cancel()
-				_ = g.Pause(ctx)
+				_ = fencePause(ctx, g)
 			}()
 		} else if err != nil {
 			// Its output stays held by what the previous daemon left (the

@@ -166,7 +166,7 @@ func (d *Daemon) retire(v *vm, why string) {
 			d.log.Warn("switchover: close the output buffer", zap.String("vm", v.name), zap.Error(err))
 		}
 	}
-	if err := g.Close(); err != nil && !errors.Is(err, qemu.ErrQEMUExited) {
+	if err := d.stopGuest(context.Background(), g); err != nil && !errors.Is(err, qemu.ErrQEMUExited) {
 		d.log.Warn("switchover: stop the old guest", zap.String("vm", v.name), zap.Error(err))
 	}
 	d.mu.Lock()

@@ -300,7 +300,7 @@ func (d *Daemon) selfFence(v *vm, out time.Duration) {
 	go func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
-		if err := g.Pause(ctx); err != nil {
+		if err := fencePause(ctx, g); err != nil {
 			d.log.Error("self-fencing: pause failed", zap.String("vm", v.name), zap.Error(err))
 		}
 	}()
@@ -332,7 +332,7 @@ func (d *Daemon) fenceLocked(v *vm, why string) {
 		defer d.wg.Done()
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
-		if err := g.Pause(ctx); err != nil {
+		if err := fencePause(ctx, g); err != nil {
 			d.log.Error("fencing: pause failed", zap.String("vm", v.name), zap.Error(err))
 		}
 		stop()
@@ -344,7 +344,7 @@ func (d *Daemon) fenceLocked(v *vm, why string) {
 			case <-time.After(15 * time.Second):
 			}
 			pctx, pcancel := context.WithTimeout(context.Background(), 10*time.Second)
-			if err := g.Pause(pctx); err != nil {
+			if err := fencePause(pctx, g); err != nil {
 				d.log.Error("fencing: pause failed", zap.String("vm", v.name), zap.Error(err))
 			}
 			pcancel()

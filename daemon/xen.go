@@ -483,6 +483,25 @@ func (d *Daemon) startXen(ctx context.Context, v *vm) error {
 	return nil
 }
 
+// stopGuest ends a guest that runs here: QEMU quits (Close); a Xen
+// domain, which Close would only let go of, is destroyed.
+func (d *Daemon) stopGuest(ctx context.Context, g hypervisor.Guest) error {
+	if xg, ok := g.(*xen.Guest); ok {
+		return d.stopXen(ctx, xg)
+	}
+	return g.Close()
+}
+
+// fencePause pauses a guest that must not run on (fencing): at once for a
+// Xen domain (its cooperative Pause would first wait for the guest to
+// suspend, and a guest that does not would run on).
+func fencePause(ctx context.Context, g hypervisor.Guest) error {
+	if xg, ok := g.(*xen.Guest); ok {
+		return xg.PauseNow(ctx)
+	}
+	return g.Pause(ctx)
+}
+
 // stopXen lets go of g and destroys its domain (`remusd stop`).
 func (d *Daemon) stopXen(ctx context.Context, g *xen.Guest) error {
 	domid := g.DomID()

@@ -298,3 +298,23 @@ func Destroy(ctx context.Context, xl string, domid uint32) error {
 // Recovered says what Open did to a domain left in a checkpoint ("" if
 // nothing). (Placeholder until the recovery lands.)
 func (g *Guest) Recovered() string { return "" }
+
+// PauseNow pauses the domain at once (xc_domain_pause), without asking
+// the guest to suspend first as a cooperative Pause does: for fencing,
+// where a guest that does not suspend in time must not run on. Resume
+// undoes it (and cancels a suspend in effect).
+func (g *Guest) PauseNow(ctx context.Context) error {
+	return g.call(ctx, "pause", func() error {
+		if g.closed {
+			return errClosed
+		}
+		if g.paused {
+			return nil
+		}
+		if err := g.x.pause(); err != nil {
+			return err
+		}
+		g.paused = true
+		return nil
+	})
+}

@@ -83,3 +83,6 @@ func Destroy(ctx context.Context, xl string, domid uint32) error { return ErrNot
 
 // Recovered returns "".
 func (g *Guest) Recovered() string { return "" }
+
+// PauseNow returns ErrNotBuilt.
+func (g *Guest) PauseNow(ctx context.Context) error { return ErrNotBuilt }
