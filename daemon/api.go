@@ -126,6 +126,11 @@ type VMStatus struct {
 	// would close).
 	QEMUPid    int    `json:"qemu_pid,omitempty"`
 	GuestState string `json:"guest_state,omitempty"`
+	// XenDomID is a Xen VM's domain here (the standby's on a backup) and
+	// XenVif the dom0 interface its output leaves by (held there while
+	// protected).
+	XenDomID uint32 `json:"xen_domid,omitempty"`
+	XenVif   string `json:"xen_vif,omitempty"`
 	// Watchdog is the watchdog's view of a protected guest: supervised,
 	// or stopped (SIGSTOP, since WatchdogStoppedAtUnixMs; WatchdogError
 	// says why); WatchdogError also says why it refused a guest or cannot

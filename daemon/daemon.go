@@ -586,6 +586,15 @@ func (d *Daemon) statusOf(v *vm) VMStatus {
 	if sg, ok := v.guest.(*simGuest); ok {
 		s.GuestOps, s.GuestOutputSeq = sg.Ops(), sg.OutputSeq()
 	}
+	if v.backend == xen.BackendName {
+		s.XenDomID, s.XenVif = v.xnet.domid, v.xnet.vif
+		if v.xstandby != nil {
+			s.XenDomID = v.xstandby.DomID()
+		}
+		if v.role == RoleStopped {
+			s.XenDomID, s.XenVif = 0, ""
+		}
+	}
 	switch {
 	case v.primary != nil:
 		p := v.primary.Stats()

@@ -242,6 +242,12 @@ on_reboot = "destroy"
 	if err != nil || bs.Role != daemon.RoleBackup {
 		t.Fatalf("hostb's status of web: %+v, %v (want backup)", bs, err)
 	}
+	if want := strings.TrimSpace(xlOut("domid", "web")); fmt.Sprint(ps.XenDomID) != want || ps.XenVif != "vif"+want+".0" {
+		t.Fatalf("hosta says domain %d on %q; xl domid web says %s", ps.XenDomID, ps.XenVif, want)
+	}
+	if want := strings.TrimSpace(xlOut("domid", "web-sb")); fmt.Sprint(bs.XenDomID) != want {
+		t.Fatalf("hostb says standby domain %d; xl domid web-sb says %s", bs.XenDomID, want)
+	}
 	t.Logf("dom0: %s: protected in %s: epoch %d acked, pause p50 %.1f ms p99 %.1f ms, ack p50 %.1f ms, %d pages sent; backup committed %d",
 		outbuf, time.Since(t0).Round(time.Millisecond), ps.AckedEpoch, ps.PauseMsP50, ps.PauseMsP99, ps.AckMsP50, ps.PagesSent, bs.Epoch)
 	if err := echo.WaitCarriesOn(3, 2*time.Minute); err != nil {
