@@ -611,6 +611,12 @@ func (g *Guest) SaveDeviceState(ctx context.Context, dst []byte) ([]byte, error)
 		if info.dying || info.shutdown && info.shutdownReason != shutdownSuspend {
 			return fmt.Errorf("%w (domain shut down or crashed, reason %d)", ErrGone, info.shutdownReason)
 		}
+		if info.shutdown && !g.suspended {
+			// Suspended without our asking: a request a dead daemon
+			// wrote, obeyed after the restart. Resume cancels it.
+			g.log.Warn("domain found suspended without a request of ours (left by a previous daemon?): Resume cancels the suspend")
+			g.suspended = true
+		}
 		hvm, err := g.x.hvmContext()
 		if err != nil {
 			return err
