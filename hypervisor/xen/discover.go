@@ -295,10 +295,6 @@ func Destroy(ctx context.Context, xl string, domid uint32) error {
 	return nil
 }
 
-// Recovered says what Open did to a domain left in a checkpoint ("" if
-// nothing). (Placeholder until the recovery lands.)
-func (g *Guest) Recovered() string { return "" }
-
 // PauseNow pauses the domain at once (xc_domain_pause), without asking
 // the guest to suspend first as a cooperative Pause does: for fencing,
 // where a guest that does not suspend in time must not run on. Resume

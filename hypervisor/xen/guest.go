@@ -7,6 +7,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"runtime"
+	"strings"
+	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -14,11 +18,13 @@ import (
 
 	"github.com/remusd/remusd/dirtymap"
 	"github.com/remusd/remusd/hypervisor"
+	"github.com/remusd/remusd/transport"
 )
 
 var (
-	_ hypervisor.Guest      = (*Guest)(nil)
-	_ hypervisor.LiveReader = (*Guest)(nil)
+	_ hypervisor.Guest       = (*Guest)(nil)
+	_ hypervisor.LiveReader  = (*Guest)(nil)
+	_ hypervisor.Rebaseliner = (*Guest)(nil)
 )
 
 const (
@@ -48,12 +54,25 @@ type Guest struct {
 	closed         bool
 	last           Timings
 	lastDirty      uint32 // Xen's dirty count of the last harvest
+
+	recover   bool   // Options.Recover
+	recovered string // what Open did to recover the domain ("": nothing)
+	totPages  uint64 // the domain's tot_pages when the layout was taken
+	// allDirty: the next harvest reports every page (a Rebaseline that
+	// cleaned Xen's log and failed before its hashes were complete).
+	allDirty bool
+	// layoutErr: the layout no longer matches the domain
+	// (ErrLayoutChanged); sticky.
+	layoutErr error
+	unmapped  []uint64 // scratch for the harvest's layout check
+	newlyPop  []uint64 // scratch: those of them populated now
 }
 
 // Open attaches to domain domid: it checks the domain is HVM or PVH,
 // enables log-dirty mode (refusing a domain where that is unsupported,
 // ErrLogDirtyUnsupported) and maps its memory read-only. The domain keeps
-// running.
+// running. A domain left suspended by an unfinished checkpoint is refused
+// (ErrLeftSuspended) unless opts.Recover, which resumes it (see Options).
 func Open(ctx context.Context, domid uint32, opts Options) (*Guest, error) {
 	log := opts.Logger
 	if log == nil {
@@ -68,6 +87,7 @@ func Open(ctx context.Context, domid uint32, opts Options) (*Guest, error) {
 		name:           name,
 		coop:           opts.Cooperative,
 		suspendTimeout: opts.SuspendTimeout,
+		recover:        opts.Recover,
 	}
 	if g.suspendTimeout <= 0 {
 		g.suspendTimeout = 30 * time.Second
@@ -101,8 +121,9 @@ func (g *Guest) attach(x *xc) error {
 	if err != nil {
 		return err
 	}
-	if info.dying || info.shutdown {
-		return fmt.Errorf("domain %d is shutting down", g.domid)
+	suspended := info.shutdown && info.shutdownReason == shutdownSuspend
+	if info.dying || info.shutdown && !suspended {
+		return fmt.Errorf("domain %d is shutting down (reason %d)", g.domid, info.shutdownReason)
 	}
 	if !info.hvm {
 		// Find out whether log-dirty works at all, to say why we refuse.
@@ -118,6 +139,9 @@ func (g *Guest) attach(x *xc) error {
 		return fmt.Errorf("domain %d is a PV guest: this backend handles only PVH and HVM domains (no p2m translation)", g.domid)
 	}
 	g.pvh = info.pvh
+	if err := g.recoverDomain(x, info, suspended); err != nil {
+		return err
+	}
 	maxGPFN, err := x.maxGPFN()
 	if err != nil {
 		return err
@@ -132,6 +156,15 @@ func (g *Guest) attach(x *xc) error {
 		return err
 	}
 	g.logDirty = true
+	// tot_pages before the layout is taken: memory populated or released
+	// meanwhile makes the first harvest fail closed rather than go
+	// unnoticed.
+	if info, err = x.info(); err != nil {
+		_ = x.disableLogDirty()
+		g.logDirty = false
+		return err
+	}
+	g.totPages = info.totPages
 	t0 := time.Now()
 	holes, err := x.mapAll(int(maxGPFN)+1, false)
 	if err != nil {
@@ -151,6 +184,53 @@ func (g *Guest) attach(x *xc) error {
 		zap.Uint64("tot_pages", info.totPages), zap.Int("holes", holes), zap.Int("runs", x.mapRuns), zap.Any("segments", x.segs), zap.Duration("map", time.Since(t0)))
 	return nil
 }
+
+// recoverDomain runs under sem, from attach: a domain a dead remusd left
+// suspended (suspended) or paused is resumed with Options.Recover, the
+// suspend refused without it.
+func (g *Guest) recoverDomain(x *xc, info domInfo, suspended bool) error {
+	if !g.recover {
+		if suspended {
+			paused := ""
+			if info.paused {
+				paused = " and paused"
+			}
+			return fmt.Errorf("%w: domain %d is suspended (shut down with reason suspend)%s: a cooperative checkpoint suspended it and was not finished, "+
+				"most likely because its remusd died; it does not run until the suspend is cancelled. "+
+				"Opening it with Recover (the daemon's restart path) cancels the suspend (xc_domain_resume fast)%s and lets it run on",
+				ErrLeftSuspended, g.domid, paused, map[bool]string{true: " and unpauses it", false: ""}[info.paused])
+		}
+		if info.paused {
+			g.log.Warn("domain is paused and stays paused: a pause left by a remusd that died is dropped only by Recover (the daemon's restart path)")
+		}
+		return nil
+	}
+	var did []string
+	if suspended {
+		if err := x.resumeFast(); err != nil {
+			return fmt.Errorf("recover: cancelling the suspend left by an unfinished checkpoint: %w", err)
+		}
+		did = append(did, "cancelled the suspend an unfinished checkpoint left (xc_domain_resume fast)")
+	}
+	if info.paused {
+		if err := x.unpause(); err != nil {
+			return fmt.Errorf("recover: unpausing: %w", err)
+		}
+		did = append(did, "dropped one pause reference (xc_domain_unpause)")
+		if after, err := x.info(); err == nil && after.paused {
+			did = append(did, "the domain is still paused: someone else holds a pause reference too")
+		}
+	}
+	g.recovered = strings.Join(did, "; ")
+	if g.recovered != "" {
+		g.log.Warn("recovered a domain left mid-checkpoint", zap.String("recovered", g.recovered))
+	}
+	return nil
+}
+
+// Recovered says what Open did to recover a domain left in the middle of
+// a checkpoint (Options.Recover), "" if nothing: for the daemon's log.
+func (g *Guest) Recovered() string { return g.recovered }
 
 // caller runs libxc calls for one domain with deadlines: calls are
 // serialised by sem, and every field of its owner that libxc calls touch
@@ -304,15 +384,137 @@ func (g *Guest) HarvestDirty(ctx context.Context, dst *dirtymap.Bitmap) error {
 		if !g.logDirty {
 			return ErrNotTracking
 		}
-		words, dirty, err := g.x.cleanLogDirty(g.x.p2m)
+		if g.layoutErr != nil {
+			return g.layoutErr
+		}
+		words, dirty, err := g.x.cleanLogDirty(g.x.p2m, true)
 		if err != nil {
 			return err
+		}
+		// The layout check comes after the clean: memory populated
+		// before it is seen now, after it at the next harvest.
+		if err := g.checkLayout(words); err != nil {
+			g.layoutErr = err
+			return err
+		}
+		if g.allDirty {
+			dst.SetRange(0, g.pages)
+			g.allDirty = false
 		}
 		g.last.Outside = gfnsToIndexes(words, g.x.segs, dst)
 		g.lastDirty = dirty
 		g.last.Harvest = time.Since(t0)
 		return nil
 	})
+}
+
+// checkLayout runs under sem, in HarvestDirty: it fails closed
+// (ErrLayoutChanged) if the domain's populated memory is no longer what
+// the layout was built from (see layoutOf's comment): tot_pages changed,
+// or a dirty gfn the layout does not map holds guest memory.
+func (g *Guest) checkLayout(words []uint64) error {
+	info, err := g.x.info()
+	if err != nil {
+		return err
+	}
+	if info.totPages != g.totPages {
+		return fmt.Errorf("%w: domain %d holds %d pages of memory, %d when protection started (ballooned or hot-added since): "+
+			"the replicated layout is fixed when protection starts, so memory added since would not be replicated; "+
+			"re-protect the VM (unprotect and protect it again) to take the new layout",
+			ErrLayoutChanged, g.domid, info.totPages, g.totPages)
+	}
+	g.unmapped = unmappedDirty(words, g.x.segs, g.x.mapped, g.unmapped[:0])
+	if len(g.unmapped) == 0 {
+		return nil
+	}
+	// Expected: Xen-owned frames the guest maps (grant table,
+	// shared_info), which read as holes. Guest memory there is new.
+	g.newlyPop, err = g.x.populated(g.unmapped, g.newlyPop[:0])
+	if err != nil {
+		return err
+	}
+	if len(g.newlyPop) > 0 {
+		return fmt.Errorf("%w: domain %d: gfn %#x (and %d more) was written and holds guest memory, but held none when protection started, "+
+			"so it is not replicated; re-protect the VM (unprotect and protect it again) to take the new layout",
+			ErrLayoutChanged, g.domid, g.newlyPop[0], len(g.newlyPop)-1)
+	}
+	return nil
+}
+
+// rebaselineChunk is how many pages Rebaseline hashes between checks of
+// its context.
+const rebaselineChunk = 256
+
+// Rebaseline implements hypervisor.Rebaseliner, while the guest runs or
+// is paused: it clears Xen's log-dirty bitmap (XEN_DOMCTL_SHADOW_OP_CLEAN,
+// discarding what it reports) and then hashes every replicated page
+// (transport.PageHash, xxhash64) from the read-only mapping, holes as the
+// zero pages they read as. A page the guest writes after the clean is in
+// the next harvest; one it does not write keeps the content hashed. The
+// frames Xen writes through its own mappings are marked by the next
+// harvest's final round (as in every epoch; the vcpu_info caveat of the
+// package's README applies alike). If it fails after the clean, the next
+// harvest reports every page.
+func (g *Guest) Rebaseline(ctx context.Context) ([]uint64, error) {
+	hashes := make([]uint64, g.pages)
+	err := g.call(ctx, "rebaseline", func() error {
+		t0 := time.Now()
+		if g.closed {
+			return errClosed
+		}
+		if !g.logDirty {
+			return ErrNotTracking
+		}
+		if g.layoutErr != nil {
+			return g.layoutErr
+		}
+		// Until every hash is taken, the next harvest reports all.
+		g.allDirty = true
+		if _, _, err := g.x.cleanLogDirty(g.x.p2m, false); err != nil {
+			return err
+		}
+		if err := hashAll(ctx, g.x.memory(), hashes); err != nil {
+			return err
+		}
+		g.allDirty = false
+		g.last.Rebaseline = time.Since(t0)
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return hashes, nil
+}
+
+// hashAll sets hashes[p] to the PageHash of page p of mem, on up to
+// GOMAXPROCS goroutines, checking ctx every rebaselineChunk pages.
+func hashAll(ctx context.Context, mem []byte, hashes []uint64) error {
+	pages := len(hashes)
+	workers := min(runtime.GOMAXPROCS(0), 8, max(1, pages/rebaselineChunk))
+	per := (pages + workers - 1) / workers
+	var wg sync.WaitGroup
+	var failed atomic.Bool
+	for lo := 0; lo < pages; lo += per {
+		hi := min(lo+per, pages)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for c := lo; c < hi; c += rebaselineChunk {
+				if failed.Load() || ctx.Err() != nil {
+					failed.Store(true)
+					return
+				}
+				for p := c; p < min(c+rebaselineChunk, hi); p++ {
+					hashes[p] = transport.PageHash(mem[p*pageSize : (p+1)*pageSize])
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	if failed.Load() {
+		return ctx.Err()
+	}
+	return nil
 }
 
 // Memory is the read-only foreign mapping of the guest's segments, page
@@ -397,6 +599,12 @@ func (g *Guest) SaveDeviceState(ctx context.Context, dst []byte) ([]byte, error)
 		// reason suspend; any other shutdown means it is gone.
 		if info.dying || info.shutdown && info.shutdownReason != shutdownSuspend {
 			return fmt.Errorf("%w (domain shut down or crashed, reason %d)", ErrGone, info.shutdownReason)
+		}
+		if info.shutdown && !g.suspended {
+			// Suspended without our asking: a request a dead daemon
+			// wrote, obeyed after the restart. Resume cancels it.
+			g.log.Warn("domain found suspended without a request of ours (left by a previous daemon?): Resume cancels the suspend")
+			g.suspended = true
 		}
 		hvm, err := g.x.hvmContext()
 		if err != nil {

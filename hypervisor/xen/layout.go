@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"math/bits"
+	"sort"
 
 	"github.com/cespare/xxhash/v2"
 
@@ -27,9 +28,25 @@ import (
 // page is written rather than scattering pages.
 //
 // Frames outside the segments are not replicated: the special region
-// (specialRegionStart), Xen-owned frames a guest maps into its gaps
-// (grant table, shared_info), and any frame the guest populates later
-// outside the layout (counted by HarvestDirty as Outside).
+// (specialRegionStart) and Xen-owned frames a guest maps into its gaps or
+// into holes inside segments (grant table, shared_info: Xen's page type
+// for them is XTAB, and they read as zeros here). HarvestDirty counts the
+// dirty gfns outside the segments (Timings.Outside); the special region's
+// rings and those Xen-owned frames are expected there.
+//
+// Memory the guest populates after Open (ballooning up, memory hot-add,
+// a hole inside a segment filled) is not in the layout, and would not be
+// replicated: HarvestDirty fails closed (ErrLayoutChanged) when the
+// domain's tot_pages differs from its value at Open, or when a dirty gfn
+// the layout does not map (outside the segments but not in the special
+// region, or a hole inside one) holds guest memory now: unmappedDirty
+// picks those gfns out, and only they (a few Xen-owned frames per epoch,
+// if any) are asked of Xen. A balloon-down is not seen by tot_pages while
+// we hold the frames mapped (Xen frees a frame, and lowers tot_pages,
+// only when its last reference goes, and our mapping holds one): its gfns
+// leave the guest's p2m, the replica keeps their last contents, which the
+// guest does not use; populating any gfn again takes a new frame and
+// raises tot_pages.
 // Segment is a run of the replicated layout (see above).
 type Segment struct {
 	GFN   uint64 `json:"gfn"`
@@ -172,4 +189,32 @@ func typeName(pvh bool) string {
 		return "pvh"
 	}
 	return "hvm"
+}
+
+// unmappedDirty appends to dst the gfns set in words (a bitmap indexed by
+// gfn) that the layout does not map: outside every Segment (the special
+// region excepted: its frames are populated but deliberately left out),
+// or a hole inside one (bit clear in mapped, indexed by page index). At
+// Open none of them held guest memory.
+func unmappedDirty(words []uint64, segs []Segment, mapped []uint64, dst []uint64) []uint64 {
+	for w, v := range words {
+		for v != 0 {
+			b := uint64(bits.TrailingZeros64(v))
+			v &= v - 1
+			g := uint64(w)*64 + b
+			if g >= specialRegionStart && g < specialRegionEnd {
+				continue
+			}
+			// The last segment starting at or below g.
+			i := sort.Search(len(segs), func(i int) bool { return segs[i].GFN > g }) - 1
+			if i >= 0 && g < segs[i].GFN+segs[i].Count {
+				idx := segs[i].Index + g - segs[i].GFN
+				if idx/64 < uint64(len(mapped)) && mapped[idx/64]&(1<<(idx%64)) != 0 {
+					continue
+				}
+			}
+			dst = append(dst, g)
+		}
+	}
+	return dst
 }

@@ -34,8 +34,16 @@ type Options struct {
 	// suspend in time fails that checkpoint instead of stalling the epoch
 	// loop. Under TCG on a busy machine suspends took up to 6.3 s.
 	SuspendTimeout time.Duration
-	// Recover: the domain may have been left suspended or paused in a
-	// checkpoint by a remusd that died; Open resumes it.
+	// Recover takes over a domain a dead remusd left in the middle of a
+	// checkpoint (the daemon's restart path): Open then accepts a domain
+	// shut down with reason suspend and cancels that suspend
+	// (xc_domain_resume fast, as Resume does), and if the domain is
+	// paused it drops one pause reference (xc_domain_unpause), the one
+	// the dead daemon's Pause took. Xen cannot tell whose pause reference
+	// it is: an operator's `xl pause` is dropped too, while a second
+	// reference keeps the domain paused. Guest.Recovered says what was
+	// done. Without Recover, Open refuses a suspended domain
+	// (ErrLeftSuspended) and leaves a paused one paused.
 	Recover bool
 }
 

@@ -197,6 +197,36 @@ func TestLayout(t *testing.T) {
 	if fmt.Sprint(got) != fmt.Sprint([]int{0, 63, 64, 0x7fff, 0x8000, 0x8007}) || out != 3 {
 		t.Fatalf("indexes %#x, outside %d", got, out)
 	}
+
+	// The layout check's candidates: dirty gfns the layout does not map
+	// (outside the segments, the special region excepted, or a hole inside
+	// one); mapped ones never.
+	mapped := make([]uint64, (layoutPages(segs)+63)/64)
+	for i := 0; i < layoutPages(segs); i++ {
+		if populated(int(gfnOf(segs, i))) {
+			mapped[i/64] |= 1 << (i % 64)
+		}
+	}
+	words[0x100/64] |= 1 << (0x100 % 64) // the hole inside RAM
+	words[0xfefff/64] |= 1 << (0xfefff % 64)
+	words[0xfbfbf/64] |= 1 << (0xfbfbf % 64) // just before the ACPI segment
+	un := unmappedDirty(words, segs, mapped, nil)
+	if fmt.Sprintf("%#x", un) != fmt.Sprintf("%#x", []uint64{0x100, 0x9000, 0xfbfbf, 0xfbfc8}) {
+		t.Fatalf("unmapped dirty gfns %#x", un)
+	}
+	if un := unmappedDirty(make([]uint64, len(words)), segs, mapped, un[:0]); len(un) != 0 {
+		t.Fatalf("clean bitmap: %#x", un)
+	}
+}
+
+// gfnOf is the gfn of page index i (test helper).
+func gfnOf(segs []Segment, i int) uint64 {
+	for _, s := range segs {
+		if uint64(i) >= s.Index && uint64(i) < s.Index+s.Count {
+			return s.GFN + uint64(i) - s.Index
+		}
+	}
+	panic("index outside the layout")
 }
 
 func TestCheckStateFor(t *testing.T) {

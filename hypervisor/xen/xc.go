@@ -45,16 +45,18 @@ static void *rx_bitmap_data(rx_bitmap *b) { return b->hbuf.hbuf; }
 
 // Fetch-and-clear: returns the number of pages the bitmap covers (or -1,
 // errno set); *dirty is Xen's count of pages dirtied since the last clean.
-// XEN_DOMCTL_SHADOW_LOGDIRTY_FINAL makes Xen first mark the frames it
-// maps writably itself (vcpu_info, runstate areas, ...): without it their
-// writes are never logged. Every checkpoint of a paused guest is such a
-// final round (xc_sr_save passes it in suspend_and_send_dirty).
+// With final, XEN_DOMCTL_SHADOW_LOGDIRTY_FINAL makes Xen first mark the
+// frames it maps writably itself (hvm_mapped_guest_frames_mark_dirty):
+// without it their writes are never logged. Every checkpoint of a paused
+// guest is such a final round (xc_sr_save passes it in
+// suspend_and_send_dirty); a clean that only restarts tracking
+// (Rebaseline) need not be, since the next final round marks them.
 static long long rx_logdirty_clean(xc_interface *xch, uint32_t domid, rx_bitmap *b,
-		unsigned long pages, uint32_t *dirty) {
+		unsigned long pages, int final, uint32_t *dirty) {
 	xc_shadow_op_stats_t st;
 	memset(&st, 0, sizeof(st));
 	long long rc = xc_logdirty_control(xch, domid, XEN_DOMCTL_SHADOW_OP_CLEAN,
-		&b->hbuf, pages, XEN_DOMCTL_SHADOW_LOGDIRTY_FINAL, &st);
+		&b->hbuf, pages, final ? XEN_DOMCTL_SHADOW_LOGDIRTY_FINAL : 0, &st);
 	*dirty = st.dirty_count;
 	return rc;
 }
@@ -104,6 +106,26 @@ static int rx_pfn_holes(xc_interface *xch, uint32_t domid, size_t n, int *hole) 
 		}
 	}
 	free(types);
+	return 0;
+}
+
+// Which of the n gfns in gfns hold guest memory now (the same question as
+// rx_pfn_holes, for a scattered set): populated[i] is set nonzero unless
+// gfns[i] is XTAB (no page, or a Xen-owned one) or BROKEN. gfns is
+// overwritten with the types. Returns 0, or -1 with errno set.
+static int rx_pfn_populated(xc_interface *xch, uint32_t domid, size_t n, xen_pfn_t *gfns, int *populated) {
+	for (size_t i = 0; i < n; i += 1024) {
+		unsigned int k = n - i < 1024 ? n - i : 1024;
+		if (xc_get_pfn_type_batch(xch, domid, k, gfns + i) < 0) {
+			if (!errno)
+				errno = EIO;
+			return -1;
+		}
+		for (unsigned int j = 0; j < k; j++) {
+			xen_pfn_t t = gfns[i + j] & XEN_DOMCTL_PFINFO_LTAB_MASK;
+			populated[i + j] = !(t == XEN_DOMCTL_PFINFO_XTAB || t == XEN_DOMCTL_PFINFO_BROKEN);
+		}
+	}
 	return 0;
 }
 
@@ -346,7 +368,8 @@ func (x *xc) disableLogDirty() error {
 
 // cleanLogDirty fetches and clears the log-dirty bitmap for pages pfns
 // and returns its words (valid until the next call) and Xen's dirty count.
-func (x *xc) cleanLogDirty(pages int) ([]uint64, uint32, error) {
+// final: a checkpoint's round (see rx_logdirty_clean).
+func (x *xc) cleanLogDirty(pages int, final bool) ([]uint64, uint32, error) {
 	words := (pages + 63) / 64
 	if x.bitmap == nil || x.bitmapPages < pages {
 		if x.bitmap != nil {
@@ -361,7 +384,11 @@ func (x *xc) cleanLogDirty(pages int) ([]uint64, uint32, error) {
 		x.bitmap, x.bitmapPages = b, pages
 	}
 	var dirty C.uint32_t
-	rc, err := C.rx_logdirty_clean(x.xch, x.domid, x.bitmap, C.ulong(pages), &dirty)
+	fin := C.int(0)
+	if final {
+		fin = 1
+	}
+	rc, err := C.rx_logdirty_clean(x.xch, x.domid, x.bitmap, C.ulong(pages), fin, &dirty)
 	if rc < 0 {
 		return nil, 0, errnoErr("xc_logdirty_control(CLEAN)", err)
 	}
@@ -435,6 +462,35 @@ func (x *xc) mapAll(p2m int, writable bool) (int, error) {
 	}
 	x.mem, x.memPages, x.mapRuns, x.mapped, x.segs, x.p2m = base, n, runs, mapped, segs, p2m
 	return nholes, nil
+}
+
+// populated returns the gfns of gfns that hold guest memory now (Xen's
+// page type is neither XTAB nor BROKEN), appended to dst.
+func (x *xc) populated(gfns []uint64, dst []uint64) ([]uint64, error) {
+	n := len(gfns)
+	if n == 0 {
+		return dst, nil
+	}
+	arr := (*C.xen_pfn_t)(C.malloc(C.size_t(n) * C.size_t(unsafe.Sizeof(C.xen_pfn_t(0)))))
+	pop := (*C.int)(C.malloc(C.size_t(n) * C.size_t(unsafe.Sizeof(C.int(0)))))
+	defer C.free(unsafe.Pointer(arr))
+	defer C.free(unsafe.Pointer(pop))
+	if arr == nil || pop == nil {
+		return dst, errors.New("malloc failed")
+	}
+	a, p := unsafe.Slice(arr, n), unsafe.Slice(pop, n)
+	for i, g := range gfns {
+		a[i] = C.xen_pfn_t(g)
+	}
+	if rc, err := C.rx_pfn_populated(x.xch, x.domid, C.size_t(n), arr, pop); rc < 0 {
+		return dst, errnoErr("xc_get_pfn_type_batch", err)
+	}
+	for i, g := range gfns {
+		if p[i] != 0 {
+			dst = append(dst, g)
+		}
+	}
+	return dst, nil
 }
 
 func (x *xc) memory() []byte {

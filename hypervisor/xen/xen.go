@@ -69,13 +69,31 @@ var ErrNotTracking = errors.New("xen: dirty tracking is not enabled for this gue
 // deadline expired while it waited for an earlier, abandoned libxc call.
 var ErrBusy = errors.New("xen: an earlier libxc call is still running")
 
+// ErrLayoutChanged is returned (wrapped) by HarvestDirty, and by every
+// later HarvestDirty and Rebaseline of that Guest, once the domain's
+// populated memory is no longer the one its layout was built from at
+// Open: its tot_pages changed (ballooning, memory hot-add), or a gfn the
+// layout does not map holds guest memory. Memory outside the layout would
+// not be replicated, so the protection must stop: unprotect and protect
+// the VM again (a new Open) to take the new layout.
+var ErrLayoutChanged = errors.New("xen: the domain's memory layout changed since protection started")
+
+// ErrLeftSuspended is returned (wrapped) by Open, without Options.Recover,
+// for a domain shut down with reason suspend: a cooperative checkpoint
+// suspended it and was not finished (its remusd most likely died), so it
+// does not run until that suspend is cancelled. Options.Recover (the
+// daemon's restart path) cancels it.
+var ErrLeftSuspended = errors.New("xen: domain left suspended by an unfinished checkpoint")
+
 // Timings are the durations of the last epoch's steps, for benchmarks.
 type Timings struct {
 	Pause, Harvest, Copy, Context, Unpause time.Duration
 	// Suspend (as the caller waits) and ResumeFast (inside the call):
 	// the cooperative steps, zero for a bare pause.
 	Suspend, ResumeFast time.Duration
-	DirtyPages          int
+	// Rebaseline: the last Rebaseline (clean and hashing every page).
+	Rebaseline time.Duration
+	DirtyPages int
 	// Outside: gfns the last harvest reported dirty outside the layout
 	// (Xen-owned frames the guest maps, the special region, or memory
 	// populated after Open: not replicated).
