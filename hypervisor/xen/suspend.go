@@ -40,7 +40,9 @@ static int rx_xs_write(const char *path, const char *val) {
 	return ok ? 0 : -1;
 }
 
-// 1 if the domain has shut down for a suspend, 0 if not, -1 on error.
+// 1 if the domain has shut down for a suspend, 0 if not, 2 if it shut
+// down for another reason (crash, poweroff, reboot) or is dying, -1 on
+// error.
 static int rx_suspended(xc_interface *xch, uint32_t domid) {
 	xc_domaininfo_t info;
 	int n = xc_domain_getinfolist(xch, domid, 1, &info);
@@ -50,9 +52,11 @@ static int rx_suspended(xc_interface *xch, uint32_t domid) {
 		errno = ESRCH;
 		return -1;
 	}
+	if (info.flags & XEN_DOMINF_dying)
+		return 2;
 	if (!(info.flags & XEN_DOMINF_shutdown))
 		return 0;
-	return ((info.flags >> XEN_DOMINF_shutdownshift) & XEN_DOMINF_shutdownmask) == SHUTDOWN_suspend;
+	return ((info.flags >> XEN_DOMINF_shutdownshift) & XEN_DOMINF_shutdownmask) == SHUTDOWN_suspend ? 1 : 2;
 }
 */
 import "C"
@@ -101,6 +105,9 @@ func (g *Guest) SuspendCooperative(ctx context.Context) error {
 			g.suspended = true
 			return nil
 		}
+		if rc == 2 {
+			return fmt.Errorf("%w: it has shut down", ErrGone)
+		}
 		if rc, err := C.rx_request_suspend(C.uint32_t(g.domid)); rc < 0 {
 			return errnoErr("xenstore write control/shutdown", err)
 		}
@@ -116,6 +123,11 @@ func (g *Guest) SuspendCooperative(ctx context.Context) error {
 			}
 			if rc == 1 {
 				return nil
+			}
+			if rc == 2 {
+				// Crashed, powered off or rebooting meanwhile: it will
+				// not suspend. Fail now, not at the deadline.
+				return fmt.Errorf("%w: it shut down instead of suspending", ErrGone)
 			}
 			if err := ctx.Err(); err != nil {
 				return fmt.Errorf("guest did not suspend: %w", err)
@@ -140,6 +152,9 @@ func (g *Guest) cancelSuspend() error {
 	if rc == 0 {
 		g.log.Warn("a suspend was asked for but the guest has not suspended; it will be cancelled when it does")
 		return nil
+	}
+	if rc == 2 {
+		return fmt.Errorf("%w: it shut down instead of suspending", ErrGone)
 	}
 	if err := g.x.resumeFast(); err != nil {
 		return err
