@@ -369,13 +369,12 @@ func (r *Report) writeXen(ew *errWriter) {
 	if len(x.Pauses) > 0 {
 		ew.printf("| guest | mode | epochs | dirty pages | stopped | paused | suspend | pause | harvest | copy | context | resume-fast | unpause | memcpy bound | stopped÷memcpy | copy÷memcpy | ÷bare: stopped / paused |\n|---:|---|---:|---|---|---|---|---|---|---|---|---|---|---|---:|---:|---|\n")
 		for _, p := range x.Pauses {
-			coop := p.Mode == xenbench.ModeCooperative
 			st := func(s xenbench.Stat) string { return fmt.Sprintf("%.2f / %.2f / %.2f", s.P50, s.P90, s.Max) }
-			opt := func(s xenbench.Stat) string {
-				if !coop {
+			opt := func(s *xenbench.Stat) string {
+				if s == nil {
 					return ""
 				}
-				return st(s)
+				return st(*s)
 			}
 			vsBare := ""
 			if p.StoppedOverBare > 0 {
@@ -435,11 +434,16 @@ func (r *Report) xenTables() []table {
 		}
 		return ff(v)
 	}
+	p50 := func(s *xenbench.Stat) string {
+		if s == nil {
+			return ""
+		}
+		return ff(s.P50)
+	}
 	for _, p := range x.Pauses {
-		coop := p.Mode == xenbench.ModeCooperative
 		t.rows = append(t.rows, []string{fi(int64(p.GuestMiB)), p.Mode, fi(int64(p.Epochs)), ff(p.IntervalMs), ff(p.Pages.P50), ff(p.Pages.P90),
 			ff(p.Stopped.P50), ff(p.Stopped.P90), ff(p.Stopped.Max), ff(p.Paused.P50), ff(p.Paused.P90), ff(p.Paused.Max),
-			opt(p.Suspend.P50, coop), ff(p.Pause.P50), ff(p.Harvest.P50), ff(p.Copy.P50), ff(p.Context.P50), opt(p.ResumeFast.P50, coop), ff(p.Unpause.P50),
+			p50(p.Suspend), ff(p.Pause.P50), ff(p.Harvest.P50), ff(p.Copy.P50), ff(p.Context.P50), p50(p.ResumeFast), ff(p.Unpause.P50),
 			ff(p.Memcpy.P50), ff(p.StoppedOverMemcpy), ff(p.PausedOverMemcpy), ff(p.CopyOverMemcpy), opt(p.StoppedOverBare, p.StoppedOverBare > 0), opt(p.PausedOverBare, p.PausedOverBare > 0), fi(int64(p.Attempts))})
 	}
 	ts := []table{t}

@@ -57,8 +57,11 @@ func TestMeasureXenQuick(t *testing.T) {
 			t.Errorf("%s: stopped quantiles %+v", p.Mode, p.Stopped)
 		}
 	}
-	if bare.Suspend != (xenbench.Stat{}) || bare.ResumeFast != (xenbench.Stat{}) || bare.StoppedOverBare != 0 {
+	if bare.Suspend != nil || bare.ResumeFast != nil || bare.StoppedOverBare != 0 {
 		t.Errorf("the bare pause has cooperative figures: %+v", bare)
+	}
+	if coop.Suspend == nil || coop.ResumeFast == nil {
+		t.Fatalf("cooperative: no suspend or resume-fast figures: %+v", coop)
 	}
 	finitePositive(t, "cooperative suspend", coop.Suspend.P50)
 	finitePositive(t, "cooperative resume-fast", coop.ResumeFast.P50)

@@ -35,7 +35,8 @@ func TestXenFill(t *testing.T) {
 	st := func(p50 float64) xenbench.Stat { return xenbench.Stat{P50: p50, P90: 2 * p50, Max: 3 * p50} }
 	bare := xenbench.Case{GuestMiB: 128, Mode: xenbench.ModeBare, Epochs: 10, Load: "dirtier", Stopped: st(8), Paused: st(8), Pause: st(0.5), Harvest: st(0.4), Copy: st(2), Context: st(3), Unpause: st(0.6), Memcpy: st(1), Pages: st(600)}
 	coop := bare
-	coop.Mode, coop.Stopped, coop.Paused, coop.Suspend, coop.ResumeFast = xenbench.ModeCooperative, st(100), st(10), st(90), st(2)
+	susp, rf := st(90), st(2)
+	coop.Mode, coop.Stopped, coop.Paused, coop.Suspend, coop.ResumeFast = xenbench.ModeCooperative, st(100), st(10), &susp, &rf
 	fo := xenbench.Failover{GuestMiB: 128, Epochs: 6, IntervalMs: 50, ActivationMs: 12, FirstProgressMs: 260, HundredRoundsMs: 1100, EnginePause: st(110)}
 	console := xenConsole(t, bare, xenbench.Error{Case: "128/cooperative", Error: "attempt 1: gone"}, coop, fo, xenbench.Done{Seconds: 80})
 	var r XenResult

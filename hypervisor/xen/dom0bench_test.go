@@ -267,8 +267,12 @@ func benchPause(ctx context.Context, t *testing.T, bg *benchGuest, coop bool, ep
 		pages = append(pages, float64(tm.DirtyPages))
 	}
 	d := xenbench.Durations
-	rec.Stopped, rec.Paused, rec.Suspend, rec.Pause, rec.Harvest = d(stopped), d(paused), d(suspend), d(pause), d(harvest)
-	rec.Copy, rec.Context, rec.ResumeFast, rec.Unpause, rec.Memcpy = d(cp), d(context_), d(resumeFast), d(unpause), d(memcpy)
+	rec.Stopped, rec.Paused, rec.Pause, rec.Harvest = d(stopped), d(paused), d(pause), d(harvest)
+	rec.Copy, rec.Context, rec.Unpause, rec.Memcpy = d(cp), d(context_), d(unpause), d(memcpy)
+	if coop {
+		s, r := d(suspend), d(resumeFast)
+		rec.Suspend, rec.ResumeFast = &s, &r
+	}
 	rec.Pages = xenbench.Values(pages)
 	return rec, nil
 }

@@ -95,16 +95,17 @@ type Case struct {
 	// domain runs again. Paused: from the pause call on.
 	Stopped Stat `json:"stopped_ms"`
 	Paused  Stat `json:"paused_ms"`
-	// The steps: Suspend as the caller waits (cooperative only), Copy
+	// The steps: Suspend as the caller waits and ResumeFast
+	// (cooperative only: nil for a bare pause, which has neither), Copy
 	// the memcpy out of the foreign mapping, the others inside their
 	// libxc calls (Guest.LastTimings).
-	Suspend    Stat `json:"suspend_ms"`
-	Pause      Stat `json:"pause_ms"`
-	Harvest    Stat `json:"harvest_ms"`
-	Copy       Stat `json:"copy_ms"`
-	Context    Stat `json:"context_ms"`
-	ResumeFast Stat `json:"resume_fast_ms"`
-	Unpause    Stat `json:"unpause_ms"`
+	Suspend    *Stat `json:"suspend_ms,omitempty"`
+	Pause      Stat  `json:"pause_ms"`
+	Harvest    Stat  `json:"harvest_ms"`
+	Copy       Stat  `json:"copy_ms"`
+	Context    Stat  `json:"context_ms"`
+	ResumeFast *Stat `json:"resume_fast_ms,omitempty"`
+	Unpause    Stat  `json:"unpause_ms"`
 	// Memcpy is the bound: copy() of the same runs of the same pages
 	// between two warm dom0 buffers, right after each epoch.
 	Memcpy Stat `json:"memcpy_ms"`
