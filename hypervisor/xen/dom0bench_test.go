@@ -24,7 +24,7 @@ import (
 
 // benchInterval is the time the guest runs between two checkpoints of the
 // in-dom0 benchmark (the round trip's epoch interval).
-const benchInterval = 50 * time.Millisecond
+const benchInterval = rtInterval
 
 // benchWarmup epochs are run and not counted after each Open (the first
 // harvest holds everything written since log-dirty was enabled).
@@ -121,7 +121,7 @@ func TestDom0Bench(t *testing.T) {
 					pages[i] = float64(p)
 				}
 				emit(xenbench.KindFailover, xenbench.Failover{
-					GuestMiB: guestMiB(), Epochs: int(r.acked), IntervalMs: 50, Attempts: attempt,
+					GuestMiB: guestMiB(), Epochs: int(r.acked), IntervalMs: ms(rtInterval), Attempts: attempt,
 					StandbySec: r.standby.Seconds(), EnginePause: xenbench.Durations(r.pauses), EnginePages: xenbench.Values(pages),
 					ActivationMs: ms(r.activation), SetContextMs: ms(r.info.Context), UnpauseMs: ms(r.info.Unpause),
 					FirstProgressMs: ms(r.progress), HundredRoundsMs: ms(r.hundred),

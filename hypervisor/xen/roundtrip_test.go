@@ -143,6 +143,9 @@ type rtOptions struct {
 	net    bool // a vif on a dom0 bridge, a TCP echo client
 }
 
+// rtInterval is the round trip's epoch interval.
+const rtInterval = 50 * time.Millisecond
+
 // rtResult is what a round trip measured (TestDom0Bench reports it).
 type rtResult struct {
 	standby    time.Duration // NewStandby: xl create -p and mapping
@@ -310,7 +313,7 @@ func roundTripWith(t *testing.T, o rtOptions) rtResult {
 	)
 	primary, err := checkpoint.NewPrimary(checkpoint.PrimaryOptions{
 		Guest: rec, Out: out, Dial: dial, ProtectionID: "xen-rt", Host: "host-a",
-		Core:              checkpoint.PrimaryConfig{Interval: 50 * time.Millisecond},
+		Core:              checkpoint.PrimaryConfig{Interval: rtInterval},
 		HeartbeatInterval: 100 * time.Millisecond, HeartbeatTimeout: 20 * time.Second, Log: log,
 		OnCapture: func(ci checkpoint.CaptureInfo) {
 			rec.mu.Lock()
