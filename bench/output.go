@@ -122,6 +122,7 @@ func (r *Report) tables() []table {
 	ts = append(ts, t)
 	ts = append(ts, r.qemuTables()...)
 	ts = append(ts, r.diskTables()...)
+	ts = append(ts, r.xenTables()...)
 	return ts
 }
 

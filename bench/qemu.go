@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"strings"
 	"time"
 
 	"go.uber.org/zap"
@@ -541,13 +542,23 @@ func (c *qClient) stop() {
 // backends names the backends measured in r, for the report's title.
 func (r *Report) backends() string {
 	sim := r.Pause.MemoryBytes > 0 || len(r.Encode) > 0 || r.Pipeline.Workload != "" || r.Latency != nil || r.Failover != nil || len(r.Sweep) > 0 || len(r.DirtyScale) > 0 || len(r.MultiVM) > 0
-	switch {
-	case (r.QEMU != nil || r.Disk != nil) && sim:
-		return "sim and qemu backends"
-	case r.QEMU != nil || r.Disk != nil:
-		return "qemu backend"
+	var names []string
+	if sim {
+		names = append(names, "sim")
 	}
-	return "sim backend"
+	if r.QEMU != nil || r.Disk != nil || r.Soak != nil {
+		names = append(names, "qemu")
+	}
+	if r.Xen != nil {
+		names = append(names, "xen")
+	}
+	switch len(names) {
+	case 0:
+		return "sim backend"
+	case 1:
+		return names[0] + " backend"
+	}
+	return strings.Join(names[:len(names)-1], ", ") + " and " + names[len(names)-1] + " backends"
 }
 
 func (r *Report) writeQEMU(ew *errWriter) {

@@ -101,7 +101,7 @@ func TestQEMUSkipAndReport(t *testing.T) {
 	if err := r.Write(&md); err != nil || !strings.Contains(md.String(), "QEMU backend") || !strings.Contains(md.String(), "Skipped: ") {
 		t.Fatalf("markdown (%v):\n%s", err, md.String())
 	}
-	if _, err := RunWith(context.Background(), Options{Backend: "xen"}); err == nil {
+	if _, err := RunWith(context.Background(), Options{Backend: "bogus"}); err == nil {
 		t.Fatal("unknown backend accepted")
 	}
 

@@ -143,6 +143,21 @@ type rtOptions struct {
 	net    bool // a vif on a dom0 bridge, a TCP echo client
 }
 
+// rtInterval is the round trip's epoch interval.
+const rtInterval = 50 * time.Millisecond
+
+// rtResult is what a round trip measured (TestDom0Bench reports it).
+type rtResult struct {
+	standby    time.Duration // NewStandby: xl create -p and mapping
+	acked      uint64
+	pauses     []time.Duration // the engine's whole pause of each incremental epoch, the recorder's hashing excluded
+	pages      []int
+	activation time.Duration // Backup.Activate as the caller waits
+	info       ActivationInfo
+	progress   time.Duration // Activate began → the first round beyond the committed one in memory
+	hundred    time.Duration // → 100 rounds beyond
+}
+
 // domainGone returns why g's domain no longer runs ("" if it does).
 func domainGone(ctx context.Context, g *Guest) string {
 	var why string
@@ -164,7 +179,8 @@ func domainGone(ctx context.Context, g *Guest) string {
 	return why
 }
 
-func roundTripWith(t *testing.T, o rtOptions) {
+func roundTripWith(t *testing.T, o rtOptions) rtResult {
+	var res rtResult
 	name, coop, epochs := o.name, o.coop, o.epochs
 	if v, err := strconv.Atoi(os.Getenv("XEN_RT_EPOCHS")); err == nil && v > 0 {
 		epochs = uint64(v)
@@ -180,7 +196,7 @@ func roundTripWith(t *testing.T, o rtOptions) {
 		}
 		ramdisk, lines = domUNetRD, xentest.NetVifLine(script)
 	}
-	domid, cfgPath := createGuestWith(ctx, t, name, "pvh", "dirtier.printevery=50", ramdisk, lines)
+	domid, cfgPath := createGuestWith(ctx, t, name, "pvh", guestMiB(), "dirtier.printevery=50", ramdisk, lines)
 	if o.net {
 		attachVif(t, domid)
 	}
@@ -224,6 +240,7 @@ func roundTripWith(t *testing.T, o rtOptions) {
 		_, _ = xlRun(context.Background(), xentest.BinDir+"/xl", "destroy", standbyName)
 	})
 	defer sb.Close()
+	res.standby = time.Since(t0)
 	t.Logf("standby: domid %d created and mapped in %s (xl create -p %s), %d pages", sb.DomID(), time.Since(t0).Round(time.Millisecond), sb.created.Round(time.Millisecond), sb.NumPages())
 	if o.net {
 		attachVif(t, sb.DomID())
@@ -302,7 +319,7 @@ func roundTripWith(t *testing.T, o rtOptions) {
 	)
 	primary, err := checkpoint.NewPrimary(checkpoint.PrimaryOptions{
 		Guest: rec, Out: out, Dial: dial, ProtectionID: "xen-rt", Host: "host-a",
-		Core:              checkpoint.PrimaryConfig{Interval: 50 * time.Millisecond},
+		Core:              checkpoint.PrimaryConfig{Interval: rtInterval},
 		HeartbeatInterval: 100 * time.Millisecond, HeartbeatTimeout: 20 * time.Second, Log: log,
 		OnCapture: func(ci checkpoint.CaptureInfo) {
 			rec.mu.Lock()
@@ -362,6 +379,7 @@ func roundTripWith(t *testing.T, o rtOptions) {
 	lastAcked := acked
 	mu.Unlock()
 	t.Logf("%d epochs acked in %s", lastAcked, time.Since(start).Round(time.Millisecond))
+	res.acked = lastAcked
 
 	if o.net {
 		ok, _, err := echo.State()
@@ -443,6 +461,7 @@ func roundTripWith(t *testing.T, o rtOptions) {
 		t.Fatalf("the committed state's suspended flag is %v for cooperative=%v", st.Suspended, coop)
 	}
 	ai := sb.LastActivation()
+	res.activation, res.info = act, ai
 	t.Logf("activated epoch %d in %s (setcontext %s, unpause %s, standby's own %s)", ai.Epoch, act.Round(time.Microsecond),
 		ai.Context.Round(time.Microsecond), ai.Unpause.Round(time.Microsecond), ai.Total.Round(time.Microsecond))
 	if ai.Epoch != committed {
@@ -462,7 +481,7 @@ func roundTripWith(t *testing.T, o rtOptions) {
 		b, _ := readConsole(standbyName)
 		out, _ := xlRun(ctx, xentest.BinDir+"/xl", "list")
 		t.Logf("BARE-PAUSE ACTIVATION, 20 s later: dirtier at round %d (committed %d); xl list:\n%s\nstandby console:\n%s", slices.Max(sbRounds), snap.round, out, tail(b, 30))
-		return
+		return res
 	}
 	deadline = time.Now().Add(90 * time.Second)
 	var firstSeen, progress time.Duration
@@ -486,6 +505,7 @@ func roundTripWith(t *testing.T, o rtOptions) {
 				if strings.Contains(b, "pages of") || strings.Contains(b, "Linux version") {
 					t.Fatalf("the standby rebooted; console:\n%s", tail(b, 30))
 				}
+				res.progress, res.hundred = progress, firstSeen
 				t.Logf("activated guest runs on: first new round in memory %s after Activate began, round %d after %s; console rounds %d..%d (committed %d)",
 					progress.Round(time.Millisecond), r, firstSeen.Round(time.Millisecond), first, last, snap.round)
 				t.Logf("standby console (tail):\n%s", tail(b, 12))
@@ -525,11 +545,14 @@ func roundTripWith(t *testing.T, o rtOptions) {
 	pages := make([]int, len(samples))
 	for i, s := range samples {
 		pages[i] = s.pages
+		res.pauses = append(res.pauses, s.pause)
 	}
+	res.pages = slices.Clone(pages)
 	slices.Sort(pages)
 	t.Logf("cooperative epochs through the engine (%d, median/p90/max): whole pause %s; suspend %s; pause %s; harvest %s; context %s; resume(fast) %s; unpause %s; pages %d/%d/%d",
 		len(samples), m(func(s epochTimes) time.Duration { return s.pause }), m(func(s epochTimes) time.Duration { return s.tm.Suspend }),
 		m(func(s epochTimes) time.Duration { return s.tm.Pause }), m(func(s epochTimes) time.Duration { return s.tm.Harvest }),
 		m(func(s epochTimes) time.Duration { return s.tm.Context }), m(func(s epochTimes) time.Duration { return s.tm.ResumeFast }),
 		m(func(s epochTimes) time.Duration { return s.tm.Unpause }), pages[len(pages)/2], pages[len(pages)*9/10], pages[len(pages)-1])
+	return res
 }

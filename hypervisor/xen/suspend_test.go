@@ -14,15 +14,7 @@ import (
 	"go.uber.org/zap/zaptest"
 
 	"github.com/remusd/remusd/dirtymap"
-	"github.com/remusd/remusd/xentest"
 )
-
-// TestXenSuspend boots Xen under QEMU and runs TestDom0Suspend in dom0:
-// the cost of a cooperative suspend + fast resume per checkpoint, the way
-// Xen's Remus takes them, beside the bare pause.
-func TestXenSuspend(t *testing.T) {
-	runInDom0(t, "^TestDom0Suspend$", xentest.Config{Timeout: 300 * time.Second})
-}
 
 // TestDom0Suspend checkpoints a PVH guest by cooperative suspend (xenstore
 // control/shutdown=suspend, wait for SHUTDOWN_suspend), harvest, copy,
