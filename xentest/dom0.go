@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"os"
 	"strings"
 	"testing"
 )
@@ -52,6 +53,13 @@ func RunInDom0(t testing.TB, pkgDir, run string, tags []string, cfg Config) {
 		t.Logf("attempt %d: verdict %q in %s", attempt, res.Verdict, res.Elapsed)
 		if res.Passed {
 			return
+		}
+		// The whole console (dom0's and Xen's), for what the filter above
+		// leaves out (a daemon's log, module loading).
+		if f, err := os.CreateTemp("", "xentest-console-*.log"); err == nil {
+			_, _ = f.WriteString(res.Console)
+			f.Close()
+			t.Logf("attempt %d's whole console: %s", attempt, f.Name())
 		}
 		if attempt <= MaxTripleFaultRetries && strings.Contains(res.Console, TripleFault) {
 			t.Logf("RETRYING (attempt %d failed): the domU crashed (triple fault under TCG, an open problem); console tail:\n%s", attempt, Tail(res.Console, 40))
