@@ -361,12 +361,11 @@ func (d *Daemon) backupFor(ctx context.Context, h *remuspb.Hello, identity strin
 			h.VmName, cost>>20, h.MemoryBytes>>20, d.cfg.Name, (d.budget-used)>>20, d.budget>>20)
 	}
 	var (
-		local    *QemuVM
-		xlocal   *XenVM
-		leftover uint32
+		local  *QemuVM
+		xlocal *XenVM
 	)
 	if prev, ok := d.vms[h.VmName]; ok {
-		local, xlocal, leftover = prev.qcfg, prev.xcfg, prev.leftoverStandby
+		local, xlocal = prev.qcfg, prev.xcfg
 	} else {
 		local, xlocal = d.qemuConfig(h.VmName), d.xenConfig(h.VmName)
 	}
@@ -400,7 +399,7 @@ func (d *Daemon) backupFor(ctx context.Context, h *remuspb.Hello, identity strin
 	case qemu.BackendName:
 		v, err = d.newQemuReplica(ctx, h, identity, *local)
 	case xen.BackendName:
-		v, err = d.newXenReplica(ctx, h, identity, *xlocal, leftover)
+		v, err = d.newXenReplica(ctx, h, identity, *xlocal)
 	default:
 		v, err = d.newSimReplica(h, identity)
 	}

@@ -389,9 +389,10 @@ func (d *Daemon) xenConfig(name string) *XenVM {
 // host's own configuration of it (local): `xl create -p` of its
 // xl_config under its domain name. The primary's description is only
 // checked; the layouts are compared at the handshake (backend version).
-// leftover is a never-run standby of that name a previous daemon left
-// (destroyed first). Runs without d.mu.
-func (d *Daemon) newXenReplica(ctx context.Context, h *remuspb.Hello, identity string, local XenVM, leftover uint32) (*vm, error) {
+// A paused domain of that name that never ran (a standby a killed daemon
+// or a killed `xl create` left) is destroyed first; any other domain of
+// that name is left alone and the replica refused. Runs without d.mu.
+func (d *Daemon) newXenReplica(ctx context.Context, h *remuspb.Hello, identity string, local XenVM) (*vm, error) {
 	var cfg xen.Config
 	if err := unmarshalStrict(h.BackendConfig, &cfg); err != nil {
 		return nil, fmt.Errorf("VM %s: bad xen backend config: %w", h.VmName, err)
@@ -405,10 +406,8 @@ func (d *Daemon) newXenReplica(ctx context.Context, h *remuspb.Hello, identity s
 	if local.XLConfig == "" {
 		return nil, fmt.Errorf("VM %s: %s's xen_vms entry has no xl_config to create the standby from", h.VmName, d.cfg.Name)
 	}
-	if leftover != 0 {
-		if err := d.destroyLeftoverStandby(ctx, local, leftover); err != nil {
-			return nil, fmt.Errorf("VM %s: %w", h.VmName, err)
-		}
+	if err := d.destroyLeftoverStandby(ctx, local); err != nil {
+		return nil, fmt.Errorf("VM %s: %w", h.VmName, err)
 	}
 	sb, err := xen.NewStandby(ctx, xen.StandbyOptions{Name: h.VmName, ConfigPath: local.XLConfig, DomainName: local.domain(),
 		XL: d.cfg.Xen.xl(), Type: local.Type, Logger: d.log})
@@ -431,20 +430,22 @@ func (d *Daemon) newXenReplica(ctx context.Context, h *remuspb.Hello, identity s
 	return v, nil
 }
 
-// destroyLeftoverStandby destroys the never-run standby domain a previous
-// daemon left, after checking it is still that: paused, never ran.
-func (d *Daemon) destroyLeftoverStandby(ctx context.Context, x XenVM, domid uint32) error {
+// destroyLeftoverStandby makes room for a new standby: a domain of its
+// name that is paused and never ran is a standby a killed daemon (or a
+// killed `xl create`) left, holding nothing anyone saw: it is destroyed.
+// A domain of that name that ran is refused: it may be the VM itself.
+func (d *Daemon) destroyLeftoverStandby(ctx context.Context, x XenVM) error {
 	cctx, cancel := context.WithTimeout(ctx, xenCallTimeout)
 	defer cancel()
-	id, st, err := d.findXenDomain(cctx, x)
+	domid, st, err := d.findXenDomain(cctx, x)
 	if errors.Is(err, xen.ErrNoDomain) {
 		return nil
 	}
 	if err != nil {
 		return err
 	}
-	if id != domid || !st.NeverRan() {
-		return fmt.Errorf("domain %s (%d) exists and is not the never-run standby found at start: not replacing it", x.domain(), id)
+	if !st.NeverRan() {
+		return fmt.Errorf("a domain named %s (%d) exists on this backup and has run: it may be the VM itself; not creating a standby over it (destroy it, or give the standby another domain name in xen_vms)", x.domain(), domid)
 	}
 	if err := xen.Destroy(cctx, d.cfg.Xen.xl(), domid); err != nil {
 		return fmt.Errorf("destroy the standby a previous daemon left: %w", err)
