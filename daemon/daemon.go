@@ -153,9 +153,9 @@ type vm struct {
 	xcfg     *XenVM       // this host's configuration of the VM
 	xnet     xenNet       // the domain and its vif (qnet.tap names the vif too)
 	xstandby *xen.Standby // backup role: the hot standby domain
-	// leftoverStandby is a never-run standby domain of this VM a previous
-	// daemon left (0: none); the next replica replaces it.
-	leftoverStandby uint32
+	// xrecVif is the vif the recorded protection held output on (a
+	// resumed protection must find the same one).
+	xrecVif string
 }
 
 // simSpec is what a sim VM's backend config carries between hosts: the
@@ -379,6 +379,10 @@ func (d *Daemon) closeVM(v *vm) {
 	switch g := v.guest.(type) {
 	case *qemu.Guest:
 		g.Detach()
+	case *xen.Guest:
+		// Let go of the domain as it is: a fenced or mid-checkpoint
+		// domain stays stopped (Close would run it).
+		g.Release()
 	case nil:
 	default:
 		g.Close()
@@ -521,6 +525,8 @@ func (d *Daemon) stopPrimaryForRestart(v *vm) {
 	g, p, stop, done, netOut := v.guest, v.primary, v.stop, v.done, v.netOut
 	// A QEMU or Xen guest outlives the daemon; a sim guest does not.
 	isQemu := v.backend != sim.BackendName
+	// A fenced or self-fenced guest stays stopped as it is.
+	fenced := v.w.view == WitnessFenced || v.w.paused
 	d.mu.Unlock()
 	if isQemu {
 		p.StopForRestart()
@@ -529,7 +535,19 @@ func (d *Daemon) stopPrimaryForRestart(v *vm) {
 	<-done
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	paused := g.Pause(ctx) == nil
+	// Paused while the buffer is detached; undo runs it again.
+	var undo func() error
+	switch xg, isXen := g.(*xen.Guest); {
+	case fenced:
+	case isXen:
+		// At once: a cooperative suspend could take longer than the
+		// deadline and take effect after the daemon is gone.
+		if xg.PauseNow(ctx) == nil {
+			undo = func() error { return xg.UnpauseNow(ctx) }
+		}
+	case g.Pause(ctx) == nil && isQemu:
+		undo = func() error { return g.Resume(ctx) }
+	}
 	d.mu.Lock()
 	if netOut != nil {
 		if err := netOut.Detach(); err != nil {
@@ -540,8 +558,8 @@ func (d *Daemon) stopPrimaryForRestart(v *vm) {
 		o.Close() // sim: held output is dropped
 	}
 	d.mu.Unlock()
-	if paused && isQemu {
-		if err := g.Resume(ctx); err != nil {
+	if undo != nil {
+		if err := undo(); err != nil {
 			d.log.Error("resume guest after detaching its protection", zap.String("vm", v.name), zap.Error(err))
 		}
 	}

@@ -178,7 +178,11 @@ func (d *Daemon) Failover(ctx context.Context, req FailoverRequest) error {
 	if xg, ok := g.(*xen.Guest); ok && err == nil {
 		// Where the activated domain's output leaves (its own vif on this
 		// host): recorded for a restarted daemon, held when re-protected.
-		xnet = d.xenNetOf(ctx, name, xg.DomID())
+		var nerr error
+		if xnet, nerr = d.xenNetOf(ctx, xg.DomID()); nerr != nil {
+			d.log.Warn("cannot read the activated domain's vif yet (protect reads it again)", zap.String("vm", name), zap.Error(nerr))
+			xnet = xenNet{domid: xg.DomID()}
+		}
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -222,7 +226,7 @@ func (d *Daemon) Failover(ctx context.Context, req FailoverRequest) error {
 	}
 	if v.xstandby != nil {
 		a := v.xstandby.LastActivation()
-		v.xnet = xnet
+		v.xnet, v.xrecVif = xnet, ""
 		v.qnet = qemuNet{tap: xnet.vif, bridged: xnet.bridged}
 		d.log.Warn("xen VM activated", zap.String("vm", name), zap.Uint64("epoch", a.Epoch), zap.Bool("suspended", a.Suspended),
 			zap.Uint32("domid", xnet.domid), zap.String("vif", xnet.vif), zap.Duration("setcontext", a.Context), zap.Duration("unpause", a.Unpause), zap.Duration("total", a.Total))

@@ -237,9 +237,6 @@ func (d *Daemon) Start(ctx context.Context, name string) error {
 	case v.qcfg == nil && v.xcfg == nil:
 		d.mu.Unlock()
 		return fmt.Errorf("start %s: no qemu_vms or xen_vms entry describes it on %s", name, d.cfg.Name)
-	case v.leftoverStandby != 0:
-		d.mu.Unlock()
-		return fmt.Errorf("start %s: its domain is a standby a previous backup daemon left (paused, never ran): it holds no running VM; `xl destroy %d` first if this host should start the VM afresh", name, v.leftoverStandby)
 	}
 	v.busy = "starting"
 	d.mu.Unlock()

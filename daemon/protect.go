@@ -13,7 +13,6 @@ import (
 	"github.com/remusd/remusd/checkpoint"
 	"github.com/remusd/remusd/failover/witness"
 	"github.com/remusd/remusd/hypervisor"
-	"github.com/remusd/remusd/hypervisor/qemu"
 	"github.com/remusd/remusd/hypervisor/sim"
 	"github.com/remusd/remusd/hypervisor/xen"
 	"github.com/remusd/remusd/outbuf"
@@ -161,7 +160,7 @@ func (d *Daemon) startProtection(v *vm, pr protectionRecord, resume bool) error 
 		return errors.New("the VM does not run here")
 	}
 	if backend == xen.BackendName {
-		if err := d.prepareXenProtection(dctx, v); err != nil {
+		if err := d.prepareXenProtection(dctx, v, resume); err != nil {
 			return err
 		}
 		d.mu.Lock()
@@ -202,12 +201,14 @@ func (d *Daemon) startProtection(v *vm, pr protectionRecord, resume bool) error 
 		}
 		buf = nb
 		pr.OutBuf = nb.Kind()
-		if qg, ok := g.(*qemu.Guest); ok && resume && qg.Paused() {
-			// The previous daemon died inside an epoch's pause. The buffer
-			// holds the guest's output now: it may run again, whether or
-			// not the backup is reachable.
-			rctx, cancel := context.WithTimeout(dctx, 10*time.Second)
-			err := qg.Resume(rctx)
+		if pg, ok := g.(interface{ Paused() bool }); ok && resume && pg.Paused() {
+			// The previous daemon died inside an epoch's pause (a Xen
+			// domain's suspend and pause were adopted by Recover). The
+			// buffer holds the guest's output now, and the witness let
+			// this host go on: it may run again, whether or not the
+			// backup is reachable.
+			rctx, cancel := context.WithTimeout(dctx, 30*time.Second)
+			err := g.Resume(rctx)
 			cancel()
 			if err != nil {
 				buf.Detach()

@@ -159,18 +159,33 @@ func (d *Daemon) retire(v *vm, why string) {
 	d.mu.Unlock()
 	stop()
 	<-doneCh
+	// The guest goes first, then its buffer: the buffer must hold until
+	// nothing can send through it.
+	serr := d.stopGuest(context.Background(), g)
+	if errors.Is(serr, qemu.ErrQEMUExited) {
+		serr = nil
+	}
 	if netOut != nil {
-		// The guest is paused and leaves: what is held belongs to epochs
-		// after the last one, which never happened for clients.
-		if err := netOut.Close(); err != nil {
+		var err error
+		if serr != nil {
+			// The old copy may still exist (paused): keep holding and
+			// dropping whatever it might send.
+			err = netOut.Detach()
+		} else {
+			// What is held belongs to epochs after the last one, which
+			// never happened for clients.
+			err = netOut.Close()
+		}
+		if err != nil {
 			d.log.Warn("switchover: close the output buffer", zap.String("vm", v.name), zap.Error(err))
 		}
 	}
-	if err := d.stopGuest(context.Background(), g); err != nil && !errors.Is(err, qemu.ErrQEMUExited) {
-		d.log.Warn("switchover: stop the old guest", zap.String("vm", v.name), zap.Error(err))
-	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	if serr != nil {
+		d.log.Error("switchover: the old copy could not be stopped: it is left paused with its output held; stop it by hand", zap.String("vm", v.name), zap.Error(serr))
+		why = fmt.Sprintf("%s; the old copy here could not be stopped (%v): it is paused with its output held, stop it by hand (xl destroy / kill its QEMU)", why, serr)
+	}
 	if o := v.out.Load(); o != nil {
 		o.Close()
 	}

@@ -314,7 +314,7 @@ func (d *Daemon) resumeSelfFenced(v *vm) {
 	go func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
-		if err := g.Resume(ctx); err != nil {
+		if err := fenceResume(ctx, g); err != nil {
 			d.log.Error("resume after self-fencing failed", zap.String("vm", v.name), zap.Error(err))
 		}
 	}()

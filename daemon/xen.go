@@ -141,6 +141,29 @@ func (d *Daemon) bringUpXen(x XenVM) error {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), xenOpenTimeout)
 	defer cancel()
+	if rec != nil && rec.Xen != nil {
+		// The recorded domain, by id: only Xen's "no such domain" proves
+		// it gone (a timeout or a missing xl proves nothing, and taking a
+		// live guest for gone would drop its output rules).
+		_, err := d.recordedDomain(ctx, x, rec.Xen.DomID)
+		switch {
+		case errors.Is(err, xen.ErrNotBuilt):
+			v.stoppedWhy = "this remusd was built without Xen support (build it with -tags xen on a host with libxen-dev)"
+			return nil
+		case errors.Is(err, xen.ErrNoDomain):
+			d.forgetGoneXen(v, rec, err)
+			if rec.Role == RolePrimary || rec.Role == RoleActive {
+				// Whatever runs under the name now is another instance:
+				// not taken for this VM, which may run elsewhere.
+				return nil
+			}
+			rec = nil
+		case err != nil:
+			v.stoppedWhy = fmt.Sprintf("cannot tell whether its domain %d still runs (%v): left alone, its output held as it was; restart remusd once Xen answers", rec.Xen.DomID, err)
+			d.log.Error("cannot look the recorded Xen domain up: leaving it alone", zap.String("vm", x.Name), zap.Uint32("domid", rec.Xen.DomID), zap.Error(err))
+			return nil
+		}
+	}
 	domid, st, err := d.findXenDomain(ctx, x)
 	switch {
 	case errors.Is(err, xen.ErrNotBuilt):
@@ -160,15 +183,13 @@ func (d *Daemon) bringUpXen(x XenVM) error {
 		return nil
 	}
 	if rec != nil && rec.Xen != nil && rec.Xen.DomID != domid {
-		// Another instance of the domain: the recorded one is gone.
-		d.forgetGoneXen(v, rec, fmt.Errorf("the recorded domain %d is gone; domain %s is now %d", rec.Xen.DomID, x.domain(), domid))
-		rec = nil
+		v.stoppedWhy = fmt.Sprintf("the record names domain %d, but %s is domain %d: left alone", rec.Xen.DomID, x.domain(), domid)
+		return nil
 	}
 	if rec == nil && st.NeverRan() {
 		// `xl create -p` and never unpaused: a standby a backup daemon
 		// left behind (killed before it could destroy it). It holds no
 		// state anyone saw; the next replica of this VM replaces it.
-		v.leftoverStandby = domid
 		v.stoppedWhy = fmt.Sprintf("domain %s (%d) is paused and has never run: a standby a previous backup daemon left; it is replaced when the VM's primary connects (or `xl destroy %d`)", x.domain(), domid, domid)
 		d.log.Warn("found a standby domain a previous daemon left", zap.String("vm", x.Name), zap.Uint32("domid", domid))
 		return nil
@@ -179,13 +200,14 @@ func (d *Daemon) bringUpXen(x XenVM) error {
 		v.installXen(g, n)
 	}
 	if err != nil {
-		v.stoppedWhy = fmt.Sprintf("domain %s (%d) runs but cannot be attached (%v): left alone, its output held as it was", x.domain(), domid, err)
+		v.stoppedWhy = fmt.Sprintf("domain %s (%d) exists but cannot be attached (%v): left alone, its output held as it was", x.domain(), domid, err)
 		d.log.Error("cannot attach to a running Xen domain: leaving it alone", zap.String("vm", x.Name), zap.Uint32("domid", domid), zap.Error(err))
 		return nil
 	}
 	v.role = RoleLocal
 	if rec != nil {
 		v.role = rec.Role
+		v.xrecVif = rec.Xen.Vif
 		if rec.Role == RolePrimary && rec.Protection != nil {
 			p := *rec.Protection
 			v.resume = &p
@@ -238,28 +260,34 @@ func (d *Daemon) findXenDomain(ctx context.Context, x XenVM) (uint32, xen.Domain
 	return domid, st, nil
 }
 
+// recordedDomain checks that domain domid still exists and is x's (its
+// xenstore name): ErrNoDomain (wrapped) only when Xen says so.
+func (d *Daemon) recordedDomain(ctx context.Context, x XenVM, domid uint32) (xen.DomainStatus, error) {
+	cctx, cancel := context.WithTimeout(ctx, xenCallTimeout)
+	defer cancel()
+	st, err := xen.DomainState(cctx, domid)
+	if err != nil {
+		return st, err
+	}
+	if st.Dying || (st.Shutdown && !st.Suspended) {
+		return st, fmt.Errorf("%w: domain %d is shutting down", xen.ErrNoDomain, domid)
+	}
+	name, err := xen.DomainName(cctx, domid)
+	if err != nil {
+		return st, err
+	}
+	if name != x.domain() {
+		return st, fmt.Errorf("%w: domain %d is %q now, not %s", xen.ErrNoDomain, domid, printable(name), x.domain())
+	}
+	return st, nil
+}
+
 // openXen attaches to domain domid: dirty tracking on, memory mapped,
 // checkpoints cooperative; its vif found. recover resumes a domain a dead
 // daemon left suspended or paused in a checkpoint (its output is held on
 // the vif, so it may run). Runs without d.mu (it takes seconds).
 func (d *Daemon) openXen(ctx context.Context, name string, domid uint32, recover bool) (*xen.Guest, xenNet, error) {
-	vctx, cancel := context.WithTimeout(ctx, xenCallTimeout)
-	vifs, err := xen.Vifs(vctx, domid)
-	cancel()
-	if err != nil {
-		return nil, xenNet{}, err
-	}
-	n := xenNet{domid: domid, nics: len(vifs)}
-	if len(vifs) > 0 {
-		n.vif = vifs[0].Name
-		n.bridged, err = isBridgePort(ctx, n.vif)
-		if err != nil {
-			return nil, xenNet{}, err
-		}
-	}
-	dctx, cancel := context.WithTimeout(ctx, xenCallTimeout)
-	n.disks, err = xen.Disks(dctx, domid)
-	cancel()
+	n, err := d.xenNetOf(ctx, domid)
 	if err != nil {
 		return nil, xenNet{}, err
 	}
@@ -271,36 +299,40 @@ func (d *Daemon) openXen(ctx context.Context, name string, domid uint32, recover
 	if r := g.Recovered(); r != "" {
 		d.log.Warn("a previous daemon left the domain in a checkpoint: resumed it (its output stays held)", zap.String("vm", name), zap.String("done", r))
 	}
-	d.log.Info("xen domain attached", zap.String("vm", name), zap.Uint32("domid", domid), zap.Int("vifs", len(vifs)), zap.String("vif", n.vif),
+	d.log.Info("xen domain attached", zap.String("vm", name), zap.Uint32("domid", domid), zap.Int("vifs", n.nics), zap.String("vif", n.vif),
 		zap.Bool("bridged", n.bridged), zap.Int("pages", g.NumPages()))
 	return g, n, nil
 }
 
-// installXen makes g (on n) v's guest, closing the one it held. d.mu held
-// (or v not yet shared).
+// installXen makes g (on n) v's guest, releasing the one it held. d.mu
+// held (or v not yet shared).
 func (v *vm) installXen(g *xen.Guest, n xenNet) {
 	if old, ok := v.guest.(*xen.Guest); ok && old != nil && old != g {
-		old.Close()
+		old.Release()
 	}
 	v.guest, v.xnet = g, n
 	v.qnet = qemuNet{tap: n.vif, bridged: n.bridged}
 }
 
-// xenNetOf finds domain domid's vif (a failure is logged: the domain runs
-// on, and protect finds its vif again).
-func (d *Daemon) xenNetOf(ctx context.Context, name string, domid uint32) xenNet {
-	n := xenNet{domid: domid}
+// xenNetOf reads domain domid's vifs and block devices from xenstore.
+func (d *Daemon) xenNetOf(ctx context.Context, domid uint32) (xenNet, error) {
 	ctx, cancel := context.WithTimeout(ctx, xenCallTimeout)
 	defer cancel()
 	vifs, err := xen.Vifs(ctx, domid)
-	if err == nil && len(vifs) > 0 {
-		n.nics, n.vif = len(vifs), vifs[0].Name
-		n.bridged, err = isBridgePort(ctx, n.vif)
-	}
 	if err != nil {
-		d.log.Warn("cannot find the activated domain's vif yet", zap.String("vm", name), zap.Uint32("domid", domid), zap.Error(err))
+		return xenNet{}, err
 	}
-	return n
+	n := xenNet{domid: domid, nics: len(vifs)}
+	if len(vifs) > 0 {
+		n.vif = vifs[0].Name
+		if n.bridged, n.master, err = bridgePort(ctx, n.vif); err != nil {
+			return xenNet{}, err
+		}
+	}
+	if n.disks, err = xen.Disks(ctx, domid); err != nil {
+		return xenNet{}, err
+	}
+	return n, nil
 }
 
 // xenNet is where a Xen VM's first vif meets dom0.
@@ -309,52 +341,68 @@ type xenNet struct {
 	vif     string
 	bridged bool
 	nics    int // the domain's vifs (only the first can be held: more are refused at protect)
+	// master names the vif's master when it is not a Linux bridge (an
+	// Open vSwitch port, a bond): NFQUEUE's physdev match cannot see it.
+	master string
 	// disks are the domain's block devices ("vbd/51712"): their writes
 	// are not replicated, so such a domain is refused at protect.
 	disks []string
 }
 
-// isBridgePort reports whether interface name is a bridge port.
-func isBridgePort(ctx context.Context, name string) (bool, error) {
+// bridgePort reports whether interface name is a Linux bridge's port, or
+// else names its master device if it has one (type and name).
+func bridgePort(ctx context.Context, name string) (bool, string, error) {
 	if err := ctx.Err(); err != nil {
-		return false, err
+		return false, "", err
 	}
 	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
 	if err != nil {
-		return false, fmt.Errorf("vif %s: netlink: %w", name, err)
+		return false, "", fmt.Errorf("vif %s: netlink: %w", name, err)
 	}
 	defer h.Close()
 	if err := h.SetSocketTimeout(netlinkTimeout); err != nil {
-		return false, fmt.Errorf("vif %s: netlink timeout: %w", name, err)
+		return false, "", fmt.Errorf("vif %s: netlink timeout: %w", name, err)
 	}
 	l, err := h.LinkByName(name)
 	if err != nil {
-		return false, fmt.Errorf("vif %s: %w", name, err)
+		return false, "", fmt.Errorf("vif %s: %w", name, err)
 	}
-	return l.Attrs().MasterIndex != 0, nil
+	mi := l.Attrs().MasterIndex
+	if mi == 0 {
+		return false, "", nil
+	}
+	m, err := h.LinkByIndex(mi)
+	if err != nil {
+		return false, "", fmt.Errorf("vif %s: its master: %w", name, err)
+	}
+	if m.Type() == "bridge" {
+		return true, "", nil
+	}
+	return false, fmt.Sprintf("%s %s", m.Type(), m.Attrs().Name), nil
 }
 
 // prepareXenProtection makes sure v's guest tracks dirty pages (an
-// activated standby does not: it is opened again) and that its output
-// can be held (one vif at most). Called with v busy and d.mu free.
-func (d *Daemon) prepareXenProtection(ctx context.Context, v *vm) error {
+// activated standby does not: it is opened again), reads its vifs and
+// disks afresh (they may have changed since it was attached), and refuses
+// what remusd cannot protect: an HVM domain, block devices, more than one
+// vif, a vif whose master NFQUEUE cannot match, a vif other than the one
+// a resumed protection held. Called with v busy and d.mu free.
+func (d *Daemon) prepareXenProtection(ctx context.Context, v *vm, resume bool) error {
 	d.mu.Lock()
 	g, _ := v.guest.(*xen.Guest)
-	n := v.xnet
+	recVif := v.xrecVif
 	d.mu.Unlock()
 	if g == nil {
 		return errors.New("the domain is not attached")
 	}
-	if g.Tracking() && n.nics <= 1 && len(n.disks) == 0 {
-		return nil
-	}
+	octx, cancel := context.WithTimeout(ctx, xenOpenTimeout)
+	defer cancel()
+	domid := g.DomID()
+	var n xenNet
 	if !g.Tracking() {
-		// Closed first: one handle per domain enables and disables its
-		// log-dirty mode.
-		octx, cancel := context.WithTimeout(ctx, xenOpenTimeout)
-		defer cancel()
-		domid := g.DomID()
-		g.Close()
+		// Released first: one handle per domain enables and disables
+		// its log-dirty mode.
+		g.Release()
 		ng, nn, err := d.openXen(octx, v.name, domid, false)
 		if err != nil {
 			return fmt.Errorf("attach the domain for protection: %w", err)
@@ -362,14 +410,31 @@ func (d *Daemon) prepareXenProtection(ctx context.Context, v *vm) error {
 		d.mu.Lock()
 		v.installXen(ng, nn)
 		d.mu.Unlock()
-		n = nn
+		g, n = ng, nn
+	} else {
+		var err error
+		if n, err = d.xenNetOf(octx, domid); err != nil {
+			return err
+		}
+		d.mu.Lock()
+		v.xnet, v.qnet = n, qemuNet{tap: n.vif, bridged: n.bridged}
+		d.mu.Unlock()
+	}
+	if !g.PVH() {
+		return fmt.Errorf("domain %d is an HVM domain: its device model's (QEMU's) state is not replicated, so a standby would come up without its emulated devices; run the guest as PVH", domid)
 	}
 	if len(n.disks) > 0 {
 		return fmt.Errorf("domain %d has block devices (%s): remusd does not replicate a Xen domain's disks yet, so a standby would resume with a disk that lacks the primary's writes (shared storage is no better: it holds writes the standby's memory never saw); protect Xen domains without disks, or run the VM on the qemu backend, whose disks are replicated with each epoch",
-			n.domid, strings.Join(n.disks, ", "))
+			domid, strings.Join(n.disks, ", "))
 	}
 	if n.nics > 1 {
-		return fmt.Errorf("domain %d has %d vifs: remusd holds the output of one (the first); give the guest one network interface", n.domid, n.nics)
+		return fmt.Errorf("domain %d has %d vifs: remusd holds the output of one (the first); give the guest one network interface", domid, n.nics)
+	}
+	if n.master != "" && d.outbufProbe().Kind != "plug" {
+		return fmt.Errorf("vif %s is a port of %s, not of a Linux bridge: the NFQUEUE output buffer (this host has no sch_plug) matches bridge ports with physdev only, so its output could not be held; load sch_plug or put the vif on a Linux bridge", n.vif, n.master)
+	}
+	if resume && recVif != "" && n.vif != recVif {
+		return fmt.Errorf("the protection held output on vif %s, but the domain's vif is %s now: not resuming on an interface whose output was never held; unprotect and protect again", recVif, n.vif)
 	}
 	return nil
 }
@@ -464,9 +529,12 @@ func (d *Daemon) startXen(ctx context.Context, v *vm) error {
 	ctx, cancel := context.WithTimeout(ctx, xenOpenTimeout)
 	defer cancel()
 	// The domain may have been started by hand meanwhile: attach to it.
-	domid, _, err := d.findXenDomain(ctx, x)
-	if errors.Is(err, xen.ErrNoDomain) {
+	domid, st, err := d.findXenDomain(ctx, x)
+	switch {
+	case errors.Is(err, xen.ErrNoDomain):
 		domid, err = xen.Create(ctx, d.cfg.Xen.xl(), x.XLConfig, x.domain())
+	case err == nil && st.NeverRan():
+		return fmt.Errorf("domain %s (%d) is paused and has never run: a standby a backup left, not a running VM; `xl destroy %d` first if this host should start the VM afresh", x.domain(), domid, domid)
 	}
 	if err != nil {
 		return err
@@ -503,14 +571,27 @@ func fencePause(ctx context.Context, g hypervisor.Guest) error {
 	return g.Pause(ctx)
 }
 
-// stopXen lets go of g and destroys its domain (`remusd stop`).
+// fenceResume undoes fencePause.
+func fenceResume(ctx context.Context, g hypervisor.Guest) error {
+	if xg, ok := g.(*xen.Guest); ok {
+		return xg.UnpauseNow(ctx)
+	}
+	return g.Resume(ctx)
+}
+
+// stopXen destroys g's domain (`remusd stop`, a switchover's old copy):
+// paused first, so that it does not run on should the destroy fail (then
+// it stays paused, and the error says so), and let go of afterwards.
 func (d *Daemon) stopXen(ctx context.Context, g *xen.Guest) error {
 	domid := g.DomID()
-	cerr := g.Close()
 	ctx, cancel := context.WithTimeout(ctx, xenCallTimeout)
 	defer cancel()
-	if err := xen.Destroy(ctx, d.cfg.Xen.xl(), domid); err != nil {
-		return err
+	if err := g.PauseNow(ctx); err != nil {
+		return fmt.Errorf("pause domain %d before destroying it: %w", domid, err)
 	}
-	return cerr
+	if err := xen.Destroy(ctx, d.cfg.Xen.xl(), domid); err != nil {
+		return fmt.Errorf("%w (domain %d is left paused)", err, domid)
+	}
+	g.Release()
+	return nil
 }

@@ -62,6 +62,19 @@ static int rx_xs_directory(const char *path, char *buf, int cap) {
 	return (int)num;
 }
 
+// Pause (un=0) or unpause (un=1) a domain through a handle of its own:
+// a fence must not wait for a Guest's calls in flight.
+static int rx_pause_ref(uint32_t domid, int un) {
+	xc_interface *xch = xc_interface_open(NULL, NULL, 0);
+	if (!xch)
+		return -1;
+	int rc = un ? xc_domain_unpause(xch, domid) : xc_domain_pause(xch, domid);
+	int e = errno;
+	xc_interface_close(xch);
+	errno = e;
+	return rc;
+}
+
 // The facts DomainState reports; -1 with errno if the domain is unknown.
 static int rx_domain_state(uint32_t domid, unsigned int *flags, uint64_t *cpu_time) {
 	xc_interface *xch = xc_interface_open(NULL, NULL, 0);
@@ -90,6 +103,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strconv"
 	"strings"
 	"syscall"
 	"unsafe"
@@ -104,11 +118,36 @@ func DomainID(ctx context.Context, xl, name string) (uint32, error) {
 	if xl == "" {
 		xl = "xl"
 	}
-	id, err := xlDomid(ctx, xl, name)
+	out, err := xlRun(ctx, xl, "domid", name)
 	if err != nil {
-		return 0, fmt.Errorf("%w: %w", ErrNoDomain, err)
+		// Only xl's own answer proves there is no such domain; a
+		// timeout, a missing xl or a restarting xenstored says nothing.
+		if ctx.Err() == nil && strings.Contains(out, "maybe this domain does not exist") {
+			return 0, fmt.Errorf("%w: %s", ErrNoDomain, lastLine(out))
+		}
+		return 0, fmt.Errorf("xen: xl domid %s: %w: %s", name, err, lastLine(out))
 	}
-	return id, nil
+	id, err := strconv.ParseUint(strings.TrimSpace(out), 10, 32)
+	if err != nil || id == 0 || id >= 0x7ff0 {
+		return 0, fmt.Errorf("xen: xl domid %s: unexpected answer %q", name, lastLine(out))
+	}
+	return uint32(id), nil
+}
+
+// DomainName returns the name xenstore gives domain domid
+// (/local/domain/DOMID/name): a domain found by id is checked to be the
+// one of that name.
+func DomainName(ctx context.Context, domid uint32) (string, error) {
+	var name string
+	err := offload(ctx, "domain name", func() error {
+		var err error
+		name, err = xsRead(fmt.Sprintf("/local/domain/%d/name", domid))
+		if errors.Is(err, syscall.ENOENT) {
+			return fmt.Errorf("%w: domain %d has no name in xenstore", ErrNoDomain, domid)
+		}
+		return err
+	})
+	return name, err
 }
 
 // DomainState returns what Xen says about domain domid right now.
@@ -295,22 +334,49 @@ func Destroy(ctx context.Context, xl string, domid uint32) error {
 	return nil
 }
 
-// PauseNow pauses the domain at once (xc_domain_pause), without asking
-// the guest to suspend first as a cooperative Pause does: for fencing,
-// where a guest that does not suspend in time must not run on. Resume
-// undoes it (and cancels a suspend in effect).
+// PauseNow pauses the domain at once (xc_domain_pause through a handle of
+// its own), without asking the guest to suspend as a cooperative Pause
+// does and without waiting for the Guest's calls in flight (a suspend may
+// take seconds): for fencing, where a guest must not run on. The pause is
+// a reference of its own, which Resume does not drop: UnpauseNow does.
 func (g *Guest) PauseNow(ctx context.Context) error {
-	return g.call(ctx, "pause", func() error {
-		if g.closed {
-			return errClosed
+	return offload(ctx, "fence pause", func() error {
+		if rc, err := C.rx_pause_ref(C.uint32_t(g.domid), 0); rc < 0 {
+			return errnoErr("xc_domain_pause", err)
 		}
-		if g.paused {
-			return nil
-		}
-		if err := g.x.pause(); err != nil {
-			return err
-		}
-		g.paused = true
 		return nil
 	})
+}
+
+// UnpauseNow drops the pause reference a PauseNow took.
+func (g *Guest) UnpauseNow(ctx context.Context) error {
+	return offload(ctx, "fence unpause", func() error {
+		if rc, err := C.rx_pause_ref(C.uint32_t(g.domid), 1); rc < 0 {
+			return errnoErr("xc_domain_unpause", err)
+		}
+		return nil
+	})
+}
+
+// Release lets go of the domain as it is: log-dirty off, memory unmapped,
+// handles closed, but a suspend or pause this Guest holds is left in
+// place (Close would end them): for a daemon that exits leaving a fenced
+// or mid-checkpoint domain stopped, for the next daemon to adopt
+// (Options.Recover). Release waits for an abandoned libxc call.
+func (g *Guest) Release() error {
+	g.sem <- struct{}{}
+	defer func() { <-g.sem }()
+	if g.closed {
+		return nil
+	}
+	g.closed = true
+	var err error
+	if g.logDirty {
+		err = g.x.disableLogDirty()
+	}
+	g.x.close()
+	if err != nil {
+		return fmt.Errorf("xen: release domain %d: %w", g.domid, err)
+	}
+	return nil
 }

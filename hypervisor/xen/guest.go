@@ -186,8 +186,11 @@ func (g *Guest) attach(x *xc) error {
 }
 
 // recoverDomain runs under sem, from attach: a domain a dead remusd left
-// suspended (suspended) or paused is resumed with Options.Recover, the
-// suspend refused without it.
+// suspended (suspended) or paused is adopted with Options.Recover (the
+// Guest holds that suspend and pause as its own: Resume ends them), the
+// suspend refused without it. It is not resumed here: the caller decides
+// when the guest may run (the daemon only after the witness agreed and
+// the output buffer holds again).
 func (g *Guest) recoverDomain(x *xc, info domInfo, suspended bool) error {
 	if !g.recover {
 		if suspended {
@@ -207,19 +210,12 @@ func (g *Guest) recoverDomain(x *xc, info domInfo, suspended bool) error {
 	}
 	var did []string
 	if suspended {
-		if err := x.resumeFast(); err != nil {
-			return fmt.Errorf("recover: cancelling the suspend left by an unfinished checkpoint: %w", err)
-		}
-		did = append(did, "cancelled the suspend an unfinished checkpoint left (xc_domain_resume fast)")
+		g.suspended = true
+		did = append(did, "adopted the suspend an unfinished checkpoint left (Resume cancels it: xc_domain_resume fast)")
 	}
 	if info.paused {
-		if err := x.unpause(); err != nil {
-			return fmt.Errorf("recover: unpausing: %w", err)
-		}
-		did = append(did, "dropped one pause reference (xc_domain_unpause)")
-		if after, err := x.info(); err == nil && after.paused {
-			did = append(did, "the domain is still paused: someone else holds a pause reference too")
-		}
+		g.paused = true
+		did = append(did, "adopted one pause reference (Resume drops it: xc_domain_unpause)")
 	}
 	g.recovered = strings.Join(did, "; ")
 	if g.recovered != "" {
@@ -231,6 +227,15 @@ func (g *Guest) recoverDomain(x *xc, info domInfo, suspended bool) error {
 // Recovered says what Open did to recover a domain left in the middle of
 // a checkpoint (Options.Recover), "" if nothing: for the daemon's log.
 func (g *Guest) Recovered() string { return g.recovered }
+
+// Paused reports whether the guest is stopped by this Guest: paused by
+// Pause or PauseNow, or suspended for a checkpoint (a Recover adopted
+// either); Resume runs it again.
+func (g *Guest) Paused() bool {
+	g.sem <- struct{}{}
+	defer func() { <-g.sem }()
+	return g.paused || g.suspended
+}
 
 // caller runs libxc calls for one domain with deadlines: calls are
 // serialised by sem, and every field of its owner that libxc calls touch

@@ -36,14 +36,15 @@ type Options struct {
 	SuspendTimeout time.Duration
 	// Recover takes over a domain a dead remusd left in the middle of a
 	// checkpoint (the daemon's restart path): Open then accepts a domain
-	// shut down with reason suspend and cancels that suspend
-	// (xc_domain_resume fast, as Resume does), and if the domain is
-	// paused it drops one pause reference (xc_domain_unpause), the one
-	// the dead daemon's Pause took. Xen cannot tell whose pause reference
-	// it is: an operator's `xl pause` is dropped too, while a second
-	// reference keeps the domain paused. Guest.Recovered says what was
-	// done. Without Recover, Open refuses a suspended domain
-	// (ErrLeftSuspended) and leaves a paused one paused.
+	// shut down with reason suspend, and adopts that suspend and a pause
+	// reference it finds (the one the dead daemon's Pause took) as its
+	// own: the guest stays stopped until Resume cancels the suspend
+	// (xc_domain_resume fast) and drops the pause (xc_domain_unpause), so
+	// the caller decides when it may run. Xen cannot tell whose pause
+	// reference it is: an operator's `xl pause` is adopted too, while a
+	// second reference keeps the domain paused. Guest.Recovered says what
+	// was adopted. Without Recover, Open refuses a suspended domain
+	// (ErrLeftSuspended) and leaves a paused one paused (not adopted).
 	Recover bool
 }
 

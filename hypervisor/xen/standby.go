@@ -20,6 +20,9 @@ import (
 
 var _ hypervisor.Replica = (*Standby)(nil)
 
+// activateTimeout bounds loading the state and unpausing at activation.
+const activateTimeout = time.Minute
+
 // Standby is the backup's hot standby of a protected Xen VM: a paused
 // domain of this host's Xen, created from the backup's own xl
 // configuration of the VM (`xl create -p`), whose guest frames the engine
@@ -253,11 +256,19 @@ func (s *Standby) ActivateGuest(ctx context.Context) (*Guest, error) {
 		s.log.Warn("activating from a state taken by a bare pause: the guest's event channels, timers and PV devices are not re-established on this host",
 			zap.Uint64("epoch", s.epoch))
 	}
-	err := s.call(ctx, "activate", func() error {
+	// Not the caller's deadline: a load abandoned half-way (or an
+	// unpause whose answer is lost) would leave a domain that may run,
+	// which must then not be destroyed as a failed standby. The calls
+	// take milliseconds; the bound is for a hung hypervisor.
+	actx, acancel := context.WithTimeout(context.WithoutCancel(ctx), activateTimeout)
+	defer acancel()
+	loaded := false
+	err := s.call(actx, "activate", func() error {
 		t := time.Now()
 		if err := s.x.setHVMContext(s.st.HVM); err != nil {
 			return err
 		}
+		loaded = true
 		info.Context = time.Since(t)
 		t = time.Now()
 		if err := s.x.unpause(); err != nil {
@@ -266,13 +277,19 @@ func (s *Standby) ActivateGuest(ctx context.Context) (*Guest, error) {
 		info.Unpause = time.Since(t)
 		return nil
 	})
-	if err != nil {
-		// The standby may hold a half-loaded state: it is not a VM to
-		// keep. Close destroys it.
+	if err != nil && !loaded && !errors.Is(err, context.DeadlineExceeded) {
+		// The context was refused: the standby never ran and may hold a
+		// half-loaded state: it is not a VM to keep. Close destroys it.
 		s.activated = false
 		s.closed = true
 		s.closeLocked()
 		return nil, fmt.Errorf("xen: standby %q: activate epoch %d: %w", s.o.DomainName, info.Epoch, err)
+	}
+	if err != nil {
+		// Loaded (or unknown): the domain may run. It is left as it is,
+		// for the operator (xl list, xl unpause or xl destroy); nothing
+		// destroys it.
+		return nil, fmt.Errorf("xen: standby %q: activate epoch %d: the state was loaded (or the call hung) but the unpause failed: the domain %d is left as it is: %w", s.o.DomainName, info.Epoch, s.domid, err)
 	}
 	typ := typeName(s.pvh)
 	g := &Guest{

@@ -86,3 +86,18 @@ func (g *Guest) Recovered() string { return "" }
 
 // PauseNow returns ErrNotBuilt.
 func (g *Guest) PauseNow(ctx context.Context) error { return ErrNotBuilt }
+
+// UnpauseNow returns ErrNotBuilt.
+func (g *Guest) UnpauseNow(ctx context.Context) error { return ErrNotBuilt }
+
+// Release returns nil.
+func (g *Guest) Release() error { return nil }
+
+// Paused returns false.
+func (g *Guest) Paused() bool { return false }
+
+// PVH returns false.
+func (g *Guest) PVH() bool { return false }
+
+// DomainName returns ErrNotBuilt.
+func DomainName(ctx context.Context, domid uint32) (string, error) { return "", ErrNotBuilt }
