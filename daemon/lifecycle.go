@@ -23,6 +23,7 @@ import (
 	"github.com/remusd/remusd/guestimage"
 	"github.com/remusd/remusd/hypervisor/qemu"
 	"github.com/remusd/remusd/hypervisor/sim"
+	"github.com/remusd/remusd/hypervisor/xen"
 )
 
 // reattachTimeout bounds re-attaching to one running QEMU.
@@ -284,6 +285,12 @@ func (d *Daemon) Stop(ctx context.Context, name string) error {
 	err = d.stopGuest(ctx, g)
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	if _, isXen := g.(*xen.Guest); isXen && err != nil {
+		// The domain may still exist (paused): it stays this VM's, with
+		// its record, for another try.
+		v.busy = ""
+		return fmt.Errorf("stop %s: %w", name, err)
+	}
 	v.busy, v.guest, v.role, v.stoppedWhy = "", nil, RoleStopped, "stopped by the operator"
 	v.backup, v.qreplica, v.primary, v.w = nil, nil, nil, wstate{}
 	if rerr := d.records.remove(name); rerr != nil {
