@@ -2,6 +2,7 @@ package xentest
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"fmt"
 	"net"
@@ -212,4 +213,35 @@ func EchoOnce(addr string) error {
 		return fmt.Errorf("reply %q, want %q", got, "1 hello\n")
 	}
 	return nil
+}
+
+// WaitConsole waits until domain name's console log (xenconsoled
+// --log=guest, as dom0's setup starts it) contains want; a domain that is
+// gone meanwhile (crashed and destroyed) fails at once, not at the
+// deadline.
+func WaitConsole(ctx context.Context, name, want string, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	lastCheck := time.Now()
+	for {
+		b, _ := os.ReadFile("/var/log/xen/console/guest-" + name + ".log")
+		if bytes.Contains(b, []byte(want)) {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%s's console did not show %q within %s", name, want, timeout)
+		}
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		if time.Since(lastCheck) > 2*time.Second {
+			lastCheck = time.Now()
+			cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+			err := exec.CommandContext(cctx, filepath.Join(BinDir, "xl"), "domid", name).Run()
+			cancel()
+			if err != nil {
+				return fmt.Errorf("%s is gone while waiting for %q on its console; console:\n%s", name, want, Tail(string(b), 20))
+			}
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
 }

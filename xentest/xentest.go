@@ -76,8 +76,9 @@ const DomKernelPackage = "linux-image-amd64"
 // what the plug output buffer needs on a vif (vmtest.NetModules' qdiscs).
 var Dom0Modules = []string{"xenfs", "xen-evtchn", "xen-gntdev", "xen-gntalloc", "xen-privcmd", "xen-netback", "bridge",
 	"sch_plug", "ifb", "act_mirred", "cls_u32", "sch_ingress",
-	// The NFQUEUE output buffer on a bridged vif (iptables-nft).
-	"nf_tables", "nft_compat", "br_netfilter", "xt_physdev", "xt_comment", "xt_NFQUEUE", "nfnetlink_queue"}
+	// The NFQUEUE output buffer on a bridged vif (iptables-nft);
+	// libcrc32c (for nf_tables) fails to load without a crc32c first.
+	"crc32c_generic", "nf_tables", "nft_compat", "br_netfilter", "xt_physdev", "xt_comment", "xt_NFQUEUE", "nfnetlink_queue"}
 
 // hostIPTables is the host's iptables (Debian 12: iptables-nft's
 // multi-call binary) and the extensions the NFQUEUE output buffer's rules

@@ -174,6 +174,11 @@ on_reboot = "destroy"
 		xlOut("destroy", "web")
 		xlOut("destroy", "web-sb")
 	})
+	// Booted to its workload before anything attaches: log-dirty enabled
+	// during a domU's boot makes the TCG triple fault (README) likelier.
+	if err := xentest.WaitConsole(ctx, "web", "dirtier: 8192 pages", 150*time.Second); err != nil {
+		t.Fatal(err)
+	}
 	if d, ok := xentest.WaitPing(xentest.NetGuestIP, 150*time.Second); !ok {
 		t.Fatalf("the guest does not answer ping within %v", d)
 	}

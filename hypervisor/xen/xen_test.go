@@ -179,26 +179,7 @@ func waitConsole(t *testing.T, name, want string, timeout time.Duration) {
 
 // waitConsoleErr is waitConsole returning its failure.
 func waitConsoleErr(name, want string, timeout time.Duration) error {
-	deadline := time.Now().Add(timeout)
-	lastCheck := time.Now()
-	for {
-		b, _ := os.ReadFile("/var/log/xen/console/guest-" + name + ".log")
-		if bytes.Contains(b, []byte(want)) {
-			return nil
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("%s's console did not show %q within %s", name, want, timeout)
-		}
-		// A guest that crashed and was destroyed (on_reboot) fails now,
-		// not at the deadline.
-		if time.Since(lastCheck) > 2*time.Second {
-			lastCheck = time.Now()
-			if err := exec.Command(filepath.Join(xentest.BinDir, "xl"), "domid", name).Run(); err != nil {
-				return fmt.Errorf("%s is gone while waiting for %q on its console; console:\n%s", name, want, tail(string(b), 20))
-			}
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
+	return xentest.WaitConsole(context.Background(), name, want, timeout)
 }
 
 // dirtierPages returns, for each page holding a dirtier header, its round
