@@ -42,3 +42,23 @@ func LabMemory(guestMiB int) (dom0, machine string) {
 	d := 768 + 3*guestMiB
 	return fmt.Sprintf("%dM", d), fmt.Sprint(d + guestMiB + 768)
 }
+
+// DomUNetRamdisk is where NetDomUFiles puts the network guest's
+// initramfs in dom0.
+const DomUNetRamdisk = "/vmtest/domU-net.cpio"
+
+// NetDomUFiles returns the files a dom0 needs to boot the network guest
+// (BuildNetGuestRamdisk, at NetGuestIP): the kernel (at DomUKernel) and
+// its initramfs (at DomUNetRamdisk, built into dir). The error wraps
+// ErrUnavailable when the kernel cannot be found or fetched.
+func NetDomUFiles(ctx context.Context, cacheDir, dir string) (kernel, ramdisk vmtest.File, err error) {
+	k, err := vmtest.FindKernel(ctx, cacheDir)
+	if err != nil {
+		return kernel, ramdisk, fmt.Errorf("xentest: the domU's kernel: %w", err)
+	}
+	rd := filepath.Join(dir, "domU-net.cpio")
+	if err := BuildNetGuestRamdisk(ctx, cacheDir, k, rd, NetGuestIP+"/24"); err != nil {
+		return kernel, ramdisk, err
+	}
+	return vmtest.File{Src: k.Image, Dst: DomUKernel, Mode: 0o644}, vmtest.File{Src: rd, Dst: DomUNetRamdisk, Mode: 0o644}, nil
+}

@@ -27,8 +27,8 @@ import (
 // Files the host-side driver puts into dom0.
 const (
 	remusdBin = "/vmtest/remusd"
-	domUKern  = "/vmtest/domU-vmlinuz"
-	domUNetRD = "/vmtest/domU-net.cpio"
+	domUKern  = xentest.DomUKernel
+	domUNetRD = xentest.DomUNetRamdisk
 )
 
 // TestXenDaemonFailover boots Xen under QEMU with a remusd built with the
@@ -38,16 +38,12 @@ func TestXenDaemonFailover(t *testing.T) {
 		t.Skip("host-side driver that boots Xen")
 	}
 	ctx := context.Background()
-	k, err := vmtest.FindKernel(ctx, "")
+	tmp := t.TempDir()
+	kf, rf, err := xentest.NetDomUFiles(ctx, "", tmp)
 	if errors.Is(err, vmtest.ErrUnavailable) {
 		t.Skipf("needs the Debian cloud kernel for the domU: %v (run xentest/setup.sh)", err)
 	}
 	if err != nil {
-		t.Fatal(err)
-	}
-	tmp := t.TempDir()
-	rd := filepath.Join(tmp, "domU-net.cpio")
-	if err := xentest.BuildNetGuestRamdisk(ctx, "", k, rd, xentest.NetGuestIP+"/24"); err != nil {
 		t.Fatal(err)
 	}
 	x, err := xentest.FindXen(ctx, "")
@@ -65,9 +61,7 @@ func TestXenDaemonFailover(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	files = append(files,
-		vmtest.File{Src: k.Image, Dst: domUKern, Mode: 0o644},
-		vmtest.File{Src: rd, Dst: domUNetRD, Mode: 0o644})
+	files = append(files, kf, rf)
 	xentest.RunInDom0(t, ".", "^TestDom0DaemonFailover", []string{"xen"}, xentest.Config{
 		Files:   files,
 		Timeout: 480 * time.Second,

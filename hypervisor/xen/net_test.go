@@ -18,7 +18,7 @@ import (
 )
 
 // domUNetRD is the network guest's initramfs in dom0.
-const domUNetRD = "/vmtest/domU-net.cpio"
+const domUNetRD = xentest.DomUNetRamdisk
 
 // netEcho is the guest's counting echo service.
 var netEcho = xentest.NetGuestIP + ":7"
@@ -32,16 +32,12 @@ func TestXenRoundTrip(t *testing.T) {
 	if xentest.InDom0() || testing.Short() {
 		t.Skip("host-side driver that boots Xen")
 	}
-	ctx := context.Background()
-	k, err := vmtest.FindKernel(ctx, "")
+	// The kernel comes with runInDom0's files.
+	_, rf, err := xentest.NetDomUFiles(context.Background(), "", t.TempDir())
 	if errors.Is(err, vmtest.ErrUnavailable) {
 		t.Skipf("needs the Debian cloud kernel for the domU: %v (run xentest/setup.sh)", err)
 	}
 	if err != nil {
-		t.Fatal(err)
-	}
-	rd := filepath.Join(t.TempDir(), "domU-net.cpio")
-	if err := xentest.BuildNetGuestRamdisk(ctx, "", k, rd, xentest.NetGuestIP+"/24"); err != nil {
 		t.Fatal(err)
 	}
 	tests := []string{"NetRoundTrip"}
@@ -53,7 +49,7 @@ func TestXenRoundTrip(t *testing.T) {
 	}
 	runInDom0(t, "^TestDom0("+strings.Join(tests, "|")+")$", xentest.Config{
 		Timeout: time.Duration(240*len(tests)) * time.Second,
-		Files:   []vmtest.File{{Src: rd, Dst: domUNetRD, Mode: 0o644}},
+		Files:   []vmtest.File{rf},
 		Env:     map[string]string{"XEN_RT_EPOCHS": os.Getenv("XEN_RT_EPOCHS")},
 	})
 }
