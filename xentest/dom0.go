@@ -41,6 +41,15 @@ func RunInDom0(t testing.TB, pkgDir, run string, tags []string, cfg Config) {
 		if errors.Is(err, ErrUnavailable) {
 			t.Skipf("needs QEMU, busybox-static and Debian's Xen packages: %v (run xentest/setup.sh)", err)
 		}
+		if err != nil && res != nil && res.Console != "" {
+			// No verdict (a timeout): a guest that triple-faulted can hang
+			// a test until the run's deadline.
+			keepConsole(t, attempt, res.Console)
+			if attempt <= MaxTripleFaultRetries && strings.Contains(res.Console, TripleFault) {
+				t.Logf("RETRYING (attempt %d failed: %v): the domU crashed (triple fault under TCG, an open problem)", attempt, err)
+				continue
+			}
+		}
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -54,13 +63,7 @@ func RunInDom0(t testing.TB, pkgDir, run string, tags []string, cfg Config) {
 		if res.Passed {
 			return
 		}
-		// The whole console (dom0's and Xen's), for what the filter above
-		// leaves out (a daemon's log, module loading).
-		if f, err := os.CreateTemp("", "xentest-console-*.log"); err == nil {
-			_, _ = f.WriteString(res.Console)
-			f.Close()
-			t.Logf("attempt %d's whole console: %s", attempt, f.Name())
-		}
+		keepConsole(t, attempt, res.Console)
 		if attempt <= MaxTripleFaultRetries && strings.Contains(res.Console, TripleFault) {
 			t.Logf("RETRYING (attempt %d failed): the domU crashed (triple fault under TCG, an open problem); console tail:\n%s", attempt, Tail(res.Console, 40))
 			continue
@@ -76,4 +79,15 @@ func Tail(s string, n int) string {
 		ls = ls[len(ls)-n:]
 	}
 	return strings.Join(ls, "\n")
+}
+
+// keepConsole writes a failed attempt's whole console (dom0's and Xen's)
+// to a file, for what the log filter leaves out (a daemon's log, module
+// loading), and says where.
+func keepConsole(t testing.TB, attempt int, console string) {
+	if f, err := os.CreateTemp("", "xentest-console-*.log"); err == nil {
+		_, _ = f.WriteString(console)
+		f.Close()
+		t.Logf("attempt %d's whole console: %s", attempt, f.Name())
+	}
 }
