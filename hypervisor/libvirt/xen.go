@@ -57,11 +57,13 @@ type XenDomain struct {
 	UUID string
 	// ID is the domain's id (domid), 1..MaxDomID.
 	ID uint32
-	// OSType is <os><type> ("xenpvh" for PVH, "xen" for PV, "hvm"),
-	// Machine its machine attribute ("xenpvh", "xenpv", "xenfv").
+	// OSType is <os><type> ("xenpvh" for PVH, "xen" or "linux" for PV,
+	// "hvm"), Machine its machine attribute ("xenpvh", "xenpv", "xenfv").
 	OSType, Machine string
-	// PVH is true for a PVH domain (os type xenpvh, or the older form of
-	// os type xen with machine xenpvh).
+	// PVH is true for a PVH domain: os type xenpvh, whatever the machine.
+	// The older form, os type xen with machine xenpvh, is not PVH with
+	// libvirt 9.0: it keeps it as os type linux and libxl runs it as PV
+	// (measured).
 	PVH bool
 	// MemoryKiB is <memory> (the maximum), CurrentMemoryKiB
 	// <currentMemory>; VCPUs is <vcpu>.
@@ -178,7 +180,7 @@ func (c *Conn) LookupXen(ctx context.Context, name string) (XenDomain, error) {
 	})
 	if err != nil {
 		if golibvirt.IsNotFound(err) {
-			return XenDomain{}, fmt.Errorf("libvirt: %s has no domain %q: %w: %w", c.uri, name, ErrNoDomain, err)
+			return XenDomain{}, fmt.Errorf("libvirt: %s has no domain %q (it knows only the domains it defined or started, not those made by xl create): %w: %w", c.uri, name, ErrNoDomain, err)
 		}
 		return XenDomain{}, err
 	}
@@ -277,11 +279,12 @@ func parseXenDomain(x string) (XenDomain, error) {
 	switch d.OSType {
 	case "xenpvh":
 		d.PVH = true
-	case "xen":
-		d.PVH = d.Machine == "xenpvh"
-	case "hvm":
+	case "xen", "linux", "hvm":
+		// PV ("linux" is libvirt's old name for xen, which libvirt 9.0
+		// keeps for os type xen with machine xenpvh, and runs as PV) or
+		// HVM.
 	default:
-		return bad("os type %q, want xenpvh, xen or hvm", d.OSType)
+		return bad("os type %q, want xenpvh, xen, linux or hvm", d.OSType)
 	}
 	var err error
 	if d.MemoryKiB, err = kib(v.Memory); err != nil {

@@ -32,9 +32,23 @@ func TestParseXenLive(t *testing.T) {
 		d.Kernel != "/vmtest/domU-vmlinuz" || d.Initrd != "/vmtest/domU-net.cpio" || d.HasDisks() || len(d.UUID) != 36 || d.XML != x {
 		t.Fatalf("%+v", d)
 	}
-	want := XenInterface{Type: "bridge", Name: "vif1.0", MAC: "00:16:3e:52:4d:01", Bridge: "xenbr0", Script: "/tmp/TestDom0LibvirtXen1/001/vif-script"}
+	want := XenInterface{Type: "bridge", Name: "vif1.0", MAC: "00:16:3e:52:4d:01", Bridge: "xenbr0", Script: "/tmp/TestDom0LibvirtXen378790966/001/vif-script"}
 	if len(d.Interfaces) != 1 || d.Interfaces[0] != want {
 		t.Fatalf("interfaces %+v, want %+v", d.Interfaces, want)
+	}
+}
+
+// TestParseXenLegacy parses what libvirt 9.0 kept for a domain defined
+// with the older PVH form (<type machine='xenpvh'>xen</type>): os type
+// linux, which libxl ran as a PV domain (TestDom0LibvirtXen checks it with
+// xl), so it is not PVH. Inactive XML has no id.
+func TestParseXenLegacy(t *testing.T) {
+	d, err := parseXenDomain(readTestdata(t, "xen-legacy-inactive.xml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d.Name != "legacy" || d.ID != 0 || d.PVH || d.OSType != "linux" || d.Machine != "xenpvh" || len(d.Interfaces) != 0 || d.HasDisks() {
+		t.Fatalf("%+v", d)
 	}
 }
 
@@ -44,8 +58,9 @@ func TestParseXenForms(t *testing.T) {
 		from, to string
 		check    func(XenDomain) bool
 	}{
-		// The older PVH form.
-		{">xenpvh</type>", ">xen</type>", func(d XenDomain) bool { return d.PVH && d.OSType == "xen" }},
+		// The older PVH form is PV (see TestParseXenLegacy).
+		{">xenpvh</type>", ">xen</type>", func(d XenDomain) bool { return !d.PVH && d.OSType == "xen" }},
+		{">xenpvh</type>", ">linux</type>", func(d XenDomain) bool { return !d.PVH && d.OSType == "linux" }},
 		// PV and HVM are found, not PVH.
 		{"machine='xenpvh'>xenpvh<", "machine='xenpv'>xen<", func(d XenDomain) bool { return !d.PVH && d.Machine == "xenpv" }},
 		{"machine='xenpvh'>xenpvh<", "machine='xenfv'>hvm<", func(d XenDomain) bool { return !d.PVH && d.OSType == "hvm" }},
@@ -90,7 +105,7 @@ func TestParseXenRefusals(t *testing.T) {
 		{"00:16:3e:52:4d:01", "00-16-3e-52-4d-01", "not a MAC address"},
 		{"00:16:3e:52:4d:01", "00:16:3e:52:4d:0g", "not a MAC address"},
 		{"bridge='xenbr0'", "bridge='br;rm -rf'", "bridge"},
-		{"machine='xenpvh'>xenpvh<", "machine='xenpvh'>linux<", "os type"},
+		{"machine='xenpvh'>xenpvh<", "machine='xenpvh'>exe<", "os type"},
 		{"<name>web</name>", "<name>-web</name>", "not valid"},
 		{"<memory unit='KiB'>131072</memory>", "<memory unit='KiB'>lots</memory>", "memory"},
 		{"<memory unit='KiB'>131072</memory>", "<memory unit='parsec'>1</memory>", "memory"},
