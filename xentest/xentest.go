@@ -363,6 +363,10 @@ type Config struct {
 	Timeout  time.Duration // whole run, boot included; default 180s
 	Console  io.Writer     // optional live copy of the serial console
 	XenArgs  string        // extra hypervisor command line
+	// Libvirt adds libvirtd with its libxl driver to dom0 (AddLibvirt;
+	// start it with StartLibvirtd). Opt-in: it grows dom0's initramfs by
+	// ~70 MB.
+	Libvirt bool
 }
 
 // Run boots Xen with dom0 and runs cfg.Command there.
@@ -397,6 +401,15 @@ func Run(ctx context.Context, cfg Config) (*vmtest.Result, error) {
 	tree, err := Dom0Tree(x)
 	if err != nil {
 		return nil, err
+	}
+	if cfg.Libvirt {
+		lv, err := FindLibvirtXen(ctx, cfg.CacheDir)
+		if err != nil {
+			return nil, err
+		}
+		if err := AddLibvirt(tree, x, lv); err != nil {
+			return nil, err
+		}
 	}
 	base, err := vmtest.BuildInitramfs(cfg.CacheDir, k, Dom0Modules, nil, tree)
 	if err != nil {

@@ -34,6 +34,41 @@ func TestDom0Tree(t *testing.T) {
 	}
 }
 
+// TestLibvirtTree checks AddLibvirt's files resolve (no boot): libvirtd,
+// virsh and the libxl driver with their libraries (the driver's Xen
+// libraries from the Xen packages), the CPU map with the TCG model.
+func TestLibvirtTree(t *testing.T) {
+	ctx := context.Background()
+	x, err := FindXen(ctx, "")
+	skipUnavailable(t, err)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lv, err := FindLibvirtXen(ctx, "")
+	skipUnavailable(t, err)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tree, err := Dom0Tree(x)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := AddLibvirt(tree, x, lv); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"usr/sbin/libvirtd", "usr/bin/virsh", LibvirtDriverDir + "/" + LibvirtDriverFile,
+		"lib/x86_64-linux-gnu/libvirt.so.0", "lib/x86_64-linux-gnu/libxenlight.so.4.17", "lib/x86_64-linux-gnu/libxlutil.so.4.17",
+		"etc/libvirt/libvirtd.conf", "etc/libvirt/libxl.conf", hostCPUMapDir + "/x86_qemu64.xml", hostCPUMapDir + "/" + cpuModelTCGFile} {
+		if !tree.Has(want) {
+			t.Errorf("libvirt tree lacks %s", want)
+		}
+	}
+	index := string(tree.Files()[strings.TrimPrefix(hostCPUMapDir, "/")+"/index.xml"])
+	if !strings.Contains(index, "<include filename='"+cpuModelTCGFile+"'/>") || !strings.Contains(index, "x86_qemu64.xml") {
+		t.Errorf("CPU map index:\n%s", index)
+	}
+}
+
 // TestBootDom0 boots Xen and dom0 and checks the toolstack answers.
 func TestBootDom0(t *testing.T) {
 	if testing.Short() {

@@ -15,6 +15,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -48,8 +49,16 @@ type Config struct {
 	URI string `json:"uri"`
 }
 
-// resolve fills in defaults and takes the socket from the URI.
+// resolve fills in defaults and takes the socket from the URI (QEMU
+// driver).
 func (c Config) resolve() (socket, uri string, err error) {
+	return c.resolveFor("qemu", DefaultURI, "qemu:///system (or qemu+unix:///system?socket=PATH)", "system", "session")
+}
+
+// resolveFor is resolve for the driver whose URI scheme is scheme (with
+// any +transport: the connection is always to the unix socket), the
+// paths it accepts, and def as the default URI.
+func (c Config) resolveFor(scheme, def, want string, paths ...string) (socket, uri string, err error) {
 	socket, uri = c.Socket, c.URI
 	if uri != "" {
 		base, query, _ := strings.Cut(uri, "?")
@@ -61,18 +70,18 @@ func (c Config) resolve() (socket, uri string, err error) {
 				socket = v
 			}
 		}
-		i := strings.Index(base, ":///")
-		if !strings.HasPrefix(base, "qemu") || i < 0 || (base[i+4:] != "system" && base[i+4:] != "session") {
-			return "", "", fmt.Errorf("libvirt: uri %q: want qemu:///system (or qemu+unix:///system?socket=PATH)", uri)
+		s, path, ok := strings.Cut(base, ":///")
+		if !ok || (s != scheme && !strings.HasPrefix(s, scheme+"+")) || !slices.Contains(paths, path) {
+			return "", "", fmt.Errorf("libvirt: uri %q: want %s", uri, want)
 		}
 		// Over the socket the driver URI carries no transport.
-		uri = "qemu:///" + base[i+4:]
+		uri = scheme + ":///" + path
 	}
 	if socket == "" {
 		socket = DefaultSocket
 	}
 	if uri == "" {
-		uri = DefaultURI
+		uri = def
 	}
 	return socket, uri, nil
 }
@@ -81,6 +90,7 @@ func (c Config) resolve() (socket, uri string, err error) {
 type Conn struct {
 	l      *golibvirt.Libvirt
 	socket string
+	uri    string // the driver opened: qemu:///system, xen:///system
 
 	mu     sync.Mutex
 	conn   net.Conn // the socket, closed on a timeout
@@ -112,7 +122,12 @@ func Dial(ctx context.Context, cfg Config) (*Conn, error) {
 	if err != nil {
 		return nil, err
 	}
-	c := &Conn{socket: socket}
+	return dial(ctx, socket, uri)
+}
+
+// dial connects to libvirtd's socket and opens the driver uri.
+func dial(ctx context.Context, socket, uri string) (*Conn, error) {
+	c := &Conn{socket: socket, uri: uri}
 	timeout := DefaultTimeout
 	if dl, ok := ctx.Deadline(); ok {
 		timeout = time.Until(dl)
@@ -131,6 +146,10 @@ func Dial(ctx context.Context, cfg Config) (*Conn, error) {
 
 // Socket returns the socket path this connection uses.
 func (c *Conn) Socket() string { return c.socket }
+
+// URI returns the driver URI this connection opened (qemu:///system,
+// xen:///system).
+func (c *Conn) URI() string { return c.uri }
 
 // Disconnected is closed when the connection is lost or closed.
 func (c *Conn) Disconnected() <-chan struct{} { return c.l.Disconnected() }
