@@ -477,10 +477,11 @@ func (g *Guest) Rebaseline(ctx context.Context) ([]uint64, error) {
 		g.allDirty = true
 		// The clean with the domain paused for it (a millisecond or two):
 		// a CLEAN while its vCPUs run is what live migration does on
-		// hardware, but under QEMU's TCG (nested paging emulated) it
-		// was followed by the domU triple fault in every daemon run that
-		// took one (five of five; none in runs without), so it is not
-		// done on a running domain.
+		// hardware, but under QEMU's TCG (nested paging emulated) the
+		// daemon runs that took one (a new protection's live start)
+		// were followed by the domU triple fault within a checkpoint or
+		// two, five runs in a row, so it is not done on a running
+		// domain.
 		if !g.paused {
 			if err := g.x.pause(); err != nil {
 				return err
