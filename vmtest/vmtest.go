@@ -137,6 +137,9 @@ type QEMURun struct {
 	// before it is killed; default 10s. A guest that cannot power the
 	// machine off (Xen halts instead) wants a short one.
 	Grace time.Duration
+	// Started, if set, is called with QEMU's process once it started (a
+	// driver that must kill one machine of several, by its PID).
+	Started func(*os.Process)
 }
 
 // RunQEMU starts QEMU, copies its console, and returns once it exited (or
@@ -162,6 +165,9 @@ func RunQEMU(ctx context.Context, r QEMURun) (*Result, error) {
 	start := time.Now()
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("vmtest: start qemu: %w", err)
+	}
+	if r.Started != nil {
+		r.Started(cmd.Process)
 	}
 	var (
 		console bytes.Buffer

@@ -42,13 +42,19 @@ exit 0
 // the vif hotplug script into dir; its path is the script= of a guest's
 // vif.
 func SetupNet(ctx context.Context, dir string) (string, error) {
+	return SetupNetAddr(ctx, dir, NetDom0Addr)
+}
+
+// SetupNetAddr is SetupNet with addr (CIDR) as dom0's address on the
+// bridge: each dom0 of a two-host lab has its own (TwoHostAddrs).
+func SetupNetAddr(ctx context.Context, dir, addr string) (string, error) {
 	if _, err := os.Stat("/sys/class/net/" + NetBridge); err == nil {
 		p := filepath.Join(dir, "vif-script")
 		return p, os.WriteFile(p, []byte(netVifScript), 0o755)
 	}
 	for _, args := range [][]string{
 		{"brctl", "addbr", NetBridge},
-		{"ip", "addr", "add", NetDom0Addr, "dev", NetBridge},
+		{"ip", "addr", "add", addr, "dev", NetBridge},
 		{"ip", "link", "set", NetBridge, "up"},
 	} {
 		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)

@@ -367,6 +367,14 @@ type Config struct {
 	// start it with StartLibvirtd). Opt-in: it grows dom0's initramfs by
 	// ~70 MB.
 	Libvirt bool
+	// QEMUArgs are added to QEMU's command line (e.g. a NIC: -netdev and
+	// -device; the machine has none otherwise).
+	QEMUArgs []string
+	// Modules are loaded in dom0 on top of Dom0Modules (e.g. NICModules).
+	Modules []string
+	// Started, if set, is called with the QEMU process once it started
+	// (a driver of several machines kills one by its PID).
+	Started func(*os.Process)
 }
 
 // Run boots Xen with dom0 and runs cfg.Command there.
@@ -411,7 +419,11 @@ func Run(ctx context.Context, cfg Config) (*vmtest.Result, error) {
 			return nil, err
 		}
 	}
-	base, err := vmtest.BuildInitramfs(cfg.CacheDir, k, Dom0Modules, nil, tree)
+	mods := Dom0Modules
+	if len(cfg.Modules) > 0 {
+		mods = append(append([]string(nil), Dom0Modules...), cfg.Modules...)
+	}
+	base, err := vmtest.BuildInitramfs(cfg.CacheDir, k, mods, nil, tree)
 	if err != nil {
 		return nil, err
 	}
@@ -443,9 +455,10 @@ func Run(ctx context.Context, cfg Config) (*vmtest.Result, error) {
 		"-kernel", x.Hypervisor, "-append", strings.TrimSpace(xenArgs),
 		"-initrd", k.Image + " " + dom0Args + "," + initrd,
 	}
+	args = append(args, cfg.QEMUArgs...)
 	// Xen halts rather than powering the machine off: kill QEMU soon
 	// after the verdict.
-	return vmtest.RunQEMU(ctx, vmtest.QEMURun{Binary: qemu, Args: args, Timeout: cfg.Timeout, Console: cfg.Console, Grace: 3 * time.Second})
+	return vmtest.RunQEMU(ctx, vmtest.QEMURun{Binary: qemu, Args: args, Timeout: cfg.Timeout, Console: cfg.Console, Grace: 3 * time.Second, Started: cfg.Started})
 }
 
 func lastLines(s string, n int) string {
