@@ -152,17 +152,7 @@ func daemonFailover(t *testing.T, outbuf string, all bool) {
 		t.Fatal(err)
 	}
 	xlCfg := filepath.Join(dir, "web.cfg")
-	if err := os.WriteFile(xlCfg, []byte(fmt.Sprintf(`name = "web"
-type = "pvh"
-memory = 128
-vcpus = 1
-kernel = %q
-ramdisk = %q
-extra = "console=hvc0 rdinit=/init dirtier.printevery=50"
-%s
-on_crash = "preserve"
-on_reboot = "destroy"
-`, domUKern, domUNetRD, xentest.NetVifLine(script))), 0o644); err != nil {
+	if err := os.WriteFile(xlCfg, []byte(xentest.NetGuestXL("web", domUKern, domUNetRD, script)), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	xl(t, "create", xlCfg)
