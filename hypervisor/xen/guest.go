@@ -480,7 +480,7 @@ func (g *Guest) Rebaseline(ctx context.Context) ([]uint64, error) {
 		// hardware, but under QEMU's TCG (nested paging emulated) the
 		// daemon runs that took one (a new protection's live start)
 		// were followed by the domU triple fault within a checkpoint or
-		// two, five runs in a row, so it is not done on a running
+		// two, seven attempts in a row, so it is not done on a running
 		// domain.
 		if !g.paused {
 			if err := g.x.pause(); err != nil {
