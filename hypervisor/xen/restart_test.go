@@ -357,11 +357,19 @@ func TestDom0Recover(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer g.Close()
-	if g.Recovered() == "" || strings.Contains(g.Recovered(), "suspend") {
-		t.Errorf("Recovered() = %q, want only the pause dropped", g.Recovered())
+	if g.Recovered() == "" || strings.Contains(g.Recovered(), "suspend") || !g.Paused() {
+		t.Errorf("Recovered() = %q, Paused() = %v: want only the pause adopted", g.Recovered(), g.Paused())
 	}
+	if info := domainInfo(t, domid); !info.paused {
+		t.Fatalf("after Open with Recover: %+v, want still paused (adopted, not undone)", info)
+	}
+	rctx, rcancel = context.WithTimeout(ctx, 60*time.Second)
+	if err := g.Resume(rctx); err != nil {
+		t.Fatal(err)
+	}
+	rcancel()
 	if info := domainInfo(t, domid); info.paused || info.shutdown {
-		t.Fatalf("after Recover: %+v, want running", info)
+		t.Fatalf("after Recover and Resume: %+v, want running", info)
 	}
 	r3 := maxRound(g)
 	waitRunsOn(t, g, r3, "after recovering a paused domain")
