@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/remusd/remusd/hypervisor/libvirt/lvtest"
 	"github.com/remusd/remusd/vmtest"
 )
 
@@ -259,7 +260,7 @@ func StartLibvirtd(t testing.TB) *Libvirtd {
 			if t.Failed() {
 				t.Logf("libvirtd log:\n%s", LibvirtLogs())
 			}
-			stopPid(l.Pid)
+			lvtest.StopPid(l.Pid, syscall.SIGTERM)
 		})
 	}
 	if err != nil {
@@ -329,32 +330,4 @@ func LibvirtLogs() string {
 		fmt.Fprintf(&b, "== %s\n%s\n", f, Tail(string(data), 30))
 	}
 	return b.String()
-}
-
-// stopPid sends SIGTERM to pid, waits up to 10 s, then sends SIGKILL.
-func stopPid(pid int) {
-	if pid <= 1 || syscall.Kill(pid, syscall.SIGTERM) != nil {
-		return
-	}
-	for i := 0; i < 200; i++ {
-		if !pidAlive(pid) {
-			return
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	_ = syscall.Kill(pid, syscall.SIGKILL)
-}
-
-// pidAlive says whether pid runs (a zombie does not: a daemon re-parented
-// to dom0's init, which does not reap, stays one).
-func pidAlive(pid int) bool {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return false
-	}
-	s := string(b)
-	if i := strings.LastIndexByte(s, ')'); i >= 0 && i+2 < len(s) {
-		return s[i+2] != 'Z'
-	}
-	return true
 }

@@ -41,8 +41,25 @@ func TestXenDaemonFailover(t *testing.T) {
 	if xentest.InDom0() || testing.Short() {
 		t.Skip("host-side driver that boots Xen")
 	}
+	files := dom0Files(t, t.TempDir())
+	run := "^TestDom0DaemonFailover$"
+	if os.Getenv("XEN_E2E_FULL") != "" {
+		run = "^TestDom0DaemonFailover"
+	}
+	xentest.RunInDom0(t, ".", run, []string{"xen"}, xentest.Config{
+		Files:   files,
+		Timeout: 900 * time.Second,
+		Env:     map[string]string{"XEN_E2E_FULL": os.Getenv("XEN_E2E_FULL")},
+	})
+}
+
+// dom0Files returns what the in-dom0 tests need besides their own binary:
+// remusd built with the xen tag (at remusdBin, with the libraries dom0
+// lacks) and the network guest's kernel and initramfs (NetDomUFiles),
+// built in tmp. Missing facilities skip t, saying what to run.
+func dom0Files(t *testing.T, tmp string) []vmtest.File {
+	t.Helper()
 	ctx := context.Background()
-	tmp := t.TempDir()
 	kf, rf, err := xentest.NetDomUFiles(ctx, "", tmp)
 	if errors.Is(err, vmtest.ErrUnavailable) {
 		t.Skipf("needs the Debian cloud kernel for the domU: %v (run xentest/setup.sh)", err)
@@ -65,16 +82,7 @@ func TestXenDaemonFailover(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	files = append(files, kf, rf)
-	run := "^TestDom0DaemonFailover$"
-	if os.Getenv("XEN_E2E_FULL") != "" {
-		run = "^TestDom0DaemonFailover"
-	}
-	xentest.RunInDom0(t, ".", run, []string{"xen"}, xentest.Config{
-		Files:   files,
-		Timeout: 900 * time.Second,
-		Env:     map[string]string{"XEN_E2E_FULL": os.Getenv("XEN_E2E_FULL")},
-	})
+	return append(files, kf, rf)
 }
 
 // buildRemusd builds cmd/remusd with the xen tag (cgo) into out.

@@ -17,7 +17,6 @@ package xene2e
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -69,30 +68,9 @@ func TestXenTwoHosts(t *testing.T) {
 		t.Skipf("the two-Xen-host profile boots two Xen machines under QEMU (~10 min): run scripts/xen-two-hosts (sets %s=1)", envTwoHosts)
 	}
 	ctx := context.Background()
-	k, err := vmtest.FindKernel(ctx, "")
-	if errors.Is(err, vmtest.ErrUnavailable) {
-		t.Skipf("needs the Debian cloud kernel for the domU: %v (run xentest/setup.sh)", err)
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
-	x, err := xentest.FindXen(ctx, "")
-	if errors.Is(err, xentest.ErrUnavailable) {
-		t.Skipf("needs Debian's Xen packages: %v (run xentest/setup.sh)", err)
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
 	tmp := t.TempDir()
-	rd := filepath.Join(tmp, "domU-net.cpio")
-	if err := xentest.BuildNetGuestRamdisk(ctx, "", k, rd, xentest.NetGuestIP+"/24"); err != nil {
-		t.Fatal(err)
-	}
-	bin := filepath.Join(tmp, "remusd")
-	if err := buildRemusd(ctx, bin); err != nil {
-		t.Fatal(err)
-	}
-	files, err := xentest.ELFFiles(x, bin, remusdBin, tmp)
+	files := dom0Files(t, tmp)
+	x, err := xentest.FindXen(ctx, "")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -105,9 +83,6 @@ func TestXenTwoHosts(t *testing.T) {
 		t.Fatal(err)
 	}
 	files = append(files, tf...)
-	files = append(files,
-		vmtest.File{Src: k.Image, Dst: domUKern, Mode: 0o644},
-		vmtest.File{Src: rd, Dst: domUNetRD, Mode: 0o644})
 	// Mutual TLS on the replication link: one CA, a bundle per host.
 	tls, err := pki.Mesh(filepath.Join(tmp, "tls"), "hosta", "hostb")
 	if err != nil {

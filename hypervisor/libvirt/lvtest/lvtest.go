@@ -191,18 +191,24 @@ func (l *Libvirtd) stop() {
 	os.RemoveAll(l.Dir)
 }
 
-// killPidFile signals the process in a pid file and waits up to 10 s for
-// it to exit (SIGKILL after that).
+// killPidFile signals the process in a pid file and waits for it (see
+// StopPid).
 func killPidFile(path string, sig syscall.Signal) {
 	b, err := os.ReadFile(path)
 	if err != nil {
 		return
 	}
 	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
-	if err != nil || pid <= 1 {
+	if err != nil {
 		return
 	}
-	if syscall.Kill(pid, sig) != nil {
+	StopPid(pid, sig)
+}
+
+// StopPid sends sig to pid and waits up to 10 s for it to exit (SIGKILL
+// after that). pid 0 and 1 are left alone.
+func StopPid(pid int, sig syscall.Signal) {
+	if pid <= 1 || syscall.Kill(pid, sig) != nil {
 		return
 	}
 	for i := 0; i < 200; i++ {
