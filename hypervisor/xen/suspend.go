@@ -40,9 +40,9 @@ static int rx_xs_write(const char *path, const char *val) {
 	return ok ? 0 : -1;
 }
 
-// 1 if the domain has shut down for a suspend, 0 if not, 2 if it shut
-// down for another reason (crash, poweroff, reboot) or is dying, -1 on
-// error.
+// 1 if the domain has shut down for a suspend, 0 if not, 2 if it is
+// dying, 16+reason if it shut down for another reason (crash, poweroff,
+// reboot), -1 on error.
 static int rx_suspended(xc_interface *xch, uint32_t domid) {
 	xc_domaininfo_t info;
 	int n = xc_domain_getinfolist(xch, domid, 1, &info);
@@ -56,7 +56,8 @@ static int rx_suspended(xc_interface *xch, uint32_t domid) {
 		return 2;
 	if (!(info.flags & XEN_DOMINF_shutdown))
 		return 0;
-	return ((info.flags >> XEN_DOMINF_shutdownshift) & XEN_DOMINF_shutdownmask) == SHUTDOWN_suspend ? 1 : 2;
+	unsigned reason = (info.flags >> XEN_DOMINF_shutdownshift) & XEN_DOMINF_shutdownmask;
+	return reason == SHUTDOWN_suspend ? 1 : 16 + (int)reason;
 }
 */
 import "C"
@@ -79,6 +80,27 @@ func xsWrite(path, val string) error {
 		return errnoErr("xs_write "+path, err)
 	}
 	return nil
+}
+
+// goneWhy says what rx_suspended's rc (2: dying; 16+reason: shut down
+// with that reason) means. An HVM or PVH guest that triple-faults reboots
+// (Xen's default triple-fault action).
+func goneWhy(rc int) string {
+	if rc == 2 {
+		return "dying"
+	}
+	switch rc - 16 {
+	case C.SHUTDOWN_poweroff:
+		return "reason poweroff"
+	case C.SHUTDOWN_reboot:
+		return "reason reboot: the guest rebooted or triple-faulted"
+	case C.SHUTDOWN_crash:
+		return "reason crash: the guest crashed"
+	case C.SHUTDOWN_watchdog:
+		return "reason watchdog"
+	default:
+		return fmt.Sprintf("reason %d", rc-16)
+	}
 }
 
 // SuspendCooperative asks the guest to suspend itself (xenstore
@@ -105,8 +127,8 @@ func (g *Guest) SuspendCooperative(ctx context.Context) error {
 			g.suspended = true
 			return nil
 		}
-		if rc == 2 {
-			return fmt.Errorf("%w: it has shut down", ErrGone)
+		if rc >= 2 {
+			return fmt.Errorf("%w: it has shut down (%s)", ErrGone, goneWhy(int(rc)))
 		}
 		if rc, err := C.rx_request_suspend(C.uint32_t(g.domid)); rc < 0 {
 			return errnoErr("xenstore write control/shutdown", err)
@@ -124,10 +146,10 @@ func (g *Guest) SuspendCooperative(ctx context.Context) error {
 			if rc == 1 {
 				return nil
 			}
-			if rc == 2 {
+			if rc >= 2 {
 				// Crashed, powered off or rebooting meanwhile: it will
 				// not suspend. Fail now, not at the deadline.
-				return fmt.Errorf("%w: it shut down instead of suspending", ErrGone)
+				return fmt.Errorf("%w: it shut down instead of suspending (%s)", ErrGone, goneWhy(int(rc)))
 			}
 			if err := ctx.Err(); err != nil {
 				return fmt.Errorf("guest did not suspend: %w", err)
@@ -153,8 +175,8 @@ func (g *Guest) cancelSuspend() error {
 		g.log.Warn("a suspend was asked for but the guest has not suspended; it will be cancelled when it does")
 		return nil
 	}
-	if rc == 2 {
-		return fmt.Errorf("%w: it shut down instead of suspending", ErrGone)
+	if rc >= 2 {
+		return fmt.Errorf("%w: it shut down instead of suspending (%s)", ErrGone, goneWhy(int(rc)))
 	}
 	if err := g.x.resumeFast(); err != nil {
 		return err
