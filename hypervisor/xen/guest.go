@@ -51,6 +51,7 @@ type Guest struct {
 	paused         bool // paused by us (we hold one pause reference)
 	suspended      bool // a suspend we asked for is in effect (or may be: asked, not seen)
 	logDirty       bool
+	enableLater    bool // Open enables log-dirty inside a suspend (quiesced)
 	closed         bool
 	last           Timings
 	lastDirty      uint32 // Xen's dirty count of the last harvest
@@ -71,7 +72,9 @@ type Guest struct {
 // Open attaches to domain domid: it checks the domain is HVM or PVH,
 // enables log-dirty mode (refusing a domain where that is unsupported,
 // ErrLogDirtyUnsupported) and maps its memory read-only. The domain keeps
-// running. A domain left suspended by an unfinished checkpoint is refused
+// running; a cooperative one (Options.Cooperative) is suspended for the
+// moment log-dirty is enabled (see quiesced), so Open fails if it does
+// not suspend within its SuspendTimeout. A domain left suspended by an unfinished checkpoint is refused
 // (ErrLeftSuspended) unless opts.Recover, which resumes it (see Options).
 func Open(ctx context.Context, domid uint32, opts Options) (*Guest, error) {
 	log := opts.Logger
@@ -107,7 +110,33 @@ func Open(ctx context.Context, domid uint32, opts Options) (*Guest, error) {
 	if err != nil {
 		return nil, err
 	}
+	if g.enableLater {
+		err := g.quiesced(ctx, "enable log-dirty", func() error {
+			if err := enableLogDirty(g.x, g.domid); err != nil {
+				return err
+			}
+			g.logDirty = true
+			return nil
+		})
+		if err != nil {
+			if cerr := g.Close(); cerr != nil {
+				err = errors.Join(err, cerr)
+			}
+			return nil, fmt.Errorf("xen: open domain %d: %w", domid, err)
+		}
+	}
 	return g, nil
+}
+
+// enableLogDirty turns on domid's log-dirty mode through x.
+func enableLogDirty(x *xc, domid uint32) error {
+	if err := x.enableLogDirty(); err != nil {
+		if errors.Is(err, syscall.EOPNOTSUPP) {
+			return fmt.Errorf("%w: domain %d: %w", ErrLogDirtyUnsupported, domid, err)
+		}
+		return err
+	}
+	return nil
 }
 
 // attach runs under sem.
@@ -149,27 +178,33 @@ func (g *Guest) attach(x *xc) error {
 	if maxGPFN >= 1<<32 {
 		return fmt.Errorf("domain %d: max gpfn %#x is implausibly large", g.domid, maxGPFN)
 	}
-	if err := x.enableLogDirty(); err != nil {
-		if errors.Is(err, syscall.EOPNOTSUPP) {
-			return fmt.Errorf("%w: domain %d: %w", ErrLogDirtyUnsupported, g.domid, err)
+	// A running cooperative guest gets log-dirty enabled inside a suspend
+	// (Open, through quiesced, which says why); any other now.
+	g.enableLater = g.coop && !g.suspended && !g.paused && !info.paused
+	if !g.enableLater {
+		if err := enableLogDirty(x, g.domid); err != nil {
+			return err
 		}
-		return err
+		g.logDirty = true
 	}
-	g.logDirty = true
 	// tot_pages before the layout is taken: memory populated or released
 	// meanwhile makes the first harvest fail closed rather than go
 	// unnoticed.
 	if info, err = x.info(); err != nil {
-		_ = x.disableLogDirty()
-		g.logDirty = false
+		if g.logDirty {
+			_ = x.disableLogDirty()
+			g.logDirty = false
+		}
 		return err
 	}
 	g.totPages = info.totPages
 	t0 := time.Now()
 	holes, err := x.mapAll(int(maxGPFN)+1, false)
 	if err != nil {
-		_ = x.disableLogDirty()
-		g.logDirty = false
+		if g.logDirty {
+			_ = x.disableLogDirty()
+			g.logDirty = false
+		}
 		return err
 	}
 	g.pages = x.memPages
@@ -462,8 +497,9 @@ const rebaselineChunk = 256
 // harvest reports every page.
 func (g *Guest) Rebaseline(ctx context.Context) ([]uint64, error) {
 	hashes := make([]uint64, g.pages)
+	t0 := time.Now()
+	var quiesce bool
 	err := g.call(ctx, "rebaseline", func() error {
-		t0 := time.Now()
 		if g.closed {
 			return errClosed
 		}
@@ -473,28 +509,48 @@ func (g *Guest) Rebaseline(ctx context.Context) ([]uint64, error) {
 		if g.layoutErr != nil {
 			return g.layoutErr
 		}
+		quiesce = g.coop && !g.paused && !g.suspended
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	clean := func() error {
 		// Until every hash is taken, the next harvest reports all.
 		g.allDirty = true
-		// The clean with the domain paused for it (a millisecond or two):
-		// a CLEAN while its vCPUs run is what live migration does on
-		// hardware, but under QEMU's TCG (nested paging emulated) the
-		// daemon runs that took one (a new protection's live start)
-		// were followed by the domU triple fault within a checkpoint or
-		// two, seven attempts in a row, so it is not done on a running
-		// domain.
-		if !g.paused {
-			if err := g.x.pause(); err != nil {
+		_, _, err := g.x.cleanLogDirty(g.x.p2m, false)
+		return err
+	}
+	if quiesce {
+		// A cooperative guest is cleaned inside a suspend, as at every
+		// epoch (see quiesced).
+		err = g.quiesced(ctx, "rebaseline clean", clean)
+	} else {
+		err = g.call(ctx, "rebaseline clean", func() error {
+			if g.closed {
+				return errClosed
+			}
+			// A running guest is paused for the clean (a millisecond or
+			// two), as quiesced explains.
+			if !g.paused && !g.suspended {
+				if err := g.x.pause(); err != nil {
+					return err
+				}
+				err := clean()
+				if uerr := g.x.unpause(); uerr != nil && err == nil {
+					err = uerr
+				}
 				return err
 			}
-		}
-		_, _, err := g.x.cleanLogDirty(g.x.p2m, false)
-		if !g.paused {
-			if uerr := g.x.unpause(); uerr != nil && err == nil {
-				err = uerr
-			}
-		}
-		if err != nil {
-			return err
+			return clean()
+		})
+	}
+	if err != nil {
+		return nil, err
+	}
+	err = g.call(ctx, "rebaseline hash", func() error {
+		if g.closed {
+			return errClosed
 		}
 		if err := hashAll(ctx, g.x.memory(), hashes); err != nil {
 			return err
@@ -507,6 +563,39 @@ func (g *Guest) Rebaseline(ctx context.Context) ([]uint64, error) {
 		return nil, err
 	}
 	return hashes, nil
+}
+
+// quiesced runs fn (under sem) with the guest suspended cooperatively,
+// then cancels the suspend (xc_domain_resume fast), as every cooperative
+// epoch does around its harvest. It is how a cooperative guest's log-dirty
+// mode changes outside an epoch (Open's enable, Rebaseline's clean): a
+// change of the p2m type of all memory taken while the guest was stopped
+// at an arbitrary point (running, or merely paused) was followed by the
+// domU's triple fault under QEMU's TCG (nested paging emulated): the
+// guest found stopped inside pvclock_clocksource_read with interrupts
+// off, or a kernel oops from the event-channel upcall delivered over and
+// over at its handler's first instruction, within a second of the change,
+// in most daemon runs; inside a suspend (interrupts off, the upcall
+// quiet, the guest's resume path first to touch its memory again) it was
+// not seen in thousands of epochs. On hardware this costs one suspend
+// (tens of milliseconds). A suspend that fails is returned; one that
+// takes effect after its deadline is cancelled by the next Resume or
+// Close.
+func (g *Guest) quiesced(ctx context.Context, op string, fn func() error) error {
+	sctx, cancel := context.WithTimeout(ctx, g.suspendTimeout)
+	err := g.SuspendCooperative(sctx)
+	cancel()
+	if err != nil {
+		return fmt.Errorf("%s: %w", op, err)
+	}
+	ferr := g.call(ctx, op, func() error {
+		if g.closed {
+			return errClosed
+		}
+		return fn()
+	})
+	// Resume cancels the suspend even when fn failed: the guest runs on.
+	return errors.Join(ferr, g.Resume(ctx))
 }
 
 // hashAll sets hashes[p] to the PageHash of page p of mem, on up to
