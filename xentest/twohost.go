@@ -76,7 +76,8 @@ func command(ctx context.Context, args ...string) error {
 
 // NetGuestXL returns the xl configuration of a PVH domain name running
 // kernel with a BuildNetGuestRamdisk ramdisk and one vif on the bridge
-// (NetVifLine with SetupNet's script): 128 MiB, one vCPU, kept on crash.
+// (NetVifLine with SetupNet's script): 128 MiB, one vCPU pinned to the
+// lab's guest pCPU (DomUPin), kept on crash.
 func NetGuestXL(name, kernel, ramdisk, script string) string {
 	return fmt.Sprintf(`name = %q
 type = "pvh"
@@ -88,5 +89,6 @@ extra = "console=hvc0 rdinit=/init dirtier.printevery=50"
 %s
 on_crash = "preserve"
 on_reboot = "destroy"
-`, name, kernel, ramdisk, NetVifLine(script))
+%s
+`, name, kernel, ramdisk, NetVifLine(script), DomUPin)
 }

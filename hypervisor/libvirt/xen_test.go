@@ -61,7 +61,7 @@ func xenDomainXML(name, osType, vifLines string) string {
 	return fmt.Sprintf(`<domain type='xen'>
   <name>%s</name>
   <memory unit='MiB'>128</memory>
-  <vcpu>1</vcpu>
+  <vcpu cpuset='%d'>1</vcpu>
   <os>
     <type arch='x86_64' machine='xenpvh'>%s</type>
     <kernel>%s</kernel>
@@ -74,7 +74,7 @@ func xenDomainXML(name, osType, vifLines string) string {
   <devices>
 %s  </devices>
 </domain>
-`, name, osType, xenDomUKernel, xenDomUNetRD, vifLines)
+`, name, xentest.DomUCPU, osType, xenDomUKernel, xenDomUNetRD, vifLines)
 }
 
 // TestDom0LibvirtXen, in dom0: libvirtd with the libxl driver starts; a
@@ -283,7 +283,7 @@ func TestDom0LibvirtXen(t *testing.T) {
 	}
 	// A domain xl created: the libxl driver does not know it.
 	xlCfg := filepath.Join(dir, "xlmade.cfg")
-	if err := os.WriteFile(xlCfg, []byte(fmt.Sprintf("name = \"xlmade\"\ntype = \"pvh\"\nmemory = 128\nkernel = %q\nramdisk = %q\nextra = \"console=hvc0 rdinit=/init\"\non_reboot = \"destroy\"\n", xenDomUKernel, xenDomUNetRD)), 0o644); err != nil {
+	if err := os.WriteFile(xlCfg, []byte(fmt.Sprintf("name = \"xlmade\"\ntype = \"pvh\"\nmemory = 128\nkernel = %q\nramdisk = %q\nextra = \"console=hvc0 rdinit=/init\"\non_reboot = \"destroy\"\n%s\n", xenDomUKernel, xenDomUNetRD, xentest.DomUPin)), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	cctx, cancel = context.WithTimeout(ctx, 90*time.Second)

@@ -119,6 +119,9 @@ func createGuest(ctx context.Context, t *testing.T, name, typ string) uint32 {
 // (extra: more kernel parameters; lines: more configuration). The
 // dirtier's load (dirtierLoad) is the same whatever the guest's size.
 func guestConfig(name, typ string, mib int, extra, ramdisk, lines string) string {
+	if !strings.Contains(lines, "on_reboot") {
+		lines = "on_reboot = \"destroy\"\n" + lines
+	}
 	return fmt.Sprintf(`name = %q
 type = %q
 kernel = %q
@@ -127,9 +130,9 @@ memory = %d
 vcpus = 1
 extra = "console=hvc0 rdinit=/init %s %s"
 on_crash = "preserve"
-on_reboot = "destroy"
 %s
-`, name, typ, domUKernel, ramdisk, mib, dirtierLoad, extra, lines)
+%s
+`, name, typ, domUKernel, ramdisk, mib, dirtierLoad, extra, xentest.DomUPin, lines)
 }
 
 // dirtierLoad is the test guests' dirtying load: the dirtier stamps 32 MiB
