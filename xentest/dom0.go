@@ -45,7 +45,7 @@ func RunInDom0(t testing.TB, pkgDir, run string, tags []string, cfg Config) {
 			// No verdict (a timeout): a guest that triple-faulted can hang
 			// a test until the run's deadline.
 			keepConsole(t, attempt, res.Console)
-			if attempt <= MaxTripleFaultRetries && strings.Contains(res.Console, TripleFault) {
+			if !cfg.NoRetry && attempt <= MaxTripleFaultRetries && strings.Contains(res.Console, TripleFault) {
 				t.Logf("RETRYING (attempt %d failed: %v): the domU crashed (triple fault under TCG, an open problem)", attempt, err)
 				continue
 			}
@@ -64,7 +64,7 @@ func RunInDom0(t testing.TB, pkgDir, run string, tags []string, cfg Config) {
 			return
 		}
 		keepConsole(t, attempt, res.Console)
-		if attempt <= MaxTripleFaultRetries && strings.Contains(res.Console, TripleFault) {
+		if !cfg.NoRetry && attempt <= MaxTripleFaultRetries && strings.Contains(res.Console, TripleFault) {
 			t.Logf("RETRYING (attempt %d failed): the domU crashed (triple fault under TCG, an open problem); console tail:\n%s", attempt, Tail(res.Console, 40))
 			continue
 		}

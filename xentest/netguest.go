@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 )
@@ -250,4 +251,21 @@ func WaitConsole(ctx context.Context, name, want string, timeout time.Duration) 
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
+}
+
+// ConsoleTail returns the last n lines of domain name's console log
+// (xenconsoled --log=guest) without the dirtier's progress lines, so that
+// a kernel's oops is not crowded out; "" if there is none.
+func ConsoleTail(name string, n int) string {
+	b, err := os.ReadFile("/var/log/xen/console/guest-" + name + ".log")
+	if err != nil {
+		return ""
+	}
+	var out []string
+	for _, l := range strings.Split(string(b), "\n") {
+		if !strings.HasPrefix(strings.TrimSpace(l), "dirtier: round ") {
+			out = append(out, l)
+		}
+	}
+	return Tail(strings.Join(out, "\n"), n)
 }

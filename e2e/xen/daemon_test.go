@@ -14,6 +14,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -49,7 +50,11 @@ func TestXenDaemonFailover(t *testing.T) {
 	xentest.RunInDom0(t, ".", run, []string{"xen"}, xentest.Config{
 		Files:   files,
 		Timeout: 900 * time.Second,
-		Env:     map[string]string{"XEN_E2E_FULL": os.Getenv("XEN_E2E_FULL")},
+		Env:     map[string]string{"XEN_E2E_FULL": os.Getenv("XEN_E2E_FULL"), "XEN_GUEST_CPUS": os.Getenv("XEN_GUEST_CPUS")},
+		Accel:   os.Getenv("XEN_ACCEL"),
+		XenArgs: os.Getenv("XEN_XENARGS"),
+		CPUs:    atoi(os.Getenv("XEN_CPUS")),
+		NoRetry: os.Getenv("XEN_NORETRY") != "",
 	})
 }
 
@@ -160,7 +165,11 @@ func daemonFailover(t *testing.T, outbuf string, all bool) {
 		t.Fatal(err)
 	}
 	xlCfg := filepath.Join(dir, "web.cfg")
-	if err := os.WriteFile(xlCfg, []byte(xentest.NetGuestXL("web", domUKern, domUNetRD, script)), 0o644); err != nil {
+	guestXL := xentest.NetGuestXL("web", domUKern, domUNetRD, script)
+	if c := os.Getenv("XEN_GUEST_CPUS"); c != "" {
+		guestXL += fmt.Sprintf("cpus = %q\n", c)
+	}
+	if err := os.WriteFile(xlCfg, []byte(guestXL), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	xl(t, "create", xlCfg)
@@ -168,8 +177,7 @@ func daemonFailover(t *testing.T, outbuf string, all bool) {
 		if t.Failed() {
 			t.Logf("xl list:\n%s", xlOut("list"))
 			for _, d := range []string{"web", "web-sb"} {
-				b, _ := os.ReadFile("/var/log/xen/console/guest-" + d + ".log")
-				t.Logf("%s's console:\n%s", d, xentest.Tail(string(b), 30))
+				t.Logf("%s's console (without the dirtier's rounds):\n%s", d, xentest.ConsoleTail(d, 80))
 			}
 		}
 		xlOut("destroy", "web")
@@ -392,3 +400,5 @@ func waitFor(t *testing.T, d time.Duration, what string, cond func() (bool, stri
 		time.Sleep(200 * time.Millisecond)
 	}
 }
+
+func atoi(s string) int { n, _ := strconv.Atoi(s); return n }
