@@ -358,3 +358,63 @@ func kib(m xmlMemory) (uint64, error) {
 	}
 	return v * mult / div, nil
 }
+
+// ValidateXen checks cfg as DialXen will read it (the xen scheme, an
+// absolute socket), without connecting.
+func (c Config) ValidateXen() error {
+	socket, _, err := c.resolveFor("xen", DefaultXenURI, "xen:///system (or xen+unix:///system?socket=PATH)", "system")
+	if err != nil {
+		return err
+	}
+	if !strings.HasPrefix(socket, "/") {
+		return fmt.Errorf("libvirt: socket %q must be an absolute path", socket)
+	}
+	return nil
+}
+
+// StartXen starts the defined (persistent, shut off) Xen domain named
+// name (virsh start): libxl creates and runs it. A name libvirt does not
+// know is ErrNoDomain. Both calls have ctx's deadline.
+func (c *Conn) StartXen(ctx context.Context, name string) error {
+	if err := hypervisor.ValidateVMName(name); err != nil {
+		return fmt.Errorf("libvirt: %w", err)
+	}
+	var dom golibvirt.Domain
+	err := c.call(ctx, fmt.Sprintf("domain %q: DomainLookupByName", name), func() (err error) {
+		dom, err = c.l.DomainLookupByName(name)
+		return err
+	})
+	if err != nil {
+		return notFound(err, c.uri, name)
+	}
+	return c.call(ctx, fmt.Sprintf("domain %q: DomainCreate", name), func() error {
+		return c.l.DomainCreate(dom)
+	})
+}
+
+// DestroyXen destroys the running Xen domain named name (virsh destroy),
+// but only if it is still domain domid: a domain started again under the
+// name since is not touched (an error). A name libvirt does not know is
+// ErrNoDomain, one that does not run ErrNotRunning.
+func (c *Conn) DestroyXen(ctx context.Context, name string, domid uint32) error {
+	if err := hypervisor.ValidateVMName(name); err != nil {
+		return fmt.Errorf("libvirt: %w", err)
+	}
+	var dom golibvirt.Domain
+	err := c.call(ctx, fmt.Sprintf("domain %q: DomainLookupByName", name), func() (err error) {
+		dom, err = c.l.DomainLookupByName(name)
+		return err
+	})
+	if err != nil {
+		return notFound(err, c.uri, name)
+	}
+	switch {
+	case dom.ID <= 0:
+		return fmt.Errorf("libvirt: domain %q: %w", name, ErrNotRunning)
+	case uint32(dom.ID) != domid:
+		return fmt.Errorf("libvirt: domain %q is domain %d now, not %d: not destroying it", name, dom.ID, domid)
+	}
+	return notFound(c.call(ctx, fmt.Sprintf("domain %q (%d): DomainDestroy", name, domid), func() error {
+		return c.l.DomainDestroy(dom)
+	}), c.uri, name)
+}
