@@ -72,6 +72,10 @@ type Daemon struct {
 	// newStandby builds a qemu replica and its hot standby (a seam for
 	// tests; qemu.NewReplica by default).
 	newStandby func(ctx context.Context, spec qemu.Spec, log *zap.Logger, opts ...qemu.ReplicaOption) (*qemu.Replica, error)
+	// xh is this host's Xen (xl, libxc, xenstore) and xlv its libvirt
+	// libxl driver, for xen_vms (seams for tests: daemon/xenlibvirt.go).
+	xh  xenHost
+	xlv xenLibvirt
 	// running is closed once Run has started.
 	running chan struct{}
 	runOnce sync.Once
@@ -188,6 +192,12 @@ func New(cfg Config, log *zap.Logger, opts ...Option) (*Daemon, error) {
 		running: make(chan struct{}), handshakes: newHandshakeSlots(cfg.Peers, log), records: records, newStandby: qemu.NewReplica}
 	for _, o := range opts {
 		o(d)
+	}
+	if d.xh == nil {
+		d.xh = xlHost{xl: cfg.Xen.xl()}
+	}
+	if d.xlv == nil {
+		d.xlv = libvirtXen{cfg: cfg.Xen.Libvirt}
 	}
 	d.budget = replicaBudget(cfg.ReplicaBudgetMiB)
 	if d.wit, err = dialWitness(cfg, d.log); err != nil {

@@ -36,6 +36,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/remusd/remusd/hypervisor"
+	"github.com/remusd/remusd/hypervisor/libvirt"
 	"github.com/remusd/remusd/hypervisor/xen"
 	remuspb "github.com/remusd/remusd/proto"
 	"github.com/remusd/remusd/transport"
@@ -56,6 +57,11 @@ type XenVM struct {
 	// Type is the domain type: "pvh" (the default and the only one
 	// supported: an HVM guest's device model state is not replicated).
 	Type string `json:"type,omitempty"`
+	// Libvirt: the domain is managed by libvirt's libxl driver (config
+	// field xen.libvirt): found, started and destroyed through libvirt
+	// (daemon/xenlibvirt.go). A backup still creates the standby from
+	// XLConfig with xl.
+	Libvirt bool `json:"libvirt,omitempty"`
 }
 
 // XenConfig holds the settings of the Xen backend.
@@ -64,6 +70,10 @@ type XenConfig struct {
 	XL string `json:"xl,omitempty"`
 	// SuspendTimeout bounds each cooperative suspend (default 30s).
 	SuspendTimeout Duration `json:"suspend_timeout,omitempty"`
+	// Libvirt is where libvirtd listens, for xen_vms with libvirt set
+	// (socket default /run/libvirt/libvirt-sock, uri default
+	// xen:///system).
+	Libvirt libvirt.Config `json:"libvirt"`
 }
 
 func (x XenVM) domain() string {
@@ -96,6 +106,7 @@ func (x XenVM) validate(f string) []error {
 	} else if err := xen.ValidDomainName(x.Name); err != nil {
 		bad("name", "%v: set domain", err)
 	}
+
 	if x.XLConfig != "" && (!filepath.IsAbs(x.XLConfig) || strings.ContainsAny(x.XLConfig, "\n\x00")) {
 		bad("xl_config", "%q must be an absolute path", x.XLConfig)
 	}
@@ -117,6 +128,7 @@ func (c XenConfig) validate(f string) []error {
 	if d := c.SuspendTimeout.D(); d < 0 || d > 10*time.Minute {
 		errs = append(errs, fmt.Errorf("config field %s.suspend_timeout: %v out of range [0, 10m]", f, d))
 	}
+	errs = append(errs, validateXenLibvirt(c.Libvirt, f+".libvirt")...)
 	return errs
 }
 
@@ -141,11 +153,13 @@ func (d *Daemon) bringUpXen(x XenVM) error {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), xenOpenTimeout)
 	defer cancel()
+	recordedAlive := false
 	if rec != nil && rec.Xen != nil {
 		// The recorded domain, by id: only Xen's "no such domain" proves
 		// it gone (a timeout or a missing xl proves nothing, and taking a
 		// live guest for gone would drop its output rules).
 		_, err := d.recordedDomain(ctx, x, rec.Xen.DomID)
+		recordedAlive = err == nil
 		switch {
 		case errors.Is(err, xen.ErrNotBuilt):
 			v.stoppedWhy = "this remusd was built without Xen support (build it with -tags xen on a host with libxen-dev)"
@@ -164,7 +178,28 @@ func (d *Daemon) bringUpXen(x XenVM) error {
 			return nil
 		}
 	}
-	domid, st, err := d.findXenDomain(ctx, x)
+	find := x
+	if rec != nil && rec.Role == RoleActive {
+		// An activated standby: created by xl from xl_config, never
+		// known to libvirt.
+		find.Libvirt = false
+	}
+	domid, st, err := d.findXenDomain(ctx, find)
+	if find.Libvirt && recordedAlive {
+		// Xen runs the recorded domain under its name: libvirt's word
+		// cannot make it gone.
+		switch {
+		case errors.Is(err, errLibvirtDown):
+			d.log.Warn("libvirtd does not answer: attaching to the recorded domain, which Xen runs under its name", zap.String("vm", x.Name),
+				zap.Uint32("domid", rec.Xen.DomID), zap.Error(err))
+			domid = rec.Xen.DomID
+			st, err = d.recordedDomain(ctx, x, domid)
+		case errors.Is(err, xen.ErrNoDomain):
+			v.stoppedWhy = fmt.Sprintf("Xen runs the recorded domain %d as %s, but libvirt does not (%v): left alone, its output held as it was; restart remusd once libvirt and Xen agree", rec.Xen.DomID, x.domain(), err)
+			d.log.Error("libvirt does not know the recorded domain Xen runs: leaving it alone", zap.String("vm", x.Name), zap.Uint32("domid", rec.Xen.DomID), zap.Error(err))
+			return nil
+		}
+	}
 	switch {
 	case errors.Is(err, xen.ErrNotBuilt):
 		v.stoppedWhy = "this remusd was built without Xen support (build it with -tags xen on a host with libxen-dev)"
@@ -174,11 +209,19 @@ func (d *Daemon) bringUpXen(x XenVM) error {
 			d.forgetGoneXen(v, rec, err)
 			return nil
 		}
-		v.stoppedWhy = fmt.Sprintf("domain %s is not running on this host (start it with xl create, or `remusd start %s` with xl_config set)", x.domain(), x.Name)
+		how := "xl create, or `remusd start " + x.Name + "` with xl_config set"
+		if x.Libvirt {
+			how = "virsh -c xen:///system start " + x.domain() + ", or `remusd start " + x.Name + "`"
+		}
+		v.stoppedWhy = fmt.Sprintf("domain %s is not running on this host (%v; start it with %s)", x.domain(), err, how)
+		return nil
+	case errors.Is(err, errXenRefused):
+		v.stoppedWhy = fmt.Sprintf("domain %s runs here but is not attached: %v", x.domain(), err)
+		d.log.Error("refusing a Xen domain", zap.String("vm", x.Name), zap.Error(err))
 		return nil
 	case err != nil:
 		// Unknown: it may run. Leave it (and any output rules) alone.
-		v.stoppedWhy = fmt.Sprintf("cannot tell whether domain %s runs here (%v): left alone; restart remusd once xl answers", x.domain(), err)
+		v.stoppedWhy = fmt.Sprintf("cannot tell whether domain %s runs here (%v): left alone; restart remusd once xl (and libvirtd, for a libvirt VM) answers", x.domain(), err)
 		d.log.Error("cannot look the Xen domain up: leaving it alone", zap.String("vm", x.Name), zap.Error(err))
 		return nil
 	}
@@ -242,15 +285,23 @@ func (d *Daemon) forgetGoneXen(v *vm, rec *vmRecord, why error) {
 	_ = d.records.remove(v.name)
 }
 
-// findXenDomain looks the entry's domain up: its id and state.
+// findXenDomain looks the entry's domain up: its id and state. A
+// libvirt-managed domain is found through libvirt (lookupLibvirtXen), any
+// other by `xl domid`.
 func (d *Daemon) findXenDomain(ctx context.Context, x XenVM) (uint32, xen.DomainStatus, error) {
 	cctx, cancel := context.WithTimeout(ctx, xenCallTimeout)
 	defer cancel()
-	domid, err := xen.DomainID(cctx, d.cfg.Xen.xl(), x.domain())
+	var domid uint32
+	var err error
+	if x.Libvirt {
+		domid, err = d.lookupLibvirtXen(cctx, x)
+	} else {
+		domid, err = d.xh.DomainID(cctx, x.domain())
+	}
 	if err != nil {
 		return 0, xen.DomainStatus{}, err
 	}
-	st, err := xen.DomainState(cctx, domid)
+	st, err := d.xh.DomainState(cctx, domid)
 	if err != nil {
 		return 0, xen.DomainStatus{}, err
 	}
@@ -261,18 +312,20 @@ func (d *Daemon) findXenDomain(ctx context.Context, x XenVM) (uint32, xen.Domain
 }
 
 // recordedDomain checks that domain domid still exists and is x's (its
-// xenstore name): ErrNoDomain (wrapped) only when Xen says so.
+// xenstore name): ErrNoDomain (wrapped) only when Xen says so. Xen, not
+// libvirt, answers: a libvirtd that is down must not make a running
+// domain look gone.
 func (d *Daemon) recordedDomain(ctx context.Context, x XenVM, domid uint32) (xen.DomainStatus, error) {
 	cctx, cancel := context.WithTimeout(ctx, xenCallTimeout)
 	defer cancel()
-	st, err := xen.DomainState(cctx, domid)
+	st, err := d.xh.DomainState(cctx, domid)
 	if err != nil {
 		return st, err
 	}
 	if st.Dying || (st.Shutdown && !st.Suspended) {
 		return st, fmt.Errorf("%w: domain %d is shutting down", xen.ErrNoDomain, domid)
 	}
-	name, err := xen.DomainName(cctx, domid)
+	name, err := d.xh.DomainName(cctx, domid)
 	if err != nil {
 		return st, err
 	}
@@ -502,6 +555,8 @@ func (d *Daemon) newXenReplica(ctx context.Context, h *remuspb.Hello, identity s
 func (d *Daemon) destroyLeftoverStandby(ctx context.Context, x XenVM) error {
 	cctx, cancel := context.WithTimeout(ctx, xenCallTimeout)
 	defer cancel()
+	// Standbys are xl's (libvirt does not know them).
+	x.Libvirt = false
 	domid, st, err := d.findXenDomain(cctx, x)
 	if errors.Is(err, xen.ErrNoDomain) {
 		return nil
@@ -512,18 +567,19 @@ func (d *Daemon) destroyLeftoverStandby(ctx context.Context, x XenVM) error {
 	if !st.NeverRan() {
 		return fmt.Errorf("a domain named %s (%d) exists on this backup and has run: it may be the VM itself; not creating a standby over it (destroy it, or give the standby another domain name in xen_vms)", x.domain(), domid)
 	}
-	if err := xen.Destroy(cctx, d.cfg.Xen.xl(), domid); err != nil {
+	if err := d.xh.Destroy(cctx, domid); err != nil {
 		return fmt.Errorf("destroy the standby a previous daemon left: %w", err)
 	}
 	d.log.Warn("destroyed the standby domain a previous daemon left", zap.String("vm", x.Name), zap.Uint32("domid", domid))
 	return nil
 }
 
-// startXen creates the VM's domain from its xl_config (`remusd start`)
-// and attaches to it. Called with v busy and d.mu free.
+// startXen starts the VM's domain (`remusd start`): `xl create` of its
+// xl_config, or for a libvirt-managed VM the domain libvirt defines; then
+// attaches to it. Called with v busy and d.mu free.
 func (d *Daemon) startXen(ctx context.Context, v *vm) error {
 	x := *v.xcfg
-	if x.XLConfig == "" {
+	if !x.Libvirt && x.XLConfig == "" {
 		return fmt.Errorf("its xen_vms entry has no xl_config to create the domain from (or start it with xl create)")
 	}
 	ctx, cancel := context.WithTimeout(ctx, xenOpenTimeout)
@@ -532,7 +588,7 @@ func (d *Daemon) startXen(ctx context.Context, v *vm) error {
 	domid, st, err := d.findXenDomain(ctx, x)
 	switch {
 	case errors.Is(err, xen.ErrNoDomain):
-		domid, err = xen.Create(ctx, d.cfg.Xen.xl(), x.XLConfig, x.domain())
+		domid, err = d.createXenDomain(ctx, x)
 	case err == nil && st.NeverRan():
 		return fmt.Errorf("domain %s (%d) is paused and has never run: a standby a backup left, not a running VM; `xl destroy %d` first if this host should start the VM afresh", x.domain(), domid, domid)
 	}
@@ -548,7 +604,7 @@ func (d *Daemon) startXen(ctx context.Context, v *vm) error {
 	v.installXen(g, n)
 	v.role, v.stoppedWhy = RoleLocal, ""
 	d.saveRecord(v)
-	d.log.Info("xen VM running", zap.String("vm", v.name), zap.Uint32("domid", domid), zap.String("vif", n.vif))
+	d.log.Info("xen VM running", zap.String("vm", v.name), zap.Uint32("domid", domid), zap.String("vif", n.vif), zap.Bool("libvirt", x.Libvirt))
 	return nil
 }
 
@@ -581,7 +637,8 @@ func fenceResume(ctx context.Context, g hypervisor.Guest) error {
 
 // stopXen destroys g's domain (`remusd stop`, a switchover's old copy):
 // paused first, so that it does not run on should the destroy fail (then
-// it stays paused, and the error says so), and let go of afterwards.
+// it stays paused, and the error says so), destroyed (through libvirt for
+// a libvirt-managed VM), and let go of afterwards.
 func (d *Daemon) stopXen(ctx context.Context, g *xen.Guest) error {
 	domid := g.DomID()
 	ctx, cancel := context.WithTimeout(ctx, xenCallTimeout)
@@ -589,7 +646,7 @@ func (d *Daemon) stopXen(ctx context.Context, g *xen.Guest) error {
 	if err := g.PauseNow(ctx); err != nil {
 		return fmt.Errorf("pause domain %d before destroying it: %w", domid, err)
 	}
-	if err := xen.Destroy(ctx, d.cfg.Xen.xl(), domid); err != nil {
+	if err := d.destroyXenDomain(ctx, d.xenConfig(g.Name()), domid); err != nil {
 		return fmt.Errorf("%w (domain %d is left paused)", err, domid)
 	}
 	g.Release()

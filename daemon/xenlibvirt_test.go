@@ -1,0 +1,422 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"testing"
+
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest"
+
+	"github.com/remusd/remusd/hypervisor/libvirt"
+	"github.com/remusd/remusd/hypervisor/xen"
+)
+
+// fakeXenHost is a Xen with domains by id.
+type fakeXenHost struct {
+	mu         sync.Mutex
+	names      map[uint32]string
+	vifs       map[uint32][]xen.Vif
+	created    []string
+	destroyed  []uint32
+	noDeadline bool
+}
+
+func (h *fakeXenHost) check(ctx context.Context) {
+	if _, ok := ctx.Deadline(); !ok {
+		h.noDeadline = true
+	}
+}
+
+func (h *fakeXenHost) DomainID(ctx context.Context, name string) (uint32, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.check(ctx)
+	for id, n := range h.names {
+		if n == name {
+			return id, nil
+		}
+	}
+	return 0, fmt.Errorf("%w: %s", xen.ErrNoDomain, name)
+}
+
+func (h *fakeXenHost) DomainState(ctx context.Context, domid uint32) (xen.DomainStatus, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.check(ctx)
+	if _, ok := h.names[domid]; !ok {
+		return xen.DomainStatus{}, fmt.Errorf("%w: %d", xen.ErrNoDomain, domid)
+	}
+	return xen.DomainStatus{CPUTimeNs: 1}, nil
+}
+
+func (h *fakeXenHost) DomainName(ctx context.Context, domid uint32) (string, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.check(ctx)
+	n, ok := h.names[domid]
+	if !ok {
+		return "", fmt.Errorf("%w: %d", xen.ErrNoDomain, domid)
+	}
+	return n, nil
+}
+
+func (h *fakeXenHost) Vifs(ctx context.Context, domid uint32) ([]xen.Vif, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.check(ctx)
+	return h.vifs[domid], nil
+}
+
+func (h *fakeXenHost) Create(ctx context.Context, configPath, domain string) (uint32, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.check(ctx)
+	h.created = append(h.created, domain)
+	h.names[9] = domain
+	h.vifs[9] = []xen.Vif{{DevID: 0, Name: "vif9.0", MAC: "00:16:3e:00:00:01"}}
+	return 9, nil
+}
+
+func (h *fakeXenHost) Destroy(ctx context.Context, domid uint32) error {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.check(ctx)
+	h.destroyed = append(h.destroyed, domid)
+	return nil
+}
+
+// fakeLibvirt is libvirt's libxl driver knowing one domain (dom), or
+// answering err.
+type fakeLibvirt struct {
+	mu         sync.Mutex
+	dom        libvirt.XenDomain
+	running    bool
+	err        error // every call's answer, if set
+	destroyErr error
+	lookups    int
+	started    []string
+	destroyed  []uint32
+	noDeadline bool
+}
+
+func (l *fakeLibvirt) Lookup(ctx context.Context, name string) (libvirt.XenDomain, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if _, ok := ctx.Deadline(); !ok {
+		l.noDeadline = true
+	}
+	l.lookups++
+	switch {
+	case l.err != nil:
+		return libvirt.XenDomain{}, l.err
+	case name != l.dom.Name:
+		return libvirt.XenDomain{}, fmt.Errorf("libvirt: no domain %q: %w", name, libvirt.ErrNoDomain)
+	case !l.running:
+		return libvirt.XenDomain{}, fmt.Errorf("libvirt: domain %q is shut off: %w", name, libvirt.ErrNotRunning)
+	}
+	return l.dom, nil
+}
+
+func (l *fakeLibvirt) Start(ctx context.Context, name string) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if _, ok := ctx.Deadline(); !ok {
+		l.noDeadline = true
+	}
+	if l.err != nil {
+		return l.err
+	}
+	l.started = append(l.started, name)
+	l.running = true
+	return nil
+}
+
+func (l *fakeLibvirt) Destroy(ctx context.Context, name string, domid uint32) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if _, ok := ctx.Deadline(); !ok {
+		l.noDeadline = true
+	}
+	if l.destroyErr != nil {
+		return l.destroyErr
+	}
+	l.destroyed = append(l.destroyed, domid)
+	return nil
+}
+
+var errDialFailed = errors.New("libvirt: connect /run/libvirt/libvirt-sock (xen:///system): dial unix: connection refused")
+
+// webDomain is a PVH domain 7 with vif7.0, as libvirt and xenstore agree.
+func webDomain() (*fakeXenHost, *fakeLibvirt) {
+	h := &fakeXenHost{names: map[uint32]string{7: "web"}, vifs: map[uint32][]xen.Vif{7: {{DevID: 0, Name: "vif7.0", MAC: "00:16:3e:00:00:01"}}}}
+	l := &fakeLibvirt{running: true, dom: libvirt.XenDomain{Name: "web", ID: 7, OSType: "xenpvh", Machine: "xenpvh", PVH: true,
+		Interfaces: []libvirt.XenInterface{{Type: "bridge", Name: "vif7.0", MAC: "00:16:3e:00:00:01", Bridge: "xenbr0"}}}}
+	return h, l
+}
+
+func TestConfigXenLibvirt(t *testing.T) {
+	mk := func(lv libvirt.Config, vms ...XenVM) Config {
+		c := DefaultConfig()
+		c.Insecure = true
+		c.XenVMs = vms
+		c.Xen.Libvirt = lv
+		return c
+	}
+	for _, c := range []Config{
+		mk(libvirt.Config{}, XenVM{Name: "web", Libvirt: true}),
+		mk(libvirt.Config{URI: "xen:///system"}, XenVM{Name: "web", Libvirt: true, XLConfig: "/etc/xen/web.cfg"}),
+		mk(libvirt.Config{URI: "xen+unix:///system?socket=/run/lv/sock"}, XenVM{Name: "web", Domain: "web-dom", Libvirt: true}),
+		mk(libvirt.Config{Socket: "/run/lv/sock"}, XenVM{Name: "web", Libvirt: true}, XenVM{Name: "db"}),
+	} {
+		if err := c.Validate(); err != nil {
+			t.Errorf("valid config %+v %+v: %v", c.Xen.Libvirt, c.XenVMs, err)
+		}
+	}
+	for _, tc := range []struct {
+		c    Config
+		want string
+	}{
+		{mk(libvirt.Config{URI: "qemu:///system"}, XenVM{Name: "web", Libvirt: true}), "config field xen.libvirt.uri"},
+		{mk(libvirt.Config{URI: "xen:///session"}, XenVM{Name: "web", Libvirt: true}), "config field xen.libvirt.uri"},
+		{mk(libvirt.Config{Socket: "run/sock"}, XenVM{Name: "web", Libvirt: true}), "config field xen.libvirt.socket"},
+		{mk(libvirt.Config{URI: "xen+unix:///system?socket=rel"}, XenVM{Name: "web", Libvirt: true}), "config field xen.libvirt.uri"},
+		{mk(libvirt.Config{URI: "xen+unix:///system?socket=/a", Socket: "/b"}, XenVM{Name: "web", Libvirt: true}), "names socket"},
+		{mk(libvirt.Config{}, XenVM{Name: "web", Libvirt: true, Type: "hvm"}), "xen_vms[0].type"},
+	} {
+		err := tc.c.Validate()
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("config %+v %+v: got %v, want an error naming %q", tc.c.Xen.Libvirt, tc.c.XenVMs, err, tc.want)
+		}
+	}
+}
+
+// TestLookupLibvirtXen: a PVH domain whose vifs xenstore confirms is
+// found; PV, HVM, disks and every disagreement with xenstore are refused
+// naming both sides; a domain libvirt does not know or run is "no
+// domain", and a libvirtd that does not answer is not.
+func TestLookupLibvirtXen(t *testing.T) {
+	x := XenVM{Name: "web", Libvirt: true}
+	lookup := func(h *fakeXenHost, l *fakeLibvirt) (uint32, error) {
+		d := &Daemon{cfg: DefaultConfig(), log: testLogger(t), xh: h, xlv: l}
+		id, err := d.lookupLibvirtXen(context.Background(), x)
+		if h.noDeadline || l.noDeadline {
+			t.Error("a call without a deadline")
+		}
+		return id, err
+	}
+	h, l := webDomain()
+	if id, err := lookup(h, l); err != nil || id != 7 {
+		t.Fatalf("PVH domain: %d, %v", id, err)
+	}
+	for _, tc := range []struct {
+		name   string
+		change func(*fakeXenHost, *fakeLibvirt)
+		want   []string
+	}{
+		{"hvm", func(_ *fakeXenHost, l *fakeLibvirt) { l.dom.PVH, l.dom.OSType, l.dom.Machine = false, "hvm", "xenfv" }, []string{"HVM", "device model", "xenpvh"}},
+		{"pv", func(_ *fakeXenHost, l *fakeLibvirt) { l.dom.PVH, l.dom.OSType, l.dom.Machine = false, "linux", "xenpv" }, []string{"PV domain", "dirty memory", "xenpvh"}},
+		{"disks", func(_ *fakeXenHost, l *fakeLibvirt) { l.dom.Disks = []string{"xvda"} }, []string{"disks (xvda)"}},
+		{"vif name", func(h *fakeXenHost, _ *fakeLibvirt) { h.vifs[7][0].Name = "web-vif" }, []string{"vif7.0", "web-vif"}},
+		{"mac", func(h *fakeXenHost, _ *fakeLibvirt) { h.vifs[7][0].MAC = "00:16:3e:00:00:02" }, []string{"00:16:3e:00:00:01", "00:16:3e:00:00:02"}},
+		{"xenstore has more", func(h *fakeXenHost, _ *fakeLibvirt) {
+			h.vifs[7] = append(h.vifs[7], xen.Vif{DevID: 1, Name: "vif7.1", MAC: "00:16:3e:00:00:03"})
+		}, []string{"libvirt lists 1 vifs and xenstore 2", "vif7.1"}},
+		{"libvirt has more", func(_ *fakeXenHost, l *fakeLibvirt) {
+			l.dom.Interfaces = append(l.dom.Interfaces, libvirt.XenInterface{Name: "vif7.1", MAC: "00:16:3e:00:00:03"})
+		}, []string{"libvirt lists 2 vifs and xenstore 1"}},
+		{"no vif in xenstore", func(h *fakeXenHost, _ *fakeLibvirt) { h.vifs[7] = nil }, []string{"libvirt lists 1 vifs and xenstore 0"}},
+		{"order", func(h *fakeXenHost, l *fakeLibvirt) {
+			l.dom.Interfaces = append(l.dom.Interfaces, libvirt.XenInterface{Name: "vif7.1", MAC: "00:16:3e:00:00:03"})
+			h.vifs[7] = []xen.Vif{{DevID: 1, Name: "vif7.0", MAC: "00:16:3e:00:00:01"}, {DevID: 0, Name: "vif7.1", MAC: "00:16:3e:00:00:03"}}
+		}, []string{"vif 0 differs"}},
+		{"xenstore name", func(h *fakeXenHost, _ *fakeLibvirt) { h.names[7] = "other" }, []string{`names domain 7 "other"`}},
+	} {
+		h, l := webDomain()
+		tc.change(h, l)
+		_, err := lookup(h, l)
+		if !errors.Is(err, errXenRefused) || errors.Is(err, xen.ErrNoDomain) || errors.Is(err, errLibvirtDown) {
+			t.Errorf("%s: %v, want a refusal", tc.name, err)
+			continue
+		}
+		for _, w := range tc.want {
+			if !strings.Contains(err.Error(), w) {
+				t.Errorf("%s: %v does not say %q", tc.name, err, w)
+			}
+		}
+	}
+	// Two vifs listed in another order by xenstore, same devices: fine.
+	h, l = webDomain()
+	l.dom.Interfaces = append(l.dom.Interfaces, libvirt.XenInterface{Name: "vif7.1", MAC: "00:16:3e:00:00:03"})
+	h.vifs[7] = []xen.Vif{{DevID: 1, Name: "vif7.1", MAC: "00:16:3e:00:00:03"}, {DevID: 0, Name: "vif7.0", MAC: "00:16:3E:00:00:01"}}
+	if _, err := lookup(h, l); err != nil {
+		t.Errorf("two matching vifs: %v", err)
+	}
+
+	for _, tc := range []struct {
+		name           string
+		change         func(*fakeXenHost, *fakeLibvirt)
+		noDomain, down bool
+	}{
+		{"unknown to libvirt", func(_ *fakeXenHost, l *fakeLibvirt) { l.dom.Name = "other" }, true, false},
+		{"shut off", func(_ *fakeXenHost, l *fakeLibvirt) { l.running = false }, true, false},
+		{"libvirtd unreachable", func(_ *fakeXenHost, l *fakeLibvirt) { l.err = errDialFailed }, false, true},
+		{"libvirtd hung", func(_ *fakeXenHost, l *fakeLibvirt) {
+			l.err = fmt.Errorf("libvirt: domain \"web\": DomainLookupByName: %w", libvirt.ErrTimeout)
+		}, false, true},
+		{"xenstore lost the domain", func(h *fakeXenHost, _ *fakeLibvirt) { delete(h.names, 7) }, true, false},
+	} {
+		h, l := webDomain()
+		tc.change(h, l)
+		_, err := lookup(h, l)
+		if err == nil || errors.Is(err, xen.ErrNoDomain) != tc.noDomain || errors.Is(err, errLibvirtDown) != tc.down || errors.Is(err, errXenRefused) {
+			t.Errorf("%s: %v: want no-domain %v, libvirt-down %v", tc.name, err, tc.noDomain, tc.down)
+		}
+	}
+}
+
+// xenBuilt reports whether the xen tag is in: then Open is real and the
+// tests below, which stop at it, do not apply.
+func xenBuilt(t *testing.T) bool {
+	_, err := xen.DomainID(t.Context(), "", "web")
+	return !errors.Is(err, xen.ErrNotBuilt)
+}
+
+func newXenLibvirtDaemon(t *testing.T, dir string, h *fakeXenHost, l *fakeLibvirt, vms ...XenVM) *Daemon {
+	t.Helper()
+	cfg := DefaultConfig()
+	cfg.Insecure = true
+	cfg.StateDir = dir
+	cfg.XenVMs = vms
+	d, err := New(cfg, testLogger(t), withXenSeams(h, l))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(d.closeAll)
+	return d
+}
+
+// TestBringUpXenLibvirt: at daemon start a libvirt VM is looked up
+// through libvirt; "not running", "libvirtd down" and "refused" are told
+// apart; a restarted daemon whose recorded domain Xen still runs attaches
+// to it when libvirtd is down, and leaves it alone (its record kept) when
+// libvirt does not know it.
+func TestBringUpXenLibvirt(t *testing.T) {
+	if xenBuilt(t) {
+		t.Skip("built with the xen tag: attaching is real (the dom0 e2e covers it)")
+	}
+	x := XenVM{Name: "web", Libvirt: true}
+	for _, tc := range []struct {
+		name   string
+		change func(*fakeXenHost, *fakeLibvirt)
+		want   string
+	}{
+		// Discovery passed: it stops at the attach this build cannot do.
+		{"found", func(*fakeXenHost, *fakeLibvirt) {}, "exists but cannot be attached"},
+		{"shut off", func(_ *fakeXenHost, l *fakeLibvirt) { l.running = false }, "virsh -c xen:///system start web"},
+		{"libvirtd down", func(_ *fakeXenHost, l *fakeLibvirt) { l.err = errDialFailed }, "cannot tell whether domain web runs here"},
+		{"vif mismatch", func(h *fakeXenHost, _ *fakeLibvirt) { h.vifs[7][0].Name = "vifX" }, "runs here but is not attached"},
+	} {
+		h, l := webDomain()
+		tc.change(h, l)
+		d := newXenLibvirtDaemon(t, t.TempDir(), h, l, x)
+		v := d.vms["web"]
+		if v == nil || v.role != RoleStopped || !strings.Contains(v.stoppedWhy, tc.want) {
+			t.Errorf("%s: vm %+v, want stopped saying %q", tc.name, v, tc.want)
+		}
+		if l.lookups == 0 {
+			t.Errorf("%s: libvirt was not asked", tc.name)
+		}
+	}
+
+	// Restarts: a record of domain 7, protected here.
+	for _, tc := range []struct {
+		name   string
+		change func(*fakeXenHost, *fakeLibvirt)
+		want   string
+	}{
+		{"libvirtd down", func(_ *fakeXenHost, l *fakeLibvirt) { l.err = errDialFailed }, "exists but cannot be attached"},
+		{"libvirt does not know it", func(_ *fakeXenHost, l *fakeLibvirt) { l.dom.Name = "other" }, "but libvirt does not"},
+		{"shut off in libvirt", func(_ *fakeXenHost, l *fakeLibvirt) { l.running = false }, "but libvirt does not"},
+	} {
+		dir := t.TempDir()
+		s, err := newRecordStore(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := s.save(vmRecord{Name: "web", Backend: xen.BackendName, Role: RolePrimary, Xen: &xenRecord{DomID: 7, Vif: "vif7.0", Bridged: true}}); err != nil {
+			t.Fatal(err)
+		}
+		h, l := webDomain()
+		tc.change(h, l)
+		d := newXenLibvirtDaemon(t, dir, h, l, x)
+		v := d.vms["web"]
+		if v == nil || !strings.Contains(v.stoppedWhy, tc.want) {
+			t.Errorf("restart, %s: vm %+v, want %q", tc.name, v, tc.want)
+		}
+		if r, err := d.records.load("web"); err != nil || r == nil || r.Xen == nil || r.Xen.DomID != 7 {
+			t.Errorf("restart, %s: record %+v, %v: want it kept", tc.name, r, err)
+		}
+	}
+}
+
+// TestXenLifecycleLibvirt: `remusd start` of a libvirt VM starts the
+// domain through libvirt (xl create is not run), of another VM with xl;
+// destroying goes through libvirt for a libvirt VM (xl for a domain
+// libvirt does not run, an activated standby), through xl otherwise, and
+// a libvirtd that does not answer fails the destroy without xl.
+func TestXenLifecycleLibvirt(t *testing.T) {
+	if xenBuilt(t) {
+		t.Skip("built with the xen tag: attaching is real (the dom0 e2e covers it)")
+	}
+	h, l := webDomain()
+	l.running = false
+	delete(h.names, 7)
+	d := newXenLibvirtDaemon(t, t.TempDir(), h, l, XenVM{Name: "web", Libvirt: true}, XenVM{Name: "db", XLConfig: "/etc/xen/db.cfg"})
+	h.names[7] = "web" // what libvirt's start makes
+	err := d.startXen(t.Context(), d.vms["web"])
+	if !errors.Is(err, xen.ErrNotBuilt) {
+		t.Fatalf("start web: %v (want it to reach the attach)", err)
+	}
+	if len(l.started) != 1 || l.started[0] != "web" || len(h.created) != 0 {
+		t.Fatalf("start web: libvirt started %v, xl created %v", l.started, h.created)
+	}
+	err = d.startXen(t.Context(), d.vms["db"])
+	if !errors.Is(err, xen.ErrNotBuilt) {
+		t.Fatalf("start db: %v", err)
+	}
+	if len(l.started) != 1 || len(h.created) != 1 || h.created[0] != "db" {
+		t.Fatalf("start db: libvirt started %v, xl created %v", l.started, h.created)
+	}
+	// A libvirt VM whose domain libvirt has no definition for.
+	l.dom.Name = "nosuch"
+	l.running = false
+	delete(h.names, 7)
+	if err := d.startXen(t.Context(), d.vms["web"]); err == nil || len(h.created) != 1 {
+		t.Fatalf("start of a domain libvirt refuses: %v, xl created %v", err, h.created)
+	}
+
+	web, db := d.xenConfig("web"), d.xenConfig("db")
+	if err := d.destroyXenDomain(t.Context(), web, 7); err != nil || len(l.destroyed) != 1 || len(h.destroyed) != 0 {
+		t.Fatalf("destroy web: %v, libvirt %v, xl %v", err, l.destroyed, h.destroyed)
+	}
+	if err := d.destroyXenDomain(t.Context(), db, 9); err != nil || len(l.destroyed) != 1 || len(h.destroyed) != 1 || h.destroyed[0] != 9 {
+		t.Fatalf("destroy db: %v, libvirt %v, xl %v", err, l.destroyed, h.destroyed)
+	}
+	l.destroyErr = fmt.Errorf("libvirt: no domain \"web\": %w", libvirt.ErrNoDomain)
+	if err := d.destroyXenDomain(t.Context(), web, 12); err != nil || len(h.destroyed) != 2 || h.destroyed[1] != 12 {
+		t.Fatalf("destroy an activated standby: %v, xl %v", err, h.destroyed)
+	}
+	l.destroyErr = errDialFailed
+	if err := d.destroyXenDomain(t.Context(), web, 7); err == nil || !strings.Contains(err.Error(), "connection refused") || len(h.destroyed) != 2 {
+		t.Fatalf("destroy with libvirtd down: %v, xl %v", err, h.destroyed)
+	}
+	if l.noDeadline || h.noDeadline {
+		t.Error("a call without a deadline")
+	}
+}
+
+func testLogger(t *testing.T) *zap.Logger { return zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel)) }
