@@ -74,6 +74,36 @@ func command(ctx context.Context, args ...string) error {
 	return nil
 }
 
+// NetGuestDomainXML returns the libvirt (libxl driver) domain XML of the
+// domain NetGuestXL describes: the same PVH machine (128 MiB, one vCPU
+// pinned to DomUCPU, the same kernel command line) and the same vif (MAC,
+// bridge, script), so that a standby `xl create -p`d from NetGuestXL has
+// its memory layout.
+func NetGuestDomainXML(name, kernel, ramdisk, script string) string {
+	return fmt.Sprintf(`<domain type='xen'>
+  <name>%s</name>
+  <memory unit='MiB'>128</memory>
+  <vcpu cpuset='%d'>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='xenpvh'>xenpvh</type>
+    <kernel>%s</kernel>
+    <initrd>%s</initrd>
+    <cmdline>console=hvc0 rdinit=/init dirtier.printevery=50</cmdline>
+  </os>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>destroy</on_reboot>
+  <on_crash>preserve</on_crash>
+  <devices>
+    <interface type='bridge'>
+      <source bridge='%s'/>
+      <mac address='%s'/>
+      <script path='%s'/>
+    </interface>
+  </devices>
+</domain>
+`, name, DomUCPU, kernel, ramdisk, NetBridge, NetGuestMAC, script)
+}
+
 // NetGuestXL returns the xl configuration of a PVH domain name running
 // kernel with a BuildNetGuestRamdisk ramdisk and one vif on the bridge
 // (NetVifLine with SetupNet's script): 128 MiB, one vCPU pinned to the

@@ -1,0 +1,257 @@
+//go:build xen
+
+package xene2e
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/remusd/remusd/daemon"
+	"github.com/remusd/remusd/demo"
+	"github.com/remusd/remusd/hypervisor/libvirt"
+	"github.com/remusd/remusd/xentest"
+)
+
+// TestXenDaemonLibvirt boots Xen under QEMU with libvirtd's libxl driver
+// in dom0 (xentest.Config.Libvirt) and a remusd built with the xen tag,
+// and runs TestDom0DaemonLibvirt there.
+func TestXenDaemonLibvirt(t *testing.T) {
+	if xentest.InDom0() || testing.Short() {
+		t.Skip("host-side driver that boots Xen")
+	}
+	files := dom0Files(t, t.TempDir())
+	xentest.RunInDom0(t, ".", "^TestDom0DaemonLibvirt$", []string{"xen"}, xentest.Config{
+		Libvirt: true,
+		Files:   files,
+		Timeout: 900 * time.Second,
+		Accel:   os.Getenv("XEN_ACCEL"),
+		NoRetry: os.Getenv("XEN_NORETRY") != "",
+	})
+}
+
+// TestDom0DaemonLibvirt, in dom0: the network guest "web" is a domain of
+// libvirt's libxl driver (defined and started with virsh); hosta's
+// xen_vms entry says libvirt, so its daemon finds the domain through
+// libvirt (cross-checked against xenstore) and reports its domid and vif;
+// hostb backs it up into a standby it creates with xl from its xl_config.
+// `remusd protect` runs until six epochs are acknowledged; then the
+// primary dies (its daemon killed, the domain destroyed through libvirt)
+// and `remusd failover` on hostb must keep the client's TCP connection.
+// Last, hosta's daemon comes back and `remusd start web` starts the
+// domain through libvirt, `remusd stop web` destroys it through libvirt.
+func TestDom0DaemonLibvirt(t *testing.T) {
+	if !xentest.InDom0() {
+		t.Skip("runs in a xentest dom0 (TestXenDaemonLibvirt boots one)")
+	}
+	ctx := context.Background()
+	dir := t.TempDir()
+	script, err := xentest.SetupNet(ctx, dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lv := xentest.StartLibvirtd(t)
+	virsh := func(args ...string) string {
+		t.Helper()
+		cctx, cancel := context.WithTimeout(ctx, 90*time.Second)
+		defer cancel()
+		out, err := exec.CommandContext(cctx, xentest.HostVirsh, append([]string{"-q", "-c", "xen:///system"}, args...)...).CombinedOutput()
+		if err != nil {
+			t.Fatalf("virsh %v: %v: %s", args, err, out)
+		}
+		return strings.TrimSpace(string(out))
+	}
+	xmlPath := filepath.Join(dir, "web.xml")
+	if err := os.WriteFile(xmlPath, []byte(xentest.NetGuestDomainXML("web", domUKern, domUNetRD, script)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	xlCfg := filepath.Join(dir, "web.cfg")
+	if err := os.WriteFile(xlCfg, []byte(xentest.NetGuestXL("web", domUKern, domUNetRD, script)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	virsh("define", xmlPath)
+	t0 := time.Now()
+	virsh("start", "web")
+	t.Logf("dom0: virsh start web: %v", time.Since(t0).Round(time.Millisecond))
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("xl list:\n%s", xlOut("list"))
+			for _, d := range []string{"web", "web-sb"} {
+				t.Logf("%s's console (without the dirtier's rounds):\n%s", d, xentest.ConsoleTail(d, 80))
+			}
+			for _, l := range strings.Split(xentest.LibvirtLogs(), "\n") {
+				t.Logf("dom0: libvirt log: %s", l)
+			}
+		}
+		exec.Command(xentest.HostVirsh, "-c", "xen:///system", "destroy", "web").Run()
+		xlOut("destroy", "web-sb")
+	})
+	if err := xentest.WaitConsole(ctx, "web", "dirtier: 8192 pages", 150*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if d, ok := xentest.WaitPing(xentest.NetGuestIP, 150*time.Second); !ok {
+		t.Fatalf("the guest does not answer ping within %v", d)
+	}
+	// What a lookup costs here (the daemon makes one per discovery).
+	lctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	t1 := time.Now()
+	conn, err := libvirt.DialXen(lctx, libvirt.Config{Socket: lv.Socket})
+	if err != nil {
+		cancel()
+		t.Fatal(err)
+	}
+	dialed := time.Since(t1)
+	dom, err := conn.LookupXen(lctx, "web")
+	looked := time.Since(t1) - dialed
+	conn.Close()
+	cancel()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("dom0: DialXen %v, LookupXen %v (domid %d)", dialed.Round(10*time.Microsecond), looked.Round(10*time.Microsecond), dom.ID)
+
+	addr := xentest.NetGuestIP + ":7"
+	echo, err := xentest.StartEcho(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer echo.Stop()
+
+	const replA, replB = "127.0.0.1:17812", "127.0.0.1:17811"
+	bcfg := daemon.DefaultConfig()
+	bcfg.Name, bcfg.Control, bcfg.StateDir = "hostb", filepath.Join(dir, "b.sock"), filepath.Join(dir, "b-state")
+	bcfg.Insecure, bcfg.Listen = true, replB
+	bcfg.Peers = []daemon.Peer{{Name: "hosta", Address: replA, VMs: []string{"web"}}}
+	// The standby is xl's, from the backup's own xl configuration.
+	bcfg.XenVMs = []daemon.XenVM{{Name: "web", Domain: "web-sb", XLConfig: xlCfg}}
+	acfg := daemon.DefaultConfig()
+	acfg.Name, acfg.Control, acfg.StateDir = "hosta", filepath.Join(dir, "a.sock"), filepath.Join(dir, "a-state")
+	acfg.Insecure, acfg.Listen = true, replA
+	acfg.Peers = []daemon.Peer{{Name: "hostb", Address: replB, VMs: []string{"web"}}}
+	acfg.XenVMs = []daemon.XenVM{{Name: "web", Libvirt: true}}
+	acfg.Xen.Libvirt = libvirt.Config{Socket: lv.Socket}
+	for _, c := range []*daemon.Config{&acfg, &bcfg} {
+		c.OutputBuffer = daemon.OutputPlug
+		c.EpochInterval = daemon.Duration(200 * time.Millisecond)
+	}
+	b, err := demo.StartDaemon(ctx, demo.StartOptions{Exe: remusdBin, Dir: dir, Wait: time.Minute}, bcfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.StopKeepGuests()
+	var a *demo.DaemonProc
+	startA := func() time.Duration {
+		t.Helper()
+		t0 := time.Now()
+		if a, err = demo.StartDaemon(ctx, demo.StartOptions{Exe: remusdBin, Dir: dir, Wait: 2 * time.Minute}, acfg); err != nil {
+			t.Fatal(err)
+		}
+		return time.Since(t0)
+	}
+	upA := startA()
+	defer func() { a.StopKeepGuests() }()
+	defer func() {
+		if t.Failed() {
+			t.Logf("hosta's log:\n%s", demo.LogTail(a.LogPath, 40))
+			t.Logf("hostb's log:\n%s", demo.LogTail(b.LogPath, 40))
+		}
+	}()
+	ac := daemon.ControlClient{Path: acfg.Control, Timeout: 10 * time.Second}
+	bc := daemon.ControlClient{Path: bcfg.Control, Timeout: 10 * time.Second}
+	s, err := ac.VMStatus(ctx, "web")
+	if err != nil || s.Role != daemon.RoleLocal || s.Backend != "xen" {
+		t.Fatalf("hosta's status of web: %+v, %v (want a local xen VM)", s, err)
+	}
+	domid := strings.TrimSpace(xlOut("domid", "web"))
+	if fmt.Sprint(s.XenDomID) != domid || fmt.Sprint(dom.ID) != domid || s.XenVif != "vif"+domid+".0" || s.XenVif != dom.Interfaces[0].Name {
+		t.Fatalf("hosta says domain %d on %q; xl domid web says %s, libvirt %d on %+v", s.XenDomID, s.XenVif, domid, dom.ID, dom.Interfaces)
+	}
+	if !strings.Contains(demo.LogTail(a.LogPath, 200), "xen domain found through libvirt") {
+		t.Fatalf("hosta did not find web through libvirt; its log:\n%s", demo.LogTail(a.LogPath, 40))
+	}
+	t.Logf("dom0: hosta up (found web through libvirt, attached) %v after exec: domid %d, vif %s", upA.Round(time.Millisecond), s.XenDomID, s.XenVif)
+
+	t2 := time.Now()
+	cli(t, "protect", "web", "--peer", replB, "--control", acfg.Control)
+	var ps daemon.VMStatus
+	acked := func(c daemon.ControlClient, n uint64, within time.Duration) {
+		t.Helper()
+		waitFor(t, within, fmt.Sprintf("epoch %d acknowledged", n), func() (bool, string) {
+			ps, err = c.VMStatus(ctx, "web")
+			return err == nil && ps.Role == daemon.RolePrimary && ps.AckedEpoch >= n, fmt.Sprintf("%+v %v", ps, err)
+		})
+	}
+	acked(ac, 1, 4*time.Minute)
+	first := time.Since(t2)
+	acked(ac, 6, 4*time.Minute)
+	bs, err := bc.VMStatus(ctx, "web")
+	if err != nil || bs.Role != daemon.RoleBackup {
+		t.Fatalf("hostb's status of web: %+v, %v (want backup)", bs, err)
+	}
+	if fmt.Sprint(ps.XenDomID) != domid || ps.XenVif != "vif"+domid+".0" || ps.OutBuf != daemon.OutputPlug {
+		t.Fatalf("protected: domain %d on %q with %q; want %s on vif%s.0 with plug", ps.XenDomID, ps.XenVif, ps.OutBuf, domid, domid)
+	}
+	t.Logf("dom0: libvirt VM protected: first epoch acked %v after protect, epoch %d acked after %v; pause p50 %.1f ms p99 %.1f ms, ack p50 %.1f ms; standby domain %d",
+		first.Round(time.Millisecond), ps.AckedEpoch, time.Since(t2).Round(time.Millisecond), ps.PauseMsP50, ps.PauseMsP99, ps.AckMsP50, bs.XenDomID)
+	if err := echo.WaitCarriesOn(3, 2*time.Minute); err != nil {
+		t.Fatalf("under protection: %v", err)
+	}
+
+	// The primary dies: its daemon, and its domain through libvirt.
+	if err := a.Cmd.Process.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	<-a.Done()
+	virsh("destroy", "web")
+	killed := time.Now()
+	before, _, _ := echo.State()
+	cli(t, "failover", "web", "--control", bcfg.Control)
+	bs, err = bc.VMStatus(ctx, "web")
+	if err != nil || bs.Role != daemon.RoleActive {
+		t.Fatalf("hostb's status of web after failover: %+v, %v (want active)", bs, err)
+	}
+	t.Logf("dom0: failover: epoch %d committed, activation %.1f ms, active %s after the kill",
+		bs.Epoch, bs.ActivationMs, time.Since(killed).Round(time.Millisecond))
+	if err := echo.WaitCarriesOn(5, 2*time.Minute); err != nil {
+		t.Fatalf("the connection opened before the failover: %v", err)
+	}
+	n, _, _ := echo.State()
+	t.Logf("dom0: the connection opened before the failover carries on: %d exchanges, %d after the kill; first %s after the kill",
+		n, n-before, echo.FirstAfter(killed))
+	if err := xentest.EchoOnce(addr); err != nil {
+		t.Fatalf("a new connection to the activated guest: %v", err)
+	}
+
+	// hosta comes back: web is gone there (not looked for again). `remusd
+	// start` starts it through libvirt, `remusd stop` destroys it
+	// through libvirt (the activated standby keeps the network: the
+	// started copy only has to run).
+	startA()
+	if s, err := ac.VMStatus(ctx, "web"); err != nil || s.Role != daemon.RoleStopped {
+		t.Fatalf("hosta's status of web after it came back: %+v, %v (want stopped)", s, err)
+	}
+	t3 := time.Now()
+	cli(t, "start", "web", "--control", acfg.Control)
+	started := time.Since(t3)
+	s, err = ac.VMStatus(ctx, "web")
+	if err != nil || s.Role != daemon.RoleLocal {
+		t.Fatalf("hosta's status of web after remusd start: %+v, %v (want local)", s, err)
+	}
+	if id := virsh("domid", "web"); fmt.Sprint(s.XenDomID) != id || id == domid {
+		t.Fatalf("after remusd start: hosta says domain %d, virsh domid web says %s (the old one was %s)", s.XenDomID, id, domid)
+	}
+	t4 := time.Now()
+	cli(t, "stop", "web", "--control", acfg.Control)
+	if st := virsh("domstate", "web"); st != "shut off" {
+		t.Fatalf("after remusd stop: virsh domstate web says %q", st)
+	}
+	t.Logf("dom0: remusd start through libvirt %v (domain %d), remusd stop %v", started.Round(time.Millisecond), s.XenDomID, time.Since(t4).Round(time.Millisecond))
+	if !strings.Contains(xlOut("list"), "web-sb") {
+		t.Fatal("xl list does not show web-sb after hosta's stop")
+	}
+}
