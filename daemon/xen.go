@@ -588,7 +588,11 @@ func (d *Daemon) startXen(ctx context.Context, v *vm) error {
 	domid, st, err := d.findXenDomain(ctx, x)
 	switch {
 	case errors.Is(err, xen.ErrNoDomain):
-		domid, err = d.createXenDomain(ctx, x)
+		if domid, err = d.createXenDomain(ctx, x); err == nil {
+			// Attach once the guest can suspend (the cooperative Open
+			// suspends it; a booting guest cannot yet).
+			err = d.xh.WaitSuspendable(ctx, domid)
+		}
 	case err == nil && st.NeverRan():
 		return fmt.Errorf("domain %s (%d) is paused and has never run: a standby a backup left, not a running VM; `xl destroy %d` first if this host should start the VM afresh", x.domain(), domid, domid)
 	}

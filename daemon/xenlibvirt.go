@@ -74,6 +74,9 @@ type xenHost interface {
 	Vifs(ctx context.Context, domid uint32) ([]xen.Vif, error)
 	Create(ctx context.Context, configPath, domain string) (uint32, error)
 	Destroy(ctx context.Context, domid uint32) error
+	// WaitSuspendable waits until a just-started domain's guest can
+	// suspend itself (xen.WaitSuspendable).
+	WaitSuspendable(ctx context.Context, domid uint32) error
 }
 
 // withXenSeams replaces the daemon's Xen and libvirt access (tests).
@@ -95,6 +98,9 @@ func (xlHost) DomainName(ctx context.Context, domid uint32) (string, error) {
 }
 func (xlHost) Vifs(ctx context.Context, domid uint32) ([]xen.Vif, error) {
 	return xen.Vifs(ctx, domid)
+}
+func (xlHost) WaitSuspendable(ctx context.Context, domid uint32) error {
+	return xen.WaitSuspendable(ctx, domid)
 }
 func (h xlHost) Create(ctx context.Context, configPath, domain string) (uint32, error) {
 	return xen.Create(ctx, h.xl, configPath, domain)

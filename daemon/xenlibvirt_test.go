@@ -22,7 +22,17 @@ type fakeXenHost struct {
 	vifs       map[uint32][]xen.Vif
 	created    []string
 	destroyed  []uint32
+	waited     []uint32 // WaitSuspendable's domids
+	bootFails  error    // WaitSuspendable's answer
 	noDeadline bool
+}
+
+func (h *fakeXenHost) WaitSuspendable(ctx context.Context, domid uint32) error {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.check(ctx)
+	h.waited = append(h.waited, domid)
+	return h.bootFails
 }
 
 func (h *fakeXenHost) check(ctx context.Context) {
@@ -391,11 +401,22 @@ func TestXenLifecycleLibvirt(t *testing.T) {
 	if len(l.started) != 1 || len(h.created) != 1 || h.created[0] != "db" {
 		t.Fatalf("start db: libvirt started %v, xl created %v", l.started, h.created)
 	}
+	// Both attached only after their guest could suspend.
+	if len(h.waited) != 2 || h.waited[0] != 7 || h.waited[1] != 9 {
+		t.Fatalf("start waited for the guests' suspend readiness on %v, want [7 9]", h.waited)
+	}
+	// A guest that never becomes able to suspend is not attached to.
+	h.bootFails = errors.New("guest has not announced that it can suspend")
+	delete(h.names, 9)
+	if err := d.startXen(t.Context(), d.vms["db"]); err == nil || !strings.Contains(err.Error(), "announced") {
+		t.Fatalf("start of a guest that cannot suspend: %v", err)
+	}
+	h.bootFails = nil
 	// A libvirt VM whose domain libvirt has no definition for.
 	l.dom.Name = "nosuch"
 	l.running = false
 	delete(h.names, 7)
-	if err := d.startXen(t.Context(), d.vms["web"]); err == nil || len(h.created) != 1 {
+	if err := d.startXen(t.Context(), d.vms["web"]); err == nil || len(h.created) != 2 {
 		t.Fatalf("start of a domain libvirt refuses: %v, xl created %v", err, h.created)
 	}
 

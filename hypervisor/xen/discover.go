@@ -106,6 +106,7 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
 	"unsafe"
 )
 
@@ -275,6 +276,40 @@ func xsDirectory(path string) ([]string, error) {
 		rest = rest[j+1:]
 	}
 	return out, nil
+}
+
+// WaitSuspendable waits until domain domid's guest announces that it can
+// suspend itself (xenstore control/feature-suspend = 1, which Linux writes
+// once its watch on control/shutdown is set up, late in its boot), or ctx
+// ends, or the domain shuts down. A domain just started is not attached to
+// before that: a cooperative Open suspends the guest, which a booting one
+// cannot do yet, and the early kernel still gives memory back to Xen (a
+// mapping taken then fails).
+func WaitSuspendable(ctx context.Context, domid uint32) error {
+	path := fmt.Sprintf("/local/domain/%d/control/feature-suspend", domid)
+	for {
+		st, err := DomainState(ctx, domid)
+		if err != nil {
+			return err
+		}
+		if st.Dying || st.Shutdown {
+			return fmt.Errorf("%w: domain %d shut down (reason %d) while it booted", ErrNoDomain, domid, st.ShutdownReason)
+		}
+		var v string
+		err = offload(ctx, "read "+path, func() error {
+			var err error
+			v, err = xsRead(path)
+			return err
+		})
+		if err == nil && strings.TrimSpace(v) == "1" {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("xen: domain %d's guest has not announced that it can suspend (%s = 1): it is still booting, or has no PV drivers (a cooperative checkpoint needs them): %w", domid, path, ctx.Err())
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
 }
 
 // offload runs fn (a libxc or xenstore call that may block) on its own

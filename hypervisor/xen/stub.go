@@ -32,6 +32,9 @@ func NewStandby(ctx context.Context, opts StandbyOptions) (*Standby, error) {
 // tag.
 func DomainID(ctx context.Context, xl, name string) (uint32, error) { return 0, ErrNotBuilt }
 
+// WaitSuspendable needs the xen build tag.
+func WaitSuspendable(ctx context.Context, domid uint32) error { return ErrNotBuilt }
+
 // DomainState returns ErrNotBuilt.
 func DomainState(ctx context.Context, domid uint32) (DomainStatus, error) {
 	return DomainStatus{}, ErrNotBuilt
