@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -268,9 +269,11 @@ func RemoveRules(ctx context.Context, cfg Config) error {
 }
 
 // remove deletes every copy of the rule from the chains it was installed
-// in.
+// in (the last installed first). A rule it fails to remove stays listed in
+// installed.
 func (r *ruleSet) remove(ctx context.Context) error {
 	var errs []error
+	kept := r.installed[:0:0]
 	for i := len(r.installed) - 1; i >= 0; i-- {
 		ref := r.installed[i]
 		var err error
@@ -285,10 +288,11 @@ func (r *ruleSet) remove(ctx context.Context) error {
 		}
 		if err != nil {
 			errs = append(errs, err)
-			continue
+			kept = append(kept, ref)
 		}
-		r.installed = r.installed[:i]
 	}
+	slices.Reverse(kept)
+	r.installed = kept
 	return errors.Join(errs...)
 }
 

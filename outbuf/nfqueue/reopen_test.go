@@ -273,3 +273,18 @@ func TestRemoveRulesOfADeadBuffer(t *testing.T) {
 		t.Fatal("RemoveRules accepted an invalid interface name")
 	}
 }
+
+// TestRemoveKeepsWhatItCouldNotDelete: remove forgets the rules it deleted
+// (here: found absent) and keeps listing, in order, those whose deletion
+// failed, whatever their place in the list.
+func TestRemoveKeepsWhatItCouldNotDelete(t *testing.T) {
+	const broken = "/nonexistent/iptables" // every call fails
+	r := newRuleSet(Config{QueueNum: 1, Interface: "gp0", CallTimeout: 5 * time.Second})
+	r.installed = []ruleRef{{"false", "FORWARD"}, {broken, "FORWARD"}, {"false", "INPUT"}, {broken, "INPUT"}, {"false", "INPUT"}}
+	if err := r.remove(context.Background()); err == nil {
+		t.Fatal("remove with a failing binary reported no error")
+	}
+	if want := []ruleRef{{broken, "FORWARD"}, {broken, "INPUT"}}; !slices.Equal(r.installed, want) {
+		t.Fatalf("installed after remove: %v, want %v", r.installed, want)
+	}
+}
