@@ -21,9 +21,9 @@ const MaxTripleFaultRetries = 3
 // of the package in pkgDir (cgo, tags), boots Xen under QEMU with cfg
 // (files for the guests included), runs the tests matching run in dom0,
 // and logs their lines. A domU triple fault under TCG (see the README's
-// Xen section: about 1 run in 8 with log-dirty alone, up to one attempt
-// in two with a cooperative suspend per epoch on a busy machine) is
-// retried with a fresh Xen, loudly, up to MaxTripleFaultRetries times;
+// Xen section: common while dom0 and the guests shared Xen's pCPUs, not
+// seen since the lab pins them apart, LabCPUs) is retried with a fresh
+// Xen, loudly, up to MaxTripleFaultRetries times (Config.NoRetry: not);
 // one more, and any failure that is not one, fails t. Missing facilities
 // (QEMU, the packages) skip t, saying what to run.
 func RunInDom0(t testing.TB, pkgDir, run string, tags []string, cfg Config) {

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -64,16 +65,47 @@ func checkBridgeNF(netnsPath string) error {
 	})
 }
 
-// ruleSet is the pair of rules steering the port's packets to the queue.
+// The filter chains that get the rule: FORWARD holds what the guest sends
+// through the host, INPUT what it sends to the host itself (a client in
+// the host namespace, e.g. dom0 on the bridge the vif is a port of). A
+// packet is delivered locally or forwarded, so it crosses one of them,
+// not both.
+const (
+	chainForward = "FORWARD"
+	chainInput   = "INPUT"
+)
+
+// ruleRef is one rule of the set: a binary (one address family) and a
+// chain.
+type ruleRef struct{ bin, chain string }
+
+func (r ruleRef) String() string { return r.bin + " " + r.chain }
+
+// ruleSet is the four rules (IPv4 and IPv6, FORWARD and INPUT) steering
+// the port's packets to the queue.
 type ruleSet struct {
 	cfg       Config
-	installed []string // binaries whose rule is in place (Close removes it)
-	inserted  []string // of them, those install added (a failed install removes only these)
-	adopted   int      // rules that were already in place
+	installed []ruleRef // rules in place (Close removes them)
+	inserted  []ruleRef // of them, those install added (a failed install removes only these)
+	adopted   int       // rules that were already in place
 }
 
 func newRuleSet(cfg Config) *ruleSet { return &ruleSet{cfg: cfg} }
 
+// refs is every rule of the set, in install order.
+func (r *ruleSet) refs() []ruleRef {
+	var refs []ruleRef
+	for _, bin := range []string{r.cfg.IPTables, r.cfg.IP6Tables} {
+		for _, chain := range []string{chainForward, chainInput} {
+			refs = append(refs, ruleRef{bin: bin, chain: chain})
+		}
+	}
+	return refs
+}
+
+// spec is the rule's match and target, the same in every chain: physdev-in
+// matches a bridge port in INPUT as in FORWARD (br_netfilter, which New
+// requires for a bridged port), -i the routed port in both.
 func (r *ruleSet) spec() []string {
 	var s []string
 	if r.cfg.Bridged {
@@ -84,6 +116,16 @@ func (r *ruleSet) spec() []string {
 	return append(s,
 		"-m", "comment", "--comment", fmt.Sprintf("remusd outbuf q%d", r.cfg.QueueNum),
 		"-j", "NFQUEUE", "--queue-num", strconv.Itoa(int(r.cfg.QueueNum)))
+}
+
+// args is an iptables command on ref's chain (-C, -D: the chain; -I: the
+// chain and position 1) followed by the rule.
+func (r *ruleSet) args(op string, ref ruleRef) []string {
+	a := []string{"-w", "5", op, ref.chain}
+	if op == "-I" {
+		a = append(a, "1")
+	}
+	return append(a, r.spec()...)
 }
 
 func (r *ruleSet) run(ctx context.Context, bin string, args ...string) error {
@@ -109,10 +151,10 @@ func (r *ruleSet) output(ctx context.Context, bin string, args ...string) ([]byt
 	return stdout, err
 }
 
-// exists reports whether bin's FORWARD chain holds the rule (iptables -C:
-// exit status 1 means absent; anything else that fails is an error).
-func (r *ruleSet) exists(ctx context.Context, bin string) (bool, error) {
-	err := r.run(ctx, bin, append([]string{"-w", "5", "-C", "FORWARD"}, r.spec()...)...)
+// exists reports whether ref's chain holds the rule (iptables -C: exit
+// status 1 means absent; anything else that fails is an error).
+func (r *ruleSet) exists(ctx context.Context, ref ruleRef) (bool, error) {
+	err := r.run(ctx, ref.bin, r.args("-C", ref)...)
 	var ee *exec.ExitError
 	switch {
 	case err == nil:
@@ -124,26 +166,26 @@ func (r *ruleSet) exists(ctx context.Context, bin string) (bool, error) {
 	}
 }
 
-// count is how many copies of the rule bin's FORWARD chain holds, read
-// from iptables -S (whose rule format this matches; an unrecognised format
+// count is how many copies of the rule ref's chain holds, read from
+// iptables -S (whose rule format this matches; an unrecognised format
 // counts 0).
-func (r *ruleSet) count(ctx context.Context, bin string) (int, error) {
-	out, err := r.output(ctx, bin, "-w", "5", "-S", "FORWARD")
+func (r *ruleSet) count(ctx context.Context, ref ruleRef) (int, error) {
+	out, err := r.output(ctx, ref.bin, "-w", "5", "-S", ref.chain)
 	if err != nil {
 		return 0, err
 	}
-	return countRule(out, r.line()), nil
+	return countRule(out, r.line(ref.chain)), nil
 }
 
-// line is the rule as iptables -S prints it.
-func (r *ruleSet) line() string {
+// line is the rule in chain as iptables -S prints it.
+func (r *ruleSet) line(chain string) string {
 	s := r.spec()
 	for i, a := range s {
 		if i > 0 && s[i-1] == "--comment" {
 			s[i] = strconv.Quote(a)
 		}
 	}
-	return "-A FORWARD " + strings.Join(s, " ")
+	return "-A " + chain + " " + strings.Join(s, " ")
 }
 
 func countRule(listing []byte, line string) int {
@@ -158,46 +200,46 @@ func countRule(listing []byte, line string) int {
 }
 
 // maxRuleCopies bounds the removal loops (copies a crashed older version
-// or an operator may have added).
+// or an operator may have added), per chain and family.
 const maxRuleCopies = 64
 
-// install puts exactly one copy of the rule into each family's FORWARD
-// chain. A rule already there (left by a Buffer that detached, or whose
-// process died) is adopted, not duplicated: the kernel has been dropping
-// the guest's packets through it since the queue lost its listener, and
-// from now on this Buffer's queue holds them. Surplus copies are deleted
-// (one at a time: at least one copy stays throughout, so nothing leaks).
+// install puts exactly one copy of the rule into the FORWARD and the INPUT
+// chain of each family. A rule already there (left by a Buffer that
+// detached, or whose process died) is adopted, not duplicated: the kernel
+// has been dropping the guest's packets through it since the queue lost
+// its listener, and from now on this Buffer's queue holds them. Surplus
+// copies are deleted (one at a time: at least one copy stays throughout,
+// so nothing leaks).
 func (r *ruleSet) install(ctx context.Context) error {
-	for _, bin := range []string{r.cfg.IPTables, r.cfg.IP6Tables} {
-		if err := r.installOne(ctx, bin); err != nil {
+	for _, ref := range r.refs() {
+		if err := r.installOne(ctx, ref); err != nil {
 			return errors.Join(err, r.undoInstall(context.WithoutCancel(ctx)))
 		}
 	}
 	return nil
 }
 
-func (r *ruleSet) installOne(ctx context.Context, bin string) error {
-	present, err := r.exists(ctx, bin)
+func (r *ruleSet) installOne(ctx context.Context, ref ruleRef) error {
+	present, err := r.exists(ctx, ref)
 	if err != nil {
 		return err
 	}
 	if !present {
-		args := append([]string{"-w", "5", "-I", "FORWARD", "1"}, r.spec()...)
-		if err := r.run(ctx, bin, args...); err != nil {
+		if err := r.run(ctx, ref.bin, r.args("-I", ref)...); err != nil {
 			return err
 		}
-		r.installed = append(r.installed, bin)
-		r.inserted = append(r.inserted, bin)
+		r.installed = append(r.installed, ref)
+		r.inserted = append(r.inserted, ref)
 		return nil
 	}
-	r.installed = append(r.installed, bin)
+	r.installed = append(r.installed, ref)
 	r.adopted++
-	n, err := r.count(ctx, bin)
+	n, err := r.count(ctx, ref)
 	if err != nil {
 		return err
 	}
 	for ; n > 1; n-- {
-		if err := r.run(ctx, bin, append([]string{"-w", "5", "-D", "FORWARD"}, r.spec()...)...); err != nil {
+		if err := r.run(ctx, ref.bin, r.args("-D", ref)...); err != nil {
 			return err
 		}
 	}
@@ -213,41 +255,44 @@ func (r *ruleSet) undoInstall(ctx context.Context) error {
 }
 
 // RemoveRules deletes every copy of the rules a Buffer with cfg installs
-// (IPv4 and IPv6; only QueueNum, Interface, Bridged, NetnsPath and the
-// binaries matter). It is for a port whose guest is known to be gone and
-// whose Buffer died without closing: its rules would drop everything a
-// later guest on a port of that name sends.
+// (IPv4 and IPv6, FORWARD and INPUT; only QueueNum, Interface, Bridged,
+// NetnsPath and the binaries matter). It is for a port whose guest is
+// known to be gone and whose Buffer died without closing: its rules would
+// drop everything a later guest on a port of that name sends.
 func RemoveRules(ctx context.Context, cfg Config) error {
 	if err := cfg.setDefaults(); err != nil {
 		return err
 	}
 	r := newRuleSet(cfg)
-	r.installed = []string{cfg.IPTables, cfg.IP6Tables}
+	r.installed = r.refs()
 	return r.remove(ctx)
 }
 
 // remove deletes every copy of the rule from the chains it was installed
-// in.
+// in (the last installed first). A rule it fails to remove stays listed in
+// installed.
 func (r *ruleSet) remove(ctx context.Context) error {
 	var errs []error
+	kept := r.installed[:0:0]
 	for i := len(r.installed) - 1; i >= 0; i-- {
-		bin := r.installed[i]
+		ref := r.installed[i]
 		var err error
 		for k := 0; k < maxRuleCopies; k++ {
 			var present bool
-			if present, err = r.exists(ctx, bin); err != nil || !present {
+			if present, err = r.exists(ctx, ref); err != nil || !present {
 				break
 			}
-			if err = r.run(ctx, bin, append([]string{"-w", "5", "-D", "FORWARD"}, r.spec()...)...); err != nil {
+			if err = r.run(ctx, ref.bin, r.args("-D", ref)...); err != nil {
 				break
 			}
 		}
 		if err != nil {
 			errs = append(errs, err)
-			continue
+			kept = append(kept, ref)
 		}
-		r.installed = r.installed[:i]
 	}
+	slices.Reverse(kept)
+	r.installed = kept
 	return errors.Join(errs...)
 }
 

@@ -3,9 +3,13 @@
 //
 // # Mechanism
 //
-// New installs one iptables and one ip6tables rule at the head of the
-// FORWARD chain of the host network namespace that steers every packet the
-// guest's port forwards to NFQUEUE queue Config.QueueNum:
+// New installs an iptables and an ip6tables rule at the head of both the
+// FORWARD and the INPUT chain of the host network namespace (four rules)
+// that steer every packet arriving from the guest's port to NFQUEUE queue
+// Config.QueueNum: FORWARD catches what the host passes on (to other
+// ports, other hosts), INPUT what the guest addresses to the host itself
+// (a client in the host namespace, e.g. in dom0 on the vif's bridge). The
+// rule is the same in both chains:
 //
 //	-m physdev --physdev-in IF -j NFQUEUE --queue-num N   (Bridged: a bridge port)
 //	-i IF -j NFQUEUE --queue-num N                         (routed)
@@ -45,15 +49,17 @@
 //
 // # What is not held
 //
+// Packets the guest addresses to the host itself are held like forwarded
+// ones (INPUT). Not held:
+//
 //   - ARP (not IP; iptables never sees it). A guest's ARP replies and
 //     requests leave at once. IPv6 neighbour discovery is IP and IS held.
-//   - Anything that does not cross the FORWARD hook from the guest's port:
-//     packets the guest addresses to the host itself (INPUT), traffic of
-//     other ports, non-IP ethertypes, and, for a bridged port, anything if
-//     net.bridge.bridge-nf-call-iptables / -ip6tables is 0 in the host
-//     namespace (New checks and refuses).
-//   - Output that a later rule in a table evaluated before filter/FORWARD
-//     (raw, mangle) drops or redirects is simply not seen.
+//   - Anything that crosses neither the FORWARD nor the INPUT hook from the
+//     guest's port: traffic of other ports, non-IP ethertypes, and, for a
+//     bridged port, anything if net.bridge.bridge-nf-call-iptables /
+//     -ip6tables is 0 in the host namespace (New checks and refuses).
+//   - Output that a rule in a table evaluated before filter/FORWARD or
+//     filter/INPUT (raw, mangle) drops or redirects is simply not seen.
 package nfqueue
 
 import (
@@ -201,7 +207,8 @@ var _ outbuf.Buffer = (*Buffer)(nil)
 func after(a, b uint32) bool { return int32(a-b) > 0 }
 
 // New opens queue cfg.QueueNum in the host namespace and then installs the
-// rules that steer the guest port's forwarded IPv4 and IPv6 packets to it.
+// rules that steer the guest port's IPv4 and IPv6 packets to it, forwarded
+// ones (FORWARD) and those to the host itself (INPUT).
 // Rules already in place for the same queue and port (a Buffer that
 // detached, or whose process died, left them; the kernel has been dropping
 // the guest's packets through them since) are adopted, not duplicated:
@@ -244,7 +251,7 @@ func New(ctx context.Context, cfg Config, log *zap.Logger) (*Buffer, error) {
 		return nil, err
 	}
 	b.log.Info("output buffer installed", zap.Bool("bridged", cfg.Bridged), zap.Uint32("max_queue_len", cfg.MaxQueueLen), zap.Int("read_buffer", cfg.ReadBufferBytes),
-		zap.Int("rules_adopted", b.rules.adopted))
+		zap.Int("rules", len(b.rules.installed)), zap.Int("rules_adopted", b.rules.adopted))
 	return b, nil
 }
 

@@ -22,19 +22,26 @@ import (
 //	     fd77::1                └── br0 (bridge) ─┘                    fd77::2
 //
 // The guest's port gp is a bridge port, like a QEMU tap or a Xen vif; the
-// buffer matches "-m physdev --physdev-in gp" in the host's FORWARD chain
-// (br_netfilter, bridge-nf-call-ip{,6}tables=1). Neighbours are static on
+// buffer matches "-m physdev --physdev-in gp" in the host's FORWARD and
+// INPUT chains (br_netfilter, bridge-nf-call-ip{,6}tables=1). Neighbours are static on
 // both ends and the guest's ICMPv6 and IGMP are dropped in the guest, so
 // the only packets queued are the test's.
 //
 // newRoutedTopo builds the routed variant: the host routes between the
 // guest's veth gp (10.78.1.0/24, fd78:1::/64) and the client's
 // (10.78.2.0/24, fd78:2::/64); the buffer matches "-i gp".
+//
+// hostLocal adds a client that is the host namespace itself (bridged:
+// 10.77.0.254, fd77::fe on br0; routed: the port's own 10.78.1.254,
+// fd78:1::fe): packets the guest sends to it cross the host's INPUT chain
+// instead of FORWARD.
 type topo struct {
 	guest, host, client string // netns names
 	port                string // guest's port in the host ns
 	bridged             bool
+	guestIPv4           string
 	clientV4, clientV6  string
+	hostV4, hostV6      string // the host's own addresses the guest reaches directly ("" until hostLocal for a bridged topo)
 }
 
 const (
@@ -44,6 +51,10 @@ const (
 	clientV6 = "fd77::2"
 	guestMAC = "02:77:00:00:00:01"
 	clntMAC  = "02:77:00:00:00:02"
+	// br0's own addresses (hostLocal).
+	bridgeV4  = "10.77.0.254"
+	bridgeV6  = "fd77::fe"
+	bridgeMAC = "02:77:00:00:00:fe"
 )
 
 func requireRoot(tb testing.TB) {
@@ -75,7 +86,7 @@ func newTopo(tb testing.TB) *topo {
 	_, _ = rand.Read(rb[:])
 	id := hex.EncodeToString(rb[:])
 	t := &topo{guest: "rqg-" + id, host: "rqh-" + id, client: "rqc-" + id, port: "gp" + id,
-		bridged: true, clientV4: clientV4, clientV6: clientV6}
+		bridged: true, guestIPv4: guestV4, clientV4: clientV4, clientV6: clientV6}
 	t.addNamespaces(tb)
 	h := []string{"ip", "-n", t.host}
 	run(tb, append(h, "link", "add", t.port, "type", "veth", "peer", "name", "eth0", "netns", t.guest)...)
@@ -120,17 +131,24 @@ func newRoutedTopo(tb testing.TB) *topo {
 	_, _ = rand.Read(rb[:])
 	id := hex.EncodeToString(rb[:])
 	t := &topo{guest: "rqg-" + id, host: "rqh-" + id, client: "rqc-" + id, port: "gp" + id,
-		clientV4: "10.78.2.1", clientV6: "fd78:2::1"}
+		guestIPv4: "10.78.1.1", clientV4: "10.78.2.1", clientV6: "fd78:2::1", hostV4: "10.78.1.254", hostV6: "fd78:1::fe"}
 	t.addNamespaces(tb)
 	h := []string{"ip", "-n", t.host}
 	run(tb, append(h, "link", "add", t.port, "type", "veth", "peer", "name", "eth0", "netns", t.guest)...)
 	run(tb, append(h, "link", "add", "cp", "type", "veth", "peer", "name", "eth0", "netns", t.client)...)
 	run(tb, "ip", "netns", "exec", t.host, "sh", "-c",
 		"echo 1 > /proc/sys/net/ipv4/ip_forward && echo 1 > /proc/sys/net/ipv6/conf/all/forwarding")
+	// The guest's router solicitations, MLD reports and IGMP go to the host
+	// (INPUT): dropped in the guest, so that what is queued is the test's
+	// packets and the guest's neighbour discovery only.
+	for _, icmp6 := range []string{"133", "131", "132", "143"} {
+		run(tb, "ip", "netns", "exec", t.guest, "ip6tables", "-A", "OUTPUT", "-p", "ipv6-icmp", "--icmpv6-type", icmp6, "-j", "DROP")
+	}
+	run(tb, "ip", "netns", "exec", t.guest, "iptables", "-A", "OUTPUT", "-p", "igmp", "-j", "DROP")
 	for _, e := range []struct{ ns, dev, addr4, addr6 string }{
-		{t.host, t.port, "10.78.1.254/24", "fd78:1::fe/64"},
+		{t.host, t.port, t.hostV4 + "/24", t.hostV6 + "/64"},
 		{t.host, "cp", "10.78.2.254/24", "fd78:2::fe/64"},
-		{t.guest, "eth0", "10.78.1.1/24", "fd78:1::1/64"},
+		{t.guest, "eth0", t.guestIPv4 + "/24", "fd78:1::1/64"},
 		{t.client, "eth0", "10.78.2.1/24", "fd78:2::1/64"},
 	} {
 		n := []string{"ip", "-n", e.ns}
@@ -144,6 +162,40 @@ func newRoutedTopo(tb testing.TB) *topo {
 	run(tb, "ip", "-n", t.client, "route", "add", "default", "via", "10.78.2.254")
 	run(tb, "ip", "-n", t.client, "-6", "route", "add", "default", "via", "fd78:2::fe")
 	return t
+}
+
+// bothPortKinds runs fn on a bridged and on a routed topology.
+func bothPortKinds(t *testing.T, fn func(t *testing.T, tp *topo)) {
+	t.Run("bridged", func(t *testing.T) { fn(t, newTopo(t)) })
+	t.Run("routed", func(t *testing.T) { fn(t, newRoutedTopo(t)) })
+}
+
+// hostLocal makes the host namespace itself a client of the guest, like
+// dom0 talking to a guest across the dom0 bridge, and returns the host's
+// addresses the guest reaches directly: what the guest sends to them is
+// delivered to the host (INPUT), not forwarded. Bridged: br0 gets
+// bridgeV4, bridgeV6 and bridgeMAC, with static neighbours both ways (the
+// guest sends no neighbour discovery). Routed: the port's own addresses,
+// the guest's gateway.
+func (t *topo) hostLocal(tb testing.TB) (v4, v6 string) {
+	tb.Helper()
+	if !t.bridged || t.hostV4 != "" {
+		return t.hostV4, t.hostV6
+	}
+	h := []string{"ip", "-n", t.host}
+	run(tb, append(h, "link", "set", "br0", "address", bridgeMAC)...)
+	run(tb, append(h, "addr", "add", bridgeV4+"/24", "dev", "br0")...)
+	run(tb, append(h, "addr", "add", bridgeV6+"/64", "dev", "br0", "nodad")...)
+	for _, e := range []struct{ ns, dev, v4, v6, mac string }{
+		{t.host, "br0", guestV4, guestV6, guestMAC},
+		{t.guest, "eth0", bridgeV4, bridgeV6, bridgeMAC},
+	} {
+		n := []string{"ip", "-n", e.ns}
+		run(tb, append(n, "neigh", "replace", e.v4, "lladdr", e.mac, "dev", e.dev, "nud", "permanent")...)
+		run(tb, append(n, "neigh", "replace", e.v6, "lladdr", e.mac, "dev", e.dev, "nud", "permanent")...)
+	}
+	t.hostV4, t.hostV6 = bridgeV4, bridgeV6
+	return t.hostV4, t.hostV6
 }
 
 func nsPath(name string) string { return "/var/run/netns/" + name }
@@ -175,28 +227,37 @@ func (t *topo) newBuffer(tb testing.TB, queue uint16, maxLen uint32) *Buffer {
 	return b
 }
 
-// udpPair is a guest sender and a client receiver for one family.
+// udpPair is a guest sender and a receiver (the client, or the host) for
+// one family.
 type udpPair struct {
 	send *net.UDPConn // in the guest
-	recv *net.UDPConn // in the client
+	recv *net.UDPConn // in the receiver's namespace
 	got  chan string
 }
 
+// udp is a guest sender and a receiver in the client namespace.
 func (t *topo) udp(tb testing.TB, family string) *udpPair {
 	tb.Helper()
-	laddr, raddr := t.clientV4, t.clientV4
+	return t.udpTo(tb, family, t.client, t.clientV4, t.clientV6)
+}
+
+// udpTo is a guest sender and a receiver in namespace ns, bound to v4 or
+// v6 (by family).
+func (t *topo) udpTo(tb testing.TB, family, ns, v4, v6 string) *udpPair {
+	tb.Helper()
+	addr := v4
 	if family == "udp6" {
-		laddr, raddr = t.clientV6, t.clientV6
+		addr = v6
 	}
 	p := &udpPair{got: make(chan string, 1<<16)}
-	inNS(tb, t.client, func() error {
+	inNS(tb, ns, func() error {
 		var err error
-		p.recv, err = net.ListenUDP(family, &net.UDPAddr{IP: net.ParseIP(laddr), Port: 9000})
+		p.recv, err = net.ListenUDP(family, &net.UDPAddr{IP: net.ParseIP(addr), Port: 9000})
 		return err
 	})
 	inNS(tb, t.guest, func() error {
 		var err error
-		p.send, err = net.DialUDP(family, nil, &net.UDPAddr{IP: net.ParseIP(raddr), Port: 9000})
+		p.send, err = net.DialUDP(family, nil, &net.UDPAddr{IP: net.ParseIP(addr), Port: 9000})
 		return err
 	})
 	_ = p.recv.SetReadBuffer(8 << 20)
