@@ -249,7 +249,17 @@ func (r *ruleSet) installOne(ctx context.Context, ref ruleRef) error {
 // undoInstall removes the rules install added and forgets the adopted
 // ones, which stay: they were dropping the guest's output before New and
 // must go on doing so (fail closed).
+//
+// When any rule was adopted (a restarted daemon's guest, whose output the
+// kernel has been dropping), the inserted ones stay too: removing them
+// would let that guest's traffic through the chains they cover (e.g. to
+// the host itself, after an upgrade from FORWARD-only rules) until the
+// next New adopts them all.
 func (r *ruleSet) undoInstall(ctx context.Context) error {
+	if r.adopted > 0 {
+		r.installed, r.inserted = nil, nil
+		return nil
+	}
 	r.installed, r.inserted = r.inserted, nil
 	return r.remove(ctx)
 }

@@ -60,6 +60,16 @@
 //     -ip6tables is 0 in the host namespace (New checks and refuses).
 //   - Output that a rule in a table evaluated before filter/FORWARD or
 //     filter/INPUT (raw, mangle) drops or redirects is simply not seen.
+//   - Frames a host packet socket reads before the INPUT hook (tcpdump,
+//     an ISC dhcpd or dhcrelay on the bridge) are seen at once.
+//   - Everything, if another tool later puts an accepting rule ahead of
+//     ours or flushes the chain (a firewall reload, libvirt's own INPUT
+//     jump): the rules are placed first at New and not watched after.
+//
+// Held like any output, as with plug: the guest's IPv6 neighbour
+// discovery to the host, so on a routed port the host resolves a guest
+// address only once an epoch is released (a slow first epoch can make
+// that resolution give up).
 package nfqueue
 
 import (
@@ -591,7 +601,8 @@ func (b *Buffer) Close() error {
 	b.barriers, b.openPkts, b.openBytes = nil, 0, 0
 	b.mu.Unlock()
 
-	ctx, cancel := context.WithTimeout(context.Background(), 2*b.cfg.CallTimeout)
+	// Each rule takes a check, a delete and a final check.
+	ctx, cancel := context.WithTimeout(context.Background(), time.Duration(3*len(b.rules.installed)+2)*b.cfg.CallTimeout)
 	defer cancel()
 	// Remove the rules first: with the queue still bound, nothing new is
 	// queued to a queue without listener; then the unbind drops the rest.

@@ -293,6 +293,9 @@ func TestHostLocalTCPHeld(t *testing.T) {
 		if n, err := c.Read(buf); err == nil || !errors.Is(err, os.ErrDeadlineExceeded) {
 			t.Fatalf("read before the reply's epoch was released: %q, %v; want a timeout", buf[:n], err)
 		}
+		// The reply is queued before epoch 2's barrier is taken (the
+		// guest's accept may run late).
+		waitHeld(t, b, 1)
 		must(t, b.Checkpoint(2))
 		must(t, b.Release(2))
 		_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))

@@ -201,8 +201,8 @@ func TestReopenAdoptsEveryRule(t *testing.T) {
 }
 
 // TestReopenFailureKeepsAdoptedRules: a New that fails after adopting the
-// rules of a detached buffer leaves them in place (the guest's output stays
-// dropped), and removes only the rules it added itself.
+// rules of a detached buffer leaves them in place, and the rules it added
+// beside them too (the guest's output stays dropped, to the host as well).
 func TestReopenFailureKeepsAdoptedRules(t *testing.T) {
 	tp := newTopo(t)
 	const queue = 16
@@ -224,8 +224,10 @@ func TestReopenFailureKeepsAdoptedRules(t *testing.T) {
 	if _, err := New(ctx, cfg, zaptest.NewLogger(t)); err == nil {
 		t.Fatal("New with a failing ip6tables succeeded")
 	}
-	assertRuleCopies(t, tp, queue, 1, "after a failed New (the adopted rule)", ruleRef{"iptables", "FORWARD"})
-	assertRuleCopies(t, tp, queue, 0, "after a failed New (inserted rules removed)", gone...)
+	// The adopted rule stays, and so does the one New inserted beside it:
+	// a guest whose output was being dropped stays dropped everywhere.
+	assertRuleCopies(t, tp, queue, 1, "after a failed New (the adopted rule and the one inserted beside it)", ruleRef{"iptables", "FORWARD"}, ruleRef{"iptables", "INPUT"})
+	assertRuleCopies(t, tp, queue, 0, "after a failed New (never inserted)", gone[1:]...)
 	v4 := tp.udp(t, "udp4")
 	v4.sendSeq(t, "a", 0, 5)
 	v4.expectNone(t, quiet)
