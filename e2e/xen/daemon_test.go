@@ -199,22 +199,7 @@ func daemonFailover(t *testing.T, outbuf string, all bool) {
 	defer echo.Stop()
 
 	const replA, replB = "127.0.0.1:17802", "127.0.0.1:17801"
-	// Loopback, plaintext: both daemons share dom0.
-	bcfg := daemon.DefaultConfig()
-	bcfg.Name, bcfg.Control, bcfg.StateDir = "hostb", filepath.Join(dir, "b.sock"), filepath.Join(dir, "b-state")
-	bcfg.Insecure, bcfg.Listen = true, replB
-	bcfg.Peers = []daemon.Peer{{Name: "hosta", Address: replA, VMs: []string{"web"}}}
-	bcfg.XenVMs = []daemon.XenVM{{Name: "web", Domain: "web-sb", XLConfig: xlCfg}}
-	acfg := daemon.DefaultConfig()
-	acfg.Name, acfg.Control, acfg.StateDir = "hosta", filepath.Join(dir, "a.sock"), filepath.Join(dir, "a-state")
-	acfg.Insecure, acfg.Listen = true, replA
-	acfg.Peers = []daemon.Peer{{Name: "hostb", Address: replB, VMs: []string{"web"}}}
-	acfg.XenVMs = []daemon.XenVM{{Name: "web", XLConfig: xlCfg}}
-	for _, c := range []*daemon.Config{&acfg, &bcfg} {
-		c.OutputBuffer = outbuf
-		// A cooperative checkpoint takes ~100 ms under TCG (README).
-		c.EpochInterval = daemon.Duration(200 * time.Millisecond)
-	}
+	acfg, bcfg := dom0Pair(dir, replA, replB, xlCfg, daemon.XenVM{Name: "web", XLConfig: xlCfg}, outbuf)
 	b, err := demo.StartDaemon(ctx, demo.StartOptions{Exe: remusdBin, Dir: dir, Wait: time.Minute}, bcfg)
 	if err != nil {
 		t.Fatal(err)
@@ -402,3 +387,26 @@ func waitFor(t *testing.T, d time.Duration, what string, cond func() (bool, stri
 }
 
 func atoi(s string) int { n, _ := strconv.Atoi(s); return n }
+
+// dom0Pair returns the configurations of two daemons sharing one dom0 over
+// loopback, in plaintext: hosta, the primary of "web" (its xen_vms entry
+// aVM), and hostb, its backup, whose standby "web-sb" is created from
+// xlCfg; output buffer outbuf, 200 ms epochs (a cooperative checkpoint
+// takes ~100 ms under TCG, README).
+func dom0Pair(dir, replA, replB, xlCfg string, aVM daemon.XenVM, outbuf string) (acfg, bcfg daemon.Config) {
+	bcfg = daemon.DefaultConfig()
+	bcfg.Name, bcfg.Control, bcfg.StateDir = "hostb", filepath.Join(dir, "b.sock"), filepath.Join(dir, "b-state")
+	bcfg.Insecure, bcfg.Listen = true, replB
+	bcfg.Peers = []daemon.Peer{{Name: "hosta", Address: replA, VMs: []string{"web"}}}
+	bcfg.XenVMs = []daemon.XenVM{{Name: "web", Domain: "web-sb", XLConfig: xlCfg}}
+	acfg = daemon.DefaultConfig()
+	acfg.Name, acfg.Control, acfg.StateDir = "hosta", filepath.Join(dir, "a.sock"), filepath.Join(dir, "a-state")
+	acfg.Insecure, acfg.Listen = true, replA
+	acfg.Peers = []daemon.Peer{{Name: "hostb", Address: replB, VMs: []string{"web"}}}
+	acfg.XenVMs = []daemon.XenVM{aVM}
+	for _, c := range []*daemon.Config{&acfg, &bcfg} {
+		c.OutputBuffer = outbuf
+		c.EpochInterval = daemon.Duration(200 * time.Millisecond)
+	}
+	return acfg, bcfg
+}

@@ -123,22 +123,9 @@ func TestDom0DaemonLibvirt(t *testing.T) {
 	defer echo.Stop()
 
 	const replA, replB = "127.0.0.1:17812", "127.0.0.1:17811"
-	bcfg := daemon.DefaultConfig()
-	bcfg.Name, bcfg.Control, bcfg.StateDir = "hostb", filepath.Join(dir, "b.sock"), filepath.Join(dir, "b-state")
-	bcfg.Insecure, bcfg.Listen = true, replB
-	bcfg.Peers = []daemon.Peer{{Name: "hosta", Address: replA, VMs: []string{"web"}}}
 	// The standby is xl's, from the backup's own xl configuration.
-	bcfg.XenVMs = []daemon.XenVM{{Name: "web", Domain: "web-sb", XLConfig: xlCfg}}
-	acfg := daemon.DefaultConfig()
-	acfg.Name, acfg.Control, acfg.StateDir = "hosta", filepath.Join(dir, "a.sock"), filepath.Join(dir, "a-state")
-	acfg.Insecure, acfg.Listen = true, replA
-	acfg.Peers = []daemon.Peer{{Name: "hostb", Address: replB, VMs: []string{"web"}}}
-	acfg.XenVMs = []daemon.XenVM{{Name: "web", Libvirt: true}}
+	acfg, bcfg := dom0Pair(dir, replA, replB, xlCfg, daemon.XenVM{Name: "web", Libvirt: true}, daemon.OutputPlug)
 	acfg.Xen.Libvirt = libvirt.Config{Socket: lv.Socket}
-	for _, c := range []*daemon.Config{&acfg, &bcfg} {
-		c.OutputBuffer = daemon.OutputPlug
-		c.EpochInterval = daemon.Duration(200 * time.Millisecond)
-	}
 	b, err := demo.StartDaemon(ctx, demo.StartOptions{Exe: remusdBin, Dir: dir, Wait: time.Minute}, bcfg)
 	if err != nil {
 		t.Fatal(err)
