@@ -246,6 +246,101 @@ func (r *ruleSet) installOne(ctx context.Context, ref ruleRef) error {
 	return nil
 }
 
+// remusdComment is what the listing of every remusd output-buffer rule
+// contains (the comment of spec, any queue).
+const remusdComment = `--comment "remusd outbuf q`
+
+// check verifies ref's rule in its chain: present, and preceded only by
+// other remusd output-buffer rules (another tool's rule ahead of it could
+// accept the guest's packets before they reach the queue). A missing rule
+// is put back at the head; one behind another tool's rule gets a new copy
+// at the head and the old copy is then deleted by its number, re-listed
+// first (at least one copy stays throughout). It says what it repaired,
+// "" when nothing was wrong.
+func (r *ruleSet) check(ctx context.Context, ref ruleRef) (string, error) {
+	pos, foreign, err := r.position(ctx, ref)
+	if err != nil {
+		return "", err
+	}
+	switch {
+	case pos == 0:
+		if err := r.run(ctx, ref.bin, r.args("-I", ref)...); err != nil {
+			return "", err
+		}
+		return "the rule was gone: put back at the head of the chain", nil
+	case !foreign:
+		return "", nil
+	}
+	if err := r.run(ctx, ref.bin, r.args("-I", ref)...); err != nil {
+		return "", err
+	}
+	// The displaced copy: the last one now (bounded: maxRuleCopies).
+	for k := 0; k < maxRuleCopies; k++ {
+		last, n, err := r.lastCopy(ctx, ref)
+		if err != nil {
+			return "", err
+		}
+		if n <= 1 {
+			break
+		}
+		if err := r.run(ctx, ref.bin, "-w", "5", "-D", ref.chain, strconv.Itoa(last)); err != nil {
+			return "", err
+		}
+	}
+	return "another tool's rule came before it: moved back to the head of the chain", nil
+}
+
+// rules lists ref's chain: the "-A" lines, in order (rule number i+1).
+func (r *ruleSet) rules(ctx context.Context, ref ruleRef) ([]string, error) {
+	out, err := r.output(ctx, ref.bin, "-w", "5", "-S", ref.chain)
+	if err != nil {
+		return nil, err
+	}
+	var lines []string
+	sc := bufio.NewScanner(bytes.NewReader(out))
+	for sc.Scan() {
+		if l := strings.TrimSpace(sc.Text()); strings.HasPrefix(l, "-A ") {
+			lines = append(lines, l)
+		}
+	}
+	return lines, sc.Err()
+}
+
+// position returns the rule number of ref's first copy (0: none) and
+// whether a rule that is not a remusd output-buffer rule comes before it.
+func (r *ruleSet) position(ctx context.Context, ref ruleRef) (int, bool, error) {
+	lines, err := r.rules(ctx, ref)
+	if err != nil {
+		return 0, false, err
+	}
+	want, foreign := r.line(ref.chain), false
+	for i, l := range lines {
+		if l == want {
+			return i + 1, foreign, nil
+		}
+		if !strings.Contains(l, remusdComment) {
+			foreign = true
+		}
+	}
+	return 0, foreign, nil
+}
+
+// lastCopy returns the rule number of ref's last copy and how many copies
+// the chain holds.
+func (r *ruleSet) lastCopy(ctx context.Context, ref ruleRef) (int, int, error) {
+	lines, err := r.rules(ctx, ref)
+	if err != nil {
+		return 0, 0, err
+	}
+	want, last, n := r.line(ref.chain), 0, 0
+	for i, l := range lines {
+		if l == want {
+			last, n = i+1, n+1
+		}
+	}
+	return last, n, nil
+}
+
 // undoInstall removes the rules install added and forgets the adopted
 // ones, which stay: they were dropping the guest's output before New and
 // must go on doing so (fail closed).

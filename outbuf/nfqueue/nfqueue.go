@@ -62,9 +62,11 @@
 //     filter/INPUT (raw, mangle) drops or redirects is simply not seen.
 //   - Frames a host packet socket reads before the INPUT hook (tcpdump,
 //     an ISC dhcpd or dhcrelay on the bridge) are seen at once.
-//   - Everything, if another tool later puts an accepting rule ahead of
-//     ours or flushes the chain (a firewall reload, libvirt's own INPUT
-//     jump): the rules are placed first at New and not watched after.
+//   - Whatever the guest sends between another tool deleting a rule or
+//     putting an accepting rule ahead of it (a firewall reload, libvirt's
+//     own INPUT jump) and the buffer's next check (Config.RuleCheckEvery,
+//     1 s by default), which repairs it, logs an error and counts it
+//     (Repairs).
 //
 // Held like any output, as with plug: the guest's IPv6 neighbour
 // discovery to the host, so on a routed port the host resolves a guest
@@ -78,6 +80,7 @@ import (
 	"fmt"
 	"math"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -130,7 +133,14 @@ type Config struct {
 	// CallTimeout bounds every external call: iptables runs, netlink
 	// configuration and verdict writes (0: DefaultCallTimeout).
 	CallTimeout time.Duration
+	// RuleCheckEvery is how often the buffer checks that its rules are
+	// still in place and ahead of every other tool's rule, repairing them
+	// if not (0: DefaultRuleCheckEvery; negative: never).
+	RuleCheckEvery time.Duration
 }
+
+// DefaultRuleCheckEvery is Config.RuleCheckEvery's default.
+const DefaultRuleCheckEvery = time.Second
 
 // SizeFor returns a queue length and a socket read buffer for a guest that
 // emits up to packetsPerSec while epochs last epoch and the backup takes
@@ -176,6 +186,9 @@ func (c *Config) setDefaults() error {
 	if c.CallTimeout <= 0 {
 		c.CallTimeout = DefaultCallTimeout
 	}
+	if c.RuleCheckEvery == 0 {
+		c.RuleCheckEvery = DefaultRuleCheckEvery
+	}
 	return nil
 }
 
@@ -209,6 +222,10 @@ type Buffer struct {
 	stats     outbuf.Stats
 	closeDrop uint64 // held packets dropped by Close
 	kdrop     uint64 // kernel drop counters at the last successful read
+	repairs   uint64 // rules the guard put back or moved to the head
+
+	stopGuard context.CancelFunc // ends guardRules
+	guardDone chan struct{}      // closed when guardRules has returned
 }
 
 var _ outbuf.Buffer = (*Buffer)(nil)
@@ -262,7 +279,64 @@ func New(ctx context.Context, cfg Config, log *zap.Logger) (*Buffer, error) {
 	}
 	b.log.Info("output buffer installed", zap.Bool("bridged", cfg.Bridged), zap.Uint32("max_queue_len", cfg.MaxQueueLen), zap.Int("read_buffer", cfg.ReadBufferBytes),
 		zap.Int("rules", len(b.rules.installed)), zap.Int("rules_adopted", b.rules.adopted))
+	gctx, stop := context.WithCancel(context.Background())
+	b.stopGuard, b.guardDone = stop, make(chan struct{})
+	go b.guardRules(gctx, slices.Clone(b.rules.installed))
 	return b, nil
+}
+
+// guardRules checks the rules every cfg.RuleCheckEvery until ctx ends: a
+// firewall reload or another tool can flush them or put an accepting rule
+// ahead of them, and the guest's output would then leave unheld. What is
+// found is repaired at once and logged as an error (output may have left
+// unheld meanwhile); Repairs counts it.
+func (b *Buffer) guardRules(ctx context.Context, refs []ruleRef) {
+	defer close(b.guardDone)
+	if b.cfg.RuleCheckEvery < 0 {
+		return
+	}
+	t := time.NewTicker(b.cfg.RuleCheckEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		for _, ref := range refs {
+			did, err := b.rules.check(ctx, ref)
+			if ctx.Err() != nil {
+				return
+			}
+			if err != nil {
+				b.log.Warn("could not check an output buffer rule", zap.Stringer("rule", ref), zap.Error(err))
+				continue
+			}
+			if did != "" {
+				b.mu.Lock()
+				b.repairs++
+				b.mu.Unlock()
+				b.log.Error("another tool changed an output buffer rule: the guest's output may have left unheld until now", zap.Stringer("rule", ref), zap.String("repaired", did))
+			}
+		}
+	}
+}
+
+// Repairs returns how many times the buffer found one of its rules gone
+// or behind another tool's rule and repaired it.
+func (b *Buffer) Repairs() uint64 {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.repairs
+}
+
+// endGuard stops guardRules and waits for it (before the rules are
+// removed or left to a successor).
+func (b *Buffer) endGuard() {
+	if b.stopGuard != nil {
+		b.stopGuard()
+		<-b.guardDone
+	}
 }
 
 func (b *Buffer) open(ctx context.Context) error {
@@ -571,6 +645,7 @@ func (b *Buffer) Detach() error {
 	b.closeDrop = held
 	b.barriers, b.openPkts, b.openBytes = nil, 0, 0
 	b.mu.Unlock()
+	b.endGuard()
 	b.stop()
 	cerr := b.nfq.Close()
 	if cerr != nil && (errors.Is(cerr, os.ErrClosed) || strings.Contains(cerr.Error(), "closed")) {
@@ -600,6 +675,7 @@ func (b *Buffer) Close() error {
 	b.closeDrop = held
 	b.barriers, b.openPkts, b.openBytes = nil, 0, 0
 	b.mu.Unlock()
+	b.endGuard()
 
 	// Each rule takes a check, a delete and a final check.
 	ctx, cancel := context.WithTimeout(context.Background(), time.Duration(3*len(b.rules.installed)+2)*b.cfg.CallTimeout)
