@@ -183,6 +183,7 @@ func (d *Daemon) Failover(ctx context.Context, req FailoverRequest) error {
 			d.log.Warn("cannot read the activated domain's vif yet (protect reads it again)", zap.String("vm", name), zap.Error(nerr))
 			xnet = xenNet{domid: xg.DomID()}
 		}
+		xnet.xlStandby = true
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()

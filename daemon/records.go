@@ -51,6 +51,9 @@ type xenRecord struct {
 	DomID   uint32 `json:"domid"`
 	Vif     string `json:"vif,omitempty"`
 	Bridged bool   `json:"bridged,omitempty"`
+	// XLStandby: the domain is an activated standby, created by xl from
+	// xl_config (libvirt does not know it, even for a libvirt VM).
+	XLStandby bool `json:"xl_standby,omitempty"`
 }
 
 type protectionRecord struct {

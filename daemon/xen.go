@@ -179,9 +179,10 @@ func (d *Daemon) bringUpXen(x XenVM) error {
 		}
 	}
 	find := x
-	if rec != nil && rec.Role == RoleActive {
-		// An activated standby: created by xl from xl_config, never
-		// known to libvirt.
+	xlStandby := rec != nil && (rec.Role == RoleActive || rec.Xen != nil && rec.Xen.XLStandby)
+	if xlStandby {
+		// An activated standby (protected again since, or not): created
+		// by xl from xl_config, never known to libvirt.
 		find.Libvirt = false
 	}
 	domid, st, err := d.findXenDomain(ctx, find)
@@ -240,6 +241,7 @@ func (d *Daemon) bringUpXen(x XenVM) error {
 	recover := rec != nil && rec.Role == RolePrimary
 	g, n, err := d.openXen(ctx, v.name, domid, recover)
 	if err == nil {
+		n.xlStandby = xlStandby
 		v.installXen(g, n)
 	}
 	if err != nil {
@@ -394,6 +396,9 @@ type xenNet struct {
 	vif     string
 	bridged bool
 	nics    int // the domain's vifs (only the first can be held: more are refused at protect)
+	// xlStandby: an activated standby, created by xl (for a libvirt VM,
+	// libvirt does not know it: found and destroyed through xl).
+	xlStandby bool
 	// master names the vif's master when it is not a Linux bridge (an
 	// Open vSwitch port, a bond): NFQUEUE's physdev match cannot see it.
 	master string
@@ -461,6 +466,7 @@ func (d *Daemon) prepareXenProtection(ctx context.Context, v *vm, resume bool) e
 			return fmt.Errorf("attach the domain for protection: %w", err)
 		}
 		d.mu.Lock()
+		nn.xlStandby = v.xnet.xlStandby
 		v.installXen(ng, nn)
 		d.mu.Unlock()
 		g, n = ng, nn
@@ -470,6 +476,7 @@ func (d *Daemon) prepareXenProtection(ctx context.Context, v *vm, resume bool) e
 			return err
 		}
 		d.mu.Lock()
+		n.xlStandby = v.xnet.xlStandby
 		v.xnet, v.qnet = n, qemuNet{tap: n.vif, bridged: n.bridged}
 		d.mu.Unlock()
 	}
@@ -588,15 +595,17 @@ func (d *Daemon) startXen(ctx context.Context, v *vm) error {
 	domid, st, err := d.findXenDomain(ctx, x)
 	switch {
 	case errors.Is(err, xen.ErrNoDomain):
-		if domid, err = d.createXenDomain(ctx, x); err == nil {
-			// Attach once the guest can suspend (the cooperative Open
-			// suspends it; a booting guest cannot yet).
-			err = d.xh.WaitSuspendable(ctx, domid)
-		}
+		domid, err = d.createXenDomain(ctx, x)
 	case err == nil && st.NeverRan():
 		return fmt.Errorf("domain %s (%d) is paused and has never run: a standby a backup left, not a running VM; `xl destroy %d` first if this host should start the VM afresh", x.domain(), domid, domid)
 	}
 	if err != nil {
+		return err
+	}
+	// Attach once the guest can suspend (the cooperative Open suspends
+	// it; a booting guest cannot yet), also when it was started by hand a
+	// moment ago: at once for a guest that has booted.
+	if err := d.xh.WaitSuspendable(ctx, domid); err != nil {
 		return err
 	}
 	g, n, err := d.openXen(ctx, v.name, domid, false)

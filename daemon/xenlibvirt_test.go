@@ -371,6 +371,30 @@ func TestBringUpXenLibvirt(t *testing.T) {
 			t.Errorf("restart, %s: record %+v, %v: want it kept", tc.name, r, err)
 		}
 	}
+
+	// A failed-over VM protected again is an xl-made domain (the activated
+	// standby) whatever its role: found through xl, not libvirt, which
+	// does not know it.
+	{
+		dir := t.TempDir()
+		s, err := newRecordStore(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := s.save(vmRecord{Name: "web", Backend: xen.BackendName, Role: RolePrimary, Xen: &xenRecord{DomID: 7, Vif: "vif7.0", Bridged: true, XLStandby: true}}); err != nil {
+			t.Fatal(err)
+		}
+		h, l := webDomain()
+		l.dom.Name = "other"
+		d := newXenLibvirtDaemon(t, dir, h, l, x)
+		v := d.vms["web"]
+		if v == nil || !strings.Contains(v.stoppedWhy, "exists but cannot be attached") {
+			t.Errorf("restart of a re-protected activated standby: vm %+v, want it found through xl (and stopped only at the attach this build cannot do)", v)
+		}
+		if l.lookups != 0 {
+			t.Errorf("restart of a re-protected activated standby: libvirt asked %d times, want 0", l.lookups)
+		}
+	}
 }
 
 // TestXenLifecycleLibvirt: `remusd start` of a libvirt VM starts the

@@ -287,6 +287,7 @@ func xsDirectory(path string) ([]string, error) {
 // mapping taken then fails).
 func WaitSuspendable(ctx context.Context, domid uint32) error {
 	path := fmt.Sprintf("/local/domain/%d/control/feature-suspend", domid)
+	var lastErr error
 	for {
 		st, err := DomainState(ctx, domid)
 		if err != nil {
@@ -304,8 +305,14 @@ func WaitSuspendable(ctx context.Context, domid uint32) error {
 		if err == nil && strings.TrimSpace(v) == "1" {
 			return nil
 		}
+		if err != nil && !errors.Is(err, syscall.ENOENT) {
+			lastErr = err // not merely "not written yet"
+		}
 		select {
 		case <-ctx.Done():
+			if lastErr != nil {
+				return fmt.Errorf("xen: domain %d's guest has not announced that it can suspend (%s = 1); reading it failed: %w", domid, path, errors.Join(lastErr, ctx.Err()))
+			}
 			return fmt.Errorf("xen: domain %d's guest has not announced that it can suspend (%s = 1): it is still booting, or has no PV drivers (a cooperative checkpoint needs them): %w", domid, path, ctx.Err())
 		case <-time.After(200 * time.Millisecond):
 		}

@@ -594,8 +594,12 @@ func (g *Guest) quiesced(ctx context.Context, op string, fn func() error) error 
 		}
 		return fn()
 	})
-	// Resume cancels the suspend even when fn failed: the guest runs on.
-	return errors.Join(ferr, g.Resume(ctx))
+	// Resume cancels the suspend even when fn failed, and even when ctx
+	// ended meanwhile (a dropped link must not leave the guest
+	// suspended): the guest runs on.
+	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), g.suspendTimeout)
+	defer cancel()
+	return errors.Join(ferr, g.Resume(rctx))
 }
 
 // hashAll sets hashes[p] to the PageHash of page p of mem, on up to
@@ -776,7 +780,7 @@ func (g *Guest) Close() error {
 		}
 	}
 	if g.suspended {
-		if err := g.cancelSuspend(); err != nil {
+		if err := g.settleSuspend(); err != nil {
 			errs = append(errs, err)
 		}
 	}

@@ -68,6 +68,8 @@ import (
 	"fmt"
 	"time"
 	"unsafe"
+
+	"go.uber.org/zap"
 )
 
 // xsWrite writes a xenstore node as dom0 (for tests standing in for a
@@ -152,6 +154,13 @@ func (g *Guest) SuspendCooperative(ctx context.Context) error {
 				return fmt.Errorf("%w: it shut down instead of suspending (%s)", ErrGone, goneWhy(int(rc)))
 			}
 			if err := ctx.Err(); err != nil {
+				// Withdrawn, as libxl does with a suspend that goes
+				// unanswered: a guest that has not read it yet never
+				// will. One that has may still suspend: g.suspended
+				// stays, and Resume or Close cancels it.
+				if werr := xsWrite(shutdownPath(g.domid), ""); werr != nil {
+					g.log.Warn("could not withdraw the suspend request", zap.Error(werr))
+				}
 				return fmt.Errorf("guest did not suspend: %w", err)
 			}
 			time.Sleep(sleep)
@@ -160,6 +169,49 @@ func (g *Guest) SuspendCooperative(ctx context.Context) error {
 			}
 		}
 	})
+}
+
+// lateSuspendWait is how long Close waits for a guest that took a suspend
+// request before it was withdrawn to carry it out (a suspend takes
+// milliseconds; under TCG on a busy machine seconds).
+const lateSuspendWait = 3 * time.Second
+
+func shutdownPath(domid uint32) string {
+	return fmt.Sprintf("/local/domain/%d/control/shutdown", domid)
+}
+
+// settleSuspend ends a suspend we asked for, for Close, which leaves no
+// one behind to cancel it later: a guest that has suspended is resumed
+// (cancelSuspend); a request the guest has not acted on is withdrawn
+// (control/shutdown emptied) and, should the guest have read it already,
+// its suspend is waited for (lateSuspendWait) and cancelled. Runs under
+// sem.
+func (g *Guest) settleSuspend() error {
+	rc, err := C.rx_suspended(g.x.xch, g.x.domid)
+	switch {
+	case rc < 0:
+		return errnoErr("xc_domain_getinfolist", err)
+	case rc == 1:
+		return g.cancelSuspend()
+	case rc >= 2:
+		return nil // gone: nothing to resume
+	}
+	if err := xsWrite(shutdownPath(g.domid), ""); err != nil {
+		g.log.Warn("could not withdraw the suspend request", zap.Error(err))
+	}
+	for end := time.Now().Add(lateSuspendWait); time.Now().Before(end); time.Sleep(20 * time.Millisecond) {
+		rc, err := C.rx_suspended(g.x.xch, g.x.domid)
+		switch {
+		case rc < 0:
+			return errnoErr("xc_domain_getinfolist", err)
+		case rc == 1:
+			return g.cancelSuspend()
+		case rc >= 2:
+			return nil
+		}
+	}
+	g.suspended = false
+	return nil
 }
 
 // cancelSuspend resumes a guest that suspended for us (xc_domain_resume
