@@ -55,9 +55,10 @@ func (c Config) resolve() (socket, uri string, err error) {
 	return c.resolveFor("qemu", DefaultURI, "qemu:///system (or qemu+unix:///system?socket=PATH)", "system", "session")
 }
 
-// resolveFor is resolve for the driver whose URI scheme is scheme (with
-// any +transport: the connection is always to the unix socket), the
-// paths it accepts, and def as the default URI.
+// resolveFor is resolve for the driver whose URI scheme is scheme (bare
+// or +unix: the connection is always to the local unix socket, so a
+// remote transport, +ssh or +tls, is refused rather than silently
+// replaced), the paths it accepts, and def as the default URI.
 func (c Config) resolveFor(scheme, def, want string, paths ...string) (socket, uri string, err error) {
 	socket, uri = c.Socket, c.URI
 	if uri != "" {
@@ -71,8 +72,8 @@ func (c Config) resolveFor(scheme, def, want string, paths ...string) (socket, u
 			}
 		}
 		s, path, ok := strings.Cut(base, ":///")
-		if !ok || (s != scheme && !strings.HasPrefix(s, scheme+"+")) || !slices.Contains(paths, path) {
-			return "", "", fmt.Errorf("libvirt: uri %q: want %s", uri, want)
+		if !ok || (s != scheme && s != scheme+"+unix") || !slices.Contains(paths, path) {
+			return "", "", fmt.Errorf("libvirt: uri %q: want %s (remusd talks to the local libvirtd over its unix socket)", uri, want)
 		}
 		// Over the socket the driver URI carries no transport.
 		uri = scheme + ":///" + path

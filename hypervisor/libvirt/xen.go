@@ -366,7 +366,7 @@ func (c Config) ValidateXen() error {
 	if err != nil {
 		return err
 	}
-	if !strings.HasPrefix(socket, "/") {
+	if !strings.HasPrefix(socket, "/") || strings.ContainsAny(socket, "\x00\n") {
 		return fmt.Errorf("libvirt: socket %q must be an absolute path", socket)
 	}
 	return nil

@@ -25,6 +25,10 @@ func TestConfigValidateXen(t *testing.T) {
 		{Config{Socket: "run/sock"}, "absolute"},
 		{Config{URI: "xen+unix:///system?socket=rel"}, "absolute"},
 		{Config{URI: "xen+unix:///system?socket=/a", Socket: "/b"}, "names socket"},
+		// A remote transport would silently become the local socket.
+		{Config{URI: "xen+ssh:///system"}, "local libvirtd"},
+		{Config{URI: "xen+tls:///system"}, "local libvirtd"},
+		{Config{Socket: "/run/lv/so\nck"}, "absolute"},
 	} {
 		if err := tc.c.ValidateXen(); err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%+v: got %v, want an error with %q", tc.c, err, tc.want)
