@@ -294,29 +294,7 @@ func daemonFailover(t *testing.T, outbuf string, all bool) {
 	}
 
 	// The primary host dies: its daemon and its domain.
-	if err := a.Cmd.Process.Kill(); err != nil {
-		t.Fatal(err)
-	}
-	<-a.Done()
-	xl(t, "destroy", "web")
-	killed := time.Now()
-	before, _, _ := echo.State()
-	cli(t, "failover", "web", "--control", bcfg.Control)
-	bs, err = bc.VMStatus(ctx, "web")
-	if err != nil || bs.Role != daemon.RoleActive {
-		t.Fatalf("hostb's status of web after failover: %+v, %v (want active)", bs, err)
-	}
-	t.Logf("dom0: failover: epoch %d committed, activation %.1f ms, active %s after the kill",
-		bs.Epoch, bs.ActivationMs, time.Since(killed).Round(time.Millisecond))
-	if err := echo.WaitCarriesOn(5, 2*time.Minute); err != nil {
-		t.Fatalf("the connection opened before the failover: %v", err)
-	}
-	n, _, _ := echo.State()
-	t.Logf("dom0: the connection opened before the failover carries on: %d exchanges, %d after the kill; first %s after the kill",
-		n, n-before, echo.FirstAfter(killed))
-	if err := xentest.EchoOnce(addr); err != nil {
-		t.Fatalf("a new connection to the activated guest: %v", err)
-	}
+	bs = killAndFailover(ctx, t, a, func() { xl(t, "destroy", "web") }, bc, bcfg.Control, echo, addr)
 	if !strings.Contains(xlOut("list"), "web-sb") {
 		t.Fatal("xl list does not show web-sb")
 	}
@@ -409,4 +387,37 @@ func dom0Pair(dir, replA, replB, xlCfg string, aVM daemon.XenVM, outbuf string) 
 		c.EpochInterval = daemon.Duration(200 * time.Millisecond)
 	}
 	return acfg, bcfg
+}
+
+// killAndFailover is the primary host's death and the takeover: hosta's
+// daemon a is killed (SIGKILL) and its domain destroyed (destroy), then
+// `remusd failover web` runs on hostb (bc, at bControl); the client's
+// connection (echo) must carry on and a new one to addr must work. It
+// returns hostb's status of web after the failover.
+func killAndFailover(ctx context.Context, t *testing.T, a *demo.DaemonProc, destroy func(), bc daemon.ControlClient, bControl string, echo *xentest.EchoClient, addr string) daemon.VMStatus {
+	t.Helper()
+	if err := a.Cmd.Process.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	<-a.Done()
+	destroy()
+	killed := time.Now()
+	before, _, _ := echo.State()
+	cli(t, "failover", "web", "--control", bControl)
+	bs, err := bc.VMStatus(ctx, "web")
+	if err != nil || bs.Role != daemon.RoleActive {
+		t.Fatalf("hostb's status of web after failover: %+v, %v (want active)", bs, err)
+	}
+	t.Logf("dom0: failover: epoch %d committed, activation %.1f ms, active %s after the kill",
+		bs.Epoch, bs.ActivationMs, time.Since(killed).Round(time.Millisecond))
+	if err := echo.WaitCarriesOn(5, 2*time.Minute); err != nil {
+		t.Fatalf("the connection opened before the failover: %v", err)
+	}
+	n, _, _ := echo.State()
+	t.Logf("dom0: the connection opened before the failover carries on: %d exchanges, %d after the kill; first %s after the kill",
+		n, n-before, echo.FirstAfter(killed))
+	if err := xentest.EchoOnce(addr); err != nil {
+		t.Fatalf("a new connection to the activated guest: %v", err)
+	}
+	return bs
 }

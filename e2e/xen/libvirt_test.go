@@ -190,29 +190,7 @@ func TestDom0DaemonLibvirt(t *testing.T) {
 	}
 
 	// The primary dies: its daemon, and its domain through libvirt.
-	if err := a.Cmd.Process.Kill(); err != nil {
-		t.Fatal(err)
-	}
-	<-a.Done()
-	virsh("destroy", "web")
-	killed := time.Now()
-	before, _, _ := echo.State()
-	cli(t, "failover", "web", "--control", bcfg.Control)
-	bs, err = bc.VMStatus(ctx, "web")
-	if err != nil || bs.Role != daemon.RoleActive {
-		t.Fatalf("hostb's status of web after failover: %+v, %v (want active)", bs, err)
-	}
-	t.Logf("dom0: failover: epoch %d committed, activation %.1f ms, active %s after the kill",
-		bs.Epoch, bs.ActivationMs, time.Since(killed).Round(time.Millisecond))
-	if err := echo.WaitCarriesOn(5, 2*time.Minute); err != nil {
-		t.Fatalf("the connection opened before the failover: %v", err)
-	}
-	n, _, _ := echo.State()
-	t.Logf("dom0: the connection opened before the failover carries on: %d exchanges, %d after the kill; first %s after the kill",
-		n, n-before, echo.FirstAfter(killed))
-	if err := xentest.EchoOnce(addr); err != nil {
-		t.Fatalf("a new connection to the activated guest: %v", err)
-	}
+	bs = killAndFailover(ctx, t, a, func() { virsh("destroy", "web") }, bc, bcfg.Control, echo, addr)
 
 	// hosta comes back: web is gone there (not looked for again). `remusd
 	// start` starts it through libvirt, `remusd stop` destroys it

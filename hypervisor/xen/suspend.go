@@ -187,19 +187,8 @@ func shutdownPath(domid uint32) string {
 // its suspend is waited for (lateSuspendWait) and cancelled. Runs under
 // sem.
 func (g *Guest) settleSuspend() error {
-	rc, err := C.rx_suspended(g.x.xch, g.x.domid)
-	switch {
-	case rc < 0:
-		return errnoErr("xc_domain_getinfolist", err)
-	case rc == 1:
-		return g.cancelSuspend()
-	case rc >= 2:
-		return nil // gone: nothing to resume
-	}
-	if err := xsWrite(shutdownPath(g.domid), ""); err != nil {
-		g.log.Warn("could not withdraw the suspend request", zap.Error(err))
-	}
-	for end := time.Now().Add(lateSuspendWait); time.Now().Before(end); time.Sleep(20 * time.Millisecond) {
+	withdrawn, end := false, time.Time{}
+	for {
 		rc, err := C.rx_suspended(g.x.xch, g.x.domid)
 		switch {
 		case rc < 0:
@@ -207,11 +196,20 @@ func (g *Guest) settleSuspend() error {
 		case rc == 1:
 			return g.cancelSuspend()
 		case rc >= 2:
+			return nil // gone: nothing to resume
+		}
+		if !withdrawn {
+			if err := xsWrite(shutdownPath(g.domid), ""); err != nil {
+				g.log.Warn("could not withdraw the suspend request", zap.Error(err))
+			}
+			withdrawn, end = true, time.Now().Add(lateSuspendWait)
+		}
+		if time.Now().After(end) {
+			g.suspended = false
 			return nil
 		}
+		time.Sleep(20 * time.Millisecond)
 	}
-	g.suspended = false
-	return nil
 }
 
 // cancelSuspend resumes a guest that suspended for us (xc_domain_resume
