@@ -106,7 +106,6 @@ func (x XenVM) validate(f string) []error {
 	} else if err := xen.ValidDomainName(x.Name); err != nil {
 		bad("name", "%v: set domain", err)
 	}
-
 	if x.XLConfig != "" && (!filepath.IsAbs(x.XLConfig) || strings.ContainsAny(x.XLConfig, "\n\x00")) {
 		bad("xl_config", "%q must be an absolute path", x.XLConfig)
 	}

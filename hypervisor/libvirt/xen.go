@@ -372,12 +372,11 @@ func (c Config) ValidateXen() error {
 	return nil
 }
 
-// StartXen starts the defined (persistent, shut off) Xen domain named
-// name (virsh start): libxl creates and runs it. A name libvirt does not
-// know is ErrNoDomain. Both calls have ctx's deadline.
-func (c *Conn) StartXen(ctx context.Context, name string) error {
+// domainByName checks name and looks the domain up (ErrNoDomain if
+// libvirt does not know it), under ctx's deadline.
+func (c *Conn) domainByName(ctx context.Context, name string) (golibvirt.Domain, error) {
 	if err := hypervisor.ValidateVMName(name); err != nil {
-		return fmt.Errorf("libvirt: %w", err)
+		return golibvirt.Domain{}, fmt.Errorf("libvirt: %w", err)
 	}
 	var dom golibvirt.Domain
 	err := c.call(ctx, fmt.Sprintf("domain %q: DomainLookupByName", name), func() (err error) {
@@ -385,7 +384,18 @@ func (c *Conn) StartXen(ctx context.Context, name string) error {
 		return err
 	})
 	if err != nil {
-		return notFound(err, c.uri, name)
+		return golibvirt.Domain{}, notFound(err, c.uri, name)
+	}
+	return dom, nil
+}
+
+// StartXen starts the defined (persistent, shut off) Xen domain named
+// name (virsh start): libxl creates and runs it. A name libvirt does not
+// know is ErrNoDomain. Both calls have ctx's deadline.
+func (c *Conn) StartXen(ctx context.Context, name string) error {
+	dom, err := c.domainByName(ctx, name)
+	if err != nil {
+		return err
 	}
 	return c.call(ctx, fmt.Sprintf("domain %q: DomainCreate", name), func() error {
 		return c.l.DomainCreate(dom)
@@ -397,16 +407,9 @@ func (c *Conn) StartXen(ctx context.Context, name string) error {
 // name since is not touched (an error). A name libvirt does not know is
 // ErrNoDomain, one that does not run ErrNotRunning.
 func (c *Conn) DestroyXen(ctx context.Context, name string, domid uint32) error {
-	if err := hypervisor.ValidateVMName(name); err != nil {
-		return fmt.Errorf("libvirt: %w", err)
-	}
-	var dom golibvirt.Domain
-	err := c.call(ctx, fmt.Sprintf("domain %q: DomainLookupByName", name), func() (err error) {
-		dom, err = c.l.DomainLookupByName(name)
-		return err
-	})
+	dom, err := c.domainByName(ctx, name)
 	if err != nil {
-		return notFound(err, c.uri, name)
+		return err
 	}
 	switch {
 	case dom.ID <= 0:
