@@ -74,8 +74,10 @@ func TestMeasureQEMUSanity(t *testing.T) {
 	finitePositive(t, "failover next reply", tr.NextReplyMs)
 	finitePositive(t, "failover activation", tr.ActivationMs)
 	finitePositive(t, "failover witness claim", tr.ClaimMs)
-	if tr.NextReplyMs < tr.ActivationMs {
-		t.Fatalf("next reply %.1f ms before activation %.1f ms", tr.NextReplyMs, tr.ActivationMs)
+	// The backup's first reply cannot precede the start of its activation
+	// (ActiveMs and DetectionMs are whole-millisecond wall clock).
+	if tr.NextReplyMs < tr.DetectionMs-1 || tr.ActiveMs < tr.DetectionMs {
+		t.Fatalf("next reply %.1f ms, VM active %.1f ms, before the backup began activating (%.1f ms after the kill)", tr.NextReplyMs, tr.ActiveMs, tr.DetectionMs)
 	}
 	rep := Report{QEMU: &r}
 	rep.headline()

@@ -225,3 +225,16 @@ type VMStatus struct {
 	GuestOps       uint64 `json:"guest_ops,omitempty"`
 	GuestOutputSeq uint64 `json:"guest_output_seq,omitempty"`
 }
+
+// ActivationStartedAt is when this side began activating its replica
+// (zero if it has not): ActivatedAtUnixMs less ActivationMs, to the
+// millisecond, never later than the moment the activated guest first ran.
+// A client's reply that arrives after it can only come from this side;
+// replies the old primary had released before it died may still arrive
+// between its death and this moment.
+func (s VMStatus) ActivationStartedAt() time.Time {
+	if s.ActivatedAtUnixMs == 0 {
+		return time.Time{}
+	}
+	return time.UnixMilli(s.ActivatedAtUnixMs).Add(-time.Duration(s.ActivationMs * float64(time.Millisecond)))
+}

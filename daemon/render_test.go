@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestRenderStatusEmpty(t *testing.T) {
@@ -137,5 +138,18 @@ func TestRenderStatusDiskCopyProgress(t *testing.T) {
 	}
 	if strings.Contains(b.String(), "copying") {
 		t.Fatalf("copy progress shown after the copy:\n%s", b.String())
+	}
+}
+
+// TestActivationStartedAt: the activation's start is its end less its
+// length; a side that never activated has none.
+func TestActivationStartedAt(t *testing.T) {
+	if at := (VMStatus{}).ActivationStartedAt(); !at.IsZero() {
+		t.Fatalf("no activation: %v, want zero", at)
+	}
+	s := VMStatus{ActivatedAtUnixMs: 1_800_000_000_250, ActivationMs: 12.5}
+	want := time.UnixMilli(1_800_000_000_250).Add(-12500 * time.Microsecond)
+	if at := s.ActivationStartedAt(); !at.Equal(want) {
+		t.Fatalf("ActivationStartedAt = %v, want %v", at, want)
 	}
 }

@@ -482,15 +482,18 @@ func (q *qrun) run(ctx context.Context) (*QEMUResult, error) {
 	q.say("backup took over: guest running on %s %v after the kill (activation %.1f ms: standby loads epoch %d, announce-self moves the MAC to %s)",
 		n.B, vmActive.Round(time.Millisecond), active.ActivationMs, active.Epoch, qemuTapB)
 
-	// The client's next reply on the same connection.
+	// The client's first reply from the backup on the same connection
+	// (one the primary released just before it died may land after the
+	// kill: it is not the backup's).
 	var firstAfter time.Time
 	if err := waitUntil(ctx, 2*time.Minute, func() (bool, error) {
-		ok, last, _, cerr := cl.State()
+		_, _, _, cerr := cl.State()
 		if cerr != nil {
 			return false, cerr
 		}
-		firstAfter = last
-		return ok > before && last.After(killAt), nil
+		r, found := cl.FirstAfter(active.ActivationStartedAt())
+		firstAfter = r.At
+		return found, nil
 	}); err != nil {
 		return q.finish(cl, active, ps, qver, img, rate, killAt, time.Time{}, vmActive, before, lastIDBefore, stopClient,
 			fmt.Errorf("demo: no reply after the failover on the same connection: %w", err))
