@@ -193,6 +193,10 @@ type VMStatus struct {
 	OutputHeld     uint64 `json:"output_held"`
 	OutputReleased uint64 `json:"output_released"`
 	OutputDropped  uint64 `json:"output_dropped"`
+	// OutputHoldRepairs counts the times the output buffer found its hold
+	// on the host undone by someone else and put it back (NFQUEUE rules
+	// deleted or displaced): output may have left unheld before each.
+	OutputHoldRepairs uint64 `json:"output_hold_repairs,omitempty"`
 
 	TornEpochsDiscarded uint64 `json:"torn_epochs_discarded"`
 	// LinksRefused counts links refused before they could change the

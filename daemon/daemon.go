@@ -593,12 +593,17 @@ func (d *Daemon) Status(ctx context.Context) ([]VMStatus, error) {
 	// without the daemon lock.
 	for i, b := range bufs {
 		if b != nil {
-			st := b.Stats()
-			out[i].OutputHeld, out[i].OutputReleased, out[i].OutputDropped = st.HeldPackets, st.ReleasedPackets, st.DroppedPackets
+			out[i].setOutput(b.Stats())
 		}
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].VM < out[j].VM })
 	return out, nil
+}
+
+// setOutput copies an output buffer's counters.
+func (s *VMStatus) setOutput(st outbuf.Stats) {
+	s.OutputHeld, s.OutputReleased, s.OutputDropped = st.HeldPackets, st.ReleasedPackets, st.DroppedPackets
+	s.OutputHoldRepairs = st.HoldRepairs
 }
 
 func (d *Daemon) statusOf(v *vm) VMStatus {
@@ -607,9 +612,8 @@ func (d *Daemon) statusOf(v *vm) VMStatus {
 	if v.netOut != nil {
 		s.OutBuf = v.netOut.Kind() // counters: see Status
 	} else if o := v.out.Load(); o != nil && v.role != RoleBackup {
-		st := o.Stats()
 		s.OutBuf = o.Kind()
-		s.OutputHeld, s.OutputReleased, s.OutputDropped = st.HeldPackets, st.ReleasedPackets, st.DroppedPackets
+		s.setOutput(o.Stats())
 	}
 	if sg, ok := v.guest.(*simGuest); ok {
 		s.GuestOps, s.GuestOutputSeq = sg.Ops(), sg.OutputSeq()

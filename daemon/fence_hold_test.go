@@ -41,3 +41,28 @@ func TestFenceHoldsBeforeDetach(t *testing.T) {
 		t.Fatalf("fencing called %v on the output buffer; want [hold detach]", buf.calls)
 	}
 }
+
+// statsBuf reports fixed counters.
+type statsBuf struct {
+	orderBuf
+	st outbuf.Stats
+}
+
+func (b *statsBuf) Kind() string        { return "nfqueue" }
+func (b *statsBuf) Stats() outbuf.Stats { return b.st }
+
+// TestStatusReportsHoldRepairs: a host-level buffer's counters reach the
+// status, the hold repairs among them (an operator must learn that output
+// may have left unheld).
+func TestStatusReportsHoldRepairs(t *testing.T) {
+	buf := &statsBuf{st: outbuf.Stats{HeldPackets: 4, ReleasedPackets: 9, DroppedPackets: 1, HoldRepairs: 2}}
+	d := &Daemon{log: zap.NewNop(), vms: map[string]*vm{"vm": {name: "vm", role: RolePrimary, netOut: buf}}}
+	st, err := d.Status(t.Context())
+	if err != nil || len(st) != 1 {
+		t.Fatalf("Status: %+v, %v", st, err)
+	}
+	s := st[0]
+	if s.OutBuf != "nfqueue" || s.OutputHeld != 4 || s.OutputReleased != 9 || s.OutputDropped != 1 || s.OutputHoldRepairs != 2 {
+		t.Fatalf("status %+v; want the buffer's counters", s)
+	}
+}

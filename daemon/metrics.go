@@ -103,6 +103,8 @@ func NewMetricsCollector(statusFn func(context.Context) ([]VMStatus, error), log
 				func(s *VMStatus) float64 { return float64(s.OutputReleased) }),
 			m("remusd_output_dropped_total", "Guest output packets dropped.", c,
 				func(s *VMStatus) float64 { return float64(s.OutputDropped) }),
+			m("remusd_output_hold_repairs_total", "Times the output buffer found its hold on the host undone by someone else (NFQUEUE rules deleted or put behind another rule) and put it back; output may have left unheld before each.", c,
+				func(s *VMStatus) float64 { return float64(s.OutputHoldRepairs) }),
 			m("remusd_torn_epochs_discarded_total", "Incomplete epochs discarded by the backup.", c,
 				func(s *VMStatus) float64 { return float64(s.TornEpochsDiscarded) }),
 			m("remusd_reconnects_total", "Replication link reconnections.", c,

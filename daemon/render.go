@@ -53,6 +53,9 @@ func RenderStatus(w io.Writer, st []VMStatus) error {
 			notes = append(notes, fmt.Sprintf("copying its disks to the backup: %.1f of %.1f MiB (%d%%)",
 				float64(s.DiskCopyDoneBytes)/(1<<20), float64(s.DiskCopyTotalBytes)/(1<<20), s.DiskCopyDoneBytes*100/s.DiskCopyTotalBytes))
 		}
+		if s.OutputHoldRepairs > 0 {
+			notes = append(notes, fmt.Sprintf("output hold undone by another tool %d times and put back: output may have left unheld (see the log)", s.OutputHoldRepairs))
+		}
 		if s.LinksRefused > 0 {
 			notes = append(notes, fmt.Sprintf("%d links refused", s.LinksRefused))
 		}

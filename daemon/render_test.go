@@ -103,14 +103,14 @@ func TestHumanBytes(t *testing.T) {
 func TestRenderStatusTrustNotes(t *testing.T) {
 	var b strings.Builder
 	st := []VMStatus{
-		{VM: "web", Role: RoleBackup, PeerName: "hostA", LinksRefused: 3, Insecure: true},
+		{VM: "web", Role: RoleBackup, PeerName: "hostA", LinksRefused: 3, OutputHoldRepairs: 2, Insecure: true},
 		{VM: "db", Role: RoleStopped, StoppedWhy: "it was primary here"},
 	}
 	if err := RenderStatus(&b, st); err != nil {
 		t.Fatal(err)
 	}
 	out := b.String()
-	for _, want := range []string{"web: replica owned by hostA", "web: 3 links refused", "db: not running here: it was primary here", "INSECURE"} {
+	for _, want := range []string{"web: replica owned by hostA", "web: 3 links refused", "web: output hold undone by another tool 2 times", "db: not running here: it was primary here", "INSECURE"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("status table lacks %q:\n%s", want, out)
 		}

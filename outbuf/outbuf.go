@@ -48,6 +48,10 @@ type Stats struct {
 	ReleasedBytes   uint64
 	DroppedPackets  uint64 // dropped (limit reached or closed with output held)
 	LastReleased    uint64 // last released epoch
+	// HoldRepairs counts the times the buffer found the host's hold undone
+	// by someone else (a firewall reload, another tool's rule put ahead of
+	// its own) and put it back. Output may have left unheld before each.
+	HoldRepairs uint64
 }
 
 // ErrClosed is returned by a Buffer used after Close.

@@ -41,7 +41,7 @@ func TestRulesGuarded(t *testing.T) {
 	// Deleted by another tool: put back.
 	tp.editRule(t, b.cfg, "-D", fwd)
 	waitUntil(t, 5*time.Second, "the deleted rule's repair", func() bool {
-		return b.Repairs() >= 1 && ruleCopies(t, tp, fwd, queue) == 1
+		return b.Stats().HoldRepairs >= 1 && ruleCopies(t, tp, fwd, queue) == 1
 	})
 	v4.sendSeq(t, "a", 0, 5)
 	v4.expectNone(t, quiet)
@@ -53,7 +53,7 @@ func TestRulesGuarded(t *testing.T) {
 	run(t, "ip", "netns", "exec", tp.host, "iptables", "-w", "5", "-I", "FORWARD", "1", "-j", "ACCEPT")
 	t.Cleanup(func() { run(t, "ip", "netns", "exec", tp.host, "iptables", "-w", "5", "-D", "FORWARD", "-j", "ACCEPT") })
 	waitUntil(t, 5*time.Second, "the displaced rule's repair", func() bool {
-		if b.Repairs() < 2 {
+		if b.Stats().HoldRepairs < 2 {
 			return false
 		}
 		lines, err := b.rules.rules(context.Background(), fwd)

@@ -322,14 +322,6 @@ func (b *Buffer) guardRules(ctx context.Context, refs []ruleRef) {
 	}
 }
 
-// Repairs returns how many times the buffer found one of its rules gone
-// or behind another tool's rule and repaired it.
-func (b *Buffer) Repairs() uint64 {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.repairs
-}
-
 // endGuard stops guardRules and waits for it (before the rules are
 // removed or left to a successor).
 func (b *Buffer) endGuard() {
@@ -710,6 +702,7 @@ func (b *Buffer) Stats() outbuf.Stats {
 	}
 	s.HeldPackets += b.openPkts
 	s.HeldBytes += b.openBytes
+	s.HoldRepairs = b.repairs
 	if !b.closed {
 		if st, err := b.readProc(); err == nil && st.present {
 			b.kdrop = st.dropped + st.userDropped
