@@ -55,6 +55,8 @@ const (
 	ControlRequestTimeout = 30 * time.Second
 	// DefaultControlTimeout is ControlClient's timeout when Timeout is 0.
 	DefaultControlTimeout = 35 * time.Second
+	// controlWriteTimeout bounds writing an answer.
+	controlWriteTimeout = 5 * time.Second
 	// maxControlLine bounds one request or response line.
 	maxControlLine = 16 << 20
 )
@@ -278,6 +280,9 @@ func (s *ControlServer) serveConn(ctx context.Context, conn *net.UnixConn) {
 			continue
 		}
 		resp := s.handle(ctx, line)
+		// The read deadline may have passed while a slow operation ran
+		// (it overran its context): the answer still gets its chance.
+		conn.SetDeadline(time.Now().Add(controlWriteTimeout))
 		if err := enc.Encode(resp); err != nil {
 			s.log.Debug("control write", zap.Error(err))
 			return

@@ -26,6 +26,7 @@ type fakeService struct {
 	status    []VMStatus
 	err       error
 	block     chan struct{} // if set, Status waits for it or ctx
+	overrun   time.Duration // Start takes this long whatever its ctx says
 }
 
 func (f *fakeService) Protect(ctx context.Context, req ProtectRequest) error {
@@ -57,8 +58,11 @@ func (f *fakeService) Failover(ctx context.Context, req FailoverRequest) error {
 }
 
 func (f *fakeService) Forget(ctx context.Context, vm string) error { return f.vmOp("forget", vm) }
-func (f *fakeService) Start(ctx context.Context, vm string) error  { return f.vmOp("start", vm) }
-func (f *fakeService) Stop(ctx context.Context, vm string) error   { return f.vmOp("stop", vm) }
+func (f *fakeService) Start(ctx context.Context, vm string) error {
+	time.Sleep(f.overrun)
+	return f.vmOp("start", vm)
+}
+func (f *fakeService) Stop(ctx context.Context, vm string) error { return f.vmOp("stop", vm) }
 
 func (f *fakeService) vmOp(op, vm string) error {
 	f.mu.Lock()
@@ -350,6 +354,27 @@ func TestListenControlStaleSocket(t *testing.T) {
 	}
 	if b, err := os.ReadFile(path); err != nil || string(b) != "x" {
 		t.Errorf("file was touched: %q %v", b, err)
+	}
+}
+
+// TestControlAnswerAfterOverrun: an operation that overruns the server's
+// request timeout (a libxc call abandoned at its deadline, then cleanup)
+// still gets its answer to a client that waits longer, instead of a
+// connection closed without one.
+func TestControlAnswerAfterOverrun(t *testing.T) {
+	f := &fakeService{overrun: 300 * time.Millisecond, err: errors.New("xen: suspend on domain 3: context deadline exceeded")}
+	s, err := ListenControl(sockPath(t), f, zap.NewNop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.reqTimeout = 100 * time.Millisecond
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- s.Serve(ctx) }()
+	defer func() { cancel(); <-done }()
+	err = ControlClient{Path: s.path, Timeout: 5 * time.Second}.Start(context.Background(), "web")
+	if err == nil || !strings.Contains(err.Error(), "suspend on domain 3") {
+		t.Fatalf("Start: %v, want the operation's own error", err)
 	}
 }
 
