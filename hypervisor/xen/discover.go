@@ -280,14 +280,19 @@ func xsDirectory(path string) ([]string, error) {
 
 // WaitSuspendable waits until domain domid's guest announces that it can
 // suspend itself (xenstore control/feature-suspend = 1, which Linux writes
-// once its watch on control/shutdown is set up, late in its boot), or ctx
-// ends, or the domain shuts down. A domain just started is not attached to
-// before that: a cooperative Open suspends the guest, which a booting one
-// cannot do yet, and the early kernel still gives memory back to Xen (a
-// mapping taken then fails).
+// once its watch on control/shutdown is set up) and has connected its
+// network and block frontends (device/vif/N/state and device/vbd/N/state
+// = 4, Connected), or ctx ends, or the domain shuts down. A domain just
+// started is not attached to before that: a cooperative Open suspends the
+// guest, which a booting one cannot do yet (Linux writes feature-suspend
+// before its init runs; a suspend asked for while a frontend module is
+// still being loaded, waiting for its device, fails the guest's freezer
+// after 20 s and is dropped: seen in the lab), and the early kernel still
+// gives memory back to Xen (a mapping taken then fails).
 func WaitSuspendable(ctx context.Context, domid uint32) error {
 	path := fmt.Sprintf("/local/domain/%d/control/feature-suspend", domid)
 	var lastErr error
+	pending := ""
 	for {
 		st, err := DomainState(ctx, domid)
 		if err != nil {
@@ -303,13 +308,23 @@ func WaitSuspendable(ctx context.Context, domid uint32) error {
 			return err
 		})
 		if err == nil && strings.TrimSpace(v) == "1" {
-			return nil
+			err = offload(ctx, "read the frontends' states", func() error {
+				var err error
+				pending, err = frontendsPending(domid)
+				return err
+			})
+			if err == nil && pending == "" {
+				return nil
+			}
 		}
 		if err != nil && !errors.Is(err, syscall.ENOENT) {
 			lastErr = err // not merely "not written yet"
 		}
 		select {
 		case <-ctx.Done():
+			if pending != "" && lastErr == nil {
+				return fmt.Errorf("xen: domain %d's guest can suspend but has not connected %s yet: it is still booting, or lacks that device's driver: %w", domid, pending, ctx.Err())
+			}
 			if lastErr != nil {
 				return fmt.Errorf("xen: domain %d's guest has not announced that it can suspend (%s = 1); reading it failed: %w", domid, path, errors.Join(lastErr, ctx.Err()))
 			}
@@ -317,6 +332,34 @@ func WaitSuspendable(ctx context.Context, domid uint32) error {
 		case <-time.After(200 * time.Millisecond):
 		}
 	}
+}
+
+// frontendsPending names the first of domain domid's vif and vbd
+// frontends that is not Connected ("" if none), e.g. "vif/0 (state 1)".
+func frontendsPending(domid uint32) (string, error) {
+	for _, kind := range []string{"vif", "vbd"} {
+		dir := fmt.Sprintf("/local/domain/%d/device/%s", domid, kind)
+		ids, err := xsDirectory(dir)
+		if errors.Is(err, syscall.ENOENT) {
+			continue
+		}
+		if err != nil {
+			return "", err
+		}
+		for _, id := range ids {
+			st, err := xsRead(dir + "/" + id + "/state")
+			if errors.Is(err, syscall.ENOENT) {
+				return kind + "/" + id + " (no state yet)", nil
+			}
+			if err != nil {
+				return "", err
+			}
+			if st = strings.TrimSpace(st); st != "4" { // XenbusStateConnected
+				return fmt.Sprintf("%s/%s (state %.8q)", kind, id, st), nil
+			}
+		}
+	}
+	return "", nil
 }
 
 // offload runs fn (a libxc or xenstore call that may block) on its own
