@@ -321,7 +321,7 @@ func (d *Daemon) record(v *vm) *vmRecord {
 			QEMU: &qemuRecord{Pid: v.pid, QMP: sp.QMPPath, RAM: sp.RAMPath, Serial: sp.SerialPath, Launched: !v.attached}}
 	case *xen.Guest:
 		r = &vmRecord{Name: v.name, Backend: v.backend, Role: v.role,
-			Xen: &xenRecord{DomID: v.xnet.domid, Vif: v.xnet.vif, Bridged: v.xnet.bridged, XLStandby: v.xnet.xlStandby}}
+			Xen: &xenRecord{DomID: v.xnet.domid, Vif: v.xnet.vif, Bridged: v.xnet.bridged, XLStandby: v.xnet.xlStandby, LibvirtStandby: v.xnet.libvirtStandby}}
 	default:
 		return nil
 	}

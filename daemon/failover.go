@@ -167,6 +167,10 @@ func (d *Daemon) Failover(ctx context.Context, req FailoverRequest) error {
 		v.setPassThrough()
 	}
 	v.busy = "activating"
+	// A standby xl made is not known to libvirt (for a libvirt VM, found
+	// and destroyed through xl); one libvirt made stays libvirt's.
+	xlStandby := v.xstandby != nil && !v.xstandby.Managed()
+	libvirtStandby := v.xstandby != nil && v.xstandby.Managed()
 	d.mu.Unlock()
 	start := time.Now()
 	activate := b.Activate
@@ -183,7 +187,7 @@ func (d *Daemon) Failover(ctx context.Context, req FailoverRequest) error {
 			d.log.Warn("cannot read the activated domain's vif yet (protect reads it again)", zap.String("vm", name), zap.Error(nerr))
 			xnet = xenNet{domid: xg.DomID()}
 		}
-		xnet.xlStandby = true
+		xnet.xlStandby, xnet.libvirtStandby = xlStandby, libvirtStandby
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()

@@ -378,7 +378,7 @@ func (d *Daemon) backupFor(ctx context.Context, h *remuspb.Hello, identity strin
 	case xen.BackendName:
 		if xlocal == nil {
 			d.mu.Unlock()
-			return nil, fmt.Errorf("VM %s: %s has no configuration of this Xen VM to build its standby from; add a xen_vms entry named %s with its xl_config", h.VmName, d.cfg.Name, h.VmName)
+			return nil, fmt.Errorf("VM %s: %s has no configuration of this Xen VM to build its standby from; add a xen_vms entry named %s with its xl_config (or libvirt: true, with the domain defined in this host's libvirt)", h.VmName, d.cfg.Name, h.VmName)
 		}
 	case sim.BackendName:
 	default:

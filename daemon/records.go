@@ -54,6 +54,10 @@ type xenRecord struct {
 	// XLStandby: the domain is an activated standby, created by xl from
 	// xl_config (libvirt does not know it, even for a libvirt VM).
 	XLStandby bool `json:"xl_standby,omitempty"`
+	// LibvirtStandby: the domain is an activated standby libvirt made
+	// (found through libvirt). An active record with neither flag is an
+	// xl-made one (written before standbys could be libvirt's).
+	LibvirtStandby bool `json:"libvirt_standby,omitempty"`
 }
 
 type protectionRecord struct {

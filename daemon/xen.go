@@ -178,10 +178,11 @@ func (d *Daemon) bringUpXen(x XenVM) error {
 		}
 	}
 	find := x
-	xlStandby := rec != nil && (rec.Role == RoleActive || rec.Xen != nil && rec.Xen.XLStandby)
+	xlStandby := rec != nil && (rec.Xen != nil && rec.Xen.XLStandby || rec.Role == RoleActive && (rec.Xen == nil || !rec.Xen.LibvirtStandby))
+	libvirtStandby := rec != nil && rec.Xen != nil && rec.Xen.LibvirtStandby
 	if xlStandby {
-		// An activated standby (protected again since, or not): created
-		// by xl from xl_config, never known to libvirt.
+		// An activated standby (protected again since, or not) that xl
+		// created from xl_config: libvirt does not know it.
 		find.Libvirt = false
 	}
 	domid, st, err := d.findXenDomain(ctx, find)
@@ -240,7 +241,7 @@ func (d *Daemon) bringUpXen(x XenVM) error {
 	recover := rec != nil && rec.Role == RolePrimary
 	g, n, err := d.openXen(ctx, v.name, domid, recover)
 	if err == nil {
-		n.xlStandby = xlStandby
+		n.xlStandby, n.libvirtStandby = xlStandby, libvirtStandby
 		v.installXen(g, n)
 	}
 	if err != nil {
@@ -398,6 +399,8 @@ type xenNet struct {
 	// xlStandby: an activated standby, created by xl (for a libvirt VM,
 	// libvirt does not know it: found and destroyed through xl).
 	xlStandby bool
+	// libvirtStandby: an activated standby libvirt made (it knows it).
+	libvirtStandby bool
 	// master names the vif's master when it is not a Linux bridge (an
 	// Open vSwitch port, a bond): NFQUEUE's physdev match cannot see it.
 	master string
@@ -465,7 +468,7 @@ func (d *Daemon) prepareXenProtection(ctx context.Context, v *vm, resume bool) e
 			return fmt.Errorf("attach the domain for protection: %w", err)
 		}
 		d.mu.Lock()
-		nn.xlStandby = v.xnet.xlStandby
+		nn.xlStandby, nn.libvirtStandby = v.xnet.xlStandby, v.xnet.libvirtStandby
 		v.installXen(ng, nn)
 		d.mu.Unlock()
 		g, n = ng, nn
@@ -475,7 +478,7 @@ func (d *Daemon) prepareXenProtection(ctx context.Context, v *vm, resume bool) e
 			return err
 		}
 		d.mu.Lock()
-		n.xlStandby = v.xnet.xlStandby
+		n.xlStandby, n.libvirtStandby = v.xnet.xlStandby, v.xnet.libvirtStandby
 		v.xnet, v.qnet = n, qemuNet{tap: n.vif, bridged: n.bridged}
 		d.mu.Unlock()
 	}
@@ -511,7 +514,8 @@ func (d *Daemon) xenConfig(name string) *XenVM {
 
 // newXenReplica creates the hot standby of a primary's Xen VM from this
 // host's own configuration of it (local): `xl create -p` of its
-// xl_config under its domain name. The primary's description is only
+// xl_config under its domain name, or for a libvirt VM libvirt's
+// definition of that domain started paused. The primary's description is only
 // checked; the layouts are compared at the handshake (backend version).
 // A paused domain of that name that never ran (a standby a killed daemon
 // or a killed `xl create` left) is destroyed first; any other domain of
@@ -527,14 +531,22 @@ func (d *Daemon) newXenReplica(ctx context.Context, h *remuspb.Hello, identity s
 	if uint64(cfg.Pages)*hypervisor.PageSize != h.MemoryBytes {
 		return nil, fmt.Errorf("VM %s: hello says %d bytes of memory, backend config %d pages", h.VmName, h.MemoryBytes, cfg.Pages)
 	}
-	if local.XLConfig == "" {
-		return nil, fmt.Errorf("VM %s: %s's xen_vms entry has no xl_config to create the standby from", h.VmName, d.cfg.Name)
+	opts := xen.StandbyOptions{Name: h.VmName, DomainName: local.domain(), XL: d.cfg.Xen.xl(), Type: local.Type, Logger: d.log}
+	switch {
+	case local.XLConfig != "":
+		// xl_config wins where both are set: what such an entry did
+		// before libvirt could make standbys.
+		opts.ConfigPath = local.XLConfig
+	case local.Libvirt:
+		opts.Manager = libvirtStandby{d: d, x: local}
+		opts.CreateTimeout = xenOpenTimeout
+	default:
+		return nil, fmt.Errorf("VM %s: %s's xen_vms entry has no xl_config to create the standby from (nor libvirt: true for a domain libvirt defines)", h.VmName, d.cfg.Name)
 	}
 	if err := d.destroyLeftoverStandby(ctx, local); err != nil {
 		return nil, fmt.Errorf("VM %s: %w", h.VmName, err)
 	}
-	sb, err := xen.NewStandby(ctx, xen.StandbyOptions{Name: h.VmName, ConfigPath: local.XLConfig, DomainName: local.domain(),
-		XL: d.cfg.Xen.xl(), Type: local.Type, Logger: d.log})
+	sb, err := xen.NewStandby(ctx, opts)
 	if err != nil {
 		return nil, fmt.Errorf("VM %s: standby: %w", h.VmName, err)
 	}
@@ -556,14 +568,19 @@ func (d *Daemon) newXenReplica(ctx context.Context, h *remuspb.Hello, identity s
 
 // destroyLeftoverStandby makes room for a new standby: a domain of its
 // name that is paused and never ran is a standby a killed daemon (or a
-// killed `xl create`) left, holding nothing anyone saw: it is destroyed.
-// A domain of that name that ran is refused: it may be the VM itself.
+// killed `xl create` or libvirt start) left, holding nothing anyone saw:
+// it is destroyed. A domain of that name that ran is refused: it may be
+// the VM itself.
 func (d *Daemon) destroyLeftoverStandby(ctx context.Context, x XenVM) error {
 	cctx, cancel := context.WithTimeout(ctx, xenCallTimeout)
 	defer cancel()
-	// Standbys are xl's (libvirt does not know them).
-	x.Libvirt = false
 	domid, st, err := d.findXenDomain(cctx, x)
+	if x.Libvirt && errors.Is(err, xen.ErrNoDomain) {
+		// Not libvirt's: one xl made (a remusd that made libvirt VMs'
+		// standbys with xl) is found through xl.
+		x.Libvirt = false
+		domid, st, err = d.findXenDomain(cctx, x)
+	}
 	if errors.Is(err, xen.ErrNoDomain) {
 		return nil
 	}
@@ -573,7 +590,7 @@ func (d *Daemon) destroyLeftoverStandby(ctx context.Context, x XenVM) error {
 	if !st.NeverRan() {
 		return fmt.Errorf("a domain named %s (%d) exists on this backup and has run: it may be the VM itself; not creating a standby over it (destroy it, or give the standby another domain name in xen_vms)", x.domain(), domid)
 	}
-	if err := d.xh.Destroy(cctx, domid); err != nil {
+	if err := d.destroyXenDomain(cctx, &x, domid); err != nil {
 		return fmt.Errorf("destroy the standby a previous daemon left: %w", err)
 	}
 	d.log.Warn("destroyed the standby domain a previous daemon left", zap.String("vm", x.Name), zap.Uint32("domid", domid))

@@ -16,15 +16,19 @@ package daemon
 // instead of `xl create`; `remusd stop NAME` pauses it, destroys it
 // through libvirt and then lets go of it.
 //
-// Not through libvirt: the backup's standby, created with `xl create -p`
-// from the entry's xl_config as for any Xen VM. The standby must be a
-// domain that exists paused and has never run, which remusd fills with
-// the primary's memory before it ever runs; libvirt's libxl driver can
-// start a domain paused (virDomainCreateXML with VIR_DOMAIN_START_PAUSED)
-// but that is left for later: it would also need the standby's libvirt
-// definition to be kept in step with the primary's, and a failover to
-// leave libvirt knowing the activated domain. A libvirt-managed VM's
-// backup therefore still needs an xl_config for its standby.
+// On a backup whose xen_vms entry says libvirt, the standby is this
+// host's libvirt definition of the domain started paused
+// (virDomainCreateWithFlags with VIR_DOMAIN_START_PAUSED: it never runs
+// before activation), cross-checked against xenstore as a primary's domain
+// is; remusd fills it with the primary's memory, activation resumes it
+// through libvirt (virDomainResume), and a standby that is not activated
+// is destroyed through libvirt. libvirt knows the domain throughout, so the
+// activated VM is a libvirt domain like any other (virsh list, dominfo,
+// destroy) and a restarted daemon finds it through libvirt. The backup's
+// definition is the operator's, as an xl_config is: the same memory size,
+// type and vifs as the primary's (the layouts are compared at the
+// handshake), on this host's bridge. Without libvirt: true the standby
+// is made with `xl create -p` of the entry's xl_config.
 //
 // libvirtd being down is never taken for the domain being gone: a lookup
 // that gets no answer is an error (errLibvirtDown), and a restarted daemon
@@ -61,6 +65,11 @@ type xenLibvirt interface {
 	Lookup(ctx context.Context, name string) (libvirt.XenDomain, error)
 	// Start starts the defined domain name.
 	Start(ctx context.Context, name string) error
+	// StartPaused creates the defined domain name paused and returns its
+	// domid.
+	StartPaused(ctx context.Context, name string) (uint32, error)
+	// Resume unpauses domain name if it is still domain domid.
+	Resume(ctx context.Context, name string, domid uint32) error
 	// Destroy destroys domain name if it is still domain domid.
 	Destroy(ctx context.Context, name string, domid uint32) error
 }
@@ -129,6 +138,24 @@ func (l libvirtXen) Start(ctx context.Context, name string) error {
 	}
 	defer c.Close()
 	return c.StartXen(ctx, name)
+}
+
+func (l libvirtXen) StartPaused(ctx context.Context, name string) (uint32, error) {
+	c, err := libvirt.DialXen(ctx, l.cfg)
+	if err != nil {
+		return 0, err
+	}
+	defer c.Close()
+	return c.StartXenPaused(ctx, name)
+}
+
+func (l libvirtXen) Resume(ctx context.Context, name string, domid uint32) error {
+	c, err := libvirt.DialXen(ctx, l.cfg)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	return c.ResumeXen(ctx, name, domid)
 }
 
 func (l libvirtXen) Destroy(ctx context.Context, name string, domid uint32) error {
@@ -249,7 +276,15 @@ func (d *Daemon) destroyXenDomain(ctx context.Context, x *XenVM, domid uint32) e
 		if !errors.Is(err, libvirt.ErrNoDomain) && !errors.Is(err, libvirt.ErrNotRunning) {
 			return fmt.Errorf("destroy libvirt domain %s (%d): %w", x.domain(), domid, err)
 		}
-		// Not libvirt's: an activated standby, which xl created.
+		// Not libvirt's: an activated standby, which xl created. Only if
+		// Xen still names domid as the VM's domain.
+		name, nerr := d.xh.DomainName(ctx, domid)
+		if nerr != nil {
+			return fmt.Errorf("libvirt does not run domain %s (%v) and Xen cannot name domain %d: not destroying it: %w", x.domain(), err, domid, nerr)
+		}
+		if name != x.domain() {
+			return fmt.Errorf("libvirt does not run domain %s (%v) and domain %d is %q now: not destroying it", x.domain(), err, domid, printable(name))
+		}
 		d.log.Info("libvirt does not run the domain (an activated standby?): destroying it with xl", zap.String("vm", x.Name), zap.Uint32("domid", domid), zap.Error(err))
 	}
 	return d.xh.Destroy(ctx, domid)
@@ -273,4 +308,71 @@ func (d *Daemon) createXenDomain(ctx context.Context, x XenVM) (uint32, error) {
 	}
 	d.log.Info("libvirt started the xen domain", zap.String("vm", x.Name), zap.String("domain", x.domain()), zap.Duration("took", time.Since(t0)))
 	return d.lookupLibvirtXen(ctx, x)
+}
+
+// libvirtStandby is a libvirt VM's standby domain on a backup
+// (xen.DomainManager): libvirt starts this host's definition of the
+// domain paused, resumes it at activation and destroys a standby that is
+// not activated, so that libvirt knows the domain throughout.
+type libvirtStandby struct {
+	d *Daemon
+	x XenVM
+}
+
+func (s libvirtStandby) String() string { return "libvirt domain " + s.x.domain() }
+
+// CreatePaused starts the definition paused and checks the domain as a
+// primary's is (libvirt and xenstore agree on its name and vifs, a PVH
+// domain without disks); a domain that fails the check is destroyed.
+func (s libvirtStandby) CreatePaused(ctx context.Context) (uint32, error) {
+	// Within NewStandby's CreateTimeout (xenOpenTimeout too); bounded
+	// here all the same, as every call to libvirt is.
+	ctx, cancel := context.WithTimeout(ctx, xenOpenTimeout)
+	defer cancel()
+	t0 := time.Now()
+	domid, err := s.d.xlv.StartPaused(ctx, s.x.domain())
+	switch {
+	case errors.Is(err, libvirt.ErrNoDomain):
+		return 0, fmt.Errorf("%w: define the VM in this host's libvirt too (virsh -c xen:///system define), as on its primary, named %s", err, s.x.domain())
+	case err != nil:
+		return 0, err
+	}
+	found, err := s.d.lookupLibvirtXen(ctx, s.x)
+	if err == nil && found != domid {
+		err = fmt.Errorf("libvirt started domain %d paused, but says %s is domain %d", domid, s.x.domain(), found)
+	}
+	if err == nil {
+		// A standby must never have run before remusd fills it.
+		cctx, cancel := context.WithTimeout(ctx, xenCallTimeout)
+		st, serr := s.d.xh.DomainState(cctx, domid)
+		cancel()
+		switch {
+		case serr != nil:
+			err = fmt.Errorf("domain %d: %w", domid, serr)
+		case !st.NeverRan():
+			err = fmt.Errorf("domain %d is not paused before its first run (paused %v, %d ns of CPU time): not a fresh standby", domid, st.Paused, st.CPUTimeNs)
+		}
+	}
+	if err != nil {
+		if derr := s.d.destroyXenDomain(context.WithoutCancel(ctx), &s.x, domid); derr != nil {
+			s.d.log.Error("destroying a refused standby failed", zap.String("vm", s.x.Name), zap.Uint32("domid", domid), zap.Error(derr))
+		}
+		return 0, fmt.Errorf("the standby libvirt started (domain %d) is refused: %w", domid, err)
+	}
+	s.d.log.Info("libvirt started the standby paused", zap.String("vm", s.x.Name), zap.String("domain", s.x.domain()),
+		zap.Uint32("domid", domid), zap.Duration("took", time.Since(t0)))
+	return domid, nil
+}
+
+// Unpause resumes the loaded standby through libvirt.
+func (s libvirtStandby) Unpause(ctx context.Context, domid uint32) error {
+	ctx, cancel := context.WithTimeout(ctx, xenCallTimeout)
+	defer cancel()
+	return s.d.xlv.Resume(ctx, s.x.domain(), domid)
+}
+
+// Destroy destroys the standby through libvirt (through xl if libvirt
+// does not run it).
+func (s libvirtStandby) Destroy(ctx context.Context, domid uint32) error {
+	return s.d.destroyXenDomain(ctx, &s.x, domid)
 }

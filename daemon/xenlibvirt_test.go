@@ -23,7 +23,8 @@ type fakeXenHost struct {
 	created    []string
 	destroyed  []uint32
 	waited     []uint32 // WaitSuspendable's domids
-	bootFails  error    // WaitSuspendable's answer
+	neverRan   map[uint32]bool
+	bootFails  error // WaitSuspendable's answer
 	noDeadline bool
 }
 
@@ -59,6 +60,9 @@ func (h *fakeXenHost) DomainState(ctx context.Context, domid uint32) (xen.Domain
 	h.check(ctx)
 	if _, ok := h.names[domid]; !ok {
 		return xen.DomainStatus{}, fmt.Errorf("%w: %d", xen.ErrNoDomain, domid)
+	}
+	if h.neverRan[domid] {
+		return xen.DomainStatus{Paused: true}, nil
 	}
 	return xen.DomainStatus{CPUTimeNs: 1}, nil
 }
@@ -109,6 +113,8 @@ type fakeLibvirt struct {
 	destroyErr error
 	lookups    int
 	started    []string
+	paused     []string // StartPaused's names
+	resumed    []uint32
 	destroyed  []uint32
 	noDeadline bool
 }
@@ -142,6 +148,39 @@ func (l *fakeLibvirt) Start(ctx context.Context, name string) error {
 	}
 	l.started = append(l.started, name)
 	l.running = true
+	return nil
+}
+
+func (l *fakeLibvirt) StartPaused(ctx context.Context, name string) (uint32, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if _, ok := ctx.Deadline(); !ok {
+		l.noDeadline = true
+	}
+	switch {
+	case l.err != nil:
+		return 0, l.err
+	case name != l.dom.Name:
+		return 0, fmt.Errorf("libvirt: no domain %q: %w", name, libvirt.ErrNoDomain)
+	}
+	l.paused = append(l.paused, name)
+	l.running = true
+	return l.dom.ID, nil
+}
+
+func (l *fakeLibvirt) Resume(ctx context.Context, name string, domid uint32) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if _, ok := ctx.Deadline(); !ok {
+		l.noDeadline = true
+	}
+	if l.err != nil {
+		return l.err
+	}
+	if name != l.dom.Name || domid != l.dom.ID {
+		return fmt.Errorf("libvirt: domain %q is domain %d now, not %d: not resuming it", name, l.dom.ID, domid)
+	}
+	l.resumed = append(l.resumed, domid)
 	return nil
 }
 
@@ -395,6 +434,37 @@ func TestBringUpXenLibvirt(t *testing.T) {
 			t.Errorf("restart of a re-protected activated standby: libvirt asked %d times, want 0", l.lookups)
 		}
 	}
+	// An activated standby: one xl made (marked, or an active record
+	// from before standbys could be libvirt's) is found through xl; one
+	// libvirt made through libvirt.
+	for _, tc := range []struct {
+		name        string
+		rec         xenRecord
+		wantLibvirt bool
+	}{
+		{"xl-made, marked", xenRecord{DomID: 7, Vif: "vif7.0", Bridged: true, XLStandby: true}, false},
+		{"active record without a mark", xenRecord{DomID: 7, Vif: "vif7.0", Bridged: true}, false},
+		{"libvirt-made", xenRecord{DomID: 7, Vif: "vif7.0", Bridged: true, LibvirtStandby: true}, true},
+	} {
+		dir := t.TempDir()
+		s, err := newRecordStore(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		rec := tc.rec
+		if err := s.save(vmRecord{Name: "web", Backend: xen.BackendName, Role: RoleActive, Xen: &rec}); err != nil {
+			t.Fatal(err)
+		}
+		h, l := webDomain()
+		d := newXenLibvirtDaemon(t, dir, h, l, x)
+		v := d.vms["web"]
+		if v == nil || !strings.Contains(v.stoppedWhy, "exists but cannot be attached") {
+			t.Errorf("restart, active, %s: vm %+v, want it found (and stopped only at the attach this build cannot do)", tc.name, v)
+		}
+		if (l.lookups > 0) != tc.wantLibvirt {
+			t.Errorf("restart, active, %s: libvirt asked %d times, want libvirt %v", tc.name, l.lookups, tc.wantLibvirt)
+		}
+	}
 }
 
 // TestXenLifecycleLibvirt: `remusd start` of a libvirt VM starts the
@@ -452,8 +522,14 @@ func TestXenLifecycleLibvirt(t *testing.T) {
 		t.Fatalf("destroy db: %v, libvirt %v, xl %v", err, l.destroyed, h.destroyed)
 	}
 	l.destroyErr = fmt.Errorf("libvirt: no domain \"web\": %w", libvirt.ErrNoDomain)
+	h.names[12] = "web"
 	if err := d.destroyXenDomain(t.Context(), web, 12); err != nil || len(h.destroyed) != 2 || h.destroyed[1] != 12 {
 		t.Fatalf("destroy an activated standby: %v, xl %v", err, h.destroyed)
+	}
+	// xl destroys by domid only what Xen still names as the VM's domain.
+	h.names[13] = "other"
+	if err := d.destroyXenDomain(t.Context(), web, 13); err == nil || !strings.Contains(err.Error(), `is "other" now`) || len(h.destroyed) != 2 {
+		t.Fatalf("destroy of a domid that is another domain now: %v, xl %v", err, h.destroyed)
 	}
 	l.destroyErr = errDialFailed
 	if err := d.destroyXenDomain(t.Context(), web, 7); err == nil || !strings.Contains(err.Error(), "connection refused") || len(h.destroyed) != 2 {
@@ -461,6 +537,134 @@ func TestXenLifecycleLibvirt(t *testing.T) {
 	}
 	if l.noDeadline || h.noDeadline {
 		t.Error("a call without a deadline")
+	}
+}
+
+// TestLibvirtStandby: a libvirt VM's standby on a backup is libvirt's
+// definition started paused, accepted only once libvirt and xenstore
+// agree on it (else destroyed through libvirt), resumed and destroyed
+// through libvirt; a backup whose libvirt lacks the definition says so.
+func TestLibvirtStandby(t *testing.T) {
+	var _ xen.DomainManager = libvirtStandby{}
+	x := XenVM{Name: "web", Domain: "web-b", Libvirt: true}
+	standby := func() (*fakeXenHost, *fakeLibvirt, libvirtStandby) {
+		h, l := webDomain()
+		l.running = false
+		l.dom.Name, l.dom.ID = "web-b", 11
+		l.dom.Interfaces[0].Name = "vif11.0"
+		h.names = map[uint32]string{11: "web-b"}
+		h.vifs = map[uint32][]xen.Vif{11: {{DevID: 0, Name: "vif11.0", MAC: "00:16:3e:00:00:01"}}}
+		h.neverRan = map[uint32]bool{11: true}
+		d := &Daemon{log: testLogger(t), xh: h, xlv: l}
+		return h, l, libvirtStandby{d: d, x: x}
+	}
+	deadlines := func(what string, h *fakeXenHost, l *fakeLibvirt) {
+		t.Helper()
+		if l.noDeadline || h.noDeadline {
+			t.Errorf("%s: a call without a deadline", what)
+		}
+	}
+
+	h, l, s := standby()
+	if s.String() != "libvirt domain web-b" {
+		t.Fatalf("String() = %q", s.String())
+	}
+	domid, err := s.CreatePaused(t.Context())
+	if err != nil || domid != 11 || len(l.paused) != 1 || l.paused[0] != "web-b" || len(h.created) != 0 {
+		t.Fatalf("CreatePaused: %d, %v; libvirt started paused %v, xl created %v", domid, err, l.paused, h.created)
+	}
+	if len(l.destroyed) != 0 || len(h.destroyed) != 0 {
+		t.Fatalf("an accepted standby was destroyed: libvirt %v, xl %v", l.destroyed, h.destroyed)
+	}
+	if err := s.Unpause(t.Context(), 11); err != nil || len(l.resumed) != 1 || l.resumed[0] != 11 {
+		t.Fatalf("Unpause: %v, libvirt resumed %v", err, l.resumed)
+	}
+	if err := s.Unpause(t.Context(), 12); err == nil || len(l.resumed) != 1 {
+		t.Fatalf("Unpause of another domid: %v, libvirt resumed %v", err, l.resumed)
+	}
+	if err := s.Destroy(t.Context(), 11); err != nil || len(l.destroyed) != 1 || l.destroyed[0] != 11 || len(h.destroyed) != 0 {
+		t.Fatalf("Destroy: %v, libvirt %v, xl %v", err, l.destroyed, h.destroyed)
+	}
+	deadlines("accepted standby", h, l)
+
+	// A domain that ran (a definition libvirt restored, or started and
+	// let run) is no standby: refused and destroyed.
+	h, l, s = standby()
+	h.neverRan = nil
+	if _, err := s.CreatePaused(t.Context()); err == nil || !strings.Contains(err.Error(), "not a fresh standby") || len(l.destroyed) != 1 || l.destroyed[0] != 11 {
+		t.Fatalf("CreatePaused of a domain that ran: %v, libvirt destroyed %v", err, l.destroyed)
+	}
+	deadlines("a domain that ran", h, l)
+
+	// libvirt and xenstore disagree on the vif: refused and destroyed.
+	h, l, s = standby()
+	h.vifs[11][0].MAC = "00:16:3e:00:00:99"
+	if _, err := s.CreatePaused(t.Context()); err == nil || !strings.Contains(err.Error(), "refused") || !strings.Contains(err.Error(), "vif 0 differs") {
+		t.Fatalf("CreatePaused of a mismatched domain: %v", err)
+	}
+	if len(l.destroyed) != 1 || l.destroyed[0] != 11 {
+		t.Fatalf("the refused standby: libvirt destroyed %v, want [11]", l.destroyed)
+	}
+	deadlines("mismatched vif", h, l)
+
+	// This host's libvirt has no definition of the domain.
+	h, l, s = standby()
+	l.dom.Name = "other"
+	if _, err := s.CreatePaused(t.Context()); !errors.Is(err, libvirt.ErrNoDomain) || !strings.Contains(err.Error(), "virsh -c xen:///system define") {
+		t.Fatalf("CreatePaused without a definition: %v", err)
+	}
+	deadlines("no definition", h, l)
+	// libvirtd down: an error, nothing started.
+	h, l, s = standby()
+	l.err = errDialFailed
+	if _, err := s.CreatePaused(t.Context()); err == nil || len(l.paused) != 0 {
+		t.Fatalf("CreatePaused with libvirtd down: %v, started %v", err, l.paused)
+	}
+	deadlines("libvirtd down", h, l)
+}
+
+// TestDestroyLeftoverLibvirtStandby: before a new standby of a libvirt VM
+// is made, a paused never-run domain of its name (a standby a killed
+// daemon left) is destroyed, through libvirt if libvirt runs it, else
+// through xl; one that ran is refused and left alone.
+func TestDestroyLeftoverLibvirtStandby(t *testing.T) {
+	x := XenVM{Name: "web", Libvirt: true}
+	h, l := webDomain()
+	h.neverRan = map[uint32]bool{7: true}
+	d := &Daemon{log: testLogger(t), xh: h, xlv: l}
+	if err := d.destroyLeftoverStandby(t.Context(), x); err != nil || len(l.destroyed) != 1 || l.destroyed[0] != 7 || len(h.destroyed) != 0 {
+		t.Fatalf("libvirt's leftover standby: %v, libvirt destroyed %v, xl %v", err, l.destroyed, h.destroyed)
+	}
+	// One libvirt does not know (xl made it).
+	h, l = webDomain()
+	l.dom.Name = "other"
+	h.neverRan = map[uint32]bool{7: true}
+	d = &Daemon{log: testLogger(t), xh: h, xlv: l}
+	if err := d.destroyLeftoverStandby(t.Context(), x); err != nil || len(h.destroyed) != 1 || h.destroyed[0] != 7 || len(l.destroyed) != 0 {
+		t.Fatalf("xl's leftover standby: %v, libvirt destroyed %v, xl %v", err, l.destroyed, h.destroyed)
+	}
+	// A domain that ran may be the VM itself.
+	h, l = webDomain()
+	d = &Daemon{log: testLogger(t), xh: h, xlv: l}
+	if err := d.destroyLeftoverStandby(t.Context(), x); err == nil || !strings.Contains(err.Error(), "has run") || len(l.destroyed)+len(h.destroyed) != 0 {
+		t.Fatalf("a domain that ran: %v, libvirt destroyed %v, xl %v", err, l.destroyed, h.destroyed)
+	}
+	// libvirtd down: whether libvirt runs a leftover is unknown: an
+	// error, and nothing destroyed (not even through xl).
+	h, l = webDomain()
+	h.neverRan = map[uint32]bool{7: true}
+	l.err = errDialFailed
+	d = &Daemon{log: testLogger(t), xh: h, xlv: l}
+	if err := d.destroyLeftoverStandby(t.Context(), x); err == nil || len(l.destroyed)+len(h.destroyed) != 0 {
+		t.Fatalf("libvirtd down: %v, libvirt destroyed %v, xl %v", err, l.destroyed, h.destroyed)
+	}
+	// Nothing of that name: nothing to do.
+	h, l = webDomain()
+	l.running = false
+	delete(h.names, 7)
+	d = &Daemon{log: testLogger(t), xh: h, xlv: l}
+	if err := d.destroyLeftoverStandby(t.Context(), x); err != nil || len(l.destroyed)+len(h.destroyed) != 0 {
+		t.Fatalf("no domain: %v, libvirt destroyed %v, xl %v", err, l.destroyed, h.destroyed)
 	}
 }
 

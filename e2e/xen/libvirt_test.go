@@ -39,12 +39,15 @@ func TestXenDaemonLibvirt(t *testing.T) {
 // libvirt's libxl driver (defined and started with virsh); hosta's
 // xen_vms entry says libvirt, so its daemon finds the domain through
 // libvirt (cross-checked against xenstore) and reports its domid and vif;
-// hostb backs it up into a standby it creates with xl from its xl_config.
+// hostb's entry says libvirt too, so its standby is its own libvirt
+// definition of the VM ("web-sb") started paused through libvirt.
 // `remusd protect` runs until six epochs are acknowledged; then the
 // primary dies (its daemon killed, the domain destroyed through libvirt)
-// and `remusd failover` on hostb must keep the client's TCP connection.
-// Last, hosta's daemon comes back and `remusd start web` starts the
-// domain through libvirt, `remusd stop web` destroys it through libvirt.
+// and `remusd failover` on hostb must keep the client's TCP connection;
+// libvirt must say the activated standby runs, and hostb's daemon,
+// restarted, must find it through libvirt. Last, hosta's daemon comes
+// back and `remusd start web` starts the domain through libvirt,
+// `remusd stop web` destroys it through libvirt.
 func TestDom0DaemonLibvirt(t *testing.T) {
 	if !xentest.InDom0() {
 		t.Skip("runs in a xentest dom0 (TestXenDaemonLibvirt boots one)")
@@ -70,11 +73,14 @@ func TestDom0DaemonLibvirt(t *testing.T) {
 	if err := os.WriteFile(xmlPath, []byte(xentest.NetGuestDomainXML("web", domUKern, domUNetRD, script)), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	xlCfg := filepath.Join(dir, "web.cfg")
-	if err := os.WriteFile(xlCfg, []byte(xentest.NetGuestXL("web", domUKern, domUNetRD, script)), 0o644); err != nil {
+	// hostb's definition of the VM (one libvirtd serves both "hosts"
+	// here, hence another name): the same memory, type and vif.
+	sbPath := filepath.Join(dir, "web-sb.xml")
+	if err := os.WriteFile(sbPath, []byte(xentest.NetGuestDomainXML("web-sb", domUKern, domUNetRD, script)), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	virsh("define", xmlPath)
+	virsh("define", sbPath)
 	t0 := time.Now()
 	virsh("start", "web")
 	t.Logf("dom0: virsh start web: %v", time.Since(t0).Round(time.Millisecond))
@@ -88,8 +94,9 @@ func TestDom0DaemonLibvirt(t *testing.T) {
 				t.Logf("dom0: libvirt log: %s", l)
 			}
 		}
-		exec.Command(xentest.HostVirsh, "-c", "xen:///system", "destroy", "web").Run()
-		xlOut("destroy", "web-sb")
+		for _, d := range []string{"web", "web-sb"} {
+			exec.Command(xentest.HostVirsh, "-c", "xen:///system", "destroy", d).Run()
+		}
 	})
 	if err := xentest.WaitConsole(ctx, "web", "dirtier: 8192 pages", 150*time.Second); err != nil {
 		t.Fatal(err)
@@ -123,14 +130,16 @@ func TestDom0DaemonLibvirt(t *testing.T) {
 	defer echo.Stop()
 
 	const replA, replB = "127.0.0.1:17812", "127.0.0.1:17811"
-	// The standby is xl's, from the backup's own xl configuration.
-	acfg, bcfg := dom0Pair(dir, replA, replB, xlCfg, daemon.XenVM{Name: "web", Libvirt: true}, daemon.OutputPlug)
+	// The standby is libvirt's, from the backup's own definition.
+	acfg, bcfg := dom0Pair(dir, replA, replB, "", daemon.XenVM{Name: "web", Libvirt: true}, daemon.OutputPlug)
+	bcfg.XenVMs = []daemon.XenVM{{Name: "web", Domain: "web-sb", Libvirt: true}}
 	acfg.Xen.Libvirt = libvirt.Config{Socket: lv.Socket}
+	bcfg.Xen.Libvirt = acfg.Xen.Libvirt
 	b, err := demo.StartDaemon(ctx, demo.StartOptions{Exe: remusdBin, Dir: dir, Wait: time.Minute}, bcfg)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer b.StopKeepGuests()
+	defer func() { b.StopKeepGuests() }()
 	var a *demo.DaemonProc
 	startA := func() time.Duration {
 		t.Helper()
@@ -183,7 +192,16 @@ func TestDom0DaemonLibvirt(t *testing.T) {
 	if fmt.Sprint(ps.XenDomID) != domid || ps.XenVif != "vif"+domid+".0" || ps.OutBuf != daemon.OutputPlug {
 		t.Fatalf("protected: domain %d on %q with %q; want %s on vif%s.0 with plug", ps.XenDomID, ps.XenVif, ps.OutBuf, domid, domid)
 	}
-	t.Logf("dom0: libvirt VM protected: first epoch acked %v after protect, epoch %d acked after %v; pause p50 %.1f ms p99 %.1f ms, ack p50 %.1f ms; standby domain %d",
+	if id := virsh("domid", "web-sb"); fmt.Sprint(bs.XenDomID) != id {
+		t.Fatalf("hostb's standby is domain %d, virsh domid web-sb says %s", bs.XenDomID, id)
+	}
+	if st := virsh("domstate", "web-sb"); st != "paused" {
+		t.Fatalf("the standby: virsh domstate web-sb says %q, want paused", st)
+	}
+	if !strings.Contains(demo.LogTail(b.LogPath, 300), "libvirt started the standby paused") {
+		t.Fatalf("hostb did not make its standby through libvirt; its log:\n%s", demo.LogTail(b.LogPath, 40))
+	}
+	t.Logf("dom0: libvirt VM protected: first epoch acked %v after protect, epoch %d acked after %v; pause p50 %.1f ms p99 %.1f ms, ack p50 %.1f ms; standby: libvirt domain web-sb (%d), paused",
 		first.Round(time.Millisecond), ps.AckedEpoch, time.Since(t2).Round(time.Millisecond), ps.PauseMsP50, ps.PauseMsP99, ps.AckMsP50, bs.XenDomID)
 	if err := echo.WaitCarriesOn(3, 2*time.Minute); err != nil {
 		t.Fatalf("under protection: %v", err)
@@ -191,6 +209,27 @@ func TestDom0DaemonLibvirt(t *testing.T) {
 
 	// The primary dies: its daemon, and its domain through libvirt.
 	bs = killAndFailover(ctx, t, a, func() { virsh("destroy", "web") }, bc, bcfg.Control, echo, addr)
+	// libvirt knows the activated standby runs: it is the VM now.
+	if st := virsh("domstate", "web-sb"); st != "running" {
+		t.Fatalf("after failover: virsh domstate web-sb says %q, want running", st)
+	}
+	// hostb's daemon restarts: it finds the activated VM through libvirt.
+	b.StopKeepGuests()
+	t5 := time.Now()
+	if b, err = demo.StartDaemon(ctx, demo.StartOptions{Exe: remusdBin, Dir: dir, Wait: 2 * time.Minute}, bcfg); err != nil {
+		t.Fatal(err)
+	}
+	if s, err := bc.VMStatus(ctx, "web"); err != nil || s.Role != daemon.RoleActive || s.XenDomID != bs.XenDomID {
+		t.Fatalf("hostb's status of web after its restart: %+v, %v (want active, domain %d)", s, err, bs.XenDomID)
+	}
+	if !strings.Contains(demo.LogTail(b.LogPath, 200), "xen domain found through libvirt") {
+		t.Fatalf("restarted hostb did not find web-sb through libvirt; its log:\n%s", demo.LogTail(b.LogPath, 40))
+	}
+	if err := echo.WaitCarriesOn(3, time.Minute); err != nil {
+		t.Fatalf("after hostb's restart: %v", err)
+	}
+	t.Logf("dom0: libvirt says web-sb runs; hostb restarted and found it through libvirt %v after exec; the connection carries on",
+		time.Since(t5).Round(time.Millisecond))
 
 	// hosta comes back: web is gone there (not looked for again). `remusd
 	// start` starts it through libvirt, `remusd stop` destroys it
@@ -203,7 +242,7 @@ func TestDom0DaemonLibvirt(t *testing.T) {
 	// The activated standby is paused meanwhile: two guests running on the
 	// lab's one guest pCPU (xentest.DomUPin) made the booting one
 	// triple-fault under TCG in 2 of 3 attempts (README).
-	xl(t, "pause", "web-sb")
+	virsh("suspend", "web-sb")
 	t3 := time.Now()
 	cli(t, "start", "web", "--control", acfg.Control)
 	started := time.Since(t3)
@@ -220,11 +259,11 @@ func TestDom0DaemonLibvirt(t *testing.T) {
 		t.Fatalf("after remusd stop: virsh domstate web says %q", st)
 	}
 	t.Logf("dom0: remusd start through libvirt %v (domain %d), remusd stop %v", started.Round(time.Millisecond), s.XenDomID, time.Since(t4).Round(time.Millisecond))
-	if !strings.Contains(xlOut("list"), "web-sb") {
-		t.Fatal("xl list does not show web-sb after hosta's stop")
+	if st := virsh("domstate", "web-sb"); st != "paused" {
+		t.Fatalf("after hosta's stop: virsh domstate web-sb says %q (want it untouched, paused)", st)
 	}
-	// Not checked: the old connection after the unpause. The second copy
+	// Not checked: the old connection after the resume. The second copy
 	// has the guest's address on the same bridge and may have answered
 	// the client's retransmission with a reset meanwhile.
-	xl(t, "unpause", "web-sb")
+	virsh("resume", "web-sb")
 }

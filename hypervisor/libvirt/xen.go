@@ -402,20 +402,94 @@ func (c *Conn) StartXen(ctx context.Context, name string) error {
 	})
 }
 
+// StartXenPaused creates the defined (persistent, shut off) Xen domain
+// named name paused (virsh start --paused) as a standby: libxl builds it
+// and its devices, and its vCPUs never run until ResumeXen. It returns the
+// new domain's id. A name libvirt does not know is ErrNoDomain. A
+// definition with a managed save image is refused (libvirt would restore
+// that old guest instead of building a fresh domain), and so is one
+// marked autostart (libvirtd would start it by itself when it restarts,
+// while the VM runs on its primary).
+func (c *Conn) StartXenPaused(ctx context.Context, name string) (uint32, error) {
+	dom, err := c.domainByName(ctx, name)
+	if err != nil {
+		return 0, err
+	}
+	var saved, auto int32
+	if err := c.call(ctx, fmt.Sprintf("domain %q: DomainHasManagedSaveImage", name), func() (err error) {
+		saved, err = c.l.DomainHasManagedSaveImage(dom, 0)
+		return err
+	}); err != nil {
+		return 0, err
+	}
+	if saved != 0 {
+		return 0, fmt.Errorf("libvirt: domain %q has a managed save image: starting it would restore that guest, not make a fresh standby (virsh -c %s managedsave-remove %s)", name, c.uri, name)
+	}
+	if err := c.call(ctx, fmt.Sprintf("domain %q: DomainGetAutostart", name), func() (err error) {
+		auto, err = c.l.DomainGetAutostart(dom)
+		return err
+	}); err != nil {
+		return 0, err
+	}
+	if auto != 0 {
+		return 0, fmt.Errorf("libvirt: domain %q is marked autostart: libvirtd would start this host's copy of the VM by itself (virsh -c %s autostart --disable %s)", name, c.uri, name)
+	}
+	var started golibvirt.Domain
+	if err := c.call(ctx, fmt.Sprintf("domain %q: DomainCreateWithFlags(START_PAUSED)", name), func() (err error) {
+		started, err = c.l.DomainCreateWithFlags(dom, uint32(golibvirt.DomainStartPaused))
+		return err
+	}); err != nil {
+		return 0, err
+	}
+	if started.ID <= 0 {
+		// Not every driver fills the id in: ask again.
+		if started, err = c.domainByName(ctx, name); err != nil {
+			return 0, fmt.Errorf("libvirt: domain %q: started paused but cannot be found: %w", name, err)
+		}
+	}
+	if started.ID <= 0 || started.ID >= 0x7ff0 { // DOMID_FIRST_RESERVED
+		return 0, fmt.Errorf("libvirt: domain %q: started paused but its id is %d", name, started.ID)
+	}
+	return uint32(started.ID), nil
+}
+
+// ResumeXen unpauses the Xen domain named name (virsh resume) through
+// libvirt, so that libvirt knows it runs, but only if it is still domain
+// domid. A name libvirt does not know is ErrNoDomain, one that does not
+// run ErrNotRunning.
+func (c *Conn) ResumeXen(ctx context.Context, name string, domid uint32) error {
+	dom, err := c.runningDomain(ctx, name, domid, "resuming")
+	if err != nil {
+		return err
+	}
+	return notFound(c.call(ctx, fmt.Sprintf("domain %q (%d): DomainResume", name, domid), func() error {
+		return c.l.DomainResume(dom)
+	}), c.uri, name)
+}
+
+// runningDomain looks name up and checks that it is domain domid.
+func (c *Conn) runningDomain(ctx context.Context, name string, domid uint32, doing string) (golibvirt.Domain, error) {
+	dom, err := c.domainByName(ctx, name)
+	if err != nil {
+		return golibvirt.Domain{}, err
+	}
+	switch {
+	case dom.ID <= 0:
+		return golibvirt.Domain{}, fmt.Errorf("libvirt: domain %q: %w", name, ErrNotRunning)
+	case uint32(dom.ID) != domid:
+		return golibvirt.Domain{}, fmt.Errorf("libvirt: domain %q is domain %d now, not %d: not %s it", name, dom.ID, domid, doing)
+	}
+	return dom, nil
+}
+
 // DestroyXen destroys the running Xen domain named name (virsh destroy),
 // but only if it is still domain domid: a domain started again under the
 // name since is not touched (an error). A name libvirt does not know is
 // ErrNoDomain, one that does not run ErrNotRunning.
 func (c *Conn) DestroyXen(ctx context.Context, name string, domid uint32) error {
-	dom, err := c.domainByName(ctx, name)
+	dom, err := c.runningDomain(ctx, name, domid, "destroying")
 	if err != nil {
 		return err
-	}
-	switch {
-	case dom.ID <= 0:
-		return fmt.Errorf("libvirt: domain %q: %w", name, ErrNotRunning)
-	case uint32(dom.ID) != domid:
-		return fmt.Errorf("libvirt: domain %q is domain %d now, not %d: not destroying it", name, dom.ID, domid)
 	}
 	return notFound(c.call(ctx, fmt.Sprintf("domain %q (%d): DomainDestroy", name, domid), func() error {
 		return c.l.DomainDestroy(dom)

@@ -312,6 +312,91 @@ func TestDom0LibvirtXen(t *testing.T) {
 	if err := lookupErr("web"); !errors.Is(err, libvirt.ErrNotRunning) {
 		t.Fatalf("after an expired deadline: %v", err)
 	}
+
+	// A standby's lifecycle: started paused (it never runs), resumed
+	// through libvirt only if it is still the same domain, destroyed. One
+	// running guest at a time on the guests' pCPU: xlmade goes first.
+	cctx, cancel = context.WithTimeout(ctx, 30*time.Second)
+	out, err = exec.CommandContext(cctx, filepath.Join(xentest.BinDir, "xl"), "destroy", "xlmade").CombinedOutput()
+	cancel()
+	if err != nil {
+		t.Fatalf("xl destroy xlmade: %v: %s", err, out)
+	}
+	// A definition marked autostart is no standby: libvirtd would start
+	// it by itself.
+	virsh("autostart", "idle")
+	sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	_, err = conn.StartXenPaused(sctx, "idle")
+	cancel()
+	if err == nil || !strings.Contains(err.Error(), "autostart --disable") {
+		t.Fatalf("StartXenPaused of an autostart definition: %v, want a refusal", err)
+	}
+	if s := strings.TrimSpace(virsh("domstate", "idle")); s != "shut off" {
+		t.Fatalf("after a refused StartXenPaused: virsh domstate idle: %q, want shut off", s)
+	}
+	virsh("autostart", "--disable", "idle")
+	sctx, cancel = context.WithTimeout(ctx, 90*time.Second)
+	t4 := time.Now()
+	idleID, err := conn.StartXenPaused(sctx, "idle")
+	cancel()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("dom0: StartXenPaused idle: domid %d in %v", idleID, time.Since(t4).Round(time.Millisecond))
+	if xid, err := xen.DomainID(ctx, filepath.Join(xentest.BinDir, "xl"), "idle"); err != nil || xid != idleID {
+		t.Fatalf("StartXenPaused: domid %d, xl domid %d (%v)", idleID, xid, err)
+	}
+	st, err := xen.DomainState(ctx, idleID)
+	if err != nil || !st.Paused || !st.NeverRan() {
+		t.Fatalf("started paused: %+v (%v), want paused and never run", st, err)
+	}
+	if s := strings.TrimSpace(virsh("domstate", "idle")); s != "paused" {
+		t.Fatalf("virsh domstate idle: %q, want paused", s)
+	}
+	lctx, cancel = context.WithTimeout(ctx, 10*time.Second)
+	if p, err := conn.LookupXen(lctx, "idle"); err != nil || p.ID != idleID {
+		t.Fatalf("LookupXen of the paused domain: %+v, %v", p, err)
+	}
+	cancel()
+	rctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	err = conn.ResumeXen(rctx, "idle", idleID+1)
+	cancel()
+	if err == nil || !strings.Contains(err.Error(), "not resuming") {
+		t.Fatalf("ResumeXen of another domid: %v, want a refusal", err)
+	}
+	if st, err := xen.DomainState(ctx, idleID); err != nil || !st.Paused {
+		t.Fatalf("after a refused resume: %+v (%v), want still paused", st, err)
+	}
+	rctx, cancel = context.WithTimeout(ctx, 30*time.Second)
+	err = conn.ResumeXen(rctx, "idle", idleID)
+	cancel()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st, err := xen.DomainState(ctx, idleID); err != nil || st.Paused {
+		t.Fatalf("after ResumeXen: %+v (%v), want running", st, err)
+	}
+	if s := strings.TrimSpace(virsh("domstate", "idle")); s != "running" {
+		t.Fatalf("virsh domstate idle after ResumeXen: %q, want running", s)
+	}
+	dctx, cancel = context.WithTimeout(ctx, 30*time.Second)
+	err = conn.DestroyXen(dctx, "idle", idleID)
+	cancel()
+	if err != nil {
+		t.Fatal(err)
+	}
+	rctx, cancel = context.WithTimeout(ctx, 30*time.Second)
+	err = conn.ResumeXen(rctx, "idle", idleID)
+	cancel()
+	if !errors.Is(err, libvirt.ErrNotRunning) {
+		t.Fatalf("ResumeXen of a destroyed domain: %v, want ErrNotRunning", err)
+	}
+	sctx, cancel = context.WithTimeout(ctx, 10*time.Second)
+	_, err = conn.StartXenPaused(sctx, "nosuch")
+	cancel()
+	if !errors.Is(err, libvirt.ErrNoDomain) {
+		t.Fatalf("StartXenPaused of an unknown name: %v, want ErrNoDomain", err)
+	}
 }
 
 // xlType returns the domain type libxl created domain name with (`xl

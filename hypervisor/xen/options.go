@@ -1,6 +1,7 @@
 package xen
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"os"
@@ -56,8 +57,13 @@ type StandbyOptions struct {
 	// ConfigPath is the backup host's xl configuration file of the VM
 	// (absolute path of a regular file). The standby is created from it
 	// with `xl create -p`, so it has the memory size, type and devices
-	// this host gives the VM.
+	// this host gives the VM. Unused (and not required) with Manager.
 	ConfigPath string
+	// Manager, if set, creates, unpauses and destroys the standby's
+	// domain instead of xl: the toolstack that owns this host's definition
+	// of the VM (libvirt's libxl driver), so that it knows the domain and
+	// its state throughout.
+	Manager DomainManager
 	// DomainName names the standby domain (overrides the file's name=,
 	// so that a standby and the VM's primary can share a host in tests).
 	// Letters, digits, '.', '_' and '-', at most 64, starting with a
@@ -71,10 +77,36 @@ type StandbyOptions struct {
 	// yet: activated, it would come up without them. A standby of another
 	// type is destroyed and refused.
 	Type string
-	// CreateTimeout bounds `xl create -p` and mapping the standby
-	// (default 90 s); DestroyTimeout bounds `xl destroy` (default 30 s).
+	// CreateTimeout bounds creating the standby (`xl create -p` or
+	// Manager.CreatePaused) and mapping it (default 90 s); DestroyTimeout
+	// bounds destroying it (default 30 s).
 	CreateTimeout, DestroyTimeout time.Duration
 	Logger                        *zap.Logger
+}
+
+// source names where the standby's domain comes from (for messages).
+func (o *StandbyOptions) source() string {
+	if o.Manager != nil {
+		return o.Manager.String()
+	}
+	return o.ConfigPath
+}
+
+// DomainManager is a toolstack that owns a standby's domain (see
+// StandbyOptions.Manager). Each call has ctx's deadline.
+type DomainManager interface {
+	// CreatePaused creates the standby's domain from this host's
+	// definition of the VM, paused before it ever ran, and returns its
+	// domid.
+	CreatePaused(ctx context.Context) (uint32, error)
+	// Unpause lets domain domid run (activation), if it is still the
+	// standby's domain.
+	Unpause(ctx context.Context, domid uint32) error
+	// Destroy destroys domain domid, if it is still the standby's domain.
+	Destroy(ctx context.Context, domid uint32) error
+	// String names the manager and the domain for messages ("libvirt
+	// domain web").
+	String() string
 }
 
 var domainNameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`)
@@ -87,15 +119,17 @@ func (o *StandbyOptions) Validate() error {
 	if !domainNameRE.MatchString(o.DomainName) {
 		return fmt.Errorf("xen: standby: domain name %q: want 1-64 letters, digits, '.', '_' or '-'", o.DomainName)
 	}
-	if o.ConfigPath == "" || !filepath.IsAbs(o.ConfigPath) {
-		return fmt.Errorf("xen: standby: config path %q is not absolute", o.ConfigPath)
-	}
-	fi, err := os.Stat(o.ConfigPath)
-	if err != nil {
-		return fmt.Errorf("xen: standby: config: %w", err)
-	}
-	if !fi.Mode().IsRegular() {
-		return fmt.Errorf("xen: standby: config %s is not a regular file", o.ConfigPath)
+	if o.Manager == nil {
+		if o.ConfigPath == "" || !filepath.IsAbs(o.ConfigPath) {
+			return fmt.Errorf("xen: standby: config path %q is not absolute", o.ConfigPath)
+		}
+		fi, err := os.Stat(o.ConfigPath)
+		if err != nil {
+			return fmt.Errorf("xen: standby: config: %w", err)
+		}
+		if !fi.Mode().IsRegular() {
+			return fmt.Errorf("xen: standby: config %s is not a regular file", o.ConfigPath)
+		}
 	}
 	switch o.Type {
 	case "":

@@ -63,10 +63,11 @@ type Standby struct {
 }
 
 // NewStandby creates the standby domain paused (`xl create -p` of
-// o.ConfigPath, named o.DomainName), checks its type, and maps its guest
-// memory read-write. A domain of that name must not exist already (a
-// standby left by a crashed daemon is not taken over: it may hold
-// anything). On any failure after creation the domain is destroyed.
+// o.ConfigPath, named o.DomainName, or o.Manager's CreatePaused), checks
+// its type, and maps its guest memory read-write. A domain of that name
+// must not exist already (a standby left by a crashed daemon is not taken
+// over: it may hold anything). On any failure after creation the domain is
+// destroyed.
 func NewStandby(ctx context.Context, o StandbyOptions) (*Standby, error) {
 	if err := o.Validate(); err != nil {
 		return nil, err
@@ -78,9 +79,33 @@ func NewStandby(ctx context.Context, o StandbyOptions) (*Standby, error) {
 		return nil, fmt.Errorf("xen: standby: a domain named %q exists already (domid %d): not taking it over", o.DomainName, id)
 	}
 	t0 := time.Now()
+	domid, err := createStandbyDomain(ctx, o, log)
+	if err != nil {
+		return nil, err
+	}
+	s := &Standby{caller: newCaller(domid, log.With(zap.Uint32("domid", domid))), o: o, created: time.Since(t0)}
+	if err := s.call(ctx, "open standby", s.attach); err != nil {
+		s.destroy()
+		return nil, err
+	}
+	s.log.Info("standby created", zap.String("type", o.Type), zap.String("xen", s.version), zap.Int("pages", s.pages),
+		zap.Duration("create", s.created), zap.Duration("total", time.Since(t0)))
+	return s, nil
+}
+
+// createStandbyDomain creates the standby's domain paused and returns its
+// domid: through o.Manager, or `xl create -p`.
+func createStandbyDomain(ctx context.Context, o StandbyOptions, log *zap.Logger) (uint32, error) {
+	if o.Manager != nil {
+		domid, err := o.Manager.CreatePaused(ctx)
+		if err != nil {
+			return 0, fmt.Errorf("xen: standby: create %s paused: %w", o.Manager, err)
+		}
+		return domid, nil
+	}
 	out, err := xlRun(ctx, o.XL, "create", "-p", o.ConfigPath, fmt.Sprintf("name=%q", o.DomainName))
 	if err != nil {
-		return nil, fmt.Errorf("xen: standby: xl create -p %s: %w: %s", o.ConfigPath, err, lastLine(out))
+		return 0, fmt.Errorf("xen: standby: xl create -p %s: %w: %s", o.ConfigPath, err, lastLine(out))
 	}
 	domid, err := xlDomid(ctx, o.XL, o.DomainName)
 	if err != nil {
@@ -92,16 +117,9 @@ func NewStandby(ctx context.Context, o StandbyOptions) (*Standby, error) {
 		if derr != nil {
 			log.Error("destroying the standby after a failed lookup failed", zap.Error(derr), zap.String("xl", lastLine(out)))
 		}
-		return nil, fmt.Errorf("xen: standby: created %q but cannot find it: %w", o.DomainName, err)
+		return 0, fmt.Errorf("xen: standby: created %q but cannot find it: %w", o.DomainName, err)
 	}
-	s := &Standby{caller: newCaller(domid, log.With(zap.Uint32("domid", domid))), o: o, created: time.Since(t0)}
-	if err := s.call(ctx, "open standby", s.attach); err != nil {
-		s.destroy()
-		return nil, err
-	}
-	s.log.Info("standby created", zap.String("type", o.Type), zap.String("xen", s.version), zap.Int("pages", s.pages),
-		zap.Duration("create", s.created), zap.Duration("total", time.Since(t0)))
-	return s, nil
+	return domid, nil
 }
 
 // attach runs under sem.
@@ -127,7 +145,7 @@ func (s *Standby) attach() error {
 	}
 	switch {
 	case typ != s.o.Type:
-		return fail(fmt.Errorf("standby domain is %s, want %s (check %s)", typ, s.o.Type, s.o.ConfigPath))
+		return fail(fmt.Errorf("standby domain is %s, want %s (check %s)", typ, s.o.Type, s.o.source()))
 	case !info.paused:
 		return fail(errors.New("standby domain is not paused"))
 	case info.shutdown || info.dying:
@@ -154,6 +172,11 @@ func (s *Standby) attach() error {
 
 // DomID is the standby domain's id.
 func (s *Standby) DomID() uint32 { return s.domid }
+
+// Managed reports whether a toolstack other than xl owns the standby's
+// domain (StandbyOptions.Manager): it knows the domain, also once
+// activated.
+func (s *Standby) Managed() bool { return s.o.Manager != nil }
 
 // BackendVersion is this host's Xen version and the standby's layout hash
 // (the primary's must equal it).
@@ -270,6 +293,9 @@ func (s *Standby) ActivateGuest(ctx context.Context) (*Guest, error) {
 		}
 		loaded = true
 		info.Context = time.Since(t)
+		if s.o.Manager != nil {
+			return nil
+		}
 		t = time.Now()
 		if err := s.x.unpause(); err != nil {
 			return err
@@ -277,6 +303,11 @@ func (s *Standby) ActivateGuest(ctx context.Context) (*Guest, error) {
 		info.Unpause = time.Since(t)
 		return nil
 	})
+	if err == nil && s.o.Manager != nil {
+		t := time.Now()
+		err = s.managedUnpause(actx)
+		info.Unpause = time.Since(t)
+	}
 	if err != nil && !loaded && !errors.Is(err, context.DeadlineExceeded) {
 		// The context was refused: the standby never ran and may hold a
 		// half-loaded state: it is not a VM to keep. Close destroys it.
@@ -287,8 +318,8 @@ func (s *Standby) ActivateGuest(ctx context.Context) (*Guest, error) {
 	}
 	if err != nil {
 		// Loaded (or unknown): the domain may run. It is left as it is,
-		// for the operator (xl list, xl unpause or xl destroy); nothing
-		// destroys it.
+		// for the operator (xl list, xl unpause or xl destroy; virsh for
+		// a libvirt standby); nothing destroys it.
 		return nil, fmt.Errorf("xen: standby %q: activate epoch %d: the state was loaded (or the call hung) but the unpause failed: the domain %d is left as it is: %w", s.o.DomainName, info.Epoch, s.domid, err)
 	}
 	typ := typeName(s.pvh)
@@ -307,6 +338,35 @@ func (s *Standby) ActivateGuest(ctx context.Context) (*Guest, error) {
 	s.log.Info("standby activated", zap.Uint64("epoch", info.Epoch), zap.Bool("suspended", info.Suspended),
 		zap.Duration("setcontext", info.Context), zap.Duration("unpause", info.Unpause), zap.Duration("total", info.Total))
 	return g, nil
+}
+
+// managedUnpause lets the loaded standby run through the toolstack that
+// owns it, so that it knows the domain runs. Xen has the last word: a
+// toolstack that failed, timed out or answered without unpausing (libvirt
+// resumes only a domain it believes paused) leaves a paused domain, which
+// is then unpaused through Xen, loudly (the toolstack's view is stale; a
+// failover must not hang on it).
+func (s *Standby) managedUnpause(ctx context.Context) error {
+	uerr := s.o.Manager.Unpause(ctx, s.domid)
+	// Xen's own answer, under a bound of its own (the toolstack may
+	// have used up ctx).
+	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+	defer cancel()
+	return s.call(cctx, "activate: unpause check", func() error {
+		info, err := s.x.info()
+		if err != nil {
+			return fmt.Errorf("after unpausing through %s (%v): %w", s.o.Manager, uerr, err)
+		}
+		if !info.paused {
+			if uerr != nil {
+				s.log.Warn("the toolstack reported an error but the standby runs", zap.Stringer("manager", s.o.Manager), zap.Error(uerr))
+			}
+			return nil
+		}
+		s.log.Error("the toolstack did not unpause the activated standby: unpausing it through Xen; the toolstack still says it is paused (virsh resume puts that right)",
+			zap.Stringer("manager", s.o.Manager), zap.Error(uerr))
+		return s.x.unpause()
+	})
 }
 
 // Close destroys the standby domain unless it was activated (then it is
@@ -340,6 +400,14 @@ func (s *Standby) closeLocked() error {
 func (s *Standby) destroy() error {
 	ctx, cancel := context.WithTimeout(context.Background(), s.o.DestroyTimeout)
 	defer cancel()
+	if s.o.Manager != nil {
+		if err := s.o.Manager.Destroy(ctx, s.domid); err != nil {
+			s.log.Error("destroying the standby domain failed", zap.Error(err), zap.Stringer("manager", s.o.Manager))
+			return fmt.Errorf("xen: standby %q: destroy %d through %s: %w", s.o.DomainName, s.domid, s.o.Manager, err)
+		}
+		s.log.Info("standby destroyed", zap.Stringer("manager", s.o.Manager))
+		return nil
+	}
 	out, err := xlRun(ctx, s.o.XL, "destroy", strconv.FormatUint(uint64(s.domid), 10))
 	if err != nil {
 		s.log.Error("destroying the standby domain failed", zap.Error(err), zap.String("xl", lastLine(out)))

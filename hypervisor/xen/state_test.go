@@ -2,7 +2,9 @@ package xen
 
 import (
 	"bytes"
+	"context"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -158,7 +160,24 @@ func TestStandbyOptionsValidate(t *testing.T) {
 			t.Errorf("%s: accepted", name)
 		}
 	}
+	// A manager (libvirt) makes the domain: no xl file is needed, the
+	// name is checked all the same.
+	m := StandbyOptions{DomainName: "vm-standby", Manager: nopManager{}}
+	if err := m.Validate(); err != nil || m.source() != "nop domain" {
+		t.Fatalf("with a manager: %v (source %q)", err, m.source())
+	}
+	if err := (&StandbyOptions{DomainName: "a b", Manager: nopManager{}}).Validate(); err == nil {
+		t.Error("with a manager: a bad domain name accepted")
+	}
 }
+
+// nopManager is a DomainManager that is never called.
+type nopManager struct{}
+
+func (nopManager) CreatePaused(context.Context) (uint32, error) { return 0, errors.New("not here") }
+func (nopManager) Unpause(context.Context, uint32) error        { return errors.New("not here") }
+func (nopManager) Destroy(context.Context, uint32) error        { return errors.New("not here") }
+func (nopManager) String() string                               { return "nop domain" }
 
 func TestLayout(t *testing.T) {
 	// RAM [0, 0x8000) with a hole at 0x100, ACPI tables [0xfbfc0, 0xfbfc8),

@@ -73,6 +73,7 @@ func (s *Standby) CommitDeviceState(epoch uint64, state []byte) error     { retu
 func (s *Standby) Activate(ctx context.Context) (hypervisor.Guest, error) { return nil, ErrNotBuilt }
 func (s *Standby) Close() error                                           { return nil }
 func (s *Standby) DomID() uint32                                          { return 0 }
+func (s *Standby) Managed() bool                                          { return false }
 func (s *Standby) BackendVersion() string                                 { return "" }
 func (s *Standby) LastActivation() ActivationInfo                         { return ActivationInfo{} }
 
