@@ -198,18 +198,14 @@ func startDaemon(t *testing.T, cfg Config) *Daemon {
 		// kill them): the test stops them, by PID.
 		killGuests(t, d)
 	})
-	// Wait until Run has started (Protect needs it).
-	for deadline := time.Now().Add(30 * time.Second); ; {
-		d.mu.Lock()
-		ok := d.ctx != nil
-		d.mu.Unlock()
-		if ok {
-			return d
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: Run did not start", cfg.Name)
-		}
-		time.Sleep(10 * time.Millisecond)
+	// Wait until Run serves (Protect needs it; a peer dialing the
+	// listener needs it up: CI once dialed 8 ms too early).
+	select {
+	case <-d.Running():
+		return d
+	case <-time.After(30 * time.Second):
+		t.Fatalf("%s: Run did not start", cfg.Name)
+		return nil
 	}
 }
 
