@@ -220,7 +220,7 @@ func (c *Config) secondPathTimes() (interval, timeout time.Duration) {
 // WatchdogConfig is the watchdog section of the configuration.
 type WatchdogConfig struct {
 	// Enabled starts (or joins) the watchdog process; default: on when a
-	// witness is configured and there are qemu_vms.
+	// witness is configured and there are qemu_vms or xen_vms.
 	Enabled *bool `json:"enabled,omitempty"`
 	// Timeout bounds how long a hung daemon's protected guest may run on:
 	// every pet vouches for at most this long (default fence_after, or
@@ -233,7 +233,7 @@ func (c Config) watchdogEnabled() bool {
 	if c.Watchdog.Enabled != nil {
 		return *c.Watchdog.Enabled
 	}
-	return c.Witness != nil && len(c.QemuVMs) > 0
+	return c.Witness != nil && (len(c.QemuVMs) > 0 || len(c.XenVMs) > 0)
 }
 
 // watchdogTimeout is the effective timeout.
@@ -639,8 +639,8 @@ func (c Config) validateWatchdog() []error {
 	if !c.watchdogEnabled() {
 		return errs
 	}
-	if w.Enabled != nil && len(c.QemuVMs) == 0 {
-		bad("enabled", "the watchdog stops QEMU guests and no qemu_vms are configured")
+	if w.Enabled != nil && len(c.QemuVMs) == 0 && len(c.XenVMs) == 0 {
+		bad("enabled", "the watchdog stops QEMU guests and Xen domains and neither qemu_vms nor xen_vms are configured")
 	}
 	if t := c.watchdogTimeout(); len(errs) == 0 && t < c.HeartbeatTimeout.D() {
 		bad("timeout", "%v is shorter than heartbeat_timeout %v: a heartbeat late by less than the link's timeout would stop the guest", t, c.HeartbeatTimeout.D())

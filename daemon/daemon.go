@@ -91,8 +91,11 @@ type Daemon struct {
 	hbKeys *heartbeat.Keyring
 	// wd is the watchdog channel (nil: disabled); watchdogExe the binary
 	// that starts one (see watchdog.go).
-	wd          *wdog
-	watchdogExe string
+	wd *wdog
+	// xenWatchdogHeld: Xen VMs the watchdog held paused at start that
+	// this daemon could not show it holds (not attached: why).
+	xenWatchdogHeld map[string]string
+	watchdogExe     string
 }
 
 // vm is one guest known to this daemon, in any role.

@@ -39,6 +39,7 @@ package daemon
 import (
 	"context"
 	"fmt"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -50,6 +51,7 @@ import (
 	"github.com/remusd/remusd/checkpoint"
 	"github.com/remusd/remusd/failover/watchdog"
 	"github.com/remusd/remusd/hypervisor/qemu"
+	"github.com/remusd/remusd/hypervisor/xen"
 )
 
 // Option configures New.
@@ -118,7 +120,7 @@ func (d *Daemon) watchdogInit() {
 	}
 	t := d.cfg.watchdogTimeout()
 	d.wd = &wdog{timeout: t, interval: watchdogPetInterval(t), margin: max(500*time.Millisecond, 2*d.cfg.HeartbeatInterval.D()),
-		spawn: watchdog.SpawnOptions{Exe: d.watchdogExe, StateDir: d.cfg.StateDir, Binaries: d.qemuBinaries()},
+		spawn: watchdog.SpawnOptions{Exe: d.watchdogExe, StateDir: d.cfg.StateDir, Binaries: d.qemuBinaries(), XenDomains: d.xenDomains()},
 		log:   d.log.Named("watchdog"), vms: map[string]*wdVM{}}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -149,6 +151,20 @@ func (d *Daemon) qemuBinaries() []string {
 		}
 	}
 	add(d.cfg.Standby.Binary)
+	sort.Strings(out)
+	return out
+}
+
+// xenDomains are the names of this daemon's Xen domains (its VMs' and,
+// after a failover, its activated standbys', which run under the same
+// entry's domain name).
+func (d *Daemon) xenDomains() []string {
+	var out []string
+	for _, x := range d.cfg.XenVMs {
+		if !slices.Contains(out, x.domain()) {
+			out = append(out, x.domain())
+		}
+	}
 	sort.Strings(out)
 	return out
 }
@@ -198,6 +214,9 @@ func (d *Daemon) watchdogBeforeAttach(reported []watchdog.StoppedVM) {
 	for _, s := range reported {
 		byName[s.Name] = s
 	}
+	for _, x := range d.cfg.XenVMs {
+		d.xenBeforeAttach(x, byName)
+	}
 	for _, q := range d.cfg.QemuVMs {
 		rec, err := d.records.load(q.Name)
 		if err != nil || rec == nil || rec.QEMU == nil || rec.QEMU.Pid <= 0 {
@@ -229,6 +248,46 @@ func (d *Daemon) watchdogBeforeAttach(reported []watchdog.StoppedVM) {
 	}
 }
 
+// xenBeforeAttach decides about a recorded Xen primary the watchdog holds
+// paused, before the daemon re-attaches (whose Recover would adopt a
+// pause reference as its own): if the witness says this host still holds
+// the VM, the watchdog drops its reference; otherwise its pause stays, and
+// the resumed protection, which resumes the guest only once the witness
+// agrees, fences it.
+func (d *Daemon) xenBeforeAttach(x XenVM, stopped map[string]watchdog.StoppedVM) {
+	rec, err := d.records.load(x.Name)
+	if err != nil || rec == nil || rec.Xen == nil || rec.Role != RolePrimary {
+		return
+	}
+	s, known := stopped[x.Name]
+	if !known || s.XenDomID == 0 || s.XenDomID != rec.Xen.DomID {
+		return
+	}
+	holds, sure, why := d.holdsRecord(x.Name)
+	if !holds || !sure {
+		// Not attached (bringUpXen): its pause stays the watchdog's.
+		what := "another host holds the VM: destroy the domain (xl destroy " + fmt.Sprint(s.XenDomID) + ")"
+		if !sure {
+			what = "restart remusd once the witness answers"
+		}
+		if d.xenWatchdogHeld == nil {
+			d.xenWatchdogHeld = map[string]string{}
+		}
+		d.xenWatchdogHeld[x.Name] = fmt.Sprintf("the watchdog holds domain %d paused (%s) and this host cannot show it holds the VM (%s): not attached, it stays paused; %s", s.XenDomID, s.Why, why, what)
+		d.log.Error("the watchdog holds a Xen primary paused and this host cannot show it holds the VM: not attached, it stays paused", zap.String("vm", x.Name),
+			zap.Uint32("domid", s.XenDomID), zap.String("why", why), zap.Bool("witness_answered", sure))
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := d.sendCont(ctx, x.Name, 0, "", true, 0, true); err != nil {
+		d.log.Error("cannot lift the watchdog's pause of a Xen primary: it stays paused", zap.String("vm", x.Name), zap.Uint32("domid", s.XenDomID), zap.Error(err))
+		return
+	}
+	d.log.Warn("the watchdog had paused a Xen primary; this host still holds the VM: its pause is dropped", zap.String("vm", x.Name),
+		zap.Uint32("domid", s.XenDomID), zap.String("why", why))
+}
+
 // continueGuest lifts a stop (through the watchdog if it holds it, else
 // with a pidfd after checking the process is the VM's QEMU) and, unless
 // run, pauses the guest over its QMP socket at once (before re-attach:
@@ -256,7 +315,8 @@ func (d *Daemon) continueGuest(vm string, pid int, qmpPath string, viaWatchdog, 
 
 // sendCont asks the watchdog to continue vm (validFor more, or released),
 // or, when it does not hold it (none reachable, or it does not know the
-// VM), continues pid itself.
+// VM), continues pid itself (a QEMU guest: pid > 0; a Xen domain's pause
+// is the watchdog's to drop).
 func (d *Daemon) sendCont(ctx context.Context, vm string, pid int, qmpPath string, viaWatchdog bool, validFor time.Duration, release bool) error {
 	if viaWatchdog && d.wd != nil {
 		if c := d.wd.client(); c != nil {
@@ -265,6 +325,9 @@ func (d *Daemon) sendCont(ctx context.Context, vm string, pid int, qmpPath strin
 				return err
 			}
 		}
+	}
+	if pid <= 0 {
+		return fmt.Errorf("the watchdog does not hold %s (or cannot be reached): its pause is not this daemon's to drop", vm)
 	}
 	return contProcess(pid, qmpPath)
 }
@@ -363,8 +426,9 @@ func (d *Daemon) petWatchdog(ctx context.Context) {
 	}
 	for _, p := range pets {
 		// Stopped, but not by this watchdog (one that exited did): the
-		// same decision.
-		if _, ok := stopped[p.Name]; !ok {
+		// same decision. (QEMU only: a Xen domain's pause does not say
+		// whose it is.)
+		if _, ok := stopped[p.Name]; !ok && p.Pid > 0 {
 			if st, err := watchdog.ProcState(p.Pid); err == nil && st == 'T' {
 				stopped[p.Name] = watchdog.StoppedVM{Name: p.Name, Pid: p.Pid, QMP: p.QMP, AtUnixMs: time.Now().UnixMilli(),
 					Why: "found stopped (not by the running watchdog)"}
@@ -398,7 +462,7 @@ func (d *Daemon) petWatchdog(ctx context.Context) {
 		}
 		st := w.state(name)
 		st.stopped = &s
-		if !st.recovering && !w.shutdown && v.busy == "" {
+		if !st.recovering && !w.shutdown && v.busy == "" && v.guest != nil {
 			st.recovering = true
 			recover = append(recover, name)
 		}
@@ -422,8 +486,22 @@ func (w *wdog) state(name string) *wdVM {
 func (d *Daemon) watchdogPets(now time.Time) []watchdog.PetVM {
 	var out []watchdog.PetVM
 	for name, v := range d.vms {
-		qg, ok := v.guest.(*qemu.Guest)
-		if !ok || qg.Pid() <= 0 || v.role != RolePrimary || v.primary == nil || v.w.view == WitnessFenced {
+		if v.role != RolePrimary || v.primary == nil || v.w.view == WitnessFenced {
+			continue
+		}
+		var pet watchdog.PetVM
+		switch g := v.guest.(type) {
+		case *qemu.Guest:
+			if g.Pid() <= 0 {
+				continue
+			}
+			pet = watchdog.PetVM{Name: name, Pid: g.Pid(), QMP: g.Spec().QMPPath}
+		case *xen.Guest:
+			if v.xcfg == nil || g.DomID() == 0 {
+				continue
+			}
+			pet = watchdog.PetVM{Name: name, XenDomID: g.DomID(), XenDomain: v.xcfg.domain()}
+		default:
 			continue
 		}
 		st := v.primary.Stats()
@@ -434,8 +512,9 @@ func (d *Daemon) watchdogPets(now time.Time) []watchdog.PetVM {
 		if !d.wd.shutdown {
 			valid = proofValidFor(d.proofOf(v, st), now, d.proofLimits())
 		}
-		out = append(out, watchdog.PetVM{Name: name, Pid: qg.Pid(), QMP: qg.Spec().QMPPath, ValidForNs: int64(valid)})
-		d.wd.state(name).pid = qg.Pid()
+		pet.ValidForNs = int64(valid)
+		out = append(out, pet)
+		d.wd.state(name).pid = pet.Pid
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
 	return out
@@ -511,9 +590,13 @@ func (d *Daemon) recoverStopped(name string, s watchdog.StoppedVM) {
 		return
 	}
 	g, _ := v.guest.(*qemu.Guest)
-	if g == nil || g.Pid() != s.Pid {
+	xg, _ := v.guest.(*xen.Guest)
+	switch {
+	case g != nil && s.XenDomID == 0 && g.Pid() == s.Pid:
+	case xg != nil && s.XenDomID != 0 && xg.DomID() == s.XenDomID:
+	default:
 		d.mu.Unlock()
-		w.log.Warn("the watchdog holds stopped a process this daemon does not run the VM in: left alone", zap.String("vm", name), zap.Int("pid", s.Pid))
+		w.log.Warn("the watchdog holds stopped a process (or domain) this daemon does not run the VM in: left alone", zap.String("vm", name), zap.Int("pid", s.Pid), zap.Uint32("xen_domid", s.XenDomID))
 		return
 	}
 	running := v.role == RolePrimary && v.primary != nil && v.w.view != WitnessFenced
@@ -562,6 +645,25 @@ func (d *Daemon) recoverStopped(name string, s watchdog.StoppedVM) {
 		w.log.Warn("the watchdog had stopped the guest (its daemon could not vouch for it in time); this host still holds the VM: it runs on",
 			zap.String("vm", name), zap.Int("pid", s.Pid), zap.String("stopped_because", s.Why), zap.String("why", why),
 			zap.Duration("stopped_for", time.Since(time.UnixMilli(s.AtUnixMs))))
+	case xg != nil:
+		// A fence pause of the daemon's own first (the fence adds its
+		// own too; a fenced domain waits for the operator's remusd
+		// stop), the protection fenced, then the watchdog's pause
+		// dropped: the domain does not run in between.
+		if err := xg.PauseNow(ctx); err != nil {
+			w.log.Error("fencing after the watchdog's pause: pause failed: the watchdog's pause stays", zap.String("vm", name), zap.Error(err))
+			return
+		}
+		d.mu.Lock()
+		if v.role == RolePrimary && v.primary != nil && v.w.view != WitnessFenced {
+			v.w.view, v.w.err = WitnessFenced, why
+			d.fenceLocked(v, why)
+		}
+		d.mu.Unlock()
+		if err := d.sendCont(ctx, name, 0, "", true, 0, true); err != nil {
+			w.log.Error("fencing after the watchdog's pause: cannot release it", zap.String("vm", name), zap.Error(err))
+		}
+		w.log.Error("the watchdog had paused the domain and this host no longer holds the VM: paused (fenced)", zap.String("vm", name), zap.Uint32("domid", s.XenDomID), zap.String("why", why))
 	default:
 		// Continue, then pause at once: QMP answers only a running QEMU.
 		if err := d.sendCont(ctx, name, s.Pid, s.QMP, true, 0, true); err != nil {
@@ -618,7 +720,7 @@ func (d *Daemon) watchdogShutdownBegin() {
 	d.wd.shutdown = true
 	d.wd.restarting = nil
 	for name, v := range d.vms {
-		if v.role == RolePrimary && v.primary != nil && v.backend == qemu.BackendName && v.primary.Stats().Link == LinkUp {
+		if v.role == RolePrimary && v.primary != nil && (v.backend == qemu.BackendName || v.backend == xen.BackendName) && v.primary.Stats().Link == LinkUp {
 			d.wd.restarting = append(d.wd.restarting, name)
 		}
 	}

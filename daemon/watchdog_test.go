@@ -53,7 +53,7 @@ func TestWatchdogConfig(t *testing.T) {
 			c.QemuVMs = []QemuVM{qvm}
 			c.Watchdog.Timeout = Duration(500 * time.Millisecond)
 		}, "config field watchdog.timeout: 500ms is shorter than heartbeat_timeout 1s"},
-		{"no qemu VMs", func(c *Config) { c.Watchdog.Enabled = boolp(true) }, "config field watchdog.enabled: the watchdog stops QEMU guests and no qemu_vms are configured"},
+		{"no VMs", func(c *Config) { c.Watchdog.Enabled = boolp(true) }, "config field watchdog.enabled: the watchdog stops QEMU guests and Xen domains and neither qemu_vms nor xen_vms are configured"},
 		{"socket path", func(c *Config) {
 			c.QemuVMs = []QemuVM{qvm}
 			c.Watchdog.Enabled = boolp(true)
@@ -66,6 +66,17 @@ func TestWatchdogConfig(t *testing.T) {
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%s: %v (want %q)", tc.name, err, tc.want)
 		}
+	}
+	// On by default with a witness and Xen VMs too, and the daemon names
+	// their domains to the watchdog.
+	c = base()
+	c.XenVMs = []XenVM{{Name: "web", XLConfig: "/etc/xen/web.cfg"}, {Name: "db", Domain: "db-sb", XLConfig: "/etc/xen/db.cfg"}}
+	c.Witness = &WitnessConfig{Endpoints: []string{"http://127.0.0.1:2379"}}
+	if !c.watchdogEnabled() {
+		t.Fatal("not enabled by default with a witness and xen_vms")
+	}
+	if got := (&Daemon{cfg: c}).xenDomains(); strings.Join(got, ",") != "db-sb,web" {
+		t.Fatalf("xenDomains = %v, want [db-sb web]", got)
 	}
 	// Enabled without a witness: allowed (the watchdog then guards the
 	// daemon's liveness only).

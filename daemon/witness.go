@@ -40,6 +40,7 @@ import (
 
 	"github.com/remusd/remusd/checkpoint"
 	"github.com/remusd/remusd/failover/witness"
+	"github.com/remusd/remusd/hypervisor/xen"
 )
 
 func (w *WitnessConfig) witnessConfig() witness.Config {
@@ -146,8 +147,14 @@ func (d *Daemon) onPrimaryLink(v *vm, up bool, linkErr error) {
 		if v.w.paused {
 			// The backup answers (and, having accepted our Hello, has not
 			// taken over): the guest may run again. The runner's next
-			// checkpoint resumes it.
-			v.w.paused = false
+			// checkpoint resumes a QEMU guest (a resume now could land in
+			// a capture); a Xen domain's fence pause is a reference of its
+			// own, which no checkpoint drops: dropped now.
+			if _, isXen := v.guest.(*xen.Guest); isXen {
+				d.resumeSelfFenced(v)
+			} else {
+				v.w.paused = false
+			}
 			d.log.Warn("backup reachable again: the self-fenced guest runs again", zap.String("vm", v.name))
 		}
 		return

@@ -150,6 +150,12 @@ func (d *Daemon) bringUpXen(x XenVM) error {
 		d.log.Error("unreadable state record: the VM is left alone", zap.String("vm", x.Name), zap.Error(err))
 		return nil
 	}
+	if why, held := d.xenWatchdogHeld[x.Name]; held {
+		// Not attached: Recover would adopt the watchdog's pause as a
+		// dead daemon's, and its resume would drop it.
+		v.stoppedWhy = why
+		return nil
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), xenOpenTimeout)
 	defer cancel()
 	recordedAlive := false

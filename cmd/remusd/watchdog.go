@@ -13,7 +13,7 @@ import (
 )
 
 var watchdogCommand = &command{
-	name: "watchdog", args: "[--state-dir DIR] [--qemu-binary PATH]... [flags]",
+	name: "watchdog", args: "[--state-dir DIR] [--qemu-binary PATH]... [--xen-domain NAME]... [flags]",
 	summary: "stop guests whose daemon hangs (started by serve; rarely run by hand)",
 	desc: `The last resort against a hung, stopped or crashed daemon: a separate
 process that 'remusd serve' starts (detached, in its own session, so it
@@ -24,7 +24,9 @@ holds the VM; when that runs out, or the daemon dies without announcing a
 restart, the watchdog stops the guest with SIGSTOP and keeps it stopped
 until a daemon, having checked the witness, asks it to continue. It never
 kills a guest. Only processes of the given QEMU binaries whose command
-line names the VM and its QMP socket are stopped.
+line names the VM and its QMP socket are stopped, and only Xen domains of
+the given names (paused with a pause reference the watchdog counts as its
+own, and drops when a daemon asks it to continue the guest).
 
 One watchdog runs per state directory (a second one exits at once). Run
 it by hand or from its own unit only to start it before the daemon.`,
@@ -43,6 +45,8 @@ func runWatchdog(ctx context.Context, c *command, args []string, stdout, stderr 
 	stateDir := fs.String("state-dir", def.StateDir, "the daemon's state `DIR` (the socket is DIR/"+watchdog.SocketName+")")
 	var bins stringList
 	fs.Var(&bins, "qemu-binary", "a QEMU binary `PATH` (or name in PATH) whose processes may be stopped (repeatable; default "+watchdog.DefaultQEMUBinary+")")
+	var doms stringList
+	fs.Var(&doms, "xen-domain", "a Xen domain `NAME` that may be paused (repeatable; the daemon's xen_vms domains; needs a remusd built with the xen tag)")
 	idle := fs.Duration("idle-exit", time.Minute, "exit after `D` with nothing to supervise and no daemon connected (0: never)")
 	logLevel := fs.String("log-level", "info", "log `LEVEL`: debug|info|warn|error")
 	logFormat := fs.String("log-format", "json", "log `FORMAT`: json or console")
@@ -64,7 +68,7 @@ func runWatchdog(ctx context.Context, c *command, args []string, stdout, stderr 
 		return usageError(stderr, c, "%v", err)
 	}
 	defer log.Sync()
-	err = watchdog.Serve(ctx, watchdog.ServerOptions{StateDir: *stateDir, Binaries: bins, IdleExit: *idle, Log: log.Named("watchdog")})
+	err = watchdog.Serve(ctx, watchdog.ServerOptions{StateDir: *stateDir, Binaries: bins, XenDomains: doms, IdleExit: *idle, Log: log.Named("watchdog")})
 	switch {
 	case errors.Is(err, watchdog.ErrRunning):
 		fmt.Fprintf(stderr, "remusd watchdog: %v\n", err)

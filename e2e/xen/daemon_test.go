@@ -16,6 +16,7 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -200,6 +201,13 @@ func daemonFailover(t *testing.T, outbuf string, all bool) {
 
 	const replA, replB = "127.0.0.1:17802", "127.0.0.1:17801"
 	acfg, bcfg := dom0Pair(dir, replA, replB, xlCfg, daemon.XenVM{Name: "web", XLConfig: xlCfg}, outbuf)
+	if all {
+		// The watchdog guards hosta's daemon (no witness here: it guards
+		// the daemon's liveness, watchdog.timeout 3 s).
+		on := true
+		acfg.Watchdog = daemon.WatchdogConfig{Enabled: &on, Timeout: daemon.Duration(3 * time.Second)}
+		t.Cleanup(func() { killWatchdog(acfg.StateDir) })
+	}
 	b, err := demo.StartDaemon(ctx, demo.StartOptions{Exe: remusdBin, Dir: dir, Wait: time.Minute}, bcfg)
 	if err != nil {
 		t.Fatal(err)
@@ -272,6 +280,7 @@ func daemonFailover(t *testing.T, outbuf string, all bool) {
 	}
 	for _, kill := range restarts {
 		last := ps.AckedEpoch
+		stops := watchdogStops(acfg.StateDir)
 		t1 := time.Now()
 		if kill {
 			if err := a.Cmd.Process.Kill(); err != nil {
@@ -281,16 +290,60 @@ func daemonFailover(t *testing.T, outbuf string, all bool) {
 		} else {
 			a.StopKeepGuests()
 		}
+		if kill {
+			// The watchdog pauses the domain of a daemon that died.
+			waitFor(t, 10*time.Second, "the watchdog pauses web after its daemon's SIGKILL", func() (bool, string) {
+				return watchdogStops(acfg.StateDir) > stops && domPaused(t, "web"), xlOut("list", "web")
+			})
+			t.Logf("dom0: the watchdog paused web %s after its daemon's SIGKILL", time.Since(t1).Round(time.Millisecond))
+		}
 		startA()
 		acked(ac, last+2, 3*time.Minute)
 		if !strings.Contains(xlOut("list", "web"), "web") {
 			t.Fatal("the domain is gone after a daemon restart")
+		}
+		if kill && !logHas(a.LogPath, "the watchdog had paused a Xen primary; this host still holds the VM") {
+			t.Fatalf("the restarted daemon did not lift the watchdog's pause; its log:\n%s", demo.LogTail(a.LogPath, 40))
 		}
 		if err := echo.WaitCarriesOn(3, 2*time.Minute); err != nil {
 			t.Fatalf("after a daemon restart (kill %v): %v", kill, err)
 		}
 		t.Logf("dom0: daemon restart (SIGKILL %v): protection resumed, epoch %d acked %s after the stop (last acked before: %d)",
 			kill, ps.AckedEpoch, time.Since(t1).Round(time.Millisecond), last)
+	}
+
+	if all {
+		// hosta's daemon hangs: the watchdog pauses web within its
+		// timeout; the daemon wakes, finds it so, holds the VM (no
+		// witness: its word stands) and has the pause lifted; the
+		// protection and the client carry on.
+		last := ps.AckedEpoch
+		stops := watchdogStops(acfg.StateDir)
+		if err := a.Cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+			t.Fatal(err)
+		}
+		hung := time.Now()
+		waitFor(t, 15*time.Second, "the watchdog pauses web while its daemon hangs", func() (bool, string) {
+			return watchdogStops(acfg.StateDir) > stops && domPaused(t, "web"), xlOut("list", "web")
+		})
+		paused := time.Since(hung)
+		if err := a.Cmd.Process.Signal(syscall.SIGCONT); err != nil {
+			t.Fatal(err)
+		}
+		woke := time.Now()
+		waitFor(t, 30*time.Second, "web unpaused after its daemon woke", func() (bool, string) {
+			return !domPaused(t, "web"), xlOut("list", "web")
+		})
+		running := time.Since(woke)
+		acked(ac, last+2, 3*time.Minute)
+		if err := echo.WaitCarriesOn(3, 2*time.Minute); err != nil {
+			t.Fatalf("after the daemon's hang: %v", err)
+		}
+		if !logHas(a.LogPath, "this host still holds the VM: it runs on") {
+			t.Fatalf("the woken daemon did not continue web through the watchdog; its log:\n%s", demo.LogTail(a.LogPath, 40))
+		}
+		t.Logf("dom0: hosta's daemon hung (SIGSTOP): the watchdog paused web %s later; woken, the daemon had it running again %s later; epoch %d acked %s after the hang",
+			paused.Round(time.Millisecond), running.Round(time.Millisecond), ps.AckedEpoch, time.Since(hung).Round(time.Millisecond))
 	}
 
 	// The primary host dies: its daemon and its domain.
@@ -319,6 +372,43 @@ func daemonFailover(t *testing.T, outbuf string, all bool) {
 	}
 	t.Logf("dom0: protected back from hostb to hosta: epoch %d acked %s after protect, pause p50 %.1f ms",
 		ps.AckedEpoch, time.Since(t2).Round(time.Millisecond), ps.PauseMsP50)
+}
+
+// watchdogStops counts the stops in the watchdog's log in stateDir.
+func watchdogStops(stateDir string) int {
+	b, _ := os.ReadFile(filepath.Join(stateDir, "watchdog.log"))
+	return strings.Count(string(b), "stopped the guest")
+}
+
+// domPaused reports whether xl lists domain name as paused (a domain xl
+// does not list fails t).
+func domPaused(t *testing.T, name string) bool {
+	t.Helper()
+	out := xlOut("list", name)
+	for _, l := range strings.Split(out, "\n") {
+		if f := strings.Fields(l); len(f) >= 5 && f[0] == name {
+			return strings.Contains(f[4], "p")
+		}
+	}
+	t.Fatalf("xl list %s: no line for it:\n%s", name, out)
+	return false
+}
+
+// logHas reports whether the daemon log at path contains s.
+func logHas(path, s string) bool {
+	b, _ := os.ReadFile(path)
+	return strings.Contains(string(b), s)
+}
+
+// killWatchdog kills the watchdog of stateDir, by the pid it wrote.
+func killWatchdog(stateDir string) {
+	b, err := os.ReadFile(filepath.Join(stateDir, "watchdog.pid"))
+	if err != nil {
+		return
+	}
+	if pid := atoi(strings.TrimSpace(string(b))); pid > 1 {
+		_ = syscall.Kill(pid, syscall.SIGKILL)
+	}
 }
 
 func xlOut(args ...string) string {

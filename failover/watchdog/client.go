@@ -105,6 +105,8 @@ type SpawnOptions struct {
 	StateDir string
 	// Binaries are the QEMU binaries the watchdog may stop.
 	Binaries []string
+	// XenDomains are the Xen domains (by name) it may pause.
+	XenDomains []string
 	// IdleExit is passed as --idle-exit (0: the command's default).
 	IdleExit time.Duration
 }
@@ -122,6 +124,9 @@ func Spawn(o SpawnOptions) (int, error) {
 	args := []string{"watchdog", "--state-dir", o.StateDir}
 	for _, b := range o.Binaries {
 		args = append(args, "--qemu-binary", b)
+	}
+	for _, d := range o.XenDomains {
+		args = append(args, "--xen-domain", d)
 	}
 	if o.IdleExit > 0 {
 		args = append(args, "--idle-exit", o.IdleExit.String())

@@ -102,18 +102,18 @@ func (c *Core) Pet(owner uint64, vms []PetVM) Reply {
 	for _, p := range vms {
 		t := p.Target()
 		if seen[p.Name] {
-			rep.Refused = append(rep.Refused, Refusal{Name: p.Name, Pid: p.Pid, Error: "listed twice"})
+			rep.Refused = append(rep.Refused, Refusal{Name: p.Name, Pid: p.Pid, XenDomID: p.XenDomID, Error: "listed twice"})
 			continue
 		}
 		seen[p.Name] = true
 		if err := t.validate(); err != nil {
-			rep.Refused = append(rep.Refused, Refusal{Name: p.Name, Pid: p.Pid, Error: err.Error()})
+			rep.Refused = append(rep.Refused, Refusal{Name: p.Name, Pid: p.Pid, XenDomID: p.XenDomID, Error: err.Error()})
 			continue
 		}
 		e := c.vms[p.Name]
 		if e != nil && e.t != t {
 			if e.stopped && !e.proc.Exited() {
-				rep.Refused = append(rep.Refused, Refusal{Name: p.Name, Pid: p.Pid,
+				rep.Refused = append(rep.Refused, Refusal{Name: p.Name, Pid: p.Pid, XenDomID: p.XenDomID,
 					Error: fmt.Sprintf("the watchdog holds this VM's process %d stopped: cont it first", e.t.Pid)})
 				continue
 			}
@@ -122,20 +122,20 @@ func (c *Core) Pet(owner uint64, vms []PetVM) Reply {
 		}
 		if e == nil {
 			if r, ok := c.refused[p.Name]; ok && r.t == t && now.Sub(r.at) < refuseRetry {
-				rep.Refused = append(rep.Refused, Refusal{Name: p.Name, Pid: p.Pid, Error: r.err.Error()})
+				rep.Refused = append(rep.Refused, Refusal{Name: p.Name, Pid: p.Pid, XenDomID: p.XenDomID, Error: r.err.Error()})
 				continue
 			}
 			proc, err := c.procs.Open(t)
 			if err != nil {
 				c.refused[p.Name] = refusal{t: t, err: err, at: now}
-				c.log.Warn("refused to supervise a process", zap.String("vm", p.Name), zap.Int("pid", p.Pid), zap.String("qmp", p.QMP), zap.Error(err))
-				rep.Refused = append(rep.Refused, Refusal{Name: p.Name, Pid: p.Pid, Error: err.Error()})
+				c.log.Warn("refused to supervise a guest", zap.String("vm", p.Name), zap.Int("pid", p.Pid), zap.String("qmp", p.QMP), zap.Uint32("xen_domid", p.XenDomID), zap.Error(err))
+				rep.Refused = append(rep.Refused, Refusal{Name: p.Name, Pid: p.Pid, XenDomID: p.XenDomID, Error: err.Error()})
 				continue
 			}
 			delete(c.refused, p.Name)
 			e = &entry{t: t, proc: proc}
 			c.vms[p.Name] = e
-			c.log.Info("supervising a protected guest", zap.String("vm", p.Name), zap.Int("pid", p.Pid), zap.String("qmp", p.QMP))
+			c.log.Info("supervising a protected guest", zap.String("vm", p.Name), zap.Int("pid", p.Pid), zap.String("qmp", p.QMP), zap.Uint32("xen_domid", p.XenDomID))
 		}
 		e.owner, e.restarting = owner, false
 		if !e.stopped {
@@ -246,7 +246,7 @@ func (c *Core) Tick() time.Time {
 			continue // retried at the next tick
 		}
 		e.stopped, e.stoppedAt, e.late, e.checkedAt = true, now, now.Sub(e.deadline), now
-		c.log.Error("stopped the guest (SIGSTOP): "+e.why, zap.String("vm", name), zap.Int("pid", e.t.Pid),
+		c.log.Error("stopped the guest (SIGSTOP, or a Xen pause): "+e.why, zap.String("vm", name), zap.Int("pid", e.t.Pid), zap.Uint32("xen_domid", e.t.XenDomID),
 			zap.Time("deadline", e.deadline), zap.Duration("late", e.late))
 	}
 	return next
@@ -257,7 +257,7 @@ func (c *Core) Stopped() []StoppedVM {
 	var out []StoppedVM
 	for name, e := range c.vms {
 		if e.stopped {
-			out = append(out, StoppedVM{Name: name, Pid: e.t.Pid, QMP: e.t.QMP, AtUnixMs: e.stoppedAt.UnixMilli(),
+			out = append(out, StoppedVM{Name: name, Pid: e.t.Pid, QMP: e.t.QMP, XenDomID: e.t.XenDomID, AtUnixMs: e.stoppedAt.UnixMilli(),
 				LateMs: float64(e.late.Microseconds()) / 1000, Why: e.why})
 		}
 	}

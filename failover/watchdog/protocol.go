@@ -29,6 +29,7 @@ import (
 	"errors"
 	"fmt"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"time"
 
@@ -82,18 +83,23 @@ type Request struct {
 	GraceNs int64    `json:"grace_ns,omitempty"`
 }
 
-// PetVM is one VM the daemon vouches for.
+// PetVM is one VM the daemon vouches for: its QEMU process (Pid, QMP) or
+// its Xen domain (XenDomID, XenDomain: the domain's name).
 type PetVM struct {
-	Name string `json:"name"`
-	Pid  int    `json:"pid"`
-	QMP  string `json:"qmp"`
+	Name      string `json:"name"`
+	Pid       int    `json:"pid,omitempty"`
+	QMP       string `json:"qmp,omitempty"`
+	XenDomID  uint32 `json:"xen_domid,omitempty"`
+	XenDomain string `json:"xen_domain,omitempty"`
 	// ValidForNs: the daemon can prove it holds the VM for this long from
 	// now (≤ 0: it cannot; stop the guest now).
 	ValidForNs int64 `json:"valid_for_ns"`
 }
 
-// Target is the process a PetVM names.
-func (p PetVM) Target() Target { return Target{VM: p.Name, Pid: p.Pid, QMP: p.QMP} }
+// Target is the guest a PetVM names.
+func (p PetVM) Target() Target {
+	return Target{VM: p.Name, Pid: p.Pid, QMP: p.QMP, XenDomID: p.XenDomID, XenDomain: p.XenDomain}
+}
 
 // Reply is the watchdog's answer (JSON, one line).
 type Reply struct {
@@ -110,9 +116,10 @@ type Reply struct {
 
 // StoppedVM is a guest the watchdog stopped.
 type StoppedVM struct {
-	Name string `json:"name"`
-	Pid  int    `json:"pid"`
-	QMP  string `json:"qmp"`
+	Name     string `json:"name"`
+	Pid      int    `json:"pid,omitempty"`
+	QMP      string `json:"qmp,omitempty"`
+	XenDomID uint32 `json:"xen_domid,omitempty"`
 	// AtUnixMs is when it was stopped; LateMs how long after its deadline
 	// (the watchdog's own reaction time); Why says what ran out.
 	AtUnixMs int64   `json:"at_unix_ms"`
@@ -122,25 +129,50 @@ type StoppedVM struct {
 
 // Refusal is a pet entry the watchdog refused.
 type Refusal struct {
-	Name  string `json:"name"`
-	Pid   int    `json:"pid"`
-	Error string `json:"error"`
+	Name     string `json:"name"`
+	Pid      int    `json:"pid,omitempty"`
+	XenDomID uint32 `json:"xen_domid,omitempty"`
+	Error    string `json:"error"`
 }
 
-// Target is a VM's QEMU process as the daemon names it.
+// Target is a VM's QEMU process, or its Xen domain, as the daemon names
+// it.
 type Target struct {
 	VM  string
 	Pid int
 	QMP string
+	// XenDomID and XenDomain: a Xen domain (its id and name) instead of a
+	// QEMU process.
+	XenDomID  uint32
+	XenDomain string
 }
 
-// ErrInvalidTarget is the error of a target the watchdog will not touch.
-var ErrInvalidTarget = errors.New("watchdog: not a QEMU process of this daemon")
+// Xen reports whether t names a Xen domain.
+func (t Target) Xen() bool { return t.XenDomID != 0 || t.XenDomain != "" }
 
-// validate checks a target's fields (not the process: see Procs).
+// ErrInvalidTarget is the error of a target the watchdog will not touch.
+var ErrInvalidTarget = errors.New("watchdog: not a guest of this daemon")
+
+// xenDomainRE is what a Xen domain name may be (as the daemon's xen_vms
+// entries allow).
+var xenDomainRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`)
+
+// validate checks a target's fields (not the process or domain: see
+// Procs).
 func (t Target) validate() error {
 	if err := hypervisor.ValidateVMName(t.VM); err != nil {
 		return fmt.Errorf("%w: %w", ErrInvalidTarget, err)
+	}
+	if t.Xen() {
+		switch {
+		case t.Pid != 0 || t.QMP != "":
+			return fmt.Errorf("%w: a Xen domain with a pid or QMP socket", ErrInvalidTarget)
+		case t.XenDomID == 0 || t.XenDomID >= 0x7ff0: // dom0, DOMID_FIRST_RESERVED
+			return fmt.Errorf("%w: Xen domain id %d", ErrInvalidTarget, t.XenDomID)
+		case !xenDomainRE.MatchString(t.XenDomain):
+			return fmt.Errorf("%w: Xen domain name %q", ErrInvalidTarget, t.XenDomain)
+		}
+		return nil
 	}
 	if t.Pid <= 1 {
 		return fmt.Errorf("%w: pid %d", ErrInvalidTarget, t.Pid)

@@ -33,6 +33,11 @@ type ServerOptions struct {
 	// Binaries are the QEMU binaries a supervised process may run (for
 	// the default Procs; default qemu-system-x86_64 from PATH).
 	Binaries []string
+	// XenDomains are the Xen domains (by name) it may pause (for the
+	// default Procs, through Xen: HostXen, or XenOps if set). With some, a
+	// host without any of Binaries is no error.
+	XenDomains []string
+	XenOps     XenOps
 	// IdleExit: exit once nothing has been supervised and no daemon has
 	// been connected for this long (0: never).
 	IdleExit time.Duration
@@ -77,12 +82,30 @@ func Serve(ctx context.Context, o ServerOptions) error {
 		return fmt.Errorf("watchdog: socket path %s is longer than a unix socket path may be (107)", sock)
 	}
 	if o.Procs == nil {
+		var tp targetProcs
 		p, err := NewLinuxProcs(o.Binaries)
-		if err != nil {
+		switch {
+		case err == nil:
+			tp.qemu = p
+			o.Log.Info("watchdog: QEMU binaries it may stop", zap.Strings("binaries", p.Binaries()))
+		case len(o.XenDomains) == 0:
 			return err
+		default:
+			o.Log.Warn("watchdog: no QEMU binary resolves: it supervises Xen domains only", zap.Error(err))
 		}
-		o.Procs = p
-		o.Log.Info("watchdog: QEMU binaries it may stop", zap.Strings("binaries", p.Binaries()))
+		if len(o.XenDomains) > 0 {
+			ops := o.XenOps
+			if ops == nil {
+				ops = HostXen{}
+			}
+			x, err := NewXenProcs(ops, o.XenDomains)
+			if err != nil {
+				return err
+			}
+			tp.xen = x
+			o.Log.Info("watchdog: Xen domains it may pause", zap.Strings("domains", x.Domains()))
+		}
+		o.Procs = tp
 	}
 	if err := os.MkdirAll(o.StateDir, 0o700); err != nil {
 		return fmt.Errorf("watchdog: state dir: %w", err)

@@ -75,6 +75,28 @@ static int rx_pause_ref(uint32_t domid, int un) {
 	return rc;
 }
 
+// Domain domid's Xen handle (its UUID, 16 bytes); -1 with errno (ESRCH:
+// no such domain).
+static int rx_domain_handle(uint32_t domid, unsigned char *out) {
+	xc_interface *xch = xc_interface_open(NULL, NULL, 0);
+	if (!xch)
+		return -1;
+	xc_domaininfo_t info;
+	int n = xc_domain_getinfolist(xch, domid, 1, &info);
+	int e = errno;
+	xc_interface_close(xch);
+	if (n < 0) {
+		errno = e;
+		return -1;
+	}
+	if (n != 1 || info.domain != domid) {
+		errno = ESRCH;
+		return -1;
+	}
+	memcpy(out, info.handle, 16);
+	return 0;
+}
+
 // The facts DomainState reports; -1 with errno if the domain is unknown.
 static int rx_domain_state(uint32_t domid, unsigned int *flags, uint64_t *cpu_time) {
 	xc_interface *xch = xc_interface_open(NULL, NULL, 0);
@@ -417,6 +439,45 @@ func Destroy(ctx context.Context, xl string, domid uint32) error {
 		return fmt.Errorf("xen: xl destroy %d: %w: %s", domid, err, lastLine(out))
 	}
 	return nil
+}
+
+// DomainHandle returns domain domid's Xen handle (the UUID its toolstack
+// gave it): with the domid, what tells a domain from a later one that
+// reuses the id.
+func DomainHandle(ctx context.Context, domid uint32) ([16]byte, error) {
+	var h [16]byte
+	err := offload(ctx, "domain handle", func() error {
+		if rc, err := C.rx_domain_handle(C.uint32_t(domid), (*C.uchar)(unsafe.Pointer(&h[0]))); rc < 0 {
+			if errors.Is(err, syscall.ESRCH) {
+				return fmt.Errorf("%w: domain %d: %w", ErrNoDomain, domid, err)
+			}
+			return errnoErr("xc_domain_getinfolist", err)
+		}
+		return nil
+	})
+	return h, err
+}
+
+// PauseDomain takes one pause reference on domain domid
+// (xc_domain_pause: Xen counts them; the domain runs again only once each
+// is dropped), without asking the guest anything.
+func PauseDomain(ctx context.Context, domid uint32) error {
+	return offload(ctx, "pause", func() error {
+		if rc, err := C.rx_pause_ref(C.uint32_t(domid), 0); rc < 0 {
+			return errnoErr("xc_domain_pause", err)
+		}
+		return nil
+	})
+}
+
+// UnpauseDomain drops one pause reference on domain domid.
+func UnpauseDomain(ctx context.Context, domid uint32) error {
+	return offload(ctx, "unpause", func() error {
+		if rc, err := C.rx_pause_ref(C.uint32_t(domid), 1); rc < 0 {
+			return errnoErr("xc_domain_unpause", err)
+		}
+		return nil
+	})
 }
 
 // PauseNow pauses the domain at once (xc_domain_pause through a handle of

@@ -35,6 +35,15 @@ func DomainID(ctx context.Context, xl, name string) (uint32, error) { return 0, 
 // WaitSuspendable needs the xen build tag.
 func WaitSuspendable(ctx context.Context, domid uint32) error { return ErrNotBuilt }
 
+// DomainHandle returns ErrNotBuilt.
+func DomainHandle(ctx context.Context, domid uint32) ([16]byte, error) { return [16]byte{}, ErrNotBuilt }
+
+// PauseDomain returns ErrNotBuilt.
+func PauseDomain(ctx context.Context, domid uint32) error { return ErrNotBuilt }
+
+// UnpauseDomain returns ErrNotBuilt.
+func UnpauseDomain(ctx context.Context, domid uint32) error { return ErrNotBuilt }
+
 // DomainState returns ErrNotBuilt.
 func DomainState(ctx context.Context, domid uint32) (DomainStatus, error) {
 	return DomainStatus{}, ErrNotBuilt
