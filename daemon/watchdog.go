@@ -263,25 +263,29 @@ func (d *Daemon) xenBeforeAttach(x XenVM, stopped map[string]watchdog.StoppedVM)
 	if !known || s.XenDomID == 0 || s.XenDomID != rec.Xen.DomID {
 		return
 	}
-	holds, sure, why := d.holdsRecord(x.Name)
-	if !holds || !sure {
-		// Not attached (bringUpXen): its pause stays the watchdog's.
-		what := "another host holds the VM: destroy the domain (xl destroy " + fmt.Sprint(s.XenDomID) + ")"
-		if !sure {
-			what = "restart remusd once the witness answers"
-		}
+	// Left paused, the domain is not attached (bringUpXen): its pause
+	// stays the watchdog's.
+	leave := func(why string) {
 		if d.xenWatchdogHeld == nil {
 			d.xenWatchdogHeld = map[string]string{}
 		}
-		d.xenWatchdogHeld[x.Name] = fmt.Sprintf("the watchdog holds domain %d paused (%s) and this host cannot show it holds the VM (%s): not attached, it stays paused; %s", s.XenDomID, s.Why, why, what)
-		d.log.Error("the watchdog holds a Xen primary paused and this host cannot show it holds the VM: not attached, it stays paused", zap.String("vm", x.Name),
-			zap.Uint32("domid", s.XenDomID), zap.String("why", why), zap.Bool("witness_answered", sure))
+		d.xenWatchdogHeld[x.Name] = fmt.Sprintf("the watchdog holds domain %d paused (%s): not attached, it stays paused: %s", s.XenDomID, s.Why, why)
+		d.log.Error("the watchdog holds a Xen primary paused: not attached, it stays paused", zap.String("vm", x.Name),
+			zap.Uint32("domid", s.XenDomID), zap.String("why", why))
+	}
+	holds, sure, why := d.holdsRecord(x.Name)
+	switch {
+	case !sure:
+		leave(fmt.Sprintf("the witness cannot be asked whether this host holds the VM (%s); restart remusd once it answers", why))
+		return
+	case !holds:
+		leave(fmt.Sprintf("another host holds the VM (%s); destroy the domain (xl destroy %d)", why, s.XenDomID))
 		return
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	if err := d.sendCont(ctx, x.Name, 0, "", true, 0, true); err != nil {
-		d.log.Error("cannot lift the watchdog's pause of a Xen primary: it stays paused", zap.String("vm", x.Name), zap.Uint32("domid", s.XenDomID), zap.Error(err))
+		leave(fmt.Sprintf("this host holds the VM (%s) but the watchdog could not drop its pause (%v); restart remusd", why, err))
 		return
 	}
 	d.log.Warn("the watchdog had paused a Xen primary; this host still holds the VM: its pause is dropped", zap.String("vm", x.Name),

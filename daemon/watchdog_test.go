@@ -5,6 +5,9 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/remusd/remusd/failover/watchdog"
+	"github.com/remusd/remusd/failover/witness"
 )
 
 func TestWatchdogConfig(t *testing.T) {
@@ -141,4 +144,70 @@ func TestRenderWatchdog(t *testing.T) {
 	if strings.Contains(out, "c: ") {
 		t.Errorf("a supervised guest needs no note:\n%s", out)
 	}
+}
+
+// TestXenBeforeAttach: at start, a Xen primary the watchdog holds paused
+// is not attached (its pause would be adopted as a dead daemon's, and
+// dropped) unless the witness says this host holds the VM and the
+// watchdog dropped its pause: another holder, a witness that cannot be
+// asked and a watchdog that cannot be reached each leave it paused,
+// saying why.
+func TestXenBeforeAttach(t *testing.T) {
+	ctx, w, d := witnessDaemon(t, "hosta")
+	dir := t.TempDir()
+	s, err := newRecordStore(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.records = s
+	x := XenVM{Name: "web", XLConfig: "/etc/xen/web.cfg"}
+	d.cfg.XenVMs = []XenVM{x}
+	if err := s.save(vmRecord{Name: "web", Backend: "xen", Role: RolePrimary, Xen: &xenRecord{DomID: 7, Vif: "vif7.0"}}); err != nil {
+		t.Fatal(err)
+	}
+	stopped := map[string]watchdog.StoppedVM{"web": {Name: "web", XenDomID: 7, Why: "its daemon's connection closed"}}
+	check := func(what, want string) {
+		t.Helper()
+		d.xenWatchdogHeld = nil
+		d.xenBeforeAttach(x, stopped)
+		got := d.xenWatchdogHeld["web"]
+		if want == "" {
+			if got != "" {
+				t.Fatalf("%s: left paused: %s", what, got)
+			}
+			return
+		}
+		if !strings.Contains(got, want) {
+			t.Fatalf("%s: %q, want it left paused saying %q", what, got, want)
+		}
+		// Not attached: the bring-up stops at it.
+		d.mu.Lock()
+		err := d.bringUpXen(x)
+		v := d.vms["web"]
+		d.mu.Unlock()
+		if err != nil || v == nil || v.stoppedWhy != got || v.guest != nil {
+			t.Fatalf("%s: bring-up: %v, %+v", what, err, v)
+		}
+	}
+	// Another host holds the record.
+	if _, ok, err := w.Claim(ctx, "web", "hostb", witness.Record{}); err != nil || !ok {
+		t.Fatalf("claim for hostb: %v %v", ok, err)
+	}
+	check("another holder", "another host holds the VM")
+	// A stop of another domain id is not this record's: nothing to do.
+	stopped["web"] = watchdog.StoppedVM{Name: "web", XenDomID: 8}
+	check("another domid", "")
+	stopped["web"] = watchdog.StoppedVM{Name: "web", XenDomID: 7}
+	// This host holds it, but no watchdog answers to drop the pause.
+	rec, _, err := w.Get(ctx, "web")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, ok, err := w.Claim(ctx, "web", "hosta", rec); err != nil || !ok {
+		t.Fatalf("claim for hosta: %v %v", ok, err)
+	}
+	check("watchdog unreachable", "the watchdog could not drop its pause")
+	// The witness cannot be asked.
+	w.Close()
+	check("witness down", "the witness cannot be asked")
 }
