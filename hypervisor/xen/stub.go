@@ -36,7 +36,9 @@ func DomainID(ctx context.Context, xl, name string) (uint32, error) { return 0, 
 func WaitSuspendable(ctx context.Context, domid uint32) error { return ErrNotBuilt }
 
 // DomainHandle returns ErrNotBuilt.
-func DomainHandle(ctx context.Context, domid uint32) ([16]byte, error) { return [16]byte{}, ErrNotBuilt }
+func DomainHandle(ctx context.Context, domid uint32) ([16]byte, error) {
+	return [16]byte{}, ErrNotBuilt
+}
 
 // PauseDomain returns ErrNotBuilt.
 func PauseDomain(ctx context.Context, domid uint32) error { return ErrNotBuilt }
