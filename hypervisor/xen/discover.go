@@ -75,30 +75,9 @@ static int rx_pause_ref(uint32_t domid, int un) {
 	return rc;
 }
 
-// Domain domid's Xen handle (its UUID, 16 bytes); -1 with errno (ESRCH:
-// no such domain).
-static int rx_domain_handle(uint32_t domid, unsigned char *out) {
-	xc_interface *xch = xc_interface_open(NULL, NULL, 0);
-	if (!xch)
-		return -1;
-	xc_domaininfo_t info;
-	int n = xc_domain_getinfolist(xch, domid, 1, &info);
-	int e = errno;
-	xc_interface_close(xch);
-	if (n < 0) {
-		errno = e;
-		return -1;
-	}
-	if (n != 1 || info.domain != domid) {
-		errno = ESRCH;
-		return -1;
-	}
-	memcpy(out, info.handle, 16);
-	return 0;
-}
-
-// The facts DomainState reports; -1 with errno if the domain is unknown.
-static int rx_domain_state(uint32_t domid, unsigned int *flags, uint64_t *cpu_time) {
+// The facts DomainState reports, and the domain's Xen handle (its UUID,
+// 16 bytes); -1 with errno if the domain is unknown (ESRCH).
+static int rx_domain_state(uint32_t domid, unsigned int *flags, uint64_t *cpu_time, unsigned char *handle) {
 	xc_interface *xch = xc_interface_open(NULL, NULL, 0);
 	if (!xch)
 		return -1;
@@ -116,6 +95,7 @@ static int rx_domain_state(uint32_t domid, unsigned int *flags, uint64_t *cpu_ti
 	}
 	*flags = info.flags;
 	*cpu_time = info.cpu_time;
+	memcpy(handle, info.handle, 16);
 	return 0;
 }
 */
@@ -175,15 +155,33 @@ func DomainName(ctx context.Context, domid uint32) (string, error) {
 
 // DomainState returns what Xen says about domain domid right now.
 func DomainState(ctx context.Context, domid uint32) (DomainStatus, error) {
+	st, _, err := domainState(ctx, domid)
+	return st, err
+}
+
+// DomainHandle returns domain domid's Xen handle (the UUID its toolstack
+// gave it): with the domid, what tells a domain from a later one that
+// reuses the id.
+func DomainHandle(ctx context.Context, domid uint32) ([16]byte, error) {
+	_, h, err := domainState(ctx, domid)
+	return h, err
+}
+
+func domainState(ctx context.Context, domid uint32) (DomainStatus, [16]byte, error) {
 	var st DomainStatus
+	var h [16]byte
 	err := offload(ctx, "domain state", func() error {
 		var flags C.uint
 		var cpu C.uint64_t
-		if rc, err := C.rx_domain_state(C.uint32_t(domid), &flags, &cpu); rc < 0 {
+		var ch [16]C.uchar
+		if rc, err := C.rx_domain_state(C.uint32_t(domid), &flags, &cpu, &ch[0]); rc < 0 {
 			if errors.Is(err, syscall.ESRCH) {
 				return fmt.Errorf("%w: domain %d: %w", ErrNoDomain, domid, err)
 			}
 			return errnoErr("xc_domain_getinfolist", err)
+		}
+		for i := range h {
+			h[i] = byte(ch[i])
 		}
 		f := uint32(flags)
 		st = DomainStatus{
@@ -196,7 +194,7 @@ func DomainState(ctx context.Context, domid uint32) (DomainStatus, error) {
 		st.Suspended = st.Shutdown && st.ShutdownReason == shutdownSuspend
 		return nil
 	})
-	return st, err
+	return st, h, err
 }
 
 // Vifs lists domain domid's network interfaces as dom0's xenstore
@@ -439,23 +437,6 @@ func Destroy(ctx context.Context, xl string, domid uint32) error {
 		return fmt.Errorf("xen: xl destroy %d: %w: %s", domid, err, lastLine(out))
 	}
 	return nil
-}
-
-// DomainHandle returns domain domid's Xen handle (the UUID its toolstack
-// gave it): with the domid, what tells a domain from a later one that
-// reuses the id.
-func DomainHandle(ctx context.Context, domid uint32) ([16]byte, error) {
-	var h [16]byte
-	err := offload(ctx, "domain handle", func() error {
-		if rc, err := C.rx_domain_handle(C.uint32_t(domid), (*C.uchar)(unsafe.Pointer(&h[0]))); rc < 0 {
-			if errors.Is(err, syscall.ESRCH) {
-				return fmt.Errorf("%w: domain %d: %w", ErrNoDomain, domid, err)
-			}
-			return errnoErr("xc_domain_getinfolist", err)
-		}
-		return nil
-	})
-	return h, err
 }
 
 // PauseDomain takes one pause reference on domain domid
