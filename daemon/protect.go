@@ -309,6 +309,14 @@ func (d *Daemon) startProtection(v *vm, pr protectionRecord, resume bool) error 
 			d.log.Error("protection failed: holding output", zap.String("vm", v.name), zap.Error(err))
 		}
 	}()
+	if xg, ok := g.(*xen.Guest); ok {
+		domid, vif := xg.DomID(), v.xnet.vif
+		d.wg.Add(1)
+		go func() {
+			defer d.wg.Done()
+			d.guardXenDevices(pctx, v, p, domid, vif, xenDeviceCheckEvery)
+		}()
+	}
 	d.log.Info("protecting", zap.String("vm", v.name), zap.String("peer", pr.Peer), zap.String("peer_name", pr.PeerName),
 		zap.String("protection_id", pr.ID), zap.Bool("resumed", resume), zap.Bool("insecure", d.cfg.Insecure),
 		zap.Duration("epoch_interval", interval), zap.Int("max_inflight", inflight))

@@ -547,6 +547,11 @@ func tail(b []byte, n int) []byte {
 // witnessStatus fills a VM's witness fields in status (d.mu held).
 func (d *Daemon) witnessStatus(v *vm, s *VMStatus) {
 	if d.wit == nil {
+		if v.w.view == WitnessFenced {
+			// Fenced without a witness (a device hot-plugged into a
+			// protected Xen domain): said all the same.
+			s.WitnessView, s.WitnessError = v.w.view, v.w.err
+		}
 		return
 	}
 	s.WitnessHolder, s.WitnessGeneration, s.WitnessView, s.WitnessError = v.w.rec.Holder, v.w.rec.Generation, v.w.view, v.w.err

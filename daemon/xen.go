@@ -35,6 +35,7 @@ import (
 	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
 
+	"github.com/remusd/remusd/checkpoint"
 	"github.com/remusd/remusd/hypervisor"
 	"github.com/remusd/remusd/hypervisor/libvirt"
 	"github.com/remusd/remusd/hypervisor/xen"
@@ -686,4 +687,74 @@ func (d *Daemon) stopXen(ctx context.Context, g *xen.Guest) error {
 	}
 	g.Release()
 	return nil
+}
+
+// xenDeviceCheckEvery is how often a protected Xen domain's devices are
+// checked against what its protection holds and replicates.
+const xenDeviceCheckEvery = 200 * time.Millisecond
+
+// xenDevicesChanged says what a protected domain gained since protect: a
+// vif other than vif (held: the one), or any block device ("" if
+// nothing). A vif that went away is no leak and is not reported.
+func (d *Daemon) xenDevicesChanged(ctx context.Context, domid uint32, vif string) (string, error) {
+	ctx, cancel := context.WithTimeout(ctx, xenCallTimeout)
+	defer cancel()
+	vifs, err := d.xh.Vifs(ctx, domid)
+	if err != nil {
+		return "", err
+	}
+	for _, x := range vifs {
+		if x.Name != vif {
+			return fmt.Sprintf("vif %s (device %d) was plugged into domain %d during protection: its output is not held (remusd holds the output of one vif, %s)", x.Name, x.DevID, domid, vif), nil
+		}
+	}
+	disks, err := d.xh.Disks(ctx, domid)
+	if err != nil {
+		return "", err
+	}
+	if len(disks) > 0 {
+		return fmt.Sprintf("block device %s was plugged into domain %d during protection: its writes are not replicated", strings.Join(disks, ", "), domid), nil
+	}
+	return "", nil
+}
+
+// guardXenDevices checks a protected Xen domain's devices every `every`
+// until ctx ends (the protection stops): a device hot-plugged into it
+// (xl network-attach, block-attach, or libvirt's attach-device) is output
+// that leaves unheld, or writes the backup never gets. The copy is then
+// fenced at once, as one that lost its witness record: the domain
+// paused, the protection stopped, its held output dropped; the backup
+// keeps the last committed epoch, from which it can take the VM over.
+// A check that fails (xenstore busy) is retried, logged once a while.
+func (d *Daemon) guardXenDevices(ctx context.Context, v *vm, p *checkpoint.Primary, domid uint32, vif string, every time.Duration) {
+	t := time.NewTicker(every)
+	defer t.Stop()
+	var loggedAt time.Time
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		why, err := d.xenDevicesChanged(ctx, domid, vif)
+		if err != nil {
+			if ctx.Err() == nil && time.Since(loggedAt) > time.Minute {
+				loggedAt = time.Now()
+				d.log.Warn("cannot check the protected domain's devices", zap.String("vm", v.name), zap.Uint32("domid", domid), zap.Error(err))
+			}
+			continue
+		}
+		if why == "" {
+			continue
+		}
+		why += ": the domain is paused and this copy fenced; fail over to the backup (remusd failover " + v.name + " there), or end this copy (remusd stop " + v.name + ")"
+		d.mu.Lock()
+		if v.role == RolePrimary && v.primary == p && v.w.view != WitnessFenced {
+			v.w.view, v.w.err = WitnessFenced, why
+			d.fenceLocked(v, why)
+			d.log.Error("a device was hot-plugged into a protected domain: fenced", zap.String("vm", v.name), zap.Uint32("domid", domid), zap.String("why", why))
+		}
+		d.mu.Unlock()
+		return
+	}
 }

@@ -81,6 +81,7 @@ type xenHost interface {
 	DomainState(ctx context.Context, domid uint32) (xen.DomainStatus, error)
 	DomainName(ctx context.Context, domid uint32) (string, error)
 	Vifs(ctx context.Context, domid uint32) ([]xen.Vif, error)
+	Disks(ctx context.Context, domid uint32) ([]string, error)
 	Create(ctx context.Context, configPath, domain string) (uint32, error)
 	Destroy(ctx context.Context, domid uint32) error
 	// WaitSuspendable waits until a just-started domain's guest can
@@ -107,6 +108,9 @@ func (xlHost) DomainName(ctx context.Context, domid uint32) (string, error) {
 }
 func (xlHost) Vifs(ctx context.Context, domid uint32) ([]xen.Vif, error) {
 	return xen.Vifs(ctx, domid)
+}
+func (xlHost) Disks(ctx context.Context, domid uint32) ([]string, error) {
+	return xen.Disks(ctx, domid)
 }
 func (xlHost) WaitSuspendable(ctx context.Context, domid uint32) error {
 	return xen.WaitSuspendable(ctx, domid)

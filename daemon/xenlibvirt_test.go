@@ -7,6 +7,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
@@ -24,6 +25,7 @@ type fakeXenHost struct {
 	destroyed  []uint32
 	waited     []uint32 // WaitSuspendable's domids
 	neverRan   map[uint32]bool
+	disks      map[uint32][]string
 	bootFails  error // WaitSuspendable's answer
 	noDeadline bool
 }
@@ -83,6 +85,13 @@ func (h *fakeXenHost) Vifs(ctx context.Context, domid uint32) ([]xen.Vif, error)
 	defer h.mu.Unlock()
 	h.check(ctx)
 	return h.vifs[domid], nil
+}
+
+func (h *fakeXenHost) Disks(ctx context.Context, domid uint32) ([]string, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.check(ctx)
+	return h.disks[domid], nil
 }
 
 func (h *fakeXenHost) Create(ctx context.Context, configPath, domain string) (uint32, error) {
@@ -665,6 +674,67 @@ func TestDestroyLeftoverLibvirtStandby(t *testing.T) {
 	d = &Daemon{log: testLogger(t), xh: h, xlv: l}
 	if err := d.destroyLeftoverStandby(t.Context(), x); err != nil || len(l.destroyed)+len(h.destroyed) != 0 {
 		t.Fatalf("no domain: %v, libvirt destroyed %v, xl %v", err, l.destroyed, h.destroyed)
+	}
+}
+
+// TestGuardXenDevices: a vif or a disk hot-plugged into a protected
+// domain fences the copy at once (paused, fenced, held output dropped);
+// the protected vif alone, or one that went away, is left running.
+func TestGuardXenDevices(t *testing.T) {
+	h, _ := webDomain()
+	d := &Daemon{log: testLogger(t), xh: h, vms: map[string]*vm{}}
+	if why, err := d.xenDevicesChanged(t.Context(), 7, "vif7.0"); err != nil || why != "" {
+		t.Fatalf("the protected vif alone: %q, %v", why, err)
+	}
+	h.vifs[7] = nil
+	if why, err := d.xenDevicesChanged(t.Context(), 7, "vif7.0"); err != nil || why != "" {
+		t.Fatalf("no vif: %q, %v", why, err)
+	}
+	h.disks = map[uint32][]string{7: {"vbd/51712"}}
+	if why, _ := d.xenDevicesChanged(t.Context(), 7, "vif7.0"); !strings.Contains(why, "vbd/51712") || !strings.Contains(why, "not replicated") {
+		t.Fatalf("a disk: %q", why)
+	}
+	h.disks = nil
+
+	// The guard: a second vif appears while it runs.
+	g := &fenceGuest{}
+	stopped := make(chan struct{})
+	v := &vm{name: "web", role: RolePrimary, guest: g, stop: func() { close(stopped) }}
+	d.vms["web"] = v
+	ctx, cancel := context.WithCancel(t.Context())
+	defer cancel()
+	done := make(chan struct{})
+	go func() { defer close(done); d.guardXenDevices(ctx, v, nil, 7, "vif7.0", 5*time.Millisecond) }()
+	time.Sleep(30 * time.Millisecond)
+	d.mu.Lock()
+	fenced := v.w.view == WitnessFenced
+	d.mu.Unlock()
+	if fenced {
+		t.Fatal("fenced with no new device")
+	}
+	h.mu.Lock()
+	h.vifs[7] = []xen.Vif{{DevID: 0, Name: "vif7.0"}, {DevID: 1, Name: "vif7.1"}}
+	h.mu.Unlock()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the guard did not act on a hot-plugged vif")
+	}
+	<-stopped
+	d.wg.Wait()
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if v.w.view != WitnessFenced || !strings.Contains(v.w.err, "vif7.1") || !strings.Contains(v.w.err, "not held") {
+		t.Fatalf("after a hot-plugged vif: view %q, %q", v.w.view, v.w.err)
+	}
+	g.mu.Lock()
+	paused := g.paused
+	g.mu.Unlock()
+	if !paused {
+		t.Fatal("the guest was not paused")
+	}
+	if h.noDeadline {
+		t.Error("a call without a deadline")
 	}
 }
 

@@ -346,6 +346,26 @@ func daemonFailover(t *testing.T, outbuf string, all bool) {
 			paused.Round(time.Millisecond), running.Round(time.Millisecond), ps.AckedEpoch, time.Since(hung).Round(time.Millisecond))
 	}
 
+	if all {
+		// A second vif hot-plugged into the protected domain would send
+		// unheld output: hosta fences the copy at once (paused, held
+		// output dropped); the backup's committed epoch is what the
+		// failover below resumes.
+		t3 := time.Now()
+		xl(t, "network-attach", "web", "bridge="+xentest.NetBridge, "script="+script, "mac=00:16:3e:52:4d:99")
+		attached := time.Since(t3)
+		waitFor(t, 10*time.Second, "hosta fences web after a vif was hot-plugged", func() (bool, string) {
+			s, err := ac.VMStatus(ctx, "web")
+			return err == nil && s.WitnessView == "fenced" && strings.Contains(s.WitnessError, "not held"), fmt.Sprintf("%+v %v", s, err)
+		})
+		fenced := time.Since(t3)
+		if !domPaused(t, "web") {
+			t.Fatalf("web runs after the fence:\n%s", xlOut("list", "web"))
+		}
+		t.Logf("dom0: vif hot-plugged into web (xl network-attach %s): hosta fenced it %s after the attach began (paused, output dropped)",
+			attached.Round(time.Millisecond), fenced.Round(time.Millisecond))
+	}
+
 	// The primary host dies: its daemon and its domain.
 	bs = killAndFailover(ctx, t, a, func() { xl(t, "destroy", "web") }, bc, bcfg.Control, echo, addr)
 	if !strings.Contains(xlOut("list"), "web-sb") {
