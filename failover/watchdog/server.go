@@ -2,6 +2,7 @@ package watchdog
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -60,6 +61,10 @@ type Server struct {
 	idleSince time.Time
 	nextID    uint64
 	wake      chan struct{}
+	// xen: the Xen domains' procs (nil: none); xenSaved: the Xen pauses
+	// as last written to StateDir/XenStateName.
+	xen      *XenProcs
+	xenSaved []byte
 }
 
 // Serve runs the watchdog until ctx is done (or, with IdleExit, it has
@@ -81,6 +86,7 @@ func Serve(ctx context.Context, o ServerOptions) error {
 	if len(sock) > 107 {
 		return fmt.Errorf("watchdog: socket path %s is longer than a unix socket path may be (107)", sock)
 	}
+	var xenProcs *XenProcs
 	if o.Procs == nil {
 		var tp targetProcs
 		p, err := NewLinuxProcs(o.Binaries)
@@ -102,7 +108,7 @@ func Serve(ctx context.Context, o ServerOptions) error {
 			if err != nil {
 				return err
 			}
-			tp.xen = x
+			tp.xen, xenProcs = x, x
 			o.Log.Info("watchdog: Xen domains it may pause", zap.Strings("domains", x.Domains()))
 		}
 		o.Procs = tp
@@ -137,7 +143,8 @@ func Serve(ctx context.Context, o ServerOptions) error {
 		ln.Close()
 		return fmt.Errorf("watchdog: pid file: %w", err)
 	}
-	s := &Server{o: o, log: o.Log, core: NewCore(o.Now, o.Procs, o.Log), wake: make(chan struct{}, 1), idleSince: o.Now()}
+	s := &Server{o: o, log: o.Log, core: NewCore(o.Now, o.Procs, o.Log), wake: make(chan struct{}, 1), idleSince: o.Now(), xen: xenProcs}
+	s.restoreXen()
 	defer func() {
 		// Remove the socket while still holding the lock: a daemon then
 		// finds no watchdog and starts one, which takes the lock after us.
@@ -271,6 +278,7 @@ func (s *Server) timerLoop(ctx context.Context, stop context.CancelFunc) {
 		}
 		s.mu.Lock()
 		next := s.core.Tick()
+		s.saveXen()
 		now := s.o.Now()
 		idle := s.conns == 0 && s.core.Idle()
 		if !idle {
@@ -346,6 +354,7 @@ func (s *Server) handle(id uint64, req Request) Reply {
 	defer s.poke()
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	defer s.saveXen()
 	switch req.Op {
 	case OpHello:
 		if req.Version != ProtocolVersion {
@@ -389,4 +398,67 @@ func readLine(r *bufio.Reader, limit int) ([]byte, error) {
 			return nil, err
 		}
 	}
+}
+
+// maxXenState bounds the Xen pause record read at start.
+const maxXenState = 1 << 20
+
+// restoreXen supervises, as stopped, the Xen domains a previous watchdog
+// recorded holding paused (see XenStateName), then rewrites the record.
+func (s *Server) restoreXen() {
+	path := filepath.Join(s.o.StateDir, XenStateName)
+	b, err := os.ReadFile(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return
+	}
+	var held []HeldXen
+	switch {
+	case err != nil:
+		s.log.Error("cannot read the Xen pauses a previous watchdog recorded: domains it held paused stay paused, unknown to this one", zap.String("file", path), zap.Error(err))
+	case len(b) > maxXenState:
+		s.log.Error("the Xen pause record is too large: ignored", zap.String("file", path), zap.Int("bytes", len(b)))
+	case json.Unmarshal(b, &held) != nil:
+		s.log.Error("the Xen pause record is malformed: ignored", zap.String("file", path))
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, h := range held {
+		if s.xen == nil {
+			s.log.Error("a previous watchdog held a Xen domain paused, and this one supervises no Xen domains: it stays paused", zap.String("vm", h.VM), zap.Uint32("domid", h.DomID))
+			continue
+		}
+		if err := s.core.RestoreXen(s.xen, h); err != nil {
+			s.log.Warn("a recorded Xen pause is not restored", zap.String("vm", h.VM), zap.Uint32("domid", h.DomID), zap.Error(err))
+		}
+	}
+	s.saveXen()
+}
+
+// saveXen records the Xen domains held paused, if that changed (s.mu
+// held). The write is atomic (a temporary file renamed).
+func (s *Server) saveXen() {
+	held := s.core.XenHeld()
+	b, err := json.Marshal(held)
+	if err != nil || bytes.Equal(b, s.xenSaved) {
+		return
+	}
+	path := filepath.Join(s.o.StateDir, XenStateName)
+	if len(held) == 0 {
+		if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+			s.log.Error("cannot remove the Xen pause record", zap.Error(err))
+			return
+		}
+		s.xenSaved = b
+		return
+	}
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, b, 0o600); err != nil {
+		s.log.Error("cannot record the Xen pauses held", zap.Error(err))
+		return
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		s.log.Error("cannot record the Xen pauses held", zap.Error(err))
+		return
+	}
+	s.xenSaved = b
 }

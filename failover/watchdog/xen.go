@@ -1,11 +1,16 @@
 package watchdog
 
 import (
+	"bytes"
 	"context"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"time"
+
+	"go.uber.org/zap"
 
 	"github.com/remusd/remusd/hypervisor/xen"
 )
@@ -206,4 +211,67 @@ func (t targetProcs) Open(tg Target) (Proc, error) {
 		return nil, fmt.Errorf("%w: this watchdog supervises no QEMU processes (no QEMU binary resolved)", ErrInvalidTarget)
 	}
 	return t.qemu.Open(tg)
+}
+
+// XenStateName is the file in the state directory where the watchdog
+// records the Xen domains it holds paused: a pause says nothing of its
+// owner, so a watchdog that exits (killed, crashed) while holding one
+// would leave it unknown to the next. The next one restores it (if the
+// domain is still the one recorded) and reports it stopped, for the
+// daemon to decide.
+const XenStateName = "watchdog-xen.json"
+
+// HeldXen is one Xen domain the watchdog holds paused, as recorded.
+type HeldXen struct {
+	VM       string `json:"vm"`
+	DomID    uint32 `json:"domid"`
+	Domain   string `json:"domain"`
+	Handle   string `json:"handle"` // hex
+	Held     int    `json:"held"`   // pause references taken
+	AtUnixMs int64  `json:"at_unix_ms"`
+	Why      string `json:"why"`
+}
+
+// XenHeld lists the Xen domains the watchdog holds paused.
+func (c *Core) XenHeld() []HeldXen {
+	var out []HeldXen
+	for name, e := range c.vms {
+		xp, ok := e.proc.(*xenProc)
+		if !ok || !e.stopped || xp.held == 0 {
+			continue
+		}
+		out = append(out, HeldXen{VM: name, DomID: e.t.XenDomID, Domain: e.t.XenDomain, Handle: hex.EncodeToString(xp.handle[:]),
+			Held: xp.held, AtUnixMs: e.stoppedAt.UnixMilli(), Why: e.why})
+	}
+	slices.SortFunc(out, func(a, b HeldXen) int { return strings.Compare(a.VM, b.VM) })
+	return out
+}
+
+// RestoreXen supervises, as stopped, a domain a previous watchdog
+// recorded holding paused, if it is still that domain (name and handle);
+// otherwise the record is stale (the domain is gone or another one) and
+// an error says so.
+func (c *Core) RestoreXen(x *XenProcs, h HeldXen) error {
+	t := Target{VM: h.VM, XenDomID: h.DomID, XenDomain: h.Domain}
+	raw, err := hex.DecodeString(h.Handle)
+	if err != nil || len(raw) != 16 || h.Held <= 0 || h.Held > 255 {
+		return fmt.Errorf("watchdog: a recorded pause of %s is malformed", h.VM)
+	}
+	if _, ok := c.vms[h.VM]; ok {
+		return fmt.Errorf("watchdog: %s is supervised already", h.VM)
+	}
+	p, err := x.Open(t)
+	if err != nil {
+		return err
+	}
+	xp := p.(*xenProc)
+	if !bytes.Equal(xp.handle[:], raw) {
+		return fmt.Errorf("watchdog: domain %d is not the domain recorded for %s any more", h.DomID, h.VM)
+	}
+	xp.held = h.Held
+	now := c.now()
+	c.vms[h.VM] = &entry{t: t, proc: xp, stopped: true, stoppedAt: time.UnixMilli(h.AtUnixMs), checkedAt: now, restarting: true,
+		why: h.Why + " (restored from a previous watchdog's record)"}
+	c.log.Warn("restored a Xen domain a previous watchdog held paused", zap.String("vm", h.VM), zap.Uint32("domid", h.DomID), zap.Int("references", h.Held))
+	return nil
 }

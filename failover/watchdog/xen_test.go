@@ -2,6 +2,7 @@ package watchdog
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -291,4 +292,89 @@ func (l *lockedXen) Unpause(ctx context.Context, d uint32) error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.x.Unpause(ctx, d)
+}
+
+// TestXenPauseOutlivesWatchdog: a watchdog that exits while holding a
+// Xen domain paused leaves a record; the next one restores the stop (the
+// domain still the one recorded), reports it, and drops exactly its
+// references when the daemon continues the guest. A stale record (the
+// domain replaced) is not restored.
+func TestXenPauseOutlivesWatchdog(t *testing.T) {
+	dir := shortDir(t)
+	lx := &lockedXen{x: webXen()}
+	o := ServerOptions{Binaries: []string{"/nonexistent/qemu"}, XenDomains: []string{"web"}, XenOps: lx}
+	run := func() (stop func()) {
+		o.StateDir = dir
+		o.Log = zaptest.NewLogger(t).Named("watchdog")
+		ready := make(chan struct{})
+		o.Ready = func() { close(ready) }
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan error, 1)
+		go func() { done <- Serve(ctx, o) }()
+		select {
+		case <-ready:
+		case err := <-done:
+			t.Fatalf("watchdog: %v", err)
+		}
+		return func() {
+			cancel()
+			if err := <-done; err != nil {
+				t.Errorf("watchdog: %v", err)
+			}
+		}
+	}
+	stop := run()
+	c := dial(t, dir)
+	if _, err := c.Pet(context.Background(), []PetVM{{Name: "web", XenDomID: 7, XenDomain: "web", ValidForNs: int64(50 * time.Millisecond)}}); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(5 * time.Second); !lx.paused(7); time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("not paused")
+		}
+	}
+	c.Close()
+	stop()
+	if _, err := os.Stat(filepath.Join(dir, XenStateName)); err != nil {
+		t.Fatalf("no record of the pause: %v", err)
+	}
+	// The daemon's own pause besides the watchdog's.
+	lx.mu.Lock()
+	lx.x.doms[7].pauses++
+	lx.mu.Unlock()
+
+	stop = run()
+	c = dial(t, dir)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	rep, err := c.Hello(ctx)
+	if err != nil || len(rep.Stopped) != 1 || rep.Stopped[0].Name != "web" || rep.Stopped[0].XenDomID != 7 {
+		t.Fatalf("the next watchdog's hello: %+v, %v (want web reported stopped)", rep, err)
+	}
+	if _, err := c.Cont(ctx, "web", time.Hour, false); err != nil {
+		t.Fatal(err)
+	}
+	lx.mu.Lock()
+	left := lx.x.doms[7].pauses
+	lx.mu.Unlock()
+	if left != 1 {
+		t.Fatalf("after Cont: %d pause references, want the daemon's 1", left)
+	}
+	c.Close()
+	stop()
+	if _, err := os.Stat(filepath.Join(dir, XenStateName)); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("the record outlives the stop it recorded: %v", err)
+	}
+
+	// A stale record: the domain was replaced under its id.
+	if err := os.WriteFile(filepath.Join(dir, XenStateName), []byte(`[{"vm":"web","domid":7,"domain":"web","handle":"09000000000000000000000000000000","held":1,"at_unix_ms":1,"why":"x"}]`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	stop = run()
+	defer stop()
+	c = dial(t, dir)
+	defer c.Close()
+	if rep, err := c.Hello(ctx); err != nil || len(rep.Stopped) != 0 {
+		t.Fatalf("a stale record restored: %+v, %v", rep, err)
+	}
 }
