@@ -44,9 +44,9 @@ func TestXenDaemonFailover(t *testing.T) {
 		t.Skip("host-side driver that boots Xen")
 	}
 	files := dom0Files(t, t.TempDir())
-	run := "^TestDom0DaemonFailover$"
+	run := "^TestDom0Daemon(Failover|Witness)$"
 	if os.Getenv("XEN_E2E_FULL") != "" {
-		run = "^TestDom0DaemonFailover"
+		run = "^TestDom0Daemon(Failover|Witness)"
 	}
 	xentest.RunInDom0(t, ".", run, []string{"xen"}, xentest.Config{
 		Files:   files,
