@@ -161,43 +161,8 @@ func daemonFailover(t *testing.T, outbuf string, all bool) {
 	}
 	ctx := context.Background()
 	dir := t.TempDir()
-	script, err := xentest.SetupNet(ctx, dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	xlCfg := filepath.Join(dir, "web.cfg")
-	guestXL := xentest.NetGuestXL("web", domUKern, domUNetRD, script)
-	if c := os.Getenv("XEN_GUEST_CPUS"); c != "" {
-		guestXL += fmt.Sprintf("cpus = %q\n", c)
-	}
-	if err := os.WriteFile(xlCfg, []byte(guestXL), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	xl(t, "create", xlCfg)
-	t.Cleanup(func() {
-		if t.Failed() {
-			t.Logf("xl list:\n%s", xlOut("list"))
-			for _, d := range []string{"web", "web-sb"} {
-				t.Logf("%s's console (without the dirtier's rounds):\n%s", d, xentest.ConsoleTail(d, 80))
-			}
-		}
-		xlOut("destroy", "web")
-		xlOut("destroy", "web-sb")
-	})
-	// Booted to its workload before anything attaches: log-dirty enabled
-	// during a domU's boot makes the TCG triple fault (README) likelier.
-	if err := xentest.WaitConsole(ctx, "web", "dirtier: 8192 pages", 150*time.Second); err != nil {
-		t.Fatal(err)
-	}
-	if d, ok := xentest.WaitPing(xentest.NetGuestIP, 150*time.Second); !ok {
-		t.Fatalf("the guest does not answer ping within %v", d)
-	}
-	addr := xentest.NetGuestIP + ":7"
-	echo, err := xentest.StartEcho(addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer echo.Stop()
+	script, xlCfg, echo, addr := startWeb(ctx, t, dir)
+	var err error
 
 	const replA, replB = "127.0.0.1:17802", "127.0.0.1:17801"
 	acfg, bcfg := dom0Pair(dir, replA, replB, xlCfg, daemon.XenVM{Name: "web", XLConfig: xlCfg}, outbuf)
@@ -475,6 +440,52 @@ func waitFor(t *testing.T, d time.Duration, what string, cond func() (bool, stri
 }
 
 func atoi(s string) int { n, _ := strconv.Atoi(s); return n }
+
+// startWeb is the e2e's guest: the dom0 bridge (its vif script
+// returned), the network guest "web" created with xl from dir/web.cfg
+// (returned) and booted to its workload, and a client (echo) on one TCP
+// connection to its echo service at addr. web and web-sb are destroyed
+// at the end of the test, their consoles shown if it failed.
+func startWeb(ctx context.Context, t *testing.T, dir string) (script, xlCfg string, echo *xentest.EchoClient, addr string) {
+	t.Helper()
+	script, err := xentest.SetupNet(ctx, dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	xlCfg = filepath.Join(dir, "web.cfg")
+	guestXL := xentest.NetGuestXL("web", domUKern, domUNetRD, script)
+	if c := os.Getenv("XEN_GUEST_CPUS"); c != "" {
+		guestXL += fmt.Sprintf("cpus = %q\n", c)
+	}
+	if err := os.WriteFile(xlCfg, []byte(guestXL), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	xl(t, "create", xlCfg)
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("xl list:\n%s", xlOut("list"))
+			for _, d := range []string{"web", "web-sb"} {
+				t.Logf("%s's console (without the dirtier's rounds):\n%s", d, xentest.ConsoleTail(d, 80))
+			}
+		}
+		xlOut("destroy", "web")
+		xlOut("destroy", "web-sb")
+	})
+	// Booted to its workload before anything attaches: log-dirty enabled
+	// during a domU's boot makes the TCG triple fault (README) likelier.
+	if err := xentest.WaitConsole(ctx, "web", "dirtier: 8192 pages", 150*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if d, ok := xentest.WaitPing(xentest.NetGuestIP, 150*time.Second); !ok {
+		t.Fatalf("the guest does not answer ping within %v", d)
+	}
+	addr = xentest.NetGuestIP + ":7"
+	if echo, err = xentest.StartEcho(addr); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(echo.Stop)
+	return script, xlCfg, echo, addr
+}
 
 // dom0Pair returns the configurations of two daemons sharing one dom0 over
 // loopback, in plaintext: hosta, the primary of "web" (its xen_vms entry

@@ -5,7 +5,6 @@ package xene2e
 import (
 	"context"
 	"fmt"
-	"os"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -33,37 +32,7 @@ func TestDom0DaemonWitness(t *testing.T) {
 	}
 	ctx := context.Background()
 	dir := t.TempDir()
-	script, err := xentest.SetupNet(ctx, dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	xlCfg := filepath.Join(dir, "web.cfg")
-	if err := os.WriteFile(xlCfg, []byte(xentest.NetGuestXL("web", domUKern, domUNetRD, script)), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	xl(t, "create", xlCfg)
-	t.Cleanup(func() {
-		if t.Failed() {
-			t.Logf("xl list:\n%s", xlOut("list"))
-			for _, d := range []string{"web", "web-sb"} {
-				t.Logf("%s's console (without the dirtier's rounds):\n%s", d, xentest.ConsoleTail(d, 60))
-			}
-		}
-		xlOut("destroy", "web")
-		xlOut("destroy", "web-sb")
-	})
-	if err := xentest.WaitConsole(ctx, "web", "dirtier: 8192 pages", 150*time.Second); err != nil {
-		t.Fatal(err)
-	}
-	if d, ok := xentest.WaitPing(xentest.NetGuestIP, 150*time.Second); !ok {
-		t.Fatalf("the guest does not answer ping within %v", d)
-	}
-	addr := xentest.NetGuestIP + ":7"
-	echo, err := xentest.StartEcho(addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer echo.Stop()
+	_, xlCfg, echo, addr := startWeb(ctx, t, dir)
 
 	port, err := demo.FreePort()
 	if err != nil {

@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -94,8 +95,9 @@ func shortDir(t *testing.T) string {
 	return d
 }
 
-// startServer runs a watchdog server on dir until the test ends.
-func startServer(t *testing.T, dir string, o ServerOptions) {
+// startServer runs a watchdog server on dir until stop (or the end of
+// the test).
+func startServer(t *testing.T, dir string, o ServerOptions) (stop func()) {
 	t.Helper()
 	o.StateDir = dir
 	if o.Log == nil {
@@ -114,12 +116,17 @@ func startServer(t *testing.T, dir string, o ServerOptions) {
 	case err := <-done:
 		t.Fatalf("watchdog: %v", err)
 	}
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("watchdog: %v", err)
-		}
-	})
+	var once sync.Once
+	stop = func() {
+		once.Do(func() {
+			cancel()
+			if err := <-done; err != nil {
+				t.Errorf("watchdog: %v", err)
+			}
+		})
+	}
+	t.Cleanup(stop)
+	return stop
 }
 
 func dial(t *testing.T, dir string) *Client {

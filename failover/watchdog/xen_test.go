@@ -302,26 +302,8 @@ func (l *lockedXen) Unpause(ctx context.Context, d uint32) error {
 func TestXenPauseOutlivesWatchdog(t *testing.T) {
 	dir := shortDir(t)
 	lx := &lockedXen{x: webXen()}
-	o := ServerOptions{Binaries: []string{"/nonexistent/qemu"}, XenDomains: []string{"web"}, XenOps: lx}
 	run := func() (stop func()) {
-		o.StateDir = dir
-		o.Log = zaptest.NewLogger(t).Named("watchdog")
-		ready := make(chan struct{})
-		o.Ready = func() { close(ready) }
-		ctx, cancel := context.WithCancel(context.Background())
-		done := make(chan error, 1)
-		go func() { done <- Serve(ctx, o) }()
-		select {
-		case <-ready:
-		case err := <-done:
-			t.Fatalf("watchdog: %v", err)
-		}
-		return func() {
-			cancel()
-			if err := <-done; err != nil {
-				t.Errorf("watchdog: %v", err)
-			}
-		}
+		return startServer(t, dir, ServerOptions{Binaries: []string{"/nonexistent/qemu"}, XenDomains: []string{"web"}, XenOps: lx})
 	}
 	stop := run()
 	c := dial(t, dir)
