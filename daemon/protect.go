@@ -314,7 +314,7 @@ func (d *Daemon) startProtection(v *vm, pr protectionRecord, resume bool) error 
 		d.wg.Add(1)
 		go func() {
 			defer d.wg.Done()
-			d.guardXenDevices(pctx, v, p, domid, vif, xenDeviceCheckEvery)
+			d.guardXenDevices(pctx, v, p, domid, vif, xenDeviceCheckEvery, xenDeviceCheckFailures)
 		}()
 	}
 	d.log.Info("protecting", zap.String("vm", v.name), zap.String("peer", pr.Peer), zap.String("peer_name", pr.PeerName),

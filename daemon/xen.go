@@ -28,6 +28,7 @@ import (
 	"errors"
 	"fmt"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -690,66 +691,131 @@ func (d *Daemon) stopXen(ctx context.Context, g *xen.Guest) error {
 }
 
 // xenDeviceCheckEvery is how often a protected Xen domain's devices are
-// checked against what its protection holds and replicates.
-const xenDeviceCheckEvery = 200 * time.Millisecond
+// checked against what its protection holds and replicates;
+// xenDeviceCheckFailures how long checks may keep failing before the
+// copy is fenced all the same (nothing can be said of its devices).
+const (
+	xenDeviceCheckEvery    = 200 * time.Millisecond
+	xenDeviceCheckFailures = 5 * time.Second
+)
 
-// xenDevicesChanged says what a protected domain gained since protect: a
-// vif other than vif (held: the one), or any block device ("" if
-// nothing). A vif that went away is no leak and is not reported.
-func (d *Daemon) xenDevicesChanged(ctx context.Context, domid uint32, vif string) (string, error) {
+// xenDevices is a protected domain's devices as the guard saw them: its
+// frontends (every device a toolstack gave it, whichever domain runs the
+// backend) and dom0's index of the held vif (0: none, or it is gone).
+type xenDevices struct {
+	frontends map[string]bool
+	vifIndex  int
+}
+
+func (d *Daemon) readXenDevices(ctx context.Context, domid uint32, vif string) (xenDevices, error) {
 	ctx, cancel := context.WithTimeout(ctx, xenCallTimeout)
 	defer cancel()
-	vifs, err := d.xh.Vifs(ctx, domid)
+	list, err := d.xh.Devices(ctx, domid)
 	if err != nil {
-		return "", err
+		return xenDevices{}, err
 	}
-	for _, x := range vifs {
-		if x.Name != vif {
-			return fmt.Sprintf("vif %s (device %d) was plugged into domain %d during protection: its output is not held (remusd holds the output of one vif, %s)", x.Name, x.DevID, domid, vif), nil
+	x := xenDevices{frontends: map[string]bool{}}
+	for _, f := range list {
+		x.frontends[f] = true
+	}
+	if vif != "" {
+		if x.vifIndex, err = d.xh.IfIndex(ctx, vif); err != nil {
+			x.vifIndex = 0 // gone (detached): nothing leaves through it
 		}
 	}
-	disks, err := d.xh.Disks(ctx, domid)
-	if err != nil {
-		return "", err
+	return x, nil
+}
+
+// xenDevicesChanged says what a protected domain gained since base: a
+// device it did not have (a vif: output not held; anything else: not
+// replicated), or a held vif replaced by another interface of its name
+// ("" if nothing). A device that went away is no leak and not reported.
+func xenDevicesChanged(base, now xenDevices, domid uint32, vif string) string {
+	var added []string
+	for f := range now.frontends {
+		if !base.frontends[f] {
+			added = append(added, f)
+		}
 	}
-	if len(disks) > 0 {
-		return fmt.Sprintf("block device %s was plugged into domain %d during protection: its writes are not replicated", strings.Join(disks, ", "), domid), nil
+	slices.Sort(added)
+	for _, f := range added {
+		kind, _, _ := strings.Cut(f, "/")
+		switch kind {
+		case "vif":
+			return fmt.Sprintf("vif %s was plugged into domain %d during protection: its output is not held (remusd holds the output of one vif, %s)", f, domid, vif)
+		case "vbd", "vbd3", "qdisk":
+			return fmt.Sprintf("block device %s was plugged into domain %d during protection: its writes are not replicated", f, domid)
+		default:
+			return fmt.Sprintf("device %s was plugged into domain %d during protection: what goes through it is neither held nor replicated", printable(f), domid)
+		}
 	}
-	return "", nil
+	if base.vifIndex != 0 && now.vifIndex != 0 && now.vifIndex != base.vifIndex {
+		return fmt.Sprintf("vif %s of domain %d was replaced during protection (dom0 interface %d, now %d): the new one's output is not held", vif, domid, base.vifIndex, now.vifIndex)
+	}
+	return ""
 }
 
 // guardXenDevices checks a protected Xen domain's devices every `every`
 // until ctx ends (the protection stops): a device hot-plugged into it
-// (xl network-attach, block-attach, or libvirt's attach-device) is output
-// that leaves unheld, or writes the backup never gets. The copy is then
-// fenced at once, as one that lost its witness record: the domain
-// paused, the protection stopped, its held output dropped; the backup
-// keeps the last committed epoch, from which it can take the VM over.
-// A check that fails (xenstore busy) is retried, logged once a while.
-func (d *Daemon) guardXenDevices(ctx context.Context, v *vm, p *checkpoint.Primary, domid uint32, vif string, every time.Duration) {
+// (xl network-attach, block-attach, libvirt's attach-device), or its held
+// vif replaced, is output that leaves unheld or writes the backup never
+// gets. The copy is then fenced at once, as one that lost its witness
+// record: the domain paused, the protection stopped, its held output
+// dropped; the backup keeps the last committed epoch, from which it can
+// take the VM over. Checks that keep failing for `failures` fence too.
+// A VM busy with an operation (unprotect, switchover) is left to it.
+func (d *Daemon) guardXenDevices(ctx context.Context, v *vm, p *checkpoint.Primary, domid uint32, vif string, every, failures time.Duration) {
 	t := time.NewTicker(every)
 	defer t.Stop()
-	var loggedAt time.Time
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-		why, err := d.xenDevicesChanged(ctx, domid, vif)
-		if err != nil {
-			if ctx.Err() == nil && time.Since(loggedAt) > time.Minute {
-				loggedAt = time.Now()
-				d.log.Warn("cannot check the protected domain's devices", zap.String("vm", v.name), zap.Uint32("domid", domid), zap.Error(err))
+	var base xenDevices
+	haveBase := false
+	var failingSince, loggedAt time.Time
+	for first := true; ; first = false {
+		if !first {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
 			}
+		}
+		now, err := d.readXenDevices(ctx, domid, vif)
+		why := ""
+		switch {
+		case err != nil && ctx.Err() != nil:
+			return
+		case err != nil:
+			if failingSince.IsZero() {
+				failingSince = time.Now()
+			}
+			if time.Since(failingSince) < failures {
+				if time.Since(loggedAt) > 10*time.Second {
+					loggedAt = time.Now()
+					d.log.Warn("cannot check the protected domain's devices", zap.String("vm", v.name), zap.Uint32("domid", domid), zap.Error(err))
+				}
+				continue
+			}
+			why = fmt.Sprintf("the devices of domain %d could not be checked for %v (%v): a device plugged meanwhile would leave output unheld", domid, failures, err)
+		case !haveBase:
+			base, haveBase, failingSince = now, true, time.Time{}
 			continue
+		default:
+			failingSince = time.Time{}
+			why = xenDevicesChanged(base, now, domid, vif)
 		}
 		if why == "" {
 			continue
 		}
 		why += ": the domain is paused and this copy fenced; fail over to the backup (remusd failover " + v.name + " there), or end this copy (remusd stop " + v.name + ")"
 		d.mu.Lock()
-		if v.role == RolePrimary && v.primary == p && v.w.view != WitnessFenced {
+		switch {
+		case v.primary != p:
+			// Another protection (or none) now: not this guard's.
+			d.mu.Unlock()
+			return
+		case v.busy != "":
+			d.mu.Unlock()
+			continue // unprotect or switchover under way: checked again after it
+		case v.role == RolePrimary && v.w.view != WitnessFenced:
 			v.w.view, v.w.err = WitnessFenced, why
 			d.fenceLocked(v, why)
 			d.log.Error("a device was hot-plugged into a protected domain: fenced", zap.String("vm", v.name), zap.Uint32("domid", domid), zap.String("why", why))

@@ -39,6 +39,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"slices"
 	"strings"
 	"time"
@@ -82,6 +83,10 @@ type xenHost interface {
 	DomainName(ctx context.Context, domid uint32) (string, error)
 	Vifs(ctx context.Context, domid uint32) ([]xen.Vif, error)
 	Disks(ctx context.Context, domid uint32) ([]string, error)
+	// Devices lists the domain's frontends ("vif/0", "vbd/51712", ...).
+	Devices(ctx context.Context, domid uint32) ([]string, error)
+	// IfIndex is dom0's interface index of name.
+	IfIndex(ctx context.Context, name string) (int, error)
 	Create(ctx context.Context, configPath, domain string) (uint32, error)
 	Destroy(ctx context.Context, domid uint32) error
 	// WaitSuspendable waits until a just-started domain's guest can
@@ -111,6 +116,16 @@ func (xlHost) Vifs(ctx context.Context, domid uint32) ([]xen.Vif, error) {
 }
 func (xlHost) Disks(ctx context.Context, domid uint32) ([]string, error) {
 	return xen.Disks(ctx, domid)
+}
+func (xlHost) Devices(ctx context.Context, domid uint32) ([]string, error) {
+	return xen.FrontendDevices(ctx, domid)
+}
+func (xlHost) IfIndex(_ context.Context, name string) (int, error) {
+	i, err := net.InterfaceByName(name)
+	if err != nil {
+		return 0, err
+	}
+	return i.Index, nil
 }
 func (xlHost) WaitSuspendable(ctx context.Context, domid uint32) error {
 	return xen.WaitSuspendable(ctx, domid)

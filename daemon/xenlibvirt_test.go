@@ -12,6 +12,7 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
 
+	"github.com/remusd/remusd/checkpoint"
 	"github.com/remusd/remusd/hypervisor/libvirt"
 	"github.com/remusd/remusd/hypervisor/xen"
 )
@@ -26,6 +27,9 @@ type fakeXenHost struct {
 	waited     []uint32 // WaitSuspendable's domids
 	neverRan   map[uint32]bool
 	disks      map[uint32][]string
+	devices    map[uint32][]string
+	devicesErr error
+	ifindex    map[string]int
 	bootFails  error // WaitSuspendable's answer
 	noDeadline bool
 }
@@ -92,6 +96,24 @@ func (h *fakeXenHost) Disks(ctx context.Context, domid uint32) ([]string, error)
 	defer h.mu.Unlock()
 	h.check(ctx)
 	return h.disks[domid], nil
+}
+
+func (h *fakeXenHost) Devices(ctx context.Context, domid uint32) ([]string, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.check(ctx)
+	return h.devices[domid], h.devicesErr
+}
+
+func (h *fakeXenHost) IfIndex(ctx context.Context, name string) (int, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.check(ctx)
+	i, ok := h.ifindex[name]
+	if !ok {
+		return 0, fmt.Errorf("no interface %s", name)
+	}
+	return i, nil
 }
 
 func (h *fakeXenHost) Create(ctx context.Context, configPath, domain string) (uint32, error) {
@@ -677,64 +699,107 @@ func TestDestroyLeftoverLibvirtStandby(t *testing.T) {
 	}
 }
 
-// TestGuardXenDevices: a vif or a disk hot-plugged into a protected
-// domain fences the copy at once (paused, fenced, held output dropped);
-// the protected vif alone, or one that went away, is left running.
+// TestGuardXenDevices: a vif or disk hot-plugged into a protected domain
+// (in its own xenstore area, whichever domain runs the backend), or its
+// held vif replaced by another interface of the name, fences the copy at
+// once (paused, fenced, held output dropped); a device that went away,
+// a busy VM, or another protection than the guard's does not; checks
+// that keep failing fence too.
 func TestGuardXenDevices(t *testing.T) {
-	h, _ := webDomain()
-	d := &Daemon{log: testLogger(t), xh: h, vms: map[string]*vm{}}
-	if why, err := d.xenDevicesChanged(t.Context(), 7, "vif7.0"); err != nil || why != "" {
-		t.Fatalf("the protected vif alone: %q, %v", why, err)
+	base := xenDevices{frontends: map[string]bool{"vif/0": true, "suspend/event-channel": true}, vifIndex: 12}
+	for _, tc := range []struct {
+		name string
+		now  xenDevices
+		want string
+	}{
+		{"unchanged", base, ""},
+		{"vif gone", xenDevices{frontends: map[string]bool{"suspend/event-channel": true}}, ""},
+		{"second vif", xenDevices{frontends: map[string]bool{"vif/0": true, "vif/1": true}, vifIndex: 12}, "vif vif/1 was plugged"},
+		{"disk", xenDevices{frontends: map[string]bool{"vif/0": true, "vbd/51712": true}, vifIndex: 12}, "writes are not replicated"},
+		{"9pfs", xenDevices{frontends: map[string]bool{"vif/0": true, "9pfs/0": true}, vifIndex: 12}, "neither held nor replicated"},
+		{"vif replaced", xenDevices{frontends: base.frontends, vifIndex: 31}, "was replaced"},
+	} {
+		got := xenDevicesChanged(base, tc.now, 7, "vif7.0")
+		if tc.want == "" && got != "" || tc.want != "" && !strings.Contains(got, tc.want) {
+			t.Errorf("%s: %q, want %q", tc.name, got, tc.want)
+		}
 	}
-	h.vifs[7] = nil
-	if why, err := d.xenDevicesChanged(t.Context(), 7, "vif7.0"); err != nil || why != "" {
-		t.Fatalf("no vif: %q, %v", why, err)
-	}
-	h.disks = map[uint32][]string{7: {"vbd/51712"}}
-	if why, _ := d.xenDevicesChanged(t.Context(), 7, "vif7.0"); !strings.Contains(why, "vbd/51712") || !strings.Contains(why, "not replicated") {
-		t.Fatalf("a disk: %q", why)
-	}
-	h.disks = nil
 
-	// The guard: a second vif appears while it runs.
-	g := &fenceGuest{}
-	stopped := make(chan struct{})
-	v := &vm{name: "web", role: RolePrimary, guest: g, stop: func() { close(stopped) }}
-	d.vms["web"] = v
-	ctx, cancel := context.WithCancel(t.Context())
-	defer cancel()
-	done := make(chan struct{})
-	go func() { defer close(done); d.guardXenDevices(ctx, v, nil, 7, "vif7.0", 5*time.Millisecond) }()
-	time.Sleep(30 * time.Millisecond)
-	d.mu.Lock()
-	fenced := v.w.view == WitnessFenced
-	d.mu.Unlock()
-	if fenced {
+	type run struct {
+		h    *fakeXenHost
+		d    *Daemon
+		v    *vm
+		g    *fenceGuest
+		done chan struct{}
+	}
+	start := func(p *checkpoint.Primary, failures time.Duration) *run {
+		h, _ := webDomain()
+		h.devices = map[uint32][]string{7: {"vif/0"}}
+		h.ifindex = map[string]int{"vif7.0": 12}
+		r := &run{h: h, d: &Daemon{log: testLogger(t), xh: h, vms: map[string]*vm{}}, g: &fenceGuest{}, done: make(chan struct{})}
+		r.v = &vm{name: "web", role: RolePrimary, guest: r.g, stop: func() {}}
+		r.d.vms["web"] = r.v
+		ctx, cancel := context.WithCancel(t.Context())
+		t.Cleanup(func() { cancel(); <-r.done })
+		go func() {
+			defer close(r.done)
+			r.d.guardXenDevices(ctx, r.v, p, 7, "vif7.0", 5*time.Millisecond, failures)
+		}()
+		time.Sleep(30 * time.Millisecond)
+		return r
+	}
+	fenced := func(r *run) (bool, string) {
+		r.d.mu.Lock()
+		defer r.d.mu.Unlock()
+		return r.v.w.view == WitnessFenced, r.v.w.err
+	}
+	waitDone := func(r *run, what string) {
+		t.Helper()
+		select {
+		case <-r.done:
+		case <-time.After(5 * time.Second):
+			t.Fatalf("%s: the guard did not act", what)
+		}
+		r.d.wg.Wait()
+	}
+
+	// A second vif appears.
+	r := start(nil, time.Hour)
+	if f, _ := fenced(r); f {
 		t.Fatal("fenced with no new device")
 	}
-	h.mu.Lock()
-	h.vifs[7] = []xen.Vif{{DevID: 0, Name: "vif7.0"}, {DevID: 1, Name: "vif7.1"}}
-	h.mu.Unlock()
-	select {
-	case <-done:
-	case <-time.After(5 * time.Second):
-		t.Fatal("the guard did not act on a hot-plugged vif")
+	r.h.mu.Lock()
+	r.h.devices[7] = []string{"vif/0", "vif/1"}
+	r.h.mu.Unlock()
+	waitDone(r, "second vif")
+	if f, why := fenced(r); !f || !strings.Contains(why, "vif/1") || !strings.Contains(why, "not held") {
+		t.Fatalf("after a hot-plugged vif: fenced %v, %q", f, why)
 	}
-	<-stopped
-	d.wg.Wait()
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	if v.w.view != WitnessFenced || !strings.Contains(v.w.err, "vif7.1") || !strings.Contains(v.w.err, "not held") {
-		t.Fatalf("after a hot-plugged vif: view %q, %q", v.w.view, v.w.err)
+	r.g.mu.Lock()
+	paused := r.g.paused
+	r.g.mu.Unlock()
+	if !paused || r.h.noDeadline {
+		t.Fatalf("paused %v, a call without a deadline %v", paused, r.h.noDeadline)
 	}
-	g.mu.Lock()
-	paused := g.paused
-	g.mu.Unlock()
-	if !paused {
-		t.Fatal("the guest was not paused")
+
+	// Another protection than the guard's: not fenced, the guard ends.
+	r = start(&checkpoint.Primary{}, time.Hour)
+	r.h.mu.Lock()
+	r.h.devices[7] = []string{"vif/0", "vbd/51712"}
+	r.h.mu.Unlock()
+	waitDone(r, "stale guard")
+	if f, _ := fenced(r); f {
+		t.Fatal("a stale guard fenced")
 	}
-	if h.noDeadline {
-		t.Error("a call without a deadline")
+
+	// Checks that keep failing fence after the budget.
+	r = start(nil, 50*time.Millisecond)
+	r.h.mu.Lock()
+	r.h.devicesErr = errors.New("xenstore: connection refused")
+	r.h.mu.Unlock()
+	waitDone(r, "failing checks")
+	if f, why := fenced(r); !f || !strings.Contains(why, "could not be checked") {
+		t.Fatalf("after failing checks: fenced %v, %q", f, why)
 	}
 }
 

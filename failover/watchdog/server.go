@@ -7,9 +7,11 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"sync"
 	"time"
@@ -65,6 +67,9 @@ type Server struct {
 	// as last written to StateDir/XenStateName.
 	xen      *XenProcs
 	xenSaved []byte
+	// xenKept: recorded pauses this watchdog could not restore and that
+	// are not proven stale: kept in the record.
+	xenKept []HeldXen
 }
 
 // Serve runs the watchdog until ctx is done (or, with IdleExit, it has
@@ -368,6 +373,10 @@ func (s *Server) handle(id uint64, req Request) Reply {
 		}
 		return s.core.Pet(id, req.VMs)
 	case OpCont:
+		// Recorded as let go before the unpause: a watchdog that dies in
+		// between leaves an extra pause (closed), never a record of a
+		// reference it no longer holds.
+		s.saveXenWithout(req.VM)
 		if err := s.core.Cont(req.VM, durationNs(req.ValidForNs), req.Release); err != nil {
 			return Reply{Error: err.Error(), Stopped: s.core.Stopped()}
 		}
@@ -404,40 +413,71 @@ func readLine(r *bufio.Reader, limit int) ([]byte, error) {
 const maxXenState = 1 << 20
 
 // restoreXen supervises, as stopped, the Xen domains a previous watchdog
-// recorded holding paused (see XenStateName), then rewrites the record.
+// recorded holding paused (see XenStateName), then rewrites the record:
+// entries restored, and those that could not be but are not proven stale
+// (kept for good: a later watchdog may know better). An unreadable or
+// malformed record is set aside (renamed .bad), never deleted.
 func (s *Server) restoreXen() {
 	path := filepath.Join(s.o.StateDir, XenStateName)
-	b, err := os.ReadFile(path)
+	f, err := os.Open(path)
 	if errors.Is(err, os.ErrNotExist) {
 		return
 	}
+	var b []byte
+	if err == nil {
+		b, err = io.ReadAll(io.LimitReader(f, maxXenState+1))
+		f.Close()
+	}
 	var held []HeldXen
+	bad := ""
 	switch {
 	case err != nil:
-		s.log.Error("cannot read the Xen pauses a previous watchdog recorded: domains it held paused stay paused, unknown to this one", zap.String("file", path), zap.Error(err))
+		bad = "unreadable: " + err.Error()
 	case len(b) > maxXenState:
-		s.log.Error("the Xen pause record is too large: ignored", zap.String("file", path), zap.Int("bytes", len(b)))
+		bad = fmt.Sprintf("larger than %d bytes", maxXenState)
 	case json.Unmarshal(b, &held) != nil:
-		s.log.Error("the Xen pause record is malformed: ignored", zap.String("file", path))
+		bad = "malformed"
+	}
+	if bad != "" {
+		s.log.Error("the Xen pause record a previous watchdog left is "+bad+": set aside; a domain it held paused stays paused, unknown to this watchdog (xl list; xl unpause once its daemon agrees)",
+			zap.String("file", path), zap.String("set_aside_as", path+".bad"))
+		if err := os.Rename(path, path+".bad"); err != nil {
+			s.log.Error("cannot set the Xen pause record aside", zap.Error(err))
+		}
+		return
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for _, h := range held {
 		if s.xen == nil {
-			s.log.Error("a previous watchdog held a Xen domain paused, and this one supervises no Xen domains: it stays paused", zap.String("vm", h.VM), zap.Uint32("domid", h.DomID))
+			s.log.Error("a previous watchdog held a Xen domain paused, and this one supervises no Xen domains: it stays paused (kept in the record)", zap.String("vm", h.VM), zap.Uint32("domid", h.DomID))
+			s.xenKept = append(s.xenKept, h)
 			continue
 		}
-		if err := s.core.RestoreXen(s.xen, h); err != nil {
-			s.log.Warn("a recorded Xen pause is not restored", zap.String("vm", h.VM), zap.Uint32("domid", h.DomID), zap.Error(err))
+		err := s.core.RestoreXen(s.xen, h)
+		switch {
+		case err == nil:
+		case errors.Is(err, errStale):
+			s.log.Warn("a recorded Xen pause is stale: dropped", zap.String("vm", h.VM), zap.Uint32("domid", h.DomID), zap.Error(err))
+		default:
+			s.log.Error("a recorded Xen pause cannot be restored: kept in the record; the domain stays paused", zap.String("vm", h.VM), zap.Uint32("domid", h.DomID), zap.Error(err))
+			s.xenKept = append(s.xenKept, h)
 		}
 	}
 	s.saveXen()
 }
 
+// saveXenWithout records the Xen pauses held but vm's (s.mu held).
+func (s *Server) saveXenWithout(vm string) {
+	s.writeXen(slices.DeleteFunc(s.core.XenHeld(), func(h HeldXen) bool { return h.VM == vm }))
+}
+
 // saveXen records the Xen domains held paused, if that changed (s.mu
 // held). The write is atomic (a temporary file renamed).
-func (s *Server) saveXen() {
-	held := s.core.XenHeld()
+func (s *Server) saveXen() { s.writeXen(s.core.XenHeld()) }
+
+func (s *Server) writeXen(held []HeldXen) {
+	held = append(held, s.xenKept...)
 	b, err := json.Marshal(held)
 	if err != nil || bytes.Equal(b, s.xenSaved) {
 		return

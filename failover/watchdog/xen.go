@@ -98,7 +98,7 @@ func (x *XenProcs) Open(t Target) (Proc, error) {
 		return nil, fmt.Errorf("%w: domain %d: %w", ErrInvalidTarget, t.XenDomID, err)
 	}
 	if name != t.XenDomain {
-		return nil, fmt.Errorf("%w: domain %d is %q, not %q", ErrInvalidTarget, t.XenDomID, name, t.XenDomain)
+		return nil, fmt.Errorf("%w: domain %d is %q, not %q (%w)", ErrInvalidTarget, t.XenDomID, name, t.XenDomain, errStale)
 	}
 	// The handle again: the name was read from the domain it names.
 	if h2, err := x.ops.Handle(ctx, t.XenDomID); err != nil || h2 != h {
@@ -247,26 +247,40 @@ func (c *Core) XenHeld() []HeldXen {
 	return out
 }
 
+// errStale marks a recorded pause whose domain is gone, is another
+// domain now, or is not paused: nothing of it to restore.
+var errStale = errors.New("stale")
+
 // RestoreXen supervises, as stopped, a domain a previous watchdog
-// recorded holding paused, if it is still that domain (name and handle);
-// otherwise the record is stale (the domain is gone or another one) and
-// an error says so.
+// recorded holding paused, if it is still that domain (name and handle)
+// and paused. A record proven stale (the domain gone, another one, or
+// not paused: the reference was dropped) is an error wrapping errStale;
+// any other error leaves the question open.
 func (c *Core) RestoreXen(x *XenProcs, h HeldXen) error {
 	t := Target{VM: h.VM, XenDomID: h.DomID, XenDomain: h.Domain}
 	raw, err := hex.DecodeString(h.Handle)
-	if err != nil || len(raw) != 16 || h.Held <= 0 || h.Held > 255 {
+	// The watchdog holds at most one reference per domain.
+	if err != nil || len(raw) != 16 || h.Held != 1 {
 		return fmt.Errorf("watchdog: a recorded pause of %s is malformed", h.VM)
 	}
 	if _, ok := c.vms[h.VM]; ok {
 		return fmt.Errorf("watchdog: %s is supervised already", h.VM)
 	}
 	p, err := x.Open(t)
-	if err != nil {
-		return err
+	switch {
+	case errors.Is(err, xen.ErrNoDomain) && !errors.Is(err, errStale):
+		return fmt.Errorf("watchdog: %s: %w: %w", h.VM, errStale, err)
+	case err != nil:
+		return err // errStale for another domain's name now
 	}
 	xp := p.(*xenProc)
 	if !bytes.Equal(xp.handle[:], raw) {
-		return fmt.Errorf("watchdog: domain %d is not the domain recorded for %s any more", h.DomID, h.VM)
+		return fmt.Errorf("watchdog: domain %d is not the domain recorded for %s any more: %w", h.DomID, h.VM, errStale)
+	}
+	if st, err := xp.Stopped(); err != nil {
+		return err
+	} else if !st {
+		return fmt.Errorf("watchdog: domain %d (%s) is not paused: the recorded reference was dropped: %w", h.DomID, h.VM, errStale)
 	}
 	xp.held = h.Held
 	now := c.now()

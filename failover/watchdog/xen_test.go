@@ -348,15 +348,60 @@ func TestXenPauseOutlivesWatchdog(t *testing.T) {
 		t.Fatalf("the record outlives the stop it recorded: %v", err)
 	}
 
-	// A stale record: the domain was replaced under its id.
-	if err := os.WriteFile(filepath.Join(dir, XenStateName), []byte(`[{"vm":"web","domid":7,"domain":"web","handle":"09000000000000000000000000000000","held":1,"at_unix_ms":1,"why":"x"}]`), 0o600); err != nil {
+	// Records that must not be restored: the domain replaced under its
+	// id, not paused any more (the reference was dropped), or claiming
+	// more references than a watchdog takes (one).
+	record := func(handle string, held int) {
+		t.Helper()
+		rec := fmt.Sprintf(`[{"vm":"web","domid":7,"domain":"web","handle":%q,"held":%d,"at_unix_ms":1,"why":"x"}]`, handle, held)
+		if err := os.WriteFile(filepath.Join(dir, XenStateName), []byte(rec), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	restored := func(what string) int {
+		t.Helper()
+		stop := run()
+		defer stop()
+		c := dial(t, dir)
+		defer c.Close()
+		rep, err := c.Hello(ctx)
+		if err != nil {
+			t.Fatalf("%s: %v", what, err)
+		}
+		return len(rep.Stopped)
+	}
+	webHandle := "01020300000000000000000000000000"
+	record("09000000000000000000000000000000", 1)
+	if n := restored("replaced domain"); n != 0 {
+		t.Fatal("a record of a replaced domain restored")
+	}
+	record(webHandle, 1) // web has the daemon's 1 reference: paused
+	lx.mu.Lock()
+	lx.x.doms[7].pauses = 0
+	lx.mu.Unlock()
+	if n := restored("unpaused domain"); n != 0 {
+		t.Fatal("a record of a domain that is not paused restored")
+	}
+	lx.mu.Lock()
+	lx.x.doms[7].pauses = 5
+	lx.mu.Unlock()
+	record(webHandle, 5)
+	if n := restored("five references"); n != 0 {
+		t.Fatal("a record claiming five references restored")
+	}
+	// A malformed record is set aside, not deleted.
+	if err := os.WriteFile(filepath.Join(dir, XenStateName), []byte("{not json"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	stop = run()
-	defer stop()
-	c = dial(t, dir)
-	defer c.Close()
-	if rep, err := c.Hello(ctx); err != nil || len(rep.Stopped) != 0 {
-		t.Fatalf("a stale record restored: %+v, %v", rep, err)
+	if n := restored("malformed"); n != 0 {
+		t.Fatal("a malformed record restored something")
+	}
+	if b, err := os.ReadFile(filepath.Join(dir, XenStateName+".bad")); err != nil || string(b) != "{not json" {
+		t.Fatalf("the malformed record was not set aside: %q, %v", b, err)
+	}
+	lx.mu.Lock()
+	defer lx.mu.Unlock()
+	if lx.x.doms[7].pauses != 5 {
+		t.Fatalf("refused records changed the domain's pauses: %d, want 5", lx.x.doms[7].pauses)
 	}
 }

@@ -244,6 +244,37 @@ func Vifs(ctx context.Context, domid uint32) ([]Vif, error) {
 	return out, err
 }
 
+// FrontendDevices lists domain domid's devices as its own xenstore area
+// lists them (/local/domain/DOMID/device/KIND/DEVID), as "KIND/DEVID":
+// every device a toolstack gave it, whichever domain runs the backend.
+func FrontendDevices(ctx context.Context, domid uint32) ([]string, error) {
+	var out []string
+	err := offload(ctx, "list devices", func() error {
+		base := fmt.Sprintf("/local/domain/%d/device", domid)
+		kinds, err := xsDirectory(base)
+		if errors.Is(err, syscall.ENOENT) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		for _, k := range kinds {
+			ids, err := xsDirectory(base + "/" + k)
+			if errors.Is(err, syscall.ENOENT) {
+				continue
+			}
+			if err != nil {
+				return err
+			}
+			for _, id := range ids {
+				out = append(out, k+"/"+id)
+			}
+		}
+		return nil
+	})
+	return out, err
+}
+
 // Disks lists domain domid's block devices as dom0's xenstore describes
 // their backends (vbd, vbd3 and qdisk: blkback, tapdisk, QEMU), as
 // "KIND/DEVID".

@@ -54,6 +54,9 @@ func DomainState(ctx context.Context, domid uint32) (DomainStatus, error) {
 // Disks returns ErrNotBuilt.
 func Disks(ctx context.Context, domid uint32) ([]string, error) { return nil, ErrNotBuilt }
 
+// FrontendDevices returns ErrNotBuilt.
+func FrontendDevices(ctx context.Context, domid uint32) ([]string, error) { return nil, ErrNotBuilt }
+
 // Vifs returns ErrNotBuilt.
 func Vifs(ctx context.Context, domid uint32) ([]Vif, error) { return nil, ErrNotBuilt }
 
