@@ -292,6 +292,18 @@ func daemonFailover(t *testing.T, outbuf string, all bool) {
 			return watchdogStops(acfg.StateDir) > stops && domPaused(t, "web"), xlOut("list", "web")
 		})
 		paused := time.Since(hung)
+		// The watchdog itself dies now, holding the pause: its record
+		// lets the next one (the woken daemon starts it) know the pause.
+		rec, err := os.ReadFile(filepath.Join(acfg.StateDir, "watchdog-xen.json"))
+		if err != nil || !strings.Contains(string(rec), `"vm":"web"`) {
+			t.Fatalf("the watchdog's record of its pause: %q, %v", rec, err)
+		}
+		wpid := watchdogPid(acfg.StateDir)
+		killWatchdog(acfg.StateDir)
+		waitFor(t, 10*time.Second, "the watchdog exits", func() (bool, string) {
+			_, err := os.Stat(fmt.Sprintf("/proc/%d", wpid))
+			return wpid > 0 && os.IsNotExist(err), fmt.Sprint(wpid)
+		})
 		if err := a.Cmd.Process.Signal(syscall.SIGCONT); err != nil {
 			t.Fatal(err)
 		}
@@ -307,7 +319,10 @@ func daemonFailover(t *testing.T, outbuf string, all bool) {
 		if !logHas(a.LogPath, "this host still holds the VM: it runs on") {
 			t.Fatalf("the woken daemon did not continue web through the watchdog; its log:\n%s", demo.LogTail(a.LogPath, 40))
 		}
-		t.Logf("dom0: hosta's daemon hung (SIGSTOP): the watchdog paused web %s later; woken, the daemon had it running again %s later; epoch %d acked %s after the hang",
+		if !logHas(filepath.Join(acfg.StateDir, "watchdog.log"), "restored a Xen domain a previous watchdog held paused") || watchdogPid(acfg.StateDir) == wpid {
+			t.Fatalf("no new watchdog restored the pause; its log:\n%s", demo.LogTail(filepath.Join(acfg.StateDir, "watchdog.log"), 20))
+		}
+		t.Logf("dom0: hosta's daemon hung (SIGSTOP): the watchdog paused web %s later (then was killed; a new one restored its pause from the record); woken, the daemon had web running again %s later; epoch %d acked %s after the hang",
 			paused.Round(time.Millisecond), running.Round(time.Millisecond), ps.AckedEpoch, time.Since(hung).Round(time.Millisecond))
 	}
 
@@ -385,13 +400,15 @@ func logHas(path, s string) bool {
 	return strings.Contains(string(b), s)
 }
 
+// watchdogPid is the pid the watchdog of stateDir wrote (0: none).
+func watchdogPid(stateDir string) int {
+	b, _ := os.ReadFile(filepath.Join(stateDir, "watchdog.pid"))
+	return atoi(strings.TrimSpace(string(b)))
+}
+
 // killWatchdog kills the watchdog of stateDir, by the pid it wrote.
 func killWatchdog(stateDir string) {
-	b, err := os.ReadFile(filepath.Join(stateDir, "watchdog.pid"))
-	if err != nil {
-		return
-	}
-	if pid := atoi(strings.TrimSpace(string(b))); pid > 1 {
+	if pid := watchdogPid(stateDir); pid > 1 {
 		_ = syscall.Kill(pid, syscall.SIGKILL)
 	}
 }
