@@ -82,7 +82,6 @@ type xenHost interface {
 	DomainState(ctx context.Context, domid uint32) (xen.DomainStatus, error)
 	DomainName(ctx context.Context, domid uint32) (string, error)
 	Vifs(ctx context.Context, domid uint32) ([]xen.Vif, error)
-	Disks(ctx context.Context, domid uint32) ([]string, error)
 	// Devices lists the domain's frontends ("vif/0", "vbd/51712", ...).
 	Devices(ctx context.Context, domid uint32) ([]string, error)
 	// IfIndex is dom0's interface index of name.
@@ -113,9 +112,6 @@ func (xlHost) DomainName(ctx context.Context, domid uint32) (string, error) {
 }
 func (xlHost) Vifs(ctx context.Context, domid uint32) ([]xen.Vif, error) {
 	return xen.Vifs(ctx, domid)
-}
-func (xlHost) Disks(ctx context.Context, domid uint32) ([]string, error) {
-	return xen.Disks(ctx, domid)
 }
 func (xlHost) Devices(ctx context.Context, domid uint32) ([]string, error) {
 	return xen.FrontendDevices(ctx, domid)

@@ -26,7 +26,6 @@ type fakeXenHost struct {
 	destroyed  []uint32
 	waited     []uint32 // WaitSuspendable's domids
 	neverRan   map[uint32]bool
-	disks      map[uint32][]string
 	devices    map[uint32][]string
 	devicesErr error
 	ifindex    map[string]int
@@ -89,13 +88,6 @@ func (h *fakeXenHost) Vifs(ctx context.Context, domid uint32) ([]xen.Vif, error)
 	defer h.mu.Unlock()
 	h.check(ctx)
 	return h.vifs[domid], nil
-}
-
-func (h *fakeXenHost) Disks(ctx context.Context, domid uint32) ([]string, error) {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	h.check(ctx)
-	return h.disks[domid], nil
 }
 
 func (h *fakeXenHost) Devices(ctx context.Context, domid uint32) ([]string, error) {
